@@ -1,0 +1,160 @@
+"""Configuration in one place: defaults, then a YAML/JSON file, then environment variables.
+
+Embedded and production differ only in values: leave ``kafka.bootstrap_servers`` empty to start the
+embedded broker, or set it (``STREAMREC_KAFKA__BOOTSTRAP_SERVERS=broker:9092``) to use a real cluster;
+``metrics.clickhouse_url`` is ``chdb:///abs/path`` for the embedded engine or ``http(s)://host:8123``.
+
+Environment variables are ``STREAMREC_<SECTION>__<FIELD>`` (upper case); values are parsed as YAML
+scalars, so ``STREAMREC_TRAINER__BATCH_SIZE=1024`` is an int.
+
+>>> cfg = load_config(env={"STREAMREC_TRAINER__BATCH_SIZE": "256", "STREAMREC_TOPICS__PARTITIONS": "2"})
+>>> cfg.trainer.batch_size, cfg.topics.partitions, cfg.kafka.bootstrap_servers
+(256, 2, '')
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import msgspec
+import yaml
+
+ENV_PREFIX = "STREAMREC_"
+
+
+class ConfigError(ValueError):
+    """The configuration file or an environment variable has a bad value."""
+
+
+class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    bootstrap_servers: str = ""  # empty: start the embedded Tansu broker
+    # librdkafka passthrough (SASL/TLS etc.), e.g. {"security.protocol": "SASL_SSL"}
+    client: dict[str, str] = {}
+
+
+class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    impressions: str = "impressions"
+    clicks: str = "clicks"
+    conversions: str = "conversions"
+    examples: str = "examples"
+    dead_letters: str = "dead_letters"
+    predictions: str = "predictions"
+    service_stats: str = "service_stats"
+    partitions: int = 4  # impressions, clicks and conversions must share this count
+
+    def input_topics(self) -> tuple[str, str, str]:
+        return (self.impressions, self.clicks, self.conversions)
+
+    def all(self) -> tuple[str, ...]:
+        return (self.impressions, self.clicks, self.conversions, self.examples, self.dead_letters,
+                self.predictions, self.service_stats)
+
+
+class LabelsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    click_window_s: int = 15 * 60
+    conversion_window_s: int = 24 * 3600
+    policy: str = "window"  # window | elapsed
+    batch_size: int = 5000  # messages per source poll per partition
+    recovery_dir: str = ""  # Bytewax recovery directory ("" = no recovery)
+
+
+class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    batch_size: int = 512
+    lr_dense: float = 1e-3
+    lr_sparse: float = 0.05
+    embedding_dim: int = 16
+    hash_buckets: int = 100_000  # rows per sparse feature table
+    cat_slots: int = 4  # extra categorical slots taken from Impression.cat
+    dense_dim: int = 8  # dense features taken from Impression.dense (padded/truncated)
+    history_len: int = 8
+    checkpoint_dir: str = "var/checkpoints"
+    checkpoint_every_s: float = 30.0
+    checkpoint_every_examples: int = 50_000
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto | fbgemm | torch  (sparse embedding kernels)
+    seed: int = 0
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    clickhouse_url: str = ""  # empty: chDB under <data_dir>/chdb; or http://user:pass@host:8123
+    database: str = "streamrec"
+
+
+class DashboardConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8050
+    refresh_s: float = 2.0
+    window_minutes: int = 60
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    data_dir: str = "var"
+    kafka: KafkaConfig = KafkaConfig()
+    topics: TopicsConfig = TopicsConfig()
+    labels: LabelsConfig = LabelsConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    dashboard: DashboardConfig = DashboardConfig()
+
+    def chdb_path(self) -> str:
+        return str(Path(self.data_dir, "chdb").resolve())
+
+    def clickhouse_url(self) -> str:
+        return self.metrics.clickhouse_url or f"chdb://{self.chdb_path()}"
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"environment variable {key}: cannot parse {raw!r}: {e}") from None
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, Mapping) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+                **overrides: Any) -> Config:
+    """Defaults <- file (``path`` or ``$STREAMREC_CONFIG``) <- environment <- ``overrides``.
+
+    ``overrides`` are section dicts, e.g. ``load_config(kafka={"bootstrap_servers": "h:9092"})``.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = path or env.get("STREAMREC_CONFIG")
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    data = _merge(data, _env_overrides(env))
+    data = _merge(data, overrides)
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"configuration: {e}") from None
+
+
+def replace(cfg: Config, **sections: Mapping[str, Any] | Any) -> Config:
+    """A copy of ``cfg`` with some fields changed: ``replace(cfg, trainer={"batch_size": 64}, data_dir="x")``."""
+    data = _merge(msgspec.to_builtins(cfg), sections)
+    return msgspec.convert(data, Config, strict=False)

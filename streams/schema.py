@@ -1,0 +1,211 @@
+"""Event schema: the one module every component imports.
+
+Events are frozen, typed ``msgspec`` structs and travel as JSON. Validation happens once, at the edge
+(:func:`decode`), and bad input becomes data: a :class:`DeadLetter` with a reason, never an exception
+that stops a dataflow or the trainer.
+
+>>> imp = Impression(event_id="i1", ts=1_700_000_000_000, user_id=7, ad_id=3, campaign_id=1,
+...                  advertiser_id=1, domain="feed")
+>>> raw = encode(imp)
+>>> decode(raw, Impression) == imp
+True
+>>> bad = decode(b'{"event_id": "i2"}', Impression)
+>>> isinstance(bad, Invalid), bad.reason.startswith("schema:")
+(True, True)
+
+Timestamps are integer milliseconds since the Unix epoch (event time).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar, Union
+
+import msgspec
+
+# Known surfaces (domains). Unknown domains are rejected at the edge, so a typo never becomes a new domain.
+DOMAINS: tuple[str, ...] = ("feed", "stories", "video", "search", "display")
+DOMAIN_INDEX: dict[str, int] = {d: i for i, d in enumerate(DOMAINS)}
+DEVICES: tuple[str, ...] = ("ios", "android", "web", "other")
+OBJECTIVES: tuple[str, ...] = ("click", "conversion")
+
+# Plausible event-time range: 2000-01-01 .. 2100-01-01. Absurd timestamps go to dead letters.
+MIN_TS_MS = 946_684_800_000
+MAX_TS_MS = 4_102_444_800_000
+MAX_ID = 2**63 - 1
+MAX_LIST = 256  # history / categorical slots / dense values per event
+
+Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+TsMs = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+ShortStr = Annotated[str, msgspec.Meta(max_length=32)]
+
+
+class Impression(msgspec.Struct, frozen=True, tag="impression", forbid_unknown_fields=False):
+    """An ad shown to a user on one surface.
+
+    ``cat`` holds extra categorical features (already integer ids, e.g. hashed Criteo C1..C26),
+    ``dense`` numeric features, ``history`` the user's recent ad ids (most recent last).
+    """
+
+    event_id: EventId
+    ts: TsMs
+    user_id: Id
+    ad_id: Id
+    campaign_id: Id
+    advertiser_id: Id
+    domain: ShortStr
+    position: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+    device: ShortStr = "other"
+    country: ShortStr = ""
+    cat: Annotated[list[Id], msgspec.Meta(max_length=MAX_LIST)] = []
+    dense: Annotated[list[float], msgspec.Meta(max_length=MAX_LIST)] = []
+    history: Annotated[list[Id], msgspec.Meta(max_length=MAX_LIST)] = []
+
+
+class Click(msgspec.Struct, frozen=True, tag="click", forbid_unknown_fields=False):
+    event_id: EventId
+    impression_id: EventId
+    ts: TsMs
+    user_id: Id
+
+
+class Conversion(msgspec.Struct, frozen=True, tag="conversion", forbid_unknown_fields=False):
+    event_id: EventId
+    impression_id: EventId
+    ts: TsMs
+    user_id: Id
+    kind: ShortStr = "purchase"
+    value: float = 0.0
+
+
+class Watermark(msgspec.Struct, frozen=True, tag="watermark"):
+    """Control record: no event with ``ts`` below this will follow in this partition.
+
+    ``streamrec replay``/``generate`` append one per partition at the end of a finite log so the
+    labels dataflow can close every pending attribution window.
+    """
+
+    ts: TsMs
+    source: ShortStr = "replay"
+
+
+LabelDecision = Literal["window_closed", "end_of_stream", "elapsed", "late_positive"]
+
+
+class Example(msgspec.Struct, frozen=True, tag="example"):
+    """A labelled training example: an impression with its labels per objective."""
+
+    example_id: str
+    impression: Impression
+    click: int
+    conversion: int
+    click_ts: int | None = None
+    conversion_ts: int | None = None
+    decided: LabelDecision = "window_closed"
+    weight: float = 1.0
+    emitted_ts: int = 0  # wall-clock ms when the labels dataflow emitted it
+
+
+class DeadLetter(msgspec.Struct, frozen=True, tag="dead_letter"):
+    """A record that could not be used, with where it came from and why."""
+
+    reason: str
+    raw: bytes
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+    ts: int = 0  # wall-clock ms when it was rejected
+    step: str = ""
+
+
+class PredictionBatch(msgspec.Struct, frozen=True, tag="predictions"):
+    """Progressive-validation scores of one trainer micro-batch, column-oriented.
+
+    Scores were computed *before* the model trained on these examples.
+    """
+
+    model_version: int
+    trained_ts: int
+    example_ids: list[str]
+    domains: list[str]
+    event_ts: list[int]
+    emitted_ts: list[int]
+    p_click: list[float]
+    p_conversion: list[float]
+    click: list[int]
+    conversion: list[int]
+
+
+class ServiceStats(msgspec.Struct, frozen=True, tag="service_stats"):
+    """A component's counters and gauges at one moment (``values`` name -> number)."""
+
+    component: str
+    ts: int
+    values: dict[str, float]
+    instance: str = ""
+
+
+Event = Union[Impression, Click, Conversion]
+Record = Union[Impression, Click, Conversion, Watermark]
+T = TypeVar("T")
+
+
+class Invalid(msgspec.Struct, frozen=True):
+    """The result of decoding bad input: why it was rejected."""
+
+    reason: str
+
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[object, msgspec.json.Decoder] = {}
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    """JSON bytes of one struct (with its ``type`` tag)."""
+    return _encoder.encode(obj)
+
+
+def _decoder(kind: object) -> msgspec.json.Decoder:
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.json.Decoder(kind)
+    return dec
+
+
+def check(ev: object) -> str | None:
+    """Semantic checks beyond the types; returns a reason or ``None`` when the event is fine."""
+    if isinstance(ev, Impression):
+        if ev.domain not in DOMAIN_INDEX:
+            return f"unknown domain {ev.domain!r} (known: {', '.join(DOMAINS)})"
+        if any(x != x or x in (float("inf"), float("-inf")) for x in ev.dense):
+            return "dense feature is NaN or infinite"
+    elif isinstance(ev, (Click, Conversion)) and ev.impression_id == ev.event_id:
+        return "feedback event refers to itself as its impression"
+    return None
+
+
+def decode(raw: bytes, kind: type[T] | object = Record) -> T | Invalid:
+    """Decode and validate one message; never raises on bad input.
+
+    ``kind`` is a struct type or a Union of tagged structs (default: any input record).
+    """
+    try:
+        ev = _decoder(kind).decode(raw)
+    except msgspec.ValidationError as e:
+        return Invalid(f"schema: {e}")
+    except msgspec.DecodeError as e:
+        return Invalid(f"unparseable: {e}")
+    reason = check(ev)
+    return Invalid(f"invalid: {reason}") if reason else ev
+
+
+def dead_letter(reason: str, raw: bytes, *, topic: str = "", partition: int = -1, offset: int = -1,
+                ts: int = 0, step: str = "") -> DeadLetter:
+    """Build a dead letter; keeps at most 64 KiB of the raw bytes so huge inputs stay bounded."""
+    return DeadLetter(reason=reason[:1000], raw=raw[:65536], topic=topic, partition=partition,
+                      offset=offset, ts=ts, step=step)
+
+
+def user_key(ev: Impression | Click | Conversion) -> bytes:
+    """Kafka key: the user id, so an impression and its feedback share a partition."""
+    return str(ev.user_id).encode()
