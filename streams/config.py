@@ -4,7 +4,7 @@ Embedded and production differ only in values: leave ``kafka.bootstrap_servers``
 embedded broker, or set it (``STREAMREC_KAFKA__BOOTSTRAP_SERVERS=broker:9092``) to use a real cluster;
 ``metrics.clickhouse_url`` is ``chdb:///abs/path`` for the embedded engine or ``http(s)://host:8123``.
 
-Environment variables are ``STREAMREC_<SECTION>__<FIELD>`` (upper case); values are parsed as YAML
+Environment variables are ``STREAMREC_<SECTION>__<FIELD>`` (upper case), or ``STREAMREC_DATA_DIR``; values are parsed as YAML
 scalars, so ``STREAMREC_TRAINER__BATCH_SIZE=1024`` is an int.
 
 >>> cfg = load_config(env={"STREAMREC_TRAINER__BATCH_SIZE": "256", "STREAMREC_TOPICS__PARTITIONS": "2"})
@@ -108,9 +108,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, raw in env.items():
-        if not key.startswith(ENV_PREFIX) or "__" not in key:
+        if not key.startswith(ENV_PREFIX):
             continue
         path = key[len(ENV_PREFIX):].lower().split("__")
+        if path[0] not in Config.__struct_fields__:  # e.g. STREAMREC_CONFIG, STREAMREC_VENV
+            continue
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:

@@ -1,0 +1,190 @@
+"""``streamrec up``: the whole local stack as one supervised command.
+
+    broker (embedded Tansu, or the configured cluster)
+      -> dashboard process (sole owner of the chDB store: metrics sink + live page)
+      -> labels dataflow (Bytewax, tailing)
+      -> trainer (continuous, checkpoints under the run directory)
+      <- generator or replay of a log, in this process, with a progress bar
+
+Progress comes from the ``service_stats`` topic every component publishes to. Ctrl-C (or the end of the
+work when not attached to a terminal) stops producers first, then the trainer, the dashboard and the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import yaml
+from tqdm import tqdm
+
+from deploy.supervisor import Child, Supervisor
+from streams import kafka_io, schema
+from streams.broker import EmbeddedBroker
+from streams.config import Config, replace
+
+log = logging.getLogger("streamrec.up")
+
+
+class StatsWatcher:
+    """Latest ``ServiceStats`` values per component, read from the service_stats topic."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "streamrec-up", cfg.kafka.client)
+        self.consumer.assign(kafka_io.topic_partitions([cfg.topics.service_stats], cfg.topics.partitions))
+        self.latest: dict[str, dict[str, float]] = {}
+
+    def poll(self) -> dict[str, dict[str, float]]:
+        for msg in self.consumer.consume(num_messages=10_000, timeout=0.05):
+            if msg.error():
+                continue
+            st = schema.decode(msg.value(), schema.ServiceStats)
+            if isinstance(st, schema.ServiceStats):
+                self.latest.setdefault(st.component, {}).update(st.values)
+        return self.latest
+
+    def value(self, component: str, name: str) -> float:
+        return self.latest.get(component, {}).get(name, 0.0)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _write_run_config(cfg: Config, run_dir: Path) -> Path:
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False))
+    return path
+
+
+def _produce(cfg: Config, args) -> tuple[int, int]:
+    """Generate or replay into the input topics. Returns (good impressions, bad records)."""
+    if args.replay:
+        from streams.replay import replay_file
+
+        stats = replay_file(cfg, args.replay, speed=args.speed, progress=True)
+        return stats.impressions, stats.dead_letters
+    from streams.generate import GeneratorConfig, produce, simulate
+
+    gcfg = GeneratorConfig(n_impressions=args.events, seed=args.seed, bad_rate=args.bad_rate)
+    sim = simulate(gcfg)
+    stats = produce(cfg, sim.records, progress=True)
+    return gcfg.n_impressions, stats.bad_records
+
+
+def up(cfg: Config, args) -> int:
+    run_dir = Path(cfg.data_dir, "runs", time.strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if not cfg.kafka.bootstrap_servers:
+        broker = EmbeddedBroker(log_path=run_dir / "broker.log").start()
+        cfg = replace(cfg, kafka={"bootstrap_servers": broker.bootstrap_servers})
+        print(f"broker: embedded Tansu on {broker.bootstrap_servers}", file=sys.stderr)
+    cfg = replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()),
+                  trainer={"checkpoint_dir": str(run_dir / "checkpoints")},
+                  dashboard={"port": args.port or cfg.dashboard.port})
+    sup = Supervisor(_write_run_config(cfg, run_dir), run_dir)
+    watcher = None
+    # SIGTERM behaves like Ctrl-C so `kill` of the supervisor also stops everything in order.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions,
+                               cfg.kafka.client)
+        sup.start(Child("dashboard", ["dashboard"]))
+        sup.start(Child("labels", ["labels"]))
+        sup.start(Child("trainer", ["train", "--fresh"], restart_args=["train", "--resume"]))
+        url = f"http://{cfg.dashboard.host}:{cfg.dashboard.port}/"
+        print(f"dashboard: {url}   (logs: {run_dir})", file=sys.stderr)
+        watcher = StatsWatcher(cfg)
+        t0 = time.monotonic()
+        expected, bad = _produce(cfg, args)
+        sup.check()
+        ok = _follow(sup, watcher, expected, args.timeout)
+        elapsed = time.monotonic() - t0
+        _summary(watcher, expected, bad, elapsed, ok)
+        print(f"dashboard: {url}", file=sys.stderr)
+        stay = args.stay if args.stay is not None else sys.stdin.isatty()
+        if stay:
+            print("running; press Ctrl-C to stop", file=sys.stderr)
+            while True:
+                sup.check()
+                watcher.poll()
+                time.sleep(1.0)
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        print("\nstopping ...", file=sys.stderr)
+        return 0
+    except RuntimeError as e:
+        print(f"streamrec up: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if watcher is not None:
+            watcher.close()
+        sup.stop_all()
+        if broker is not None:
+            broker.stop()
+        print("stopped: no process left running", file=sys.stderr)
+
+
+def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: float) -> bool:
+    """Progress bars until the trainer has trained every expected example (or timeout)."""
+    bars = {name: tqdm(total=expected, desc=name, unit="ex", position=i, leave=True, dynamic_ncols=True)
+            for i, name in enumerate(("labelled", "trained"))}
+
+    def done() -> bool:
+        watcher.poll()
+        for name, (comp, key) in {"labelled": ("labels", "examples_out"),
+                                  "trained": ("trainer", "examples_trained")}.items():
+            bar = bars[name]
+            bar.n = int(watcher.value(comp, key))
+            bar.refresh()
+        return watcher.value("trainer", "examples_trained") >= expected
+
+    try:
+        ok = sup.wait_until(done, timeout)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if not ok:
+        log.warning("timed out after %.0fs waiting for %d examples to be trained", timeout, expected)
+    return ok
+
+
+def _summary(watcher: StatsWatcher, expected: int, bad: int, elapsed: float, ok: bool) -> None:
+    trained = watcher.value("trainer", "examples_trained")
+    events = watcher.value("replay", "events_produced")
+    print(f"{'done' if ok else 'INCOMPLETE'}: {int(events):,} events produced ({bad:,} malformed), "
+          f"{int(watcher.value('labels', 'examples_out')):,} examples labelled, {int(trained):,} trained, "
+          f"{int(watcher.value('labels', 'dead_letters')):,} dead letters, in {elapsed:.1f}s "
+          f"({events / elapsed:,.0f} events/s, {trained / elapsed:,.0f} examples/s end to end)", file=sys.stderr)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="run the whole local stack: broker, labels dataflow, trainer, dashboard",
+                       description="Start the embedded broker (unless kafka.bootstrap_servers is set), the metrics "
+                                   "sink and live dashboard, the labels dataflow and the trainer; then generate N "
+                                   "events (or replay a log) through them. Ctrl-C stops everything cleanly.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--events", type=int, default=100_000, help="impressions to generate (default 100000)")
+    src.add_argument("--replay", metavar="LOG", help="replay this JSONL log instead of generating")
+    p.add_argument("--speed", type=float, default=None, help="replay speed (x real time); default: as fast as possible")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--bad-rate", type=float, default=0.01, help="fraction of malformed events to inject (default 0.01)")
+    p.add_argument("--port", type=int, default=None, help="dashboard port (default from config: 8050)")
+    p.add_argument("--timeout", type=float, default=1800, help="give up waiting for training after this many seconds")
+    stay = p.add_mutually_exclusive_group()
+    stay.add_argument("--stay", dest="stay", action="store_true", default=None,
+                      help="keep running after the work is done until Ctrl-C (default when attached to a terminal)")
+    stay.add_argument("--exit-when-done", dest="stay", action="store_false",
+                      help="stop everything once every example is trained (default when not on a terminal)")
+    p.set_defaults(func=up)
