@@ -1,0 +1,408 @@
+"""Synthetic ad traffic with a hidden, learnable ground truth (``streamrec generate``).
+
+Each impression gets a true click probability and a post-click conversion probability from a fixed
+random model (:class:`TruthParams`)::
+
+    logit p_click = logit(base_ctr[domain]) + user_bias[u] + ad_bias[a] + latent_scale * <U[u], A[a]>
+                    + position_effect * position + <w_dense, dense> + sum_s cat_effect[s, cat[s]]
+    logit p_cvr   = logit(base_cvr[domain]) + cvr_user_bias[u] + cvr_ad_bias[a]
+                    + cvr_latent_scale * <U[u], A[a]> + <w_cvr_dense, dense>
+
+Clicks ~ Bernoulli(p_click) after a capped lognormal delay; conversions ~ Bernoulli(p_cvr) only after a
+click, after a capped long-tailed delay (mixture of exponentials). Users and ads have Zipf activity and
+popularity; ``history`` holds ads the user is drawn to (so it carries the user's latent taste). Everything is
+vectorised with numpy; the result is deterministic for a seed.
+
+>>> sim = simulate(GeneratorConfig(n_impressions=1000, seed=1))
+>>> sim.truth.num_rows, sim.counts()["impression"]
+(1000, 1000)
+>>> ts = [r.ts for r in sim.records]
+>>> ts == sorted(ts)
+True
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from streams import schema
+from streams.config import Config
+from streams.logfile import BadRecord, make_bad_records, write_jsonl
+from streams.replay import NO_BROKER, ProduceStats, produce, summary  # noqa: F401  (re-exported)
+
+START_TS_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+_BASE_CTR = {"feed": 0.02, "stories": 0.012, "video": 0.008, "search": 0.05, "display": 0.004}
+_BASE_CVR = {"feed": 0.05, "stories": 0.04, "video": 0.03, "search": 0.08, "display": 0.025}
+_DOMAIN_SHARE = {"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05}
+_COUNTRIES = ("us", "gb", "de", "fr", "br", "in", "jp", "mx")
+
+
+class TruthParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Knobs of the hidden model (log-odds scale); defaults give AUC ~0.75 for the oracle."""
+
+    base_ctr: dict[str, float] = msgspec.field(default_factory=lambda: dict(_BASE_CTR))
+    base_cvr: dict[str, float] = msgspec.field(default_factory=lambda: dict(_BASE_CVR))
+    domain_share: dict[str, float] = msgspec.field(default_factory=lambda: dict(_DOMAIN_SHARE))
+    latent_dim: int = 8
+    latent_scale: float = 0.8  # std of <U, A> term ~ latent_scale
+    user_bias_std: float = 0.4
+    ad_bias_std: float = 0.4
+    position_effect: float = -0.15  # per slot below the top
+    max_position: int = 6
+    dense_weight_std: float = 0.2
+    cat_vocab: int = 1000
+    cat_effect_std: float = 0.25
+    cvr_bias_std: float = 0.4
+    cvr_latent_scale: float = 0.5
+    zipf_users: float = 1.05
+    zipf_ads: float = 1.1
+    click_delay_median_s: float = 20.0
+    click_delay_sigma: float = 1.0
+    conv_fast_share: float = 0.35  # share of conversions from the fast component (Chapelle 2014: ~35% < 1 h)
+    conv_fast_mean_s: float = 900.0
+    conv_slow_mean_s: float = 4 * 3600.0
+
+
+class GeneratorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    n_impressions: int = 10_000
+    seed: int = 0
+    start_ts: int = START_TS_MS  # ms
+    domains: tuple[str, ...] = ("feed", "stories", "video", "search")
+    n_users: int = 10_000
+    n_ads: int = 2_000
+    impressions_per_s: float = 50.0  # event-time rate
+    bad_rate: float = 0.0  # extra malformed records, as a fraction of the good records
+    cat_slots: int = 4
+    dense_dim: int = 8
+    history_len: int = 8
+    max_click_delay_s: float = 300.0  # below LabelsConfig.click_window_s (900)
+    max_conversion_delay_s: float = 6 * 3600.0  # from the impression; below conversion_window_s (24 h)
+    truth: TruthParams = TruthParams()
+
+
+def validate(g: GeneratorConfig) -> None:
+    """Raise ``ValueError`` naming the field when the configuration cannot generate sensible traffic."""
+    unknown = [d for d in g.domains if d not in schema.DOMAIN_INDEX]
+    if not g.domains or unknown:
+        raise ValueError(f"GeneratorConfig.domains: unknown {unknown} (known: {', '.join(schema.DOMAINS)})")
+    for d in g.domains:
+        for name in ("base_ctr", "base_cvr", "domain_share"):
+            if d not in getattr(g.truth, name):
+                raise ValueError(f"TruthParams.{name}: no value for domain {d!r}")
+    checks = [("n_impressions", g.n_impressions >= 0), ("n_users", g.n_users >= 1), ("n_ads", g.n_ads >= 1),
+              ("impressions_per_s", g.impressions_per_s > 0), ("bad_rate", 0 <= g.bad_rate <= 1),
+              ("max_click_delay_s", g.max_click_delay_s > 0),
+              ("max_conversion_delay_s", g.max_conversion_delay_s > g.max_click_delay_s),
+              ("start_ts", schema.MIN_TS_MS <= g.start_ts <= schema.MAX_TS_MS - 10**11),
+              ("history_len", 0 <= g.history_len <= schema.MAX_LIST),
+              ("cat_slots", 0 <= g.cat_slots <= schema.MAX_LIST), ("dense_dim", 0 <= g.dense_dim <= schema.MAX_LIST)]
+    for name, ok in checks:
+        if not ok:
+            raise ValueError(f"GeneratorConfig.{name}: bad value {getattr(g, name)!r}")
+
+
+class Simulation(msgspec.Struct, frozen=True):
+    """``records``: events (and BadRecords) in non-decreasing event-time order; ``truth``: one row per
+    impression (see :func:`truth_schema`)."""
+
+    config: GeneratorConfig
+    records: list[Any]
+    truth: pa.Table
+
+    def counts(self) -> dict[str, int]:
+        out = {"impression": 0, "click": 0, "conversion": 0, "bad": 0}
+        names = {schema.Impression: "impression", schema.Click: "click", schema.Conversion: "conversion",
+                 BadRecord: "bad"}
+        for r in self.records:
+            out[names[type(r)]] += 1
+        return out
+
+
+def truth_schema() -> pa.Schema:
+    return pa.schema([("impression_id", pa.string()), ("domain", pa.string()), ("user_id", pa.int64()),
+                      ("ts", pa.int64()), ("p_click", pa.float64()), ("p_cvr", pa.float64()),
+                      ("click", pa.int8()), ("conversion", pa.int8()), ("click_delay_ms", pa.int64()),
+                      ("conversion_delay_ms", pa.int64())])
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1.0 - p)))
+
+
+def _zipf_weights(n: int, a: float, rng: np.random.Generator) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** a
+    return rng.permutation(w / w.sum())  # popularity rank independent of id
+
+
+class _World(msgspec.Struct):
+    """The hidden population: per-user and per-ad parameters (arrays indexed by user / ad index)."""
+
+    user_w: np.ndarray
+    user_lat: np.ndarray  # (n_users, k)
+    user_bias: np.ndarray
+    user_cvr_bias: np.ndarray
+    user_device: np.ndarray
+    user_country: np.ndarray
+    user_hist: np.ndarray  # (n_users, history_len) ad indices
+    ad_w: np.ndarray
+    ad_lat: np.ndarray  # (n_ads, k)
+    ad_bias: np.ndarray
+    ad_cvr_bias: np.ndarray
+    ad_campaign: np.ndarray
+    campaign_advertiser: np.ndarray
+    w_dense: np.ndarray
+    w_cvr_dense: np.ndarray
+    cat_effect: np.ndarray  # (cat_slots, cat_vocab)
+    cat_w: np.ndarray
+
+
+def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
+    t, k = g.truth, g.truth.latent_dim
+    lat_std = (t.latent_scale ** 2 / k) ** 0.25  # var(<U,A>) = k * std^4 = latent_scale^2
+    user_lat = rng.normal(0, lat_std, (g.n_users, k))
+    ad_lat = rng.normal(0, lat_std, (g.n_ads, k))
+    ad_w = _zipf_weights(g.n_ads, t.zipf_ads, rng)
+    n_campaigns = max(1, g.n_ads // 8)
+    # history: of 4x candidates drawn by popularity, the ads the user likes most
+    L = g.history_len
+    cand = rng.choice(g.n_ads, size=(g.n_users, max(4 * L, 1)), p=ad_w)
+    aff = np.einsum("uk,uck->uc", user_lat, ad_lat[cand])
+    top = np.argsort(-aff, axis=1)[:, :L]
+    return _World(
+        user_w=_zipf_weights(g.n_users, t.zipf_users, rng), user_lat=user_lat,
+        user_bias=rng.normal(0, t.user_bias_std, g.n_users), user_cvr_bias=rng.normal(0, t.cvr_bias_std, g.n_users),
+        user_device=rng.choice(len(schema.DEVICES), g.n_users, p=[0.4, 0.4, 0.15, 0.05]),
+        user_country=rng.integers(0, len(_COUNTRIES), g.n_users),
+        user_hist=np.take_along_axis(cand, top, axis=1),
+        ad_w=ad_w, ad_lat=ad_lat, ad_bias=rng.normal(0, t.ad_bias_std, g.n_ads),
+        ad_cvr_bias=rng.normal(0, t.cvr_bias_std, g.n_ads),
+        ad_campaign=rng.integers(0, n_campaigns, g.n_ads),
+        campaign_advertiser=rng.integers(0, max(1, n_campaigns // 4), n_campaigns),
+        w_dense=rng.normal(0, t.dense_weight_std, g.dense_dim),
+        w_cvr_dense=rng.normal(0, t.dense_weight_std, g.dense_dim),
+        cat_effect=rng.normal(0, t.cat_effect_std, (g.cat_slots, t.cat_vocab)),
+        cat_w=_zipf_weights(t.cat_vocab, 1.0, rng))
+
+
+def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Column arrays of the impressions, true probabilities and realized outcomes (length n)."""
+    t, n = g.truth, g.n_impressions
+    share = np.array([t.domain_share[d] for d in g.domains])
+    dom = rng.choice(len(g.domains), n, p=share / share.sum())
+    user = rng.choice(g.n_users, n, p=w.user_w)
+    ad = rng.choice(g.n_ads, n, p=w.ad_w)
+    pos = rng.integers(0, t.max_position, n)
+    dense = np.round(rng.normal(0, 1, (n, g.dense_dim)), 4)
+    cat = rng.choice(t.cat_vocab, (n, g.cat_slots), p=w.cat_w)
+    ts = g.start_ts + np.floor(np.cumsum(rng.exponential(1000.0 / g.impressions_per_s, n))).astype(np.int64)
+    affinity = np.einsum("nk,nk->n", w.user_lat[user], w.ad_lat[ad])
+    base_ctr = np.array([_logit(t.base_ctr[d]) for d in g.domains])[dom]
+    base_cvr = np.array([_logit(t.base_cvr[d]) for d in g.domains])[dom]
+    cat_term = w.cat_effect[np.arange(g.cat_slots), cat].sum(axis=1) if g.cat_slots else 0.0
+    p_click = _sigmoid(base_ctr + w.user_bias[user] + w.ad_bias[ad] + affinity + t.position_effect * pos
+                       + dense @ w.w_dense + cat_term)
+    p_cvr = _sigmoid(base_cvr + w.user_cvr_bias[user] + w.ad_cvr_bias[ad]
+                     + (t.cvr_latent_scale / max(t.latent_scale, 1e-9)) * affinity + dense @ w.w_cvr_dense)
+    click = rng.random(n) < p_click
+    conv = click & (rng.random(n) < p_cvr)
+    max_click_ms = int(g.max_click_delay_s * 1000)
+    click_ms = np.exp(rng.normal(np.log(t.click_delay_median_s * 1000), t.click_delay_sigma, n))
+    click_ms = np.clip(click_ms, 100, max_click_ms).astype(np.int64)
+    fast = rng.random(n) < t.conv_fast_share
+    after_click_ms = 1000 * np.where(fast, rng.exponential(t.conv_fast_mean_s, n), rng.exponential(t.conv_slow_mean_s, n))
+    conv_ms = np.minimum(click_ms + 1000 + after_click_ms.astype(np.int64), int(g.max_conversion_delay_s * 1000))
+    return {"dom": dom, "user": user, "ad": ad, "pos": pos, "dense": dense, "cat": cat, "ts": ts,
+            "p_click": p_click, "p_cvr": p_cvr, "click": click, "conv": conv,
+            "click_ms": np.where(click, click_ms, -1), "conv_ms": np.where(conv, conv_ms, -1)}
+
+
+def _events(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray]) -> list[Any]:
+    """Impression/Click/Conversion structs, sorted by (ts, kind, impression index)."""
+    n, s = g.n_impressions, g.seed
+    ci, vi = np.flatnonzero(c["click"]), np.flatnonzero(c["conv"])
+    all_ts = np.concatenate([c["ts"], c["ts"][ci] + c["click_ms"][ci], c["ts"][vi] + c["conv_ms"][vi]])
+    kind = np.concatenate([np.zeros(n, np.int8), np.ones(len(ci), np.int8), np.full(len(vi), 2, np.int8)])
+    idx = np.concatenate([np.arange(n), ci, vi])
+    order = np.lexsort((idx, kind, all_ts))
+    user_ids = (c["user"] + 1).tolist()
+    ad = c["ad"]
+    ad_ids, camp = (ad + 1).tolist(), w.ad_campaign[ad]
+    camp_ids, adv_ids = (camp + 1).tolist(), (w.campaign_advertiser[camp] + 1).tolist()
+    doms = [g.domains[d] for d in c["dom"].tolist()]
+    pos, ts = c["pos"].tolist(), c["ts"].tolist()
+    dev = [schema.DEVICES[d] for d in w.user_device[c["user"]].tolist()]
+    ctry = [_COUNTRIES[x] for x in w.user_country[c["user"]].tolist()]
+    cat, dense = c["cat"].tolist(), c["dense"].tolist()
+    hist = (w.user_hist[c["user"]] + 1).tolist()
+    out: list[Any] = []
+    Imp, Clk, Cnv = schema.Impression, schema.Click, schema.Conversion
+    for t_, k_, i in zip(all_ts[order].tolist(), kind[order].tolist(), idx[order].tolist()):
+        if k_ == 0:
+            out.append(Imp(event_id=f"imp-{s}-{i}", ts=t_, user_id=user_ids[i], ad_id=ad_ids[i],
+                           campaign_id=camp_ids[i], advertiser_id=adv_ids[i], domain=doms[i], position=pos[i],
+                           device=dev[i], country=ctry[i], cat=cat[i], dense=dense[i], history=hist[i]))
+        elif k_ == 1:
+            out.append(Clk(event_id=f"clk-{s}-{i}", impression_id=f"imp-{s}-{i}", ts=t_, user_id=user_ids[i]))
+        else:
+            out.append(Cnv(event_id=f"cnv-{s}-{i}", impression_id=f"imp-{s}-{i}", ts=t_, user_id=user_ids[i],
+                           value=round(5.0 + 0.01 * (i % 2000), 2)))
+    return out
+
+
+def simulate(g: GeneratorConfig) -> Simulation:
+    """Generate traffic for ``g``: records in event-time order (plus BadRecords when ``bad_rate > 0``)."""
+    validate(g)
+    rng = np.random.default_rng(g.seed)
+    w = _world(g, rng)
+    c = _impressions(g, w, rng)
+    records = _events(g, w, c)
+    n_bad = int(round(g.bad_rate * len(records)))
+    if n_bad:
+        bad = make_bad_records(records, n_bad, rng)
+        at = np.sort(rng.integers(0, len(records) + 1, n_bad))  # insert before these positions
+        merged: list[Any] = []
+        prev = 0
+        for pos, b in zip(at.tolist(), bad):
+            merged.extend(records[prev:pos])
+            merged.append(b)
+            prev = pos
+        merged.extend(records[prev:])
+        records = merged
+    n = g.n_impressions
+    truth = pa.table({
+        "impression_id": [f"imp-{g.seed}-{i}" for i in range(n)],
+        "domain": [g.domains[d] for d in c["dom"].tolist()],
+        "user_id": c["user"] + 1, "ts": c["ts"], "p_click": c["p_click"], "p_cvr": c["p_cvr"],
+        "click": c["click"].astype(np.int8), "conversion": c["conv"].astype(np.int8),
+        "click_delay_ms": c["click_ms"], "conversion_delay_ms": c["conv_ms"]}, schema=truth_schema())
+    return Simulation(config=g, records=records, truth=truth)
+
+
+# -- oracle metrics ---------------------------------------------------------------------------------------
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney, ties averaged); NaN when ``y`` has one class.
+
+    >>> roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    0.75
+    """
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inv, cnt = np.unique(np.asarray(p, dtype=np.float64), return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(cnt) - (cnt - 1) / 2.0  # 1-based average rank of each distinct score
+    rank_sum = avg_rank[inv][y].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def normalized_entropy(y: np.ndarray, p: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean log loss divided by the entropy of the base rate (lower is better; 1.0 = predicting the mean)."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    base = float(np.clip(y.mean(), eps, 1 - eps)) if len(y) else 0.5
+    ll = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)) if len(y) else float("nan")
+    return float(ll / -(base * np.log(base) + (1 - base) * np.log(1 - base)))
+
+
+def oracle_metrics(truth: pa.Table) -> dict[str, dict[str, float]]:
+    """Per domain (and ``"all"``): rates and the AUC/NE that the true probabilities reach.
+
+    Conversion is scored over impressions with ``p_click * p_cvr`` (ESMM's CTCVR), as the model's
+    conversion head is evaluated.
+    """
+    dom = np.asarray(truth.column("domain").to_pylist(), dtype=object)
+    pc, pv = truth.column("p_click").to_numpy(), truth.column("p_cvr").to_numpy()
+    yc, yv = truth.column("click").to_numpy(), truth.column("conversion").to_numpy()
+    out: dict[str, dict[str, float]] = {}
+    for name in ["all", *sorted(set(dom.tolist()))]:
+        m = np.ones(len(dom), bool) if name == "all" else dom == name
+        n_clicks = int(yc[m].sum())
+        out[name] = {"impressions": float(m.sum()), "ctr": float(yc[m].mean()) if m.any() else float("nan"),
+                     "cvr": float(yv[m].sum() / n_clicks) if n_clicks else float("nan"),
+                     "auc_click": roc_auc(yc[m], pc[m]), "ne_click": normalized_entropy(yc[m], pc[m]),
+                     "auc_conversion": roc_auc(yv[m], pc[m] * pv[m]),
+                     "ne_conversion": normalized_entropy(yv[m], pc[m] * pv[m])}
+    return out
+
+
+def write_truth(truth: pa.Table, path: str | Path) -> None:
+    pq.write_table(truth, str(path))
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate synthetic ad traffic into the topics or a log file",
+                              description="Synthetic impressions, clicks and conversions from a hidden model "
+                                          "that can be learned; with --out write a JSONL log, else produce to "
+                                          "the broker (ending with a watermark on every input partition).")
+    p.add_argument("--events", type=int, required=True, metavar="N", help="number of impressions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bad-rate", type=float, default=0.0, help="extra malformed records, fraction of good ones")
+    p.add_argument("--domains", default=",".join(GeneratorConfig().domains),
+                   help=f"comma-separated surfaces (known: {','.join(schema.DOMAINS)})")
+    p.add_argument("--out", metavar="LOG.jsonl", help="write a JSONL log instead of producing to the broker")
+    p.add_argument("--truth", metavar="TRUTH.parquet", help="write per-impression ground truth to Parquet")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _oracle_line(truth: pa.Table) -> str:
+    m = oracle_metrics(truth)
+    return "oracle AUC click " + ", ".join(f"{d} {v['auc_click']:.3f}" for d, v in m.items())
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        g = GeneratorConfig(n_impressions=args.events, seed=args.seed, bad_rate=args.bad_rate,
+                            domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()))
+        validate(g)
+    except ValueError as e:
+        print(f"streamrec generate: {e}", file=sys.stderr)
+        return 2
+    if not args.out and not cfg.kafka.bootstrap_servers:
+        print(f"streamrec generate: {NO_BROKER}", file=sys.stderr)
+        return 2
+    lab = cfg.labels
+    if g.max_click_delay_s >= lab.click_window_s or g.max_conversion_delay_s >= lab.conversion_window_s:
+        print(f"streamrec generate: warning: delays (click <= {g.max_click_delay_s:.0f} s, conversion <= "
+              f"{g.max_conversion_delay_s:.0f} s) reach past the label windows ({lab.click_window_s} s, "
+              f"{lab.conversion_window_s} s): some positives will be labelled negative", file=sys.stderr)
+    t0 = time.monotonic()
+    sim = simulate(g)
+    gen_s = time.monotonic() - t0
+    if args.truth:
+        write_truth(sim.truth, args.truth)
+    c = sim.counts()
+    head = (f"generated {c['impression']} impressions, {c['click']} clicks, {c['conversion']} conversions, "
+            f"{c['bad']} bad records in {gen_s:.1f} s")
+    if args.out:
+        write_jsonl(args.out, sim.records)
+        print(f"{head} -> {args.out}; {_oracle_line(sim.truth)}")
+        return 0
+    from streams import kafka_io
+
+    try:
+        kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions,
+                               cfg.kafka.client)
+        s = produce(cfg, sim.records, progress=not args.no_progress)
+    except (ValueError, RuntimeError, kafka_io.KafkaException) as e:
+        print(f"streamrec generate: {e}", file=sys.stderr)
+        return 1
+    print(f"{head}; produced {summary(s)}; {_oracle_line(sim.truth)}")
+    return 0

@@ -1,0 +1,192 @@
+"""Event logs on disk: one record per line (JSONL), written by ``streamrec generate --out`` and read by
+``streamrec replay``.
+
+A good record is the JSON that :func:`streams.schema.encode` produces (with its ``type`` tag); a malformed
+record (:class:`BadRecord`) is written as its raw bytes with line breaks escaped, so one record always stays
+one line. Readers are plain functions ``path -> iterator of (line_no, raw bytes)`` looked up by file suffix in
+:data:`READERS`, so other formats (Parquet, public datasets) can plug in later without touching replay.
+
+>>> import tempfile, os
+>>> from streams.schema import Watermark
+>>> path = os.path.join(tempfile.mkdtemp(), "log.jsonl")
+>>> write_jsonl(path, [Watermark(ts=1_767_225_600_000), BadRecord("impression", b"{oops\\n", "truncated")])
+2
+>>> list(iter_jsonl(path))
+[(1, b'{"type":"watermark","ts":1767225600000,"source":"replay"}'), (2, b'{oops\\\\n')]
+>>> count_lines(path)
+2
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+
+import msgspec
+import numpy as np
+
+from streams import schema
+
+TopicKind = Literal["impression", "click", "conversion"]
+
+# A line longer than this is cut (and will fail to decode) instead of being read whole into memory.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
+class BadRecord(msgspec.Struct, frozen=True):
+    """A deliberately malformed record: ``raw`` bytes meant for the topic of ``topic_kind``.
+
+    ``kind`` names the defect (``"truncated_json"``, ``"unknown_domain"``, ...); ``schema.decode(raw)`` must
+    return :class:`streams.schema.Invalid` for every bad record.
+    """
+
+    topic_kind: TopicKind
+    raw: bytes
+    kind: str
+
+
+def escape_line(raw: bytes) -> bytes:
+    """``raw`` with CR/LF escaped so it fits on one line (the result is still bad input)."""
+    return raw.replace(b"\r", b"\\r").replace(b"\n", b"\\n")
+
+
+def encode_line(rec: msgspec.Struct) -> bytes:
+    """One log line (without the trailing newline) for an event, watermark or :class:`BadRecord`."""
+    if isinstance(rec, BadRecord):
+        return escape_line(rec.raw)
+    return schema.encode(rec)  # msgspec escapes control characters inside strings: never a raw newline
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[msgspec.Struct]) -> int:
+    """Write ``records`` one per line; returns the number of lines written."""
+    n = 0
+    with open(path, "wb") as f:
+        buf: list[bytes] = []
+        for rec in records:
+            buf.append(encode_line(rec))
+            n += 1
+            if len(buf) >= 4096:
+                f.write(b"\n".join(buf) + b"\n")
+                buf.clear()
+        if buf:
+            f.write(b"\n".join(buf) + b"\n")
+    return n
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """Stream ``(line_no, raw)`` pairs (1-based line numbers, line break removed); blank lines are skipped.
+
+    The file is read line by line, never whole; a line over :data:`MAX_LINE_BYTES` yields its first
+    ``MAX_LINE_BYTES`` bytes (which cannot decode) and the rest of it is skipped.
+    """
+    with open(path, "rb") as f:
+        n = 0
+        while True:
+            line = f.readline(MAX_LINE_BYTES)
+            if not line:
+                return
+            n += 1
+            if not line.endswith(b"\n") and len(line) >= MAX_LINE_BYTES:
+                while True:  # drain the rest of an oversized line
+                    rest = f.readline(MAX_LINE_BYTES)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+            raw = line.rstrip(b"\r\n")
+            if raw.strip():
+                yield n, raw
+
+
+def count_lines(path: str | os.PathLike, chunk: int = 1 << 20) -> int:
+    """Number of lines in a text file (a last line without a newline counts), read in 1 MiB chunks."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+Reader = Callable[[Path], Iterator[tuple[int, bytes]]]
+READERS: dict[str, Reader] = {".jsonl": iter_jsonl, ".json": iter_jsonl, ".ndjson": iter_jsonl, ".log": iter_jsonl}
+
+
+def reader_for(path: str | os.PathLike) -> Reader:
+    """The reader registered for the file's suffix (JSONL when the suffix is unknown)."""
+    return READERS.get(Path(path).suffix.lower(), iter_jsonl)
+
+
+# -- malformed records for tests and the generator --------------------------------------------------------
+
+def _mut(**changes: Any) -> Callable[[dict], dict]:
+    def f(d: dict) -> dict:
+        return {**d, **changes}
+    return f
+
+
+def _drop(field: str) -> Callable[[dict], dict]:
+    return lambda d: {k: v for k, v in d.items() if k != field}
+
+
+_INF = "__streamrec_inf__"
+# (topic kind, defect name, how a good record's dict is damaged); raw-byte defects are handled in _damage.
+_DEFECTS: list[tuple[TopicKind, str, Callable[[dict], dict] | None]] = [
+    ("impression", "truncated_json", None),
+    ("impression", "binary_garbage", None),
+    ("impression", "not_json", None),
+    ("impression", "wrong_type", _mut(user_id="seven")),
+    ("impression", "missing_id", _drop("event_id")),
+    ("impression", "unknown_domain", _mut(domain="fed")),
+    ("impression", "future_ts", _mut(ts=schema.MAX_TS_MS + 10**12)),
+    ("impression", "ancient_ts", _mut(ts=915_148_800_000)),  # 1999-01-01
+    ("impression", "negative_id", _mut(ad_id=-5)),
+    ("impression", "huge_id", _mut(user_id=2**64 + 1)),
+    ("impression", "huge_history", _mut(history=list(range(300)))),
+    ("impression", "huge_string", _mut(country="x" * 100_000)),
+    ("impression", "infinite_dense", _mut(dense=[0.5, _INF])),
+    ("impression", "unknown_type", _mut(type="impresion")),
+    ("click", "self_reference", lambda d: {**d, "impression_id": d["event_id"]}),
+    ("click", "missing_impression_id", _drop("impression_id")),
+    ("click", "wrong_type", _mut(ts="yesterday")),
+    ("conversion", "negative_id", _mut(user_id=-1)),
+    ("conversion", "future_ts", _mut(ts=schema.MAX_TS_MS + 1)),
+    ("conversion", "huge_id", _mut(user_id=2**63)),
+]
+
+
+def _damage(template: msgspec.Struct, kind: str, mutate: Callable[[dict], dict] | None,
+            rng: np.random.Generator) -> bytes:
+    good = schema.encode(template)
+    if kind == "truncated_json":
+        return good[: max(1, len(good) // 2)]
+    if kind == "binary_garbage":
+        body = rng.integers(14, 256, 64, dtype=np.uint8).tobytes()  # no \n (10) or \r (13)
+        return b"\xff\xfe" + body
+    if kind == "not_json":
+        return b"user=%d,ts=%d,domain=feed" % (template.user_id, template.ts)
+    d = mutate(msgspec.json.decode(good))  # type: ignore[misc]
+    return msgspec.json.encode(d).replace(f'"{_INF}"'.encode(), b"1e999")  # JSON has no literal inf
+
+
+def make_bad_records(records: Sequence[Any], n: int, rng: np.random.Generator) -> list[BadRecord]:
+    """``n`` malformed records made by damaging random good ones of ``records`` (cycling through every
+    defect in :data:`_DEFECTS` in random order). Each one decodes to ``schema.Invalid`` (checked here)."""
+    by_kind: dict[str, list[Any]] = {"impression": [], "click": [], "conversion": []}
+    for r in records:
+        if isinstance(r, (schema.Impression, schema.Click, schema.Conversion)):
+            by_kind[type(r).__name__.lower()].append(r)
+    defects = [d for d in _DEFECTS if by_kind[d[0]]]
+    if n and not defects:
+        raise ValueError("make_bad_records: no good records to damage")
+    out: list[BadRecord] = []
+    order = rng.permutation(len(defects)) if defects else []
+    for j in range(n):
+        if j and j % len(defects) == 0:
+            order = rng.permutation(len(defects))
+        topic_kind, kind, mutate = defects[order[j % len(defects)]]
+        pool = by_kind[topic_kind]
+        raw = _damage(pool[int(rng.integers(len(pool)))], kind, mutate, rng)
+        if not isinstance(schema.decode(raw), schema.Invalid):
+            raise RuntimeError(f"make_bad_records: defect {kind!r} produced a valid record: {raw[:200]!r}")
+        out.append(BadRecord(topic_kind, raw, kind))
+    return out

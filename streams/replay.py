@@ -1,0 +1,301 @@
+"""Push events into the bus: the one place that produces input records (``streamrec replay`` and
+``streamrec generate`` both go through :class:`Publisher`).
+
+Placement rules (what the labels dataflow relies on):
+
+* value = ``schema.encode(ev)``, key = ``schema.user_key(ev)``, and an *explicit* partition
+  ``kafka_io.partition_for(key, partitions)``, so an impression and its clicks and conversions land in the
+  same partition number of the three input topics;
+* a :class:`~streams.logfile.BadRecord` goes raw into the topic of its ``topic_kind`` (any partition);
+* a :class:`~streams.schema.Watermark` goes to every partition of all three input topics; at the end of a
+  finite log one more is sent with ``ts = last_ts + 1 + max(click window, conversion window)`` so every
+  pending attribution window closes;
+* about once a second (and at the end) a ``ServiceStats(component="replay")`` goes to ``service_stats``.
+
+A replayed log line that does not decode becomes a dead letter (reason with its line number) and the replay
+goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import msgspec
+from tqdm import tqdm
+
+from streams import kafka_io, schema
+from streams.config import Config
+from streams.logfile import BadRecord, count_lines, reader_for
+
+NO_BROKER = "no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`"
+STATS_EVERY_S = 1.0
+
+
+class ProduceStats(msgspec.Struct, frozen=True):
+    """What one produce run sent. Counts are messages, except ``watermarks`` (records, each fanned out
+    to every input partition) and ``dead_letters`` (messages sent to the dead-letter topic)."""
+
+    impressions: int = 0
+    clicks: int = 0
+    conversions: int = 0
+    bad_records: int = 0
+    watermarks: int = 0
+    dead_letters: int = 0
+    last_ts: int = 0  # largest event time sent (ms), 0 when none
+    final_watermark_ts: int = 0  # 0 when no end-of-log watermark was sent
+    elapsed_s: float = 0.0
+
+    @property
+    def events(self) -> int:
+        return self.impressions + self.clicks + self.conversions
+
+    @property
+    def events_per_s(self) -> float:
+        return (self.events + self.bad_records) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class ReplayStats(ProduceStats, frozen=True):
+    """:class:`ProduceStats` plus what the log reader saw (non-blank lines)."""
+
+    lines: int = 0
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Publisher:
+    """Incremental producer of input records for one ``Config``; use as a context manager.
+
+    ``send`` takes Impression/Click/Conversion/Watermark/BadRecord; ``dead_letter`` takes a DeadLetter;
+    ``finish`` sends the end-of-log watermark, the last stats, flushes, and returns :class:`ProduceStats`.
+    """
+
+    def __init__(self, cfg: Config, *, total: int | None = None, progress: bool = True, desc: str = "replay"):
+        if not cfg.kafka.bootstrap_servers:
+            raise ValueError(NO_BROKER)
+        self.cfg = cfg
+        t = cfg.topics
+        self._topic = {schema.Impression: t.impressions, schema.Click: t.clicks, schema.Conversion: t.conversions}
+        self._kind_topic = {"impression": t.impressions, "click": t.clicks, "conversion": t.conversions}
+        self._counts = {t.impressions: 0, t.clicks: 0, t.conversions: 0}
+        self._partition_of: dict[bytes, int] = {}  # murmur2 in Python is slow; user ids repeat (Zipf)
+        self._failed: list[str] = []
+        self._producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.client,
+                                                on_delivery=self._on_delivery)
+        self._bar = tqdm(total=total, unit="ev", desc=desc, file=sys.stderr, disable=not progress,
+                         mininterval=0.5, smoothing=0.1)
+        self._pending_bar = 0
+        self.bad_records = self.watermarks = self.dead_letters = 0
+        self.last_ts = 0
+        self._max_wm = 0
+        self._final_wm = 0
+        self._t0 = time.monotonic()
+        self._next_stats = self._t0 + STATS_EVERY_S
+        self._n = 0
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None and len(self._failed) < 5:
+            self._failed.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+        elif err is not None:
+            self._failed.append("")
+
+    # -- sending ----------------------------------------------------------------------------------------
+    def send(self, rec: msgspec.Struct) -> None:
+        """Produce one record according to the placement rules in the module docstring."""
+        topic = self._topic.get(type(rec))
+        if topic is not None:
+            key = schema.user_key(rec)
+            part = self._partition_of.get(key)
+            if part is None:
+                part = self._partition_of[key] = kafka_io.partition_for(key, self.cfg.topics.partitions)
+            kafka_io.produce(self._producer, topic, schema.encode(rec), key=key, partition=part)
+            self._counts[topic] += 1
+            if rec.ts > self.last_ts:
+                self.last_ts = rec.ts
+        elif isinstance(rec, BadRecord):
+            kafka_io.produce(self._producer, self._kind_topic[rec.topic_kind], rec.raw)
+            self.bad_records += 1
+        elif isinstance(rec, schema.Watermark):
+            self._broadcast(rec)
+            self.watermarks += 1
+            self._max_wm = max(self._max_wm, rec.ts)
+        else:
+            raise TypeError(f"Publisher.send: expected Impression, Click, Conversion, Watermark or BadRecord, "
+                            f"got {type(rec).__name__}")
+        self._tick()
+
+    def dead_letter(self, dl: schema.DeadLetter) -> None:
+        kafka_io.produce(self._producer, self.cfg.topics.dead_letters, schema.encode(dl))
+        self.dead_letters += 1
+        self._tick()
+
+    def _broadcast(self, wm: schema.Watermark) -> None:
+        value = schema.encode(wm)
+        for topic in self.cfg.topics.input_topics():
+            for p in range(self.cfg.topics.partitions):
+                kafka_io.produce(self._producer, topic, value, partition=p)
+
+    def _tick(self) -> None:
+        self._n += 1
+        self._pending_bar += 1
+        if self._n & 255 == 0:
+            self._producer.poll(0)
+            self._bar.update(self._pending_bar)
+            self._pending_bar = 0
+            if time.monotonic() >= self._next_stats:
+                self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        now = time.monotonic()
+        self._next_stats = now + STATS_EVERY_S
+        s = self.stats()
+        values = {"events_produced": float(s.events), "events_per_s": s.events_per_s,
+                  "bad_records": float(s.bad_records), "dead_letters": float(s.dead_letters),
+                  "impressions": float(s.impressions), "clicks": float(s.clicks),
+                  "conversions": float(s.conversions), "last_event_ts": float(s.last_ts)}
+        ev = schema.ServiceStats(component="replay", ts=_now_ms(), values=values)
+        kafka_io.produce(self._producer, self.cfg.topics.service_stats, schema.encode(ev))
+
+    # -- end --------------------------------------------------------------------------------------------
+    def stats(self) -> ProduceStats:
+        t = self.cfg.topics
+        return ProduceStats(impressions=self._counts[t.impressions], clicks=self._counts[t.clicks],
+                            conversions=self._counts[t.conversions], bad_records=self.bad_records,
+                            watermarks=self.watermarks, dead_letters=self.dead_letters, last_ts=self.last_ts,
+                            final_watermark_ts=self._final_wm, elapsed_s=time.monotonic() - self._t0)
+
+    def end_watermark_ts(self) -> int:
+        """``last_ts + 1 + max(windows)`` in ms, and never below a watermark already forwarded."""
+        lab = self.cfg.labels
+        horizon_ms = 1000 * max(lab.click_window_s, lab.conversion_window_s)
+        ts = self.last_ts + 1 + horizon_ms if self.last_ts else 0
+        return min(max(ts, self._max_wm, schema.MIN_TS_MS), schema.MAX_TS_MS)
+
+    def finish(self, *, watermark: bool = True, timeout_s: float = 60.0) -> ProduceStats:
+        """Send the end-of-log watermark (when ``watermark``) and final stats; flush; raise if any
+        message failed delivery."""
+        if watermark and (self.last_ts or self._max_wm):
+            self._final_wm = self.end_watermark_ts()
+            self._broadcast(schema.Watermark(ts=self._final_wm, source="replay"))
+        self._bar.update(self._pending_bar)
+        self._pending_bar = 0
+        self._publish_stats()
+        left = self._producer.flush(timeout_s)
+        if left:
+            raise RuntimeError(f"replay: {left} messages still queued after flushing for {timeout_s:.0f} s "
+                               f"(broker {self.cfg.kafka.bootstrap_servers})")
+        if self._failed:
+            shown = "; ".join(f for f in self._failed if f)
+            raise RuntimeError(f"replay: {len(self._failed)} messages failed delivery: {shown}")
+        return self.stats()
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def produce(cfg: Config, records: Iterable[msgspec.Struct], *, progress: bool = True,
+            watermark: bool = True, total: int | None = None) -> ProduceStats:
+    """Produce ``records`` (events, watermarks, BadRecords) as fast as possible; see the module docstring."""
+    if total is None and hasattr(records, "__len__"):
+        total = len(records)  # type: ignore[arg-type]
+    with Publisher(cfg, total=total, progress=progress, desc="produce") as pub:
+        for rec in records:
+            pub.send(rec)
+        return pub.finish(watermark=watermark)
+
+
+class _Pacer:
+    """Sleeps so that event time advances ``speed`` times faster than wall time, from the first event."""
+
+    def __init__(self, speed: float):
+        if not speed > 0:
+            raise ValueError(f"replay: --speed must be > 0, got {speed}")
+        self.speed = speed
+        self.first_ts: int | None = None
+        self.t0 = 0.0
+
+    def wait(self, ts: int) -> None:
+        if self.first_ts is None:
+            self.first_ts, self.t0 = ts, time.monotonic()
+            return
+        delay = self.t0 + (ts - self.first_ts) / 1000.0 / self.speed - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def replay_file(cfg: Config, path: str | Path, *, speed: float | None = None, progress: bool = True,
+                watermark: bool = True) -> ReplayStats:
+    """Replay one log file into the input topics, streaming it line by line.
+
+    ``speed=None`` produces as fast as possible; ``speed=X`` paces by event time, X times real time,
+    relative to the first event. Lines that fail :func:`streams.schema.decode` become dead letters
+    (``reason = "line N: <why>"``, ``offset = N``, ``topic = <file name>``); they never stop the replay.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"replay: no such log file: {path}")
+    read = reader_for(path)
+    pacer = _Pacer(speed) if speed is not None else None
+    total = count_lines(path) if progress else None
+    lines = 0
+    with Publisher(cfg, total=total, progress=progress, desc=f"replay {path.name}") as pub:
+        for n, raw in read(path):
+            lines += 1
+            ev = schema.decode(raw)
+            if isinstance(ev, schema.Invalid):
+                pub.dead_letter(schema.dead_letter(f"line {n}: {ev.reason}", raw, topic=path.name, offset=n,
+                                                   ts=_now_ms(), step="replay"))
+                continue
+            if pacer is not None and not isinstance(ev, schema.Watermark):
+                pacer.wait(ev.ts)
+            pub.send(ev)
+        s = pub.finish(watermark=watermark)
+    return ReplayStats(**msgspec.structs.asdict(s), lines=lines)
+
+
+def summary(s: ProduceStats) -> str:
+    return (f"{s.impressions} impressions, {s.clicks} clicks, {s.conversions} conversions, "
+            f"{s.bad_records} bad records, {s.dead_letters} dead letters, {s.watermarks} watermarks forwarded; "
+            f"{s.events_per_s:,.0f} events/s over {s.elapsed_s:.1f} s"
+            + (f"; end watermark {s.final_watermark_ts}" if s.final_watermark_ts else ""))
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("replay", help="replay a JSONL event log into the input topics",
+                              description="Replay an event log (one JSON record per line, as written by "
+                                          "`streamrec generate --out`) into the impressions/clicks/conversions "
+                                          "topics. Bad lines go to the dead-letter topic with their line number.")
+    p.add_argument("file", help="log file (.jsonl)")
+    p.add_argument("--speed", type=float, default=None,
+                   help="pace by event time, X times real time (default: as fast as possible)")
+    p.add_argument("--no-watermark", action="store_true",
+                   help="do not send the end-of-log watermark (the log continues later)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    if not cfg.kafka.bootstrap_servers:
+        print(f"streamrec replay: {NO_BROKER}", file=sys.stderr)
+        return 2
+    try:
+        kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions,
+                               cfg.kafka.client)
+        s = replay_file(cfg, args.file, speed=args.speed, progress=not args.no_progress,
+                        watermark=not args.no_watermark)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"streamrec replay: {e}", file=sys.stderr)
+        return 1
+    print(f"replayed {s.lines} lines of {args.file}: {summary(s)}")
+    return 0
