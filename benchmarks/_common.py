@@ -1,0 +1,54 @@
+"""Shared benchmark plumbing: argument parsing, machine description, the table, the closing JSON line.
+
+Every benchmark prints a table (its own numbers and the baseline measured in the same run), then as its
+last line one JSON object: {"bench", "value", "unit", "baseline", "ratio", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes; finishes within a minute")
+    return p
+
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    malloc = ",".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "default"
+    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, malloc: {malloc}"
+
+
+@contextmanager
+def timer():
+    box = {}
+    t0 = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["s"] = time.perf_counter() - t0
+
+
+def report(bench: str, rows: list[tuple[str, ...]], header: tuple[str, ...], *, value: float, unit: str,
+           baseline: float, **extra) -> None:
+    """Print the table, the machine line and the closing JSON line."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
+    print(f"machine: {machine()}")
+    ratio = value / baseline if baseline else float("nan")
+    print(json.dumps({"bench": bench, "value": round(value, 3), "unit": unit, "baseline": round(baseline, 3),
+                      "ratio": round(ratio, 3), **extra}))
