@@ -74,7 +74,8 @@ def _produce(cfg: Config, args) -> tuple[int, int]:
 
         stats = replay_file(cfg, args.replay, speed=args.speed, progress=True)
         return stats.impressions, stats.dead_letters
-    from streams.generate import GeneratorConfig, produce, simulate
+    from streams.generate import GeneratorConfig, simulate
+    from streams.replay import produce
 
     gcfg = GeneratorConfig(n_impressions=args.events, seed=args.seed, bad_rate=args.bad_rate)
     sim = simulate(gcfg)
