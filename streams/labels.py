@@ -1,0 +1,355 @@
+"""The ``labels`` Bytewax dataflow: impressions + clicks + conversions -> examples and dead letters.
+
+Batch-per-partition design (DESIGN.md, "Throughput hint")::
+
+    KafkaPartitionsSource: one source partition per Kafka partition NUMBER p, one consumer assigned to
+      (impressions, p), (clicks, p), (conversions, p); one item = SourceBatch(up to labels.batch_size raw
+      messages, topics caught up)                                      key = part_key(p)
+        -> stateful_batch "labels.join": join.step per partition (decode after the exchange: raw bytes only)
+        -> OutBatch(encoded records, counters)                         key = part_key(p)
+        -> LabelsSink: one producer per partition; examples -> topics.examples (key user_id),
+           dead letters -> topics.dead_letters; ServiceStats(component="labels") about every second
+
+Keys: a stateful step routes key ``k`` to worker ``siphash13(k + b"\\xff") % workers`` (checked against
+Bytewax 0.21.1 in tests/test_labels_flow.py); :func:`part_key` picks, for partition p of P, a key string whose
+route is ``p mod W`` for every W dividing lcm(P, 12), so partitions spread evenly over 1, 2, 3, 4, 6, 12 and
+P workers and a key never changes with the worker count (recovery state stays addressable).
+
+Bounded mode (``--bounded``): a partition finishes when its three topic-partitions reached their end; the join
+then emits every pending impression (``end_of_stream``). Recovery (``labels.recovery_dir``): at-least-once;
+example ids are impression ids, so the trainer dedups re-emitted examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+
+from streams import join, kafka_io, schema
+from streams.config import Config, replace
+
+log = logging.getLogger(__name__)
+NO_BROKER = "no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`"
+GROUP = "streamrec-labels"  # assign() only, never committed: offsets live in Bytewax snapshots
+_M64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------------------------- routing keys
+
+def _siphash13(data: bytes) -> int:
+    """SipHash-1-3 with a zero key: Rust's ``DefaultHasher::new()``, which Bytewax/Timely use to route keys."""
+    v0, v1, v2, v3 = 0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573
+
+    def rnd(v0, v1, v2, v3):
+        v0 = (v0 + v1) & _M64; v1 = ((v1 << 13) | (v1 >> 51)) & _M64; v1 ^= v0; v0 = ((v0 << 32) | (v0 >> 32)) & _M64
+        v2 = (v2 + v3) & _M64; v3 = ((v3 << 16) | (v3 >> 48)) & _M64; v3 ^= v2
+        v0 = (v0 + v3) & _M64; v3 = ((v3 << 21) | (v3 >> 43)) & _M64; v3 ^= v0
+        v2 = (v2 + v1) & _M64; v1 = ((v1 << 17) | (v1 >> 47)) & _M64; v1 ^= v2; v2 = ((v2 << 32) | (v2 >> 32)) & _M64
+        return v0, v1, v2, v3
+
+    n, full = len(data), len(data) // 8 * 8
+    for i in range(0, full, 8):
+        m = int.from_bytes(data[i:i + 8], "little")
+        v3 ^= m
+        v0, v1, v2, v3 = rnd(v0, v1, v2, v3)
+        v0 ^= m
+    b = ((n & 0xFF) << 56) | int.from_bytes(data[full:], "little")
+    v3 ^= b
+    v0, v1, v2, v3 = rnd(v0, v1, v2, v3)
+    v0 ^= b
+    v2 ^= 0xFF
+    for _ in range(3):
+        v0, v1, v2, v3 = rnd(v0, v1, v2, v3)
+    return v0 ^ v1 ^ v2 ^ v3
+
+
+def route(key: str, workers: int) -> int:
+    """The worker index Bytewax 0.21 sends a stateful key to (Rust ``str`` hashing appends 0xff)."""
+    return _siphash13(key.encode() + b"\xff") % workers
+
+
+def part_key(p: int, partitions: int) -> str:
+    """Key of Kafka partition number ``p``: ``"p<p>"`` plus the first salt that spreads keys over workers."""
+    m = math.lcm(partitions, 12)
+    for salt in range(100_000):
+        key = f"p{p}" if salt == 0 else f"p{p}.{salt}"
+        if route(key, m) == p % m:
+            return key
+    raise RuntimeError(f"labels: no routing key found for partition {p} of {partitions}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------------- source
+
+class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
+    """One consumer on (impressions, clicks, conversions) partition ``p``; snapshot = next offset per topic."""
+
+    def __init__(self, cfg: Config, p: int, offsets: dict[str, int] | None, bounded: bool):
+        self.topics, self.p, self.bounded = cfg.topics.input_topics(), p, bounded
+        self.batch_size = cfg.labels.batch_size
+        self.next = dict(offsets or {})
+        self.eof = {t: False for t in self.topics}
+        self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, GROUP, cfg.kafka.client,
+                                               **{"enable.partition.eof": True})
+        self.consumer.assign([kafka_io.TopicPartition(t, p, self.next.get(t, kafka_io.OFFSET_BEGINNING))
+                              for t in self.topics])
+        self.finished = False
+
+    def next_batch(self) -> list[join.SourceBatch]:
+        if self.finished:
+            raise StopIteration()
+        msgs, changed = [], False
+        for m in self.consumer.consume(num_messages=self.batch_size, timeout=0.05):
+            err = m.error()
+            if err is not None:
+                if err.code() == kafka_io.KafkaError._PARTITION_EOF:
+                    changed |= not self.eof[m.topic()]
+                    self.eof[m.topic()] = True
+                    continue
+                if err.fatal():
+                    raise kafka_io.KafkaException(err)
+                log.warning("labels source partition %d: %s", self.p, err)
+                continue
+            topic, off = m.topic(), m.offset()
+            msgs.append((topic, self.p, off, m.value() or b""))
+            self.next[topic] = off + 1
+            if self.eof[topic]:
+                self.eof[topic], changed = False, True
+        if self.bounded and all(self.eof.values()):
+            self.finished = True
+        if not msgs and not changed:
+            return []
+        return [join.SourceBatch(self.p, tuple(msgs), frozenset(t for t, e in self.eof.items() if e))]
+
+    def snapshot(self) -> dict:
+        return dict(self.next)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class KafkaPartitionsSource(FixedPartitionedSource[join.SourceBatch, dict]):
+    """One source partition per Kafka partition number of the three input topics."""
+
+    def __init__(self, cfg: Config, bounded: bool):
+        self.cfg, self.bounded = cfg, bounded
+        n = cfg.topics.partitions
+        self.keys = {part_key(p, n): p for p in range(n)}
+
+    def list_parts(self) -> list[str]:
+        return list(self.keys)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: dict | None) -> _PartitionReader:
+        return _PartitionReader(self.cfg, self.keys[for_part], resume_state, self.bounded)
+
+
+# ------------------------------------------------------------------------------------------------ join step
+
+class OutBatch(NamedTuple):
+    """What the join emits per batch: encoded records ``(to_examples, key, value)`` and the partition's gauges."""
+
+    records: tuple[tuple[bool, bytes | None, bytes], ...]
+    counts: dict
+    pending: int
+
+
+class _JoinLogic(StatefulBatchLogic[join.SourceBatch, OutBatch, tuple]):
+    def __init__(self, state: join.JoinState, bounded: bool):
+        self.state, self.bounded = state, bounded
+
+    def _emit(self, outs: list[join.Output]) -> tuple[list[OutBatch], bool]:
+        recs = tuple((True, schema.user_key(o.impression), schema.encode(o)) if isinstance(o, schema.Example)
+                     else (False, None, schema.encode(o)) for o in outs)
+        return [OutBatch(recs, dict(self.state.counts), self.state.n_pending())], self.RETAIN
+
+    def on_batch(self, values: list[join.SourceBatch]) -> tuple[list[OutBatch], bool]:
+        now, outs = int(time.time() * 1000), []
+        for batch in values:
+            _, out = join.step(self.state, batch, now)
+            outs.extend(out)
+        return self._emit(outs)
+
+    def on_eof(self) -> tuple[list[OutBatch], bool]:
+        if not self.bounded:
+            return [], self.RETAIN
+        _, out = join.flush(self.state, int(time.time() * 1000))
+        return self._emit(out)
+
+    def snapshot(self) -> tuple:
+        return self.state.snapshot()
+
+
+# ----------------------------------------------------------------------------------------------------- sink
+
+class _Stats:
+    """Process-wide totals of every partition, published as ``ServiceStats`` about once a second."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.lock = cfg, threading.Lock()
+        self.parts: dict[str, tuple[dict, int]] = {}
+        self.last_t, self.last_in = time.monotonic(), 0.0
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+
+    def update(self, key: str, batch: OutBatch) -> None:
+        self.parts[key] = (batch.counts, batch.pending)
+
+    def maybe_publish(self, producer, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_t < 1.0:
+            return
+        with self.lock:
+            if not force and now - self.last_t < 1.0:
+                return
+            values = {k: float(sum(c.get(k, 0) for c, _ in self.parts.values()))
+                      for k in ("events_in", "examples_out", "dead_letters")}
+            values["pending_impressions"] = float(sum(p for _, p in self.parts.values()))
+            dt = max(now - self.last_t, 1e-6)
+            values["events_per_s"] = (values["events_in"] - self.last_in) / dt
+            self.last_t, self.last_in = now, values["events_in"]
+        st = schema.ServiceStats(component="labels", ts=int(time.time() * 1000), values=values,
+                                 instance=self.instance)
+        key = b"labels"
+        kafka_io.produce(producer, self.cfg.topics.service_stats, schema.encode(st), key=key,
+                         partition=kafka_io.partition_for(key, self.cfg.topics.partitions))
+
+
+class _PartitionWriter(StatefulSinkPartition[OutBatch, None]):
+    def __init__(self, cfg: Config, key: str, p: int, stats: _Stats):
+        self.cfg, self.key, self.p, self.stats = cfg, key, p, stats
+        self.producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.client)
+        self.last_flush = time.monotonic()
+
+    def write_batch(self, values: list[OutBatch]) -> None:
+        t, n = self.cfg.topics, self.cfg.topics.partitions
+        for batch in values:
+            for to_examples, key, value in batch.records:
+                if to_examples:
+                    kafka_io.produce(self.producer, t.examples, value, key=key,
+                                     partition=kafka_io.partition_for(key, n))
+                else:
+                    kafka_io.produce(self.producer, t.dead_letters, value, partition=self.p % n)
+            self.stats.update(self.key, batch)
+        self.producer.poll(0)
+        self.stats.maybe_publish(self.producer)
+        if time.monotonic() - self.last_flush > 1.0:
+            self.producer.flush(30)
+            self.last_flush = time.monotonic()
+
+    def snapshot(self) -> None:
+        # Everything before this epoch's source offsets is written before they are saved: at-least-once.
+        self.producer.flush(30)
+        return None
+
+    def close(self) -> None:
+        self.stats.maybe_publish(self.producer, force=True)
+        left = self.producer.flush(30)
+        if left:
+            log.error("labels sink partition %d: %d records not delivered at close", self.p, left)
+
+
+class LabelsSink(FixedPartitionedSink[OutBatch, None]):
+    """One producer per partition key; items stay on the worker that joined them."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.stats = cfg, _Stats(cfg)
+        n = cfg.topics.partitions
+        self.keys = [part_key(p, n) for p in range(n)]
+
+    def list_parts(self) -> list[str]:
+        return list(self.keys)
+
+    def part_fn(self, item_key: str) -> int:
+        return sorted(self.keys).index(item_key)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _PartitionWriter:
+        return _PartitionWriter(self.cfg, for_part, self.keys.index(for_part), self.stats)
+
+
+# ----------------------------------------------------------------------------------------------------- flow
+
+def build_flow(cfg: Config, *, bounded: bool) -> Dataflow:
+    """The labels dataflow over ``cfg.topics`` (see the module docstring for its shape)."""
+    if not cfg.kafka.bootstrap_servers:
+        raise ValueError(NO_BROKER)
+    jcfg = join.JoinConfig.from_config(cfg)  # validates policy and windows before anything starts
+    flow = Dataflow("labels")
+    batches = op.input("labels_input", flow, KafkaPartitionsSource(cfg, bounded))
+    keys = [part_key(p, cfg.topics.partitions) for p in range(cfg.topics.partitions)]
+    keyed = op.key_on("labels_key", batches, lambda b: keys[b.partition])
+
+    def builder(snap):
+        return _JoinLogic(join.JoinState.restore(snap) if snap is not None else join.JoinState(jcfg), bounded)
+
+    joined = op.stateful_batch("labels_join", keyed, builder)
+    op.output("labels_output", joined, LabelsSink(cfg))
+    return flow
+
+
+def _recovery(cfg: Config):
+    if not cfg.labels.recovery_dir:
+        return None
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+
+    d = Path(cfg.labels.recovery_dir)
+    if not d.exists() or not any(d.iterdir()):
+        d.mkdir(parents=True, exist_ok=True)
+        init_db_dir(d, 1)  # `python -m bytewax.recovery DIR 1`
+    return RecoveryConfig(str(d))
+
+
+def run_labels(cfg: Config, *, bounded: bool, workers: int = 1) -> None:
+    """Run the dataflow in this process (``workers`` worker threads); returns when a bounded run ends."""
+    if not cfg.kafka.bootstrap_servers:
+        raise ValueError(NO_BROKER)
+    if workers < 1:
+        raise ValueError(f"labels: workers must be >= 1, got {workers}")
+    kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions, cfg.kafka.client)
+    flow, rec = build_flow(cfg, bounded=bounded), _recovery(cfg)
+    if workers == 1:
+        from bytewax.testing import run_main
+
+        run_main(flow, epoch_interval=None, recovery_config=rec)
+    else:
+        from bytewax.run import cli_main
+
+        cli_main(flow, workers_per_process=workers, recovery_config=rec)
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    if args.recovery_dir:
+        cfg = replace(cfg, labels={"recovery_dir": args.recovery_dir})
+    if not cfg.kafka.bootstrap_servers:
+        print(f"streamrec labels: {NO_BROKER}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    run_labels(cfg, bounded=args.bounded, workers=args.workers)
+    log.info("labels finished in %.1fs", time.perf_counter() - t0)
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("labels", help="run the labels dataflow (join impressions, clicks, conversions)",
+                       description="Run the Bytewax labels dataflow: read the impressions, clicks and conversions "
+                                   "topics partition by partition, join feedback to impressions inside each "
+                                   "objective's attribution window, and write labelled examples to the examples "
+                                   "topic and bad or unmatched records to the dead_letters topic.")
+    p.add_argument("--bounded", action="store_true",
+                   help="stop once every input partition is read to its end (default: keep tailing)")
+    p.add_argument("--workers", type=int, default=1, help="Bytewax worker threads in this process (default 1)")
+    p.add_argument("--recovery-dir", metavar="DIR", default=None,
+                   help="Bytewax recovery directory (created and initialised if empty); overrides "
+                        "labels.recovery_dir")
+    p.set_defaults(func=run)

@@ -1,0 +1,168 @@
+"""The attribution join on lists: windows, out-of-order feedback, duplicates, dead letters, time rules."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams import schema
+from streams.join import JoinConfig, JoinState, SourceBatch, flush, step
+
+T0 = 1_700_000_000_000
+IMP, CLK, CNV = "imp", "clk", "cnv"
+CFG = JoinConfig((IMP, CLK, CNV), click_window_ms=60_000, conversion_window_ms=600_000)
+
+
+def imp(i: str, ts: int, user: int = 1) -> schema.Impression:
+    return schema.Impression(event_id=i, ts=ts, user_id=user, ad_id=1, campaign_id=1, advertiser_id=1, domain="feed")
+
+
+def clk(c: str, i: str, ts: int) -> schema.Click:
+    return schema.Click(event_id=c, impression_id=i, ts=ts, user_id=1)
+
+
+def cnv(c: str, i: str, ts: int) -> schema.Conversion:
+    return schema.Conversion(event_id=c, impression_id=i, ts=ts, user_id=1)
+
+
+_TOPIC = {schema.Impression: IMP, schema.Click: CLK, schema.Conversion: CNV}
+
+
+def msgs(*events, offset: int = 0):
+    return tuple((_TOPIC[type(e)], 0, offset + k, schema.encode(e)) for k, e in enumerate(events))
+
+
+def watermarks(ts: int):
+    wm = schema.encode(schema.Watermark(ts=ts))
+    return tuple((t, 0, 10_000, wm) for t in (IMP, CLK, CNV))
+
+
+def run(batches, caught_up=frozenset()):
+    state, out = JoinState(CFG), []
+    for b in batches:
+        state, o = step(state, SourceBatch(0, b, caught_up), now_ms=123)
+        out.extend(o)
+    return state, out
+
+
+def examples(out):
+    return {o.example_id: (o.click, o.conversion, o.click_ts, o.conversion_ts)
+            for o in out if isinstance(o, schema.Example)}
+
+
+def reasons(out):
+    return sorted(o.reason.split(":")[0] for o in out if isinstance(o, schema.DeadLetter))
+
+
+def test_windows_per_objective_and_decision():
+    evs = msgs(imp("i1", T0), clk("c1", "i1", T0 + 30_000), cnv("v1", "i1", T0 + 500_000),
+               imp("i2", T0 + 1000), clk("c2", "i2", T0 + 1000 + 61_000), cnv("v2", "i2", T0 + 1000 + 601_000))
+    # data beyond every deadline in all three topics closes the windows from data alone
+    later = msgs(imp("i3", T0 + 10_000_000), clk("c3", "i3", T0 + 10_000_000), cnv("v3", "i3", T0 + 10_000_000),
+                 offset=100)
+    state, out = run([evs, later])
+    got = {o.example_id: o for o in out if isinstance(o, schema.Example)}
+    assert set(got) == {"i1", "i2"}
+    assert (got["i1"].click, got["i1"].conversion, got["i1"].click_ts, got["i1"].decided) == (
+        1, 1, T0 + 30_000, "window_closed")
+    assert (got["i2"].click, got["i2"].conversion) == (0, 0)  # both just outside their windows
+    assert got["i1"].emitted_ts == 123
+    assert reasons(out) == ["click outside attribution window", "conversion outside attribution window"]
+    assert list(state.pending) == ["i3"]  # state dropped on emission: bounded by the window
+    _, out2 = step(state, SourceBatch(0, watermarks(T0 + 20_000_000), frozenset()), now_ms=0)
+    assert [(o.example_id, o.click, o.conversion, o.decided) for o in out2] == [("i3", 1, 1, "end_of_stream")]
+
+
+def test_slow_topic_holds_time_back_unless_caught_up():
+    first = msgs(imp("i1", T0), imp("i9", T0 + 5_000_000))  # impressions far ahead, clicks not read yet
+    state, out = run([first])
+    assert not out and state.time() is None
+    # the clicks arrive later: the early click still joins
+    _, out = step(state, SourceBatch(0, msgs(clk("c1", "i1", T0 + 10_000)), frozenset()), now_ms=0)
+    assert not out
+    # conversions topic at its end: it no longer holds time back
+    _, out = step(state, SourceBatch(0, msgs(clk("c9", "i9", T0 + 5_000_001)), frozenset({CNV})), now_ms=0)
+    assert examples(out) == {"i1": (1, 0, T0 + 10_000, None)}
+
+
+def test_feedback_before_impression_is_buffered_then_joined_or_orphaned():
+    early = msgs(clk("c1", "i1", T0 + 5_000), cnv("v1", "i1", T0 + 9_000), clk("c2", "nope", T0 + 1_000))
+    state, out = run([early, msgs(imp("i1", T0), offset=10)])
+    assert not out and "nope" in state.orphans and "i1" not in state.orphans
+    _, out = step(state, SourceBatch(0, watermarks(T0 + 10**8), frozenset()), now_ms=0)
+    assert examples(out) == {"i1": (1, 1, T0 + 5_000, T0 + 9_000)}
+    dl = [o for o in out if isinstance(o, schema.DeadLetter)]
+    assert [d.reason for d in dl] == ["orphan click: no impression nope within window"]
+    assert (dl[0].topic, dl[0].offset, dl[0].step) == (CLK, 2, "labels.join")
+    assert state.n_pending() == 0
+
+
+def test_duplicates_late_feedback_and_bad_records_are_dead_letters():
+    evs = msgs(imp("i1", T0), imp("i1", T0), clk("c1", "i1", T0 + 10), clk("c1", "i1", T0 + 10))
+    bad = ((IMP, 0, 50, b"{not json"), (CLK, 0, 51, b'{"type": "click", "event_id": "x"}'),
+           (IMP, 0, 52, schema.encode(imp("i5", T0)).replace(b'"feed"', b'"fed"')))
+    state, out = run([evs, bad, watermarks(T0 + 700_000)])
+    late = msgs(clk("c7", "i1", T0 + 20), offset=60)
+    _, out2 = step(state, SourceBatch(0, late, frozenset()), now_ms=0)
+    assert examples(out) == {"i1": (1, 0, T0 + 10, None)}
+    assert reasons(out) == ["duplicate event_id", "duplicate event_id", "invalid", "schema", "unparseable"]
+    decode_dl = [o for o in out if isinstance(o, schema.DeadLetter) and o.step == "labels.decode"]
+    assert sorted((d.topic, d.offset) for d in decode_dl) == [(CLK, 51), (IMP, 50), (IMP, 52)]
+    assert decode_dl[0].raw in {b"{not json", bad[1][3], bad[2][3]}
+    assert [o.reason for o in out2] == ["late click: impression 'i1' already emitted"]
+    assert state.counts["events_in"] == 8
+
+
+def test_remembered_ids_expire_with_time():
+    state, _ = run([msgs(imp("i1", T0), clk("c1", "i1", T0 + 1)), watermarks(T0 + 650_000)])
+    assert "i1" in state.done and "c1" in state.seen_fb
+    step(state, SourceBatch(0, watermarks(T0 + 10**8), frozenset()), now_ms=0)
+    assert not state.done and not state.seen_fb and not state.expiry
+
+
+def test_flush_and_snapshot_round_trip():
+    state, _ = run([msgs(imp("i1", T0), clk("c0", "zz", T0), clk("c1", "i1", T0 + 7))])
+    snap = state.snapshot()
+    restored = JoinState.restore(snap)
+    _, out = flush(restored, now_ms=5)
+    assert examples(out) == {"i1": (1, 0, T0 + 7, None)} and reasons(out) == ["orphan click"]
+    assert [o.decided for o in out if isinstance(o, schema.Example)] == ["end_of_stream"]
+    assert state.pending and "i1" in snap[4]  # flushing the restored copy left the original untouched
+
+
+def _scenario(rng: random.Random, n: int):
+    """Events inside one click window: impressions, in-window and out-of-window feedback, orphans, dups."""
+    evs = []
+    for k in range(n):
+        i = f"i{k}"
+        ts = T0 + rng.randrange(0, 20_000)
+        evs.append(imp(i, ts, user=k))
+        for j in range(rng.randrange(0, 3)):
+            evs.append(clk(f"c{k}.{j}", i, ts + rng.randrange(-2_000, 30_000)))
+        if rng.random() < 0.3:
+            evs.append(cnv(f"v{k}", i, ts + rng.randrange(0, 30_000)))
+        if rng.random() < 0.1:
+            evs.append(evs[-1])  # exact duplicate
+    evs.append(clk("orphan", "missing", T0 + 100))
+    return evs
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(1, 12), order_seed=st.integers(0, 10**6),
+       batch=st.integers(1, 5))
+def test_examples_do_not_depend_on_arrival_order_within_a_window(seed, n, order_seed, batch):
+    evs = _scenario(random.Random(seed), n)
+    shuffled = evs[:]
+    random.Random(order_seed).shuffle(shuffled)
+    outs = []
+    for order in (evs, shuffled):
+        m = msgs(*order)
+        chunks = [m[k:k + batch] for k in range(0, len(m), batch)] + [watermarks(T0 + 10**8)]
+        state, out = run(chunks)
+        outs.append((examples(out), reasons(out)))
+        n_dl = sum(isinstance(o, schema.DeadLetter) for o in out)
+        assert len(evs) == len(examples(out)) + state.counts["feedback_joined"] + n_dl  # all accounted for
+        assert state.n_pending() == 0
+    assert outs[0] == outs[1]

@@ -1,0 +1,193 @@
+"""The labels dataflow end to end on the embedded broker: exactly one example per good impression, the
+expected labels, every other input a dead letter with a reason; 1 and 2 Bytewax workers."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.run import cli_main
+from bytewax.testing import TestingSink, TestingSource
+
+from streams import kafka_io, schema
+from streams.config import replace
+from streams.labels import build_flow, part_key, route, run_labels
+
+T0 = 1_700_000_000_000
+CLICK_W, CONV_W = 60, 600  # seconds
+
+
+def _workload(cfg, n_imps: int = 1500, seed: int = 7):
+    """Hand-built events: returns (messages [(topic, partition, value)], expected labels, expected dead letters)."""
+    rng = random.Random(seed)
+    t, parts = cfg.topics, cfg.topics.partitions
+    per_topic = {t.impressions: [], t.clicks: [], t.conversions: []}  # (ts, partition, bytes)
+    expected: dict[str, tuple[int, int]] = {}
+    dead = Counter()
+    for k in range(n_imps):
+        user = rng.randrange(200)
+        p = kafka_io.partition_for(str(user).encode(), parts)
+        ts = T0 + k * 2_000 + rng.randrange(1_000)
+        imp = schema.Impression(event_id=f"i{k}", ts=ts, user_id=user, ad_id=rng.randrange(50), campaign_id=1,
+                                advertiser_id=1, domain=rng.choice(schema.DOMAINS))
+        per_topic[t.impressions].append((ts, p, schema.encode(imp)))
+        if rng.random() < 0.03:  # the same impression twice
+            per_topic[t.impressions].append((ts, p, schema.encode(imp)))
+            dead["duplicate"] += 1
+        click = conv = 0
+        r = rng.random()
+        if r < 0.3:  # in-window click (some before the impression in arrival order: see the jitter below)
+            c = schema.Click(event_id=f"c{k}", impression_id=imp.event_id, ts=ts + rng.randrange(CLICK_W * 1000),
+                             user_id=user)
+            per_topic[t.clicks].append((c.ts - rng.randrange(3_000), p, schema.encode(c)))
+            click = 1
+            if rng.random() < 0.05:
+                per_topic[t.clicks].append((c.ts, p, schema.encode(c)))
+                dead["duplicate"] += 1
+        elif r < 0.35:  # too late for the click window: a dead letter, label stays 0
+            c = schema.Click(event_id=f"c{k}", impression_id=imp.event_id,
+                             ts=ts + CLICK_W * 1000 + 1 + rng.randrange(10_000), user_id=user)
+            per_topic[t.clicks].append((c.ts, p, schema.encode(c)))
+            dead["outside"] += 1
+        if rng.random() < 0.1:
+            v = schema.Conversion(event_id=f"v{k}", impression_id=imp.event_id,
+                                  ts=ts + rng.randrange(CONV_W * 1000), user_id=user, value=1.0)
+            per_topic[t.conversions].append((v.ts, p, schema.encode(v)))
+            conv = 1
+        expected[imp.event_id] = (click, conv)
+        if rng.random() < 0.01:  # feedback for an impression that never comes
+            o = schema.Click(event_id=f"o{k}", impression_id=f"missing{k}", ts=ts + 5, user_id=user)
+            per_topic[t.clicks].append((o.ts, p, schema.encode(o)))
+            dead["orphan"] += 1
+    msgs = []
+    for topic, rows in per_topic.items():
+        rows.sort(key=lambda r: r[0])  # arrival order by (jittered) time: clicks may precede their impression
+        msgs += [(topic, p, v) for _, p, v in rows]
+    n_good = len(msgs)
+    for k in range(n_good * 5 // 100):  # ~5% bad raw messages
+        topic = rng.choice(list(per_topic))
+        bad = rng.choice([b"\x00\xffgarbage", b'{"type": "impression", "event_id": ""}',
+                          b'{"type": "click", "event_id": "x", "impression_id": "y", "ts": 5, "user_id": 1}'])
+        msgs.insert(rng.randrange(len(msgs)), (topic, rng.randrange(parts), bad))
+        dead["bad"] += 1
+    return msgs, expected, dead
+
+
+def _produce(cfg, msgs) -> None:
+    producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    last = max(schema.decode(v).ts for _, _, v in msgs if not isinstance(schema.decode(v), schema.Invalid))
+    for topic, p, value in msgs:
+        kafka_io.produce(producer, topic, value, partition=p)
+    wm = schema.encode(schema.Watermark(ts=last + 2 * CONV_W * 1000))
+    for topic in cfg.topics.input_topics():
+        for p in range(cfg.topics.partitions):
+            kafka_io.produce(producer, topic, wm, partition=p)
+    assert producer.flush(30) == 0
+
+
+def _read_all(cfg, topic: str, kind) -> list:
+    consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "test-read", **{"enable.partition.eof": True})
+    consumer.assign(kafka_io.topic_partitions([topic], cfg.topics.partitions))
+    out, eof = [], set()
+    try:
+        while len(eof) < cfg.topics.partitions:
+            for m in consumer.consume(num_messages=10_000, timeout=1.0):
+                if m.error():
+                    if m.error().code() == kafka_io.KafkaError._PARTITION_EOF:
+                        eof.add(m.partition())
+                    continue
+                out.append((m.partition(), m.key(), schema.decode(m.value(), kind)))
+    finally:
+        consumer.close()
+    return out
+
+
+def _category(reason: str) -> str:
+    if reason.startswith("duplicate event_id"):
+        return "duplicate"
+    if "outside attribution window" in reason:
+        return "outside"
+    if reason.startswith("orphan click"):
+        return "orphan"
+    assert reason.split(":")[0] in {"schema", "unparseable", "invalid"}, reason
+    return "bad"
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory, broker):
+    from conftest import make_config
+
+    cfg = make_config(tmp_path_factory.mktemp("labels"), broker,
+                      labels={"click_window_s": CLICK_W, "conversion_window_s": CONV_W, "batch_size": 500})
+    kafka_io.ensure_topics(broker, cfg.topics.all(), cfg.topics.partitions)
+    msgs, expected, dead = _workload(cfg)
+    _produce(cfg, msgs)
+    return cfg, msgs, expected, dead
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bounded_flow_labels_every_impression_once(produced, workers):
+    cfg, msgs, expected, dead = produced
+    cfg = replace(cfg, topics={"examples": f"{cfg.topics.examples}_w{workers}",
+                               "dead_letters": f"{cfg.topics.dead_letters}_w{workers}",
+                               "service_stats": f"{cfg.topics.service_stats}_w{workers}"})
+    run_labels(cfg, bounded=True, workers=workers)
+
+    examples = _read_all(cfg, cfg.topics.examples, schema.Example)
+    ids = [e.example_id for _, _, e in examples]
+    assert len(ids) == len(set(ids)) == len(expected)  # exactly one example per good impression
+    got = {e.example_id: (e.click, e.conversion) for _, _, e in examples}
+    assert got == expected
+    for p, key, e in examples:
+        assert key == str(e.impression.user_id).encode()
+        assert p == kafka_io.partition_for(key, cfg.topics.partitions)
+        assert e.decided in ("window_closed", "end_of_stream") and e.emitted_ts > 0
+    decided = Counter(e.decided for _, _, e in examples)
+    assert decided["window_closed"] > decided["end_of_stream"] > 0
+
+    letters = [d for _, _, d in _read_all(cfg, cfg.topics.dead_letters, schema.DeadLetter)]
+    assert Counter(_category(d.reason) for d in letters) == dead
+    assert all(d.topic in cfg.topics.input_topics() and d.offset >= 0 and d.raw for d in letters)
+    raw_bad = Counter(v for _, _, v in msgs if isinstance(schema.decode(v), schema.Invalid))
+    assert Counter(d.raw for d in letters if d.step == "labels.decode") == raw_bad
+
+    stats = [s for _, _, s in _read_all(cfg, cfg.topics.service_stats, schema.ServiceStats)]
+    final = stats[-1].values
+    assert stats[-1].component == "labels"
+    assert final["events_in"] == len(msgs)  # inputs = used + dead letters (watermarks are not events)
+    assert final["examples_out"] == len(expected) and final["dead_letters"] == sum(dead.values())
+    assert final["pending_impressions"] == 0
+
+
+def test_route_matches_bytewax_and_partition_keys_spread():
+    keys = [f"k{i}" for i in range(24)] + [str(i) for i in range(4)]
+    for workers in (2, 3):
+        seen: list = []
+        flow = Dataflow("route_probe")
+        s = op.input("in", flow, TestingSource([(k, 0) for k in keys]))
+        out = op.stateful_map("where", s, lambda st, v: (st, threading.current_thread().ident))
+        op.output("out", out, TestingSink(seen))
+        cli_main(flow, workers_per_process=workers)
+        groups = {}
+        for k, ident in seen:
+            groups.setdefault(ident, set()).add(k)
+        assert sorted(map(frozenset, groups.values()), key=sorted) == sorted(
+            (frozenset(k for k in keys if route(k, workers) == w) for w in range(workers)
+             if any(route(k, workers) == w for k in keys)), key=sorted)
+    assert {route(str(i), 2) for i in range(4)} == {1}  # the DESIGN.md trap: "0".."3" share a worker
+    for parts in (2, 4, 8):
+        for workers in (2, 4):
+            load = Counter(route(part_key(p, parts), workers) for p in range(parts))
+            assert max(load.values()) - min(load.values()) <= 1 and len(load) == min(parts, workers)
+
+
+def test_no_broker_is_a_clear_error(tmp_path):
+    from conftest import make_config
+
+    cfg = make_config(tmp_path, "")
+    with pytest.raises(ValueError, match="no broker configured"):
+        build_flow(cfg, bounded=True)
