@@ -223,11 +223,13 @@ def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dic
     click_ms = np.exp(rng.normal(np.log(t.click_delay_median_s * 1000), t.click_delay_sigma, n))
     click_ms = np.clip(click_ms, 100, max_click_ms).astype(np.int64)
     fast = rng.random(n) < t.conv_fast_share
-    after_click_ms = 1000 * np.where(fast, rng.exponential(t.conv_fast_mean_s, n), rng.exponential(t.conv_slow_mean_s, n))
+    after_click_s = np.where(fast, rng.exponential(t.conv_fast_mean_s, n), rng.exponential(t.conv_slow_mean_s, n))
+    after_click_ms = 1000 * after_click_s
     conv_ms = np.minimum(click_ms + 1000 + after_click_ms.astype(np.int64), int(g.max_conversion_delay_s * 1000))
     return {"dom": dom, "user": user, "ad": ad, "pos": pos, "dense": dense, "cat": cat, "ts": ts,
             "p_click": p_click, "p_cvr": p_cvr, "click": click, "conv": conv,
-            "click_ms": np.where(click, click_ms, -1), "conv_ms": np.where(conv, conv_ms, -1)}
+            "click_ms": np.where(click, click_ms, -1), "conv_ms": np.where(conv, conv_ms, -1),
+            "value": np.round(rng.lognormal(3.0, 1.0, n), 2)}
 
 
 def _events(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray]) -> list[Any]:
@@ -248,6 +250,7 @@ def _events(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray]) -> list[Any
     ctry = [_COUNTRIES[x] for x in w.user_country[c["user"]].tolist()]
     cat, dense = c["cat"].tolist(), c["dense"].tolist()
     hist = (w.user_hist[c["user"]] + 1).tolist()
+    values = c["value"].tolist()
     out: list[Any] = []
     Imp, Clk, Cnv = schema.Impression, schema.Click, schema.Conversion
     for t_, k_, i in zip(all_ts[order].tolist(), kind[order].tolist(), idx[order].tolist()):
@@ -259,7 +262,7 @@ def _events(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray]) -> list[Any
             out.append(Clk(event_id=f"clk-{s}-{i}", impression_id=f"imp-{s}-{i}", ts=t_, user_id=user_ids[i]))
         else:
             out.append(Cnv(event_id=f"cnv-{s}-{i}", impression_id=f"imp-{s}-{i}", ts=t_, user_id=user_ids[i],
-                           value=round(5.0 + 0.01 * (i % 2000), 2)))
+                           value=values[i]))
     return out
 
 

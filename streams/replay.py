@@ -22,7 +22,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import msgspec
 from tqdm import tqdm
@@ -144,11 +144,16 @@ class Publisher:
         self._n += 1
         self._pending_bar += 1
         if self._n & 255 == 0:
-            self._producer.poll(0)
-            self._bar.update(self._pending_bar)
-            self._pending_bar = 0
-            if time.monotonic() >= self._next_stats:
-                self._publish_stats()
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Serve delivery callbacks, advance the progress bar, publish stats when a second has passed.
+        Called every 256 records, and by the pacer while it sleeps."""
+        self._producer.poll(0)
+        self._bar.update(self._pending_bar)
+        self._pending_bar = 0
+        if time.monotonic() >= self._next_stats:
+            self._publish_stats()
 
     def _publish_stats(self) -> None:
         now = time.monotonic()
@@ -195,7 +200,10 @@ class Publisher:
         return self.stats()
 
     def close(self) -> None:
+        """Close the progress bar and drop the producer (it holds a callback bound to ``self``, a cycle that
+        would keep its broker connections open until the garbage collector runs)."""
         self._bar.close()
+        self._producer = None  # type: ignore[assignment]
 
     def __enter__(self) -> Publisher:
         return self
@@ -225,13 +233,16 @@ class _Pacer:
         self.first_ts: int | None = None
         self.t0 = 0.0
 
-    def wait(self, ts: int) -> None:
+    def wait(self, ts: int, heartbeat: Callable[[], None]) -> None:
+        """Return when event time ``ts`` is due; long gaps are slept in steps of at most 0.5 s with a
+        ``heartbeat()`` between them (stats keep flowing while the log is quiet)."""
         if self.first_ts is None:
             self.first_ts, self.t0 = ts, time.monotonic()
             return
-        delay = self.t0 + (ts - self.first_ts) / 1000.0 / self.speed - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        due = self.t0 + (ts - self.first_ts) / 1000.0 / self.speed
+        while (delay := due - time.monotonic()) > 0:
+            time.sleep(min(delay, 0.5))
+            heartbeat()
 
 
 def replay_file(cfg: Config, path: str | Path, *, speed: float | None = None, progress: bool = True,
@@ -258,7 +269,7 @@ def replay_file(cfg: Config, path: str | Path, *, speed: float | None = None, pr
                                                    ts=_now_ms(), step="replay"))
                 continue
             if pacer is not None and not isinstance(ev, schema.Watermark):
-                pacer.wait(ev.ts)
+                pacer.wait(ev.ts, pub.heartbeat)
             pub.send(ev)
         s = pub.finish(watermark=watermark)
     return ReplayStats(**msgspec.structs.asdict(s), lines=lines)
