@@ -23,6 +23,7 @@ example ids are impression ids, so the trainer dedups re-emitted examples.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -103,7 +104,7 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
         self.next = dict(offsets or {})
         self.eof = {t: False for t in self.topics}
         self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, GROUP, cfg.kafka.client,
-                                               **{"enable.partition.eof": True})
+                                               **{"enable.partition.eof": True, "fetch.wait.max.ms": 100})
         self.consumer.assign([kafka_io.TopicPartition(t, p, self.next.get(t, kafka_io.OFFSET_BEGINNING))
                               for t in self.topics])
         self.finished = False
@@ -111,23 +112,26 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
     def next_batch(self) -> list[join.SourceBatch]:
         if self.finished:
             raise StopIteration()
-        msgs, changed = [], False
+        msgs, changed, p, eof, eof_at = [], False, self.p, self.eof, {}
         for m in self.consumer.consume(num_messages=self.batch_size, timeout=0.05):
             err = m.error()
-            if err is not None:
-                if err.code() == kafka_io.KafkaError._PARTITION_EOF:
-                    changed |= not self.eof[m.topic()]
-                    self.eof[m.topic()] = True
-                    continue
-                if err.fatal():
-                    raise kafka_io.KafkaException(err)
-                log.warning("labels source partition %d: %s", self.p, err)
-                continue
-            topic, off = m.topic(), m.offset()
-            msgs.append((topic, self.p, off, m.value() or b""))
-            self.next[topic] = off + 1
-            if self.eof[topic]:
-                self.eof[topic], changed = False, True
+            if err is None:
+                msgs.append((m.topic(), p, m.offset(), m.value() or b""))
+            elif err.code() == kafka_io.KafkaError._PARTITION_EOF:
+                changed |= not eof[m.topic()]
+                eof[m.topic()], eof_at[m.topic()] = True, len(msgs)
+            elif err.fatal():
+                raise kafka_io.KafkaException(err)
+            else:
+                log.warning("labels source partition %d: %s", p, err)
+        seen = set()
+        for i in range(len(msgs) - 1, -1, -1):  # last message per topic: next offset; data after EOF: not caught up
+            topic = msgs[i][0]
+            if topic not in seen:
+                seen.add(topic)
+                self.next[topic] = msgs[i][2] + 1
+                if eof[topic] and eof_at.get(topic, -1) <= i:
+                    eof[topic] = False
         if self.bounded and all(self.eof.values()):
             self.finished = True
         if not msgs and not changed:
@@ -226,6 +230,11 @@ class _Stats:
                          partition=kafka_io.partition_for(key, self.cfg.topics.partitions))
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _partition_for(key: bytes, partitions: int) -> int:
+    return kafka_io.partition_for(key, partitions)  # pure-Python murmur2: cached, users repeat
+
+
 class _PartitionWriter(StatefulSinkPartition[OutBatch, None]):
     def __init__(self, cfg: Config, key: str, p: int, stats: _Stats):
         self.cfg, self.key, self.p, self.stats = cfg, key, p, stats
@@ -238,7 +247,7 @@ class _PartitionWriter(StatefulSinkPartition[OutBatch, None]):
             for to_examples, key, value in batch.records:
                 if to_examples:
                     kafka_io.produce(self.producer, t.examples, value, key=key,
-                                     partition=kafka_io.partition_for(key, n))
+                                     partition=_partition_for(key, n))
                 else:
                     kafka_io.produce(self.producer, t.dead_letters, value, partition=self.p % n)
             self.stats.update(self.key, batch)

@@ -90,7 +90,8 @@ def _produce(cfg, msgs) -> None:
 
 
 def _read_all(cfg, topic: str, kind) -> list:
-    consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "test-read", **{"enable.partition.eof": True})
+    consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "test-read",
+                                       **{"enable.partition.eof": True, "fetch.wait.max.ms": 20})
     consumer.assign(kafka_io.topic_partitions([topic], cfg.topics.partitions))
     out, eof = [], set()
     try:
@@ -191,3 +192,25 @@ def test_no_broker_is_a_clear_error(tmp_path):
     cfg = make_config(tmp_path, "")
     with pytest.raises(ValueError, match="no broker configured"):
         build_flow(cfg, bounded=True)
+
+
+def test_recovery_resumes_from_snapshot_offsets(cfg, tmp_path):
+    cfg = replace(cfg, labels={"recovery_dir": str(tmp_path / "recovery")})
+    producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+
+    def produce(ks):
+        for k in ks:
+            imp = schema.Impression(event_id=f"i{k}", ts=T0 + k * 1000, user_id=k, ad_id=1, campaign_id=1,
+                                    advertiser_id=1, domain="feed")
+            key = str(k).encode()
+            kafka_io.produce(producer, cfg.topics.impressions, schema.encode(imp), key=key,
+                             partition=kafka_io.partition_for(key, cfg.topics.partitions))
+        assert producer.flush(30) == 0
+
+    produce(range(300))
+    run_labels(cfg, bounded=True)
+    run_labels(cfg, bounded=True)  # resumes at the end: nothing is emitted twice
+    produce(range(300, 400))
+    run_labels(cfg, bounded=True)  # only the new impressions
+    ids = [e.example_id for _, _, e in _read_all(cfg, cfg.topics.examples, schema.Example)]
+    assert sorted(ids) == sorted(f"i{k}" for k in range(400))
