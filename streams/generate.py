@@ -245,7 +245,7 @@ def _events(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray]) -> list[Any
     ad_ids, camp = (ad + 1).tolist(), w.ad_campaign[ad]
     camp_ids, adv_ids = (camp + 1).tolist(), (w.campaign_advertiser[camp] + 1).tolist()
     doms = [g.domains[d] for d in c["dom"].tolist()]
-    pos, ts = c["pos"].tolist(), c["ts"].tolist()
+    pos = c["pos"].tolist()
     dev = [schema.DEVICES[d] for d in w.user_device[c["user"]].tolist()]
     ctry = [_COUNTRIES[x] for x in w.user_country[c["user"]].tolist()]
     cat, dense = c["cat"].tolist(), c["dense"].tolist()

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
