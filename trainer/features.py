@@ -1,0 +1,200 @@
+"""A batch of :class:`~streams.schema.Example` -> model tensors, vectorised with numpy.
+
+Sparse fields are hashed into ``hash_buckets`` rows per table and laid out as fbgemm TBE input:
+``indices`` (all ids, table-major, then example, then position in the bag) and ``offsets`` of length
+``T*B + 1`` where bag ``(t, b)`` spans ``indices[offsets[t*B + b] : offsets[t*B + b + 1]]``.
+
+Tables (``T = 8 + cat_slots``), in this order::
+
+    user_id, ad_id, campaign_id, advertiser_id, position, device, country, cat_0 .. cat_{k-1}, history
+
+Every single-valued field is a bag of one id; a missing ``cat`` slot is an empty bag (pools to zero);
+``history`` is a bag of the last ``history_len`` ids.
+
+>>> from streams import schema
+>>> from streams.config import TrainerConfig
+>>> imp = schema.Impression(event_id="i1", ts=1_700_000_000_000, user_id=7, ad_id=3, campaign_id=1,
+...                         advertiser_id=1, domain="video", cat=[5], dense=[2.0, -3.0], history=[1, 2, 3])
+>>> ex = schema.Example(example_id="e1", impression=imp, click=1, conversion=0)
+>>> fb = featurize([ex, ex], TrainerConfig(cat_slots=2, dense_dim=3, history_len=2))
+>>> fb.num_tables, fb.batch_size, fb.offsets.shape, fb.indices.shape   # (7 single + 1 cat + 2 history ids) x 2
+(10, 2, (21,), (20,))
+>>> [round(float(x), 3) for x in fb.dense[0]], fb.domain.tolist(), fb.click.tolist()
+([1.099, -1.386, 0.0], [2, 2], [1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from itertools import chain
+from typing import Sequence
+
+import numpy as np
+
+from streams import schema
+from streams.config import TrainerConfig
+
+SINGLE_FIELDS: tuple[str, ...] = ("user_id", "ad_id", "campaign_id", "advertiser_id", "position", "device",
+                                  "country")
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def table_names(tcfg: TrainerConfig) -> list[str]:
+    """Names of the embedding tables in TBE order."""
+    return [*SINGLE_FIELDS, *(f"cat_{i}" for i in range(tcfg.cat_slots)), "history"]
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser over a uint64 array (wrapping arithmetic), a strong deterministic mix.
+
+    >>> splitmix64(np.array([0, 1], dtype=np.uint64)).tolist()
+    [0, 6238072747940578789]
+    """
+    z = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+_str_ids: dict[str, int] = {}
+
+
+def stable_str_id(s: str) -> int:
+    """A process-independent 63-bit id for a string (Python's ``hash()`` is salted per process)."""
+    v = _str_ids.get(s)
+    if v is None:
+        v = int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 1
+        if len(_str_ids) < 100_000:  # device/country: a handful of values; bound it anyway
+            _str_ids[s] = v
+    return v
+
+
+def hash_ids(ids: np.ndarray, tables: np.ndarray, buckets: int) -> np.ndarray:
+    """Row of each raw id in its table: ``splitmix64(id ^ salt(table)) % buckets``, as int64.
+
+    The per-table salt (golden-ratio multiple) sends the same raw id to different rows in different tables.
+
+    ``ids``: uint64 (N,), ``tables``: int (N,) table index per id.
+    """
+    salts = (np.uint64(0x9E3779B97F4A7C15) * (tables.astype(np.uint64) + np.uint64(1))) & _MASK64
+    return (splitmix64(ids ^ salts) % np.uint64(buckets)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """Model inputs of B examples (numpy; see :meth:`to_torch`).
+
+    indices (N,) int64, offsets (T*B+1,) int64, dense (B, dense_dim) float32, domain (B,) int64,
+    click / conversion / weight (B,) float32, event_ts / emitted_ts (B,) int64, example_ids / domains: lists.
+    """
+
+    indices: np.ndarray
+    offsets: np.ndarray
+    dense: np.ndarray
+    domain: np.ndarray
+    click: np.ndarray
+    conversion: np.ndarray
+    weight: np.ndarray
+    event_ts: np.ndarray
+    emitted_ts: np.ndarray
+    example_ids: list[str]
+    domains: list[str]
+    num_tables: int
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.example_ids)
+
+    def to_torch(self, device) -> "TorchBatch":
+        import torch
+
+        def t(a):
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
+        return TorchBatch(indices=t(self.indices), offsets=t(self.offsets), dense=t(self.dense),
+                          domain=t(self.domain), click=t(self.click), conversion=t(self.conversion),
+                          weight=t(self.weight), num_tables=self.num_tables, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class TorchBatch:
+    """The tensors of a :class:`FeatureBatch` on the training device (same shapes)."""
+
+    indices: object
+    offsets: object
+    dense: object
+    domain: object
+    click: object
+    conversion: object
+    weight: object
+    num_tables: int
+    batch_size: int
+
+
+def signed_log1p(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def _ragged(lists: Sequence[Sequence], width: int, dtype, tail: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Pad/truncate lists to ``width``: (values (B, width), mask (B, width)); ``tail`` keeps the last items."""
+    cut = [x[-width:] if tail else x[:width] for x in lists] if width > 0 else [[] for _ in lists]
+    lens = np.fromiter((len(x) for x in cut), dtype=np.int64, count=len(cut))
+    mask = np.arange(width)[None, :] < lens[:, None]
+    out = np.zeros((len(cut), width), dtype=dtype)
+    out[mask] = np.fromiter(chain.from_iterable(cut), dtype=dtype, count=int(lens.sum()))
+    return out, mask
+
+
+def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Impressions -> (indices, offsets, dense, domain); see the module docstring for the layout."""
+    b = len(imps)
+    k, hl = tcfg.cat_slots, tcfg.history_len
+    single = np.empty((7 + k, b), dtype=np.uint64)
+    single[0] = np.fromiter((i.user_id for i in imps), dtype=np.uint64, count=b)
+    single[1] = np.fromiter((i.ad_id for i in imps), dtype=np.uint64, count=b)
+    single[2] = np.fromiter((i.campaign_id for i in imps), dtype=np.uint64, count=b)
+    single[3] = np.fromiter((i.advertiser_id for i in imps), dtype=np.uint64, count=b)
+    single[4] = np.fromiter((i.position for i in imps), dtype=np.uint64, count=b)
+    single[5] = np.fromiter((stable_str_id(i.device) for i in imps), dtype=np.uint64, count=b)
+    single[6] = np.fromiter((stable_str_id(i.country) for i in imps), dtype=np.uint64, count=b)
+    present = np.ones((7 + k, b), dtype=bool)
+    if k:
+        cat, cmask = _ragged([i.cat for i in imps], k, np.uint64)
+        single[7:] = cat.T
+        present[7:] = cmask.T
+    hist, hmask = _ragged([i.history for i in imps], hl, np.uint64, tail=True)
+    n_single = 7 + k
+    # boolean indexing of (T, B) arrays walks table-major then example: exactly the TBE bag order
+    single_tables = np.broadcast_to(np.arange(n_single)[:, None], (n_single, b))
+    ids = np.concatenate([single[present], hist[hmask]])
+    tables = np.concatenate([single_tables[present], np.full(int(hmask.sum()), n_single)])
+    indices = hash_ids(ids, tables, tcfg.hash_buckets)
+    lengths = np.concatenate([present.ravel().astype(np.int64), hmask.sum(axis=1)])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    dense, _ = _ragged([i.dense for i in imps], tcfg.dense_dim, np.float64)
+    dense = signed_log1p(dense).astype(np.float32)
+    domain = np.fromiter((schema.DOMAIN_INDEX[i.domain] for i in imps), dtype=np.int64, count=b)
+    return indices, offsets, dense, domain
+
+
+def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig) -> FeatureBatch:
+    """Examples -> :class:`FeatureBatch` (domains must be known: ``schema.decode`` guarantees it)."""
+    imps = [e.impression for e in examples]
+    b = len(examples)
+    indices, offsets, dense, domain = featurize_impressions(imps, tcfg)
+    return FeatureBatch(
+        indices=indices, offsets=offsets, dense=dense, domain=domain,
+        click=(np.fromiter((e.click for e in examples), dtype=np.int64, count=b) > 0).astype(np.float32),
+        conversion=(np.fromiter((e.conversion for e in examples), dtype=np.int64, count=b) > 0).astype(np.float32),
+        weight=np.fromiter((e.weight for e in examples), dtype=np.float32, count=b),
+        event_ts=np.fromiter((i.ts for i in imps), dtype=np.int64, count=b),
+        emitted_ts=np.fromiter((e.emitted_ts for e in examples), dtype=np.int64, count=b),
+        example_ids=[e.example_id for e in examples], domains=[i.domain for i in imps],
+        num_tables=8 + tcfg.cat_slots)

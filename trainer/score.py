@@ -1,0 +1,128 @@
+"""``streamrec score --checkpoint DIR INPUT.jsonl [--out FILE]``: score impressions with a trained model.
+
+Input: one JSON Impression per line, as ``schema.encode`` writes it (an Example line is accepted too and
+its impression scored). Bad lines are reported on stderr with their line number and skipped. Output:
+JSONL ``{"event_id", "p_click", "p_conversion"}`` in input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Union
+
+import msgspec
+
+from streams import schema
+from streams.config import Config, TrainerConfig
+
+CHUNK = 4096
+_Line = Union[schema.Impression, schema.Example]
+
+
+class ScoreRow(msgspec.Struct, frozen=True):
+    event_id: str
+    p_click: float
+    p_conversion: float
+
+
+def load_learner(checkpoint_path: str | Path, device: str = "auto", backend: str = "auto"):
+    """A :class:`~trainer.model.Learner` restored from a checkpoint file or the newest one in a directory."""
+    from trainer import checkpoint
+    from trainer.model import Learner
+
+    p = Path(checkpoint_path)
+    if p.is_dir():
+        found = checkpoint.load_latest(p)
+        if found is None:
+            raise checkpoint.CheckpointError(f"no checkpoint in {p}")
+        p, st = found
+    else:
+        st = checkpoint.load(p)
+    tc = msgspec.convert({**st["config"]["trainer"], "device": device, "backend": backend}, TrainerConfig)
+    learner = Learner(tc)
+    learner.load_state(st["learner"])
+    return learner
+
+
+def read_impressions(lines: Iterable[bytes], errors) -> Iterator[schema.Impression]:
+    """Decoded impressions; bad lines go to ``errors(lineno, reason)``."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        ev = schema.decode(line, _Line)
+        if isinstance(ev, schema.Invalid):
+            errors(n, ev.reason)
+        else:
+            yield ev.impression if isinstance(ev, schema.Example) else ev
+
+
+def score_impressions(learner, imps: list[schema.Impression]) -> list[ScoreRow]:
+    """Score without changing the model; ``imps`` of any length (chunked)."""
+    import torch
+
+    from trainer.features import featurize_impressions
+
+    rows: list[ScoreRow] = []
+    for i in range(0, len(imps), CHUNK):
+        chunk = imps[i:i + CHUNK]
+        idx, off, dense, dom = featurize_impressions(chunk, learner.tcfg)
+        dev = learner.device
+        with torch.no_grad():
+            from trainer.features import TorchBatch
+
+            zeros = torch.zeros(len(chunk), device=dev)
+            b = TorchBatch(indices=torch.from_numpy(idx).to(dev), offsets=torch.from_numpy(off).to(dev),
+                           dense=torch.from_numpy(dense).to(dev), domain=torch.from_numpy(dom).to(dev),
+                           click=zeros, conversion=zeros, weight=zeros, num_tables=0, batch_size=len(chunk))
+            pc, pv = learner.model(b)
+        rows.extend(ScoreRow(im.event_id, float(a), float(c))
+                    for im, a, c in zip(chunk, pc.cpu().tolist(), pv.cpu().tolist()))
+    return rows
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.checkpoint import CheckpointError
+
+    bad = 0
+
+    def report(n: int, reason: str) -> None:
+        nonlocal bad
+        bad += 1
+        print(f"{args.input}:{n}: skipped: {reason}", file=sys.stderr)
+
+    try:
+        learner = load_learner(args.checkpoint, cfg.trainer.device, cfg.trainer.backend)
+    except (CheckpointError, OSError) as e:
+        print(f"streamrec score: {e}", file=sys.stderr)
+        return 2
+    try:
+        with open(args.input, "rb") as f:
+            imps = list(read_impressions(f, report))
+    except OSError as e:
+        print(f"streamrec score: {e}", file=sys.stderr)
+        return 2
+    rows = score_impressions(learner, imps)
+    enc = msgspec.json.Encoder()
+    out = open(args.out, "wb") if args.out else sys.stdout.buffer
+    try:
+        for r in rows:
+            out.write(enc.encode(r) + b"\n")
+    finally:
+        if args.out:
+            out.close()
+        else:
+            out.flush()
+    print(f"scored {len(rows)} impressions, skipped {bad} bad line(s) (model version {learner.steps})",
+          file=sys.stderr)
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score impressions (JSONL) with the latest trainer checkpoint",
+                       description="Read one Impression per line, write {event_id, p_click, p_conversion} JSONL.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (newest used) or file")
+    p.add_argument("input", metavar="INPUT.jsonl")
+    p.add_argument("--out", metavar="FILE", help="output file (default: stdout)")
+    p.set_defaults(func=run)
