@@ -52,17 +52,20 @@ def read_impressions(lines: Iterable[bytes], errors) -> Iterator[schema.Impressi
         if not line.strip():
             continue
         ev = schema.decode(line, _Line)
+        if isinstance(ev, schema.Example):  # schema.check does not look inside an Example
+            reason = schema.check(ev.impression)
+            ev = schema.Invalid(f"invalid: impression: {reason}") if reason else ev.impression
         if isinstance(ev, schema.Invalid):
             errors(n, ev.reason)
         else:
-            yield ev.impression if isinstance(ev, schema.Example) else ev
+            yield ev
 
 
 def score_impressions(learner, imps: list[schema.Impression]) -> list[ScoreRow]:
     """Score without changing the model; ``imps`` of any length (chunked)."""
     import torch
 
-    from trainer.features import featurize_impressions
+    from trainer.features import TorchBatch, featurize_impressions
 
     rows: list[ScoreRow] = []
     for i in range(0, len(imps), CHUNK):
@@ -70,8 +73,6 @@ def score_impressions(learner, imps: list[schema.Impression]) -> list[ScoreRow]:
         idx, off, dense, dom = featurize_impressions(chunk, learner.tcfg)
         dev = learner.device
         with torch.no_grad():
-            from trainer.features import TorchBatch
-
             zeros = torch.zeros(len(chunk), device=dev)
             b = TorchBatch(indices=torch.from_numpy(idx).to(dev), offsets=torch.from_numpy(off).to(dev),
                            dense=torch.from_numpy(dense).to(dev), domain=torch.from_numpy(dom).to(dev),

@@ -44,6 +44,17 @@ def malloc_env() -> dict[str, str]:
             "MALLOC_TOP_PAD_": str(256 << 20)}
 
 
+def decode_example(raw: bytes) -> schema.Example | schema.Invalid:
+    """``schema.decode`` plus the impression's semantic checks (``schema.check`` does not look inside an
+    Example, and an unknown domain or a NaN dense value must not reach the model)."""
+    ex = schema.decode(raw, schema.Example)
+    if isinstance(ex, schema.Example):
+        reason = schema.check(ex.impression)
+        if reason:
+            return schema.Invalid(f"invalid: impression: {reason}")
+    return ex
+
+
 class Dedup:
     """A bounded set of recently trained ids (FIFO eviction): ``add(id)`` is False if already present."""
 
@@ -174,7 +185,7 @@ class TrainerService:
                 log.warning("consumer: %s", err)
                 continue
             self.offsets[(m.topic(), m.partition())] = m.offset() + 1
-            ex = schema.decode(m.value() or b"", schema.Example)
+            ex = decode_example(m.value() or b"")
             if isinstance(ex, schema.Invalid):
                 self._dead_letter(ex.reason, m, now_ms)
             elif self.dedup.add(ex.example_id):
@@ -276,6 +287,13 @@ class TrainerService:
                  c["examples_trained"], c["steps"], c["duplicates"], c["dead_letters"], c["checkpoints"])
 
 
+class _QuietFbgemm(logging.Filter):
+    """fbgemm_gpu logs dozens of INFO lines through the root logger at import and TBE creation."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
+
+
 def run_trainer(cfg: Config, *, resume: bool, max_examples: int | None = None, idle_exit_s: float | None = None,
                 record_ids: bool = False) -> dict[str, int]:
     """Train until SIGTERM/SIGINT, ``max_examples`` or ``idle_exit_s`` idle seconds; returns the counters."""
@@ -315,6 +333,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.checkpoint_dir:
         from streams.config import replace
         cfg = replace(cfg, trainer={"checkpoint_dir": args.checkpoint_dir})
+    for h in logging.getLogger().handlers:
+        h.addFilter(_QuietFbgemm())
     from trainer import checkpoint
 
     if args.fresh:
