@@ -17,8 +17,9 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from streams import kafka_io, schema
-from streams.config import replace
+from streams.config import load_config, replace
 from trainer import checkpoint
+from trainer.features import featurize
 from trainer.service import Dedup, run as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def _wait(cond, timeout: float) -> bool:
     return cond()
 
 
-def test_kill_and_resume_trains_each_example_exactly_once(cfg, tmp_path):
+def test_kill_and_resume_trains_each_example_exactly_once(cfg, tmp_path, capsys):
     ckpt_dir = tmp_path / "ckpt"
     cfg = replace(cfg, trainer={"batch_size": 256, "checkpoint_every_examples": 2048, "checkpoint_every_s": 60,
                                 "hash_buckets": 20_000, "device": "cpu", "checkpoint_dir": str(ckpt_dir)})
@@ -147,15 +148,32 @@ def test_kill_and_resume_trains_each_example_exactly_once(cfg, tmp_path):
     assert roc_auc_score(y, p) > 0.65
     dead = [schema.decode(r, schema.DeadLetter) for r in _consume_all(cfg, cfg.topics.dead_letters)]
     assert len(dead) >= len(bad) and {d.raw for d in dead} == set(bad)
+    _check_score_cli(ckpt_dir, exs[:50], tmp_path)
+    assert f"{tmp_path / 'imps.jsonl'}:4: skipped" in capsys.readouterr().err  # bad line, by number
     stats = [schema.decode(r, schema.ServiceStats) for r in _consume_all(cfg, cfg.topics.service_stats)]
     assert max(s.values["examples_trained"] for s in stats if s.component == "trainer") == N
     assert all({"examples_per_s", "freshness_ms", "model_version"} <= s.values.keys()
                for s in stats if s.values["examples_trained"] > 0)
 
 
-def test_train_without_broker_says_how_to_configure(tmp_path, capsys):
-    from streams.config import load_config
+def _check_score_cli(ckpt_dir: Path, exs: list[schema.Example], tmp_path: Path) -> None:
+    from trainer import score
 
+    src, out = tmp_path / "imps.jsonl", tmp_path / "scores.jsonl"
+    lines = [schema.encode(e.impression) for e in exs]
+    lines.insert(3, b"{broken")
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    args = argparse.Namespace(checkpoint=str(ckpt_dir), input=str(src), out=str(out))
+    assert score.run(args, replace(load_config(env={}), trainer={"device": "cpu"})) == 0
+    rows = [msgspec.json.decode(x) for x in out.read_bytes().splitlines()]
+    assert [r["event_id"] for r in rows] == [e.impression.event_id for e in exs]
+    learner = score.load_learner(ckpt_dir, device="cpu")
+    want = learner.score(featurize(exs, learner.tcfg))  # the same model through the training path
+    np.testing.assert_allclose([r["p_click"] for r in rows], want[0], rtol=1e-6)
+    np.testing.assert_allclose([r["p_conversion"] for r in rows], want[1], rtol=1e-6)
+
+
+def test_train_without_broker_says_how_to_configure(tmp_path, capsys):
     cfg = load_config(env={}, trainer={"checkpoint_dir": str(tmp_path)})
     args = argparse.Namespace(resume=False, fresh=False, max_examples=None, idle_exit=None, checkpoint_dir=None,
                               record_trained_ids=False)

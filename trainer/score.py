@@ -84,7 +84,13 @@ def score_impressions(learner, imps: list[schema.Impression]) -> list[ScoreRow]:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    import logging
+
     from trainer.checkpoint import CheckpointError
+    from trainer.service import _QuietFbgemm
+
+    for h in logging.getLogger().handlers:
+        h.addFilter(_QuietFbgemm())
 
     bad = 0
 
