@@ -1,0 +1,110 @@
+"""Dashboards as code: one definition per dashboard, rendered to Grafana JSON and to the live page.
+
+A panel names its SQL template (from :mod:`dashboards.queries`), its kind, unit and thresholds; nothing else
+knows SQL. Thresholds are ``(value, colour)`` steps, the first value ``None`` (the base colour), as in Grafana.
+
+>>> d = DASHBOARDS["overview"]
+>>> d.panel("quality").kind, len(d.panels) > 8
+('table', True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dashboards import queries as q
+
+KINDS = ("timeseries", "stat", "table")
+Thresholds = tuple[tuple[float | None, str], ...]
+
+GOOD_AUC: Thresholds = ((None, "red"), (0.6, "orange"), (0.7, "green"))
+GOOD_NE: Thresholds = ((None, "green"), (0.95, "orange"), (1.0, "red"))  # NE >= 1: worse than the base rate
+CALIBRATED: Thresholds = ((None, "orange"), (0.9, "green"), (1.1, "orange"))
+FRESH_S: Thresholds = ((None, "green"), (60.0, "orange"), (600.0, "red"))
+NO_DEAD: Thresholds = ((None, "green"), (1.0, "orange"))
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One chart, number or table. ``sql`` is a template (macros expanded per target by ``queries.render``);
+    ``width`` is in Grafana's 24-column grid (the page uses the same proportions)."""
+
+    id: str
+    title: str
+    sql: str
+    kind: str = "timeseries"
+    unit: str = ""
+    thresholds: Thresholds = ()
+    description: str = ""
+    width: int = 12
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"panel {self.id!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.id.replace("_", "").isalnum():
+            raise ValueError(f"panel {self.id!r}: id must be letters, digits and underscores")
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "title": self.title, "kind": self.kind, "unit": self.unit,
+                "thresholds": [list(t) for t in self.thresholds], "description": self.description,
+                "width": self.width}
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    uid: str
+    title: str
+    panels: tuple[Panel, ...]
+    description: str = ""
+
+    def __post_init__(self):
+        ids = [p.id for p in self.panels]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"dashboard {self.uid!r}: duplicate panel ids {sorted(dup)}")
+
+    def panel(self, panel_id: str) -> Panel:
+        for p in self.panels:
+            if p.id == panel_id:
+                return p
+        raise KeyError(f"dashboard {self.uid!r} has no panel {panel_id!r}")
+
+    def to_json(self) -> dict:
+        return {"uid": self.uid, "title": self.title, "description": self.description,
+                "panels": [p.to_json() for p in self.panels]}
+
+
+OVERVIEW = Dashboard(
+    uid="streamrec-overview",
+    title="streamrec overview",
+    description="Progressive-validation quality per domain and objective, throughput, freshness, dead letters.",
+    panels=(
+        Panel("stat_click_auc", "Click AUC", q.stat(q.AUC), "stat", "", GOOD_AUC, "pooled over selected domains", 4),
+        Panel("stat_cvr_auc", "Conversion AUC", q.stat(q.AUC, "conversion"), "stat", "", GOOD_AUC,
+              "pooled over selected domains", 4),
+        Panel("stat_click_ne", "Click normalized entropy", q.stat(q.NE), "stat", "", GOOD_NE,
+              "log loss / entropy of the base rate; below 1 beats predicting the base rate", 4),
+        Panel("stat_click_calibration", "Click calibration", q.stat(q.CALIBRATION), "stat", "", CALIBRATED,
+              "predicted / observed clicks", 4),
+        Panel("stat_examples", "Examples scored", q.EXAMPLES_SCORED, "stat", "short", (), "in the window", 4),
+        Panel("stat_freshness", "Freshness p50", q.FRESHNESS_P50, "stat", "s", FRESH_S,
+              "event time to training, median", 2),
+        Panel("stat_dead_letters", "Dead letters", q.DEAD_LETTERS_TOTAL, "stat", "short", NO_DEAD, "in the window", 2),
+        Panel("click_auc", "Click AUC by domain", q.metric_by_domain(q.AUC, "click"), unit="", thresholds=GOOD_AUC),
+        Panel("cvr_auc", "Conversion AUC by domain", q.metric_by_domain(q.AUC, "conversion"), thresholds=GOOD_AUC),
+        Panel("click_ne", "Click normalized entropy by domain", q.metric_by_domain(q.NE, "click"),
+              thresholds=GOOD_NE),
+        Panel("click_calibration", "Click calibration by domain", q.metric_by_domain(q.CALIBRATION, "click"),
+              thresholds=CALIBRATED, description="predicted / observed clicks"),
+        Panel("throughput", "Throughput", q.THROUGHPUT, unit="ops",
+              description="examples scored per second, and the rates each component reports"),
+        Panel("freshness", "Freshness", q.FRESHNESS, unit="s", thresholds=FRESH_S,
+              description="latency from event time (and from labelling) to training"),
+        Panel("quality", "Quality by domain", q.QUALITY, "table", width=16,
+              description="click and conversion metrics per domain over the window"),
+        Panel("dead_letters_rate", "Dead letters by reason", q.DEAD_LETTERS_RATE, unit="ops", width=8),
+        Panel("dead_letters", "Dead letters (latest reasons)", q.DEAD_LETTERS_BY_REASON, "table", width=24),
+    ),
+)
+
+DASHBOARDS: dict[str, Dashboard] = {"overview": OVERVIEW}

@@ -1,0 +1,214 @@
+"""The metrics sink: Kafka topics -> ClickHouse tables, columnar and idempotent.
+
+It reads ``predictions`` (:class:`~streams.schema.PredictionBatch`), ``service_stats`` and ``dead_letters``
+with ``assign()`` at the offsets it recorded in ``sink_offsets`` (or from the beginning), inserts each poll's
+rows with one ``insert_arrow`` per table, and only then records the next offsets. A crash between the two
+re-inserts rows that the ReplacingMergeTree tables collapse, so the at-least-once window is harmless.
+Messages it cannot decode are counted, logged and stored as dead letters (step ``metrics_sink``); they never
+stop it. It publishes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from dashboards.store import Store
+from streams import kafka_io, schema
+from streams.config import Config
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "streamrec-metrics-sink"  # never committed to: offsets live in the store
+STEP = "metrics_sink"
+RAW_PREFIX = 256  # bytes of a dead letter's payload kept for the table
+
+
+def _ts(ms) -> pa.Array:
+    return pa.array(np.asarray(ms, dtype=np.int64), pa.timestamp("ms", tz="UTC"))
+
+
+def batch_problem(ev: object) -> str | None:
+    """Why a decoded message cannot become rows (a PredictionBatch's columns must have equal lengths)."""
+    if not isinstance(ev, schema.PredictionBatch):
+        return None
+    n = len(ev.example_ids)
+    lens = {len(ev.domains), len(ev.event_ts), len(ev.emitted_ts), len(ev.p_click), len(ev.p_conversion),
+            len(ev.click), len(ev.conversion)}
+    if lens - {n}:
+        return f"invalid: PredictionBatch columns have lengths {sorted(lens)}, expected {n} (example_ids)"
+    return None
+
+
+def prediction_rows(batches: list[schema.PredictionBatch], inserted_ms: int) -> pa.Table:
+    """Two rows per example (objective click and conversion), shape ``(2 * sum(len(batch)),)`` per column."""
+    cols: dict[str, list] = defaultdict(list)
+    for b in batches:
+        problem = batch_problem(b)
+        if problem:
+            raise ValueError(f"prediction_rows: batch model_version={b.model_version}: {problem}")
+        n = len(b.example_ids)
+        for objective, scores, labels in (("click", b.p_click, b.click), ("conversion", b.p_conversion, b.conversion)):
+            cols["example_id"] += b.example_ids
+            cols["objective"] += [objective] * n
+            cols["domain"] += b.domains
+            cols["model_version"] += [b.model_version] * n
+            cols["score"] += scores
+            cols["label"] += labels
+            cols["event_ts"] += b.event_ts
+            cols["emitted_ts"] += b.emitted_ts
+            cols["trained_ts"] += [b.trained_ts] * n
+    total = len(cols["example_id"])
+    return pa.table({
+        "example_id": pa.array(cols["example_id"], pa.string()),
+        "objective": pa.array(cols["objective"], pa.string()),
+        "domain": pa.array(cols["domain"], pa.string()),
+        "model_version": pa.array(np.asarray(cols["model_version"], dtype=np.uint64)),
+        "score": pa.array(np.asarray(cols["score"], dtype=np.float32)),
+        "label": pa.array(np.clip(np.asarray(cols["label"], dtype=np.int64), 0, 1).astype(np.uint8)),
+        "event_ts": _ts(cols["event_ts"]),
+        "emitted_ts": _ts(cols["emitted_ts"]),
+        "trained_ts": _ts(cols["trained_ts"]),
+        "inserted_ts": _ts(np.full(total, inserted_ms)),
+    })
+
+
+def stats_rows(stats: list[schema.ServiceStats]) -> pa.Table:
+    """One row per (component, instance, ts, name)."""
+    rows = [(s.component, s.instance, s.ts, k, float(v)) for s in stats for k, v in s.values.items()]
+    comp, inst, ts, name, value = zip(*rows) if rows else ((),) * 5
+    return pa.table({"component": pa.array(comp, pa.string()), "instance": pa.array(inst, pa.string()),
+                     "ts": _ts(list(ts)), "name": pa.array(name, pa.string()),
+                     "value": pa.array(value, pa.float64())})
+
+
+def dead_letter_rows(letters: list[schema.DeadLetter]) -> pa.Table:
+    return pa.table({
+        "ts": _ts([d.ts for d in letters]),
+        "topic": pa.array([d.topic for d in letters], pa.string()),
+        "partition": pa.array([d.partition for d in letters], pa.int32()),
+        "offset": pa.array([d.offset for d in letters], pa.int64()),
+        "step": pa.array([d.step for d in letters], pa.string()),
+        "reason": pa.array([d.reason for d in letters], pa.string()),
+        "raw_prefix": pa.array([d.raw[:RAW_PREFIX].decode("utf-8", "replace") for d in letters], pa.string()),
+    })
+
+
+class MetricsSink:
+    """Consumes the metric topics into ``client`` (a :class:`~dashboards.store.Store`).
+
+    ``poll_once()`` handles one batch of messages and returns the rows inserted; ``run(stop_event)`` loops
+    until the event is set. ``counters`` holds messages, rows per table, bad messages and store errors.
+    """
+
+    def __init__(self, cfg: Config, client: Store, *, batch_messages: int = 2000, poll_timeout_s: float = 0.5):
+        self.cfg, self.store = cfg, client
+        self.batch_messages, self.poll_timeout_s = batch_messages, poll_timeout_s
+        t = cfg.topics
+        self.kinds = {t.predictions: schema.PredictionBatch, t.service_stats: schema.ServiceStats,
+                      t.dead_letters: schema.DeadLetter}
+        self.counters: dict[str, int] = defaultdict(int)
+        self.consumer = None
+
+    # ---- consumer ------------------------------------------------------------------------------------
+    def _partitions(self, topic: str) -> int:
+        md = self.consumer.list_topics(topic, timeout=10)
+        meta = md.topics.get(topic)
+        n = len(meta.partitions) if meta is not None and meta.error is None else 0
+        return n or self.cfg.topics.partitions
+
+    def _assign(self) -> None:
+        """(Re)assign every partition at the offsets recorded in the store (or the beginning)."""
+        if self.consumer is None:
+            self.consumer = kafka_io.make_consumer(self.cfg.kafka.bootstrap_servers, GROUP_ID, self.cfg.kafka.client)
+        offsets = self.store.sink_offsets()
+        tps = [tp for topic in self.kinds for tp in kafka_io.topic_partitions([topic], self._partitions(topic), offsets)]
+        self.consumer.assign(tps)
+        log.info("metrics sink: assigned %d partitions (%d with recorded offsets)", len(tps),
+                 sum(1 for tp in tps if (tp.topic, tp.partition) in offsets))
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close()
+            self.consumer = None
+
+    # ---- one batch -----------------------------------------------------------------------------------
+    def _decode(self, msgs: Iterable) -> tuple[dict[str, list], dict[tuple[str, int], int]]:
+        good: dict[str, list] = defaultdict(list)
+        bad: list[schema.DeadLetter] = []
+        offsets: dict[tuple[str, int], int] = {}
+        now_ms = int(time.time() * 1000)
+        for m in msgs:
+            if m.error() is not None:
+                if m.error().code() != kafka_io.KafkaError._PARTITION_EOF:
+                    log.warning("metrics sink: consumer error %s", m.error())
+                continue
+            topic, raw = m.topic(), m.value() or b""
+            offsets[(topic, m.partition())] = m.offset() + 1
+            ev = schema.decode(raw, self.kinds[topic])
+            reason = ev.reason if isinstance(ev, schema.Invalid) else batch_problem(ev)
+            if reason:
+                self.counters["bad_messages"] += 1
+                if self.counters["bad_messages"] <= 10 or self.counters["bad_messages"] % 1000 == 0:
+                    log.warning("metrics sink: bad message %s[%d]@%d (%d so far): %s", topic, m.partition(),
+                                m.offset(), self.counters["bad_messages"], reason)
+                bad.append(schema.dead_letter(reason, raw, topic=topic, partition=m.partition(),
+                                              offset=m.offset(), ts=now_ms, step=STEP))
+                continue
+            good[topic].append(ev)
+        good[self.cfg.topics.dead_letters] += bad
+        return good, offsets
+
+    def _insert(self, good: dict[str, list]) -> int:
+        t = self.cfg.topics
+        rows = self._count("predictions", self.store.insert(
+            "predictions", prediction_rows(good.get(t.predictions, []), int(time.time() * 1000))))
+        rows += self._count("service_stats", self.store.insert(
+            "service_stats", stats_rows(good.get(t.service_stats, []))))
+        letters = good.get(t.dead_letters, [])
+        if letters:
+            rows += self._count("dead_letters", self.store.insert("dead_letters", dead_letter_rows(letters)))
+        return rows
+
+    def _count(self, table: str, n: int) -> int:
+        self.counters[f"rows_{table}"] += n
+        return n
+
+    def poll_once(self) -> int:
+        """Consume up to ``batch_messages`` messages, insert their rows, record offsets; returns rows inserted."""
+        if self.consumer is None:
+            self._assign()
+        msgs = self.consumer.consume(num_messages=self.batch_messages, timeout=self.poll_timeout_s)
+        if not msgs:
+            return 0
+        self.counters["messages"] += len(msgs)
+        good, offsets = self._decode(msgs)
+        rows = self._insert(good)
+        self.store.record_offsets(offsets)  # after the rows: a crash in between only re-inserts (idempotent)
+        return rows
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Poll until ``stop_event`` is set. A store or broker error rewinds to the recorded offsets and retries."""
+        backoff = 0.5
+        try:
+            while not stop_event.is_set():
+                try:
+                    self.poll_once()
+                    backoff = 0.5
+                except Exception:  # noqa: BLE001 - the sink must outlive a store hiccup
+                    self.counters["store_errors"] += 1
+                    log.exception("metrics sink: batch failed; rewinding to recorded offsets in %.1fs", backoff)
+                    stop_event.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    try:
+                        self._assign()
+                    except Exception:  # noqa: BLE001
+                        log.exception("metrics sink: reassign failed")
+        finally:
+            self.close()

@@ -1,0 +1,180 @@
+"""The metrics store: ClickHouse through clickhouse-connect, embedded (chDB) or a server, by URL alone.
+
+``chdb:///abs/path`` opens the in-process engine (one path per process, locked against other processes:
+only the dashboard process opens it); ``http(s)://user:pass@host:8123`` a server (credentials from the URL,
+or ``CLICKHOUSE_USER`` / ``CLICKHOUSE_PASSWORD`` in the environment). The DDL is idempotent and every table
+is a ReplacingMergeTree keyed by the row's identity, so the sink's at-least-once writes are harmless when
+queries read with ``FINAL``.
+
+>>> sorted(TABLES)
+['dead_letters', 'predictions', 'service_stats', 'sink_offsets']
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import clickhouse_connect
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+TTL_DAYS = 30  # predictions / stats / dead letters older than this are dropped by ClickHouse
+
+# {db} is replaced by the configured database. Valid on ClickHouse server 23+ and chDB 4.
+TABLES: dict[str, str] = {
+    # one row per (example, objective): a re-inserted example replaces its row (version = inserted_ts)
+    "predictions": """
+CREATE TABLE IF NOT EXISTS {db}.predictions (
+    example_id String,
+    objective LowCardinality(String),
+    domain LowCardinality(String),
+    model_version UInt64,
+    score Float32,
+    label UInt8,
+    event_ts DateTime64(3, 'UTC'),
+    emitted_ts DateTime64(3, 'UTC'),
+    trained_ts DateTime64(3, 'UTC'),
+    inserted_ts DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(inserted_ts)
+ORDER BY (objective, domain, example_id)
+TTL toDateTime(trained_ts) + INTERVAL {ttl} DAY""",
+    "service_stats": """
+CREATE TABLE IF NOT EXISTS {db}.service_stats (
+    component LowCardinality(String),
+    instance String,
+    ts DateTime64(3, 'UTC'),
+    name LowCardinality(String),
+    value Float64
+) ENGINE = ReplacingMergeTree
+ORDER BY (component, name, instance, ts)
+TTL toDateTime(ts) + INTERVAL {ttl} DAY""",
+    # a dead letter's identity is where it came from and why; ts + a hash of the bytes separate records that
+    # have no Kafka origin (bad lines of a replayed file carry partition = offset = -1)
+    "dead_letters": """
+CREATE TABLE IF NOT EXISTS {db}.dead_letters (
+    ts DateTime64(3, 'UTC'),
+    topic LowCardinality(String),
+    partition Int32,
+    offset Int64,
+    step LowCardinality(String),
+    reason String,
+    raw_prefix String,
+    raw_hash UInt64 MATERIALIZED cityHash64(raw_prefix)
+) ENGINE = ReplacingMergeTree
+ORDER BY (topic, partition, offset, step, reason, ts, raw_hash)
+TTL toDateTime(ts) + INTERVAL {ttl} DAY""",
+    # the sink's own resume point; the largest next_offset wins
+    "sink_offsets": """
+CREATE TABLE IF NOT EXISTS {db}.sink_offsets (
+    topic String,
+    partition Int32,
+    next_offset Int64
+) ENGINE = ReplacingMergeTree(next_offset)
+ORDER BY (topic, partition)""",
+}
+
+
+class StoreError(RuntimeError):
+    """The metrics store refused a URL, a statement or a query."""
+
+
+def open_client(url: str):
+    """A clickhouse-connect client for ``chdb:///abs/path`` (directory created) or an ``http(s)://`` URL."""
+    parts = urlsplit(url)
+    if parts.scheme == "chdb":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise StoreError(f"metrics.clickhouse_url {url!r}: expected chdb:///absolute/path (three slashes)")
+        Path(parts.path).mkdir(parents=True, exist_ok=True)
+        return clickhouse_connect.get_client(dsn=url)
+    if parts.scheme in ("http", "https"):
+        kw: dict[str, Any] = {}
+        if not parts.username and os.environ.get("CLICKHOUSE_USER"):
+            kw["username"] = os.environ["CLICKHOUSE_USER"]
+        if not parts.password and os.environ.get("CLICKHOUSE_PASSWORD"):
+            kw["password"] = os.environ["CLICKHOUSE_PASSWORD"]
+        return clickhouse_connect.get_client(dsn=url, **kw)
+    raise StoreError(f"metrics.clickhouse_url {url!r}: scheme must be chdb, http or https, got {parts.scheme!r}")
+
+
+@dataclass
+class QueryResult:
+    """Column names and rows (tuples) of one query; NaN / inf become ``None`` so results are valid JSON."""
+
+    columns: list[str]
+    rows: list[tuple]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, r)) for r in self.rows]
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class Store:
+    """A client plus a lock: the sink thread writes while the web server reads (chDB clients are not
+    thread-safe). ``database`` is created with every table on :meth:`ensure_schema`."""
+
+    def __init__(self, client, database: str):
+        if not database.isidentifier():
+            raise StoreError(f"metrics.database {database!r}: must be a plain identifier")
+        self.client, self.db = client, database
+        self.lock = threading.Lock()
+
+    @classmethod
+    def open(cls, url: str, database: str) -> "Store":
+        store = cls(open_client(url), database)
+        store.ensure_schema()
+        return store
+
+    def ensure_schema(self) -> None:
+        with self.lock:
+            self.client.command(f"CREATE DATABASE IF NOT EXISTS {self.db}")
+            for ddl in TABLES.values():
+                self.client.command(ddl.format(db=self.db, ttl=TTL_DAYS))
+
+    def insert(self, table: str, data: pa.Table) -> int:
+        """Columnar insert (``insert_arrow``) of ``data`` whose column names match the table's."""
+        if table not in TABLES:
+            raise StoreError(f"insert: unknown table {table!r} (known: {', '.join(TABLES)})")
+        if data.num_rows == 0:
+            return 0
+        with self.lock:
+            self.client.insert_arrow(f"{self.db}.{table}", data)
+        return data.num_rows
+
+    def query(self, sql: str, parameters: Mapping[str, Any] | None = None) -> QueryResult:
+        """Run ``sql`` (``{db}`` replaced by the database; ``{name:Type}`` bound from ``parameters``)."""
+        sql = sql.replace("{db}", self.db)
+        with self.lock:
+            res = self.client.query(sql, parameters=dict(parameters or {}))
+        rows = [tuple(_clean(v) for v in r) for r in res.result_rows]
+        return QueryResult(list(res.column_names), rows)
+
+    def sink_offsets(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> next offset to read, as last recorded by the sink."""
+        res = self.query("SELECT topic, partition, max(next_offset) FROM {db}.sink_offsets GROUP BY topic, partition")
+        return {(t, int(p)): int(o) for t, p, o in res.rows}
+
+    def record_offsets(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        if not offsets:
+            return
+        keys = list(offsets)
+        self.insert("sink_offsets", pa.table({
+            "topic": pa.array([t for t, _ in keys], pa.string()),
+            "partition": pa.array([p for _, p in keys], pa.int32()),
+            "next_offset": pa.array([offsets[k] for k in keys], pa.int64())}))
+
+    def close(self) -> None:
+        with self.lock:
+            self.client.close()

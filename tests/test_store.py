@@ -1,0 +1,208 @@
+"""The metrics store (chDB) and the metrics sink: SQL metrics equal scikit-learn's on the same rows, writes are
+idempotent, and the sink consumes the real topics, dead-letters bad messages and resumes from its own offsets.
+
+chDB opens one path per process: this module shares one client (closed at the end) and isolates tests by database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from dashboards import queries as q
+from dashboards.definitions import DASHBOARDS
+from dashboards.sink import MetricsSink, dead_letter_rows, prediction_rows, stats_rows
+from dashboards.store import Store, StoreError, open_client
+from streams import kafka_io, schema
+
+_db = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    c = open_client(f"chdb://{tmp_path_factory.mktemp('chdb').resolve()}/store")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def store(client):
+    s = Store(client, f"test_store_{next(_db)}")
+    s.ensure_schema()
+    return s
+
+
+DOMAINS = ("feed", "video", "search")
+
+
+def random_batches(rng, n_batches=4, n=1500, now_ms=None, id_prefix="e"):
+    """Prediction batches with scores that carry signal (AUC well above 0.5), spread over the last minutes."""
+    now_ms = now_ms or int(time.time() * 1000)
+    out, k = [], 0
+    for b in range(n_batches):
+        click = rng.random(n) < 0.3
+        conv = click & (rng.random(n) < 0.2)
+        p_click = np.clip(0.3 + 0.25 * (click - 0.3) + rng.normal(0, 0.2, n), 0.01, 0.99)
+        p_conv = np.clip(0.06 + 0.1 * (conv - 0.06) + rng.normal(0, 0.05, n), 0.005, 0.99)
+        event_ts = now_ms - 60_000 * (b + 1) - rng.integers(0, 30_000, n)
+        out.append(schema.PredictionBatch(
+            model_version=b, trained_ts=now_ms - 60_000 * b, example_ids=[f"{id_prefix}{k + i}" for i in range(n)],
+            domains=[DOMAINS[i] for i in rng.integers(0, len(DOMAINS), n)], event_ts=event_ts.tolist(),
+            emitted_ts=(event_ts + 5000).tolist(), p_click=p_click.tolist(), p_conversion=p_conv.tolist(),
+            click=click.astype(int).tolist(), conversion=conv.astype(int).tolist()))
+        k += n
+    return out
+
+
+def reference(batches, objective):
+    """domain -> (n, positives, auc, ne, calibration) with scikit-learn on float32 scores (as stored)."""
+    dom = np.concatenate([b.domains for b in batches])
+    p = np.concatenate([getattr(b, "p_" + objective) for b in batches]).astype(np.float32).astype(np.float64)
+    y = np.concatenate([getattr(b, objective) for b in batches])
+    out = {}
+    for d in DOMAINS:
+        m = dom == d
+        br = y[m].mean()
+        entropy = -(br * np.log(br) + (1 - br) * np.log(1 - br))
+        out[d] = (int(m.sum()), int(y[m].sum()), roc_auc_score(y[m], p[m]), log_loss(y[m], p[m]) / entropy,
+                  p[m].sum() / y[m].sum())
+    return out
+
+
+def quality(store, minutes=60, domain=""):
+    res = store.query(q.render(q.QUALITY_BY_OBJECTIVE, "live"), q.live_parameters(minutes, domain))
+    return {(r["domain"], r["objective"]): r for r in res.records()}
+
+
+def test_sql_metrics_match_sklearn(store):
+    batches = random_batches(np.random.default_rng(1))
+    assert store.insert("predictions", prediction_rows(batches, int(time.time() * 1000))) == 2 * 4 * 1500
+    got = quality(store)
+    for objective in ("click", "conversion"):
+        for d, (n, pos, auc, ne, cal) in reference(batches, objective).items():
+            row = got[(d, objective)]
+            assert (row["n"], row["positives"]) == (n, pos)
+            assert row["auc"] == pytest.approx(auc, abs=1e-9), (d, objective)
+            assert row["ne"] == pytest.approx(ne, rel=1e-6), (d, objective)
+            assert row["calibration"] == pytest.approx(cal, rel=1e-6), (d, objective)
+    assert 0.6 < got[("feed", "click")]["auc"] < 1.0
+    # the per-domain wide table the page shows agrees with the long one
+    wide = {r["domain"]: r for r in store.query(q.render(q.QUALITY, "live"), q.live_parameters(60)).records()}
+    assert wide["video"]["auc"] == got[("video", "click")]["auc"]
+    assert wide["video"]["cvr_ne"] == got[("video", "conversion")]["ne"]
+
+
+def test_window_and_domain_filter(store):
+    batches = random_batches(np.random.default_rng(2))  # trained 0, 1, 2, 3 minutes ago
+    store.insert("predictions", prediction_rows(batches, 0))
+    recent = reference(batches[:2], "click")
+    got = quality(store, minutes=1.5)
+    assert {d for d, _ in got} == set(DOMAINS)
+    assert got[("feed", "click")]["n"] == recent["feed"][0]
+    assert got[("feed", "click")]["auc"] == pytest.approx(recent["feed"][2], abs=1e-9)
+    only = quality(store, minutes=1.5, domain="search")
+    assert set(only) == {("search", "click"), ("search", "conversion")}
+
+
+def test_reinserting_a_batch_changes_nothing(store):
+    batches = random_batches(np.random.default_rng(3), n_batches=2)
+    store.insert("predictions", prediction_rows(batches, 1))
+    before = quality(store)
+    store.insert("predictions", prediction_rows(batches, 2))  # the sink's at-least-once window
+    store.insert("predictions", prediction_rows(batches[:1], 3))
+    raw = store.query("SELECT count() FROM {db}.predictions").rows[0][0]
+    assert raw > 2 * 2 * 1500, "the duplicates should be stored (not merged yet) for this test to mean something"
+    after = quality(store)
+    assert after.keys() == before.keys()
+    for key, row in before.items():  # equal up to summation order
+        assert after[key] == {k: pytest.approx(v, rel=1e-9) if isinstance(v, float) else v for k, v in row.items()}
+    params = q.live_parameters(60)
+    assert store.query(q.render(q.EXAMPLES_SCORED, "live"), params).rows == [(2 * 1500,)]
+
+
+def test_every_panel_query_runs(store):
+    store.insert("predictions", prediction_rows(random_batches(np.random.default_rng(4), n_batches=2), 0))
+    now = int(time.time() * 1000)
+    store.insert("service_stats", stats_rows([schema.ServiceStats("replay", now, {"events_per_s": 5.0})]))
+    store.insert("dead_letters", dead_letter_rows([schema.dead_letter("unparseable: x", b"x", ts=now)]))
+    for panel in DASHBOARDS["overview"].panels:
+        res = store.query(q.render(panel.sql, "live"), q.live_parameters(30, "feed"))
+        assert res.rows, f"panel {panel.id}: no rows"
+        if panel.kind == "timeseries":
+            assert res.columns == ["t", "series", "value"], panel.id
+        elif panel.kind == "stat":
+            assert res.columns == ["value"] and len(res.rows) == 1, panel.id
+
+
+def test_bad_store_url_names_the_problem():
+    with pytest.raises(StoreError, match="three slashes"):
+        open_client("chdb://relative/path")
+    with pytest.raises(StoreError, match="scheme"):
+        open_client("mysql://host/db")
+
+
+# ---- sink against the real broker ---------------------------------------------------------------------
+def _produce(cfg, items):
+    producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    for topic, value in items:
+        kafka_io.produce(producer, topic, value)
+    assert producer.flush(30) == 0
+
+
+def _drain(sink, want_messages, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while sink.counters["messages"] < want_messages and time.monotonic() < deadline:
+        sink.poll_once()
+    return sink.counters["messages"]
+
+
+def test_sink_consumes_dead_letters_bad_input_and_resumes(cfg, store):
+    t = cfg.topics
+    batches = random_batches(np.random.default_rng(5), n_batches=3, n=500)
+    now = int(time.time() * 1000)
+    items = [(t.predictions, schema.encode(b)) for b in batches]
+    items += [(t.service_stats, schema.encode(schema.ServiceStats("trainer", now - i * 1000,
+                                                                  {"examples_per_s": 100.0 + i}, "pid1")))
+              for i in range(5)]
+    items += [(t.dead_letters, schema.encode(schema.dead_letter("schema: missing user_id", b"{}", topic="impressions",
+                                                                partition=0, offset=i, ts=now, step="labels")))
+              for i in range(3)]
+    items += [(t.predictions, b"not json"), (t.service_stats, b'{"type": "service_stats"}')]
+    _produce(cfg, items)
+
+    sink = MetricsSink(cfg, store)
+    try:
+        assert _drain(sink, len(items)) == len(items)
+    finally:
+        sink.close()
+    assert sink.counters["bad_messages"] == 2
+    assert sink.counters["rows_predictions"] == 2 * 3 * 500
+    assert sink.counters["rows_service_stats"] == 5
+    got = quality(store)
+    assert got[("feed", "click")]["auc"] == pytest.approx(reference(batches, "click")["feed"][2], abs=1e-9)
+    letters = store.query("SELECT step, count() FROM {db}.dead_letters FINAL GROUP BY step ORDER BY step").rows
+    assert letters == [("labels", 3), ("metrics_sink", 2)]
+
+    # a new sink resumes after what was recorded: nothing is read twice; new messages are read once
+    _produce(cfg, [(t.predictions, schema.encode(b)) for b in random_batches(np.random.default_rng(6), 1, 100,
+                                                                            id_prefix="late")])
+    again = MetricsSink(cfg, store)
+    stop = threading.Event()
+    th = threading.Thread(target=again.run, args=(stop,))
+    th.start()
+    try:
+        deadline = time.monotonic() + 30
+        while again.counters["messages"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # would pick up re-delivered old messages, if any
+    finally:
+        stop.set()
+        th.join(15)
+    assert not th.is_alive() and again.consumer is None
+    assert again.counters["messages"] == 1 and again.counters["rows_predictions"] == 200
+    assert store.query(q.render(q.EXAMPLES_SCORED, "live"), q.live_parameters(60)).rows == [(3 * 500 + 100,)]
