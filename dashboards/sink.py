@@ -187,10 +187,10 @@ class MetricsSink:
         msgs = self.consumer.consume(num_messages=self.batch_messages, timeout=self.poll_timeout_s)
         if not msgs:
             return 0
-        self.counters["messages"] += len(msgs)
         good, offsets = self._decode(msgs)
         rows = self._insert(good)
         self.store.record_offsets(offsets)  # after the rows: a crash in between only re-inserts (idempotent)
+        self.counters["messages"] += len(msgs)  # handled: stored and recorded
         return rows
 
     def run(self, stop_event: threading.Event) -> None:

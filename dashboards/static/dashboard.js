@@ -1,0 +1,212 @@
+// streamrec live dashboard: draws every panel of a dashboard definition from /api/panels/<id>.
+// Each panel element exposes its state for tests: data-state (loading|drawn|empty|error) and data-rows.
+(function () {
+  "use strict";
+  const PALETTE = ["#58a6ff", "#3fb950", "#e3a008", "#f778ba", "#a371f7", "#39c5cf", "#f85149", "#d29922",
+                   "#8b949e", "#56d364"];
+  const state = { dash: null, refreshS: 2, minutes: 60, domain: "", inFlight: false, refreshes: 0,
+                  charts: {}, timer: null };
+  const $ = (sel) => document.querySelector(sel);
+
+  function fmt(v, unit) {
+    if (v === null || v === undefined || Number.isNaN(v)) return "–";
+    if (typeof v !== "number") return String(v);
+    const a = Math.abs(v);
+    if (unit === "s") {
+      if (a >= 86400) return (v / 86400).toFixed(1) + " d";
+      if (a >= 3600) return (v / 3600).toFixed(1) + " h";
+      if (a >= 60) return (v / 60).toFixed(1) + " min";
+      return (a >= 10 ? v.toFixed(0) : v.toFixed(2)) + " s";
+    }
+    if (unit === "short" || unit === "ops") {
+      const s = a >= 1e6 ? (v / 1e6).toFixed(2) + "M" : a >= 1e4 ? (v / 1e3).toFixed(1) + "k"
+              : Number.isInteger(v) ? String(v) : v.toFixed(a >= 100 ? 0 : 2);
+      return unit === "ops" ? s + "/s" : s;
+    }
+    if (Number.isInteger(v)) return String(v);
+    return a >= 100 ? v.toFixed(1) : v.toFixed(3);
+  }
+
+  // thresholds: [[null, colour], [v1, colour], ...] -> colour class of the last step not above v
+  function colour(v, thresholds) {
+    if (typeof v !== "number" || !thresholds || !thresholds.length) return "";
+    let c = thresholds[0][1];
+    for (const [t, col] of thresholds) if (t !== null && v >= t) c = col;
+    return c;
+  }
+
+  function setState(el, st, rows, note) {
+    el.dataset.state = st;
+    el.dataset.rows = String(rows);
+    const n = el.querySelector(".note");
+    n.textContent = note || "";
+    n.style.display = note ? "flex" : "none";
+  }
+
+  function buildGrid(dash) {
+    const grid = $("#grid");
+    grid.innerHTML = "";
+    for (const p of dash.panels) {
+      const el = document.createElement("section");
+      el.className = "panel " + p.kind;
+      el.id = "panel-" + p.id;
+      el.dataset.panelId = p.id;
+      el.dataset.kind = p.kind;
+      el.style.gridColumn = "span " + p.width;
+      const unit = p.unit && p.kind === "timeseries" ? `<span class="unit">(${p.unit === "ops" ? "per s" : p.unit})</span>` : "";
+      el.innerHTML = `<h2 title="${p.description || ""}">${p.title}${unit}</h2>` +
+        `<div class="body"></div><div class="note"></div>` +
+        (p.kind === "stat" ? `<div class="desc">${p.description || ""}</div>` : "");
+      grid.appendChild(el);
+      setState(el, "loading", 0, "loading…");
+    }
+  }
+
+  function drawStat(el, p, res) {
+    const v = res.rows.length ? res.rows[0][res.columns[0]] : null;
+    const body = el.querySelector(".body");
+    body.innerHTML = `<div class="value ${colour(v, p.thresholds)}">${fmt(v, p.unit)}</div>`;
+    setState(el, res.rows.length ? "drawn" : "empty", res.rows.length, "");
+  }
+
+  function drawTable(el, p, res) {
+    const body = el.querySelector(".body");
+    if (!res.rows.length) { body.innerHTML = ""; setState(el, "empty", 0, "no data in this window"); return; }
+    const th = res.columns.map((c) => `<th class="${typeof res.rows[0][c] === "number" ? "" : "text"}">${c}</th>`)
+      .join("");
+    const metricTh = { auc: [[null, "red"], [0.6, "orange"], [0.7, "green"]],
+                       cvr_auc: [[null, "red"], [0.6, "orange"], [0.7, "green"]],
+                       ne: [[null, "green"], [0.95, "orange"], [1.0, "red"]],
+                       cvr_ne: [[null, "green"], [0.95, "orange"], [1.0, "red"]] };
+    const trs = res.rows.map((r) => "<tr>" + res.columns.map((c) => {
+      const v = r[c];
+      const cls = typeof v === "number" ? colour(v, metricTh[c]) : "text";
+      const shown = typeof v === "string" && /^\d{4}-\d\d-\d\dT/.test(v) ? v.replace("T", " ").slice(0, 19) : fmt(v, "");
+      return `<td class="${cls}" title="${String(v).replace(/"/g, "&quot;")}">${shown}</td>`;
+    }).join("") + "</tr>").join("");
+    body.innerHTML = `<table><thead><tr>${th}</tr></thead><tbody>${trs}</tbody></table>`;
+    setState(el, "drawn", res.rows.length, "");
+  }
+
+  // long rows (t, series, value) -> uPlot columns [[t...], [s1...], [s2...]] with nulls for gaps
+  function pivot(rows) {
+    const ts = [...new Set(rows.map((r) => r.t))].sort((a, b) => a - b);
+    const names = [...new Set(rows.map((r) => r.series))].sort();
+    const ti = new Map(ts.map((t, i) => [t, i]));
+    const cols = names.map(() => new Array(ts.length).fill(null));
+    for (const r of rows) cols[names.indexOf(r.series)][ti.get(r.t)] = r.value;
+    return { names, data: [ts, ...cols] };
+  }
+
+  function drawSeries(el, p, res) {
+    const body = el.querySelector(".body");
+    if (!res.rows.length) {
+      if (state.charts[p.id]) { state.charts[p.id].destroy(); delete state.charts[p.id]; }
+      setState(el, "empty", 0, "no data in this window");
+      return;
+    }
+    const { names, data } = pivot(res.rows);
+    const key = names.join("\u0001");
+    let chart = state.charts[p.id];
+    const width = Math.max(body.clientWidth, 200);
+    if (chart && chart._key === key) {
+      chart.setData(data);
+    } else {
+      if (chart) chart.destroy();
+      const few = data[0].length < 20;
+      const opts = {
+        width, height: 180,
+        cursor: { drag: { x: false, y: false } },
+        scales: { x: { time: true } },
+        legend: { live: true },
+        series: [{}].concat(names.map((n, i) => ({
+          label: n, stroke: PALETTE[i % PALETTE.length], width: 1.6, spanGaps: true,
+          points: { show: few, size: 5 }, value: (u, v) => fmt(v, p.unit) }))),
+        axes: [
+          { stroke: "#8a93a6", grid: { stroke: "#232834", width: 1 }, ticks: { stroke: "#232834" } },
+          { stroke: "#8a93a6", grid: { stroke: "#232834", width: 1 }, ticks: { stroke: "#232834" }, size: 60,
+            values: (u, vals) => vals.map((v) => fmt(v, p.unit)) },
+        ],
+      };
+      body.innerHTML = "";
+      chart = new uPlot(opts, data, body);
+      chart._key = key;
+      state.charts[p.id] = chart;
+    }
+    setState(el, "drawn", res.rows.length, "");
+  }
+
+  async function refreshPanel(p) {
+    const el = document.getElementById("panel-" + p.id);
+    const q = new URLSearchParams({ minutes: state.minutes, domain: state.domain });
+    try {
+      const r = await fetch(`/api/panels/${p.id}?${q}`);
+      const res = await r.json();
+      if (!r.ok) throw new Error(res.error || r.statusText);
+      if (p.kind === "stat") drawStat(el, p, res);
+      else if (p.kind === "table") drawTable(el, p, res);
+      else drawSeries(el, p, res);
+      return true;
+    } catch (e) {
+      setState(el, "error", 0, String(e.message || e));
+      return false;
+    }
+  }
+
+  async function refresh() {
+    if (state.inFlight || !state.dash) return;
+    state.inFlight = true;
+    const t0 = performance.now();
+    try {
+      const ok = await Promise.all(state.dash.panels.map(refreshPanel));
+      state.refreshes += 1;
+      document.body.dataset.refreshes = String(state.refreshes);
+      const failed = ok.filter((x) => !x).length;
+      const st = $("#status");
+      st.className = "status" + (failed ? " error" : "");
+      st.textContent = failed ? `${failed} panel(s) failed` :
+        `updated ${new Date().toLocaleTimeString()} · ${Math.round(performance.now() - t0)} ms`;
+    } finally {
+      state.inFlight = false;
+    }
+  }
+
+  function resize() {
+    for (const [id, chart] of Object.entries(state.charts)) {
+      const body = document.querySelector(`#panel-${id} .body`);
+      if (body) chart.setSize({ width: Math.max(body.clientWidth, 200), height: 180 });
+    }
+  }
+
+  function pickRange(minutes) {
+    const sel = $("#range");
+    const opts = [...sel.options].map((o) => Number(o.value));
+    const best = opts.find((v) => v >= minutes) || opts[opts.length - 1];
+    sel.value = String(best);
+    return best;
+  }
+
+  async function init() {
+    const params = new URLSearchParams(location.search);
+    const meta = await (await fetch("/api/dashboards")).json();
+    const name = params.get("dashboard") || "overview";
+    state.dash = meta.dashboards[name];
+    state.refreshS = Number(params.get("refresh") || meta.refresh_s) || 2;
+    document.title = state.dash.title;
+    $("#title").textContent = state.dash.title;
+    const dsel = $("#domain");
+    for (const d of meta.domains) dsel.insertAdjacentHTML("beforeend", `<option value="${d}">${d}</option>`);
+    state.minutes = pickRange(Number(params.get("minutes") || meta.window_minutes));
+    state.domain = params.get("domain") || "";
+    dsel.value = state.domain;
+    $("#range").addEventListener("change", (e) => { state.minutes = Number(e.target.value); refresh(); });
+    dsel.addEventListener("change", (e) => { state.domain = e.target.value; refresh(); });
+    window.addEventListener("resize", resize);
+    buildGrid(state.dash);
+    await refresh();
+    state.timer = setInterval(refresh, state.refreshS * 1000);
+  }
+
+  window.streamrecDashboard = state;
+  init().catch((e) => { const st = $("#status"); st.className = "status error"; st.textContent = String(e); });
+})();
