@@ -343,6 +343,15 @@ def oracle_metrics(truth: pa.Table) -> dict[str, dict[str, float]]:
     return out
 
 
+def write_log(path: str | Path, records: list[Any]) -> int:
+    """Write ``records`` as Parquet (``*.parquet``, one row per record) or JSONL (any other suffix)."""
+    if Path(path).suffix.lower() in (".parquet", ".pq"):
+        from streams.formats.native import write_parquet
+
+        return write_parquet(path, records)
+    return write_jsonl(path, records)
+
+
 def write_truth(truth: pa.Table, path: str | Path) -> None:
     pq.write_table(truth, str(path))
 
@@ -359,7 +368,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--bad-rate", type=float, default=0.0, help="extra malformed records, fraction of good ones")
     p.add_argument("--domains", default=",".join(GeneratorConfig().domains),
                    help=f"comma-separated surfaces (known: {','.join(schema.DOMAINS)})")
-    p.add_argument("--out", metavar="LOG.jsonl", help="write a JSONL log instead of producing to the broker")
+    p.add_argument("--out", metavar="LOG", help="write a log instead of producing to the broker: "
+                                                 "LOG.parquet (one row per record) or JSONL (any other name)")
     p.add_argument("--truth", metavar="TRUTH.parquet", help="write per-impression ground truth to Parquet")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -395,7 +405,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     head = (f"generated {c['impression']} impressions, {c['click']} clicks, {c['conversion']} conversions, "
             f"{c['bad']} bad records in {gen_s:.1f} s")
     if args.out:
-        write_jsonl(args.out, sim.records)
+        write_log(args.out, sim.records)
         print(f"{head} -> {args.out}; {_oracle_line(sim.truth)}")
         return 0
     from streams import kafka_io

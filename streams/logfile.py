@@ -3,8 +3,7 @@
 
 A good record is the JSON that :func:`streams.schema.encode` produces (with its ``type`` tag); a malformed
 record (:class:`BadRecord`) is written as its raw bytes with line breaks escaped, so one record always stays
-one line. Readers are plain functions ``path -> iterator of (line_no, raw bytes)`` looked up by file suffix in
-:data:`READERS`, so other formats (Parquet, public datasets) can plug in later without touching replay.
+one line. Other formats (Parquet, public datasets) live in :mod:`streams.formats`.
 
 >>> import tempfile, os
 >>> from streams.schema import Watermark
@@ -20,7 +19,6 @@ one line. Readers are plain functions ``path -> iterator of (line_no, raw bytes)
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import msgspec
@@ -105,15 +103,6 @@ def count_lines(path: str | os.PathLike, chunk: int = 1 << 20) -> int:
             n += block.count(b"\n")
             last = block[-1:]
     return n + (last != b"\n")
-
-
-Reader = Callable[[Path], Iterator[tuple[int, bytes]]]
-READERS: dict[str, Reader] = {".jsonl": iter_jsonl, ".json": iter_jsonl, ".ndjson": iter_jsonl, ".log": iter_jsonl}
-
-
-def reader_for(path: str | os.PathLike) -> Reader:
-    """The reader registered for the file's suffix (JSONL when the suffix is unknown)."""
-    return READERS.get(Path(path).suffix.lower(), iter_jsonl)
 
 
 # -- malformed records for tests and the generator --------------------------------------------------------

@@ -22,14 +22,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import msgspec
 from tqdm import tqdm
 
-from streams import kafka_io, schema
+from streams import formats, kafka_io, schema
 from streams.config import Config
-from streams.logfile import BadRecord, count_lines, reader_for
+from streams.logfile import BadRecord, count_lines
 
 NO_BROKER = "no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`"
 STATS_EVERY_S = 1.0
@@ -59,9 +59,11 @@ class ProduceStats(msgspec.Struct, frozen=True):
 
 
 class ReplayStats(ProduceStats, frozen=True):
-    """:class:`ProduceStats` plus what the log reader saw (non-blank lines)."""
+    """:class:`ProduceStats` plus what the log reader saw: source rows (non-blank lines, parquet rows)
+    and records left out by the time range."""
 
     lines: int = 0
+    skipped: int = 0
 
 
 def _now_ms() -> int:
@@ -87,9 +89,12 @@ class Publisher:
         self._failed: list[str] = []
         self._producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.client,
                                                 on_delivery=self._on_delivery)
+        self._produce = self._producer.produce  # positional (topic, value, key, partition): no kwargs parsing
+        self._encode = schema.encode
+        self._partitions = cfg.topics.partitions
         self._bar = tqdm(total=total, unit="ev", desc=desc, file=sys.stderr, disable=not progress,
                          mininterval=0.5, smoothing=0.1)
-        self._pending_bar = 0
+        self._shown = 0  # records already counted on the progress bar
         self.bad_records = self.watermarks = self.dead_letters = 0
         self.last_ts = 0
         self._max_wm = 0
@@ -105,15 +110,19 @@ class Publisher:
             self._failed.append("")
 
     # -- sending ----------------------------------------------------------------------------------------
-    def send(self, rec: msgspec.Struct) -> None:
-        """Produce one record according to the placement rules in the module docstring."""
+    def send(self, rec: msgspec.Struct, value: bytes | None = None) -> None:
+        """Produce one record according to the placement rules in the module docstring. ``value``: the
+        record's encoding when the caller already has it (a native log line), else it is encoded here."""
         topic = self._topic.get(type(rec))
         if topic is not None:
-            key = schema.user_key(rec)
+            key = str(rec.user_id).encode()  # schema.user_key, inlined: this is the hot path
             part = self._partition_of.get(key)
             if part is None:
-                part = self._partition_of[key] = kafka_io.partition_for(key, self.cfg.topics.partitions)
-            kafka_io.produce(self._producer, topic, schema.encode(rec), key=key, partition=part)
+                part = self._partition_of[key] = kafka_io.partition_for(key, self._partitions)
+            try:
+                self._produce(topic, value or self._encode(rec), key, part)
+            except BufferError:
+                kafka_io.produce(self._producer, topic, value or self._encode(rec), key=key, partition=part)
             self._counts[topic] += 1
             if rec.ts > self.last_ts:
                 self.last_ts = rec.ts
@@ -127,12 +136,19 @@ class Publisher:
         else:
             raise TypeError(f"Publisher.send: expected Impression, Click, Conversion, Watermark or BadRecord, "
                             f"got {type(rec).__name__}")
-        self._tick()
+        self._n += 1
+        if self._n & 1023 == 0:
+            self.heartbeat()
 
     def dead_letter(self, dl: schema.DeadLetter) -> None:
         kafka_io.produce(self._producer, self.cfg.topics.dead_letters, schema.encode(dl))
         self.dead_letters += 1
         self._tick()
+
+    def _tick(self) -> None:
+        self._n += 1
+        if self._n & 1023 == 0:
+            self.heartbeat()
 
     def _broadcast(self, wm: schema.Watermark) -> None:
         value = schema.encode(wm)
@@ -140,18 +156,12 @@ class Publisher:
             for p in range(self.cfg.topics.partitions):
                 kafka_io.produce(self._producer, topic, value, partition=p)
 
-    def _tick(self) -> None:
-        self._n += 1
-        self._pending_bar += 1
-        if self._n & 255 == 0:
-            self.heartbeat()
-
     def heartbeat(self) -> None:
         """Serve delivery callbacks, advance the progress bar, publish stats when a second has passed.
-        Called every 256 records, and by the pacer while it sleeps."""
+        Called every 1024 records, and by the pacer while it sleeps."""
         self._producer.poll(0)
-        self._bar.update(self._pending_bar)
-        self._pending_bar = 0
+        self._bar.update(self._n - self._shown)
+        self._shown = self._n
         if time.monotonic() >= self._next_stats:
             self._publish_stats()
 
@@ -187,8 +197,8 @@ class Publisher:
         if watermark and (self.last_ts or self._max_wm):
             self._final_wm = self.end_watermark_ts()
             self._broadcast(schema.Watermark(ts=self._final_wm, source="replay"))
-        self._bar.update(self._pending_bar)
-        self._pending_bar = 0
+        self._bar.update(self._n - self._shown)
+        self._shown = self._n
         self._publish_stats()
         left = self._producer.flush(timeout_s)
         if left:
@@ -203,7 +213,7 @@ class Publisher:
         """Close the progress bar and drop the producer (it holds a callback bound to ``self``, a cycle that
         would keep its broker connections open until the garbage collector runs)."""
         self._bar.close()
-        self._producer = None  # type: ignore[assignment]
+        self._producer = self._produce = None  # type: ignore[assignment]
 
     def __enter__(self) -> Publisher:
         return self
@@ -245,34 +255,70 @@ class _Pacer:
             heartbeat()
 
 
-def replay_file(cfg: Config, path: str | Path, *, speed: float | None = None, progress: bool = True,
-                watermark: bool = True) -> ReplayStats:
-    """Replay one log file into the input topics, streaming it line by line.
+class TimeRange(NamedTuple):
+    """Replay only events with ``start <= ts < end`` (ms). Feedback (clicks, conversions) is kept until
+    ``end + longest label window`` so impressions near ``end`` keep their labels; watermarks at or past
+    ``end`` are dropped (the end-of-log watermark closes the windows)."""
+
+    start: int
+    end: int
+
+    @classmethod
+    def parse(cls, start: str, end: str) -> TimeRange:
+        """From ms / s digits or ISO dates: ``TimeRange.parse("2026-01-01", "2026-01-02T06:00")``."""
+        r = cls(formats.parse_time(start), formats.parse_time(end))
+        if r.end <= r.start:
+            raise ValueError(f"replay: --time-range END ({end}) must be after START ({start})")
+        return r
+
+
+def _in_range(rec: msgspec.Struct, r: TimeRange, feedback_end: int) -> bool:
+    ts = rec.ts  # type: ignore[attr-defined]
+    if isinstance(rec, (schema.Click, schema.Conversion)):
+        return r.start <= ts < feedback_end
+    return r.start <= ts < r.end
+
+
+def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: float | None = None,
+                time_range: TimeRange | None = None, options: formats.ReadOptions = formats.ReadOptions(),
+                progress: bool = True, watermark: bool = True) -> ReplayStats:
+    """Replay one log file (``fmt``: a name of :func:`streams.formats.formats`, or ``"auto"``) into the
+    input topics, streaming it row by row.
 
     ``speed=None`` produces as fast as possible; ``speed=X`` paces by event time, X times real time,
-    relative to the first event. Lines that fail :func:`streams.schema.decode` become dead letters
-    (``reason = "line N: <why>"``, ``offset = N``, ``topic = <file name>``); they never stop the replay.
+    relative to the first event. A line that fails to parse or validate becomes a dead letter
+    (``reason = "line N: <why>"`` or ``"<format> line N: <why>"``, ``offset = N``, ``topic = <file name>``);
+    it never stops the replay. ``lines`` in the result counts source rows read (good and bad).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"replay: no such log file: {path}")
-    read = reader_for(path)
+    items = formats.read(path, fmt, options)  # raises FileNotFoundError / FormatError before producing
     pacer = _Pacer(speed) if speed is not None else None
-    total = count_lines(path) if progress else None
-    lines = 0
+    total = count_lines(path) if progress and path.suffix in (".jsonl", ".ndjson") else None
+    lab = cfg.labels
+    feedback_end = time_range.end + 1000 * max(lab.click_window_s, lab.conversion_window_s) if time_range else 0
+    lines, last_line, skipped = 0, -1, 0
     with Publisher(cfg, total=total, progress=progress, desc=f"replay {path.name}") as pub:
-        for n, raw in read(path):
-            lines += 1
-            ev = schema.decode(raw)
-            if isinstance(ev, schema.Invalid):
-                pub.dead_letter(schema.dead_letter(f"line {n}: {ev.reason}", raw, topic=path.name, offset=n,
+        send, Row = pub.send, formats.Row
+        for item in items:
+            if item.line != last_line:
+                lines += 1
+                last_line = item.line
+            if type(item) is not Row:
+                pub.dead_letter(schema.dead_letter(item.reason, item.raw, topic=path.name, offset=item.line,
                                                    ts=_now_ms(), step="replay"))
                 continue
-            if pacer is not None and not isinstance(ev, schema.Watermark):
-                pacer.wait(ev.ts, pub.heartbeat)
-            pub.send(ev)
+            if pacer is None and time_range is None and item.raw is not None:
+                send(item.records[0], item.raw)  # native line: already our encoding
+                continue
+            for rec in item.records:
+                if time_range is not None and not _in_range(rec, time_range, feedback_end):
+                    skipped += 1
+                    continue
+                if pacer is not None and not isinstance(rec, schema.Watermark):
+                    pacer.wait(rec.ts, pub.heartbeat)
+                send(rec, item.raw if len(item.records) == 1 else None)
         s = pub.finish(watermark=watermark)
-    return ReplayStats(**msgspec.structs.asdict(s), lines=lines)
+    return ReplayStats(**msgspec.structs.asdict(s), lines=lines, skipped=skipped)
 
 
 def summary(s: ProduceStats) -> str:
@@ -283,13 +329,23 @@ def summary(s: ProduceStats) -> str:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("replay", help="replay a JSONL event log into the input topics",
-                              description="Replay an event log (one JSON record per line, as written by "
-                                          "`streamrec generate --out`) into the impressions/clicks/conversions "
-                                          "topics. Bad lines go to the dead-letter topic with their line number.")
-    p.add_argument("file", help="log file (.jsonl)")
+    names = ", ".join(formats.formats())
+    p = subparsers.add_parser("replay", help="replay an event log (ours or a public dataset) into the input topics",
+                              description="Replay an event log into the impressions/clicks/conversions topics: "
+                                          "our JSONL / Parquet logs (`streamrec generate --out`) or a public "
+                                          f"dataset ({names}). Bad lines go to the dead-letter topic with their "
+                                          "line number and the replay goes on.")
+    p.add_argument("file", help="log file (.jsonl, .parquet, or a public dataset's CSV/TSV, optionally .gz)")
+    p.add_argument("--format", default="auto", choices=["auto", *formats.formats()],
+                   help="file format (default: auto, from the suffix or the header line)")
     p.add_argument("--speed", type=float, default=None,
                    help="pace by event time, X times real time (default: as fast as possible)")
+    p.add_argument("--time-range", nargs=2, metavar=("START", "END"),
+                   help="only events with START <= ts < END (ms, s, or ISO dates like 2026-01-01T06:00)")
+    p.add_argument("--start", default=None, metavar="TIME",
+                   help="first synthetic timestamp for formats without time (default 2026-01-01)")
+    p.add_argument("--row-interval-ms", type=int, default=formats.ReadOptions().row_interval_ms,
+                   help="synthetic time between rows for formats without time (default %(default)s)")
     p.add_argument("--no-watermark", action="store_true",
                    help="do not send the end-of-log watermark (the log continues later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -301,12 +357,16 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"streamrec replay: {NO_BROKER}", file=sys.stderr)
         return 2
     try:
+        rng = TimeRange.parse(*args.time_range) if args.time_range else None
+        opts = formats.ReadOptions(start_ts=formats.parse_time(args.start) if args.start else
+                                   formats.SYNTH_START_TS, row_interval_ms=args.row_interval_ms)
         kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions,
                                cfg.kafka.client)
-        s = replay_file(cfg, args.file, speed=args.speed, progress=not args.no_progress,
-                        watermark=not args.no_watermark)
+        s = replay_file(cfg, args.file, fmt=args.format, speed=args.speed, time_range=rng, options=opts,
+                        progress=not args.no_progress, watermark=not args.no_watermark)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"streamrec replay: {e}", file=sys.stderr)
         return 1
-    print(f"replayed {s.lines} lines of {args.file}: {summary(s)}")
+    print(f"replayed {s.lines} lines of {args.file}: {summary(s)}"
+          + (f"; {s.skipped} records outside the time range" if s.skipped else ""))
     return 0
