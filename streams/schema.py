@@ -176,6 +176,9 @@ def _decoder(kind: object) -> msgspec.json.Decoder:
 
 def check(ev: object) -> str | None:
     """Semantic checks beyond the types; returns a reason or ``None`` when the event is fine."""
+    if isinstance(ev, Example):
+        reason = check(ev.impression)
+        return f"impression: {reason}" if reason else None
     if isinstance(ev, Impression):
         if ev.domain not in DOMAIN_INDEX:
             return f"unknown domain {ev.domain!r} (known: {', '.join(DOMAINS)})"

@@ -44,17 +44,6 @@ def malloc_env() -> dict[str, str]:
             "MALLOC_TOP_PAD_": str(256 << 20)}
 
 
-def decode_example(raw: bytes) -> schema.Example | schema.Invalid:
-    """``schema.decode`` plus the impression's semantic checks (``schema.check`` does not look inside an
-    Example, and an unknown domain or a NaN dense value must not reach the model)."""
-    ex = schema.decode(raw, schema.Example)
-    if isinstance(ex, schema.Example):
-        reason = schema.check(ex.impression)
-        if reason:
-            return schema.Invalid(f"invalid: impression: {reason}")
-    return ex
-
-
 class Dedup:
     """A bounded set of recently trained ids (FIFO eviction): ``add(id)`` is False if already present."""
 
@@ -185,7 +174,7 @@ class TrainerService:
                 log.warning("consumer: %s", err)
                 continue
             self.offsets[(m.topic(), m.partition())] = m.offset() + 1
-            ex = decode_example(m.value() or b"")
+            ex = schema.decode(m.value() or b"", schema.Example)
             if isinstance(ex, schema.Invalid):
                 self._dead_letter(ex.reason, m, now_ms)
             elif self.dedup.add(ex.example_id):
