@@ -9,9 +9,11 @@ random model (:class:`TruthParams`)::
                     + cvr_latent_scale * <U[u], A[a]> + <w_cvr_dense, dense>
 
 Clicks ~ Bernoulli(p_click) after a capped lognormal delay; conversions ~ Bernoulli(p_cvr) only after a
-click, after a capped long-tailed delay (mixture of exponentials). Users and ads have Zipf activity and
-popularity; ``history`` holds ads the user is drawn to (so it carries the user's latent taste). Everything is
-vectorised with numpy; the result is deterministic for a seed.
+click, after a delay from :func:`streams.scenarios.conversion_delays_s` (``short`` by default, or
+``calibrated`` to Criteo's published delay statistics with a 30-day tail). Users and ads have Zipf activity
+and popularity; ads are born and retired during the run (``ad_churn``); ``history`` holds ads the user is
+drawn to (so it carries the user's latent taste). A drift scenario (:mod:`streams.scenarios`) can move the
+hidden model over event time. Everything is vectorised with numpy; the result is deterministic for a seed.
 
 >>> sim = simulate(GeneratorConfig(n_impressions=1000, seed=1))
 >>> sim.truth.num_rows, sim.counts()["impression"]
@@ -24,6 +26,7 @@ True
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from streams import schema
+from streams import scenarios, schema
 from streams.config import Config
 from streams.logfile import BadRecord, make_bad_records, write_jsonl
 from streams.replay import NO_BROKER, ProduceStats, produce, summary  # noqa: F401  (re-exported)
@@ -88,6 +91,9 @@ class GeneratorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_click_delay_s: float = 300.0  # below LabelsConfig.click_window_s (900)
     max_conversion_delay_s: float = 6 * 3600.0  # from the impression; below conversion_window_s (24 h)
     truth: TruthParams = TruthParams()
+    scenario: scenarios.ScenarioConfig = scenarios.ScenarioConfig()
+    ad_churn: float = 0.2  # fraction of ads born during the run (and, separately, retired)
+    delays: str = "short"  # short | calibrated (see streams.scenarios)
 
 
 def validate(g: GeneratorConfig) -> None:
@@ -102,7 +108,8 @@ def validate(g: GeneratorConfig) -> None:
     checks = [("n_impressions", g.n_impressions >= 0), ("n_users", g.n_users >= 1), ("n_ads", g.n_ads >= 1),
               ("impressions_per_s", g.impressions_per_s > 0), ("bad_rate", 0 <= g.bad_rate <= 1),
               ("max_click_delay_s", g.max_click_delay_s > 0),
-              ("max_conversion_delay_s", g.max_conversion_delay_s > g.max_click_delay_s),
+              ("max_conversion_delay_s", g.max_click_delay_s < g.max_conversion_delay_s <= scenarios.MAX_DELAY_S),
+              ("ad_churn", 0 <= g.ad_churn <= 1), ("delays", g.delays in scenarios.DELAY_MODELS),
               ("start_ts", schema.MIN_TS_MS <= g.start_ts <= schema.MAX_TS_MS - 10**11),
               ("history_len", 0 <= g.history_len <= schema.MAX_LIST),
               ("cat_slots", 0 <= g.cat_slots <= schema.MAX_LIST), ("dense_dim", 0 <= g.dense_dim <= schema.MAX_LIST)]
@@ -132,7 +139,8 @@ def truth_schema() -> pa.Schema:
     return pa.schema([("impression_id", pa.string()), ("domain", pa.string()), ("user_id", pa.int64()),
                       ("ts", pa.int64()), ("p_click", pa.float64()), ("p_cvr", pa.float64()),
                       ("click", pa.int8()), ("conversion", pa.int8()), ("click_delay_ms", pa.int64()),
-                      ("conversion_delay_ms", pa.int64())])
+                      ("conversion_delay_ms", pa.int64()), ("ad_id", pa.int64()),
+                      ("p_click_t0", pa.float64()), ("p_cvr_t0", pa.float64())])
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -158,9 +166,13 @@ class _World(msgspec.Struct):
     user_device: np.ndarray
     user_country: np.ndarray
     user_hist: np.ndarray  # (n_users, history_len) ad indices
-    ad_w: np.ndarray
-    ad_lat: np.ndarray  # (n_ads, k)
+    ad_w: np.ndarray  # (n_ads + n_surge,): regular ads first, then the surge ads of new-ad-surge
+    ad_lat: np.ndarray  # (n_ads + n_surge, k)
+    ad_lat2: np.ndarray  # (n_ads + n_surge, k): where drift rotates the taste to
     ad_bias: np.ndarray
+    ad_bias2: np.ndarray
+    ad_birth: np.ndarray  # progress (0..1) when each ad is born / retired (inf: never)
+    ad_death: np.ndarray
     ad_cvr_bias: np.ndarray
     ad_campaign: np.ndarray
     campaign_advertiser: np.ndarray
@@ -171,15 +183,21 @@ class _World(msgspec.Struct):
 
 
 def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
-    t, k = g.truth, g.truth.latent_dim
+    t, k, sc = g.truth, g.truth.latent_dim, g.scenario
+    n_surge = sc.n_surge_ads(g.n_ads)
+    n_ads = g.n_ads + n_surge
     lat_std = (t.latent_scale ** 2 / k) ** 0.25  # var(<U,A>) = k * std^4 = latent_scale^2
     user_lat = rng.normal(0, lat_std, (g.n_users, k))
-    ad_lat = rng.normal(0, lat_std, (g.n_ads, k))
-    ad_w = _zipf_weights(g.n_ads, t.zipf_ads, rng)
-    n_campaigns = max(1, g.n_ads // 8)
-    # history: of 4x candidates drawn by popularity, the ads the user likes most
+    ad_lat = rng.normal(0, lat_std, (n_ads, k))
+    ad_w = _zipf_weights(n_ads, t.zipf_ads, rng)
+    n_campaigns = max(1, n_ads // 8)
+    birth, death = scenarios.ad_lifetimes(g.n_ads, n_surge, g.ad_churn, sc, rng)
+    ad_bias = rng.normal(0, t.ad_bias_std, n_ads)
+    ad_bias[g.n_ads:] += sc.surge_bias
+    # history: of 4x candidates drawn by popularity among the ads alive at the start, the ones the user likes most
     L = g.history_len
-    cand = rng.choice(g.n_ads, size=(g.n_users, max(4 * L, 1)), p=ad_w)
+    alive0 = ad_w * (birth == 0)
+    cand = rng.choice(n_ads, size=(g.n_users, max(4 * L, 1)), p=alive0 / alive0.sum())
     aff = np.einsum("uk,uck->uc", user_lat, ad_lat[cand])
     top = np.argsort(-aff, axis=1)[:, :L]
     return _World(
@@ -188,9 +206,10 @@ def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
         user_device=rng.choice(len(schema.DEVICES), g.n_users, p=[0.4, 0.4, 0.15, 0.05]),
         user_country=rng.integers(0, len(_COUNTRIES), g.n_users),
         user_hist=np.take_along_axis(cand, top, axis=1),
-        ad_w=ad_w, ad_lat=ad_lat, ad_bias=rng.normal(0, t.ad_bias_std, g.n_ads),
-        ad_cvr_bias=rng.normal(0, t.cvr_bias_std, g.n_ads),
-        ad_campaign=rng.integers(0, n_campaigns, g.n_ads),
+        ad_w=ad_w, ad_lat=ad_lat, ad_lat2=rng.normal(0, lat_std, (n_ads, k)), ad_bias=ad_bias,
+        ad_bias2=rng.normal(0, t.ad_bias_std, n_ads), ad_birth=birth, ad_death=death,
+        ad_cvr_bias=rng.normal(0, t.cvr_bias_std, n_ads),
+        ad_campaign=rng.integers(0, n_campaigns, n_ads),
         campaign_advertiser=rng.integers(0, max(1, n_campaigns // 4), n_campaigns),
         w_dense=rng.normal(0, t.dense_weight_std, g.dense_dim),
         w_cvr_dense=rng.normal(0, t.dense_weight_std, g.dense_dim),
@@ -200,34 +219,47 @@ def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
 
 def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Column arrays of the impressions, true probabilities and realized outcomes (length n)."""
-    t, n = g.truth, g.n_impressions
+    t, n, sc = g.truth, g.n_impressions, g.scenario
+    ts = g.start_ts + np.floor(np.cumsum(rng.exponential(1000.0 / g.impressions_per_s, n))).astype(np.int64)
+    progress = (ts - ts[0]) / max(int(ts[-1] - ts[0]), 1) if n else np.zeros(0)
     share = np.array([t.domain_share[d] for d in g.domains])
     dom = rng.choice(len(g.domains), n, p=share / share.sum())
     user = rng.choice(g.n_users, n, p=w.user_w)
-    ad = rng.choice(g.n_ads, n, p=w.ad_w)
+    ad = scenarios.sample_ads(progress, w.ad_w, w.ad_birth, w.ad_death, len(w.ad_w) - g.n_ads, sc.surge_share, rng)
     pos = rng.integers(0, t.max_position, n)
     dense = np.round(rng.normal(0, 1, (n, g.dense_dim)), 4)
     cat = rng.choice(t.cat_vocab, (n, g.cat_slots), p=w.cat_w)
-    ts = g.start_ts + np.floor(np.cumsum(rng.exponential(1000.0 / g.impressions_per_s, n))).astype(np.int64)
-    affinity = np.einsum("nk,nk->n", w.user_lat[user], w.ad_lat[ad])
+    a = scenarios.taste_angle(sc, progress)  # drift: the ads' taste vectors and biases turn from A to A'
+    cos_a, sin_a = np.cos(a), np.sin(a)
+    ad_lat = cos_a[:, None] * w.ad_lat[ad] + sin_a[:, None] * w.ad_lat2[ad]
+    ad_bias = cos_a * w.ad_bias[ad] + sin_a * w.ad_bias2[ad]
+    season = scenarios.season_logit(sc, (ts - g.start_ts) / 1000.0)
+    affinity = np.einsum("nk,nk->n", w.user_lat[user], ad_lat)
     base_ctr = np.array([_logit(t.base_ctr[d]) for d in g.domains])[dom]
     base_cvr = np.array([_logit(t.base_cvr[d]) for d in g.domains])[dom]
     cat_term = w.cat_effect[np.arange(g.cat_slots), cat].sum(axis=1) if g.cat_slots else 0.0
-    p_click = _sigmoid(base_ctr + w.user_bias[user] + w.ad_bias[ad] + affinity + t.position_effect * pos
-                       + dense @ w.w_dense + cat_term)
-    p_cvr = _sigmoid(base_cvr + w.user_cvr_bias[user] + w.ad_cvr_bias[ad]
-                     + (t.cvr_latent_scale / max(t.latent_scale, 1e-9)) * affinity + dense @ w.w_cvr_dense)
+    cvr_scale = t.cvr_latent_scale / max(t.latent_scale, 1e-9)
+    common = t.position_effect * pos + dense @ w.w_dense + cat_term
+    p_click = _sigmoid(base_ctr + season + w.user_bias[user] + ad_bias + affinity + common)
+    p_cvr = _sigmoid(base_cvr + season + w.user_cvr_bias[user] + w.ad_cvr_bias[ad] + cvr_scale * affinity
+                     + dense @ w.w_cvr_dense)
+    # the stale oracle: the truth as it was at the start, knowing only the ads alive then (no drift, no season)
+    known = w.ad_birth[ad] == 0
+    aff0 = np.where(known, np.einsum("nk,nk->n", w.user_lat[user], w.ad_lat[ad]), 0.0)
+    p_click_t0 = _sigmoid(base_ctr + w.user_bias[user] + np.where(known, w.ad_bias[ad], 0.0) + aff0 + common)
+    p_cvr_t0 = _sigmoid(base_cvr + w.user_cvr_bias[user] + np.where(known, w.ad_cvr_bias[ad], 0.0)
+                        + cvr_scale * aff0 + dense @ w.w_cvr_dense)
     click = rng.random(n) < p_click
     conv = click & (rng.random(n) < p_cvr)
     max_click_ms = int(g.max_click_delay_s * 1000)
     click_ms = np.exp(rng.normal(np.log(t.click_delay_median_s * 1000), t.click_delay_sigma, n))
     click_ms = np.clip(click_ms, 100, max_click_ms).astype(np.int64)
-    fast = rng.random(n) < t.conv_fast_share
-    after_click_s = np.where(fast, rng.exponential(t.conv_fast_mean_s, n), rng.exponential(t.conv_slow_mean_s, n))
-    after_click_ms = 1000 * after_click_s
-    conv_ms = np.minimum(click_ms + 1000 + after_click_ms.astype(np.int64), int(g.max_conversion_delay_s * 1000))
+    after_click_s = scenarios.conversion_delays_s(g.delays, n, rng, g.max_conversion_delay_s, t.conv_fast_share,
+                                                  t.conv_fast_mean_s, t.conv_slow_mean_s)
+    after_click_ms = (1000 * after_click_s).astype(np.int64) + (1000 if g.delays == "short" else 0)
+    conv_ms = np.maximum(np.minimum(click_ms + after_click_ms, int(g.max_conversion_delay_s * 1000)), click_ms + 1)
     return {"dom": dom, "user": user, "ad": ad, "pos": pos, "dense": dense, "cat": cat, "ts": ts,
-            "p_click": p_click, "p_cvr": p_cvr, "click": click, "conv": conv,
+            "p_click": p_click, "p_cvr": p_cvr, "p_click_t0": p_click_t0, "p_cvr_t0": p_cvr_t0, "click": click, "conv": conv,
             "click_ms": np.where(click, click_ms, -1), "conv_ms": np.where(conv, conv_ms, -1),
             "value": np.round(rng.lognormal(3.0, 1.0, n), 2)}
 
@@ -291,7 +323,8 @@ def simulate(g: GeneratorConfig) -> Simulation:
         "domain": [g.domains[d] for d in c["dom"].tolist()],
         "user_id": c["user"] + 1, "ts": c["ts"], "p_click": c["p_click"], "p_cvr": c["p_cvr"],
         "click": c["click"].astype(np.int8), "conversion": c["conv"].astype(np.int8),
-        "click_delay_ms": c["click_ms"], "conversion_delay_ms": c["conv_ms"]}, schema=truth_schema())
+        "click_delay_ms": c["click_ms"], "conversion_delay_ms": c["conv_ms"], "ad_id": c["ad"] + 1,
+        "p_click_t0": c["p_click_t0"], "p_cvr_t0": c["p_cvr_t0"]}, schema=truth_schema())
     return Simulation(config=g, records=records, truth=truth)
 
 
@@ -314,8 +347,11 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def normalized_entropy(y: np.ndarray, p: np.ndarray, eps: float = 1e-12) -> float:
-    """Mean log loss divided by the entropy of the base rate (lower is better; 1.0 = predicting the mean)."""
+    """Mean log loss divided by the entropy of the base rate (lower is better; 1.0 = predicting the mean);
+    NaN when ``y`` has one class (the base rate's entropy is 0)."""
     y = np.asarray(y, dtype=np.float64)
+    if not len(y) or y.min() == y.max():
+        return float("nan")
     p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
     base = float(np.clip(y.mean(), eps, 1 - eps)) if len(y) else 0.5
     ll = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)) if len(y) else float("nan")
@@ -341,6 +377,46 @@ def oracle_metrics(truth: pa.Table) -> dict[str, dict[str, float]]:
                      "auc_conversion": roc_auc(yv[m], pc[m] * pv[m]),
                      "ne_conversion": normalized_entropy(yv[m], pc[m] * pv[m])}
     return out
+
+
+def oracle_by_window(truth: pa.Table, window_s: float) -> list[dict[str, float]]:
+    """The oracle's metrics per event-time window of ``window_s`` seconds (from the first impression),
+    all domains pooled: ``start_ts`` (ms), ``impressions``, ``ctr``, ``auc_click``, ``ne_click``,
+    ``auc_conversion``, ``ne_conversion`` (conversion scored with ``p_click * p_cvr`` as in
+    :func:`oracle_metrics`): what a model that knew the current hidden truth would score; and
+    ``auc_click_t0``, ``ne_click_t0``: the *stale* oracle, the truth frozen at the start of the run (ads
+    born later unknown to it) -- the gap between the two is what the drift costs a model that stops
+    learning. Never shown to the trainer."""
+    if window_s <= 0:
+        raise ValueError(f"oracle_by_window: window_s must be > 0, got {window_s}")
+    ts = truth.column("ts").to_numpy()
+    if not len(ts):
+        return []
+    pc, pv = truth.column("p_click").to_numpy(), truth.column("p_cvr").to_numpy()
+    yc, yv = truth.column("click").to_numpy(), truth.column("conversion").to_numpy()
+    p0 = truth.column("p_click_t0").to_numpy()
+    w = ((ts - ts.min()) // int(window_s * 1000)).astype(np.int64)
+    out = []
+    for k in np.unique(w).tolist():
+        m = w == k
+        out.append({"start_ts": float(ts.min() + k * int(window_s * 1000)), "impressions": float(m.sum()),
+                    "ctr": float(yc[m].mean()), "auc_click": roc_auc(yc[m], pc[m]),
+                    "ne_click": normalized_entropy(yc[m], pc[m]), "auc_conversion": roc_auc(yv[m], pc[m] * pv[m]),
+                    "ne_conversion": normalized_entropy(yv[m], pc[m] * pv[m]),
+                    "auc_click_t0": roc_auc(yc[m], p0[m]), "ne_click_t0": normalized_entropy(yc[m], p0[m])})
+    return out
+
+
+def oracle_window_table(truth: pa.Table, window_s: float) -> str:
+    """:func:`oracle_by_window` as text lines (what ``streamrec generate`` prints)."""
+    ts0 = truth.column("ts").to_numpy().min() if truth.num_rows else 0
+    lines = [f"oracle by {window_s:g} s window:  start_s  imps    ctr  auc_click ne_click auc_conv ne_conv"
+             "  | stale (t0) auc_click ne_click"]
+    for r in oracle_by_window(truth, window_s):
+        lines.append(f"  {(r['start_ts'] - ts0) / 1000:30.0f} {r['impressions']:5.0f} {r['ctr']:.4f}  "
+                     f"{r['auc_click']:9.3f} {r['ne_click']:8.3f} {r['auc_conversion']:8.3f} {r['ne_conversion']:7.3f}"
+                     f"  | {r['auc_click_t0']:20.3f} {r['ne_click_t0']:8.3f}")
+    return "\n".join(lines)
 
 
 def write_log(path: str | Path, records: list[Any]) -> int:
@@ -371,6 +447,23 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", metavar="LOG", help="write a log instead of producing to the broker: "
                                                  "LOG.parquet (one row per record) or JSONL (any other name)")
     p.add_argument("--truth", metavar="TRUTH.parquet", help="write per-impression ground truth to Parquet")
+    p.add_argument("--scenario", default="none", choices=scenarios.SCENARIOS,
+                   help="drift scenario (default: none; see docs/generator.md)")
+    p.add_argument("--scenario-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="scenario parameter, repeatable: angle, at, amplitude, period_s, surge_ads, surge_share, "
+                        "surge_bias")
+    p.add_argument("--delays", default="short", choices=scenarios.DELAY_MODELS,
+                   help="conversion delays: short (default, <= 6 h) or calibrated (Chapelle 2014: ~35%% < 1 h, "
+                        "~50%% < 24 h, 30-day tail)")
+    p.add_argument("--max-conversion-delay", metavar="DURATION", default=None,
+                   help="cap on conversion delay from the impression, e.g. 6h, 7d, 30d (max); "
+                        "default 6h, or 30d with --delays calibrated")
+    p.add_argument("--ad-churn", type=float, default=GeneratorConfig().ad_churn,
+                   help="fraction of ads born during the run, and retired (default %(default)s)")
+    p.add_argument("--rate", type=float, default=GeneratorConfig().impressions_per_s,
+                   help="impressions per second of event time (default %(default)s)")
+    p.add_argument("--oracle-window", metavar="DURATION", default=None,
+                   help="window of the per-window oracle metrics (default: a tenth of the run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -380,11 +473,36 @@ def _oracle_line(truth: pa.Table) -> str:
     return "oracle AUC click " + ", ".join(f"{d} {v['auc_click']:.3f}" for d, v in m.items())
 
 
+def duration_s(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``6h`` or ``30d``.
+
+    >>> duration_s("30d"), duration_s("1.5h"), duration_s("90")
+    (2592000.0, 5400.0, 90.0)
+    """
+    unit = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * unit[t[-1]] if t and t[-1] in unit else float(t)
+    except ValueError:
+        raise ValueError(f"bad duration {text!r}: expected e.g. 90, 90s, 15m, 6h, 30d") from None
+
+
+def _config_from_args(args: argparse.Namespace) -> GeneratorConfig:
+    max_conv = (duration_s(args.max_conversion_delay) if args.max_conversion_delay else
+                scenarios.MAX_DELAY_S if args.delays == "calibrated" else GeneratorConfig().max_conversion_delay_s)
+    g = GeneratorConfig(n_impressions=args.events, seed=args.seed, bad_rate=args.bad_rate,
+                        domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()),
+                        scenario=scenarios.parse_params(args.scenario, args.scenario_param),
+                        delays=args.delays, max_conversion_delay_s=max_conv, ad_churn=args.ad_churn,
+                        impressions_per_s=args.rate)
+    validate(g)
+    return g
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
     try:
-        g = GeneratorConfig(n_impressions=args.events, seed=args.seed, bad_rate=args.bad_rate,
-                            domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()))
-        validate(g)
+        g = _config_from_args(args)
+        window_s = duration_s(args.oracle_window) if args.oracle_window else None
     except ValueError as e:
         print(f"streamrec generate: {e}", file=sys.stderr)
         return 2
@@ -402,6 +520,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.truth:
         write_truth(sim.truth, args.truth)
     c = sim.counts()
+    if window_s is None:
+        span_s = (sim.truth.column("ts").to_numpy().max() - g.start_ts) / 1000 if g.n_impressions else 1.0
+        window_s = float(max(1, math.ceil((span_s + 1) / 10)))  # ten windows
+    print(oracle_window_table(sim.truth, window_s))
     head = (f"generated {c['impression']} impressions, {c['click']} clicks, {c['conversion']} conversions, "
             f"{c['bad']} bad records in {gen_s:.1f} s")
     if args.out:

@@ -149,3 +149,88 @@ def test_cli_writes_log_and_truth(tmp_path, capsys, monkeypatch):
     assert main(["generate", "--events", "10", "--no-progress"]) == 2
     assert "no broker configured" in capsys.readouterr().err
     assert main(["generate", "--events", "10", "--domains", "feed,nope", "--out", str(out)]) == 2
+
+
+# -- drift scenarios, ad lifecycle, calibrated delays, per-window oracle -----------------------------------
+
+from streams import scenarios  # noqa: E402
+from streams.generate import oracle_by_window  # noqa: E402
+
+
+def _windows(sc: str, n: int = 40_000, **params):
+    g = GeneratorConfig(n_impressions=n, seed=5, scenario=scenarios.ScenarioConfig(name=sc, **params))
+    sim = simulate(g)
+    span_s = (sim.truth.column("ts").to_numpy().max() - g.start_ts) / 1000
+    return sim, oracle_by_window(sim.truth, span_s / 4 + 1)
+
+
+def test_sudden_drift_hurts_only_the_stale_oracle():
+    _, none = _windows("none")
+    _, sudden = _windows("sudden", at=0.5)
+    assert len(none) == len(sudden) == 4
+    for w in (none, sudden):
+        assert sum(r["impressions"] for r in w) == 40_000
+        assert all(r["auc_click"] > 0.75 for r in w)  # the current truth stays as learnable
+    assert all(abs(r["auc_click"] - r["auc_click_t0"]) < 0.03 for r in none)
+    assert all(abs(r["auc_click"] - r["auc_click_t0"]) < 0.02 for r in sudden[:2])  # before the shift
+    assert all(r["auc_click"] - r["auc_click_t0"] > 0.06 for r in sudden[2:])  # after it
+    assert all(r["ne_click_t0"] > r["ne_click"] + 0.05 for r in sudden[2:])
+
+
+def test_gradual_drift_grows_and_seasonal_moves_the_ctr():
+    _, grad = _windows("gradual")
+    gaps = [r["auc_click"] - r["auc_click_t0"] for r in grad]
+    assert gaps[0] < 0.02 < gaps[1] < gaps[3] and gaps[3] > 0.05
+    sim, _ = _windows("seasonal", amplitude=1.0, period_s=400.0)
+    t = sim.truth.to_pandas()
+    phase = np.sin(2 * np.pi * (t.ts - sim.config.start_ts) / 1000 / 400.0)
+    high, low = t.click[phase > 0.5].mean(), t.click[phase < -0.5].mean()
+    assert high > 1.8 * low
+
+
+def test_new_ad_surge_takes_its_share_after_birth():
+    sim, w = _windows("new-ad-surge", at=0.5, surge_share=0.5)
+    t = sim.truth.to_pandas()
+    new = t.ad_id > sim.config.n_ads
+    late = np.arange(len(t)) >= len(t) * 0.55
+    assert not new[np.arange(len(t)) < len(t) * 0.45].any()
+    assert 0.45 < new[late].mean() < 0.55
+    assert w[3]["auc_click"] - w[3]["auc_click_t0"] > 0.02  # the stale oracle does not know them
+
+
+def test_ads_are_born_and_retired():
+    rng = np.random.default_rng(0)
+    sc = scenarios.ScenarioConfig()
+    birth, death = scenarios.ad_lifetimes(1000, 0, 0.3, sc, rng)
+    assert (birth > 0).sum() == 300 and np.isfinite(death).sum() == 300 and (death > birth).all()
+    t = np.sort(rng.random(50_000))
+    ad = scenarios.sample_ads(t, np.full(1000, 1e-3), birth, death, 0, 0.0, rng)
+    bucket_start = np.floor(t * 64) / 64
+    assert (birth[ad] <= bucket_start).all() and (death[ad] > bucket_start).all()
+    assert len(np.unique(ad[t < 0.1])) < len(np.unique(ad))  # ads appear over time
+
+
+def test_calibrated_delays_match_published_shares_and_cap():
+    d = scenarios.conversion_delays_s("calibrated", 100_000, np.random.default_rng(1), scenarios.MAX_DELAY_S)
+    assert abs((d <= 3600).mean() - 0.35) < 0.01 and abs((d <= 86400).mean() - 0.50) < 0.01
+    assert d.max() <= scenarios.MAX_DELAY_S and (d > 7 * 86400).mean() > 0.15  # long tail
+    capped = scenarios.conversion_delays_s("calibrated", 10_000, np.random.default_rng(1), 7 * 86400)
+    assert capped.max() <= 7 * 86400 and (capped <= 86400).mean() > 0.55
+    g = GeneratorConfig(n_impressions=20_000, seed=3, delays="calibrated", max_conversion_delay_s=30 * 86400)
+    t = simulate(g).truth.to_pandas()
+    conv = t[t.conversion == 1]
+    assert len(conv) > 30 and conv.conversion_delay_ms.max() <= 30 * 86400 * 1000
+    assert (conv.conversion_delay_ms > 86400 * 1000).mean() > 0.25  # past the default 24 h window
+    with pytest.raises(ValueError, match="max_conversion_delay_s"):
+        simulate(GeneratorConfig(n_impressions=10, max_conversion_delay_s=31 * 86400))
+
+
+def test_cli_scenario_and_delays(tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert main(["generate", "--events", "3000", "--scenario", "sudden", "--scenario-param", "at=0.3",
+                 "--delays", "calibrated", "--oracle-window", "10s", "--out", str(out)]) == 0
+    text = capsys.readouterr()
+    assert "oracle by 10 s window" in text.out and "stale (t0)" in text.out
+    assert "reach past the label windows" in text.err  # 30-day tail vs the 24 h conversion window
+    assert main(["generate", "--events", "10", "--scenario-param", "nope=1", "--out", str(out)]) == 2
+    assert main(["generate", "--events", "10", "--max-conversion-delay", "40d", "--out", str(out)]) == 2
