@@ -13,10 +13,12 @@ work when not attached to a terminal) stops producers first, then the trainer, t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import msgspec
@@ -76,13 +78,16 @@ def _produce(cfg: Config, args) -> tuple[int, int]:
     from streams.generate import GeneratorConfig, simulate
     from streams.replay import produce
 
-    gcfg = GeneratorConfig(n_impressions=args.events, seed=args.seed, bad_rate=args.bad_rate)
+    # Event times end now, so freshness on the dashboard reads as pipeline latency, not the log's age.
+    span_ms = int(args.events / GeneratorConfig().impressions_per_s * 1000)
+    gcfg = GeneratorConfig(n_impressions=args.events, seed=args.seed, bad_rate=args.bad_rate,
+                           start_ts=int(time.time() * 1000) - span_ms)
     sim = simulate(gcfg)
     stats = produce(cfg, sim.records, progress=True)
     return gcfg.n_impressions, stats.bad_records
 
 
-def up(cfg: Config, args) -> int:
+def up(args, cfg: Config) -> int:
     run_dir = Path(cfg.data_dir, "runs", time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     broker = None
@@ -109,7 +114,7 @@ def up(cfg: Config, args) -> int:
         t0 = time.monotonic()
         expected, bad = _produce(cfg, args)
         sup.check()
-        ok = _follow(sup, watcher, expected, args.timeout)
+        ok = _follow(sup, watcher, expected, args.timeout) and _ingested(sup, url, 2 * expected)
         elapsed = time.monotonic() - t0
         _summary(watcher, expected, bad, elapsed, ok)
         print(f"dashboard: {url}", file=sys.stderr)
@@ -158,6 +163,21 @@ def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: floa
     if not ok:
         log.warning("timed out after %.0fs waiting for %d examples to be trained", timeout, expected)
     return ok
+
+
+def _ingested(sup: Supervisor, url: str, rows: int, timeout: float = 60.0) -> bool:
+    """Wait until the metrics sink has stored ``rows`` prediction rows (click + conversion per example)."""
+    def stored() -> int:
+        try:
+            with urllib.request.urlopen(url + "healthz", timeout=5) as r:
+                return int(json.load(r)["counters"].get("rows_predictions", 0))
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    if sup.wait_until(lambda: stored() >= rows, timeout):
+        return True
+    log.warning("the metrics sink stored %d of %d prediction rows within %.0fs", stored(), rows, timeout)
+    return False
 
 
 def _summary(watcher: StatsWatcher, expected: int, bad: int, elapsed: float, ok: bool) -> None:

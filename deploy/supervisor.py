@@ -1,6 +1,8 @@
 """Child-process supervision for the local stack: start, watch, restart, stop in order, never orphan.
 
-Children are started with ``PR_SET_PDEATHSIG`` so a ``kill -9`` of the supervisor takes them down too.
+Children are started with ``PR_SET_PDEATHSIG`` so a ``kill -9`` of the supervisor takes them down too, and in
+their own session, so a terminal's Ctrl-C reaches only the supervisor, which then stops them in order (a
+trainer must checkpoint while the broker is still up).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class Child:
         out = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **self.env}, preexec_fn=_die_with_parent)
+                                         env={**os.environ, **self.env}, preexec_fn=_die_with_parent,
+                                         start_new_session=True)
         finally:
             out.close()
         log.debug("started %s pid=%s: %s", self.name, self.proc.pid, " ".join(cmd))

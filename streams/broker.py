@@ -6,7 +6,8 @@
 127.0.0.1:40123
 
 The broker runs in memory on a free 127.0.0.1 port. It dies with its parent (``PR_SET_PDEATHSIG``), so
-even a ``kill -9`` of the owner leaves no orphan. Tansu lacks transactions, ``offsets_for_times``, reliable
+even a ``kill -9`` of the owner leaves no orphan; it runs in its own session, so a terminal's Ctrl-C does not
+stop it before the owner's clients have closed. Tansu lacks transactions, ``offsets_for_times``, reliable
 watermarks and CreatePartitions; nothing in streamrec depends on them.
 """
 
@@ -72,7 +73,7 @@ class EmbeddedBroker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=_die_with_parent, start_new_session=True)
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()

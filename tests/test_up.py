@@ -1,0 +1,96 @@
+"""`streamrec up`: the whole local stack as one supervised command."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from streams.broker import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    todo, found = [pid], []
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if text in line and "ps -e" not in line]
+
+
+def _up(tmp_path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "STREAMREC_DATA_DIR": str(tmp_path)}
+    return subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+
+
+def _chdb_counts(path) -> dict:
+    # chDB allows one process per store path: read it in a fresh process once `up` has released it.
+    code = ("import json, sys; from dashboards.store import Store; s = Store.open(sys.argv[1], 'streamrec'); "
+            "q = lambda sql: s.query(sql).rows; "
+            "print(json.dumps({'examples': q('SELECT uniqExact(example_id) FROM streamrec.predictions')[0][0], "
+            "'domains': q('SELECT uniqExact(domain) FROM streamrec.predictions')[0][0], "
+            "'dead': q('SELECT count() FROM streamrec.dead_letters')[0][0]})); s.close()")
+    r = subprocess.run([sys.executable, "-c", code, f"chdb://{path}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_up_processes_events_end_to_end_and_leaves_nothing_running(tmp_path):
+    proc = _up(tmp_path, "--events", "3000", "--bad-rate", "0.02", "--exit-when-done", "--port", str(free_port()))
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"streamrec up did not finish:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+    assert "done: " in out and "3,000 trained" in out and "dashboard: http://127.0.0.1:" in out
+    assert not _processes_mentioning(str(tmp_path)), "a stack process outlived `streamrec up`"
+    malformed = int(re.search(r"\(([\d,]+) malformed\)", out).group(1).replace(",", ""))
+    assert malformed > 0
+    counts = _chdb_counts(tmp_path / "chdb")
+    assert counts == {"examples": 3000, "domains": 4, "dead": malformed}
+
+
+def test_ctrl_c_stops_every_process_in_order(tmp_path):
+    proc = _up(tmp_path, "--events", "2000", "--stay", "--port", str(free_port()))
+    deadline = time.monotonic() + 240
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "press Ctrl-C" in line or not line:
+            break
+    assert "press Ctrl-C" in lines[-1], "".join(lines)[-3000:]
+    kids = _descendants(proc.pid)
+    assert len(kids) >= 4  # broker, dashboard, labels, trainer
+    # A terminal's Ctrl-C reaches the supervisor's process group only: the children run in their own sessions.
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    assert "did not stop" not in out, out[-3000:]
+    time.sleep(0.5)
+    assert not [k for k in kids if os.path.exists(f"/proc/{k}") and open(f"/proc/{k}/stat").read().split()[2] != "Z"]
+    # the trainer checkpointed on the way down (SIGTERM from the supervisor, broker still up)
+    ckpts = list(tmp_path.glob("runs/*/checkpoints/*"))
+    assert ckpts, "trainer left no checkpoint"
