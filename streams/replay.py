@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 from streams import formats, kafka_io, schema
 from streams.config import Config
-from streams.logfile import BadRecord, count_lines
+from streams.logfile import BadRecord, count_lines, iter_jsonl_chunks
 
 NO_BROKER = "no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`"
 STATS_EVERY_S = 1.0
+_line_decoder = msgspec.json.Decoder(schema.Record)
 
 
 class ProduceStats(msgspec.Struct, frozen=True):
@@ -87,8 +88,10 @@ class Publisher:
         self._counts = {t.impressions: 0, t.clicks: 0, t.conversions: 0}
         self._partition_of: dict[bytes, int] = {}  # murmur2 in Python is slow; user ids repeat (Zipf)
         self._failed: list[str] = []
+        # delivery reports only for failures: a Python callback per message would cost ~10% of the rate
         self._producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.client,
-                                                on_delivery=self._on_delivery)
+                                                on_delivery=self._on_delivery,
+                                                **{"delivery.report.only.error": True})
         self._produce = self._producer.produce  # positional (topic, value, key, partition): no kwargs parsing
         self._encode = schema.encode
         self._partitions = cfg.topics.partitions
@@ -139,6 +142,54 @@ class Publisher:
         self._n += 1
         if self._n & 1023 == 0:
             self.heartbeat()
+
+    def send_lines(self, lines: list[bytes], first: int) -> tuple[list[int], int]:
+        """Decode, validate and produce native log lines (``first`` = line number of ``lines[0]``); each good
+        line is sent unchanged (it is already our encoding), with :meth:`send`'s placement rules. Returns the
+        numbers of the lines that failed, for the caller to dead-letter, and how many lines were blank.
+
+        One fused loop, because holding decoded records between steps costs more in garbage-collector
+        passes than the decoding itself (measured: 2x); each record is freed as soon as it is sent."""
+        dec, check, errors = _line_decoder.decode, schema.check, (msgspec.DecodeError, msgspec.ValidationError)
+        topic_of, counts, part_of, produce = self._topic, self._counts, self._partition_of, self._produce
+        parts, last_ts, n = self._partitions, self.last_ts, self._n
+        failed: list[int] = []
+        blank = 0
+        for i, raw in enumerate(lines, first):
+            try:
+                rec = dec(raw)
+            except errors:
+                if raw.strip():
+                    failed.append(i)
+                else:
+                    blank += 1
+                continue
+            if check(rec) is not None:
+                failed.append(i)
+                continue
+            topic = topic_of.get(type(rec))
+            if topic is None:  # a watermark: broadcast
+                self.last_ts, self._n = last_ts, n
+                self.send(rec)
+                last_ts, n = self.last_ts, self._n
+                continue
+            key = str(rec.user_id).encode()
+            part = part_of.get(key)
+            if part is None:
+                part = part_of[key] = kafka_io.partition_for(key, parts)
+            try:
+                produce(topic, raw, key, part)
+            except BufferError:
+                kafka_io.produce(self._producer, topic, raw, key=key, partition=part)
+            counts[topic] += 1
+            if rec.ts > last_ts:
+                last_ts = rec.ts
+            n += 1
+            if n & 1023 == 0:
+                self.last_ts, self._n = last_ts, n
+                self.heartbeat()
+        self.last_ts, self._n = last_ts, n
+        return failed, blank
 
     def dead_letter(self, dl: schema.DeadLetter) -> None:
         kafka_io.produce(self._producer, self.cfg.topics.dead_letters, schema.encode(dl))
@@ -292,6 +343,8 @@ def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: floa
     """
     path = Path(path)
     items = formats.read(path, fmt, options)  # raises FileNotFoundError / FormatError before producing
+    if speed is None and time_range is None and (fmt == "jsonl" or fmt == "auto" and formats.detect(path) == "jsonl"):
+        return _replay_jsonl_fast(cfg, path, progress=progress, watermark=watermark)
     pacer = _Pacer(speed) if speed is not None else None
     total = count_lines(path) if progress and path.suffix in (".jsonl", ".ndjson") else None
     lab = cfg.labels
@@ -319,6 +372,24 @@ def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: floa
                 send(rec, item.raw if len(item.records) == 1 else None)
         s = pub.finish(watermark=watermark)
     return ReplayStats(**msgspec.structs.asdict(s), lines=lines, skipped=skipped)
+
+
+def _replay_jsonl_fast(cfg: Config, path: Path, *, progress: bool, watermark: bool) -> ReplayStats:
+    """:func:`replay_file` of a native JSONL log as fast as possible (:meth:`Publisher.send_lines`)."""
+    total = count_lines(path) if progress else None
+    lines = 0
+    with Publisher(cfg, total=total, progress=progress, desc=f"replay {path.name}") as pub:
+        for first, chunk in iter_jsonl_chunks(path):
+            failed, blank = pub.send_lines(chunk, first)
+            lines += len(chunk) - blank
+            for n in failed:
+                raw = chunk[n - first]
+                why = schema.decode(raw)
+                reason = why.reason if isinstance(why, schema.Invalid) else "invalid"
+                pub.dead_letter(schema.dead_letter(f"line {n}: {reason}", raw, topic=path.name, offset=n,
+                                                   ts=_now_ms(), step="replay"))
+        s = pub.finish(watermark=watermark)
+    return ReplayStats(**msgspec.structs.asdict(s), lines=lines)
 
 
 def summary(s: ProduceStats) -> str:
