@@ -90,7 +90,9 @@ class FeatureBatch:
     """Model inputs of B examples (numpy; see :meth:`to_torch`).
 
     indices (N,) int64, offsets (T*B+1,) int64, dense (B, dense_dim) float32, domain (B,) int64,
-    click / conversion / weight (B,) float32, event_ts / emitted_ts (B,) int64, example_ids / domains: lists.
+    click / conversion / weight (B,) float32, event_ts / emitted_ts (B,) int64, example_ids / domains: lists;
+    decided (B,) int8 (:data:`trainer.delay.DECIDED` code), late (B,) int8 (:func:`trainer.delay.late_kind`),
+    click_delay_ms / conversion_delay_ms (B,) int64: feedback ts - impression ts, -1 where absent.
     """
 
     indices: np.ndarray
@@ -105,6 +107,10 @@ class FeatureBatch:
     example_ids: list[str]
     domains: list[str]
     num_tables: int
+    decided: np.ndarray | None = None
+    late: np.ndarray | None = None
+    click_delay_ms: np.ndarray | None = None
+    conversion_delay_ms: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -184,17 +190,30 @@ def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig
     return indices, offsets, dense, domain
 
 
+def _delays(fb_ts: Sequence[int | None], imp_ts: np.ndarray) -> np.ndarray:
+    t = np.fromiter((-1 if x is None else x for x in fb_ts), dtype=np.int64, count=len(imp_ts))
+    return np.where(t >= 0, np.maximum(t - imp_ts, 0), -1)
+
+
 def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig) -> FeatureBatch:
     """Examples -> :class:`FeatureBatch` (domains must be known: ``schema.decode`` guarantees it)."""
+    from trainer.delay import DECIDED_INDEX, late_kind
+
     imps = [e.impression for e in examples]
     b = len(examples)
     indices, offsets, dense, domain = featurize_impressions(imps, tcfg)
+    event_ts = np.fromiter((i.ts for i in imps), dtype=np.int64, count=b)
+    ids = [e.example_id for e in examples]
     return FeatureBatch(
         indices=indices, offsets=offsets, dense=dense, domain=domain,
         click=(np.fromiter((e.click for e in examples), dtype=np.int64, count=b) > 0).astype(np.float32),
         conversion=(np.fromiter((e.conversion for e in examples), dtype=np.int64, count=b) > 0).astype(np.float32),
         weight=np.fromiter((e.weight for e in examples), dtype=np.float32, count=b),
-        event_ts=np.fromiter((i.ts for i in imps), dtype=np.int64, count=b),
+        event_ts=event_ts,
         emitted_ts=np.fromiter((e.emitted_ts for e in examples), dtype=np.int64, count=b),
-        example_ids=[e.example_id for e in examples], domains=[i.domain for i in imps],
-        num_tables=8 + tcfg.cat_slots)
+        example_ids=ids, domains=[i.domain for i in imps],
+        num_tables=8 + tcfg.cat_slots,
+        decided=np.fromiter((DECIDED_INDEX[e.decided] for e in examples), dtype=np.int8, count=b),
+        late=np.fromiter(map(late_kind, ids), dtype=np.int8, count=b),
+        click_delay_ms=_delays([e.click_ts for e in examples], event_ts),
+        conversion_delay_ms=_delays([e.conversion_ts for e in examples], event_ts))

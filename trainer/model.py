@@ -1,20 +1,30 @@
 """The unified multi-domain multi-objective (MDMO) ranking model and its training step.
 
-Architecture (B examples, T tables of D dims, ``dense_dim`` dense values, ``N_DOM`` domains)::
+Architecture (B examples, T tables of D dims, ``dense_dim`` dense values, ``N_DOM`` domains, ``E`` experts,
+2 objectives)::
 
     sparse ids --SparseEmbeddings--> (B, T*D) -+
     dense      --------------------> (B, dd)  -+-- concat x0 (B, F)
     domain     --nn.Embedding------> (B, 8)   -+
-    x1 = x0 * (W x0 + b) + x0                      one DCNv2 cross layer (full rank)
-    h  = MLP(x1) (B, 64) * 2*sigmoid(gate[domain])  shared interaction, per-domain gate (1.0 at init)
-    [l_ctr, l_cvr] = head(h) + bias[domain]        objective heads with per-domain biases
+    x_{l+1} = x0 * (W_l x_l + b_l) + x_l, l < N_CROSS       DCNv2 cross layers (full rank), shared
+    h  = relu(bottom(x)) (B, 128)                           shared bottom
+    e  = relu(experts(h)) (B, E, 64)                        shared experts (MMoE)
+    g  = softmax(gates(h)[domain]) (B, 2, E)                one input-dependent gate per (domain, objective)
+    t  = g @ e (B, 2, 64)                                   objective towers' inputs
+    [l_ctr, l_cvr] = <t, head_w> + head_b + bias[domain]    one head per objective, per-domain biases
     p_click = sigmoid(l_ctr);  p_conversion = p_click * sigmoid(l_cvr)        (ESMM)
 
-Loss (example-weighted means): ``BCE(p_click, click) + BCE(p_click * p_cvr, conversion)``, so the conversion
-head learns over the whole impression space (no sample-selection bias from training on clicks only).
+Every domain shares every weight except its gates and biases, so a small domain learns from the large ones
+(the gates pick how much of each expert it uses per objective; they start uniform).
+
+Loss (example-weighted means): ``w_click * BCE(p_click, click) + w_conv * BCE(p_click * p_cvr, conversion)``,
+so the conversion head learns over the whole impression space (no sample-selection bias from training on
+clicks only). The weights are the example's ``weight`` times the ES-DFM importance weights of
+:mod:`trainer.delay` for examples of the ``elapsed`` label policy (1 for final labels).
 
 :class:`Learner` owns the model and both optimizers (Adam for dense parameters; row-wise Adagrad for the
-embeddings, fused into backward with fbgemm) and exports/imports its complete state for checkpoints.
+embeddings, fused into backward with fbgemm), the label-delay histograms, and exports/imports its complete
+state for checkpoints.
 """
 
 from __future__ import annotations
@@ -29,11 +39,16 @@ from torch import nn
 
 from streams import schema
 from streams.config import TrainerConfig
+from trainer import delay
 from trainer.embeddings import make_embeddings, resolve_backend, resolve_device
 from trainer.features import FeatureBatch, TorchBatch, table_names
 
 DOMAIN_DIM = 8
-HIDDEN = (128, 64)
+N_CROSS = 2
+BOTTOM = 128
+N_EXPERTS = 4
+EXPERT_DIM = 64
+N_OBJ = len(schema.OBJECTIVES)
 PROB_EPS = 1e-7
 
 
@@ -42,29 +57,41 @@ class MDMOModel(nn.Module):
 
     def __init__(self, tcfg: TrainerConfig, backend: str, device: torch.device):
         super().__init__()
-        n_dom = len(schema.DOMAINS)
+        self.n_dom = len(schema.DOMAINS)
         self.num_tables = len(table_names(tcfg))
         self.emb = make_embeddings(backend, self.num_tables, tcfg.hash_buckets, tcfg.embedding_dim,
                                    tcfg.lr_sparse, device)
-        self.domain_emb = nn.Embedding(n_dom, DOMAIN_DIM, device=device)
+        self.domain_emb = nn.Embedding(self.n_dom, DOMAIN_DIM, device=device)
         f = self.num_tables * tcfg.embedding_dim + tcfg.dense_dim + DOMAIN_DIM
-        self.cross = nn.Linear(f, f, device=device)
-        self.mlp = nn.Sequential(nn.Linear(f, HIDDEN[0], device=device), nn.ReLU(),
-                                 nn.Linear(HIDDEN[0], HIDDEN[1], device=device), nn.ReLU())
-        self.domain_gate = nn.Embedding(n_dom, HIDDEN[1], device=device)
-        self.head = nn.Linear(HIDDEN[1], 2, device=device)
-        self.domain_bias = nn.Embedding(n_dom, 2, device=device)
-        with torch.no_grad():  # domain-aware parts start neutral: gate 1.0, bias 0
-            self.domain_gate.weight.zero_()
+        self.cross = nn.ModuleList(nn.Linear(f, f, device=device) for _ in range(N_CROSS))
+        self.bottom = nn.Linear(f, BOTTOM, device=device)
+        self.experts = nn.Linear(BOTTOM, N_EXPERTS * EXPERT_DIM, device=device)
+        self.gates = nn.Linear(BOTTOM, self.n_dom * N_OBJ * N_EXPERTS, device=device)
+        self.head_w = nn.Parameter(torch.empty(N_OBJ, EXPERT_DIM, device=device))
+        self.head_b = nn.Parameter(torch.zeros(N_OBJ, device=device))
+        self.domain_bias = nn.Embedding(self.n_dom, N_OBJ, device=device)
+        with torch.no_grad():  # domain-aware parts start neutral: uniform gates, bias 0
+            nn.init.uniform_(self.head_w, -EXPERT_DIM ** -0.5, EXPERT_DIM ** -0.5)
+            self.gates.weight.zero_()
+            self.gates.bias.zero_()
             self.domain_bias.weight.zero_()
-            self.cross.weight.mul_(0.1)
+            for c in self.cross:
+                c.weight.mul_(0.1)
 
     def logits(self, b: TorchBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(l_ctr (B,), l_cvr (B,))."""
         x0 = torch.cat([self.emb(b.indices, b.offsets), b.dense, self.domain_emb(b.domain)], dim=1)
-        x1 = x0 * self.cross(x0) + x0
-        h = self.mlp(x1) * (2.0 * torch.sigmoid(self.domain_gate(b.domain)))
-        out = self.head(h) + self.domain_bias(b.domain)
+        x = x0
+        for c in self.cross:
+            x = torch.addcmul(x, x0, c(x))  # x0 * (W x + b) + x in one op
+        h = F.relu(self.bottom(x))
+        n = h.shape[0]
+        e = F.relu(self.experts(h)).view(n, N_EXPERTS, EXPERT_DIM)
+        # each example needs only its own domain's gates: gather (B, 2*E) out of (B, N_DOM, 2*E)
+        g = self.gates(h).view(n, self.n_dom, N_OBJ * N_EXPERTS)
+        g = g.gather(1, b.domain.view(n, 1, 1).expand(n, 1, N_OBJ * N_EXPERTS)).view(n, N_OBJ, N_EXPERTS)
+        t = torch.bmm(torch.softmax(g, dim=-1), e)  # (B, 2, EXPERT_DIM)
+        out = (t * self.head_w).sum(-1) + self.head_b + self.domain_bias(b.domain)
         return out[:, 0], out[:, 1]
 
     def forward(self, b: TorchBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,15 +100,25 @@ class MDMOModel(nn.Module):
         return p_click, p_click * torch.sigmoid(l_cvr)
 
 
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``{"sparse": embedding rows x dims, "dense": everything else}``."""
+    sparse = model.emb.num_tables * model.emb.rows * model.emb.dim
+    dense = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("emb."))
+    return {"sparse": sparse, "dense": dense}
+
+
 def esmm_loss(l_ctr: torch.Tensor, l_cvr: torch.Tensor, click: torch.Tensor, conversion: torch.Tensor,
-              weight: torch.Tensor) -> torch.Tensor:
-    """Weighted ``BCE(pCTR, click) + BCE(pCTR*pCVR, conversion)`` (scalar; all inputs (B,))."""
+              weight: torch.Tensor, weight_conv: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean(weight * BCE(pCTR, click) + weight_conv * BCE(pCTR*pCVR, conversion))`` (scalar; inputs (B,));
+    ``weight_conv`` defaults to ``weight``."""
     l_click = F.binary_cross_entropy_with_logits(l_ctr, click, reduction="none")
     # log(p_ctr * p_cvr) = logsigmoid(l_ctr) + logsigmoid(l_cvr): stable where the product underflows
     log_p = F.logsigmoid(l_ctr) + F.logsigmoid(l_cvr)
     log_1mp = torch.log1p(-torch.exp(log_p).clamp(max=1 - PROB_EPS))
     l_conv = -(conversion * log_p + (1 - conversion) * log_1mp)
-    return ((l_click + l_conv) * weight).mean()
+    if weight_conv is None:
+        return ((l_click + l_conv) * weight).mean()
+    return (l_click * weight + l_conv * weight_conv).mean()
 
 
 @dataclass(frozen=True)
@@ -94,9 +131,14 @@ class StepResult:
 
 
 class Learner:
-    """The model with its optimizers; one :meth:`train_step` per micro-batch."""
+    """The model with its optimizers; one :meth:`train_step` per micro-batch.
 
-    def __init__(self, tcfg: TrainerConfig):
+    ``elapsed_s``: the labels dataflow's elapsed time (``elapsed`` policy); ``delay_weighting``: apply the
+    ES-DFM weights to ``elapsed``/``late_positive`` examples (False: train on the observed labels as they are,
+    the naive baseline).
+    """
+
+    def __init__(self, tcfg: TrainerConfig, *, elapsed_s: float = delay.ELAPSED_S, delay_weighting: bool = True):
         self.tcfg = tcfg
         self.device = resolve_device(tcfg.device)
         self.backend = resolve_backend(tcfg.backend, self.device)
@@ -105,6 +147,26 @@ class Learner:
         self.dense_params = [p for n, p in self.model.named_parameters() if not n.startswith("emb.")]
         self.opt = torch.optim.Adam(self.dense_params, lr=tcfg.lr_dense)
         self.steps = 0
+        self.elapsed_ms = float(elapsed_s) * 1000.0
+        self.delay_weighting = delay_weighting
+        self.delays = {"click": delay.DelayHistogram(), "conversion": delay.DelayHistogram()}
+
+    def loss_weights(self, fb: FeatureBatch, p_click: np.ndarray, p_ctcvr: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Update the delay histograms with ``fb``'s positives; ``(w_click, w_conversion)`` (B,) float32
+        (``w_conversion`` None when both equal ``fb.weight``: every label in the batch is final)."""
+        if fb.decided is None:
+            return fb.weight, None
+        late = fb.late
+        self.delays["click"].update(fb.click_delay_ms[(fb.click > 0) & (late != 2)])
+        self.delays["conversion"].update(fb.conversion_delay_ms[(fb.conversion > 0) & (late != 1)])
+        if not self.delay_weighting or not (fb.decided >= delay.ELAPSED).any():
+            return fb.weight, None
+        s_click = self.delays["click"].survival(self.elapsed_ms)
+        s_conv = self.delays["conversion"].survival(self.elapsed_ms)
+        wc, wv = delay.objective_weights(fb.decided, late, fb.click, fb.conversion, p_click.astype(np.float64),
+                                         p_ctcvr.astype(np.float64), s_click, s_conv)
+        return (fb.weight * wc).astype(np.float32), (fb.weight * wv).astype(np.float32)
 
     @torch.no_grad()
     def score(self, fb: FeatureBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +189,12 @@ class Learner:
             p_conv_np = (p_click * torch.sigmoid(l_cvr)).cpu().numpy()
         if before_update is not None:
             before_update(p_click_np, p_conv_np)
-        loss = esmm_loss(l_ctr, l_cvr, b.click, b.conversion, b.weight)
+        w_click, w_conv = self.loss_weights(fb, p_click_np, p_conv_np)
+        if w_conv is None:
+            loss = esmm_loss(l_ctr, l_cvr, b.click, b.conversion, b.weight)
+        else:
+            loss = esmm_loss(l_ctr, l_cvr, b.click, b.conversion, torch.from_numpy(w_click).to(self.device),
+                             torch.from_numpy(w_conv).to(self.device))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # fbgemm: the sparse row-wise Adagrad update happens here
         self.opt.step()
@@ -142,7 +209,8 @@ class Learner:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"dense": dense, "sparse": self.model.emb.export_state(), "dense_opt": _to_cpu(self.opt.state_dict()),
-                "steps": self.steps, "rng": rng, "backend": self.backend}
+                "steps": self.steps, "rng": rng, "backend": self.backend,
+                "delays": {k: h.state() for k, h in self.delays.items()}}
 
     def load_state(self, st: dict) -> None:
         missing, unexpected = self.model.load_state_dict(st["dense"], strict=False)
@@ -152,6 +220,8 @@ class Learner:
         self.model.emb.import_state(st["sparse"])
         self.opt.load_state_dict(st["dense_opt"])  # moves state tensors to the params' device
         self.steps = int(st["steps"])
+        for k, h in st.get("delays", {}).items():
+            self.delays[k] = delay.DelayHistogram.from_state(h)
         torch.set_rng_state(st["rng"]["cpu"])
         if self.device.type == "cuda" and "cuda" in st["rng"]:
             torch.cuda.set_rng_state(st["rng"]["cuda"], self.device)
