@@ -60,10 +60,10 @@ def resolve_backend(name: str, device: torch.device = torch.device("cpu")) -> st
     """``auto`` -> fbgemm when importable for ``device``, else torch."""
     if name == "auto":
         return "fbgemm" if fbgemm_available(device.type) else "torch"
-    if name not in ("fbgemm", "torch"):
-        raise ValueError(f"trainer.backend: expected auto, fbgemm or torch, got {name!r}")
-    if name == "fbgemm" and not fbgemm_available(device.type):
-        raise ValueError(f"trainer.backend=fbgemm but fbgemm_gpu is not usable on {device.type}; "
+    if name not in ("fbgemm", "torch", "fiited"):
+        raise ValueError(f"trainer.backend: expected auto, fbgemm, torch or fiited, got {name!r}")
+    if name in ("fbgemm", "fiited") and not fbgemm_available(device.type):
+        raise ValueError(f"trainer.backend={name} but fbgemm_gpu is not usable on {device.type}; "
                          "use backend=torch or auto")
     return name
 
@@ -178,7 +178,10 @@ class TorchEmbeddings(SparseEmbeddings):
 
 def make_embeddings(backend: str, num_tables: int, rows: int, dim: int, lr: float,
                     device: torch.device) -> SparseEmbeddings:
-    """``backend``: auto | fbgemm | torch (see :func:`resolve_backend`)."""
+    """``backend``: auto | fbgemm | torch | fiited (see :func:`resolve_backend`)."""
     name = resolve_backend(backend, device)
+    if name == "fiited":  # variable-width rows (embedding_store/); default FiitedConfig with this dim and lr
+        from embedding_store.fiited import fiited_for_trainer
+        return fiited_for_trainer(num_tables, rows, dim, lr, device)
     cls = FbgemmEmbeddings if name == "fbgemm" else TorchEmbeddings
     return cls(num_tables, rows, dim, lr, device)

@@ -1,0 +1,76 @@
+"""Configuration of the FIITED store: one frozen dataclass, checked once by :func:`validate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POOL_SHIFT = 24  # slot code = pool << POOL_SHIFT | row  (rows per pool < 16M)
+ROW_MASK = (1 << POOL_SHIFT) - 1
+
+
+@dataclass(frozen=True)
+class FiitedConfig:
+    """Knobs of :class:`embedding_store.fiited.FiitedEmbeddings` (and its reference twin).
+
+    A full row is ``num_chunks * chunk_dim`` wide (= the trainer's ``embedding_dim``); a row lives in the
+    pool of one of ``pool_chunks`` (allowed chunk counts, ascending, last = ``num_chunks``).
+
+    * ``budget``: pool bytes (weights + row-wise momentum) allowed, as a fraction of fixed full-width tables
+      (``T * rows * (D + 1) * 4``); :func:`importance.assign_chunks` fits the live rows under it.
+    * ``maintain_every``: steps between eviction/admission passes; ``resize_every``: steps between resizes.
+    * ``admit_hits``: a slot keeps using its table's shared row until it was seen this many times.
+    * ``ttl_steps``: a row unseen for this many steps is evicted unless its importance is in the top
+      ``protect_quantile`` of live rows (the floor).
+    * ``decay``: importance multiplier per resize (old gradient energy fades).
+    * ``headroom``: spare rows per pool after a compaction (fraction of the live rows).
+    """
+
+    chunk_dim: int = 8
+    num_chunks: int = 8
+    pool_chunks: tuple[int, ...] = (1, 2, 4, 8)
+    budget: float = 0.25
+    maintain_every: int = 50
+    resize_every: int = 200
+    admit_hits: int = 2
+    ttl_steps: int = 5_000
+    protect_quantile: float = 0.9
+    decay: float = 0.5
+    headroom: float = 0.25
+    lr: float = 0.05
+    init_range: float = 0.01
+    seed: int = 0
+
+    @property
+    def dim(self) -> int:
+        return self.chunk_dim * self.num_chunks
+
+    def pool_dims(self) -> tuple[int, ...]:
+        return tuple(c * self.chunk_dim for c in self.pool_chunks)
+
+
+def validate(cfg: FiitedConfig, dim: int | None = None) -> FiitedConfig:
+    """Raise ``ValueError`` naming the field when ``cfg`` cannot work (``dim``: the trainer's embedding_dim)."""
+    pc = cfg.pool_chunks
+    checks = [
+        ("chunk_dim", cfg.chunk_dim > 0 and cfg.chunk_dim % 4 == 0, "a positive multiple of 4 (fbgemm rows)"),
+        ("num_chunks", cfg.num_chunks >= 1, ">= 1"),
+        ("pool_chunks", len(pc) >= 1 and list(pc) == sorted(set(pc)) and pc[0] >= 1 and pc[-1] == cfg.num_chunks
+         and len(pc) < 128, f"ascending distinct chunk counts in [1, {cfg.num_chunks}] ending at num_chunks"),
+        ("budget", 0 < cfg.budget <= 1.5, "in (0, 1.5]"),
+        ("maintain_every", cfg.maintain_every >= 1, ">= 1"),
+        ("resize_every", cfg.resize_every >= cfg.maintain_every and cfg.resize_every % cfg.maintain_every == 0,
+         "a multiple of maintain_every"),
+        ("admit_hits", cfg.admit_hits >= 0, ">= 0"),
+        ("ttl_steps", cfg.ttl_steps >= 1, ">= 1"),
+        ("protect_quantile", 0 <= cfg.protect_quantile <= 1, "in [0, 1]"),
+        ("decay", 0 <= cfg.decay <= 1, "in [0, 1]"),
+        ("headroom", cfg.headroom >= 0, ">= 0"),
+        ("lr", cfg.lr > 0, "> 0"),
+    ]
+    for name, ok, want in checks:
+        if not ok:
+            raise ValueError(f"FiitedConfig.{name}: expected {want}, got {getattr(cfg, name)!r}")
+    if dim is not None and dim != cfg.dim:
+        raise ValueError(f"FiitedConfig: chunk_dim * num_chunks = {cfg.dim} but the trainer's embedding_dim "
+                         f"is {dim}")
+    return cfg

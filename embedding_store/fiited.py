@@ -1,0 +1,315 @@
+"""FIITED embeddings: per-row widths learned during training, stored in size-class pools that free memory.
+
+Each table has ``rows`` virtual slots (the trainer's hashed ids). A slot's code in one flat int32 map is
+``pool << 24 | physical_row``; code 0 (pool 0, row 0) is the table's *shared* row used by ids not admitted
+yet. Routing a batch is therefore one gather plus one stable sort; all pools of all tables are one fbgemm
+TBE (row-wise Adagrad fused into backward), and the per-pool outputs are summed into ``(B, T*D)`` with one
+``index_add`` (missing chunks are zeros). Every ``maintain_every`` training steps :meth:`maintain` evicts
+stale unimportant rows, admits ids seen ``admit_hits`` times, and every ``resize_every`` steps moves rows
+between pools under the memory budget (weights truncated or zero-extended, momentum follows the row).
+
+Shapes: ``indices`` (N,) int64 in [0, rows), ``offsets`` (T*B+1,), bag (t, b) at ``t*B + b``; output (B, T*D).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from embedding_store import admission, importance
+from embedding_store.config import POOL_SHIFT, ROW_MASK, FiitedConfig, validate
+from embedding_store.ids import validate_batch
+from embedding_store.pools import SHARED, PoolSet
+from trainer.embeddings import SparseEmbeddings
+
+STATE_VERSION = 1
+COUNTERS = ("admitted", "evicted", "resized", "grown", "shrunk", "rebuilds", "maintenances")
+META_BYTES_PER_SLOT = 20  # code, hits, last_seen (int32) + importance, momentum snapshot (float32)
+
+
+class FiitedEmbeddings(SparseEmbeddings):
+    """Variable-width embeddings behind the trainer's ``SparseEmbeddings`` interface (CPU, fbgemm)."""
+
+    def __init__(self, num_tables: int, rows: int, cfg: FiitedConfig = FiitedConfig()):
+        super().__init__()
+        validate(cfg)
+        if num_tables * rows >= 2**31:
+            raise ValueError(f"fiited: num_tables * rows must be < 2**31, got {num_tables} * {rows}")
+        self.cfg, self.num_tables, self.rows, self.dim = cfg, num_tables, rows, cfg.dim
+        self.dims = cfg.pool_dims()
+        n = num_tables * rows
+        self.code = torch.zeros(n, dtype=torch.int32)  # everyone starts on the shared row
+        self.hits = torch.zeros(n, dtype=torch.int32)
+        self.last_seen = torch.zeros(n, dtype=torch.int32)
+        self.imp = torch.zeros(n, dtype=torch.float32)
+        self.snap = torch.zeros(n, dtype=torch.float32)
+        self.steps = 0
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._pending: torch.Tensor | None = None
+        caps = np.ones((num_tables, len(self.dims)), dtype=np.int64)
+        caps[:, 0] = 64
+        self.pools = PoolSet(caps, self.dims, cfg.lr)
+        g = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            for t in range(num_tables):
+                self.pools.alloc(t, 0, np.array([SHARED], dtype=np.int32))  # row 0
+                self.pools.weights(t, 0)[0] = torch.empty(self.dims[0]).uniform_(-cfg.init_range, cfg.init_range,
+                                                                                 generator=g)
+        self._colmap_cache: tuple | None = None
+
+    # -- lookup --------------------------------------------------------------------------------------
+    def colmap(self) -> torch.Tensor:
+        """(T * sum(dims),) output column of the TBE -> column in the padded (B, T*D) result."""
+        w = sum(self.dims)
+        base = torch.cat([torch.arange(d) for d in self.dims])  # (sum dims,)
+        return (torch.arange(self.num_tables).repeat_interleave(w) * self.dim + base.repeat(self.num_tables))
+
+    def route(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validated batch -> (pool rows (N,), TBE offsets (T*P*B+1,), global slots (N,))."""
+        b = validate_batch(indices, offsets, self.num_tables, self.rows)
+        P, tb = len(self.dims), offsets.numel() - 1
+        n = indices.numel()
+        bag = torch.repeat_interleave(torch.arange(tb), offsets.diff(), output_size=n)
+        t = bag // b
+        slots = t * self.rows + indices.long()
+        code = self.code[slots].long()
+        key = (t * P + (code >> POOL_SHIFT)) * b + (bag - t * b)  # TBE bag of each id: ((t*P + p)*B + b)
+        key_sorted, order = torch.sort(key, stable=True)
+        off = torch.zeros(tb * P + 1, dtype=torch.int64)
+        off[1:] = torch.bincount(key_sorted, minlength=tb * P).cumsum(0)
+        return (code & ROW_MASK)[order], off, slots
+
+    def forward_pools(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-pool outputs (B, T*sum(dims)), colmap): a consumer may fold the zero padding into its next
+        linear layer (``x @ W[:, colmap]``) instead of materialising (B, T*D)."""
+        rows, off, slots = self.route(indices, offsets)
+        if torch.is_grad_enabled():
+            self._pending = slots  # counted in step(): scoring (no_grad) never mutates the store
+        return self.pools.tbe(rows, off), self._colmap()
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        out, cm = self.forward_pools(indices, offsets)
+        padded = torch.zeros(out.shape[0], self.num_tables * self.dim, dtype=out.dtype)
+        return padded.index_add(1, cm, out)
+
+    def _colmap(self) -> torch.Tensor:
+        if self._colmap_cache is None:
+            self._colmap_cache = (self.colmap(),)
+        return self._colmap_cache[0]
+
+    # -- training bookkeeping ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        """After backward (the TBE already updated weights): count hits/recency; maintain periodically."""
+        if self._pending is None:
+            return
+        slots, self._pending = self._pending, None
+        self.steps += 1
+        self.hits.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+        self.last_seen[slots] = self.steps
+        if self.steps % self.cfg.maintain_every == 0:
+            self.maintain()
+
+    def budget_bytes(self) -> float:
+        return self.cfg.budget * self.num_tables * self.rows * (self.dim + 1) * 4
+
+    def _momentum_of(self, slots: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(slots), dtype=np.float32)
+        t = slots // self.rows
+        p = codes >> POOL_SHIFT
+        for tt, pp in set(zip(t.tolist(), p.tolist())):
+            m = (t == tt) & (p == pp)
+            out[m] = self.pools.momentum(tt, pp).numpy()[codes[m] & ROW_MASK]
+        return out
+
+    @torch.no_grad()
+    def maintain(self) -> None:
+        """Importance refresh, TTL eviction (floor-protected), resize under the budget, then admission."""
+        cfg, c = self.cfg, self.counters
+        c["maintenances"] += 1
+        code, hits, last, imp, snap = (x.numpy() for x in (self.code, self.hits, self.last_seen, self.imp, self.snap))
+        live = np.flatnonzero(code != 0)
+        mom = self._momentum_of(live, code[live].astype(np.int64))
+        imp[live] = importance.update_importance(imp[live], mom, snap[live], cfg.decay)
+        snap[live] = mom
+        # eviction: stale and below the floor
+        ev, _ = admission.evict_mask(last[live], self.steps, cfg.ttl_steps, imp[live], np.ones(len(live), bool),
+                                     cfg.protect_quantile)
+        rb = importance.row_bytes(cfg.pool_chunks, cfg.chunk_dim)
+        max_rows = int(self.budget_bytes() // rb[0])
+        keep = live[~ev]
+        if len(keep) > max_rows:  # even at the smallest width the live rows overflow: drop the least important
+            order = np.argsort(-imp[keep], kind="stable")
+            ev_extra = keep[order[max_rows:]]
+            keep = np.sort(keep[order[:max_rows]])
+        else:
+            ev_extra = np.zeros(0, dtype=np.int64)
+        self._evict(np.concatenate([live[ev], ev_extra]))
+        # resize
+        if self.steps % cfg.resize_every == 0 and len(keep):
+            cur = code[keep].astype(np.int64) >> POOL_SHIFT
+            tgt = importance.assign_pools(imp[keep], cfg.pool_chunks, cfg.chunk_dim,
+                                          self.budget_bytes() - rb[0] * 0, power=0.5)
+            mv = tgt != cur
+            self._move(keep[mv], tgt[mv])
+            c["resized"] += int(mv.sum())
+            c["grown"] += int((tgt[mv] > cur[mv]).sum())
+            c["shrunk"] += int((tgt[mv] < cur[mv]).sum())
+        # admission into the smallest pool, most-hit first, within the row cap
+        live_now = self.code.numpy() != 0
+        cand = np.flatnonzero(admission.admit_mask(hits, live_now, cfg.admit_hits))
+        room = max(max_rows - int(live_now.sum()), 0)
+        if len(cand) > room:
+            cand = np.sort(cand[np.argsort(-hits[cand], kind="stable")[:room]])
+        self._admit(cand)
+
+    def _apply(self, remap) -> None:
+        if remap is not None:
+            self.counters["rebuilds"] += 1
+            slots, codes = remap
+            self.code[torch.from_numpy(slots)] = torch.from_numpy(codes.astype(np.int32))
+
+    def _need(self, slots: np.ndarray, pools: np.ndarray) -> np.ndarray:
+        need = np.zeros((self.num_tables, len(self.dims)), dtype=np.int64)
+        np.add.at(need, (slots // self.rows, pools), 1)
+        return need
+
+    def _evict(self, slots: np.ndarray) -> None:
+        if not len(slots):
+            return
+        codes = self.code.numpy()[slots].astype(np.int64)
+        self._free(slots, codes)
+        idx = torch.from_numpy(slots)
+        for a in (self.code, self.hits, self.imp, self.snap):
+            a[idx] = 0
+        self.counters["evicted"] += len(slots)
+        self._apply(self.pools.reserve(np.zeros_like(self.pools.caps), self.cfg.headroom))
+
+    def _free(self, slots: np.ndarray, codes: np.ndarray) -> None:
+        t, p = slots // self.rows, codes >> POOL_SHIFT
+        for tt, pp in sorted(set(zip(t.tolist(), p.tolist()))):
+            m = (t == tt) & (p == pp)
+            self.pools.release(tt, pp, (codes[m] & ROW_MASK).astype(np.int32))
+
+    def _move(self, slots: np.ndarray, tgt: np.ndarray) -> None:
+        """Move ``slots`` to pools ``tgt``: keep min(old, new) columns, zero the rest; momentum follows."""
+        if not len(slots):
+            return
+        self._apply(self.pools.reserve(self._need(slots, tgt), self.cfg.headroom))
+        codes = self.code.numpy()[slots].astype(np.int64)
+        t, src = slots // self.rows, codes >> POOL_SHIFT
+        new_codes = np.zeros(len(slots), dtype=np.int64)
+        for tt, sp, dp in sorted(set(zip(t.tolist(), src.tolist(), tgt.tolist()))):
+            m = np.flatnonzero((t == tt) & (src == sp) & (tgt == dp))
+            old_rows = torch.from_numpy(codes[m] & ROW_MASK)
+            new_rows = self.pools.alloc(tt, dp, slots[m].astype(np.int32))
+            k = min(self.dims[sp], self.dims[dp])
+            w = self.pools.weights(tt, dp)
+            nr = torch.from_numpy(new_rows.astype(np.int64))
+            w[nr] = 0.0
+            w[nr, :k] = self.pools.weights(tt, sp)[old_rows, :k]
+            self.pools.momentum(tt, dp)[nr] = self.pools.momentum(tt, sp)[old_rows]
+            new_codes[m] = (dp << POOL_SHIFT) | new_rows.astype(np.int64)
+        self._free(slots, codes)
+        self.code[torch.from_numpy(slots)] = torch.from_numpy(new_codes.astype(np.int32))
+
+    def _admit(self, slots: np.ndarray) -> None:
+        """Private rows in pool 0 for ``slots``, starting as a copy of the shared row (momentum 0)."""
+        if not len(slots):
+            return
+        self._apply(self.pools.reserve(self._need(slots, np.zeros(len(slots), np.int64)), self.cfg.headroom))
+        t = slots // self.rows
+        new_codes = np.zeros(len(slots), dtype=np.int64)
+        for tt in sorted(set(t.tolist())):
+            m = np.flatnonzero(t == tt)
+            rows = self.pools.alloc(tt, 0, slots[m].astype(np.int32))
+            w = self.pools.weights(tt, 0)
+            nr = torch.from_numpy(rows.astype(np.int64))
+            w[nr] = w[0].clone()
+            self.pools.momentum(tt, 0)[nr] = 0.0
+            new_codes[m] = rows
+        idx = torch.from_numpy(slots)
+        self.code[idx] = torch.from_numpy(new_codes.astype(np.int32))
+        self.imp[idx] = 0.0
+        self.snap[idx] = 0.0
+        self.counters["admitted"] += len(slots)
+
+    # -- introspection (shared with the reference twin) ----------------------------------------------
+    def chunks(self, t: int, v: int) -> int:
+        """Chunks of slot (t, v): 0 when it still uses the shared row."""
+        c = int(self.code[t * self.rows + v])
+        return 0 if c == 0 else self.cfg.pool_chunks[c >> POOL_SHIFT]
+
+    def row(self, t: int, v: int) -> np.ndarray:
+        """The (D,) vector slot (t, v) looks up (zero-padded)."""
+        c = int(self.code[t * self.rows + v])
+        p, r = c >> POOL_SHIFT, c & ROW_MASK
+        out = np.zeros(self.dim, dtype=np.float32)
+        out[: self.dims[p]] = self.pools.weights(t, p)[r].numpy()
+        return out
+
+    def row_momentum(self, t: int, v: int) -> float:
+        c = int(self.code[t * self.rows + v])
+        return float(self.pools.momentum(t, c >> POOL_SHIFT)[c & ROW_MASK])
+
+    # -- state ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def export_state(self) -> dict[str, torch.Tensor]:
+        st = {f"pools.{k}": v for k, v in self.pools.export().items()}
+        st.update({"fiited_version": torch.tensor(STATE_VERSION), "code": self.code.clone(),
+                   "hits": self.hits.clone(), "last_seen": self.last_seen.clone(), "imp": self.imp.clone(),
+                   "snap": self.snap.clone(), "steps": torch.tensor(self.steps),
+                   "counters": torch.tensor([self.counters[k] for k in COUNTERS], dtype=torch.int64),
+                   "shape": torch.tensor([self.num_tables, self.rows, self.dim, *self.cfg.pool_chunks])})
+        return st
+
+    @torch.no_grad()
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "fiited_version" not in state:
+            raise ValueError("fiited: checkpoint holds fixed-width tables (backend fbgemm/torch), "
+                             "not a fiited store; start fresh or use that backend")
+        want = [self.num_tables, self.rows, self.dim, *self.cfg.pool_chunks]
+        if state["shape"].tolist() != want:
+            raise ValueError(f"fiited state: expected (tables, rows, dim, *pool_chunks) = {want}, "
+                             f"got {state['shape'].tolist()}")
+        self.pools = PoolSet.restore({k[6:]: v for k, v in state.items() if k.startswith("pools.")},
+                                     self.dims, self.cfg.lr)
+        for k in ("code", "hits", "last_seen", "imp", "snap"):
+            getattr(self, k).copy_(state[k])
+        self.steps = int(state["steps"])
+        self.counters = dict(zip(COUNTERS, state["counters"].tolist()))
+        self._pending = None
+
+    def memory_report(self) -> dict[str, float]:
+        """Gauges for ``ServiceStats.values``: bytes per pool, live rows per width, totals and counters."""
+        code = self.code.numpy()
+        live = code[code != 0]
+        per_pool = np.bincount(live >> POOL_SHIFT, minlength=len(self.dims))
+        pool_bytes = self.pools.nbytes()
+        n_phys = int(self.pools.caps.sum())
+        meta = META_BYTES_PER_SLOT * self.num_tables * self.rows + 4 * n_phys
+        fixed = self.num_tables * self.rows * (self.dim + 1) * 4
+        out: dict[str, float] = {}
+        for p, d in enumerate(self.dims):
+            out[f"fiited_pool_bytes_d{d}"] = float(pool_bytes[p])
+            out[f"fiited_rows_d{d}"] = float(per_pool[p])
+        total = float(pool_bytes.sum() + meta)
+        out.update({"fiited_shared_rows": float(self.num_tables), "fiited_meta_bytes": float(meta),
+                    "fiited_total_bytes": total, "fiited_fixed_bytes": float(fixed),
+                    "fiited_memory_ratio": total / fixed, "fiited_steps": float(self.steps),
+                    **{f"fiited_{k}": float(v) for k, v in self.counters.items()}})
+        return out
+
+
+def fiited_for_trainer(num_tables: int, rows: int, dim: int, lr: float, device: torch.device,
+                       cfg: FiitedConfig = FiitedConfig()) -> FiitedEmbeddings:
+    """The trainer's ``backend=fiited``: ``cfg`` with chunks of 8 (or 4) making up ``dim`` and ``lr``."""
+    if device.type != "cpu":
+        raise ValueError(f"trainer.backend=fiited runs on cpu only (fbgemm host pools), got device {device}")
+    chunk = 8 if dim % 8 == 0 else 4
+    if dim % chunk:
+        raise ValueError(f"trainer.backend=fiited: embedding_dim must be a multiple of 4, got {dim}")
+    n = dim // chunk
+    pc = tuple(sorted({c for c in cfg.pool_chunks if c < n} | {n}))
+    from dataclasses import replace
+    return FiitedEmbeddings(num_tables, rows, replace(cfg, chunk_dim=chunk, num_chunks=n, pool_chunks=pc, lr=lr))
