@@ -4,21 +4,27 @@ Pure logic, no broker: :func:`step` is ``(state, batch, now_ms) -> (state, outpu
 Bytewax's ``stateful_map``; the labels dataflow (``streams/labels.py``) runs one :class:`JoinState` per
 Kafka partition number (impressions, clicks and conversions of a user share that number).
 
-Policy ``window``: an impression is emitted once, as an :class:`schema.Example`, when the partition's event
-time passes ``impression.ts + max(click window, conversion window)``. ``click`` is 1 iff a click with
-``0 <= click.ts - imp.ts <= click window`` joined (``conversion`` likewise with its own window).
+Outputs are already encoded, shape ``list[(kind, key, value)]``: ``(EXAMPLE, user-id key, Example JSON)`` or
+``(DEAD, None, DeadLetter JSON)``. The hot path moves bytes, not objects: an impression is decoded once to
+validate it, its state keeps the raw bytes (GC-untracked, cheap to snapshot), and the example's JSON splices
+those bytes in (:func:`example_bytes`), so the impression is never re-encoded.
 
-Every input record is accounted for: it is used in an example (impressions and joined feedback), or it
-becomes a :class:`schema.DeadLetter` with a reason (undecodable, duplicate event id, feedback outside its
-window, feedback for an impression already emitted, orphan feedback whose impression never came).
-Watermark records only move time.
+Policies (each objective has its own window; ``max window`` = the larger):
 
-Event time of the partition: the max ``ts`` seen per input topic; the partition's time is the minimum over
-the topics that are not caught up (a topic-partition at its end does not hold time back), so windows do
-not close before a slower topic has been read. A :class:`schema.Watermark` sets its topic's time.
+- ``window``: one example per impression when the partition's time passes ``ts + max window``;
+  ``decided`` = ``window_closed`` (or ``end_of_stream`` when only a watermark / end of input closed it).
+- ``elapsed`` (ES-DFM): the example leaves at ``ts + elapsed`` with the labels seen so far
+  (``decided="elapsed"``); feedback arriving later inside its window emits a duplicate positive with id
+  ``<impression id>#late-click`` / ``#late-conversion`` (``decided="late_positive"``); the state is kept
+  until the max window closes.
 
-Memory is bounded by the window: an impression's state is dropped when it is emitted; the ids of emitted
-impressions and of seen feedback are kept only for one more window (for duplicate / late detection).
+Every input record is accounted for: it is used (impressions and joined feedback) or becomes a dead letter
+with a reason (too large, undecodable/invalid, timestamp in the future, impression older than its window,
+duplicate event id, feedback outside its window, late feedback, orphan). ``state.counts`` counts them, dead
+letters also per reason category (``dead.<category>``). Watermark records only move time.
+
+Event time of the partition: max ``ts`` per input topic; the partition's time is the minimum over the topics
+that are not caught up (at EOF), so windows never close before a slower topic was read.
 
 >>> cfg = JoinConfig(("imp", "clk", "cnv"), click_window_ms=60_000, conversion_window_ms=60_000)
 >>> st = JoinState(cfg)
@@ -26,31 +32,41 @@ impressions and of seen feedback are kept only for one more window (for duplicat
 >>> imp = schema.Impression(event_id="i1", ts=t0, user_id=1, ad_id=1, campaign_id=1, advertiser_id=1,
 ...                         domain="feed")
 >>> clk = schema.Click(event_id="c1", impression_id="i1", ts=t0 + 5_000, user_id=1)
->>> wm = schema.Watermark(ts=t0 + 3_600_000)
+>>> wm = schema.encode(schema.Watermark(ts=t0 + 3_600_000))
 >>> batch = SourceBatch(0, (("imp", 0, 0, schema.encode(imp)), ("clk", 0, 0, schema.encode(clk)),
-...                      ("imp", 0, 1, schema.encode(wm)), ("clk", 0, 1, schema.encode(wm)),
-...                      ("cnv", 0, 0, schema.encode(wm))), frozenset())
->>> st, out = step(st, batch, now_ms=0)
->>> [(o.example_id, o.click, o.conversion, o.click_ts - t0, o.decided) for o in out]
-[('i1', 1, 0, 5000, 'end_of_stream')]
+...                      ("imp", 0, 1, wm), ("clk", 0, 1, wm), ("cnv", 0, 0, wm)), frozenset())
+>>> st, out = step(st, batch, now_ms=t0 + 10**7)
+>>> ex = schema.decode(out[0][2], schema.Example)
+>>> (out[0][1], ex.example_id, ex.click, ex.conversion, ex.click_ts - t0, ex.decided, ex.impression == imp)
+(b'1', 'i1', 1, 0, 5000, 'end_of_stream', True)
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import NamedTuple, Union
 
+import msgspec
 
 from streams import schema
 
 RawMsg = tuple[str, int, int, bytes]  # (topic, partition, offset, value bytes) as read from Kafka
-Output = Union[schema.Example, schema.DeadLetter]
+Output = tuple[int, Union[bytes, None], bytes]  # (EXAMPLE | DEAD, key, encoded record)
+EXAMPLE, DEAD = 0, 1
 POLICIES = ("window", "elapsed")
 IMP, CLICK, CONV = 0, 1, 2
 _KIND_NAME = ("impression", "click", "conversion")
+_LATE_SUFFIX = ("", "#late-click", "#late-conversion")
 STEP_DECODE = "labels.decode"
 STEP_JOIN = "labels.join"
+MAX_MSG_BYTES = 64 * 1024  # larger input records are dead letters before any parsing
+FUTURE_TOLERANCE_MS = 24 * 3600 * 1000  # event ts this far past the wall clock: a broken clock, dead letter
+ELAPSED_S = 3600  # default elapsed time of the `elapsed` policy (LabelsConfig.elapsed_s when present)
+
+_decode = msgspec.json.Decoder(schema.Record).decode
+_enc = msgspec.json.Encoder().encode
 
 
 class SourceBatch(NamedTuple):
@@ -66,43 +82,44 @@ class SourceBatch(NamedTuple):
 
 @dataclass(frozen=True)
 class JoinConfig:
-    """``topics``: (impressions, clicks, conversions) topic names; windows in milliseconds."""
+    """``topics``: (impressions, clicks, conversions) topic names; windows and ``elapsed_ms`` in ms."""
 
     topics: tuple[str, str, str]
     click_window_ms: int
     conversion_window_ms: int
     policy: str = "window"
+    elapsed_ms: int = ELAPSED_S * 1000
+    future_tolerance_ms: int | None = FUTURE_TOLERANCE_MS  # None: no wall-clock check (replays of fake time)
+    max_window_ms: int = field(init=False)
+    elapsed: bool = field(init=False)  # the elapsed policy emits before the windows close
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"labels.policy: expected one of {POLICIES}, got {self.policy!r}")
-        if self.policy != "window":
-            raise ValueError(f"labels.policy {self.policy!r} is not implemented yet; use 'window'")
-        if min(self.click_window_ms, self.conversion_window_ms) < 0:
+        if min(self.click_window_ms, self.conversion_window_ms, self.elapsed_ms) < 0:
             raise ValueError(f"labels windows must be >= 0 ms, got click={self.click_window_ms} "
-                             f"conversion={self.conversion_window_ms}")
+                             f"conversion={self.conversion_window_ms} elapsed={self.elapsed_ms}")
         if len(set(self.topics)) != 3:
             raise ValueError(f"labels: impressions, clicks and conversions need 3 distinct topics, got {self.topics}")
+        object.__setattr__(self, "max_window_ms", max(self.click_window_ms, self.conversion_window_ms))
+        object.__setattr__(self, "elapsed", self.policy == "elapsed" and self.elapsed_ms < self.max_window_ms)
 
     @classmethod
     def from_config(cls, cfg) -> JoinConfig:
-        """From a :class:`streams.config.Config`."""
-        return cls(cfg.topics.input_topics(), cfg.labels.click_window_s * 1000,
-                   cfg.labels.conversion_window_s * 1000, cfg.labels.policy)
-
-    @property
-    def max_window_ms(self) -> int:
-        return max(self.click_window_ms, self.conversion_window_ms)
+        """From a :class:`streams.config.Config` (``labels.elapsed_s`` when the config has it)."""
+        lab = cfg.labels
+        return cls(cfg.topics.input_topics(), lab.click_window_s * 1000, lab.conversion_window_s * 1000,
+                   lab.policy, int(getattr(lab, "elapsed_s", ELAPSED_S) * 1000))
 
     def window_ms(self, kind: int) -> int:
         return self.click_window_ms if kind == CLICK else self.conversion_window_ms
 
 
-# A pending impression: (impression, first click ts | None, first conversion ts | None). Immutable, so a
-# snapshot is a shallow copy of the dict.
-Pending = tuple[schema.Impression, Union[int, None], Union[int, None]]
-# Buffered feedback waiting for its impression: (kind, event, raw message).
-Orphan = tuple[int, Union[schema.Click, schema.Conversion], RawMsg]
+# A pending impression: (raw bytes, ts, user key, first click ts | None, first conversion ts | None, emitted).
+# Atomic values only: GC-untracked and a snapshot is a shallow dict copy.
+Pending = tuple[bytes, int, bytes, Union[int, None], Union[int, None], bool]
+# Buffered feedback waiting for its impression: (kind, feedback id, feedback ts, raw message).
+Orphan = tuple[int, str, int, RawMsg]
 
 
 class JoinState:
@@ -112,8 +129,8 @@ class JoinState:
     ``done``/``seen_fb`` <= ids of about two windows.
     """
 
-    __slots__ = ("cfg", "data_ts", "wm_ts", "caught_up", "pending", "deadlines", "orphans", "orphan_heap",
-                 "done", "seen_fb", "expiry", "counts")
+    __slots__ = ("cfg", "data_ts", "wm_ts", "caught_up", "pending", "fifo", "late", "orphans", "orphan_heap",
+                 "done", "seen_fb", "gen_start", "counts")
 
     def __init__(self, cfg: JoinConfig):
         self.cfg = cfg
@@ -121,29 +138,41 @@ class JoinState:
         self.wm_ts: list[int | None] = [None, None, None]  # max watermark per input topic
         self.caught_up = [False, False, False]
         self.pending: dict[str, Pending] = {}
-        self.deadlines: list[tuple[int, str]] = []  # heap of (close time, impression id)
+        # Deadlines (time, impression id) per stage (0 = elapsed emission, 1 = window close): impressions mostly
+        # arrive in time order, so a FIFO takes them at O(1); an out-of-order one goes to the stage's heap.
+        self.fifo: tuple[deque, deque] = (deque(), deque())
+        self.late: tuple[list, list] = ([], [])
         self.orphans: dict[str, tuple[Orphan, ...]] = {}  # impression id -> feedback waiting for it
         self.orphan_heap: list[tuple[int, str, str]] = []  # (expiry, impression id, feedback id)
-        self.done: dict[str, int] = {}  # emitted impression id -> forget after this event time
-        self.seen_fb: dict[str, int] = {}  # feedback event id -> forget after this event time
-        self.expiry: list[tuple[int, int, str]] = []  # heap of (time, 0=done/1=seen_fb, id)
-        self.counts = {"events_in": 0, "examples_out": 0, "dead_letters": 0, "feedback_joined": 0}
+        # Ids of closed impressions and of seen feedback, in two generations (current, previous): the previous
+        # one is dropped when the partition time passed gen_start + max window, so an id is remembered for one
+        # to two windows at O(1) cost (no per-id expiry heap).
+        self.done: tuple[set[str], set[str]] = (set(), set())
+        self.seen_fb: tuple[set[str], set[str]] = (set(), set())
+        self.gen_start: int | None = None
+        self.counts: dict[str, int] = {"events_in": 0, "examples_out": 0, "dead_letters": 0,
+                                       "feedback_joined": 0, "late_positives": 0}
 
     def snapshot(self) -> tuple:
         """An immutable-enough copy for Bytewax recovery: shallow copies over immutable values."""
         return (self.cfg, tuple(self.data_ts), tuple(self.wm_ts), tuple(self.caught_up), dict(self.pending),
-                list(self.deadlines), dict(self.orphans), list(self.orphan_heap), dict(self.done),
-                dict(self.seen_fb), list(self.expiry), dict(self.counts))
+                (deque(self.fifo[0]), deque(self.fifo[1])), (list(self.late[0]), list(self.late[1])),
+                dict(self.orphans), list(self.orphan_heap),
+                (set(self.done[0]), self.done[1]), (set(self.seen_fb[0]), self.seen_fb[1]), self.gen_start,
+                dict(self.counts))
 
     @classmethod
     def restore(cls, snap: tuple) -> JoinState:
         st = cls(snap[0])
-        (_, data_ts, wm_ts, caught_up, st.pending, st.deadlines, st.orphans, st.orphan_heap, st.done, st.seen_fb,
-         st.expiry, st.counts) = snap
+        (_, data_ts, wm_ts, caught_up, pending, fifo, late, orphans, orphan_heap, done, seen_fb, st.gen_start,
+         counts) = snap
         st.data_ts, st.wm_ts, st.caught_up = list(data_ts), list(wm_ts), list(caught_up)
-        st.pending, st.orphans, st.done, st.seen_fb = dict(st.pending), dict(st.orphans), dict(st.done), dict(st.seen_fb)
-        st.deadlines, st.orphan_heap, st.expiry, st.counts = (list(st.deadlines), list(st.orphan_heap),
-                                                              list(st.expiry), dict(st.counts))
+        st.pending, st.orphans = dict(pending), dict(orphans)
+        # the previous generation is never mutated, only replaced: sharing it with the snapshot is safe
+        st.done, st.seen_fb = (set(done[0]), done[1]), (set(seen_fb[0]), seen_fb[1])
+        st.fifo, st.late = (deque(fifo[0]), deque(fifo[1])), (list(late[0]), list(late[1]))
+        st.orphan_heap = list(orphan_heap)
+        st.counts = {**st.counts, **counts}
         return st
 
     def n_pending(self) -> int:
@@ -171,45 +200,97 @@ def _min_time(ts: list[int | None], caught_up: list[bool]) -> int | None:
     return None if None in live else min(live)
 
 
+def example_bytes(example_id: str, raw_imp: bytes, click_ts: int | None, conv_ts: int | None, decided: str,
+                  now_ms: int) -> bytes:
+    """JSON of a :class:`schema.Example` with the impression's validated raw bytes spliced in (no re-encode)."""
+    return b'{"type":"example","example_id":%b,"impression":%b,"click":%d,"conversion":%d,"click_ts":%b,' \
+           b'"conversion_ts":%b,"decided":"%b","weight":1.0,"emitted_ts":%d}' % (
+               _enc(example_id), raw_imp, click_ts is not None, conv_ts is not None,
+               b"null" if click_ts is None else b"%d" % click_ts, b"null" if conv_ts is None else b"%d" % conv_ts,
+               decided.encode(), now_ms)
+
+
+def _dead(state: JoinState, reason: str, msg: RawMsg, now_ms: int, step_id: str = STEP_JOIN) -> Output:
+    cat = reason.split(":", 1)[0][:40]
+    key = "dead." + cat
+    state.counts[key] = state.counts.get(key, 0) + 1
+    dl = schema.dead_letter(reason, msg[3], topic=msg[0], partition=msg[1], offset=msg[2], ts=now_ms, step=step_id)
+    return (DEAD, None, schema.encode(dl))
+
+
 def step(state: JoinState, batch: SourceBatch, now_ms: int) -> tuple[JoinState, list[Output]]:
     """Process one batch of raw messages, then close every window the partition's time has passed.
 
-    ``now_ms`` (wall clock) stamps ``emitted_ts`` of examples and ``ts`` of dead letters. Returns the same
-    (mutated) state object and the outputs: examples and dead letters, shape ``list[Example | DeadLetter]``.
+    ``now_ms`` (wall clock) stamps ``emitted_ts`` of examples and ``ts`` of dead letters and bounds future
+    timestamps. Returns the same (mutated) state object and the encoded outputs.
     """
-    cfg, out = state.cfg, []
-    kinds = {cfg.topics[0]: IMP, cfg.topics[1]: CLICK, cfg.topics[2]: CONV}
+    cfg, out, counts = state.cfg, [], state.counts
+    topics = cfg.topics
+    kinds = {topics[0]: IMP, topics[1]: CLICK, topics[2]: CONV}
+    future = schema.MAX_TS_MS if cfg.future_tolerance_ms is None else now_ms + cfg.future_tolerance_ms
+    t_start = state.time()
+    too_old = None if t_start is None else t_start - cfg.max_window_ms
+    n_in = 0
     for msg in batch.msgs:
         topic_kind = kinds.get(msg[0])
-        ev = schema.decode(msg[3])
         if topic_kind is None:
-            out.append(_dead(f"message from unexpected topic {msg[0]!r} (expected one of {cfg.topics})", msg,
-                             now_ms, STEP_DECODE))
+            out.append(_dead(state, f"unexpected topic: {msg[0]!r} (expected one of {topics})", msg, now_ms,
+                             STEP_DECODE))
             continue
-        if isinstance(ev, schema.Watermark):
-            state.wm_ts[topic_kind] = _max(state.wm_ts[topic_kind], ev.ts)
+        raw = msg[3]
+        if len(raw) > MAX_MSG_BYTES:
+            n_in += 1
+            out.append(_dead(state, f"too large: {len(raw)} bytes > {MAX_MSG_BYTES}", msg, now_ms, STEP_DECODE))
             continue
-        state.counts["events_in"] += 1
-        if isinstance(ev, schema.Invalid):
-            out.append(_dead(ev.reason, msg, now_ms, STEP_DECODE))
+        try:
+            ev = _decode(raw)
+        except msgspec.ValidationError as e:
+            n_in += 1
+            out.append(_dead(state, f"schema: {e}", msg, now_ms, STEP_DECODE))
             continue
-        kind = IMP if isinstance(ev, schema.Impression) else CLICK if isinstance(ev, schema.Click) else CONV
+        except msgspec.DecodeError as e:
+            n_in += 1
+            out.append(_dead(state, f"unparseable: {e}", msg, now_ms, STEP_DECODE))
+            continue
+        cls = type(ev)
+        if cls is schema.Watermark:
+            w = state.wm_ts[topic_kind]
+            if w is None or ev.ts > w:
+                state.wm_ts[topic_kind] = ev.ts
+            continue
+        n_in += 1
+        kind = IMP if cls is schema.Impression else CLICK if cls is schema.Click else CONV
+        reason = schema.check(ev)
+        if reason is not None:
+            out.append(_dead(state, f"invalid: {reason}", msg, now_ms, STEP_DECODE))
+            continue
         if kind != topic_kind:
-            out.append(_dead(f"{_KIND_NAME[kind]} record on the {_KIND_NAME[topic_kind]} topic {msg[0]!r}", msg,
-                             now_ms, STEP_DECODE))
+            out.append(_dead(state, f"wrong topic: {_KIND_NAME[kind]} record on the {_KIND_NAME[topic_kind]} "
+                                    f"topic {msg[0]!r}", msg, now_ms, STEP_DECODE))
             continue
-        state.data_ts[kind] = _max(state.data_ts[kind], ev.ts)
+        ts = ev.ts
+        if ts > future:
+            out.append(_dead(state, f"future timestamp: ts {ts} is more than {cfg.future_tolerance_ms} ms after the "
+                                    f"wall clock {now_ms}", msg, now_ms, STEP_DECODE))
+            continue
+        d = state.data_ts[kind]
+        if d is None or ts > d:
+            state.data_ts[kind] = ts
         if kind == IMP:
+            if too_old is not None and ts < too_old:
+                out.append(_dead(state, f"stale impression: ts {ts} is before the partition time {t_start} minus "
+                                        f"the window {cfg.max_window_ms} ms", msg, now_ms))
+                continue
             _on_impression(state, ev, msg, now_ms, out)
         else:
             _on_feedback(state, kind, ev, msg, now_ms, out)
+    counts["events_in"] += n_in
     for topic, kind in kinds.items():
         state.caught_up[kind] = topic in batch.caught_up
     t = state.time()
     if t is not None:
         _advance(state, t, now_ms, out)
-    state.counts["examples_out"] += sum(1 for o in out if isinstance(o, schema.Example))
-    state.counts["dead_letters"] += sum(1 for o in out if isinstance(o, schema.DeadLetter))
+    _count(state, out)
     return state, out
 
 
@@ -217,107 +298,134 @@ def flush(state: JoinState, now_ms: int) -> tuple[JoinState, list[Output]]:
     """End of a finite input: emit every pending impression (``end_of_stream``), dead-letter orphans."""
     out: list[Output] = []
     _advance(state, schema.MAX_TS_MS + 1, now_ms, out, final=True)
-    state.counts["examples_out"] += sum(1 for o in out if isinstance(o, schema.Example))
-    state.counts["dead_letters"] += sum(1 for o in out if isinstance(o, schema.DeadLetter))
+    _count(state, out)
     return state, out
 
 
-
-
-def _dead(reason: str, msg: RawMsg, now_ms: int, step_id: str = STEP_JOIN) -> schema.DeadLetter:
-    return schema.dead_letter(reason, msg[3], topic=msg[0], partition=msg[1], offset=msg[2], ts=now_ms, step=step_id)
-
-
-def _forget_later(state: JoinState, table: int, key: str, at: int) -> None:
-    (state.done if table == 0 else state.seen_fb)[key] = at
-    heapq.heappush(state.expiry, (at, table, key))
+def _count(state: JoinState, out: list[Output]) -> None:
+    n_dead = sum(o[0] for o in out)  # DEAD == 1
+    state.counts["dead_letters"] += n_dead
+    state.counts["examples_out"] += len(out) - n_dead
 
 
 def _on_impression(state: JoinState, imp: schema.Impression, msg: RawMsg, now_ms: int, out: list) -> None:
-    iid = imp.event_id
-    if iid in state.pending or iid in state.done:
-        out.append(_dead(f"duplicate event_id: impression {iid!r} seen before", msg, now_ms))
+    iid, ts, cfg = imp.event_id, imp.ts, state.cfg
+    if iid in state.pending or iid in state.done[0] or iid in state.done[1]:
+        out.append(_dead(state, f"duplicate event_id: impression {iid!r} seen before", msg, now_ms))
         return
     click_ts = conv_ts = None
-    for kind, fb, raw in state.orphans.pop(iid, ()):
-        if not 0 <= fb.ts - imp.ts <= state.cfg.window_ms(kind):
-            out.append(_dead(_outside(kind, fb, imp, state.cfg), raw, now_ms))
-            continue
-        state.counts["feedback_joined"] += 1
-        if kind == CLICK:
-            click_ts = fb.ts if click_ts is None else min(click_ts, fb.ts)
-        else:
-            conv_ts = fb.ts if conv_ts is None else min(conv_ts, fb.ts)
-    state.pending[iid] = (imp, click_ts, conv_ts)
-    heapq.heappush(state.deadlines, (imp.ts + state.cfg.max_window_ms, iid))
+    waiting = state.orphans.pop(iid, None)
+    if waiting:
+        for kind, fid, fts, raw in waiting:
+            if not 0 <= fts - ts <= cfg.window_ms(kind):
+                out.append(_dead(state, _outside(kind, fts, iid, ts, cfg), raw, now_ms))
+                continue
+            state.counts["feedback_joined"] += 1
+            if kind == CLICK:
+                click_ts = fts if click_ts is None else min(click_ts, fts)
+            else:
+                conv_ts = fts if conv_ts is None else min(conv_ts, fts)
+    state.pending[iid] = (msg[3], ts, b"%d" % imp.user_id, click_ts, conv_ts, False)
+    _schedule(state, 1, ts + cfg.max_window_ms, iid)
+    if cfg.elapsed:
+        _schedule(state, 0, ts + cfg.elapsed_ms, iid)
 
 
-def _outside(kind: int, fb, imp: schema.Impression, cfg: JoinConfig) -> str:
-    return (f"{_KIND_NAME[kind]} outside attribution window: {fb.ts - imp.ts} ms after impression "
-            f"{imp.event_id!r}, window [0, {cfg.window_ms(kind)}] ms")
+def _schedule(state: JoinState, stage: int, at: int, iid: str) -> None:
+    q = state.fifo[stage]
+    if not q or q[-1][0] <= at:
+        q.append((at, iid))
+    else:
+        heapq.heappush(state.late[stage], (at, iid))
+
+
+def _due(state: JoinState, stage: int, t: int) -> list[tuple[int, str]]:
+    """Deadlines of ``stage`` before ``t``, removed from the state."""
+    q, h, out = state.fifo[stage], state.late[stage], []
+    while q and q[0][0] < t:
+        out.append(q.popleft())
+    while h and h[0][0] < t:
+        out.append(heapq.heappop(h))
+    return out
+
+
+def _outside(kind: int, fts: int, iid: str, its: int, cfg: JoinConfig) -> str:
+    return (f"{_KIND_NAME[kind]} outside attribution window: {fts - its} ms after impression "
+            f"{iid!r}, window [0, {cfg.window_ms(kind)}] ms")
 
 
 def _on_feedback(state: JoinState, kind: int, fb, msg: RawMsg, now_ms: int, out: list) -> None:
-    name, window = _KIND_NAME[kind], state.cfg.window_ms(kind)
-    if fb.event_id in state.seen_fb:
-        out.append(_dead(f"duplicate event_id: {name} {fb.event_id!r} seen before", msg, now_ms))
+    name, window, fid, fts = _KIND_NAME[kind], state.cfg.window_ms(kind), fb.event_id, fb.ts
+    if fid in state.seen_fb[0] or fid in state.seen_fb[1]:
+        out.append(_dead(state, f"duplicate event_id: {name} {fid!r} seen before", msg, now_ms))
         return
-    _forget_later(state, 1, fb.event_id, fb.ts + window + state.cfg.max_window_ms)
+    state.seen_fb[0].add(fid)
     iid = fb.impression_id
     pending = state.pending.get(iid)
     if pending is not None:
-        imp, click_ts, conv_ts = pending
-        if not 0 <= fb.ts - imp.ts <= window:
-            out.append(_dead(_outside(kind, fb, imp, state.cfg), msg, now_ms))
+        raw, its, key, click_ts, conv_ts, emitted = pending
+        if not 0 <= fts - its <= window:
+            out.append(_dead(state, _outside(kind, fts, iid, its, state.cfg), msg, now_ms))
             return
         state.counts["feedback_joined"] += 1
+        before = click_ts if kind == CLICK else conv_ts
         if kind == CLICK:
-            state.pending[iid] = (imp, fb.ts if click_ts is None else min(click_ts, fb.ts), conv_ts)
+            click_ts = fts if click_ts is None else min(click_ts, fts)
         else:
-            state.pending[iid] = (imp, click_ts, fb.ts if conv_ts is None else min(conv_ts, fb.ts))
-    elif iid in state.done:
-        out.append(_dead(f"late {name}: impression {iid!r} already emitted", msg, now_ms))
+            conv_ts = fts if conv_ts is None else min(conv_ts, fts)
+        state.pending[iid] = (raw, its, key, click_ts, conv_ts, emitted)
+        if emitted and before is None:  # ES-DFM: the elapsed example went out negative for this objective
+            state.counts["late_positives"] += 1
+            out.append((EXAMPLE, key, example_bytes(iid + _LATE_SUFFIX[kind], raw, click_ts, conv_ts,
+                                                    "late_positive", now_ms)))
+    elif iid in state.done[0] or iid in state.done[1]:
+        out.append(_dead(state, f"late {name}: impression {iid!r} already emitted", msg, now_ms))
     else:
         t = state.time()
-        if t is not None and t > fb.ts + window:
-            out.append(_dead(f"orphan {name}: no impression {iid} within window", msg, now_ms))
+        if t is not None and t > fts + window:
+            out.append(_dead(state, f"orphan {name}: no impression {iid} within window", msg, now_ms))
             return
-        state.orphans[iid] = state.orphans.get(iid, ()) + ((kind, fb, msg),)
-        heapq.heappush(state.orphan_heap, (fb.ts + window, iid, fb.event_id))
+        state.orphans[iid] = state.orphans.get(iid, ()) + ((kind, fid, fts, msg),)
+        heapq.heappush(state.orphan_heap, (fts + window, iid, fid))
 
 
 def _advance(state: JoinState, t: int, now_ms: int, out: list, final: bool = False) -> None:
-    """Close impressions whose deadline ``t`` passed; expire orphans and remembered ids."""
-    data_t = state.data_time()
-    heap = state.deadlines
-    while heap and heap[0][0] < t:
-        deadline, iid = heapq.heappop(heap)
-        pending = state.pending.pop(iid, None)
-        if pending is None:
+    """Emit impressions whose elapsed time / window ``t`` passed; expire orphans and remembered ids."""
+    data_t, maxw = state.data_time(), state.cfg.max_window_ms
+    pending, done = state.pending, state.done[0]
+    for iid_at in _due(state, 0, t) if state.cfg.elapsed else ():  # elapsed policy: out with the labels so far
+        p = pending.get(iid_at[1])
+        if p is not None and not p[5] and not final:
+            raw, its, key, click_ts, conv_ts, _ = p
+            out.append((EXAMPLE, key, example_bytes(iid_at[1], raw, click_ts, conv_ts, "elapsed", now_ms)))
+            pending[iid_at[1]] = (raw, its, key, click_ts, conv_ts, True)
+    for at, iid in _due(state, 1, t):
+        p = pending.pop(iid, None)
+        if p is None:
             continue
-        imp, click_ts, conv_ts = pending
-        decided = "window_closed" if not final and data_t is not None and data_t > deadline else "end_of_stream"
-        out.append(schema.Example(example_id=iid, impression=imp, click=int(click_ts is not None),
-                                  conversion=int(conv_ts is not None), click_ts=click_ts, conversion_ts=conv_ts,
-                                  decided=decided, emitted_ts=now_ms))
-        _forget_later(state, 0, iid, deadline + state.cfg.max_window_ms)
+        raw, its, key, click_ts, conv_ts, emitted = p
+        if not emitted:
+            decided = "window_closed" if not final and data_t is not None and data_t > at else "end_of_stream"
+            out.append((EXAMPLE, key, example_bytes(iid, raw, click_ts, conv_ts, decided, now_ms)))
+        done.add(iid)
     oh = state.orphan_heap
     while oh and oh[0][0] < t:
         _, iid, fid = heapq.heappop(oh)
         waiting = state.orphans.get(iid)
         if not waiting:
             continue
-        keep = tuple(o for o in waiting if o[1].event_id != fid)
-        for kind, fb, raw in waiting:
-            if fb.event_id == fid:
-                out.append(_dead(f"orphan {_KIND_NAME[kind]}: no impression {iid} within window", raw, now_ms))
+        keep = tuple(o for o in waiting if o[1] != fid)
+        for kind, ofid, _, raw in waiting:
+            if ofid == fid:
+                out.append(_dead(state, f"orphan {_KIND_NAME[kind]}: no impression {iid} within window", raw,
+                                 now_ms))
         if keep:
             state.orphans[iid] = keep
         else:
             del state.orphans[iid]
-    ex = state.expiry
-    while ex and ex[0][0] < t and not final:
-        at, table, key = heapq.heappop(ex)
-        d = state.done if table == 0 else state.seen_fb
-        if d.get(key) == at:
-            del d[key]
+    if final:
+        return
+    if state.gen_start is None:
+        state.gen_start = t
+    elif t > state.gen_start + maxw:  # rotate: forget ids older than one to two windows
+        state.done, state.seen_fb, state.gen_start = (set(), state.done[0]), (set(), state.seen_fb[0]), t

@@ -165,7 +165,7 @@ class KafkaPartitionsSource(FixedPartitionedSource[join.SourceBatch, dict]):
 class OutBatch(NamedTuple):
     """What the join emits per batch: encoded records ``(to_examples, key, value)`` and the partition's gauges."""
 
-    records: tuple[tuple[bool, bytes | None, bytes], ...]
+    records: list[join.Output]  # (join.EXAMPLE | join.DEAD, key, encoded record)
     counts: dict
     pending: int
 
@@ -175,9 +175,7 @@ class _JoinLogic(StatefulBatchLogic[join.SourceBatch, OutBatch, tuple]):
         self.state, self.bounded = state, bounded
 
     def _emit(self, outs: list[join.Output]) -> tuple[list[OutBatch], bool]:
-        recs = tuple((True, schema.user_key(o.impression), schema.encode(o)) if isinstance(o, schema.Example)
-                     else (False, None, schema.encode(o)) for o in outs)
-        return [OutBatch(recs, dict(self.state.counts), self.state.n_pending())], self.RETAIN
+        return [OutBatch(outs, dict(self.state.counts), self.state.n_pending())], self.RETAIN
 
     def on_batch(self, values: list[join.SourceBatch]) -> tuple[list[OutBatch], bool]:
         now, outs = int(time.time() * 1000), []
@@ -217,8 +215,9 @@ class _Stats:
         with self.lock:
             if not force and now - self.last_t < 1.0:
                 return
-            values = {k: float(sum(c.get(k, 0) for c, _ in self.parts.values()))
-                      for k in ("events_in", "examples_out", "dead_letters")}
+            names = {k for c, _ in self.parts.values() for k in c}
+            names.update(("events_in", "examples_out", "dead_letters"))
+            values = {k: float(sum(c.get(k, 0) for c, _ in self.parts.values())) for k in sorted(names)}
             values["pending_impressions"] = float(sum(p for _, p in self.parts.values()))
             dt = max(now - self.last_t, 1e-6)
             values["events_per_s"] = (values["events_in"] - self.last_in) / dt
@@ -242,14 +241,15 @@ class _PartitionWriter(StatefulSinkPartition[OutBatch, None]):
         self.last_flush = time.monotonic()
 
     def write_batch(self, values: list[OutBatch]) -> None:
-        t, n = self.cfg.topics, self.cfg.topics.partitions
+        t, n, produce = self.cfg.topics, self.cfg.topics.partitions, self.producer.produce
+        examples, dead, p = t.examples, t.dead_letters, self.p % n
         for batch in values:
-            for to_examples, key, value in batch.records:
-                if to_examples:
-                    kafka_io.produce(self.producer, t.examples, value, key=key,
-                                     partition=_partition_for(key, n))
-                else:
-                    kafka_io.produce(self.producer, t.dead_letters, value, partition=self.p % n)
+            for kind, key, value in batch.records:
+                topic, part = (examples, _partition_for(key, n)) if kind == join.EXAMPLE else (dead, p)
+                try:
+                    produce(topic, value, key, part)  # positional: no kwargs parsing on the hot path
+                except BufferError:
+                    kafka_io.produce(self.producer, topic, value, key=key, partition=part)
             self.stats.update(self.key, batch)
         self.producer.poll(0)
         self.stats.maybe_publish(self.producer)
