@@ -1,4 +1,8 @@
-"""``streamrec score --checkpoint DIR INPUT.jsonl [--out FILE]``: score impressions with a trained model.
+"""``streamrec score (--model EXPORT | --checkpoint DIR) INPUT.jsonl [--out FILE]``: score impressions.
+
+``--model`` takes a serving export (:mod:`trainer.export`: the root, newest version, or one version
+directory); ``--checkpoint`` a training checkpoint directory or file. ``streamrec export --checkpoint DIR
+--out EXPORT`` turns the newest checkpoint into an export.
 
 Input: one JSON Impression per line, as ``schema.encode`` writes it (an Example line is accepted too and
 its impression scored). Bad lines are reported on stderr with their line number and skipped. Output:
@@ -98,9 +102,14 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         bad += 1
         print(f"{args.input}:{n}: skipped: {reason}", file=sys.stderr)
 
+    from trainer.export import ExportError, load as load_export
+
     try:
-        learner = load_learner(args.checkpoint, cfg.trainer.device, cfg.trainer.backend)
-    except (CheckpointError, OSError) as e:
+        if getattr(args, "model", None):
+            learner = load_export(args.model, cfg.trainer.device, cfg.trainer.backend)
+        else:
+            learner = load_learner(args.checkpoint, cfg.trainer.device, cfg.trainer.backend)
+    except (CheckpointError, ExportError, OSError) as e:
         print(f"streamrec score: {e}", file=sys.stderr)
         return 2
     try:
@@ -125,10 +134,33 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace, cfg: Config) -> int:
+    """``streamrec export``: newest checkpoint -> a new version in the export root."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.export import export
+
+    try:
+        learner = load_learner(args.checkpoint, "cpu", cfg.trainer.backend)
+    except (CheckpointError, OSError) as e:
+        print(f"streamrec export: {e}", file=sys.stderr)
+        return 2
+    path = export(learner, args.out)
+    print(f"exported model version {learner.steps} to {path}", file=sys.stderr)
+    return 0
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("score", help="score impressions (JSONL) with the latest trainer checkpoint",
+    p = sub.add_parser("score", help="score impressions (JSONL) with an exported model or a checkpoint",
                        description="Read one Impression per line, write {event_id, p_click, p_conversion} JSONL.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (newest used) or file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="DIR", help="model export (root: the LATEST version; or a version dir)")
+    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (newest used) or file")
     p.add_argument("input", metavar="INPUT.jsonl")
     p.add_argument("--out", metavar="FILE", help="output file (default: stdout)")
     p.set_defaults(func=run)
+    e = sub.add_parser("export", help="export the newest trainer checkpoint as a versioned serving artifact",
+                       description="Write EXPORT/vNNN/{model.pt,config.json,features.json,version.json} and "
+                                   "EXPORT/LATEST from the newest checkpoint (no optimizer state).")
+    e.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (newest used) or file")
+    e.add_argument("--out", required=True, metavar="EXPORT", help="export root directory")
+    e.set_defaults(func=run_export)

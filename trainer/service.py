@@ -26,6 +26,7 @@ import numpy as np
 
 from streams import kafka_io, schema
 from streams.config import Config
+from trainer.delay import ELAPSED_S
 
 log = logging.getLogger("streamrec.trainer")
 DEDUP_CAPACITY = 2_000_000  # example ids remembered (oldest forgotten first)
@@ -72,45 +73,59 @@ class Dedup:
 
 
 class _Stats:
-    """Throughput and latency over the last stats interval."""
+    """Throughput, freshness and latency over the last stats interval.
+
+    ``event_to_trained``: trained (wall ms) - impression ts, includes the label wait;
+    ``emitted_to_trained``: trained - emitted_ts (the labels dataflow's output time): the trainer's own delay;
+    ``lag_ms``: now - emitted_ts of the newest trained example (how far the model is behind the stream).
+    """
 
     def __init__(self):
         self.t0 = time.monotonic()
         self.examples = 0
         self.lat_ms: list[np.ndarray] = []
-        self.newest_event_ts = 0
+        self.emit_lat_ms: list[np.ndarray] = []
+        self.newest_emitted_ts = 0
 
-    def add(self, event_ts: np.ndarray, now_ms: int) -> None:
+    def add(self, event_ts: np.ndarray, now_ms: int, emitted_ts: np.ndarray | None = None) -> None:
         self.examples += len(event_ts)
         self.lat_ms.append(now_ms - event_ts)
-        self.newest_event_ts = max(self.newest_event_ts, int(event_ts.max()))
+        if emitted_ts is not None and len(emitted_ts):
+            ok = emitted_ts > 0
+            self.emit_lat_ms.append(now_ms - emitted_ts[ok])
+            if ok.any():
+                self.newest_emitted_ts = max(self.newest_emitted_ts, int(emitted_ts[ok].max()))
 
-    def take(self) -> dict[str, float]:
+    def take(self, now_ms: int | None = None) -> dict[str, float]:
         now = time.monotonic()
-        lat = np.concatenate(self.lat_ms) if self.lat_ms else np.zeros(0)
         out = {"examples_per_s": self.examples / max(now - self.t0, 1e-9)}
-        if lat.size:
-            out["event_to_trained_p50_ms"] = float(np.percentile(lat, 50))
-            out["event_to_trained_p99_ms"] = float(np.percentile(lat, 99))
-        self.t0, self.examples, self.lat_ms = now, 0, []
+        for name, parts in (("event_to_trained", self.lat_ms), ("emitted_to_trained", self.emit_lat_ms)):
+            lat = np.concatenate(parts) if parts else np.zeros(0)
+            if lat.size:
+                out[f"{name}_p50_ms"] = float(np.percentile(lat, 50))
+                out[f"{name}_p99_ms"] = float(np.percentile(lat, 99))
+        if self.newest_emitted_ts:
+            out["lag_ms"] = float((now_ms or int(time.time() * 1000)) - self.newest_emitted_ts)
+        self.t0, self.examples, self.lat_ms, self.emit_lat_ms = now, 0, [], []
         return out
 
 
 class TrainerService:
     """One trainer process. ``run()`` until stopped, idle, or ``max_examples`` trained."""
 
-    def __init__(self, cfg: Config, *, resume: bool, record_ids: bool = False):
+    def __init__(self, cfg: Config, *, resume: bool, record_ids: bool = False, export_dir: str | None = None):
         from trainer import checkpoint
         from trainer.model import Learner
 
         self.cfg, self.tc = cfg, cfg.trainer
+        self.export_dir = export_dir
         self.ckpt_dir = Path(self.tc.checkpoint_dir)
         found = checkpoint.latest(self.ckpt_dir)
         if found and not resume:
             raise checkpoint.CheckpointError(
                 f"checkpoint {found} exists: pass --resume to continue from it, or --fresh to delete it and "
                 "start over")
-        self.learner = Learner(self.tc)
+        self.learner = Learner(self.tc, elapsed_s=getattr(cfg.labels, "elapsed_s", ELAPSED_S))
         self.offsets: dict[tuple[str, int], int] = {}
         self.counters = {"examples_trained": 0, "steps": 0, "duplicates": 0, "dead_letters": 0, "checkpoints": 0}
         self.dedup = Dedup()
@@ -157,6 +172,10 @@ class TrainerService:
         log.debug("checkpoint %s in %.2fs", path, time.monotonic() - t)
         self._last_ckpt_t, self._last_ckpt_n = time.monotonic(), self.counters["examples_trained"]
         self._last_ckpt_offsets = dict(self.offsets)
+        if self.export_dir:  # serving artifacts follow the checkpoints
+            from trainer.export import export
+
+            export(self.learner, self.export_dir, examples_trained=self.counters["examples_trained"])
         return path
 
     # ---- one batch -----------------------------------------------------------------------------
@@ -199,7 +218,7 @@ class TrainerService:
         if self.trained_ids is not None:
             self.trained_ids.extend(fb.example_ids)
         self.newest_event_ts = max(self.newest_event_ts, int(fb.event_ts.max()))
-        self._stats.add(fb.event_ts, int(time.time() * 1000))
+        self._stats.add(fb.event_ts, int(time.time() * 1000), fb.emitted_ts)
         return len(good)
 
     def _dead_letter(self, reason: str, m, now_ms: int) -> None:
@@ -211,8 +230,12 @@ class TrainerService:
     def _publish_stats(self) -> None:
         now = int(time.time() * 1000)
         values = {k: float(self.counters[k]) for k in ("examples_trained", "steps", "duplicates", "dead_letters")}
-        values.update(self._stats.take())
+        values.update(self._stats.take(now))
         values["model_version"] = float(self.learner.steps)
+        for name, h in self.learner.delays.items():  # the delay distribution the ES-DFM weights use
+            if h.total:
+                values[f"{name}_delay_p50_ms"] = h.quantile(0.5)
+                values[f"{name}_delayed_share"] = h.survival(self.learner.elapsed_ms)
         if self.newest_event_ts:
             values["freshness_ms"] = float(now - self.newest_event_ts)
         st = schema.ServiceStats(component="trainer", ts=now, values=values, instance=f"pid{os.getpid()}")
@@ -284,9 +307,9 @@ class _QuietFbgemm(logging.Filter):
 
 
 def run_trainer(cfg: Config, *, resume: bool, max_examples: int | None = None, idle_exit_s: float | None = None,
-                record_ids: bool = False) -> dict[str, int]:
+                record_ids: bool = False, export_dir: str | None = None) -> dict[str, int]:
     """Train until SIGTERM/SIGINT, ``max_examples`` or ``idle_exit_s`` idle seconds; returns the counters."""
-    svc = TrainerService(cfg, resume=resume, record_ids=record_ids)
+    svc = TrainerService(cfg, resume=resume, record_ids=record_ids, export_dir=export_dir)
     old = {s: signal.signal(s, svc.stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return svc.run(max_examples=max_examples, idle_exit_s=idle_exit_s)
@@ -332,7 +355,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             log.warning("--fresh: deleted %d checkpoint file(s) in %s", n, cfg.trainer.checkpoint_dir)
     try:
         run_trainer(cfg, resume=args.resume, max_examples=args.max_examples, idle_exit_s=args.idle_exit,
-                    record_ids=args.record_trained_ids)
+                    record_ids=args.record_trained_ids, export_dir=getattr(args, "export_dir", None))
     except checkpoint.CheckpointError as e:
         print(f"streamrec train: {e}", file=sys.stderr)
         return 2
@@ -350,6 +373,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-examples", type=int, metavar="N", help="stop after training N examples")
     p.add_argument("--idle-exit", type=float, metavar="S", help="stop after S seconds without new examples")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint directory (default: trainer.checkpoint_dir)")
+    p.add_argument("--export-dir", metavar="DIR",
+                   help="also write a serving export (trainer/export.py) at every checkpoint, for `score --model`")
     p.add_argument("--record-trained-ids", action="store_true",
                    help="debug: keep every trained example id in the checkpoint (grows without bound)")
     p.set_defaults(func=run)
