@@ -55,12 +55,12 @@ class PoolSet:
         """(caps[t,p], dims[p]) view of the live weights."""
         tp = t * self.P + p
         off, d = int(self.tbe.weights_offsets[tp]), self.dims[p]
-        return self.tbe.weights_host[off: off + int(self.caps[t, p]) * d].view(-1, d)
+        return self.tbe.weights_host.detach()[off: off + int(self.caps[t, p]) * d].view(-1, d)
 
     def momentum(self, t: int, p: int) -> torch.Tensor:
         tp = t * self.P + p
         off = int(self.tbe.momentum1_offsets[tp])
-        return self.tbe.momentum1_host[off: off + int(self.caps[t, p])]
+        return self.tbe.momentum1_host.detach()[off: off + int(self.caps[t, p])]
 
     def live_rows(self) -> np.ndarray:
         """(T, P) rows in use (the shared rows included)."""

@@ -1,0 +1,242 @@
+"""FIITED store: contract tests over the pooled store and its dict/numpy reference twin (STYLE #10/#11)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from embedding_store.config import FiitedConfig
+from embedding_store.fiited import FiitedEmbeddings
+from embedding_store.ids import IdError
+from embedding_store.reference import ReferenceStore
+
+T, R, B = 3, 64, 8
+CFG = FiitedConfig(chunk_dim=4, num_chunks=4, pool_chunks=(1, 2, 4), budget=0.5, maintain_every=5,
+                   resize_every=10, admit_hits=2, ttl_steps=1000, lr=0.1)
+IMPLS = {"fiited": FiitedEmbeddings, "reference": ReferenceStore}
+
+
+def batch(rng: np.random.Generator, hot: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, offsets) for T*B bags of 1-3 ids, ids Zipf-ish below ``hot``."""
+    lengths = rng.integers(1, 4, T * B)
+    idx = np.minimum(rng.zipf(1.5, int(lengths.sum())) - 1, hot - 1)
+    return torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
+
+
+def train(store, steps: int, seed: int = 0, hot: int = 24) -> torch.Tensor:
+    """``steps`` updates with a fixed random upstream gradient; returns the last output."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = None
+    for _ in range(steps):
+        idx, off = batch(rng, hot)
+        out = store(idx, off)
+        (out * torch.randn(out.shape, generator=gen)).sum().backward()
+        store.step()
+    return out
+
+
+@pytest.fixture(params=sorted(IMPLS))
+def impl(request):
+    return IMPLS[request.param]
+
+
+def test_new_ids_share_until_admitted(impl):
+    s = impl(T, R, CFG)
+    idx, off = torch.tensor([5] + [0] * (T * B - 1)), torch.arange(T * B + 1)
+    assert s.chunks(0, 5) == 0 and np.array_equal(s.row(0, 5), s.row(0, 6))  # both read the shared row
+    for _ in range(CFG.maintain_every):
+        s(idx, off).sum().backward()
+        s.step()
+    assert s.chunks(0, 5) == 1 and s.chunks(0, 6) == 0  # seen 5 >= admit_hits times: own smallest row
+    assert s.counters["admitted"] >= 1
+
+
+def test_retained_chunks_survive_resize_and_pruned_chunks_are_zero(impl):
+    s = impl(T, R, replace(CFG, budget=0.12))
+    train(s, CFG.resize_every - 1)
+    before = {(t, v): (s.chunks(t, v), s.row(t, v)) for t in range(T) for v in range(R)}
+    train(s, 1, seed=99)  # step resize_every: maintenance + resize (and one more update)
+    assert s.counters["resized"] > 0
+    for (t, v), (c0, w0) in before.items():
+        c1, w1 = s.chunks(t, v), s.row(t, v)
+        if c0 and c1 and c1 != c0:
+            k = min(c0, c1) * CFG.chunk_dim
+            # the update of the last step moves weights a little: compare with the lr scale
+            assert np.allclose(w1[:k], w0[:k], atol=2 * CFG.lr), (t, v)
+        if c1:
+            assert not w1[c1 * CFG.chunk_dim:].any(), (t, v, c1)
+    # a bag of one pruned id returns zeros beyond its width
+    t, v = next((t, v) for t in range(T) for v in range(R) if 0 < s.chunks(t, v) < CFG.num_chunks)
+    idx = torch.tensor([v] * (T * B))
+    with torch.no_grad():
+        out = s(idx, torch.arange(T * B + 1))
+    c = s.chunks(t, v) * CFG.chunk_dim
+    assert not out[0, t * CFG.dim + c:(t + 1) * CFG.dim].any()
+    assert np.array_equal(out[0, t * CFG.dim:(t + 1) * CFG.dim].numpy(), s.row(t, v))
+
+
+def test_budget_is_respected(impl):
+    cfg = replace(CFG, budget=0.1, admit_hits=1)
+    s = impl(T, R, cfg)
+    train(s, 40, hot=R)
+    rows = s.memory_report()
+    used = sum(rows[f"fiited_rows_d{d}"] * 4 * (d + 1) for d in cfg.pool_dims())
+    assert 0 < used <= cfg.budget * T * R * (cfg.dim + 1) * 4
+    assert rows["fiited_rows_d4"] + rows["fiited_rows_d8"] + rows["fiited_rows_d16"] > 0
+
+
+def test_eviction_respects_the_floor(impl):
+    cfg = replace(CFG, ttl_steps=10, protect_quantile=0.5, admit_hits=1, resize_every=1000, maintain_every=5)
+    s = impl(T, R, cfg)
+    train(s, 5, hot=R)  # many slots admitted at step 5
+    live0 = {(t, v) for t in range(T) for v in range(R) if s.chunks(t, v)}
+    imp0 = {(t, v): float(s.imp[t * R + v]) for t, v in live0}
+    s.imp[...] = 0  # make importance explicit: slots (t, v<8) important, the rest not
+    for t, v in live0:
+        s.imp[t * R + v] = 100.0 if v < 8 else 0.0
+    idx = torch.tensor([R - 1] * (T * B))  # from now on only id R-1 is seen
+    for _ in range(20):
+        s(idx, torch.arange(T * B + 1)).sum().backward()
+        s.step()
+    live1 = {(t, v) for t in range(T) for v in range(R) if s.chunks(t, v)}
+    protected = {k for k in live0 if k[1] < 8}
+    assert protected and protected <= live1, "important stale rows must survive"
+    assert {k for k in live0 if 8 <= k[1] < R - 1}.isdisjoint(live1), "stale unimportant rows are evicted"
+    assert s.counters["evicted"] > 0 and imp0
+
+
+def test_gradients_reach_the_right_rows(impl):
+    s = impl(T, R, replace(CFG, admit_hits=1, maintain_every=1, resize_every=1000))
+    idx, off = torch.tensor([3] * (T * B)), torch.arange(T * B + 1)
+    s(idx, off).sum().backward()
+    s.step()  # slot 3 of every table admitted (copy of the shared row)
+    before = {(t, v): s.row(t, v) for t in range(T) for v in (2, 3)}
+    idx = torch.zeros(T * B, dtype=torch.int64)
+    idx[B: 2 * B] = 3  # table 1: id 3 in every bag; tables 0 and 2: id 0 (shared)
+    out = s(idx, off)
+    g = torch.zeros_like(out)
+    g[:, CFG.dim + 1] = 1.0  # gradient only on column 1 of table 1
+    (out * g).sum().backward()
+    s.step()
+    after = {(t, v): s.row(t, v) for t in range(T) for v in (2, 3)}
+    gsum = np.zeros(CFG.dim, np.float32)
+    gsum[1] = B  # B bags hit row (1, 3)
+    m = np.mean(gsum[: CFG.chunk_dim] ** 2)
+    want = before[1, 3] - CFG.lr * gsum / (np.sqrt(m) + 1e-8)
+    assert np.allclose(after[1, 3], want, atol=1e-6)
+    assert np.isclose(s.row_momentum(1, 3), m)
+    for k in [(0, 3), (2, 3), (0, 2), (1, 2), (2, 2)]:
+        assert np.array_equal(after[k], before[k]), k
+
+
+def test_checkpoint_round_trip_is_bit_exact(impl):
+    a = impl(T, R, CFG)
+    train(a, 23)
+    buf = io.BytesIO()
+    torch.save(a.export_state(), buf)
+    b = impl(T, R, CFG)
+    b.import_state(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    out_a, out_b = train(a, 12, seed=5), train(b, 12, seed=5)  # crosses maintenance and resize
+    assert torch.equal(out_a, out_b)
+    assert all(np.array_equal(a.row(t, v), b.row(t, v)) for t in range(T) for v in range(R))
+    assert a.counters == b.counters
+
+
+def test_pooled_store_matches_reference():
+    cfg = replace(CFG, budget=0.15, ttl_steps=12)
+    f, r = FiitedEmbeddings(T, R, cfg), ReferenceStore(T, R, cfg)
+    of, orf = train(f, 60, seed=3, hot=40), train(r, 60, seed=3, hot=40)
+    assert torch.allclose(of, orf, atol=1e-5)
+    policy = lambda c: {k: v for k, v in c.items() if k != "rebuilds"}  # rebuilds: a storage detail
+    assert policy(f.counters) == policy(r.counters) and f.counters["resized"] and f.counters["evicted"]
+    for t in range(T):
+        for v in range(R):
+            assert f.chunks(t, v) == r.chunks(t, v), (t, v)
+            assert np.allclose(f.row(t, v), r.row(t, v), atol=1e-5), (t, v)
+
+
+def test_freed_rows_are_reused_and_pools_shrink():
+    cfg = replace(CFG, admit_hits=1, ttl_steps=5, protect_quantile=1.0, resize_every=1000, headroom=0.0)
+    s = FiitedEmbeddings(T, 4096, cfg)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # many distinct ids -> many admissions at step 5
+        idx = torch.from_numpy(rng.integers(0, 4096, T * B * 20))
+        s(idx, torch.arange(0, T * B * 20 + 1, 20)).sum().backward()
+        s.step()
+    big = s.memory_report()
+    assert big["fiited_admitted"] > 300
+    idx = torch.zeros(T * B, dtype=torch.int64)
+    for _ in range(10):  # only id 0 is seen: everyone else goes stale and is evicted
+        s(idx, torch.arange(T * B + 1)).sum().backward()
+        s.step()
+    small = s.memory_report()
+    assert small["fiited_evicted"] > 300
+    assert small["fiited_pool_bytes_d4"] < big["fiited_pool_bytes_d4"] / 4, "pool compacted: memory freed"
+    rows_after = s.pools.live_rows()[:, 0].sum()
+    assert rows_after <= T + 3 and rows_after == (s.pools.caps[:, 0] - [len(f) for f in
+                                                   [s.pools.free[t][0] for t in range(T)]]).sum()
+
+
+def test_free_list_reuses_rows_and_rebuild_keeps_owners():
+    from embedding_store.pools import PoolSet
+    ps = PoolSet(np.array([[4, 2]]), (4, 8), lr=0.1)
+    rows = ps.alloc(0, 0, np.array([10, 11, 12], np.int32))
+    assert rows.tolist() == [0, 1, 2]
+    ps.weights(0, 0)[2] = 7.0
+    ps.release(0, 0, rows[1:2])
+    assert not ps.weights(0, 0)[1].any() and ps.alloc(0, 0, np.array([13], np.int32)).tolist() == [1]
+    ps.release(0, 0, rows[:1])
+    slots, codes = ps.reserve(np.array([[0, 5]]), headroom=0.0)  # pool (0,1) must grow: rebuild
+    assert ps.caps.tolist() == [[4, 5]] and sorted(slots.tolist()) == [12, 13]
+    assert ps.weights(0, 0)[int(codes[slots.tolist().index(12)])].tolist() == [7.0] * 4
+
+
+@pytest.mark.parametrize("indices,offsets,msg", [
+    (torch.tensor([0, -1]), torch.tensor([0, 1, 2, 2]), "in \\[0, 64\\)"),
+    (torch.tensor([0, 64]), torch.tensor([0, 1, 2, 2]), "got 64"),
+    (torch.tensor([0.0, 1.0]), torch.tensor([0, 1, 2, 2]), "int64"),
+    (torch.tensor([0, 1]), torch.tensor([0, 1, 2]), "T\\*B\\+1"),
+    (torch.tensor([0, 1]), torch.tensor([0, 2, 1, 2]), "non-decreasing"),
+])
+def test_bad_batches_fail_at_the_edge(impl, indices, offsets, msg):
+    with pytest.raises(IdError, match=msg):
+        impl(T, R, CFG)(indices, offsets)
+
+
+@pytest.mark.parametrize("ids,msg", [([1, -3], ">= 0"), ([2**64], "64 bits"), ([1.5], "integers"),
+                                     (["7"], "integers"), ([True], "integers"), ("12", "sequence"),
+                                     (np.array([1.0]), "integers"), (np.array([-2], np.int64), ">= 0")])
+def test_bad_raw_ids_fail_at_the_edge(ids, msg):
+    from embedding_store.ids import validate_ids
+    with pytest.raises(IdError, match=msg):
+        validate_ids(ids, where="ad_id")
+    assert validate_ids([0, 2**64 - 1]).tolist() == [0, 2**64 - 1]
+
+
+def test_trainer_backend_fiited_trains_and_resumes_bit_exactly(tmp_path):
+    from streams.config import TrainerConfig
+    from test_model import make_examples  # tests/ is on sys.path (rootdir-relative, no package)
+    from trainer import checkpoint
+    from trainer.features import featurize
+    from trainer.model import Learner
+
+    tc = TrainerConfig(hash_buckets=2000, batch_size=128, device="cpu", backend="fiited", embedding_dim=16)
+    ex = make_examples(1920)
+    batches = [featurize(ex[i:i + 128], tc) for i in range(0, len(ex), 128)] * 4  # 60 steps
+    a = Learner(tc)
+    for fb in batches[:45]:  # resume before the maintenance pass at step 50
+        a.train_step(fb)
+    checkpoint.save(tmp_path, a.state(), seq=1)
+    b = Learner(tc)
+    b.load_state(checkpoint.load(checkpoint.latest(tmp_path)))
+    for fb in batches[45:]:
+        ra, rb = a.train_step(fb), b.train_step(fb)
+        assert np.array_equal(ra.p_click, rb.p_click) and ra.loss == rb.loss
+    rep = a.model.emb.memory_report()
+    assert rep["fiited_admitted"] > 0 and rep["fiited_memory_ratio"] < 1.0
+    assert all(isinstance(v, float) for v in rep.values())  # ServiceStats.values-ready
