@@ -1,8 +1,8 @@
 """Grafana: the same dashboard definitions as the live page, as JSON for the ClickHouse data source plugin.
 
-``streamrec dashboards export [--out DIR]`` writes one JSON file per dashboard plus the data source (without
-secrets); ``streamrec dashboards push --grafana-url URL`` creates or updates the data source and the dashboards
-through grafana-client. Grafana credentials come from ``GRAFANA_TOKEN`` or ``GRAFANA_USER`` /
+``streamrec dashboards export [--out DIR]`` writes one JSON file per dashboard, the data source (without
+secrets) and the alert rules; ``streamrec dashboards push --grafana-url URL`` creates or updates the data source,
+the folder ``streamrec``, the dashboards and the unified-alerting rules through grafana-client. Grafana credentials come from ``GRAFANA_TOKEN`` or ``GRAFANA_USER`` /
 ``GRAFANA_PASSWORD`` (or the URL); the ClickHouse credentials from ``metrics.clickhouse_url`` or
 ``CLICKHOUSE_USER`` / ``CLICKHOUSE_PASSWORD``. Grafana cannot reach the embedded chDB store: push needs a
 ClickHouse server URL (``--clickhouse-url`` or ``metrics.clickhouse_url``).
@@ -23,17 +23,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from dashboards import queries
+from dashboards import alerts, queries
 from dashboards.definitions import DASHBOARDS, Dashboard, Panel
 from streams.config import Config
 
 PLUGIN = "grafana-clickhouse-datasource"
 DATASOURCE_UID = "streamrec-clickhouse"
 DATASOURCE_NAME = "streamrec ClickHouse"
+FOLDER_UID, FOLDER_TITLE = "streamrec", "streamrec"
+REF_SHIFTS = (("1 h earlier", 3600), ("1 d earlier", 86400), ("7 d earlier", 604800))
 # plugin query format: 0 = time series, 1 = table (src/types/queryBuilder.ts Format)
 _FORMAT = {"timeseries": 0, "stat": 1, "table": 1}
 _HEIGHT = {"stat": 4, "timeseries": 8, "table": 8}
-_UNIT = {"": "none", "s": "s", "ops": "ops", "short": "short"}
+_UNIT = {"": "none", "s": "s", "ops": "ops", "short": "short", "bytes": "bytes"}
 _STATE = {"green": "green", "orange": "orange", "red": "red"}
 REFRESH = "10s"
 
@@ -112,10 +114,15 @@ def grafana_dashboard_json(dash: Dashboard, database: str = "streamrec", domains
                 "current": {"text": "all", "value": "all"},
                 "options": [{"text": o, "value": o, "selected": o == "all"} for o in options],
                 "multi": False, "includeAll": False, "hide": 0}
+    ref = {"name": "ref_shift", "label": "Drift reference", "type": "custom",
+           "query": ",".join(f"{label} : {v}" for label, v in REF_SHIFTS),
+           "current": {"text": REF_SHIFTS[0][0], "value": str(REF_SHIFTS[0][1])},
+           "options": [{"text": label, "value": str(v), "selected": i == 0} for i, (label, v) in enumerate(REF_SHIFTS)],
+           "multi": False, "includeAll": False, "hide": 0}
     panels = [_panel_json(p, i + 1, g, database) for i, (p, g) in enumerate(zip(dash.panels, _layout(dash.panels)))]
     return {"uid": dash.uid, "title": dash.title, "description": dash.description, "tags": ["streamrec"],
             "timezone": "browser", "editable": True, "refresh": REFRESH, "schemaVersion": 39,
-            "time": {"from": "now-1h", "to": "now"}, "templating": {"list": [variable]}, "panels": panels}
+            "time": {"from": "now-1h", "to": "now"}, "templating": {"list": [variable, ref]}, "panels": panels}
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
@@ -131,7 +138,15 @@ def export(out_dir: Path, cfg: Config) -> list[Path]:
     path = out_dir / "datasource.json"
     path.write_text(json.dumps(datasource_json(url, cfg.metrics.database), indent=2) + "\n")
     files.append(path)
+    path = out_dir / "alert-rules.json"
+    path.write_text(json.dumps(alert_rules_json(cfg.metrics.database), indent=2) + "\n")
+    files.append(path)
     return files
+
+
+def alert_rules_json(database: str) -> list[dict]:
+    """Every rule of :data:`dashboards.alerts.RULES` as a Grafana provisioning payload (folder ``streamrec``)."""
+    return [alerts.grafana_alert_rule(r, database, FOLDER_UID, DATASOURCE_UID) for r in alerts.RULES.values()]
 
 
 def _credential() -> str | tuple[str, str] | None:
@@ -158,13 +173,37 @@ def push(grafana_url: str, clickhouse_url: str, database: str, *, timeout: float
             raise
         exists = False
     ds_answer = g.datasource.update_datasource_by_uid(DATASOURCE_UID, ds) if exists else g.datasource.create_datasource(ds)
+    if not _exists(lambda: g.folder.get_folder(FOLDER_UID)):
+        g.folder.create_folder(FOLDER_TITLE, uid=FOLDER_UID)
     answers = {}
     for key, dash in DASHBOARDS.items():
         answers[key] = g.dashboard.update_dashboard({
-            "dashboard": grafana_dashboard_json(dash, database), "folderUid": "", "overwrite": True,
+            "dashboard": grafana_dashboard_json(dash, database), "folderUid": FOLDER_UID, "overwrite": True,
             "message": "provisioned by streamrec dashboards push"})
+    rules = {}
+    for rule in alert_rules_json(database):
+        uid = rule["uid"]
+        if _exists(lambda: g.alertingprovisioning.get_alertrule(uid)):
+            g.alertingprovisioning.update_alertrule(uid, rule)
+            rules[uid] = "updated"
+        else:
+            g.alertingprovisioning.create_alertrule(rule)
+            rules[uid] = "created"
     return {"grafana_version": version, "datasource": "updated" if exists else "created",
-            "datasource_answer": ds_answer, "dashboards": answers}
+            "datasource_answer": ds_answer, "dashboards": answers, "alert_rules": rules}
+
+
+def _exists(get) -> bool:
+    """True when ``get()`` answers, False on 404 (other errors propagate)."""
+    from grafana_client.client import GrafanaClientError
+
+    try:
+        get()
+        return True
+    except GrafanaClientError as e:
+        if e.status_code != 404:
+            raise
+        return False
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
@@ -182,7 +221,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     res = push(args.grafana_url, clickhouse_url, cfg.metrics.database)
     print(f"grafana {res['grafana_version']}: data source {DATASOURCE_UID} {res['datasource']}; dashboards: "
           + ", ".join(f"{k} -> {a.get('url', a.get('status', '?')) if isinstance(a, dict) else a}"
-                      for k, a in res["dashboards"].items()))
+                      for k, a in res["dashboards"].items())
+          + f"; alert rules: {sum(v == 'created' for v in res['alert_rules'].values())} created, "
+            f"{sum(v == 'updated' for v in res['alert_rules'].values())} updated")
     return 0
 
 
@@ -195,7 +236,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     ex = nested.add_parser("export", help="write one Grafana JSON file per dashboard plus datasource.json")
     ex.add_argument("--out", metavar="DIR", help="output directory (default: <data_dir>/grafana)")
     ex.set_defaults(func=run)
-    pu = nested.add_parser("push", help="create/update the ClickHouse data source and the dashboards in Grafana",
+    pu = nested.add_parser("push", help="create/update the ClickHouse data source, the dashboards and the alert rules in Grafana",
                            description="Credentials: GRAFANA_TOKEN, or GRAFANA_USER/GRAFANA_PASSWORD, or the URL; "
                                        "ClickHouse's from --clickhouse-url / metrics.clickhouse_url or "
                                        "CLICKHOUSE_USER/CLICKHOUSE_PASSWORD.")

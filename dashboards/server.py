@@ -5,7 +5,9 @@
 
 * ``/``                                  the page (static HTML + JS drawing with the vendored uPlot);
 * ``/api/dashboards``                    the dashboard definitions, refresh period, known domains;
-* ``/api/panels/{panel_id}?minutes=&domain=&dashboard=``  one panel's rows, as ``{"columns", "rows": [{...}]}``;
+* ``/api/panels/{panel_id}?minutes=&domain=&ref=&dashboard=``  one panel's rows, as ``{"columns", "rows": [{...}]}``
+  (``ref``: minutes between the window and the drift reference window; 0 = the window just before);
+* ``/api/alerts?domain=``                the alert rules' rows now, firing ones first;
 * ``/healthz``                           liveness plus the sink's counters.
 """
 
@@ -27,7 +29,7 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from dashboards import queries
+from dashboards import alerts, queries
 from dashboards.definitions import DASHBOARDS
 from dashboards.sink import MetricsSink
 from dashboards.store import Store
@@ -61,7 +63,12 @@ def _params(request: Request, default_minutes: float) -> dict[str, object]:
         domain = ""
     if domain and domain not in schema.DOMAIN_INDEX:
         raise BadRequest(f"domain: unknown {domain!r} (known: {', '.join(schema.DOMAINS)})")
-    return queries.live_parameters(minutes, domain)
+    raw_ref = request.query_params.get("ref", "") or "0"
+    try:
+        ref = float(raw_ref)
+    except ValueError:
+        raise BadRequest(f"ref: expected a number of minutes, got {raw_ref!r}") from None
+    return queries.live_parameters(minutes, domain, ref)
 
 
 def make_app(cfg: Config, store: Store, sink: MetricsSink | None = None) -> Starlette:
@@ -73,7 +80,8 @@ def make_app(cfg: Config, store: Store, sink: MetricsSink | None = None) -> Star
     def dashboards(request: Request):
         return JSONResponse({"dashboards": {k: d.to_json() for k, d in DASHBOARDS.items()},
                              "refresh_s": cfg.dashboard.refresh_s, "window_minutes": cfg.dashboard.window_minutes,
-                             "domains": list(schema.DOMAINS)})
+                             "domains": list(schema.DOMAINS),
+                             "alerts": [r.to_json() for r in alerts.RULES.values()]})
 
     def panel(request: Request):
         dash = DASHBOARDS.get(request.query_params.get("dashboard", "overview"))
@@ -96,12 +104,22 @@ def make_app(cfg: Config, store: Store, sink: MetricsSink | None = None) -> Star
         return JSONResponse({"panel": p.id, "kind": p.kind, "columns": res.columns, "rows": rows,
                              "params": params, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)})
 
+    def alert_states(request: Request):
+        try:
+            domain = _params(request, cfg.dashboard.window_minutes)["domain"]
+        except BadRequest as e:
+            return JSONResponse({"error": str(e)}, 400)
+        states = alerts.evaluate(store, str(domain))
+        states.sort(key=lambda a: (not a["firing"], a["severity"] != "critical", a["rule"], str(a["series"])))
+        return JSONResponse({"alerts": states, "firing": sum(a["firing"] for a in states)})
+
     def healthz(request: Request):
         counters = dict(sink.counters) if sink is not None else {}
         return JSONResponse({"ok": True, "sink": sink is not None, "counters": counters})
 
     return Starlette(routes=[
         Route("/", index), Route("/api/dashboards", dashboards), Route("/api/panels/{panel_id}", panel),
+        Route("/api/alerts", alert_states),
         Route("/healthz", healthz), Mount("/static", StaticFiles(directory=STATIC), name="static")])
 
 

@@ -1,11 +1,12 @@
 """The metrics sink: Kafka topics -> ClickHouse tables, columnar and idempotent.
 
-It reads ``predictions`` (:class:`~streams.schema.PredictionBatch`), ``service_stats`` and ``dead_letters``
-with ``assign()`` at the offsets it recorded in ``sink_offsets`` (or from the beginning), inserts each poll's
+It reads ``predictions`` (:class:`~streams.schema.PredictionBatch`), ``service_stats``, ``dead_letters`` and
+the feature statistics topic (:mod:`dashboards.feature_stats`; created here when missing) with ``assign()`` at the offsets it recorded in ``sink_offsets`` (or from the beginning), inserts each poll's
 rows with one ``insert_arrow`` per table, and only then records the next offsets. A crash between the two
 re-inserts rows that the ReplacingMergeTree tables collapse, so the at-least-once window is harmless.
 Messages it cannot decode are counted, logged and stored as dead letters (step ``metrics_sink``); they never
-stop it. It publishes nothing.
+stop it. It publishes nothing. After inserting predictions it recomputes the ``prediction_rollup`` slots they touched
+(at most every ``rollup_every_s``; :meth:`MetricsSink.flush_rollup` forces it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
+from dashboards.feature_stats import feature_stats_rows, feature_stats_topic
 from dashboards.store import Store
 from streams import kafka_io, schema
 from streams.config import Config
@@ -107,20 +109,30 @@ class MetricsSink:
     until the event is set. ``counters`` holds messages, rows per table, bad messages and store errors.
     """
 
-    def __init__(self, cfg: Config, client: Store, *, batch_messages: int = 2000, poll_timeout_s: float = 0.5):
+    def __init__(self, cfg: Config, client: Store, *, batch_messages: int = 2000, poll_timeout_s: float = 0.5,
+                 rollup_every_s: float = 1.0):
         self.cfg, self.store = cfg, client
-        self.batch_messages, self.poll_timeout_s = batch_messages, poll_timeout_s
+        self.batch_messages, self.poll_timeout_s, self.rollup_every_s = batch_messages, poll_timeout_s, rollup_every_s
         t = cfg.topics
+        self.feature_topic = feature_stats_topic(cfg)
         self.kinds = {t.predictions: schema.PredictionBatch, t.service_stats: schema.ServiceStats,
-                      t.dead_letters: schema.DeadLetter}
+                      t.dead_letters: schema.DeadLetter, self.feature_topic: None}  # None: raw bytes
         self.counters: dict[str, int] = defaultdict(int)
         self.consumer = None
+        self._dirty: tuple[int, int] | None = None  # training-time range (ms) whose rollup slots are stale
+        self._last_rollup = 0.0
 
     # ---- consumer ------------------------------------------------------------------------------------
     def _partitions(self, topic: str) -> int:
         md = self.consumer.list_topics(topic, timeout=10)
         meta = md.topics.get(topic)
         n = len(meta.partitions) if meta is not None and meta.error is None else 0
+        if not n and topic == self.feature_topic:  # not part of cfg.topics.all() yet: create it like the others
+            try:
+                kafka_io.ensure_topics(self.cfg.kafka.bootstrap_servers, [topic], self.cfg.topics.partitions,
+                                       self.cfg.kafka.client)
+            except Exception as e:  # noqa: BLE001 - no rights to create: read it once it exists
+                log.warning("metrics sink: cannot create topic %s (%s); assigning its default partitions", topic, e)
         return n or self.cfg.topics.partitions
 
     def _assign(self) -> None:
@@ -151,6 +163,9 @@ class MetricsSink:
                 continue
             topic, raw = m.topic(), m.value() or b""
             offsets[(topic, m.partition())] = m.offset() + 1
+            if self.kinds[topic] is None:
+                good[topic].append(m)  # decoded (and dead-lettered) in _insert
+                continue
             ev = schema.decode(raw, self.kinds[topic])
             reason = ev.reason if isinstance(ev, schema.Invalid) else batch_problem(ev)
             if reason:
@@ -165,10 +180,28 @@ class MetricsSink:
         good[self.cfg.topics.dead_letters] += bad
         return good, offsets
 
+    def _feature_stats(self, msgs: list, now_ms: int) -> tuple[pa.Table, list[schema.DeadLetter]]:
+        table, problems = feature_stats_rows([m.value() or b"" for m in msgs], now_ms)
+        letters = []
+        for i, reason in problems:
+            m = msgs[i]
+            self.counters["bad_messages"] += 1
+            log.warning("metrics sink: bad feature stats %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)
+            letters.append(schema.dead_letter(reason, m.value() or b"", topic=m.topic(), partition=m.partition(),
+                                              offset=m.offset(), ts=now_ms, step=STEP))
+        return table, letters
+
     def _insert(self, good: dict[str, list]) -> int:
         t = self.cfg.topics
-        rows = self._count("predictions", self.store.insert(
-            "predictions", prediction_rows(good.get(t.predictions, []), int(time.time() * 1000))))
+        now_ms = int(time.time() * 1000)
+        batches = good.get(t.predictions, [])
+        rows = self._count("predictions", self.store.insert("predictions", prediction_rows(batches, now_ms)))
+        if batches:
+            lo, hi = min(b.trained_ts for b in batches), max(b.trained_ts for b in batches)
+            self._dirty = (min(lo, self._dirty[0]), max(hi, self._dirty[1])) if self._dirty else (lo, hi)
+        feats, bad = self._feature_stats(good.get(self.feature_topic, []), now_ms)
+        rows += self._count("feature_stats", self.store.insert("feature_stats", feats))
+        good[t.dead_letters] = good.get(t.dead_letters, []) + bad
         rows += self._count("service_stats", self.store.insert(
             "service_stats", stats_rows(good.get(t.service_stats, []))))
         letters = good.get(t.dead_letters, [])
@@ -186,12 +219,23 @@ class MetricsSink:
             self._assign()
         msgs = self.consumer.consume(num_messages=self.batch_messages, timeout=self.poll_timeout_s)
         if not msgs:
+            self.flush_rollup()
             return 0
         good, offsets = self._decode(msgs)
         rows = self._insert(good)
         self.store.record_offsets(offsets)  # after the rows: a crash in between only re-inserts (idempotent)
         self.counters["messages"] += len(msgs)  # handled: stored and recorded
+        if time.monotonic() - self._last_rollup >= self.rollup_every_s:
+            self.flush_rollup()
         return rows
+
+    def flush_rollup(self) -> None:
+        """Recompute the rollup slots touched since the last flush (a recompute is idempotent)."""
+        self._last_rollup = time.monotonic()
+        if self._dirty is not None:
+            self.store.refresh_rollup(*self._dirty)
+            self._dirty = None
+            self.counters["rollup_refreshes"] += 1
 
     def run(self, stop_event: threading.Event) -> None:
         """Poll until ``stop_event`` is set. A store or broker error rewinds to the recorded offsets and retries."""

@@ -7,7 +7,14 @@ is a ReplacingMergeTree keyed by the row's identity, so the sink's at-least-once
 queries read with ``FINAL``.
 
 >>> sorted(TABLES)
-['dead_letters', 'predictions', 'service_stats', 'sink_offsets']
+['dead_letters', 'feature_stats', 'prediction_rollup', 'predictions', 'service_stats', 'sink_offsets']
+
+``prediction_rollup`` is the hot aggregate: per 10 s slot of training time, objective and domain, the counts
+and sums behind calibration / NE and a logit-bucketed score histogram (positives and negatives) behind AUC and
+prediction drift. It is not an incremental materialized view, because an MV adds every re-delivered insert
+again; the sink recomputes the slots it touched from ``predictions FINAL`` (:data:`queries.ROLLUP_REFRESH`)
+and the newest computation replaces the older (ReplacingMergeTree on ``computed_ts``), so it stays exact and
+idempotent. (On ClickHouse 24+ a refreshable materialized view could run the same SELECT.)
 """
 
 from __future__ import annotations
@@ -71,6 +78,44 @@ CREATE TABLE IF NOT EXISTS {db}.dead_letters (
 ) ENGINE = ReplacingMergeTree
 ORDER BY (topic, partition, offset, step, reason, ts, raw_hash)
 TTL toDateTime(ts) + INTERVAL {ttl} DAY""",
+    # the pre-aggregate behind the hot panels; see the module docstring and queries.ROLLUP_REFRESH
+    "prediction_rollup": """
+CREATE TABLE IF NOT EXISTS {db}.prediction_rollup (
+    slot DateTime('UTC'),
+    objective LowCardinality(String),
+    domain LowCardinality(String),
+    n UInt64,
+    positives UInt64,
+    sum_score Float64,
+    sum_logloss Float64,
+    buckets Array(UInt16),
+    pos Array(UInt64),
+    neg Array(UInt64),
+    computed_ts DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(computed_ts)
+ORDER BY (objective, domain, slot)
+TTL slot + INTERVAL {ttl} DAY""",
+    # one row per (feature, domain, window, instance) from the stats dataflow; bins are labels that stay the
+    # same for a feature across windows (fixed edges or category ids), so PSI compares like with like
+    "feature_stats": """
+CREATE TABLE IF NOT EXISTS {db}.feature_stats (
+    window_start DateTime64(3, 'UTC'),
+    window_end DateTime64(3, 'UTC'),
+    domain LowCardinality(String),
+    feature LowCardinality(String),
+    instance String,
+    n Float64,
+    n_missing Float64,
+    mean Float64,
+    std Float64,
+    min Float64,
+    max Float64,
+    bins Array(String),
+    counts Array(Float64),
+    inserted_ts DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(inserted_ts)
+ORDER BY (feature, domain, window_start, window_end, instance)
+TTL toDateTime(window_end) + INTERVAL {ttl} DAY""",
     # the sink's own resume point; the largest next_offset wins
     "sink_offsets": """
 CREATE TABLE IF NOT EXISTS {db}.sink_offsets (
@@ -160,6 +205,16 @@ class Store:
             res = self.client.query(sql, parameters=dict(parameters or {}))
         rows = [tuple(_clean(v) for v in r) for r in res.result_rows]
         return QueryResult(list(res.column_names), rows)
+
+    def refresh_rollup(self, from_ms: int, to_ms: int) -> None:
+        """Recompute ``prediction_rollup`` for the slots overlapping ``[from_ms, to_ms]`` (training time)."""
+        from dashboards.queries import ROLLUP_REFRESH, ROLLUP_SLOT_S
+
+        lo = from_ms // 1000 // ROLLUP_SLOT_S * ROLLUP_SLOT_S
+        hi = to_ms // 1000 // ROLLUP_SLOT_S * ROLLUP_SLOT_S + ROLLUP_SLOT_S
+        with self.lock:
+            self.client.command(ROLLUP_REFRESH.replace("{db}", self.db),
+                                parameters={"lo": lo, "hi": hi})
 
     def sink_offsets(self) -> dict[tuple[str, int], int]:
         """(topic, partition) -> next offset to read, as last recorded by the sink."""

@@ -25,6 +25,8 @@ class StubGrafana:
     def __init__(self):
         self.requests: list[dict] = []
         self.datasources: dict[str, dict] = {}
+        self.folders: dict[str, dict] = {}
+        self.rules: dict[str, dict] = {}
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,6 +62,23 @@ class StubGrafana:
                 if m == "PUT" and p.startswith("/api/datasources/uid/"):
                     stub.datasources[uid] = body
                     return self._reply(200, {"id": 1, "message": "Datasource updated"})
+                if m == "GET" and p.startswith("/api/folders/"):
+                    return self._reply(200, stub.folders[uid]) if uid in stub.folders else self._reply(
+                        404, {"message": "folder not found"})
+                if m == "POST" and p == "/api/folders":
+                    stub.folders[body["uid"]] = body
+                    return self._reply(200, {"uid": body["uid"], "title": body["title"]})
+                if p.startswith("/api/v1/provisioning/alert-rules"):
+                    if m == "GET":
+                        return self._reply(200, stub.rules[uid]) if uid in stub.rules else self._reply(
+                            404, {"message": "rule not found"})
+                    if m == "POST" and body.get("folderUID") in stub.folders:
+                        stub.rules[body["uid"]] = body
+                        return self._reply(201, body)
+                    if m == "PUT" and uid in stub.rules:
+                        stub.rules[uid] = body
+                        return self._reply(200, body)
+                    return self._reply(400, {"message": "bad alert rule request (folder missing?)"})
                 if m == "POST" and p == "/api/dashboards/db":
                     d = body["dashboard"]
                     return self._reply(200, {"status": "success", "uid": d["uid"], "url": f"/d/{d['uid']}/x"})
@@ -107,8 +126,33 @@ def test_push_provisions_datasource_and_dashboards(monkeypatch, capsys):
         assert "$__timeFilter(" in sql and "FINAL" in sql and "streamrec." in sql, panel.id
         assert "{db}" not in sql and "{window_s" not in sql and "$WINDOW" not in sql, panel.id
     sqls = {p["title"]: p["targets"][0]["rawSql"] for p in d["panels"]}
-    assert "arrayAUC" in sqls["Click AUC by domain"] and "${domain}" in sqls["Click AUC by domain"]
-    assert "data source streamrec-clickhouse created" in capsys.readouterr().out
+    assert "arrayCumSum" in sqls["Click AUC by domain"] and "${domain}" in sqls["Click AUC by domain"]
+    assert "arrayAUC" in sqls["Quality by domain"]
+    assert all(b["folderUid"] == "streamrec" for b in boards) and "streamrec" in g.folders
+    out = capsys.readouterr().out
+    assert "data source streamrec-clickhouse created" in out and "alert rules: 5 created" in out
+    assert "alert rules: 0 created, 5 updated" in out  # the second push
+    _check_alert_rules(g.rules, [r for r in g.requests if "alert-rules" in r["path"]])
+
+
+def _check_alert_rules(rules: dict, requests: list) -> None:
+    from dashboards.alerts import RULES
+
+    assert len(rules) == len(RULES) and sum(r["method"] == "POST" for r in requests) == len(RULES)
+    by_title = {r["title"]: r for r in rules.values()}
+    for rule in RULES.values():
+        body = by_title[rule.title]
+        assert body["condition"] == "C" and body["folderUID"] == "streamrec" and body["ruleGroup"] == "streamrec"
+        a, b, c = body["data"]
+        assert a["datasourceUid"] == "streamrec-clickhouse" and a["relativeTimeRange"]["from"] == rule.window_s
+        sql = a["model"]["rawSql"]
+        assert "$__timeFilter(" in sql and "streamrec." in sql and "{db}" not in sql and "$" + "WINDOW" not in sql
+        assert "${domain}" not in sql and "${ref_shift}" not in sql, "alert SQL cannot use dashboard variables"
+        assert (b["model"]["type"], b["model"]["expression"]) == ("reduce", "A")
+        ev = c["model"]["conditions"][0]["evaluator"]
+        assert c["model"]["type"] == "threshold" and ev == {"type": "gt" if rule.op == ">" else "lt",
+                                                            "params": [rule.threshold]}
+        assert body["labels"]["severity"] == rule.severity
 
 
 def test_push_refuses_the_embedded_store(monkeypatch, capsys):
@@ -121,7 +165,7 @@ def test_export_writes_json_without_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMREC_CONFIG", "")
     monkeypatch.setenv("STREAMREC_METRICS__CLICKHOUSE_URL", "http://u:hidden@ch:8123")
     assert main(["dashboards", "export", "--out", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["datasource.json", "overview.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alert-rules.json", "datasource.json", "overview.json"]
     text = (tmp_path / "datasource.json").read_text() + (tmp_path / "overview.json").read_text()
     assert "hidden" not in text
     board = json.loads((tmp_path / "overview.json").read_text())
@@ -135,7 +179,8 @@ def _expand_grafana_macros(sql: str, now_s: int) -> str:
     """What the plugin does with its macros, for a one-hour range and 30 s interval, domain 'all'."""
     sql = re.sub(r"\$__timeFilter\((\w+)\)",
                  rf"\1 >= toDateTime({now_s - 3600}) AND \1 <= toDateTime({now_s})", sql)
-    return sql.replace("$__interval_s", "30").replace("${domain}", "all")
+    sql = sql.replace("$__fromTime", f"toDateTime({now_s - 3600})").replace("$__toTime", f"toDateTime({now_s})")
+    return sql.replace("$__interval_s", "30").replace("${domain}", "all").replace("${ref_shift}", "3600")
 
 
 def test_grafana_sql_runs_on_clickhouse(tmp_path):
@@ -152,11 +197,15 @@ def test_grafana_sql_runs_on_clickhouse(tmp_path):
         store = Store(client, "streamrec")
         store.ensure_schema()
         store.insert("predictions", prediction_rows([batch], now_ms))
+        store.refresh_rollup(now_ms - 60_000, now_ms)
         board = grafana.grafana_dashboard_json(DASHBOARDS["overview"], "streamrec")
         now_s = int(time.time()) + 1
         for p in board["panels"]:
             res = store.query(_expand_grafana_macros(p["targets"][0]["rawSql"], now_s))
             if p["title"] in ("Click AUC", "Click AUC by domain", "Quality by domain"):
                 assert res.rows and all(r[-1] is not None for r in res.rows if p["type"] != "table"), p["title"]
+        for rule in grafana.alert_rules_json("streamrec"):  # the alert queries run too
+            res = store.query(_expand_grafana_macros(rule["data"][0]["model"]["rawSql"], now_s))
+            assert all(len(r) == 2 for r in res.rows), rule["title"]
     finally:
         client.close()

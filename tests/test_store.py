@@ -126,12 +126,23 @@ def test_reinserting_a_batch_changes_nothing(store):
 
 
 def test_every_panel_query_runs(store):
-    store.insert("predictions", prediction_rows(random_batches(np.random.default_rng(4), n_batches=2), 0))
+    store.insert("predictions", prediction_rows(random_batches(np.random.default_rng(4), n_batches=4), 0))
     now = int(time.time() * 1000)
-    store.insert("service_stats", stats_rows([schema.ServiceStats("replay", now, {"events_per_s": 5.0})]))
+    store.refresh_rollup(now - 10 * 60_000, now)
+    store.insert("service_stats", stats_rows([
+        schema.ServiceStats("replay", now, {"events_per_s": 5.0, "events_produced": 100.0}),
+        schema.ServiceStats("labels", now, {"events_in": 90.0, "examples_out": 40.0}),
+        schema.ServiceStats("trainer", now, {"examples_trained": 30.0, "emb_bytes_pool_8": 4096.0,
+                                             "emb_rows_dim_8": 128.0})]))
     store.insert("dead_letters", dead_letter_rows([schema.dead_letter("unparseable: x", b"x", ts=now)]))
+    from dashboards.feature_stats import feature_stats_rows
+    recs = [f'{{"window_start": {end - 30_000}, "window_end": {end}, "domain": "feed", "features": '
+            f'{{"dense_0": {{"count": 10, "bins": ["a", "b"], "counts": [{a}, {10 - a}]}}}}}}'.encode()
+            for end, a in ((now - 30_000, 8), (now - 150_000, 3))]
+    rows, problems = feature_stats_rows(recs, now)
+    assert not problems and store.insert("feature_stats", rows) == 2
     for panel in DASHBOARDS["overview"].panels:
-        res = store.query(q.render(panel.sql, "live"), q.live_parameters(30, "feed"))
+        res = store.query(q.render(panel.sql, "live"), q.live_parameters(2, "feed"))
         assert res.rows, f"panel {panel.id}: no rows"
         if panel.kind == "timeseries":
             assert res.columns == ["t", "series", "value"], panel.id

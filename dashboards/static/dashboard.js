@@ -4,8 +4,8 @@
   "use strict";
   const PALETTE = ["#58a6ff", "#3fb950", "#e3a008", "#f778ba", "#a371f7", "#39c5cf", "#f85149", "#d29922",
                    "#8b949e", "#56d364"];
-  const state = { dash: null, refreshS: 2, minutes: 60, domain: "", inFlight: false, refreshes: 0,
-                  charts: {}, timer: null };
+  const state = { dash: null, refreshS: 2, minutes: 60, domain: "", ref: 0, inFlight: false, refreshes: 0,
+                  charts: {}, timer: null, alerts: [] };
   const $ = (sel) => document.querySelector(sel);
 
   function fmt(v, unit) {
@@ -18,8 +18,16 @@
       if (a >= 60) return (v / 60).toFixed(1) + " min";
       return (a >= 10 ? v.toFixed(0) : v.toFixed(2)) + " s";
     }
+    if (unit === "bytes") {
+      const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+      let x = v, i = 0;
+      while (Math.abs(x) >= 1024 && i < units.length - 1) { x /= 1024; i += 1; }
+      return (Math.abs(x) >= 100 || i === 0 ? x.toFixed(0) : x.toFixed(1)) + " " + units[i];
+    }
     if (unit === "short" || unit === "ops") {
-      const s = a >= 1e6 ? (v / 1e6).toFixed(2) + "M" : a >= 1e4 ? (v / 1e3).toFixed(1) + "k"
+      // 3 significant digits at most: "125k", "12.5k", "1.25M" (axis labels must fit their gutter)
+      const sig = (x) => (Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 10 ? x.toFixed(1) : x.toFixed(2));
+      const s = a >= 1e9 ? sig(v / 1e9) + "G" : a >= 1e6 ? sig(v / 1e6) + "M" : a >= 1e4 ? sig(v / 1e3) + "k"
               : Number.isInteger(v) ? String(v) : v.toFixed(a >= 100 ? 0 : 2);
       return unit === "ops" ? s + "/s" : s;
     }
@@ -77,7 +85,8 @@
     const metricTh = { auc: [[null, "red"], [0.6, "orange"], [0.7, "green"]],
                        cvr_auc: [[null, "red"], [0.6, "orange"], [0.7, "green"]],
                        ne: [[null, "green"], [0.95, "orange"], [1.0, "red"]],
-                       cvr_ne: [[null, "green"], [0.95, "orange"], [1.0, "red"]] };
+                       cvr_ne: [[null, "green"], [0.95, "orange"], [1.0, "red"]],
+                       psi: p.thresholds && p.thresholds.length ? p.thresholds : null };
     const trs = res.rows.map((r) => "<tr>" + res.columns.map((c) => {
       const v = r[c];
       const cls = typeof v === "number" ? colour(v, metricTh[c]) : "text";
@@ -86,6 +95,16 @@
     }).join("") + "</tr>").join("");
     body.innerHTML = `<table><thead><tr>${th}</tr></thead><tbody>${trs}</tbody></table>`;
     setState(el, "drawn", res.rows.length, "");
+  }
+
+  // y-axis gutter as wide as its widest label (uPlot calls this per layout pass; fixed widths clipped "100.0k/s")
+  const measure = document.createElement("canvas").getContext("2d");
+  function axisSize(u, values, axisIdx, cycleNum) {
+    const axis = u.axes[axisIdx];
+    if (cycleNum > 1) return axis._size;  // settled: avoid oscillating layouts
+    measure.font = axis.font ? axis.font[0] : "12px system-ui";
+    const widest = Math.max(0, ...(values || []).map((v) => measure.measureText(String(v)).width));
+    return Math.ceil(widest + (axis.ticks.size || 10) + (axis.gap || 5) + 8);
   }
 
   // long rows (t, series, value) -> uPlot columns [[t...], [s1...], [s2...]] with nulls for gaps
@@ -124,8 +143,8 @@
           points: { show: few, size: 5 }, value: (u, v) => fmt(v, p.unit) }))),
         axes: [
           { stroke: "#8a93a6", grid: { stroke: "#232834", width: 1 }, ticks: { stroke: "#232834" } },
-          { stroke: "#8a93a6", grid: { stroke: "#232834", width: 1 }, ticks: { stroke: "#232834" }, size: 60,
-            values: (u, vals) => vals.map((v) => fmt(v, p.unit)) },
+          { stroke: "#8a93a6", grid: { stroke: "#232834", width: 1 }, ticks: { stroke: "#232834" },
+            size: axisSize, values: (u, vals) => vals.map((v) => fmt(v, p.unit)) },
         ],
       };
       body.innerHTML = "";
@@ -138,7 +157,7 @@
 
   async function refreshPanel(p) {
     const el = document.getElementById("panel-" + p.id);
-    const q = new URLSearchParams({ minutes: state.minutes, domain: state.domain });
+    const q = new URLSearchParams({ minutes: state.minutes, domain: state.domain, ref: state.ref });
     try {
       const r = await fetch(`/api/panels/${p.id}?${q}`);
       const res = await r.json();
@@ -153,12 +172,48 @@
     }
   }
 
+  function esc(x) { return String(x).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c])); }
+
+  // banner of firing alerts, and a badge on the panel each rule points at
+  async function refreshAlerts() {
+    const box = $("#alerts");
+    try {
+      const r = await fetch(`/api/alerts?${new URLSearchParams({ domain: state.domain })}`);
+      const res = await r.json();
+      if (!r.ok) throw new Error(res.error || r.statusText);
+      state.alerts = res.alerts;
+      const firing = res.alerts.filter((a) => a.firing);
+      box.dataset.firing = String(firing.length);
+      box.dataset.state = "drawn";
+      box.innerHTML = firing.length ? firing.map((a) =>
+        `<span class="badge ${a.severity}" data-rule="${esc(a.rule)}" title="${esc(a.summary)}"><b>${esc(a.title)}</b>` +
+        `${esc(a.series)} ${fmt(a.value, "")} ${a.op} ${a.threshold}</span>`).join("")
+        : `<span class="ok">&#10003; no alerts firing</span><span class="muted">(${res.alerts.length} checks)</span>`;
+      for (const el of document.querySelectorAll(".panel")) {
+        const mine = firing.filter((a) => a.panel === el.dataset.panelId);
+        el.classList.toggle("alerting", mine.length > 0);
+        el.classList.toggle("critical", mine.some((a) => a.severity === "critical"));
+        const h = el.querySelector("h2");
+        let b = h.querySelector(".badge");
+        if (!mine.length) { if (b) b.remove(); continue; }
+        if (!b) { b = document.createElement("span"); h.appendChild(b); }
+        b.className = "badge " + (mine.some((a) => a.severity === "critical") ? "critical" : "warning");
+        b.textContent = `${mine[0].title}: ${mine.map((a) => a.series).join(", ")}`;
+      }
+      return true;
+    } catch (e) {
+      box.dataset.state = "error";
+      box.innerHTML = `<span class="badge critical">alerts: ${esc(e.message || e)}</span>`;
+      return false;
+    }
+  }
+
   async function refresh() {
     if (state.inFlight || !state.dash) return;
     state.inFlight = true;
     const t0 = performance.now();
     try {
-      const ok = await Promise.all(state.dash.panels.map(refreshPanel));
+      const ok = await Promise.all([...state.dash.panels.map(refreshPanel), refreshAlerts()]);
       state.refreshes += 1;
       document.body.dataset.refreshes = String(state.refreshes);
       const failed = ok.filter((x) => !x).length;
@@ -200,6 +255,9 @@
     state.domain = params.get("domain") || "";
     dsel.value = state.domain;
     $("#range").addEventListener("change", (e) => { state.minutes = Number(e.target.value); refresh(); });
+    state.ref = Number(params.get("ref") || 0);
+    $("#ref").value = String(state.ref);
+    $("#ref").addEventListener("change", (e) => { state.ref = Number(e.target.value); refresh(); });
     dsel.addEventListener("change", (e) => { state.domain = e.target.value; refresh(); });
     window.addEventListener("resize", resize);
     buildGrid(state.dash);

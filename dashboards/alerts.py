@@ -1,0 +1,139 @@
+"""Alert rules, defined once: evaluated by the live page (banner and panel badges) and exported as Grafana
+unified-alerting rules (``POST /api/v1/provisioning/alert-rules``).
+
+A rule's SQL (a :mod:`dashboards.queries` template) returns rows ``(series, value)`` - one per domain, step
+or whatever the rule splits by - and the rule fires for each row whose value crosses ``threshold``. The rule
+looks at its own window (``window_s``; drift rules against the window ``ref_shift_s`` earlier), not at the
+page's range, so the page and Grafana agree on what is firing.
+
+>>> sorted(RULES)
+['dead_letter_rate', 'feature_drift', 'freshness_lag', 'prediction_drift', 'quality_drop']
+>>> RULES["prediction_drift"].fires(0.3), RULES["quality_drop"].fires(0.01)
+(True, False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dashboards import queries as q
+from dashboards.store import Store
+
+SEVERITIES = ("warning", "critical")
+OPS = {">": "gt", "<": "lt"}
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    """``value op threshold`` per row of ``sql``; ``panel`` is the page panel that shows the evidence."""
+
+    id: str
+    title: str
+    sql: str
+    threshold: float
+    op: str = ">"
+    window_s: int = 600
+    ref_shift_s: int = 600
+    for_s: int = 120
+    severity: str = "warning"
+    summary: str = ""
+    panel: str = ""
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"alert {self.id!r}: op must be one of {sorted(OPS)}, got {self.op!r}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"alert {self.id!r}: severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    def fires(self, value: float | None) -> bool:
+        if value is None:
+            return False
+        return value > self.threshold if self.op == ">" else value < self.threshold
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "title": self.title, "threshold": self.threshold, "op": self.op,
+                "window_s": self.window_s, "ref_shift_s": self.ref_shift_s, "severity": self.severity,
+                "summary": self.summary, "panel": self.panel}
+
+
+PSI_ALERT, FEATURE_PSI_ALERT = 0.2, 0.25  # PSI: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant shift
+
+_PRED_PSI = f"""
+SELECT domain AS series, psi AS value FROM ({q.PREDICTION_DRIFT}) WHERE objective = 'click'"""
+_FEATURE_PSI = f"""
+SELECT domain AS series, max(psi) AS value FROM ({q.FEATURE_DRIFT}) GROUP BY domain"""
+# reference AUC minus current AUC, per domain (click)
+_AUC_DROP = f"""
+SELECT c.series AS series, r.auc - c.auc AS value
+FROM (SELECT toString(domain) AS series, {q.R_AUC} AS auc FROM {{db}}.prediction_rollup FINAL
+      WHERE objective = 'click' AND $WINDOW(slot) AND $DOMAIN GROUP BY series) AS c
+INNER JOIN (SELECT toString(domain) AS series, {q.R_AUC} AS auc FROM {{db}}.prediction_rollup FINAL
+            WHERE objective = 'click' AND $REF_WINDOW(slot) AND $DOMAIN GROUP BY series) AS r
+    ON c.series = r.series"""
+_FRESHNESS = """
+SELECT toString(domain) AS series,
+       quantile(0.5)((toUnixTimestamp64Milli(trained_ts) - toUnixTimestamp64Milli(event_ts)) / 1000.0) AS value
+FROM {db}.predictions FINAL
+WHERE objective = 'click' AND $WINDOW(trained_ts) AND $DOMAIN
+GROUP BY series"""
+_DEAD_RATE = """
+SELECT toString(step) AS series, count() * 60 / $WINDOW_S AS value
+FROM {db}.dead_letters FINAL
+WHERE $WINDOW(ts)
+GROUP BY series"""
+
+RULES: dict[str, AlertRule] = {r.id: r for r in (
+    AlertRule("prediction_drift", "Prediction drift", _PRED_PSI, PSI_ALERT, panel="prediction_drift",
+              summary="PSI of the click-score distribution, last 10 min against the 10 min before"),
+    AlertRule("feature_drift", "Feature drift", _FEATURE_PSI, FEATURE_PSI_ALERT, panel="feature_drift",
+              summary="largest feature PSI per domain, last 10 min against the 10 min before"),
+    AlertRule("quality_drop", "Quality drop", _AUC_DROP, 0.05, severity="critical", panel="click_auc",
+              summary="click AUC fell by more than 0.05 against the 10 min before"),
+    AlertRule("freshness_lag", "Training lag", _FRESHNESS, 600.0, window_s=300, panel="freshness",
+              summary="median event-to-trained latency above 10 min"),
+    AlertRule("dead_letter_rate", "Dead-letter rate", _DEAD_RATE, 10.0, panel="dead_letters_rate",
+              summary="more than 10 dead letters per minute from one step"),
+)}
+
+
+def evaluate(store: Store, domain: str = "", rules: dict[str, AlertRule] | None = None) -> list[dict]:
+    """Every rule's rows now: ``{"rule", "title", "severity", "series", "value", "threshold", "firing"}``;
+    a rule whose query fails reports ``error`` instead of rows."""
+    out = []
+    for rule in (rules or RULES).values():
+        params = {**q.live_parameters(rule.window_s / 60, domain), "ref_shift_s": rule.ref_shift_s}
+        base = {"rule": rule.id, "title": rule.title, "severity": rule.severity, "threshold": rule.threshold,
+                "op": rule.op, "panel": rule.panel, "summary": rule.summary}
+        try:
+            rows = store.query(q.render(rule.sql, "live"), params).rows
+        except Exception as e:  # noqa: BLE001 - one broken rule must not hide the others
+            out.append({**base, "series": "", "value": None, "firing": False, "error": str(e)[:300]})
+            continue
+        for series, value in rows:
+            out.append({**base, "series": series, "value": value, "firing": rule.fires(value)})
+    return out
+
+
+def grafana_alert_rule(rule: AlertRule, database: str, folder_uid: str, datasource_uid: str,
+                       group: str = "streamrec") -> dict:
+    """The provisioning payload of one rule: query A (ClickHouse, table format: string columns become labels),
+    B = reduce(last) of A, C = threshold on B."""
+    sql = q.render(rule.sql, "alert", ref_shift_s=rule.ref_shift_s).replace("{db}", database).strip()
+    return {
+        "uid": f"streamrec-{rule.id.replace('_', '-')}", "title": rule.title, "ruleGroup": group,
+        "folderUID": folder_uid, "condition": "C", "for": f"{rule.for_s}s", "orgID": 1,
+        "noDataState": "OK", "execErrState": "Error",
+        "labels": {"severity": rule.severity, "team": "streamrec"},
+        "annotations": {"summary": rule.summary, "panel": rule.panel},
+        "data": [
+            {"refId": "A", "datasourceUid": datasource_uid,
+             "relativeTimeRange": {"from": rule.window_s, "to": 0},
+             "model": {"refId": "A", "editorType": "sql", "rawSql": sql, "format": 1, "queryType": "table"}},
+            {"refId": "B", "datasourceUid": "__expr__", "relativeTimeRange": {"from": 0, "to": 0},
+             "model": {"refId": "B", "type": "reduce", "expression": "A", "reducer": "last",
+                       "settings": {"mode": "dropNN"}}},
+            {"refId": "C", "datasourceUid": "__expr__", "relativeTimeRange": {"from": 0, "to": 0},
+             "model": {"refId": "C", "type": "threshold", "expression": "B",
+                       "conditions": [{"evaluator": {"type": OPS[rule.op], "params": [rule.threshold]}}]}},
+        ],
+    }
