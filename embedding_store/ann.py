@@ -1,0 +1,419 @@
+"""A mutable nearest-neighbour index of user vectors: upsert by id, delete, search, age, snapshot.
+
+One interface (:class:`AnnIndex`), three implementations (STYLE #10):
+
+=========  ==========================================================  =====================================
+kind       structure                                                   use
+=========  ==========================================================  =====================================
+``numpy``  dict id -> row + a dense matrix, brute-force ``Q @ V.T``     the reference; tests
+``exact``  ``IndexIDMap2(IndexFlatIP)``                                 small indexes (<~100k), exact answers
+``ivf``    ``IndexIVFFlat`` with ``DirectMap.Hashtable``                large indexes; approximate (``nprobe``)
+=========  ==========================================================  =====================================
+
+Vectors are L2-normalised on the way in, so scores are cosine similarities in [-1, 1].
+
+Traps this module exists to contain:
+
+* Removing ids from an IVF index **without** a direct map makes FAISS scan every list, and with the
+  ``Array`` direct map removal is refused; an IVF index whose ids are replaced outside FAISS's knowledge
+  returns stale duplicates. We always set ``DirectMap.Hashtable`` and remove through ``IDSelectorArray``
+  (the hashtable path accepts no other selector; ``index.remove_ids(np_array)`` builds an
+  ``IDSelectorBatch`` and FAISS raises).
+* ``IndexIDMap2.remove_ids`` scans all ``ntotal`` ids and asks the selector about each: an
+  ``IDSelectorArray`` there is O(ntotal * n); we pass ``IDSelectorBatch`` (hash set + Bloom filter).
+* HNSW cannot delete: ``kind="hnsw"`` is refused (ValueError) because this index is mutable.
+* IVF must be trained before the first add. Until :meth:`FaissIndex.train` runs (explicitly, or
+  automatically once ``30 * nlist`` vectors are staged) vectors live in an exact staging index, so the
+  index answers correctly from the first upsert.
+
+Each stored vector carries the event-time (ms) it was written, for "how old is this vector".
+
+>>> import numpy as np
+>>> idx = make_index(AnnConfig(dim=2, kind="numpy"))
+>>> idx.upsert(np.array([7, 8]), np.array([[1.0, 0.0], [1.0, 1.0]]), ts_ms=1000)
+>>> idx.upsert(np.array([7]), np.array([[0.0, 2.0]]), ts_ms=2000)   # replaces user 7's vector
+>>> scores, ids = idx.search(np.array([[0.0, 1.0]]), k=3)
+>>> ids.tolist(), [round(float(s), 3) for s in scores[0][:2]], idx.written_ts(np.array([7, 9])).tolist()
+([[7, 8, -1]], [1.0, 0.707], [2000, -1])
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+KINDS: tuple[str, ...] = ("numpy", "exact", "ivf")
+SNAPSHOT_FORMAT = 1
+
+
+class AnnError(ValueError):
+    """Bad input to the index (wrong shape, negative id) or a bad snapshot; names the place and the mismatch."""
+
+
+@dataclass(frozen=True)
+class AnnConfig:
+    """``dim``: vector width; ``kind``: one of :data:`KINDS`; ``nlist``/``nprobe``: IVF lists and lists
+    probed per query; ``device``: ``auto`` (GPU search when faiss-gpu sees a GPU) | ``cpu`` | ``gpu``."""
+
+    dim: int = 32
+    kind: str = "exact"
+    nlist: int = 1024
+    nprobe: int = 16
+    device: str = "auto"
+
+
+def validate(cfg: AnnConfig) -> None:
+    if cfg.kind == "hnsw":
+        raise ValueError("AnnConfig.kind: 'hnsw' cannot delete or replace vectors (FAISS HNSW has no remove_ids); "
+                         "use 'exact' or 'ivf' for a mutable user index")
+    if cfg.kind not in KINDS:
+        raise ValueError(f"AnnConfig.kind: expected one of {KINDS}, got {cfg.kind!r}")
+    if cfg.dim < 1 or cfg.nlist < 1 or not 1 <= cfg.nprobe:
+        raise ValueError(f"AnnConfig: dim, nlist, nprobe must be >= 1, got {cfg.dim}, {cfg.nlist}, {cfg.nprobe}")
+    if cfg.device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"AnnConfig.device: expected auto|cpu|gpu, got {cfg.device!r}")
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), as contiguous float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(n, 1e-12), dtype=np.float32)
+
+
+class AnnIndex:
+    """The interface: ``upsert``, ``delete``, ``search``, ``get``, ``written_ts``, ``ids``, ``snapshot``.
+
+    Subclasses implement ``_add(ids, vecs)`` (ids not present), ``_remove(ids)`` (ids present),
+    ``_search(q, k)`` and ``_get(ids)``; this class keeps the id -> written-ts map, which is also the
+    membership truth.
+    """
+
+    def __init__(self, cfg: AnnConfig):
+        validate(cfg)
+        self.cfg = cfg
+        self._ts: dict[int, int] = {}
+
+    # -- input checks (the edge) --
+    def _ids(self, ids, where: str) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise AnnError(f"{where}: ids must be a 1-d integer array, got shape {ids.shape} dtype {ids.dtype}")
+        ids = ids.astype(np.int64, copy=False)
+        if ids.size and ids.min() < 0:
+            raise AnnError(f"{where}: ids must be >= 0 (-1 is FAISS's 'no result'), got {int(ids.min())}")
+        return np.ascontiguousarray(ids)
+
+    def _vecs(self, v, n: int, where: str) -> np.ndarray:
+        v = np.asarray(v)
+        if v.ndim != 2 or v.shape[1] != self.cfg.dim or v.shape[0] != n:
+            raise AnnError(f"{where}: expected vectors of shape ({n}, {self.cfg.dim}), got {v.shape}")
+        if not np.isfinite(v).all():
+            raise AnnError(f"{where}: vectors contain NaN or infinity")
+        return normalize(v)
+
+    # -- public API --
+    def __len__(self) -> int:
+        return len(self._ts)
+
+    def __contains__(self, user_id: int) -> bool:
+        return int(user_id) in self._ts
+
+    def upsert(self, ids, vectors, ts_ms) -> None:
+        """Insert or replace: ids (N,) int >= 0, vectors (N, dim), ts_ms int or (N,) event-time of each vector.
+
+        A repeated id within one call keeps its last vector."""
+        ids = self._ids(ids, "upsert")
+        vecs = self._vecs(vectors, len(ids), "upsert")
+        ts = np.broadcast_to(np.asarray(ts_ms, dtype=np.int64), ids.shape)
+        if not len(ids):
+            return
+        # keep the last occurrence of each id: unique over the reversed array
+        _, first_rev = np.unique(ids[::-1], return_index=True)
+        if len(first_rev) != len(ids):
+            keep = np.sort(len(ids) - 1 - first_rev)
+            ids, vecs, ts = ids[keep], vecs[keep], ts[keep]
+        known = self._ts
+        present = np.fromiter((i in known for i in ids.tolist()), dtype=bool, count=len(ids))
+        if present.any():
+            self._remove(np.ascontiguousarray(ids[present]))
+        self._add(ids, vecs)
+        known.update(zip(ids.tolist(), ts.tolist()))
+
+    def delete(self, ids) -> int:
+        """Remove ids (absent ones are ignored); returns how many were removed."""
+        ids = np.unique(self._ids(ids, "delete"))
+        known = self._ts
+        gone = np.ascontiguousarray(ids[np.fromiter((i in known for i in ids.tolist()), dtype=bool, count=len(ids))])
+        if len(gone):
+            self._remove(gone)
+            for i in gone.tolist():
+                del known[i]
+        return len(gone)
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries (Q, dim) -> (scores (Q, k) float32 descending, ids (Q, k) int64); -1 / -inf pad missing."""
+        q = np.asarray(queries)
+        if q.ndim != 2 or q.shape[1] != self.cfg.dim:
+            raise AnnError(f"search: expected queries of shape (Q, {self.cfg.dim}), got {q.shape}")
+        if k < 1:
+            raise AnnError(f"search: k must be >= 1, got {k}")
+        if not len(self._ts):
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        scores, ids = self._search(normalize(q), k)
+        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
+        return scores, ids.astype(np.int64)
+
+    def get(self, ids) -> np.ndarray:
+        """Stored (normalised) vectors (N, dim) of ids that must all be present."""
+        ids = self._ids(ids, "get")
+        missing = [i for i in ids.tolist() if i not in self._ts]
+        if missing:
+            raise AnnError(f"get: {len(missing)} id(s) not in the index, e.g. {missing[:5]}")
+        return self._get(ids) if len(ids) else np.zeros((0, self.cfg.dim), np.float32)
+
+    def written_ts(self, ids) -> np.ndarray:
+        """Event-time (ms) each id's vector was written, -1 for absent ids: (N,) int64."""
+        ids = self._ids(ids, "written_ts")
+        return np.fromiter((self._ts.get(i, -1) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+
+    def ids(self) -> np.ndarray:
+        return np.fromiter(self._ts.keys(), dtype=np.int64, count=len(self._ts))
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Plain arrays (ids, vectors, written_ts, meta; IVF adds its trained centroids): :func:`save_index`."""
+        ids = self.ids()
+        return {"ids": ids, "vectors": self.get(ids), "written_ts": self.written_ts(ids),
+                "meta": np.frombuffer(json.dumps({"format": SNAPSHOT_FORMAT, **asdict(self.cfg)}).encode(), np.uint8)}
+
+    def restore(self, snap: dict[str, np.ndarray]) -> None:
+        """Load a :meth:`snapshot` into this (empty) index; the snapshot may come from another kind."""
+        if len(self._ts):
+            raise AnnError(f"restore: the index already holds {len(self._ts)} vectors; restore into an empty one")
+        if snap["vectors"].shape[1:] != (self.cfg.dim,):
+            raise AnnError(f"restore: snapshot vectors have dim {snap['vectors'].shape[1:]}, index has {self.cfg.dim}")
+        self._restore_extra(snap)
+        self.upsert(snap["ids"], snap["vectors"], snap["written_ts"])
+
+    def _restore_extra(self, snap: dict[str, np.ndarray]) -> None:
+        pass
+
+    # -- implementation hooks --
+    def _add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _remove(self, ids: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _get(self, ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class NumpyIndex(AnnIndex):
+    """The reference: rows in a growable matrix, a dict id -> row, deletion by moving the last row in."""
+
+    def __init__(self, cfg: AnnConfig):
+        super().__init__(cfg)
+        self._mat = np.zeros((16, cfg.dim), np.float32)
+        self._row_id = np.zeros(16, np.int64)
+        self._row: dict[int, int] = {}
+
+    def _add(self, ids, vecs):
+        n0, n = len(self._row), len(ids)
+        if n0 + n > len(self._mat):
+            cap = max(2 * len(self._mat), n0 + n)
+            self._mat = np.resize(self._mat, (cap, self.cfg.dim))
+            self._row_id = np.resize(self._row_id, cap)
+        self._mat[n0:n0 + n] = vecs
+        self._row_id[n0:n0 + n] = ids
+        self._row.update(zip(ids.tolist(), range(n0, n0 + n)))
+
+    def _remove(self, ids):
+        for i in ids.tolist():
+            r, last = self._row.pop(i), len(self._row)
+            if r != last:
+                moved = int(self._row_id[last])
+                self._mat[r], self._row_id[r] = self._mat[last], moved
+                self._row[moved] = r
+
+    def _search(self, q, k):
+        n = len(self._row)
+        s = q @ self._mat[:n].T  # (Q, n)
+        kk = min(k, n)
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        ts = np.take_along_axis(s, top, axis=1)
+        order = np.argsort(-ts, axis=1, kind="stable")
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        ids = np.full((len(q), k), -1, np.int64)
+        scores[:, :kk] = np.take_along_axis(ts, order, axis=1)
+        ids[:, :kk] = self._row_id[np.take_along_axis(top, order, axis=1)]
+        return scores, ids
+
+    def _get(self, ids):
+        return self._mat[[self._row[i] for i in ids.tolist()]].copy()
+
+
+def _faiss():
+    import faiss  # imported lazily: the numpy reference works without it
+
+    return faiss
+
+
+def gpu_available() -> bool:
+    """True when the installed FAISS is a GPU build and sees at least one GPU."""
+    f = _faiss()
+    return hasattr(f, "StandardGpuResources") and f.get_num_gpus() > 0
+
+
+class FaissIndex(AnnIndex):
+    """``exact``: ``IndexIDMap2(IndexFlatIP)``; ``ivf``: ``IndexIVFFlat(IndexFlatIP, nlist, IP)`` with a
+    hashtable direct map. Mutations go to the CPU index; with a GPU (faiss-gpu), searches use a GPU copy
+    rebuilt lazily after mutations (one O(n) copy per search-after-write burst)."""
+
+    def __init__(self, cfg: AnnConfig):
+        super().__init__(cfg)
+        f = _faiss()
+        self._f = f
+        self._exact = f.IndexIDMap2(f.IndexFlatIP(cfg.dim))  # the index (exact) or the staging area (ivf)
+        self._ivf = None
+        self._use_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpu_available())
+        if cfg.device == "gpu" and not gpu_available():
+            raise ValueError("AnnConfig.device: 'gpu' asked for, but FAISS has no GPU support or sees no GPU "
+                             "(install faiss-gpu, or use device='auto'/'cpu')")
+        self._gpu_copy = None
+
+    @property
+    def trained(self) -> bool:
+        return self.cfg.kind == "exact" or self._ivf is not None
+
+    def train(self, sample: np.ndarray) -> None:
+        """Train the IVF coarse quantizer (k-means over ``sample`` (N, dim), N >= nlist), then move the
+        staged vectors in. A no-op for ``exact``."""
+        if self.cfg.kind != "ivf":
+            return
+        f, d = self._f, self.cfg.dim
+        sample = normalize(sample)
+        if len(sample) < self.cfg.nlist:
+            raise AnnError(f"train: need at least nlist={self.cfg.nlist} vectors, got {len(sample)}")
+        ivf = f.IndexIVFFlat(f.IndexFlatIP(d), d, self.cfg.nlist, f.METRIC_INNER_PRODUCT)
+        ivf.train(sample)
+        self._install(ivf)
+
+    def _install(self, ivf) -> None:
+        ivf.set_direct_map_type(self._f.DirectMap.Hashtable)
+        ivf.nprobe = self.cfg.nprobe
+        staged = self.ids()
+        vecs = self._get(staged) if len(staged) else None
+        self._ivf = ivf
+        self._exact.reset()
+        if vecs is not None:
+            ivf.add_with_ids(vecs, staged)
+        self._gpu_copy = None
+
+    def centroids(self) -> np.ndarray | None:
+        if self._ivf is None:
+            return None
+        q = self._f.downcast_index(self._ivf.quantizer)
+        return self._f.rev_swig_ptr(q.get_xb(), q.ntotal * self.cfg.dim).reshape(q.ntotal, self.cfg.dim).copy()
+
+    def _restore_extra(self, snap):
+        if self.cfg.kind == "ivf" and "centroids" in snap and len(snap["centroids"]) == self.cfg.nlist:
+            f, d = self._f, self.cfg.dim
+            ivf = f.IndexIVFFlat(f.IndexFlatIP(d), d, self.cfg.nlist, f.METRIC_INNER_PRODUCT)
+            ivf.quantizer.add(np.ascontiguousarray(snap["centroids"], dtype=np.float32))
+            ivf.is_trained = True
+            self._install(ivf)
+
+    def snapshot(self):
+        snap = super().snapshot()
+        c = self.centroids()
+        if c is not None:
+            snap["centroids"] = c
+        return snap
+
+    def _active(self):
+        return self._ivf if self._ivf is not None else self._exact
+
+    def _add(self, ids, vecs):
+        self._active().add_with_ids(vecs, ids)
+        self._gpu_copy = None
+
+    def upsert(self, ids, vectors, ts_ms) -> None:
+        super().upsert(ids, vectors, ts_ms)
+        if self.cfg.kind == "ivf" and self._ivf is None and self._exact.ntotal >= 30 * self.cfg.nlist:
+            self.train(self._get(self.ids()))
+
+    def _remove(self, ids):
+        f = self._f
+        if self._ivf is not None:
+            sel = f.IDSelectorArray(len(ids), f.swig_ptr(ids))  # the only selector the hashtable path takes
+            removed = self._ivf.remove_ids(sel)
+        else:
+            removed = self._exact.remove_ids(f.IDSelectorBatch(len(ids), f.swig_ptr(ids)))
+        if removed != len(ids):  # the id map said they were there: FAISS and we disagree
+            raise AnnError(f"remove: FAISS removed {removed} of {len(ids)} ids known to be present")
+        self._gpu_copy = None
+
+    def _search(self, q, k):
+        idx = self._active()
+        if self._use_gpu:
+            if self._gpu_copy is None:
+                f = self._f
+                self._gpu_res = getattr(self, "_gpu_res", None) or f.StandardGpuResources()
+                self._gpu_copy = f.index_cpu_to_gpu(self._gpu_res, 0, idx)
+            idx = self._gpu_copy
+        return idx.search(q, k)
+
+    def _get(self, ids):
+        return self._active().reconstruct_batch(ids)
+
+
+def make_index(cfg: AnnConfig) -> AnnIndex:
+    validate(cfg)
+    return NumpyIndex(cfg) if cfg.kind == "numpy" else FaissIndex(cfg)
+
+
+def save_index(index: AnnIndex, path: str | os.PathLike) -> Path:
+    """Write :meth:`AnnIndex.snapshot` to ``path`` atomically (temp file, fsync, rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    buf = io.BytesIO()
+    np.savez(buf, **index.snapshot())
+    with open(tmp, "wb") as fh:
+        fh.write(buf.getbuffer())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_snapshot(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, meta) of a snapshot file written by :func:`save_index`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            snap = {k: z[k] for k in z.files}
+        meta = json.loads(snap["meta"].tobytes())
+    except (OSError, ValueError, KeyError) as e:
+        raise AnnError(f"index snapshot {path}: unreadable ({e})") from None
+    if meta.get("format") != SNAPSHOT_FORMAT:
+        raise AnnError(f"index snapshot {path}: format {meta.get('format')}, expected {SNAPSHOT_FORMAT}")
+    return snap, meta
+
+
+def load_index(path: str | os.PathLike, kind: str | None = None, device: str = "auto") -> AnnIndex:
+    """Rebuild an index from a snapshot file; ``kind`` overrides the kind it was saved with."""
+    snap, meta = read_snapshot(path)
+    cfg = AnnConfig(dim=meta["dim"], kind=kind or meta["kind"], nlist=meta["nlist"], nprobe=meta["nprobe"],
+                    device=device)
+    idx = make_index(cfg)
+    idx.restore(snap)
+    return idx
