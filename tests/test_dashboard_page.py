@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dashboards.definitions import DASHBOARDS
+from dashboards.feature_stats import feature_stats_topic
 from dashboards.server import DashboardServer
 from streams import config as config_mod
 from streams import kafka_io, schema
@@ -22,6 +23,7 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 DOMAINS = ("feed", "stories", "video", "search")
+DRIFT_BATCHES = 16  # 8 minutes
 SCREENSHOT_COPY = Path(os.environ.get("STREAMREC_DASHBOARD_SCREENSHOT", "/tmp/streamrec-dashboard.png"))
 
 
@@ -31,15 +33,21 @@ def _get(url: str) -> dict:
 
 
 def _traffic(cfg, rng, minutes=20, per_batch=400):
-    """Predictions trained over the last ``minutes`` (one batch every 30 s), component stats, dead letters."""
+    """Predictions trained over the last ``minutes`` (one batch every 30 s), component stats, feature stats,
+    dead letters; the video domain drifts in the last ``DRIFT_BATCHES`` batches."""
+    feature_topic = feature_stats_topic(cfg)
+    kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, [feature_topic], cfg.topics.partitions)
     t, now = cfg.topics, int(time.time() * 1000)
     items, k = [], 0
-    for i in range(minutes * 2):
+    n = minutes * 2
+    for i in range(n):
         trained = now - i * 30_000
+        drifted = i < DRIFT_BATCHES  # the last minutes: video scores and video's dense_0 shift up
         dom = [DOMAINS[j] for j in rng.integers(0, len(DOMAINS), per_batch)]
         click = rng.random(per_batch) < 0.25
         conv = click & (rng.random(per_batch) < 0.3)
-        p_click = np.clip(0.25 + 0.3 * (click - 0.25) + rng.normal(0, 0.15, per_batch), 0.01, 0.99)
+        p_click = np.clip(0.25 + 0.3 * (click - 0.25) + rng.normal(0, 0.15, per_batch)
+                          + 0.3 * (drifted & (np.array(dom) == "video")), 0.01, 0.99)
         p_conv = np.clip(0.08 + 0.2 * (conv - 0.08) + rng.normal(0, 0.05, per_batch), 0.005, 0.99)
         event_ts = trained - rng.integers(2_000, 90_000, per_batch)
         items.append((t.predictions, schema.PredictionBatch(
@@ -48,10 +56,25 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
             p_click=p_click.tolist(), p_conversion=p_conv.tolist(), click=click.astype(int).tolist(),
             conversion=conv.astype(int).tolist())))
         k += per_batch
-        for comp, name, v in (("replay", "events_per_s", 9000), ("labels", "events_per_s", 8500),
+        for comp, name, v in (("replay", "events_per_s", 120_000), ("labels", "events_per_s", 110_000),
                               ("trainer", "examples_per_s", 3000)):
             items.append((t.service_stats, schema.ServiceStats(comp, trained, {name: float(v * (1 + 0.1 * np.sin(i)))},
                                                                f"{comp}-1")))
+        done = (n - i) * 30 * 3000.0  # cumulative counters: lag = produced - consumed
+        items.append((t.service_stats, schema.ServiceStats("replay", trained, {"events_produced": done * 3.1})))
+        items.append((t.service_stats, schema.ServiceStats("labels", trained, {"events_in": done * 3.0,
+                                                                               "examples_out": done * 1.02}, "l-1")))
+        emb = {f"emb_bytes_pool_{d}": float(d * 4 * rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))}
+        emb.update({f"emb_rows_dim_{d}": float(rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))})
+        items.append((t.service_stats, schema.ServiceStats("trainer", trained, {"examples_trained": done, **emb},
+                                                           "trainer-1")))
+        for d in DOMAINS:
+            shift = 3 if drifted and d == "video" else 0
+            counts = np.bincount(np.clip(rng.poisson(4, 500) + shift, 0, 11), minlength=12).tolist()
+            items.append((feature_topic, {"type": "feature_stats", "window_start": trained - 30_000,
+                                          "window_end": trained, "domain": d, "instance": "stats-0",
+                                          "features": {"dense_0": {"count": 500, "mean": 4.0 + shift,
+                                                                   "bins": list(range(12)), "counts": counts}}}))
         if i % 3 == 0:
             reason = ("schema: Expected `int`, got `str` - at `$.user_id`", "unparseable: truncated JSON",
                       "invalid: unknown domain 'shop'")[i % 2 + (i % 9 == 0)]
@@ -59,7 +82,7 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
                                                              partition=0, offset=i, ts=trained, step="labels.decode")))
     producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
     for topic, ev in items:
-        kafka_io.produce(producer, topic, schema.encode(ev))
+        kafka_io.produce(producer, topic, json.dumps(ev).encode() if isinstance(ev, dict) else schema.encode(ev))
     kafka_io.produce(producer, t.predictions, b"\x00garbage")  # must become a dead letter, not a crash
     assert producer.flush(30) == 0
     return len(items) + 1
@@ -67,7 +90,7 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
 
 @pytest.fixture
 def dashboard(cfg):
-    cfg = config_mod.replace(cfg, dashboard={"refresh_s": 1.0, "window_minutes": 30})
+    cfg = config_mod.replace(cfg, dashboard={"refresh_s": 1.0, "window_minutes": 15})
     n_messages = _traffic(cfg, np.random.default_rng(7))
     server = DashboardServer(cfg, port=0, sink=True)
     url = server.start()
@@ -93,6 +116,13 @@ def test_api_serves_panels(dashboard):
     n60 = _get(url + "api/panels/stat_examples?minutes=60")["rows"][0]["value"]
     n5 = _get(url + "api/panels/stat_examples?minutes=5")["rows"][0]["value"]
     assert n60 == 40 * 400 and 0 < n5 < n60
+    # the drift injected into video fires the drift alerts for video only
+    alerts = _get(url + "api/alerts")["alerts"]
+    firing = {(a["rule"], a["series"]) for a in alerts if a["firing"]}
+    assert {("prediction_drift", "video"), ("feature_drift", "video")} <= firing, alerts
+    assert not {r for r in firing if r[1] in ("feed", "stories", "search")}, firing
+    assert not [a for a in alerts if a.get("error")], alerts
+    assert _get(url + "api/alerts?domain=feed")["firing"] == 0
     for bad in ("api/panels/nope", "api/panels/quality?domain=mars", "api/panels/quality?minutes=abc"):
         with pytest.raises(urllib.error.HTTPError) as e:
             _get(url + bad)
@@ -125,6 +155,24 @@ def test_page_draws_every_panel(dashboard, tmp_path):
                     assert el.locator(".value").inner_text() not in ("", "–"), p.id
                 else:
                     assert el.locator("tbody tr").count() > 0, p.id
+            # drift is visible: banner badges, and the drift panel carries the alert
+            assert int(page.locator("#alerts").get_attribute("data-firing")) >= 2
+            assert page.locator('#alerts .badge[data-rule="prediction_drift"]').inner_text().find("video") >= 0
+            assert "alerting" in page.locator("#panel-prediction_drift").get_attribute("class")
+            assert "video" in page.locator("#panel-feature_drift_table tbody tr").first.inner_text()
+            # y-axis labels fit their gutter (a fixed 60 px clipped "100.0k/s" to "00.0k/s")
+            page.select_option("#range", "60")
+            page.wait_for_function("document.querySelector('#panel-throughput').dataset.state === 'drawn'")
+            gutter, widest, labels = page.evaluate("""(() => {
+                const ax = streamrecDashboard.charts.throughput.axes[1];
+                const ctx = document.createElement('canvas').getContext('2d');
+                ctx.font = ax.font[0];
+                const w = Math.max(...ax._values.map(v => ctx.measureText(String(v)).width));
+                return [ax._size, w, ax._values]; })()""")
+            assert labels and gutter >= widest + 10, (gutter, widest, labels)
+            page.select_option("#range", "15")
+            page.wait_for_function("document.querySelector('#panel-prediction_drift').dataset.state === 'drawn'",
+                                   timeout=15_000)
             # the domain filter narrows the table to one domain
             page.select_option("#domain", "stories")
             page.wait_for_function("document.querySelectorAll('#panel-quality tbody tr').length === 1",
