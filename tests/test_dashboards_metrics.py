@@ -1,0 +1,180 @@
+"""The hot-path SQL against numpy / scikit-learn on the same rows: bucketed AUC, NE and calibration from the
+prediction rollup, PSI for prediction and feature drift, the label delay histogram; idempotence of the rollup
+and of feature statistics under repeated writes; the alert rules on drifted data."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from dashboards import alerts
+from dashboards import queries as q
+from dashboards.feature_stats import feature_stats_rows, feature_stats_topic
+from dashboards.sink import prediction_rows
+from dashboards.store import Store, open_client
+from streams import schema
+from streams.config import load_config
+
+_db = itertools.count()
+DOMAINS = ("feed", "video")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    c = open_client(f"chdb://{tmp_path_factory.mktemp('chdb').resolve()}/metrics")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def store(client):
+    s = Store(client, f"test_metrics_{next(_db)}")
+    s.ensure_schema()
+    return s
+
+
+def batches(rng, now_ms, minutes=(1, 2, 3), n=2000, shift=0.0, prefix="e"):
+    """One batch per entry of ``minutes`` (trained that many minutes ago); ``shift`` raises video's scores."""
+    out = []
+    for b, m in enumerate(minutes):
+        click = rng.random(n) < 0.2
+        dom = np.array([DOMAINS[i] for i in rng.integers(0, 2, n)])
+        p = 1 / (1 + np.exp(-(-1.6 + 1.2 * click + rng.normal(0, 0.8, n) + shift * (dom == "video"))))
+        event = now_ms - m * 60_000 - rng.integers(1_000, 8 * 3600_000, n)
+        emitted = event + rng.choice([10_000, 120_000, 1_800_000, 7_200_000, 100_000_000], n)
+        out.append(schema.PredictionBatch(
+            model_version=b, trained_ts=now_ms - m * 60_000 + 5_000, example_ids=[f"{prefix}{b}_{i}" for i in range(n)],
+            domains=dom.tolist(), event_ts=event.tolist(), emitted_ts=emitted.tolist(), p_click=p.tolist(),
+            p_conversion=(p / 5).tolist(), click=click.astype(int).tolist(),
+            conversion=(click & (rng.random(n) < 0.3)).astype(int).tolist()))
+    return out
+
+
+def _cols(bs, objective):
+    dom = np.concatenate([b.domains for b in bs])
+    p = np.concatenate([getattr(b, "p_" + objective) for b in bs]).astype(np.float32).astype(np.float64)
+    y = np.concatenate([getattr(b, objective) for b in bs])
+    return dom, p, y
+
+
+def _psi(cur, ref, floor=q.PSI_FLOOR):
+    keys = sorted(set(cur) | set(ref))
+    c = np.array([cur.get(k, 0) for k in keys], float)
+    r = np.array([ref.get(k, 0) for k in keys], float)
+    c, r = np.maximum(c / c.sum(), floor), np.maximum(r / r.sum(), floor)
+    return float(np.sum((c - r) * np.log(c / r)))
+
+
+def _score_bins(p):
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    b = np.round((np.clip(np.log(p / (1 - p)), -q.LOGIT_CLAMP, q.LOGIT_CLAMP) + q.LOGIT_CLAMP) * q.BUCKETS_PER_LOGIT)
+    return (b // q.BUCKETS_PER_LOGIT).astype(int)
+
+
+def test_rollup_metrics_match_sklearn_and_survive_redelivery(store):
+    now = int(time.time() * 1000)
+    bs = batches(np.random.default_rng(0), now)
+    store.insert("predictions", prediction_rows(bs, now))
+    store.refresh_rollup(now - 10 * 60_000, now)
+    store.insert("predictions", prediction_rows(bs[:2], now + 1))  # at-least-once: the same batches again
+    store.refresh_rollup(now - 10 * 60_000, now)
+    store.refresh_rollup(now - 10 * 60_000, now)  # and a repeated refresh
+    got = {(r["domain_"], r["objective_"]): r for r in
+           store.query(q.render(q.ROLLUP_QUALITY, "live"), q.live_parameters(10)).records()}
+    for objective in ("click", "conversion"):
+        dom, p, y = _cols(bs, objective)
+        for d in DOMAINS:
+            m = dom == d
+            row, br = got[(d, objective)], y[m].mean()
+            assert (row["examples"], row["labelled_positives"]) == (m.sum(), y[m].sum())
+            assert row["auc"] == pytest.approx(roc_auc_score(y[m], p[m]), abs=2e-3), (d, objective)
+            ne = log_loss(y[m], p[m]) / -(br * np.log(br) + (1 - br) * np.log(1 - br))
+            assert row["ne"] == pytest.approx(ne, rel=1e-6)
+            assert row["calibration"] == pytest.approx(p[m].sum() / y[m].sum(), rel=1e-6)
+    # the per-bucket series pools the same rows: the minute buckets of click AUC for feed
+    params = {**q.live_parameters(10), "bucket_s": 60}
+    series = store.query(q.render(q.rollup_by_domain(q.R_AUC, "click"), "live"), params).rows
+    assert len({t for t, s, _ in series if s == "feed"}) == 3
+
+
+def test_prediction_drift_psi_matches_numpy(store):
+    now = int(time.time() * 1000)
+    rng = np.random.default_rng(1)
+    ref = batches(rng, now, minutes=(7, 8), prefix="r")
+    cur = batches(rng, now, minutes=(1, 2), shift=1.5, prefix="c")
+    store.insert("predictions", prediction_rows(ref + cur, now))
+    store.refresh_rollup(now - 20 * 60_000, now)
+    params = q.live_parameters(5, ref_minutes=6)  # window [-5, 0] min against [-11, -6] min
+    got = {(r["domain"], r["objective"]): r for r in store.query(q.render(q.PREDICTION_DRIFT, "live"), params).records()}
+    for d in DOMAINS:
+        dc, pc, _ = _cols(cur, "click")
+        dr, pr, _ = _cols(ref, "click")
+        hist = lambda p: dict(zip(*np.unique(_score_bins(p), return_counts=True)))  # noqa: E731
+        want = _psi(hist(pc[dc == d]), hist(pr[dr == d]))
+        assert got[(d, "click")]["psi"] == pytest.approx(want, rel=1e-9, abs=1e-12), d
+    assert got[("video", "click")]["psi"] > 0.25 > got[("feed", "click")]["psi"]
+
+
+def _feature_record(end, domain, counts, instance="s0"):
+    return json.dumps({"type": "feature_stats", "window_start": end - 60_000, "window_end": end, "domain": domain,
+                       "instance": instance, "features": [{"name": "dense_0", "count": int(sum(counts)),
+                                                           "bins": list(range(len(counts))), "counts": counts}]}).encode()
+
+
+def test_feature_drift_psi_matches_numpy_and_is_idempotent(store):
+    now = int(time.time() * 1000)
+    rng = np.random.default_rng(2)
+    ref_counts = [rng.multinomial(1000, [0.1, 0.2, 0.4, 0.2, 0.1]).tolist() for _ in range(3)]
+    cur_counts = [rng.multinomial(1000, [0.05, 0.1, 0.3, 0.3, 0.25]).tolist() for _ in range(2)]
+    recs = [_feature_record(now - (8 + i) * 60_000, "feed", c) for i, c in enumerate(ref_counts)]
+    recs += [_feature_record(now - (1 + i) * 60_000, "feed", c) for i, c in enumerate(cur_counts)]
+    rows, problems = feature_stats_rows(recs + [b"{", b'{"window_end": 5}'], now)
+    assert [i for i, _ in problems] == [5, 6]  # bad records are named, good ones kept
+    store.insert("feature_stats", rows)
+    store.insert("feature_stats", feature_stats_rows(recs[-2:], now + 1)[0])  # re-delivered
+    params = q.live_parameters(5, ref_minutes=6)
+    res = store.query(q.render(q.FEATURE_DRIFT, "live"), params).records()
+    assert len(res) == 1 and res[0]["n"] == 2000 and res[0]["ref_n"] == 3000  # windows end inside [-11, -6] min
+    sum_counts = lambda cs: {str(k): v for k, v in enumerate(np.sum(cs, axis=0))}  # noqa: E731
+    assert res[0]["psi"] == pytest.approx(_psi(sum_counts(cur_counts), sum_counts(ref_counts)), rel=1e-9)
+
+
+def test_label_delay_histogram_matches_numpy(store):
+    now = int(time.time() * 1000)
+    bs = batches(np.random.default_rng(3), now)
+    store.insert("predictions", prediction_rows(bs, now))
+    res = store.query(q.render(q.LABEL_DELAY, "live"), q.live_parameters(10)).records()
+    delay_s = np.concatenate([(np.array(b.emitted_ts) - np.array(b.event_ts)) / 1000 for b in bs])
+    clicks = np.concatenate([b.click for b in bs]).astype(bool)
+    idx = np.searchsorted(q.DELAY_EDGES_S, delay_s, side="right")
+    want = {q.DELAY_LABELS[i]: (int((idx == i).sum()), int((clicks & (idx == i)).sum())) for i in np.unique(idx)}
+    assert {r["delay"]: (r["examples"], r["clicks"]) for r in res} == want
+    assert [r["delay"] for r in res] == [x for x in q.DELAY_LABELS if x in want]  # in delay order
+    assert res[-1]["conversions_cum_share"] == pytest.approx(1.0)
+
+
+def test_alert_rules_fire_on_drift_only(store):
+    now = int(time.time() * 1000)
+    rng = np.random.default_rng(4)
+    store.insert("predictions", prediction_rows(
+        batches(rng, now, minutes=(12, 14, 16), prefix="r") + batches(rng, now, minutes=(2, 4, 6), shift=2.0,
+                                                                         prefix="c"), now))
+    store.refresh_rollup(now - 30 * 60_000, now)
+    states = alerts.evaluate(store)
+    assert not [s for s in states if s.get("error")], states
+    firing = {(s["rule"], s["series"]) for s in states if s["firing"]}
+    assert ("prediction_drift", "video") in firing and ("prediction_drift", "feed") not in firing
+    assert ("quality_drop", "feed") not in firing
+    assert {s["series"] for s in alerts.evaluate(store, "feed") if s["rule"] == "prediction_drift"} == {"feed"}
+
+
+def test_feature_stats_topic_follows_the_config():
+    cfg = load_config(env={})
+    assert feature_stats_topic(cfg) == "feature_stats"
+    cfg = load_config(env={}, topics={"predictions": "t9_predictions"})
+    assert feature_stats_topic(cfg) == "t9_feature_stats"
