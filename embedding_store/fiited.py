@@ -88,9 +88,16 @@ class FiitedEmbeddings(SparseEmbeddings):
         return self.pools.tbe(rows, off), self._colmap()
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        out, cm = self.forward_pools(indices, offsets)
-        padded = torch.zeros(out.shape[0], self.num_tables * self.dim, dtype=out.dtype)
-        return padded.index_add(1, cm, out)
+        out, _ = self.forward_pools(indices, offsets)
+        b, w = out.shape[0], sum(self.dims)
+        y = out.view(b, self.num_tables, w)
+        # widest pool last: start from its slice, add the narrower ones into their leading columns
+        start = w - self.dims[-1]
+        padded = y[:, :, start:].clone()
+        for d in reversed(self.dims[:-1]):
+            start -= d
+            padded[:, :, :d] += y[:, :, start:start + d]
+        return padded.reshape(b, self.num_tables * self.dim)
 
     def _colmap(self) -> torch.Tensor:
         if self._colmap_cache is None:
@@ -115,12 +122,21 @@ class FiitedEmbeddings(SparseEmbeddings):
 
     def _momentum_of(self, slots: np.ndarray, codes: np.ndarray) -> np.ndarray:
         out = np.zeros(len(slots), dtype=np.float32)
-        t = slots // self.rows
-        p = codes >> POOL_SHIFT
-        for tt, pp in set(zip(t.tolist(), p.tolist())):
-            m = (t == tt) & (p == pp)
+        for tt, pp, m in self._groups(slots // self.rows, codes >> POOL_SHIFT):
             out[m] = self.pools.momentum(tt, pp).numpy()[codes[m] & ROW_MASK]
         return out
+
+    def _groups(self, *keys: np.ndarray):
+        """Yield ``(*key values, positions)`` per distinct key tuple (small ints), sorted; vectorised."""
+        k = np.zeros(len(keys[0]), dtype=np.int64)
+        for a in keys:
+            k = k * 256 + a
+        order = np.argsort(k, kind="stable")
+        ks = k[order]
+        cuts = np.flatnonzero(np.diff(ks)) + 1
+        for part in np.split(order, cuts):
+            if len(part):
+                yield (*(int(a[part[0]]) for a in keys), part)
 
     @torch.no_grad()
     def maintain(self) -> None:
@@ -186,9 +202,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         self._apply(self.pools.reserve(np.zeros_like(self.pools.caps), self.cfg.headroom))
 
     def _free(self, slots: np.ndarray, codes: np.ndarray) -> None:
-        t, p = slots // self.rows, codes >> POOL_SHIFT
-        for tt, pp in sorted(set(zip(t.tolist(), p.tolist()))):
-            m = (t == tt) & (p == pp)
+        for tt, pp, m in self._groups(slots // self.rows, codes >> POOL_SHIFT):
             self.pools.release(tt, pp, (codes[m] & ROW_MASK).astype(np.int32))
 
     def _move(self, slots: np.ndarray, tgt: np.ndarray) -> None:
@@ -199,8 +213,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         codes = self.code.numpy()[slots].astype(np.int64)
         t, src = slots // self.rows, codes >> POOL_SHIFT
         new_codes = np.zeros(len(slots), dtype=np.int64)
-        for tt, sp, dp in sorted(set(zip(t.tolist(), src.tolist(), tgt.tolist()))):
-            m = np.flatnonzero((t == tt) & (src == sp) & (tgt == dp))
+        for tt, sp, dp, m in self._groups(t, src, tgt):
             old_rows = torch.from_numpy(codes[m] & ROW_MASK)
             new_rows = self.pools.alloc(tt, dp, slots[m].astype(np.int32))
             k = min(self.dims[sp], self.dims[dp])
@@ -220,8 +233,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         self._apply(self.pools.reserve(self._need(slots, np.zeros(len(slots), np.int64)), self.cfg.headroom))
         t = slots // self.rows
         new_codes = np.zeros(len(slots), dtype=np.int64)
-        for tt in sorted(set(t.tolist())):
-            m = np.flatnonzero(t == tt)
+        for tt, m in self._groups(t):
             rows = self.pools.alloc(tt, 0, slots[m].astype(np.int32))
             w = self.pools.weights(tt, 0)
             nr = torch.from_numpy(rows.astype(np.int64))
@@ -233,6 +245,23 @@ class FiitedEmbeddings(SparseEmbeddings):
         self.imp[idx] = 0.0
         self.snap[idx] = 0.0
         self.counters["admitted"] += len(slots)
+
+    @torch.no_grad()
+    def place(self, slots: np.ndarray, pools: np.ndarray) -> None:
+        """Give global ``slots`` (K,) private rows in pool indices ``pools`` (K,) now (admitting where needed);
+        for warm starts and benchmarks that need a given width mix."""
+        slots = np.asarray(slots, dtype=np.int64)
+        new = slots[self.code.numpy()[slots] == 0]
+        self._admit(np.unique(new))
+        cur = self.code.numpy()[slots].astype(np.int64) >> POOL_SHIFT
+        mv = cur != pools
+        self._move(slots[mv], np.asarray(pools, dtype=np.int64)[mv])
+        self.compact()
+
+    def compact(self) -> None:
+        """Rebuild every pool at ``live * (1 + headroom)`` rows (frees the slack for real)."""
+        live = self.pools.live_rows()
+        self._apply(self.pools.rebuild(np.maximum(np.ceil(live * (1 + self.cfg.headroom)).astype(np.int64), 1)))
 
     # -- introspection (shared with the reference twin) ----------------------------------------------
     def chunks(self, t: int, v: int) -> int:

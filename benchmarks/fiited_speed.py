@@ -1,0 +1,119 @@
+"""FIITED lookup + update throughput against fbgemm's fixed-width TBE, in the same run.
+
+Both sides: ``T`` tables x ``R`` rows, batch ``B`` of one Zipf id per bag; a step = forward, a fixed
+random linear read-out (64 outputs) as the consumer, backward (row-wise Adagrad fused into it) and
+``step()`` (FIITED: hit/recency counters and the periodic maintenance pass). FIITED holds a width mix
+of 70/20/7/3% of rows at 8/16/32/64 dims (frequent ids widest), like a store after resizing.
+
+Rows: ``fixed D=64`` (baseline), ``fiited padded`` (the (B, T*D) output the trainer consumes),
+``fiited per-pool`` (the consumer folds the zero padding into its linear layer: ``W[:, colmap]``).
+Timed passes alternate and the best of ``--repeat`` is kept (the 2-core machine is shared and noisy).
+
+    streamrec bench fiited_speed [--quick]
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import parser, report, timer  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from embedding_store.config import FiitedConfig  # noqa: E402
+from embedding_store.fiited import FiitedEmbeddings  # noqa: E402
+from trainer.embeddings import FbgemmEmbeddings  # noqa: E402
+
+D, OUT = 64, 64
+MIX = ((0.70, 0), (0.20, 1), (0.07, 2), (0.03, 3))  # share of rows, pool index (8/16/32/64 dims)
+
+
+def zipf_batches(rng, n: int, t: int, r: int, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zipf(1.1) ids mapped through a fixed permutation per table, so hot ids are spread over the rows."""
+    perm = np.stack([rng.permutation(r) for _ in range(t)])
+    out = []
+    for _ in range(n):
+        ranks = np.minimum(rng.zipf(1.1, (t, b)) - 1, r - 1)
+        idx = np.take_along_axis(perm, ranks, axis=1).ravel()
+        out.append((torch.from_numpy(idx.astype(np.int64)), torch.arange(t * b + 1, dtype=torch.int64)))
+    return out, perm
+
+
+def build_fiited(t: int, r: int, perm: np.ndarray, lr: float) -> FiitedEmbeddings:
+    cfg = FiitedConfig(budget=1.0, resize_every=10**9 // 50 * 50, maintain_every=50, ttl_steps=10**9, lr=lr)
+    f = FiitedEmbeddings(t, r, cfg)
+    slots, pools = [], []
+    widest_first = MIX[::-1]
+    edges = np.cumsum([0] + [int(round(s * r)) for s, _ in widest_first])
+    for tt in range(t):
+        order = perm[tt]  # rank -> row: rank 0 is the hottest
+        for (_, p), lo, hi in zip(widest_first, edges[:-1], edges[1:]):
+            rows = order[lo:min(hi, r)]
+            slots.append(tt * r + rows)
+            pools.append(np.full(len(rows), p))
+    f.place(np.concatenate(slots), np.concatenate(pools))
+    return f
+
+
+def run_steps(emb, consume, batches) -> float:
+    with timer() as tm:
+        for idx, off in batches:
+            y = consume(emb, idx, off)
+            y.sum().backward()
+            emb.step()
+    return tm["s"]
+
+
+def main() -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    logging.getLogger("fbgemm_gpu").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    t, r, b, steps = (8, 100_000, 1024, 20) if args.quick else (26, 200_000, 4096, 30)
+    rng = np.random.default_rng(0)
+    batches, perm = zipf_batches(rng, steps, t, r, b)
+    lr = 0.05
+    fixed = FbgemmEmbeddings(t, r, D, lr, torch.device("cpu"))
+    fiited = build_fiited(t, r, perm, lr)
+    w = torch.randn(OUT, t * D) * 0.01  # the consumer's linear layer (frozen: only embedding work differs)
+    w_pool = w[:, fiited.colmap()].contiguous()  # folded: per-pool columns of the same weights
+
+    def padded(e, i, o):
+        return torch.nn.functional.linear(e(i, o), w)
+
+    def per_pool(e, i, o):
+        out, _ = e.forward_pools(i, o)
+        return torch.nn.functional.linear(out, w_pool)
+
+    sides = {"fixed D=64 (fbgemm TBE)": (fixed, padded), "fiited padded": (fiited, padded),
+             "fiited per-pool (folded)": (fiited, per_pool)}
+    best = dict.fromkeys(sides, float("inf"))
+    for _, (e, c) in sides.items():  # warm-up (allocations, first-call overheads)
+        run_steps(e, c, batches[:3])
+    for _ in range(args.repeat):
+        for name, (e, c) in sides.items():
+            best[name] = min(best[name], run_steps(e, c, batches))
+    eps = {k: steps * b / v for k, v in best.items()}
+    mem = fiited.memory_report()
+    fixed_bytes = t * r * (D + 1) * 4
+    base = eps["fixed D=64 (fbgemm TBE)"]
+    rows = [(k, f"{v:,.0f}", f"{1e3 * best[k] / steps:.1f}", f"{v / base:.2f}x",
+             f"{(fixed_bytes if k.startswith('fixed') else mem['fiited_total_bytes']) / 2**20:,.0f}")
+            for k, v in eps.items()]
+    print(f"T={t} tables x R={r:,} rows, batch {b}, {steps} steps x best of {args.repeat}; "
+          f"fiited mix 70/20/7/3% at 8/16/32/64 dims (timings on a shared 2-core machine are noisy)")
+    report("fiited_speed", rows, ("embedding", "examples/s", "ms/step", "vs fixed", "MiB"),
+           value=eps["fiited padded"], unit="examples/s", baseline=base,
+           per_pool_ratio=round(eps["fiited per-pool (folded)"] / base, 3),
+           memory_ratio=round(mem["fiited_total_bytes"] / fixed_bytes, 3), tables=t, rows_per_table=r, batch=b)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
