@@ -31,10 +31,12 @@ import socket
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
 import bytewax.operators as op
+import msgspec
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulBatchLogic
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 NO_BROKER = "no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`"
 GROUP = "streamrec-labels"  # assign() only, never committed: offsets live in Bytewax snapshots
 _M64 = (1 << 64) - 1
+PACE_SLACK_S = 60  # labels.pace_slack_s when the config has it: how far a topic may run ahead in event time
 
 
 # ---------------------------------------------------------------------------------------------- routing keys
@@ -108,6 +111,10 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
         self.consumer.assign([kafka_io.TopicPartition(t, p, self.next.get(t, kafka_io.OFFSET_BEGINNING))
                               for t in self.topics])
         self.finished = False
+        self.head: dict[str, int] = {}  # latest event ts read per topic (from the last message of a batch)
+        self.paused: set[str] = set()
+        self.pauses = 0
+        self.slack_ms = int(getattr(cfg.labels, "pace_slack_s", PACE_SLACK_S) * 1000)
 
     def next_batch(self) -> list[join.SourceBatch]:
         if self.finished:
@@ -132,17 +139,61 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
                 self.next[topic] = msgs[i][2] + 1
                 if eof[topic] and eof_at.get(topic, -1) <= i:
                     eof[topic] = False
+                ts = _head_ts(msgs, i)
+                if ts is not None and ts > self.head.get(topic, -1):
+                    self.head[topic] = ts
+        self._pace()
         if self.bounded and all(self.eof.values()):
             self.finished = True
         if not msgs and not changed:
             return []
         return [join.SourceBatch(self.p, tuple(msgs), frozenset(t for t, e in self.eof.items() if e))]
 
+    def _pace(self) -> None:
+        """Pause topic-partitions more than ``slack`` ahead in event time of the slowest live one.
+
+        The slowest topic that is not at its end is never paused, so reading always progresses; the join's
+        orphan buffers (feedback read before its impression) stay bounded by ``slack`` of event time.
+        """
+        live = [self.head[t] for t in self.topics if not self.eof[t] and t in self.head]
+        floor = min(live) if live else None
+        want = {t for t in self.topics if floor is not None and not self.eof[t]
+                and self.head.get(t, floor) > floor + self.slack_ms}
+        if want != self.paused:
+            tps = lambda ts: [kafka_io.TopicPartition(t, self.p) for t in ts]  # noqa: E731
+            if want - self.paused:
+                self.consumer.pause(tps(want - self.paused))
+            if self.paused - want:
+                self.consumer.resume(tps(self.paused - want))
+            self.paused = want
+            self.pauses += 1
+
     def snapshot(self) -> dict:
         return dict(self.next)
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class _Ts(msgspec.Struct):
+    ts: int = -1
+
+
+_decode_ts = msgspec.json.Decoder(_Ts).decode
+
+
+def _head_ts(msgs: list[join.RawMsg], i: int) -> int | None:
+    """Event ts of message ``i`` or of the closest earlier decodable one of its topic (looks back <= 8)."""
+    topic = msgs[i][0]
+    for j in range(i, max(i - 8, -1), -1):
+        if msgs[j][0] == topic:
+            try:
+                ts = _decode_ts(msgs[j][3]).ts
+            except msgspec.MsgspecError:  # a bad record: the join dead-letters it; try the one before
+                continue
+            if ts >= 0:
+                return ts
+    return None
 
 
 class KafkaPartitionsSource(FixedPartitionedSource[join.SourceBatch, dict]):
@@ -319,22 +370,69 @@ def _recovery(cfg: Config):
     return RecoveryConfig(str(d))
 
 
-def run_labels(cfg: Config, *, bounded: bool, workers: int = 1) -> None:
-    """Run the dataflow in this process (``workers`` worker threads); returns when a bounded run ends."""
+def run_labels(cfg: Config, *, bounded: bool, workers: int = 1, epoch_s: float | None = None,
+               process_id: int | None = None, addresses: list[str] | None = None) -> None:
+    """Run the dataflow in this process (``workers`` worker threads); returns when a bounded run ends.
+
+    ``process_id``/``addresses``: this process's place in a Bytewax cluster (every process runs the same
+    call with its own id; ``addresses[i]`` is ``host:port`` of process ``i``). ``epoch_s``: snapshot interval
+    (Bytewax default 10 s), i.e. how much is replayed after a crash.
+    """
     if not cfg.kafka.bootstrap_servers:
         raise ValueError(NO_BROKER)
     if workers < 1:
         raise ValueError(f"labels: workers must be >= 1, got {workers}")
+    if addresses is not None and not (process_id is not None and 0 <= process_id < len(addresses)):
+        raise ValueError(f"labels: process id must be in [0, {len(addresses)}) for {len(addresses)} addresses, "
+                         f"got {process_id}")
     kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions, cfg.kafka.client)
     flow, rec = build_flow(cfg, bounded=bounded), _recovery(cfg)
-    if workers == 1:
+    epoch = None if epoch_s is None else timedelta(seconds=epoch_s)
+    if workers == 1 and addresses is None:
         from bytewax.testing import run_main
 
-        run_main(flow, epoch_interval=None, recovery_config=rec)
+        run_main(flow, epoch_interval=epoch, recovery_config=rec)
     else:
         from bytewax.run import cli_main
 
-        cli_main(flow, workers_per_process=workers, recovery_config=rec)
+        cli_main(flow, workers_per_process=workers, process_id=process_id, addresses=addresses,
+                 epoch_interval=epoch, recovery_config=rec)
+
+
+def local_cluster(cfg: Config, processes: int, *, bounded: bool, workers: int = 1, epoch_s: float | None = None,
+                  timeout: float | None = None) -> list[int]:
+    """Run ``processes`` labels processes on this machine as one Bytewax cluster; returns their exit codes.
+
+    Each child gets this ``cfg`` as a YAML file and ``--process-id i --addresses ...`` on free local ports.
+    """
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from streams.broker import free_port
+
+    if processes < 1:
+        raise ValueError(f"labels: --local-processes must be >= 1, got {processes}")
+    addresses = ",".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+    with tempfile.TemporaryDirectory(prefix="labels-cluster-") as tmp:
+        conf = Path(tmp, "config.yaml")
+        conf.write_text(yaml.safe_dump(msgspec.to_builtins(cfg)))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+        base = [sys.executable, "-m", "streams.labels", "--config", str(conf), "--workers", str(workers),
+                "--processes", str(processes), "--addresses", addresses]
+        base += ["--bounded"] if bounded else []
+        base += ["--epoch-s", str(epoch_s)] if epoch_s is not None else []
+        procs = [subprocess.Popen(base + ["--process-id", str(i)], env=env) for i in range(processes)]
+        try:
+            return [p.wait(timeout) for p in procs]
+        finally:
+            for p in procs:  # on error or timeout: stop the children we started, by pid
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
@@ -344,7 +442,22 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"streamrec labels: {NO_BROKER}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    run_labels(cfg, bounded=args.bounded, workers=args.workers)
+    try:
+        if args.local_processes:
+            codes = local_cluster(cfg, args.local_processes, bounded=args.bounded, workers=args.workers,
+                                  epoch_s=args.epoch_s)
+            if any(codes):
+                print(f"streamrec labels: process exit codes {codes}", file=sys.stderr)
+                return 1
+        else:
+            addresses = args.addresses.split(",") if args.addresses else None
+            if addresses is not None and args.processes is not None and len(addresses) != args.processes:
+                raise ValueError(f"labels: --processes {args.processes} but {len(addresses)} --addresses")
+            run_labels(cfg, bounded=args.bounded, workers=args.workers, epoch_s=args.epoch_s,
+                       process_id=args.process_id, addresses=addresses)
+    except ValueError as e:
+        print(f"streamrec labels: {e}", file=sys.stderr)
+        return 2
     log.info("labels finished in %.1fs", time.perf_counter() - t0)
     return 0
 
@@ -361,4 +474,37 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recovery-dir", metavar="DIR", default=None,
                    help="Bytewax recovery directory (created and initialised if empty); overrides "
                         "labels.recovery_dir")
+    p.add_argument("--epoch-s", type=float, default=None,
+                   help="snapshot (epoch) interval in seconds; what a crash replays (default: Bytewax's 10 s)")
+    g = p.add_argument_group("scale-out (one Bytewax cluster; Kafka partitions spread over all workers)")
+    g.add_argument("--processes", type=int, default=None, help="number of processes in the cluster")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index in --addresses")
+    g.add_argument("--addresses", default=None, metavar="HOST:PORT,...",
+                   help="every process's address, in process-id order")
+    g.add_argument("--local-processes", type=int, default=0, metavar="N",
+                   help="launch an N-process cluster on this machine (free local ports) and wait for it")
     p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m streams.labels [--config FILE] ARGS``: the ``streamrec labels`` command without importing the
+    other subcommands (torch etc.), so cluster processes start fast."""
+    from streams.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m streams.labels")
+    parser.add_argument("--config", metavar="FILE", default=None)
+    sub = parser.add_subparsers(dest="command")
+    add_cli(sub)
+    args = parser.parse_args(["--config", argv[1], "labels", *argv[2:]] if argv and argv[0] == "--config"
+                             else ["labels", *(argv or [])])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"streams.labels: {e}", file=sys.stderr)
+        return 2
+    return run(args, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
