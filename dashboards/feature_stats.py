@@ -31,18 +31,11 @@ import pyarrow as pa
 
 from streams.config import Config
 
-FEATURE_STATS_TOPIC = "feature_stats"  # until the config has topics.feature_stats
 MAX_BINS = 512
 
 
 def feature_stats_topic(cfg: Config) -> str:
-    """``topics.feature_stats`` when the config has it; else ``feature_stats`` with the predictions topic's
-    prefix (``t1_predictions`` -> ``t1_feature_stats``), so per-test topic names stay separate."""
-    configured = getattr(cfg.topics, "feature_stats", "")
-    if configured:
-        return configured
-    pred = cfg.topics.predictions
-    return pred[: -len("predictions")] + FEATURE_STATS_TOPIC if pred.endswith("predictions") else FEATURE_STATS_TOPIC
+    return cfg.topics.feature_stats
 
 
 def _label(b: Any) -> str:

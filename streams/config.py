@@ -42,6 +42,7 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dead_letters: str = "dead_letters"
     predictions: str = "predictions"
     service_stats: str = "service_stats"
+    feature_stats: str = "feature_stats"
     partitions: int = 4  # impressions, clicks and conversions must share this count
 
     def input_topics(self) -> tuple[str, str, str]:
@@ -49,7 +50,7 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def all(self) -> tuple[str, ...]:
         return (self.impressions, self.clicks, self.conversions, self.examples, self.dead_letters,
-                self.predictions, self.service_stats)
+                self.predictions, self.service_stats, self.feature_stats)
 
 
 class LabelsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -176,5 +176,5 @@ def test_alert_rules_fire_on_drift_only(store):
 def test_feature_stats_topic_follows_the_config():
     cfg = load_config(env={})
     assert feature_stats_topic(cfg) == "feature_stats"
-    cfg = load_config(env={}, topics={"predictions": "t9_predictions"})
+    cfg = load_config(env={}, topics={"feature_stats": "t9_feature_stats"})
     assert feature_stats_topic(cfg) == "t9_feature_stats"

@@ -129,7 +129,7 @@ def test_injected_bad_events_land_in_dead_letters_with_reasons(pipeline):
 
 
 def test_model_learns_per_domain(pipeline):
-    cfg, sim = pipeline["cfg"], pipeline["sim"]
+    cfg = pipeline["cfg"]
     batches = [schema.decode(v, schema.PredictionBatch) for v in consume_all(cfg, cfg.topics.predictions)]
     batches.sort(key=lambda b: b.model_version)  # training order (the topic's partitions interleave it)
     scores: dict[str, tuple] = {}
