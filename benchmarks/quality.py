@@ -1,0 +1,198 @@
+"""Model quality on generated traffic, against the generator's oracle (in-process: no broker, no dataflow).
+
+Examples are built from the simulation's truth table as the labels dataflow would emit them
+(:mod:`trainer.simulated`) and fed in emission order, batch by batch; every metric is *progressive*: each
+example is scored before the model trains on it, against the impression's true final labels. Four studies:
+
+1. stationary (scenario ``none``, labels without delay): per-domain click / conversion AUC of the unified
+   MDMO model vs the oracle (the true probabilities) on the second half of the stream;
+2. drift (scenario ``sudden`` at 50%, or ``--drift NAME``): the online model vs the same model frozen after
+   40% of the stream vs an online logistic regression (:mod:`trainer.online_lr`), after the drift;
+3. delayed conversions (``elapsed`` policy, 1 h elapsed, conversions up to 6 h after the click): ES-DFM
+   weighting vs the naive stream (fake negatives never corrected) vs the duplicates without weights vs oracle
+   labels; conversion AUC and NE on the true labels of the second half;
+4. unified vs separate: one model for all domains vs one model per domain (each seeing only its domain),
+   sum over domains of click + conversion AUC, and parameter counts.
+
+Last line: value = unified model's mean per-domain click AUC (stationary), baseline = the oracle's.
+
+    streamrec bench quality [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+# `benchmarks/trainer.py` would shadow the `trainer` package: keep this directory behind the project root
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path[:0] = [str(_HERE.parent)]
+sys.path.append(str(_HERE))
+from _common import parser, report  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from streams.config import TrainerConfig  # noqa: E402
+from streams.generate import GeneratorConfig, TruthParams, normalized_entropy, roc_auc, simulate  # noqa: E402
+from streams.scenarios import ScenarioConfig  # noqa: E402
+from trainer.features import featurize  # noqa: E402
+from trainer.model import Learner, count_parameters  # noqa: E402
+from trainer.online_lr import OnlineLR  # noqa: E402
+from trainer.simulated import example_stream, truth_arrays  # noqa: E402
+
+TC = TrainerConfig(batch_size=256, device="cpu")
+ELAPSED_S = 3600.0
+
+
+def _imp_index(example_id: str) -> int:
+    return int(example_id.split("#", 1)[0].rsplit("-", 1)[1])  # "imp-<seed>-<i>[#late-...]"
+
+
+def run_stream(model, exs, n_imps: int, batch: int, freeze_at: float | None = None):
+    """Feed ``exs`` in order; returns (p_click, p_conversion) per impression from its first (non-late) example,
+    scored before training on it. ``freeze_at``: stop training after that fraction of the examples."""
+    pc, pv = np.full(n_imps, np.nan), np.full(n_imps, np.nan)
+    stop = len(exs) if freeze_at is None else int(freeze_at * len(exs))
+    for i in range(0, len(exs), batch):
+        chunk = exs[i:i + batch]
+        fb = featurize(chunk, TC)
+        if i < stop:
+            r = model.train_step(fb)
+            a, b = (r.p_click, r.p_conversion) if hasattr(r, "p_click") else r
+        else:
+            a, b = model.score(fb)
+        for ex, x, y in zip(chunk, a, b):
+            if ex.decided != "late_positive":
+                j = _imp_index(ex.example_id)
+                pc[j], pv[j] = x, y
+    return pc, pv
+
+
+def metrics(truth, pc, pv, mask) -> dict[str, dict[str, float]]:
+    out = {}
+    for d in ["all", *sorted(set(truth["domain"].tolist()))]:
+        m = mask & (truth["domain"] == d) if d != "all" else mask
+        out[d] = {"auc_click": roc_auc(truth["click"][m], pc[m]), "auc_conv": roc_auc(truth["conversion"][m], pv[m]),
+                  "ne_click": normalized_entropy(truth["click"][m], pc[m]),
+                  "ne_conv": normalized_entropy(truth["conversion"][m], pv[m]), "n": float(m.sum())}
+    return out
+
+
+def _f(x: float) -> str:
+    return f"{x:.4f}" if x == x else "nan"
+
+
+def study_stationary(n: int, rows: list, res: dict) -> tuple[object, dict, list]:
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=11))
+    truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
+    second = truth["ts"] >= np.median(truth["ts"])
+    pc, pv = run_stream(Learner(TC), exs, n, TC.batch_size)
+    model, oracle = metrics(truth, pc, pv, second), metrics(truth, truth["p_click"], truth["p_ctcvr"], second)
+    for d in model:
+        rows.append(("1 stationary", f"unified MDMO / oracle [{d}]", f"{_f(model[d]['auc_click'])} / "
+                     f"{_f(oracle[d]['auc_click'])}", f"{_f(model[d]['auc_conv'])} / {_f(oracle[d]['auc_conv'])}",
+                     f"{_f(model[d]['ne_click'])} / {_f(oracle[d]['ne_click'])}"))
+    res["stationary"] = {"model": model, "oracle": oracle}
+    return sim, truth, exs
+
+
+def study_drift(n: int, scenario: str, rows: list, res: dict) -> None:
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=12, scenario=ScenarioConfig(name=scenario, at=0.5)))
+    truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
+    after = truth["ts"] >= np.quantile(truth["ts"], 0.6)
+    runs = {"online MDMO": run_stream(Learner(TC), exs, n, TC.batch_size),
+            "frozen MDMO (trained on first 40%)": run_stream(Learner(TC), exs, n, TC.batch_size, freeze_at=0.4),
+            "online LR": run_stream(OnlineLR(TC), exs, n, TC.batch_size)}
+    res["drift"] = {"scenario": scenario}
+    for name, (pc, pv) in runs.items():
+        m = metrics(truth, pc, pv, after)["all"]
+        res["drift"][name] = m
+        rows.append((f"2 drift ({scenario})", name, _f(m["auc_click"]), _f(m["auc_conv"]), _f(m["ne_click"])))
+    o = metrics(truth, truth["p_click"], truth["p_ctcvr"], after)["all"]
+    res["drift"]["oracle"] = o
+    rows.append((f"2 drift ({scenario})", "oracle", _f(o["auc_click"]), _f(o["auc_conv"]), _f(o["ne_click"])))
+
+
+def study_delay(n: int, rows: list, res: dict) -> None:
+    hi = TruthParams(base_ctr={"feed": 0.08, "stories": 0.06, "video": 0.05, "search": 0.12, "display": 0.04},
+                     base_cvr={"feed": 0.25, "stories": 0.2, "video": 0.2, "search": 0.3, "display": 0.15})
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=13, impressions_per_s=n / (16 * 3600), truth=hi))
+    truth = truth_arrays(sim)
+    second = truth["ts"] >= np.median(truth["ts"])
+    variants = {"oracle labels (no delay)": ("oracle", True), "ES-DFM (elapsed + weights)": ("elapsed", True),
+                "elapsed + duplicates, unweighted": ("elapsed", False),
+                "naive (fake negatives)": ("naive", True)}
+    res["delay"] = {}
+    for name, (policy, weighting) in variants.items():
+        exs = example_stream(sim, policy, elapsed_s=ELAPSED_S)
+        pc, pv = run_stream(Learner(TC, elapsed_s=ELAPSED_S, delay_weighting=weighting), exs, n, TC.batch_size)
+        m = metrics(truth, pc, pv, second)["all"]
+        res["delay"][name] = m
+        rows.append(("3 delayed conversions", name, _f(m["auc_click"]), _f(m["auc_conv"]),
+                     f"{_f(m['ne_conv'])} (conv)"))
+
+
+def study_unified(sim, truth, exs, rows: list, res: dict) -> None:
+    n = sim.truth.num_rows
+    second = truth["ts"] >= np.median(truth["ts"])
+    uni = res["stationary"]["model"]
+    domains = sorted(set(truth["domain"].tolist()))
+    pc, pv = np.full(n, np.nan), np.full(n, np.nan)
+    sep_params = 0
+    for d in domains:
+        own = [e for e in exs if e.impression.domain == d]
+        learner = Learner(TC)
+        sep_params += sum(count_parameters(learner.model).values())
+        a, b = run_stream(learner, own, n, TC.batch_size)
+        mask = ~np.isnan(a)
+        pc[mask], pv[mask] = a[mask], b[mask]
+    sep = metrics(truth, pc, pv, second)
+    uni_params = sum(count_parameters(Learner(TC).model).values())
+    s_uni = sum(uni[d]["auc_click"] + uni[d]["auc_conv"] for d in domains)
+    s_sep = sum(sep[d]["auc_click"] + sep[d]["auc_conv"] for d in domains)
+    res["unified"] = {"sum_auc_unified": s_uni, "sum_auc_separate": s_sep, "params_unified": uni_params,
+                      "params_separate": sep_params, "separate": sep}
+    rows.append(("4 unified vs separate", f"unified: sum of {len(domains)}x(click+conv AUC), params",
+                 f"{s_uni:.4f}", f"{uni_params:,}", ""))
+    rows.append(("4 unified vs separate", f"{len(domains)} separate models: same", f"{s_sep:.4f}",
+                 f"{sep_params:,}", ""))
+
+
+def main() -> int:
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=None, help="impressions per study (default 120000, quick 30000)")
+    p.add_argument("--drift", default="sudden", help="drift scenario of study 2 (streams.scenarios)")
+    a = p.parse_args()
+    n = a.n or (30_000 if a.quick else 120_000)
+    rows: list[tuple[str, ...]] = []
+    res: dict = {}
+    t0 = time.perf_counter()
+    sim, truth, exs = study_stationary(n, rows, res)
+    study_drift(n, a.drift, rows, res)
+    study_delay(n, rows, res)
+    study_unified(sim, truth, exs, rows, res)
+    print(f"{n} impressions per study, batch {TC.batch_size}, progressive metrics on true labels; "
+          f"{time.perf_counter() - t0:.0f} s")
+    st = res["stationary"]
+    doms = [d for d in st["model"] if d != "all"]
+    mean_model = float(np.mean([st["model"][d]["auc_click"] for d in doms]))
+    mean_oracle = float(np.mean([st["oracle"][d]["auc_click"] for d in doms]))
+    dr, dl, un = res["drift"], res["delay"], res["unified"]
+    report("quality", rows, ("study", "model", "AUC click", "AUC conv", "NE"), value=mean_model,
+           unit="mean per-domain click AUC", baseline=mean_oracle,
+           max_domain_gap_click=round(max(st["oracle"][d]["auc_click"] - st["model"][d]["auc_click"] for d in doms), 4),
+           drift_online=round(dr["online MDMO"]["auc_click"], 4),
+           drift_frozen=round(dr["frozen MDMO (trained on first 40%)"]["auc_click"], 4),
+           drift_lr=round(dr["online LR"]["auc_click"], 4),
+           conv_auc_esdfm=round(dl["ES-DFM (elapsed + weights)"]["auc_conv"], 4),
+           conv_auc_naive=round(dl["naive (fake negatives)"]["auc_conv"], 4),
+           conv_auc_oracle=round(dl["oracle labels (no delay)"]["auc_conv"], 4),
+           sum_auc_unified=round(un["sum_auc_unified"], 4), sum_auc_separate=round(un["sum_auc_separate"], 4),
+           params_unified=un["params_unified"], params_separate=un["params_separate"], n=n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

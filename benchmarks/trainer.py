@@ -1,0 +1,152 @@
+"""Training-step throughput of the MDMO model against a plain PyTorch implementation of the same model.
+
+In one run, on the same featurized batches of generated traffic (Zipf users and ads):
+
+* ``streamrec (fbgemm)``: :class:`trainer.model.Learner` with the fbgemm TBE (row-wise Adagrad fused into
+  backward) -- the default backend where fbgemm loads;
+* ``streamrec (torch)``: the same Learner on its plain-torch backend (one stacked ``nn.EmbeddingBag``, our
+  row-wise Adagrad) -- what runs where fbgemm is missing;
+* ``plain PyTorch`` (baseline): the same dense model (DCNv2, MMoE, heads: the same module) with one
+  ``nn.EmbeddingBag(sparse=True)`` per table, same sizes, ``torch.optim.Adagrad`` on the sparse weights and
+  Adam on the dense ones, same batch.
+
+"train step" = forward + loss + backward + optimizer updates on a featurized batch (features built before
+the clock); "with features" adds :func:`trainer.features.featurize` of the Example objects. Each phase runs
+``--repeat`` times alternating and the best pass counts (2 shared cores: the others' load is noise).
+Last line: value = streamrec (fbgemm or, without it, torch) train-step examples/s, baseline = plain PyTorch.
+
+    streamrec bench trainer [--quick] [--batch 512] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+# this script is named like the `trainer` package: keep its directory behind the project root on sys.path
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path[:0] = [str(_HERE.parent)]
+sys.path.append(str(_HERE))
+from _common import parser, report  # noqa: E402
+
+import msgspec  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from streams.config import TrainerConfig  # noqa: E402
+from streams.generate import GeneratorConfig, simulate  # noqa: E402
+from trainer.embeddings import fbgemm_available  # noqa: E402
+from trainer.features import featurize  # noqa: E402
+from trainer.model import Learner, MDMOModel, count_parameters, esmm_loss  # noqa: E402
+from trainer.simulated import example_stream  # noqa: E402
+
+
+class PerTableBags(nn.Module):
+    """The plain-PyTorch embeddings: one ``nn.EmbeddingBag`` per table; TBE input split per table."""
+
+    def __init__(self, num_tables: int, rows: int, dim: int):
+        super().__init__()
+        self.num_tables, self.rows, self.dim = num_tables, rows, dim
+        self.bags = nn.ModuleList(nn.EmbeddingBag(rows, dim, mode="sum", sparse=True) for _ in range(num_tables))
+        for b in self.bags:
+            nn.init.uniform_(b.weight, -0.01, 0.01)
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        b = (offsets.numel() - 1) // self.num_tables
+        starts = offsets[::b].tolist()  # T+1 table boundaries in `indices`
+        outs = [bag(indices[starts[t]:starts[t + 1]], offsets[t * b:(t + 1) * b] - starts[t])
+                for t, bag in enumerate(self.bags)]
+        return torch.cat(outs, dim=1)
+
+    def step(self) -> None:
+        pass
+
+
+class PlainLearner:
+    """Same dense model, per-table EmbeddingBags, stock torch optimizers."""
+
+    def __init__(self, tcfg: TrainerConfig):
+        torch.manual_seed(tcfg.seed)
+        self.model = MDMOModel(tcfg, "torch", torch.device("cpu"))
+        self.model.emb = PerTableBags(self.model.num_tables, tcfg.hash_buckets, tcfg.embedding_dim)
+        dense = [p for n, p in self.model.named_parameters() if not n.startswith("emb.")]
+        self.opt_dense = torch.optim.Adam(dense, lr=tcfg.lr_dense)
+        self.opt_sparse = torch.optim.Adagrad(list(self.model.emb.parameters()), lr=tcfg.lr_sparse)
+
+    def train_step(self, fb) -> float:
+        b = fb.to_torch("cpu")
+        l_ctr, l_cvr = self.model.logits(b)
+        loss = esmm_loss(l_ctr, l_cvr, b.click, b.conversion, b.weight)
+        self.opt_dense.zero_grad(set_to_none=True)
+        self.opt_sparse.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_dense.step()
+        self.opt_sparse.step()
+        return float(loss.detach())
+
+
+def _time_steps(step, fbs) -> float:
+    for fb in fbs[:3]:  # warm-up: allocator, lazy init
+        step(fb)
+    t0 = time.perf_counter()
+    for fb in fbs[3:]:
+        step(fb)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per pass (default 40, quick 15)")
+    p.add_argument("--repeat", type=int, default=None, help="passes per phase (default 3, quick 2)")
+    p.add_argument("--buckets", type=int, default=TrainerConfig().hash_buckets)
+    a = p.parse_args()
+    steps = a.steps or (15 if a.quick else 40)
+    repeat = a.repeat or (2 if a.quick else 3)
+    tc = TrainerConfig(batch_size=a.batch, hash_buckets=a.buckets, device="cpu")
+    n = a.batch * (steps + 3)
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=7, n_users=50_000, n_ads=5_000))
+    exs = example_stream(sim, "oracle")
+    batches = [exs[i:i + a.batch] for i in range(0, n, a.batch)]
+    fbs = [featurize(b, tc) for b in batches]
+
+    learners = {}
+    if fbgemm_available():
+        learners["streamrec (fbgemm)"] = Learner(msgspec.structs.replace(tc, backend="fbgemm"))
+    learners["streamrec (torch)"] = Learner(msgspec.structs.replace(tc, backend="torch"))
+    plain = PlainLearner(tc)
+    phases = {name: (lambda fb, lr=lr: lr.train_step(fb)) for name, lr in learners.items()}
+    phases["plain PyTorch"] = plain.train_step
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        for name, step in phases.items():
+            s = _time_steps(step, fbs)
+            best[name] = min(best.get(name, float("inf")), s)
+    first = next(iter(learners))
+    feat_s = float("inf")
+    for _ in range(repeat):  # featurize alone (Example objects -> numpy), same batches
+        t0 = time.perf_counter()
+        for b in batches[3:]:
+            featurize(b, tc)
+        feat_s = min(feat_s, time.perf_counter() - t0)
+    timed = a.batch * steps
+    base = timed / best["plain PyTorch"]
+    rows = []
+    for name, s in best.items():
+        eps = timed / s
+        with_feat = timed / (s + feat_s)
+        rows.append((name, f"{eps:,.0f}", f"{with_feat:,.0f}", f"{1000 * s / steps:.2f}", f"{eps / base:.2f}"))
+    params = count_parameters(learners[first].model)
+    print(f"batch {a.batch}, {steps} timed steps x best of {repeat}, {tc.hash_buckets} rows x "
+          f"{learners[first].model.num_tables} tables x {tc.embedding_dim} dims, dense params {params['dense']:,}; "
+          f"featurize {timed / feat_s:,.0f} examples/s")
+    report("trainer", rows, ("implementation", "train step ex/s", "with features ex/s", "ms/step", "x plain"),
+           value=timed / best[first], unit="examples/s", baseline=base, batch=a.batch, backend=first,
+           featurize_per_s=round(timed / feat_s), torch_threads=torch.get_num_threads())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
