@@ -114,6 +114,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         self.steps += 1
         self.hits.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
         self.last_seen[slots] = self.steps
+        self._admit_seen(slots.numpy())
         if self.steps % self.cfg.maintain_every == 0:
             self.maintain()
 
@@ -175,6 +176,20 @@ class FiitedEmbeddings(SparseEmbeddings):
         live_now = self.code.numpy() != 0
         cand = np.flatnonzero(admission.admit_mask(hits, live_now, cfg.admit_hits))
         room = max(max_rows - int(live_now.sum()), 0)
+        if len(cand) > room:
+            cand = np.sort(cand[np.argsort(-hits[cand], kind="stable")[:room]])
+        self._admit(cand)
+
+    def _max_rows(self) -> int:
+        return int(self.budget_bytes() // importance.row_bytes(self.cfg.pool_chunks, self.cfg.chunk_dim)[0])
+
+    def _admit_seen(self, slots: np.ndarray) -> None:
+        """Per step: slots of this batch that reached ``admit_hits`` get their own row (most-hit first)."""
+        code, hits = self.code.numpy(), self.hits.numpy()
+        cand = np.unique(slots[(code[slots] == 0) & (hits[slots] >= max(self.cfg.admit_hits, 1))])
+        if not len(cand):
+            return
+        room = max(self._max_rows() - (self.pools.n_live - self.num_tables), 0)
         if len(cand) > room:
             cand = np.sort(cand[np.argsort(-hits[cand], kind="stable")[:room]])
         self._admit(cand)

@@ -40,6 +40,7 @@ class PoolSet:
         self.dims, self.lr = tuple(dims), lr
         self.T, self.P = caps.shape
         self._build(caps.astype(np.int64))
+        self.n_live = 0  # rows in use over all pools (kept so per-step admission needs no scan)
         self.owner = [[np.full(int(caps[t, p]), FREE, dtype=np.int32) for p in range(self.P)]
                       for t in range(self.T)]
         # free rows as stacks (pop from the end): lowest rows are reused first
@@ -80,6 +81,7 @@ class PoolSet:
         rows = st[len(st) - k:][::-1].copy()
         self.free[t][p] = st[: len(st) - k]
         self.owner[t][p][rows] = slots
+        self.n_live += k
         return rows
 
     @torch.no_grad()
@@ -91,6 +93,7 @@ class PoolSet:
         self.weights(t, p)[idx] = 0.0
         self.momentum(t, p)[idx] = 0.0
         self.owner[t][p][rows] = FREE
+        self.n_live -= len(rows)
         self.free[t][p] = np.concatenate([self.free[t][p], np.sort(rows)[::-1].astype(np.int32)])
 
     def reserve(self, need: np.ndarray, headroom: float, shrink_below: float = 0.25
@@ -107,7 +110,7 @@ class PoolSet:
         shrink &= (self.caps - target) > 64  # not worth a rebuild for a few rows
         if not (grow.any() or shrink.any()):
             return None
-        caps = np.where(grow | shrink, target, self.caps)
+        caps = np.where(grow, np.maximum(target, 2 * self.caps), np.where(shrink, target, self.caps))  # doubling
         return self.rebuild(caps)
 
     @torch.no_grad()
@@ -167,4 +170,5 @@ class PoolSet:
                 ps.owner[t][p] = owner[o: o + c].astype(np.int32).copy()
                 ps.free[t][p] = free[f: f + k].astype(np.int32).copy()
                 o, f = o + c, f + k
+        ps.n_live = int((owner != FREE).sum())
         return ps

@@ -90,6 +90,7 @@ class ReferenceStore(nn.Module):
         for s in slots:
             self.hits[s] += 1
             self.last_seen[s] = self.steps
+        self._admit_seen(np.array(slots, dtype=np.int64))
         if self.steps % self.cfg.maintain_every == 0:
             self.maintain()
 
@@ -139,10 +140,22 @@ class ReferenceStore(nn.Module):
         room = max(max_rows - len(self.private), 0)
         if len(cand) > room:
             cand = np.sort(cand[np.argsort(-self.hits[cand], kind="stable")[:room]])
+        self._admit(cand)
+
+    def _admit_seen(self, slots: np.ndarray) -> None:
+        cand = sorted({int(s) for s in slots if s not in self.private and self.hits[s] >= max(self.cfg.admit_hits, 1)})
+        max_rows = int(self.budget_bytes() // importance.row_bytes(self.cfg.pool_chunks, self.cfg.chunk_dim)[0])
+        room = max(max_rows - len(self.private), 0)
+        cand = np.array(cand, dtype=np.int64)
+        if len(cand) > room:
+            cand = np.sort(cand[np.argsort(-self.hits[cand], kind="stable")[:room]])
+        self._admit(cand)
+
+    def _admit(self, cand) -> None:
         for s in cand:
             self.private[int(s)] = [0, self.shared[s // self.rows][0].copy(), np.float32(0)]
             self.imp[s] = self.snap[s] = 0
-        c["admitted"] += len(cand)
+        self.counters["admitted"] += len(cand)
 
     def chunks(self, t: int, v: int) -> int:
         e = self.private.get(t * self.rows + v)
