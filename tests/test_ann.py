@@ -1,0 +1,141 @@
+"""Contract tests: one body over the numpy reference and every FAISS kind (STYLE #10/#11)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedding_store.ann import AnnConfig, AnnError, FaissIndex, load_index, make_index, normalize, save_index
+
+DIM = 8
+# ivf with nprobe == nlist scans every list: exact answers, so the same assertions hold
+KINDS = {
+    "numpy": AnnConfig(dim=DIM, kind="numpy"),
+    "exact": AnnConfig(dim=DIM, kind="exact"),
+    "ivf": AnnConfig(dim=DIM, kind="ivf", nlist=4, nprobe=4),
+}
+
+
+def _make(kind: str, trained: bool = True):
+    idx = make_index(KINDS[kind])
+    if kind == "ivf" and trained:
+        idx.train(np.random.default_rng(9).normal(size=(200, DIM)))
+    return idx
+
+
+def _brute(ref: dict[int, np.ndarray], q: np.ndarray, k: int) -> list[list[int]]:
+    ids = np.array(sorted(ref))
+    m = normalize(np.stack([ref[i] for i in ids]))
+    s = normalize(q) @ m.T
+    return [ids[np.argsort(-row, kind="stable")[:k]].tolist() for row in s]
+
+
+@pytest.fixture(params=[*KINDS, "ivf-staging"])
+def kind(request):
+    return request.param
+
+
+def make(kind):
+    return _make("ivf", trained=False) if kind == "ivf-staging" else _make(kind)
+
+
+def test_upsert_replaces_and_search_matches_brute_force(kind):
+    rng = np.random.default_rng(0)
+    idx = make(kind)
+    ref = {}
+    for step in range(6):  # inserts, replacements (overlapping ids) and deletes, checked against a dict
+        ids = rng.choice(300, 60, replace=False)
+        v = rng.normal(size=(60, DIM))
+        idx.upsert(ids, v, ts_ms=1000 + step)
+        ref.update(zip(ids.tolist(), v))
+        gone = rng.choice(300, 20, replace=False)
+        assert idx.delete(gone) == sum(1 for g in gone.tolist() if g in ref)
+        for g in gone.tolist():
+            ref.pop(g, None)
+    assert len(idx) == len(ref) and set(idx.ids().tolist()) == set(ref)
+    q = rng.normal(size=(20, DIM))
+    scores, got = idx.search(q, 5)
+    assert got.tolist() == _brute(ref, q, 5)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    some = np.array(sorted(ref)[:10])
+    np.testing.assert_allclose(idx.get(some), normalize(np.stack([ref[i] for i in some.tolist()])), atol=1e-5)
+
+
+def test_replaced_vector_is_found_under_its_new_value_only(kind):
+    idx = make(kind)
+    base = np.eye(DIM)
+    idx.upsert(np.arange(DIM), base, ts_ms=1)
+    idx.upsert(np.array([3]), -base[[3]], ts_ms=2)  # user 3 turns around
+    _, ids = idx.search(base[[3]], 1)
+    assert ids[0, 0] != 3
+    _, ids = idx.search(-base[[3]], 1)
+    assert ids[0, 0] == 3
+    assert len(idx) == DIM
+    assert idx.written_ts(np.array([3, 4, 99])).tolist() == [2, 1, -1]
+
+
+def test_duplicate_ids_in_one_call_keep_the_last(kind):
+    idx = make(kind)
+    v = np.eye(DIM)[:3]
+    idx.upsert(np.array([5, 6, 5]), v, ts_ms=np.array([10, 11, 12]))
+    assert len(idx) == 2
+    np.testing.assert_allclose(idx.get(np.array([5]))[0], v[2], atol=1e-6)
+    assert idx.written_ts(np.array([5])).tolist() == [12]
+
+
+def test_search_pads_when_k_exceeds_size_and_on_empty(kind):
+    idx = make(kind)
+    scores, ids = idx.search(np.ones((2, DIM)), 3)
+    assert ids.tolist() == [[-1] * 3] * 2 and np.isneginf(scores).all()
+    idx.upsert(np.array([1, 2]), np.eye(DIM)[:2], ts_ms=1)
+    scores, ids = idx.search(np.ones((1, DIM)), 4)
+    assert sorted(ids[0, :2].tolist()) == [1, 2] and ids[0, 2:].tolist() == [-1, -1]
+    assert np.isneginf(scores[0, 2:]).all()
+
+
+def test_snapshot_round_trip_within_and_across_kinds(kind, tmp_path):
+    rng = np.random.default_rng(1)
+    idx = make(kind)
+    ids = rng.choice(10_000, 150, replace=False)
+    idx.upsert(ids, rng.normal(size=(150, DIM)), ts_ms=rng.integers(1, 10**12, 150))
+    idx.delete(ids[:10])
+    path = save_index(idx, tmp_path / "users" / "index")
+    q = rng.normal(size=(10, DIM))
+    want = idx.search(q, 5)[1]
+    for other in (None, "numpy", "exact", "ivf"):
+        back = load_index(path, kind=other)
+        assert len(back) == len(idx)
+        assert back.search(q, 5)[1].tolist() == want.tolist(), other
+        assert back.written_ts(ids).tolist() == idx.written_ts(ids).tolist()
+
+
+def test_bad_input_names_the_mismatch(kind):
+    idx = make(kind)
+    with pytest.raises(AnnError, match=r"upsert: expected vectors of shape \(2, 8\), got \(2, 3\)"):
+        idx.upsert(np.array([1, 2]), np.zeros((2, 3)), ts_ms=0)
+    with pytest.raises(AnnError, match="ids must be >= 0"):
+        idx.upsert(np.array([-1]), np.zeros((1, DIM)), ts_ms=0)
+    with pytest.raises(AnnError, match="NaN"):
+        idx.upsert(np.array([1]), np.full((1, DIM), np.nan), ts_ms=0)
+    with pytest.raises(AnnError, match="not in the index"):
+        idx.get(np.array([42]))
+    assert len(idx) == 0
+
+
+def test_hnsw_is_refused_and_unknown_kinds_named():
+    with pytest.raises(ValueError, match="hnsw.*cannot delete"):
+        make_index(AnnConfig(kind="hnsw"))
+    with pytest.raises(ValueError, match="kind"):
+        make_index(AnnConfig(kind="lsh"))
+
+
+def test_ivf_trains_itself_once_enough_vectors_are_staged():
+    idx = make_index(AnnConfig(dim=DIM, kind="ivf", nlist=4, nprobe=4))
+    rng = np.random.default_rng(2)
+    idx.upsert(np.arange(100), rng.normal(size=(100, DIM)), ts_ms=1)
+    assert isinstance(idx, FaissIndex) and not idx.trained
+    idx.upsert(np.arange(100, 130), rng.normal(size=(30, DIM)), ts_ms=1)  # 130 >= 30 * nlist
+    assert idx.trained and len(idx) == 130
+    assert idx.delete(np.arange(50)) == 50 and len(idx) == 80
+    _, ids = idx.search(idx.get(np.array([77])), 1)
+    assert ids[0, 0] == 77

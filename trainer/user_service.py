@@ -1,0 +1,174 @@
+"""The user-model service loop: histories follow the stream, the user model trains on examples, fresh
+user vectors go into the ANN index.
+
+    examples ──► score (progressive) ──► train_step ──► histories.observe ──► dirty users
+    raw events ─────────────────────────────────────► histories.observe ──► dirty users
+    every refresh_every_s: encode dirty users ──► index.upsert(user ids, vectors, latest event ts)
+
+Freshness is measured per user from the wall-clock moment an event reached the service to the moment
+the user's new vector was in the index (:meth:`UserModelService.freshness_ms`).
+
+Integration with the ranker (two-stage, LLaTTE): :meth:`UserModelService.features` gives, per impression,
+the user vector ``u`` (B, d) from the history strictly before the impression and ``u * ad_vector``
+(B, d), to append to the ranker's dense input; or read ``index.get(user_ids)`` for the asynchronously
+refreshed vectors (staler, no transformer on the ranking path).
+
+>>> from streams.generate import GeneratorConfig, simulate
+>>> from streams import schema
+>>> svc = UserModelService(UserServiceConfig(model=UserModelConfig(dim=8, max_len=8, ad_buckets=1000),
+...                                          index=AnnConfig(dim=8, kind="numpy"), refresh_every_s=0))
+>>> imps = [r for r in simulate(GeneratorConfig(n_impressions=300, seed=3)).records
+...         if isinstance(r, schema.Impression)]
+>>> exs = [schema.Example(example_id=i.event_id, impression=i, click=0, conversion=0) for i in imps]
+>>> out = svc.process(exs)
+>>> out["trained"], len(svc.index) == len({i.user_id for i in imps}), svc.features(imps[:5])[0].shape
+(300, True, (5, 8))
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from embedding_store.ann import AnnConfig, AnnIndex, load_index, make_index, save_index
+from streams import schema
+from trainer.user_history import HistoryConfig, UserHistory
+from trainer.user_model import UserModel, UserModelConfig
+
+
+@dataclass(frozen=True)
+class UserServiceConfig:
+    """The parts, and how often dirty users are re-encoded into the index (0: on every call)."""
+
+    model: UserModelConfig = field(default_factory=UserModelConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    index: AnnConfig = field(default_factory=AnnConfig)
+    refresh_every_s: float = 1.0
+    seed: int = 0
+
+
+class UserModelService:
+    """``process(examples)``, ``observe(events)``, ``refresh()``, ``features(impressions)``, ``save``/``load``."""
+
+    def __init__(self, cfg: UserServiceConfig = UserServiceConfig(), index: AnnIndex | None = None):
+        if cfg.index.dim != cfg.model.dim:
+            raise ValueError(f"UserServiceConfig: index.dim {cfg.index.dim} != model.dim {cfg.model.dim}")
+        self.cfg = cfg
+        self.model = UserModel(cfg.model, seed=cfg.seed)
+        self.history = UserHistory(cfg.history)
+        self.index = index if index is not None else make_index(cfg.index)
+        self._dirty: dict[int, tuple[float, int]] = {}  # user -> (first unpublished arrival, monotonic s; latest ts)
+        self._last_refresh = time.monotonic()
+        self._fresh_ms: list[float] = []
+        self.counters = {"examples": 0, "events": 0, "upserts": 0, "refreshes": 0}
+
+    def _mark(self, user_id: int | None, ts: int, now: float) -> None:
+        if user_id is None:
+            return
+        old = self._dirty.get(user_id)
+        self._dirty[user_id] = (old[0], max(old[1], ts)) if old else (now, ts)
+
+    def _sequences(self, imps: Sequence[schema.Impression]):
+        return self.history.sequences([i.user_id for i in imps], [i.ts for i in imps], before_ms=True,
+                                      max_len=self.cfg.model.max_len)
+
+    def process(self, examples: Sequence[schema.Example]) -> dict:
+        """Score (before learning), train one step, then fold the examples into the histories.
+
+        Returns ``{"trained": n, "loss": float, "p_click": (n,) scores made before this step}``."""
+        now = time.monotonic()
+        if not examples:
+            return {"trained": 0, "loss": float("nan"), "p_click": np.zeros(0, np.float32)}
+        imps = [e.impression for e in examples]
+        seq = self._sequences(imps)
+        ads = np.fromiter((i.ad_id for i in imps), np.int64, len(imps))
+        doms = np.fromiter((schema.DOMAIN_INDEX[i.domain] for i in imps), np.int64, len(imps))
+        clicks = np.fromiter((1.0 if e.click else 0.0 for e in examples), np.float32, len(imps))
+        p = self.model.score(seq, ads, doms)
+        loss = self.model.train_step(seq, ads, doms, clicks)
+        for e in examples:
+            self._mark(self.history.observe(e), e.impression.ts, now)
+        self.counters["examples"] += len(examples)
+        self._maybe_refresh()
+        return {"trained": len(examples), "loss": loss, "p_click": p}
+
+    def observe(self, events) -> int:
+        """Raw Impression / Click / Conversion events into the histories (no training); returns users touched."""
+        now = time.monotonic()
+        n = 0
+        for ev in events:
+            u = self.history.observe(ev)
+            if u is not None:
+                self._mark(u, ev.ts, now)
+                n += 1
+        self.counters["events"] += n
+        self._maybe_refresh()
+        return n
+
+    def _maybe_refresh(self) -> None:
+        if time.monotonic() - self._last_refresh >= self.cfg.refresh_every_s:
+            self.refresh()
+
+    def refresh(self) -> int:
+        """Re-encode every dirty user from its whole current history and upsert; returns how many."""
+        self._last_refresh = time.monotonic()
+        if not self._dirty:
+            return 0
+        users = list(self._dirty)
+        now_ts = np.array([self._dirty[u][1] for u in users], np.int64)
+        vecs = []
+        for s in range(0, len(users), 4096):  # bounded memory per encode
+            vecs.append(self.model.encode(self.history.sequences(users[s:s + 4096], now_ts[s:s + 4096],
+                                                                 max_len=self.cfg.model.max_len)))
+        self.index.upsert(np.array(users, np.int64), np.concatenate(vecs), now_ts)
+        done = time.monotonic()
+        self._fresh_ms.extend((done - self._dirty[u][0]) * 1000.0 for u in users)
+        del self._fresh_ms[:-100_000]
+        self._dirty.clear()
+        self.counters["upserts"] += len(users)
+        self.counters["refreshes"] += 1
+        return len(users)
+
+    def freshness_ms(self) -> dict[str, float]:
+        """Event arrival -> vector in the index, over the last 100k upserts: p50 / p99 / max (ms)."""
+        if not self._fresh_ms:
+            return {"p50": float("nan"), "p99": float("nan"), "max": float("nan"), "n": 0}
+        a = np.asarray(self._fresh_ms)
+        return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max()),
+                "n": len(a)}
+
+    def features(self, imps: Sequence[schema.Impression]) -> tuple[np.ndarray, np.ndarray]:
+        """Ranking features of impressions: (u (B, d), u * ad_vector(ad) (B, d)); the history is cut
+        strictly before each impression's ts, so an impression never sees its own outcome."""
+        u = self.model.encode(self._sequences(imps))
+        v = self.model.ad_vectors(np.fromiter((i.ad_id for i in imps), np.int64, len(imps)))
+        return u, u * v
+
+    # -- checkpoint: model.pt, history.npz, index (one directory; each file written atomically) --
+    def save(self, directory: str | os.PathLike) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.refresh()
+        tmp = d / "model.pt.tmp"
+        torch.save({"model": self.model.state(), "counters": dict(self.counters),
+                    "config": {"model": asdict(self.cfg.model), "history": asdict(self.cfg.history)}}, tmp)
+        os.replace(tmp, d / "model.pt")
+        self.history.save(d / "history.npz")
+        save_index(self.index, d / "index")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, cfg: UserServiceConfig = UserServiceConfig()) -> "UserModelService":
+        d = Path(directory)
+        svc = cls(cfg, index=load_index(d / "index", kind=cfg.index.kind, device=cfg.index.device))
+        st = torch.load(d / "model.pt", weights_only=True)
+        svc.model.load_state(st["model"])
+        svc.counters.update(st["counters"])
+        svc.history = UserHistory.load(d / "history.npz", cfg.history)
+        return svc
