@@ -231,6 +231,8 @@ def step(state: JoinState, batch: SourceBatch, now_ms: int) -> tuple[JoinState, 
     t_start = state.time()
     too_old = None if t_start is None else t_start - cfg.max_window_ms
     n_in = 0
+    pending, orphans, done, fifo1 = state.pending, state.orphans, state.done, state.fifo[1]
+    maxw, elapsed = cfg.max_window_ms, cfg.elapsed
     for msg in batch.msgs:
         topic_kind = kinds.get(msg[0])
         if topic_kind is None:
@@ -281,7 +283,17 @@ def step(state: JoinState, batch: SourceBatch, now_ms: int) -> tuple[JoinState, 
                 out.append(_dead(state, f"stale impression: ts {ts} is before the partition time {t_start} minus "
                                         f"the window {cfg.max_window_ms} ms", msg, now_ms))
                 continue
-            _on_impression(state, ev, msg, now_ms, out)
+            iid = ev.event_id
+            if elapsed or iid in pending or iid in orphans or iid in done[0] or iid in done[1]:
+                _on_impression(state, ev, msg, now_ms, out)  # the general path
+                continue
+            # the common case, inlined: a new impression, no feedback waiting, window policy
+            pending[iid] = (raw, ts, b"%d" % ev.user_id, None, None, False)
+            at = ts + maxw
+            if not fifo1 or fifo1[-1][0] <= at:
+                fifo1.append((at, iid))
+            else:
+                heapq.heappush(state.late[1], (at, iid))
         else:
             _on_feedback(state, kind, ev, msg, now_ms, out)
     counts["events_in"] += n_in

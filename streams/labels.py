@@ -286,9 +286,9 @@ def _partition_for(key: bytes, partitions: int) -> int:
 
 
 class _PartitionWriter(StatefulSinkPartition[OutBatch, None]):
-    def __init__(self, cfg: Config, key: str, p: int, stats: _Stats):
-        self.cfg, self.key, self.p, self.stats = cfg, key, p, stats
-        self.producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.client)
+    def __init__(self, cfg: Config, key: str, p: int, stats: _Stats, sink: LabelsSink):
+        self.cfg, self.key, self.p, self.stats, self.sink = cfg, key, p, stats, sink
+        self.producer = sink.acquire()  # shared by the process's partitions: one set of threads, bigger batches
         self.last_flush = time.monotonic()
 
     def write_batch(self, values: list[OutBatch]) -> None:
@@ -318,15 +318,31 @@ class _PartitionWriter(StatefulSinkPartition[OutBatch, None]):
         left = self.producer.flush(30)
         if left:
             log.error("labels sink partition %d: %d records not delivered at close", self.p, left)
+        self.producer = None
+        self.sink.release()
 
 
 class LabelsSink(FixedPartitionedSink[OutBatch, None]):
-    """One producer per partition key; items stay on the worker that joined them."""
+    """One writer per partition key, one producer per process; items stay on the worker that joined them."""
 
     def __init__(self, cfg: Config):
         self.cfg, self.stats = cfg, _Stats(cfg)
+        self.producer, self.users, self.lock = None, 0, threading.Lock()
         n = cfg.topics.partitions
         self.keys = [part_key(p, n) for p in range(n)]
+
+    def acquire(self):
+        with self.lock:  # worker threads build their parts concurrently
+            if self.producer is None:
+                self.producer = kafka_io.make_producer(self.cfg.kafka.bootstrap_servers, self.cfg.kafka.client)
+            self.users += 1
+            return self.producer
+
+    def release(self) -> None:
+        with self.lock:  # the last writer drops the producer: no broker connection outlives the flow
+            self.users -= 1
+            if self.users == 0:
+                self.producer = None
 
     def list_parts(self) -> list[str]:
         return list(self.keys)
@@ -335,7 +351,7 @@ class LabelsSink(FixedPartitionedSink[OutBatch, None]):
         return sorted(self.keys).index(item_key)
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _PartitionWriter:
-        return _PartitionWriter(self.cfg, for_part, self.keys.index(for_part), self.stats)
+        return _PartitionWriter(self.cfg, for_part, self.keys.index(for_part), self.stats, self)
 
 
 # ----------------------------------------------------------------------------------------------------- flow
