@@ -262,6 +262,9 @@ class NumpyIndex(AnnIndex):
 
 
 def _faiss():
+    import logging
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # four INFO lines per process about SIMD builds
     import faiss  # imported lazily: the numpy reference works without it
 
     return faiss

@@ -139,3 +139,23 @@ def test_ivf_trains_itself_once_enough_vectors_are_staged():
     assert idx.delete(np.arange(50)) == 50 and len(idx) == 80
     _, ids = idx.search(idx.get(np.array([77])), 1)
     assert ids[0, 0] == 77
+
+
+def test_users_cli_similar_lookalike_info(tmp_path, capsys):
+    from deploy.cli import main
+
+    idx = make_index(AnnConfig(dim=DIM, kind="exact"))
+    v = np.eye(DIM)
+    v[1] = v[0] + 0.1 * v[1]  # user 2 is user 1's nearest neighbour
+    idx.upsert(np.arange(1, DIM + 1), v, ts_ms=1_700_000_000_000)
+    path = save_index(idx, tmp_path / "users" / "index")
+    assert main(["users", "--index", str(path), "similar", "1", "-k", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("users similar to 1: 3 of 8 users") and out[2].split()[:2] == ["1", "2"]
+    assert "2023-11-14" in out[2]  # written time of the vector, and its age beside it
+    assert main(["users", "--index", str(path), "--kind", "numpy", "lookalike", "1", "2", "99", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lookalike of 2 seed users (1 without a vector: [99])" in out
+    assert main(["users", "--index", str(path), "similar", "99"]) == 1
+    assert "user 99 has no vector" in capsys.readouterr().err
+    assert main(["users", "--index", str(tmp_path / "none"), "info"]) == 2
