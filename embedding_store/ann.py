@@ -307,6 +307,7 @@ class FaissIndex(AnnIndex):
         if len(sample) < self.cfg.nlist:
             raise AnnError(f"train: need at least nlist={self.cfg.nlist} vectors, got {len(sample)}")
         ivf = f.IndexIVFFlat(f.IndexFlatIP(d), d, self.cfg.nlist, f.METRIC_INNER_PRODUCT)
+        ivf.cp.niter = 10  # k-means: 10 rounds place centroids well enough for routing; 25 (default) is 2.5x slower
         ivf.train(sample)
         self._install(ivf)
 
