@@ -155,10 +155,12 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
         The slowest topic that is not at its end is never paused, so reading always progresses; the join's
         orphan buffers (feedback read before its impression) stay bounded by ``slack`` of event time.
         """
-        live = [self.head[t] for t in self.topics if not self.eof[t] and t in self.head]
-        floor = min(live) if live else None
-        want = {t for t in self.topics if floor is not None and not self.eof[t]
-                and self.head.get(t, floor) > floor + self.slack_ms}
+        live = [self.head.get(t) for t in self.topics if not self.eof[t]]
+        if None in live:  # a topic with unread data and no time yet (start-up): hold the others until it has one
+            want = {t for t in self.topics if not self.eof[t] and t in self.head}
+        else:
+            floor = min(live) if live else 0
+            want = {t for t in self.topics if not self.eof[t] and self.head[t] > floor + self.slack_ms}
         if want != self.paused:
             tps = lambda ts: [kafka_io.TopicPartition(t, self.p) for t in ts]  # noqa: E731
             if want - self.paused:

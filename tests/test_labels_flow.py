@@ -214,3 +214,46 @@ def test_recovery_resumes_from_snapshot_offsets(cfg, tmp_path):
     run_labels(cfg, bounded=True)  # only the new impressions
     ids = [e.example_id for _, _, e in _read_all(cfg, cfg.topics.examples, schema.Example)]
     assert sorted(ids) == sorted(f"i{k}" for k in range(400))
+
+
+def test_source_pauses_topics_that_run_ahead_in_event_time(cfg):
+    """Clicks (few messages, fast event time) and impressions (many) read at equal message rates drift apart;
+    the source pauses the topic-partition ahead, so the join's orphan buffer stays bounded."""
+    from streams.labels import _PartitionReader
+
+    producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    for k in range(3000):  # impressions: 1 s apart; clicks: 1 per 20 impressions, 1 s after theirs
+        imp = schema.Impression(event_id=f"i{k}", ts=T0 + k * 1000, user_id=1, ad_id=1, campaign_id=1,
+                                advertiser_id=1, domain="feed")
+        kafka_io.produce(producer, cfg.topics.impressions, schema.encode(imp), partition=0)
+        if k % 20 == 0:
+            c = schema.Click(event_id=f"c{k}", impression_id=imp.event_id, ts=imp.ts + 1000, user_id=1)
+            kafka_io.produce(producer, cfg.topics.clicks, schema.encode(c), partition=0)
+    assert producer.flush(30) == 0
+    del producer
+
+    def max_lead(slack_s: float) -> float:
+        # small fetches interleave the two topics the way a long-running stream does
+        small = {"max.partition.fetch.bytes": "4000", "fetch.max.bytes": "8000", "message.max.bytes": "8000"}
+        reader = _PartitionReader(replace(cfg, labels={"batch_size": 10}, kafka={"client": small}), 0, None,
+                                  bounded=True)
+        reader.slack_ms = int(slack_s * 1000)
+        head, lead = {}, 0
+        try:
+            while True:
+                try:
+                    batches = reader.next_batch()
+                except StopIteration:
+                    break
+                for b in batches:
+                    for topic, _, _, v in b.msgs:
+                        head[topic] = max(head.get(topic, 0), schema.decode(v).ts)
+                if len(head) == 2:
+                    lead = max(lead, head[cfg.topics.clicks] - head[cfg.topics.impressions])
+        finally:
+            reader.close()
+        assert reader.next[cfg.topics.impressions] == 3000 and reader.next[cfg.topics.clicks] == 150
+        return lead / 1000, reader.pauses
+
+    lead, pauses = max_lead(60)
+    assert lead <= 60 + 10 * 20 and pauses > 0  # at most slack + one batch (10 clicks x 20 s) ahead
