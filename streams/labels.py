@@ -7,8 +7,17 @@ Batch-per-partition design (DESIGN.md, "Throughput hint")::
       messages, topics caught up)                                      key = part_key(p)
         -> stateful_batch "labels.join": join.step per partition (decode after the exchange: raw bytes only)
         -> OutBatch(encoded records, counters)                         key = part_key(p)
-        -> LabelsSink: one producer per partition; examples -> topics.examples (key user_id),
-           dead letters -> topics.dead_letters; ServiceStats(component="labels") about every second
+        -> LabelsSink: one writer per partition, one producer per process; examples -> topics.examples
+           (key user_id), dead letters -> topics.dead_letters; ServiceStats(component="labels") about every
+           second (events_in, examples_out, dead_letters, dead.<reason>, late_positives, pending_impressions)
+
+Event-time pacing: the source reads the ts of the last message per topic of each batch and pauses the
+topic-partitions more than ``labels.pace_slack_s`` (default :data:`PACE_SLACK_S`) ahead of the slowest live
+one, so feedback read before its impression (the join's orphan buffer) stays bounded (DESIGN.md trap).
+
+Scale-out: ``--processes N --process-id I --addresses h:p,...`` runs one process of a Bytewax cluster
+(``bytewax.run.cli_main``); ``--local-processes N`` launches N such processes on this machine
+(:func:`local_cluster`). Partitions spread over all workers of all processes.
 
 Keys: a stateful step routes key ``k`` to worker ``siphash13(k + b"\\xff") % workers`` (checked against
 Bytewax 0.21.1 in tests/test_labels_flow.py); :func:`part_key` picks, for partition p of P, a key string whose
@@ -16,8 +25,9 @@ route is ``p mod W`` for every W dividing lcm(P, 12), so partitions spread evenl
 P workers and a key never changes with the worker count (recovery state stays addressable).
 
 Bounded mode (``--bounded``): a partition finishes when its three topic-partitions reached their end; the join
-then emits every pending impression (``end_of_stream``). Recovery (``labels.recovery_dir``): at-least-once;
-example ids are impression ids, so the trainer dedups re-emitted examples.
+then emits every pending impression (``end_of_stream``). Recovery (``labels.recovery_dir``, ``--epoch-s``):
+at-least-once; example ids are deterministic (impression id, or ``<id>#late-click`` / ``#late-conversion``),
+so the trainer drops re-emitted examples.
 """
 
 from __future__ import annotations

@@ -162,6 +162,8 @@ def test_bounded_flow_labels_every_impression_once(produced, workers):
     assert final["events_in"] == len(msgs)  # inputs = used + dead letters (watermarks are not events)
     assert final["examples_out"] == len(expected) and final["dead_letters"] == sum(dead.values())
     assert final["pending_impressions"] == 0
+    by_reason = {k: v for k, v in final.items() if k.startswith("dead.")}  # a counter per reason category
+    assert sum(by_reason.values()) == final["dead_letters"] and by_reason["dead.duplicate event_id"] == dead["duplicate"]
 
 
 def test_route_matches_bytewax_and_partition_keys_spread():
