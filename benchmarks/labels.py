@@ -25,11 +25,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import parser, report  # noqa: E402
+from _common import parser, report
 
-from streams import generate, kafka_io, schema  # noqa: E402
-from streams.broker import EmbeddedBroker  # noqa: E402
-from streams.config import Config, load_config, replace  # noqa: E402
+from streams import generate, kafka_io, schema
+from streams.broker import EmbeddedBroker
+from streams.config import Config, load_config, replace
 
 ROOT = Path(__file__).resolve().parents[1]
 # windows: click 15 min, conversion 1 h (generator delays below them); 100 impressions/s of event time
@@ -111,9 +111,9 @@ def _labels(cfg: Config, processes: int) -> dict:
         if processes == 1:
             cmd = [sys.executable, "-m", "streams.labels", "--config", str(conf), "--bounded"]
         else:
-            cmd = [sys.executable, "-c", "import sys; from streams import labels; from streams.config import "
-                   f"load_config; sys.exit(any(labels.local_cluster(load_config({str(conf)!r}), {processes}, "
-                   "bounded=True)))"]
+            code = ("import sys; from streams import labels; from streams.config import load_config; "
+                    f"sys.exit(any(labels.local_cluster(load_config({str(conf)!r}), {processes}, bounded=True)))")
+            cmd = [sys.executable, "-c", code]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
         rss = []
@@ -185,7 +185,7 @@ def _topics(cfg: Config, tag: str) -> Config:
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
-    n = 300_000 if args.quick else 5_000_000
+    n = 200_000 if args.quick else 5_000_000
     with EmbeddedBroker() as b:
         # windows well inside the log's event-time span (100 impressions/s): the join state, and so RSS, must
         # stay flat once the first hour is read, whatever the log length
@@ -195,7 +195,7 @@ def main() -> None:
         for c in (good, bad):
             kafka_io.ensure_topics(b.bootstrap_servers, c.topics.all(), c.topics.partitions)
         n_good = _fill(good, n, 0.0)
-        n_bad = _fill(bad, n // 3 if args.quick else n // 5, 0.05)
+        n_bad = _fill(bad, n // 4 if args.quick else n // 5, 0.05)
         rows = []
         raw_n, raw_s = _raw(good)
         raw_rate = raw_n / raw_s

@@ -46,14 +46,14 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import msgspec
 
 from streams import schema
 
 RawMsg = tuple[str, int, int, bytes]  # (topic, partition, offset, value bytes) as read from Kafka
-Output = tuple[int, Union[bytes, None], bytes]  # (EXAMPLE | DEAD, key, encoded record)
+Output = tuple[int, bytes | None, bytes]  # (EXAMPLE | DEAD, key, encoded record)
 EXAMPLE, DEAD = 0, 1
 POLICIES = ("window", "elapsed")
 IMP, CLICK, CONV = 0, 1, 2
@@ -117,7 +117,7 @@ class JoinConfig:
 
 # A pending impression: (raw bytes, ts, user key, first click ts | None, first conversion ts | None, emitted).
 # Atomic values only: GC-untracked and a snapshot is a shallow dict copy.
-Pending = tuple[bytes, int, bytes, Union[int, None], Union[int, None], bool]
+Pending = tuple[bytes, int, bytes, int | None, int | None, bool]
 # Buffered feedback waiting for its impression: (kind, feedback id, feedback ts, raw message).
 Orphan = tuple[int, str, int, RawMsg]
 
@@ -129,8 +129,21 @@ class JoinState:
     ``done``/``seen_fb`` <= ids of about two windows.
     """
 
-    __slots__ = ("cfg", "data_ts", "wm_ts", "caught_up", "pending", "fifo", "late", "orphans", "orphan_heap",
-                 "done", "seen_fb", "gen_start", "counts")
+    __slots__ = (
+        "caught_up",
+        "cfg",
+        "counts",
+        "data_ts",
+        "done",
+        "fifo",
+        "gen_start",
+        "late",
+        "orphan_heap",
+        "orphans",
+        "pending",
+        "seen_fb",
+        "wm_ts",
+    )
 
     def __init__(self, cfg: JoinConfig):
         self.cfg = cfg

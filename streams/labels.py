@@ -172,7 +172,7 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
             floor = min(live) if live else 0
             want = {t for t in self.topics if not self.eof[t] and self.head[t] > floor + self.slack_ms}
         if want != self.paused:
-            tps = lambda ts: [kafka_io.TopicPartition(t, self.p) for t in ts]  # noqa: E731
+            tps = lambda ts: [kafka_io.TopicPartition(t, self.p) for t in ts]
             if want - self.paused:
                 self.consumer.pause(tps(want - self.paused))
             if self.paused - want:
@@ -323,7 +323,6 @@ class _PartitionWriter(StatefulSinkPartition[OutBatch, None]):
     def snapshot(self) -> None:
         # Everything before this epoch's source offsets is written before they are saved: at-least-once.
         self.producer.flush(30)
-        return None
 
     def close(self) -> None:
         self.stats.maybe_publish(self.producer, force=True)

@@ -27,13 +27,13 @@ time), so replaying after a crash rewrites identical rows: the ClickHouse sink s
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
 from typing import NamedTuple
 
 import bytewax.operators as op
-import copy
 import msgspec
 import numpy as np
 from bytewax.dataflow import Dataflow

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import msgspec
 import yaml
+from test_labels_flow import _produce, _read_all, _workload
 
 from streams import generate, kafka_io, schema
 from streams.config import replace
 from streams.labels import local_cluster, run_labels
-from test_labels_flow import _produce, _read_all, _workload
 
 ROOT = Path(__file__).resolve().parents[1]
 

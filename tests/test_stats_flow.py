@@ -8,8 +8,16 @@ import numpy as np
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from streams import generate, kafka_io, schema
-from streams.stats_flow import (DELAY_EDGES_S, WINDOW_MS, StatsBatch, StatsState, build_stats_flow,
-                                misra_gries, run_stats, stats_topic)
+from streams.stats_flow import (
+    DELAY_EDGES_S,
+    WINDOW_MS,
+    StatsBatch,
+    StatsState,
+    build_stats_flow,
+    misra_gries,
+    run_stats,
+    stats_topic,
+)
 
 T0 = 1_767_225_600_000
 
