@@ -44,6 +44,12 @@ from trainer.simulated import example_stream, truth_arrays  # noqa: E402
 
 TC = TrainerConfig(batch_size=256, device="cpu")
 ELAPSED_S = 3600.0
+# a small world with frequent clicks and conversions, so that learning curves approach their plateau within a
+# run that 2 cores finish in minutes (with the generator's default 10k users / 2k ads and 1-5% CTR, 100k
+# impressions hold ~2k clicks: far too few to learn per-user tastes, and the gap to the oracle is data, not model)
+TRUTH = TruthParams(base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
+                    base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1})
+WORLD = {"n_users": 500, "n_ads": 100, "truth": TRUTH}
 
 
 def _imp_index(example_id: str) -> int:
@@ -85,7 +91,7 @@ def _f(x: float) -> str:
 
 
 def study_stationary(n: int, rows: list, res: dict) -> tuple[object, dict, list]:
-    sim = simulate(GeneratorConfig(n_impressions=n, seed=11))
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=11, **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     second = truth["ts"] >= np.median(truth["ts"])
     pc, pv = run_stream(Learner(TC), exs, n, TC.batch_size)
@@ -99,7 +105,8 @@ def study_stationary(n: int, rows: list, res: dict) -> tuple[object, dict, list]
 
 
 def study_drift(n: int, scenario: str, rows: list, res: dict) -> None:
-    sim = simulate(GeneratorConfig(n_impressions=n, seed=12, scenario=ScenarioConfig(name=scenario, at=0.5)))
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=12, scenario=ScenarioConfig(name=scenario, at=0.5),
+                                   **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     after = truth["ts"] >= np.quantile(truth["ts"], 0.6)
     runs = {"online MDMO": run_stream(Learner(TC), exs, n, TC.batch_size),
@@ -116,9 +123,8 @@ def study_drift(n: int, scenario: str, rows: list, res: dict) -> None:
 
 
 def study_delay(n: int, rows: list, res: dict) -> None:
-    hi = TruthParams(base_ctr={"feed": 0.08, "stories": 0.06, "video": 0.05, "search": 0.12, "display": 0.04},
-                     base_cvr={"feed": 0.25, "stories": 0.2, "video": 0.2, "search": 0.3, "display": 0.15})
-    sim = simulate(GeneratorConfig(n_impressions=n, seed=13, impressions_per_s=n / (16 * 3600), truth=hi))
+    # 16 h of event time: conversions (up to 6 h after the click, ~half after 1 h) straddle the elapsed time
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=13, impressions_per_s=n / (16 * 3600), **WORLD))
     truth = truth_arrays(sim)
     second = truth["ts"] >= np.median(truth["ts"])
     variants = {"oracle labels (no delay)": ("oracle", True), "ES-DFM (elapsed + weights)": ("elapsed", True),
@@ -162,18 +168,22 @@ def study_unified(sim, truth, exs, rows: list, res: dict) -> None:
 
 def main() -> int:
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=None, help="impressions per study (default 120000, quick 30000)")
+    p.add_argument("--n", type=int, default=None, help="impressions of studies 2, 3 (default 120000, quick 30000)")
+    p.add_argument("--n-stationary", type=int, default=None,
+                   help="impressions of studies 1 and 4 (default 300000, quick 30000)")
     p.add_argument("--drift", default="sudden", help="drift scenario of study 2 (streams.scenarios)")
     a = p.parse_args()
     n = a.n or (30_000 if a.quick else 120_000)
+    n_st = a.n_stationary or (30_000 if a.quick else 300_000)
     rows: list[tuple[str, ...]] = []
     res: dict = {}
     t0 = time.perf_counter()
-    sim, truth, exs = study_stationary(n, rows, res)
+    sim, truth, exs = study_stationary(n_st, rows, res)
     study_drift(n, a.drift, rows, res)
     study_delay(n, rows, res)
     study_unified(sim, truth, exs, rows, res)
-    print(f"{n} impressions per study, batch {TC.batch_size}, progressive metrics on true labels; "
+    print(f"{n_st} impressions in studies 1 and 4, {n} in 2 and 3, {WORLD['n_users']} users, "
+          f"{WORLD['n_ads']} ads, batch {TC.batch_size}, progressive metrics on true labels; "
           f"{time.perf_counter() - t0:.0f} s")
     st = res["stationary"]
     doms = [d for d in st["model"] if d != "all"]
@@ -190,7 +200,7 @@ def main() -> int:
            conv_auc_naive=round(dl["naive (fake negatives)"]["auc_conv"], 4),
            conv_auc_oracle=round(dl["oracle labels (no delay)"]["auc_conv"], 4),
            sum_auc_unified=round(un["sum_auc_unified"], 4), sum_auc_separate=round(un["sum_auc_separate"], 4),
-           params_unified=un["params_unified"], params_separate=un["params_separate"], n=n)
+           params_unified=un["params_unified"], params_separate=un["params_separate"], n=n, n_stationary=n_st)
     return 0
 
 
