@@ -15,7 +15,12 @@ the clock); "with features" adds :func:`trainer.features.featurize` of the Examp
 ``--repeat`` times alternating and the best pass counts (2 shared cores: the others' load is noise).
 Last line: value = streamrec (fbgemm or, without it, torch) train-step examples/s, baseline = plain PyTorch.
 
-    streamrec bench trainer [--quick] [--batch 512] [--steps 40]
+``--latency RATE`` (default 2000 examples/s for 20 s; 0 skips it, as ``--quick`` does) then measures the
+service end to end on a fresh embedded broker: examples are produced at a steady RATE with ``emitted_ts`` =
+the wall clock at produce time, a :class:`trainer.service.TrainerService` (in a thread of this process)
+consumes, scores, trains; latency = ``trained_ts`` of its prediction batch - ``emitted_ts``, p50/p99.
+
+    streamrec bench trainer [--quick] [--batch 512] [--steps 40] [--latency 2000 --seconds 20]
 """
 
 from __future__ import annotations
@@ -96,20 +101,78 @@ def _time_steps(step, fbs) -> float:
     return time.perf_counter() - t0
 
 
+def latency(rate: float, seconds: float, exs, batch: int) -> dict[str, float]:
+    """Emitted-to-trained latency through the real broker at a sustained ``rate`` (see the docstring)."""
+    import tempfile
+    import threading
+
+    from streams import kafka_io, schema
+    from streams.broker import EmbeddedBroker
+    from streams.config import load_config
+    from trainer.service import TrainerService
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp, "tansu.log")) as broker:
+        bs = broker.bootstrap_servers
+        topics = {k: f"lat_{k}" for k in ("impressions", "clicks", "conversions", "examples", "dead_letters",
+                                           "predictions", "service_stats")}
+        cfg = load_config(env={}, kafka={"bootstrap_servers": bs}, topics={**topics, "partitions": 2},
+                          trainer={"batch_size": batch, "device": "cpu", "checkpoint_dir": str(Path(tmp, "ckpt")),
+                                   "checkpoint_every_s": 1e9, "checkpoint_every_examples": 10**9})
+        kafka_io.ensure_topics(bs, cfg.topics.all(), 2)
+        svc = TrainerService(cfg, resume=False)
+        th = threading.Thread(target=svc.run, kwargs={"idle_exit_s": 3.0}, daemon=True)
+        th.start()
+        prod = kafka_io.make_producer(bs, cfg.kafka.client)
+        n = min(len(exs), int(rate * seconds))
+        t0 = time.monotonic()
+        for i in range(n):
+            lag = t0 + i / rate - time.monotonic()
+            if lag > 0:
+                time.sleep(lag)
+            ex = msgspec.structs.replace(exs[i], emitted_ts=int(time.time() * 1000))
+            kafka_io.produce(prod, cfg.topics.examples, schema.encode(ex), key=schema.user_key(ex.impression))
+            if i % 256 == 0:
+                prod.poll(0)
+        prod.flush(30)
+        sent_s = time.monotonic() - t0
+        th.join(120)
+        cons = kafka_io.make_consumer(bs, "lat-reader")
+        cons.assign(kafka_io.topic_partitions([cfg.topics.predictions], 2))
+        lat: list[int] = []
+        idle = time.monotonic()
+        while len(lat) < n and time.monotonic() - idle < 5:
+            for m in cons.consume(1000, timeout=0.2):
+                if m.error() is None:
+                    pb = schema.decode(m.value(), schema.PredictionBatch)
+                    lat.extend(pb.trained_ts - e for e in pb.emitted_ts)
+                    idle = time.monotonic()
+        cons.close()
+        del prod
+    import numpy as np
+
+    a = np.asarray(lat, dtype=np.float64)
+    return {"rate": n / sent_s, "examples": float(len(a)), "p50_ms": float(np.percentile(a, 50)),
+            "p99_ms": float(np.percentile(a, 99))}
+
+
 def main() -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--steps", type=int, default=None, help="timed steps per pass (default 40, quick 15)")
     p.add_argument("--repeat", type=int, default=None, help="passes per phase (default 3, quick 2)")
     p.add_argument("--buckets", type=int, default=TrainerConfig().hash_buckets)
+    p.add_argument("--latency", type=float, default=None, metavar="RATE",
+                   help="examples/s for the broker latency phase (default 2000; quick: 0 = skip)")
+    p.add_argument("--seconds", type=float, default=20.0, help="duration of the latency phase")
     a = p.parse_args()
+    rate = a.latency if a.latency is not None else (0.0 if a.quick else 2000.0)
     steps = a.steps or (15 if a.quick else 40)
     repeat = a.repeat or (2 if a.quick else 3)
     tc = TrainerConfig(batch_size=a.batch, hash_buckets=a.buckets, device="cpu")
-    n = a.batch * (steps + 3)
+    n = max(a.batch * (steps + 3), int(rate * a.seconds))
     sim = simulate(GeneratorConfig(n_impressions=n, seed=7, n_users=50_000, n_ads=5_000))
     exs = example_stream(sim, "oracle")
-    batches = [exs[i:i + a.batch] for i in range(0, n, a.batch)]
+    batches = [exs[i:i + a.batch] for i in range(0, a.batch * (steps + 3), a.batch)]
     fbs = [featurize(b, tc) for b in batches]
 
     learners = {}
@@ -142,9 +205,16 @@ def main() -> int:
     print(f"batch {a.batch}, {steps} timed steps x best of {repeat}, {tc.hash_buckets} rows x "
           f"{learners[first].model.num_tables} tables x {tc.embedding_dim} dims, dense params {params['dense']:,}; "
           f"featurize {timed / feat_s:,.0f} examples/s")
+    extra = {}
+    if rate > 0:
+        lat = latency(rate, a.seconds, exs, a.batch)
+        print(f"through the broker at {lat['rate']:,.0f} examples/s for {a.seconds:g} s: {lat['examples']:,.0f} "
+              f"trained, emitted-to-trained p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms")
+        extra = {"latency_rate": round(lat["rate"]), "latency_p50_ms": round(lat["p50_ms"]),
+                 "latency_p99_ms": round(lat["p99_ms"])}
     report("trainer", rows, ("implementation", "train step ex/s", "with features ex/s", "ms/step", "x plain"),
            value=timed / best[first], unit="examples/s", baseline=base, batch=a.batch, backend=first,
-           featurize_per_s=round(timed / feat_s), torch_threads=torch.get_num_threads())
+           featurize_per_s=round(timed / feat_s), torch_threads=torch.get_num_threads(), **extra)
     return 0
 
 
