@@ -6,14 +6,16 @@ One run, one embedded broker, the same generated topics for every row:
 - ours: the labels dataflow (batch per partition) in 1 process, then a 2-process cluster;
 - ours, 5% bad input: the same with 5% malformed records of every kind.
 Each labels run is a child process (``python -m streams.labels``) whose RSS is sampled every 0.2 s; its
-events/s is the steady rate from its own ServiceStats (first to last report) and the wall rate from process
-start to exit (start-up included). Last line: JSON with value = ours (1 process, steady) events/s,
+events/s is the steady rate from its own ServiceStats (first to last report), the wall rate from process
+start to exit (start-up included), and events per CPU-second of the process(es) (user + system, all threads:
+the number that does not move when other work shares the cores). Last line: JSON with value = ours (1 process, steady) events/s,
 baseline = raw consumer events/s.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -114,7 +116,7 @@ def _labels(cfg: Config, processes: int) -> dict:
             code = ("import sys; from streams import labels; from streams.config import load_config; "
                     f"sys.exit(any(labels.local_cluster(load_config({str(conf)!r}), {processes}, bounded=True)))")
             cmd = [sys.executable, "-c", code]
-        t0 = time.perf_counter()
+        t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
         rss = []
         try:
@@ -126,8 +128,10 @@ def _labels(cfg: Config, processes: int) -> dict:
                 proc.kill()
             proc.wait()
         wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # every reaped descendant: the cluster's processes too
+    cpu = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
     stats = _service_stats(cfg)
-    return {"wall": wall, "rss": [r for r in rss if r], "stats": stats, "rc": proc.returncode}
+    return {"wall": wall, "cpu": cpu, "rss": [r for r in rss if r], "stats": stats, "rc": proc.returncode}
 
 
 def _rss_tree(pid: int) -> float:
@@ -199,7 +203,8 @@ def main() -> None:
         rows = []
         raw_n, raw_s = _raw(good)
         raw_rate = raw_n / raw_s
-        rows.append(("raw confluent-kafka consumer", raw_n, f"{raw_s:.1f}", f"{raw_rate:,.0f}", "1.00", "-", "-"))
+        rows.append(("raw confluent-kafka consumer", raw_n, f"{raw_s:.1f}", f"{raw_rate:,.0f}", "1.00", "-", "-",
+                     "-"))
         runs = {}
         for name, cfg, procs, events in (("labels flow, 1 process", good, 1, n_good),
                                          ("labels flow, 5% bad input", bad, 1, n_bad)):
@@ -207,7 +212,7 @@ def main() -> None:
             steady = _steady(r["stats"])
             rss = r["rss"] or [0.0]
             rows.append((name, events, f"{r['wall']:.1f}", f"{steady:,.0f}", f"{steady / raw_rate:.2f}",
-                         f"{events / r['wall']:,.0f}", _rss_profile(rss)))
+                         f"{events / r['wall']:,.0f}", f"{events / r['cpu']:,.0f}", _rss_profile(rss)))
         two = _topics(good, "two")
         two = replace(good, topics={k: getattr(two.topics, k) for k in ("examples", "dead_letters", "service_stats")})
         kafka_io.ensure_topics(b.bootstrap_servers, two.topics.all(), two.topics.partitions)
@@ -215,16 +220,17 @@ def main() -> None:
         steady2 = _steady(r2["stats"])
         rss2 = r2["rss"] or [0.0]
         rows.append(("labels flow, 2 processes (sum)", n_good, f"{r2['wall']:.1f}", f"{steady2:,.0f}",
-                     f"{steady2 / raw_rate:.2f}", f"{n_good / r2['wall']:,.0f}", _rss_profile(rss2)))
+                     f"{steady2 / raw_rate:.2f}", f"{n_good / r2['wall']:,.0f}", f"{n_good / r2['cpu']:,.0f}",
+                     _rss_profile(rss2)))
         if args.quick or n <= 1_000_000:
             naive_n, naive_s = _naive(good)
             rows.append(("naive per-event Bytewax join", n_good, f"{naive_s:.1f}", f"{naive_n / naive_s:,.0f}",
-                         f"{naive_n / naive_s / raw_rate:.2f}", "-", "-"))
+                         f"{naive_n / naive_s / raw_rate:.2f}", "-", "-", "-"))
         else:  # the naive join's memory grows with the log (no expiry): measured on the first 1M only
-            rows.append(("naive per-event Bytewax join", "skipped (> 1M)", "-", "-", "-", "-", "-"))
+            rows.append(("naive per-event Bytewax join", "skipped (> 1M)", "-", "-", "-", "-", "-", "-"))
     one = _steady(runs["labels flow, 1 process"]["stats"])
     report("labels", rows, ("run", "events", "wall s", "events/s (steady)", "x raw", "events/s (wall)",
-                            "RSS MiB at 25/50/75/100% of run"),
+                            "events/CPU-s", "RSS MiB at 25/50/75/100% of run"),
            value=one, unit="events/s", baseline=raw_rate, n_events=n_good,
            two_process_speedup=round(steady2 / one, 3) if one else None,
            bad_input_ratio=round(_steady(runs["labels flow, 5% bad input"]["stats"]) / one, 3) if one else None)
