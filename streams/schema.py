@@ -223,22 +223,25 @@ class FeatureStats(msgspec.Struct, frozen=True, tag="feature_stats", gc=False):
     """Statistics of one feature over one event-time window, domain and input partition (stats dataflow).
 
     ``stats_id`` = ``"<window_start>:<domain>:<feature>:p<partition>"`` is deterministic, so a replay after a
-    crash rewrites the same rows (idempotent sink); partitions are partial aggregates: sum counts and
-    histograms, merge heavy hitters, over partitions. ``kind``: ``count`` (``count``; ``value`` = rate over
-    the window's examples), ``histogram`` (``edges`` has len(``counts``) - 1 inner edges: bucket 0 is below
-    ``edges[0]``, the last is at or above ``edges[-1]``; ``value`` = mean; ``quantiles`` = p50/p90/p99
-    estimated from the buckets), ``heavy_hitters`` (Misra-Gries ``items`` / lower-bound ``item_counts``).
+    crash rewrites the same rows (idempotent sink); ``instance`` = ``"p<partition>"``: partitions are partial
+    aggregates (sum counts and histograms, merge heavy hitters, over instances). ``kind``: ``count``
+    (``value`` = rate over the window's examples), ``histogram`` (``bins[i]`` labels bucket i by its lower edge,
+    ``"-inf"`` first; ``edges`` are the inner edges; ``mean``; ``quantiles`` = p50/p90/p99 estimated from the
+    buckets), ``heavy_hitters`` (Misra-Gries ``items`` / lower-bound ``item_counts``).
     """
 
     stats_id: str
     window_start: int  # ms, event time of the impressions
-    window_ms: int
+    window_end: int
     domain: str
     feature: str
     kind: str
     partition: int
+    instance: str
     count: int
     value: float = 0.0
+    mean: float | None = None
+    bins: list[str] = []
     edges: list[float] = []
     counts: list[int] = []
     quantiles: list[float] = []

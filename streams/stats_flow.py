@@ -126,6 +126,11 @@ def _quantiles(counts: np.ndarray, edges: np.ndarray, qs=(0.5, 0.9, 0.99)) -> li
     return [float(edges[min(i, len(edges) - 1)]) for i in idx]
 
 
+def _bins(edges: list[float]) -> list[str]:
+    """Bucket labels: each bucket's lower edge (``-inf`` for the first), len(edges) + 1 of them."""
+    return ["-inf", *(f"{e:g}" for e in edges)]
+
+
 class WindowAgg:
     """Aggregates of one (window, domain, partition): counts, histograms, heavy hitters. Arrays only."""
 
@@ -175,8 +180,9 @@ class WindowAgg:
         """The window's FeatureStats records, one per feature, with deterministic ids."""
         def rec(feature: str, kind: str, count: int, **kw) -> schema.FeatureStats:
             return schema.FeatureStats(stats_id=f"{start}:{domain}:{feature}:p{partition}", window_start=start,
-                                       window_ms=window_ms, domain=domain, feature=feature, kind=kind,
-                                       partition=partition, count=int(count), emitted_ts=now_ms, **kw)
+                                       window_end=start + window_ms, domain=domain, feature=feature, kind=kind,
+                                       partition=partition, instance=f"p{partition}", count=int(count),
+                                       emitted_ts=now_ms, **kw)
 
         n = max(self.n, 1)
         out = [rec("count", "count", self.n),
@@ -185,14 +191,14 @@ class WindowAgg:
                rec("late_positive", "count", self.labels[2])]
         edges = DENSE_EDGES.tolist()
         for j in range(0 if self.dense_hist is None else self.dense_hist.shape[0]):
-            h = self.dense_hist[j]
-            out.append(rec(f"dense.{j}", "histogram", self.dense_n[j], value=float(self.dense_sum[j]) /
-                           max(int(self.dense_n[j]), 1), edges=edges, counts=h.tolist(),
-                           quantiles=_quantiles(h, DENSE_EDGES)))
+            h, n_j = self.dense_hist[j], int(self.dense_n[j])
+            mean = float(self.dense_sum[j]) / n_j if n_j else None
+            out.append(rec(f"dense.{j}", "histogram", n_j, value=mean or 0.0, mean=mean, bins=_bins(edges),
+                           edges=edges, counts=h.tolist(), quantiles=_quantiles(h, DENSE_EDGES)))
         for k, name in enumerate(("delay.click", "delay.conversion")):
             h = self.delay_hist[k]
-            out.append(rec(name, "histogram", h.sum(), edges=DELAY_EDGES_S.tolist(), counts=h.tolist(),
-                           quantiles=_quantiles(h, DELAY_EDGES_S)))
+            out.append(rec(name, "histogram", h.sum(), bins=_bins(DELAY_EDGES_S.tolist()),
+                           edges=DELAY_EDGES_S.tolist(), counts=h.tolist(), quantiles=_quantiles(h, DELAY_EDGES_S)))
         for k, name in enumerate(SPARSE):
             items, counts = self.hh[k]
             order = np.argsort(-counts, kind="stable")

@@ -63,7 +63,7 @@ def test_window_statistics_match_a_reference():
             assert recs[(w, dom, "label.click")].count == clicks
             assert abs(recs[(w, dom, "label.click")].value - clicks / n) < 1e-12
             h = recs[(w, dom, "dense.0")]
-            assert sum(h.counts) == n and len(h.counts) == len(h.edges) + 1
+            assert sum(h.counts) == n and len(h.counts) == len(h.edges) + 1 == len(h.bins)
             vals = np.array([e.impression.dense[0] for e in in_w])
             assert abs(h.value - vals.mean()) < 1e-9
             assert abs(h.quantiles[0] - np.quantile(vals, 0.5)) <= 0.25 + 1e-9  # bucket width 0.25
@@ -124,6 +124,10 @@ def test_stats_flow_through_the_broker(cfg):
     finally:
         consumer.close()
     assert all(k.decode() == r.stats_id for k, r in recs)
+    from dashboards.feature_stats import feature_stats_rows  # the metrics sink's reader takes every record
+
+    table, problems = feature_stats_rows([schema.encode(r) for _, r in recs], inserted_ms=1)
+    assert problems == [] and table.num_rows == len(recs)
     assert len({r.stats_id for _, r in recs}) == len(recs)
     assert sum(r.count for _, r in recs if r.feature == "count") == 3000
     assert {r.domain for _, r in recs} == set(generate.GeneratorConfig().domains)
