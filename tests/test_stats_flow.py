@@ -124,7 +124,9 @@ def test_stats_flow_through_the_broker(cfg):
     finally:
         consumer.close()
     assert all(k.decode() == r.stats_id for k, r in recs)
-    from dashboards.feature_stats import feature_stats_rows  # the metrics sink's reader takes every record
+    from dashboards.feature_stats import (
+        feature_stats_rows,  # the metrics sink's reader takes every record
+    )
 
     table, problems = feature_stats_rows([schema.encode(r) for _, r in recs], inserted_ms=1)
     assert problems == [] and table.num_rows == len(recs)
