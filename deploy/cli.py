@@ -16,6 +16,7 @@ _COMMANDS = [
     "streams.generate",      # generate
     "streams.replay",        # replay
     "streams.labels",        # labels
+    "streams.stats_flow",    # stats
     "trainer.service",       # train
     "trainer.score",         # score
     "dashboards.server",     # dashboard

@@ -56,8 +56,10 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class LabelsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     click_window_s: int = 15 * 60
     conversion_window_s: int = 24 * 3600
-    policy: str = "window"  # window | elapsed
-    batch_size: int = 5000  # messages per source poll per partition
+    policy: str = "window"  # window | elapsed (ES-DFM: emit after elapsed_s, then late-positive corrections)
+    elapsed_s: int = 3600  # the `elapsed` policy's wait before a first label
+    pace_slack_s: int = 60  # how far (event time) one input topic may run ahead of the others before pausing
+    batch_size: int = 20000  # messages per source poll per partition
     recovery_dir: str = ""  # Bytewax recovery directory ("" = no recovery)
 
 

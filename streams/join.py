@@ -51,6 +51,7 @@ from typing import NamedTuple
 import msgspec
 
 from streams import schema
+from streams.config import LabelsConfig
 
 RawMsg = tuple[str, int, int, bytes]  # (topic, partition, offset, value bytes) as read from Kafka
 Output = tuple[int, bytes | None, bytes]  # (EXAMPLE | DEAD, key, encoded record)
@@ -63,7 +64,6 @@ STEP_DECODE = "labels.decode"
 STEP_JOIN = "labels.join"
 MAX_MSG_BYTES = 64 * 1024  # larger input records are dead letters before any parsing
 FUTURE_TOLERANCE_MS = 24 * 3600 * 1000  # event ts this far past the wall clock: a broken clock, dead letter
-ELAPSED_S = 3600  # default elapsed time of the `elapsed` policy (LabelsConfig.elapsed_s when present)
 
 _decode = msgspec.json.Decoder(schema.Record).decode
 _enc = msgspec.json.Encoder().encode
@@ -88,7 +88,7 @@ class JoinConfig:
     click_window_ms: int
     conversion_window_ms: int
     policy: str = "window"
-    elapsed_ms: int = ELAPSED_S * 1000
+    elapsed_ms: int = LabelsConfig().elapsed_s * 1000
     future_tolerance_ms: int | None = FUTURE_TOLERANCE_MS  # None: no wall-clock check (replays of fake time)
     max_window_ms: int = field(init=False)
     elapsed: bool = field(init=False)  # the elapsed policy emits before the windows close
@@ -106,10 +106,10 @@ class JoinConfig:
 
     @classmethod
     def from_config(cls, cfg) -> JoinConfig:
-        """From a :class:`streams.config.Config` (``labels.elapsed_s`` when the config has it)."""
+        """From a :class:`streams.config.Config`."""
         lab = cfg.labels
         return cls(cfg.topics.input_topics(), lab.click_window_s * 1000, lab.conversion_window_s * 1000,
-                   lab.policy, int(getattr(lab, "elapsed_s", ELAPSED_S) * 1000))
+                   lab.policy, int(lab.elapsed_s * 1000))
 
     def window_ms(self, kind: int) -> int:
         return self.click_window_ms if kind == CLICK else self.conversion_window_ms

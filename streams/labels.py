@@ -12,7 +12,7 @@ Batch-per-partition design (DESIGN.md, "Throughput hint")::
            second (events_in, examples_out, dead_letters, dead.<reason>, late_positives, pending_impressions)
 
 Event-time pacing: the source reads the ts of the last message per topic of each batch and pauses the
-topic-partitions more than ``labels.pace_slack_s`` (default :data:`PACE_SLACK_S`) ahead of the slowest live
+topic-partitions more than ``labels.pace_slack_s`` ahead of the slowest live
 one, so feedback read before its impression (the join's orphan buffer) stays bounded (DESIGN.md trap).
 
 Scale-out: ``--processes N --process-id I --addresses h:p,...`` runs one process of a Bytewax cluster
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 NO_BROKER = "no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`"
 GROUP = "streamrec-labels"  # assign() only, never committed: offsets live in Bytewax snapshots
 _M64 = (1 << 64) - 1
-PACE_SLACK_S = 60  # labels.pace_slack_s when the config has it: how far a topic may run ahead in event time
 
 
 # ---------------------------------------------------------------------------------------------- routing keys
@@ -124,7 +123,7 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
         self.head: dict[str, int] = {}  # latest event ts read per topic (from the last message of a batch)
         self.paused: set[str] = set()
         self.pauses = 0
-        self.slack_ms = int(getattr(cfg.labels, "pace_slack_s", PACE_SLACK_S) * 1000)
+        self.slack_ms = int(cfg.labels.pace_slack_s * 1000)
 
     def next_batch(self) -> list[join.SourceBatch]:
         if self.finished:
