@@ -96,18 +96,18 @@ def test_fbgemm_and_torch_backends_agree():
 def test_model_learns_synthetic_signal(backend):
     tc = msgspec_replace(TC, backend=backend)
     learner = Learner(tc)
-    exs = make_examples(300 * 128, seed=1)
+    exs = make_examples(150 * 128, seed=1)
     scores, clicks, conv_scores, convs = [], [], [], []
-    for i in range(300):
+    for i in range(150):
         fb = featurize(exs[i * 128:(i + 1) * 128], tc)
         r = learner.train_step(fb)  # progressive validation: scored before learning from the batch
-        if i >= 250:
+        if i >= 100:
             scores.append(r.p_click), clicks.append(fb.click)
             conv_scores.append(r.p_conversion), convs.append(fb.conversion)
     auc = roc_auc_score(np.concatenate(clicks), np.concatenate(scores))
     auc_conv = roc_auc_score(np.concatenate(convs), np.concatenate(conv_scores))
-    assert auc > 0.7, auc
-    assert auc_conv > 0.7, auc_conv
+    assert auc > 0.72, auc  # random scores give 0.5
+    assert auc_conv > 0.66, auc_conv
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

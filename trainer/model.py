@@ -145,7 +145,7 @@ class Learner:
         torch.manual_seed(tcfg.seed)
         self.model = MDMOModel(tcfg, self.backend, self.device)
         self.dense_params = [p for n, p in self.model.named_parameters() if not n.startswith("emb.")]
-        self.opt = torch.optim.Adam(self.dense_params, lr=tcfg.lr_dense)
+        self.opt = _adam(self.dense_params, tcfg.lr_dense)
         self.steps = 0
         self.elapsed_ms = float(elapsed_s) * 1000.0
         self.delay_weighting = delay_weighting
@@ -225,6 +225,14 @@ class Learner:
         torch.set_rng_state(st["rng"]["cpu"])
         if self.device.type == "cuda" and "cuda" in st["rng"]:
             torch.cuda.set_rng_state(st["rng"]["cuda"], self.device)
+
+
+def _adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel (one op per step instead of ~10 per parameter tensor) where torch has it."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the fused kernel
+        return torch.optim.Adam(params, lr=lr)
 
 
 def _to_cpu(obj):
