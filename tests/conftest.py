@@ -51,3 +51,33 @@ def cfg(tmp_path, broker) -> Config:
     c = make_config(tmp_path, broker)
     kafka_io.ensure_topics(broker, c.topics.all(), c.topics.partitions)
     return c
+
+
+def read_topics(cfg: Config, topics, timeout: float = 60.0) -> list:
+    """Every message of ``topics``, each partition from the beginning up to its end (partition EOF).
+
+    Call it once the writers have flushed: EOF is judged from the fetch high watermark, which is exact on
+    the embedded broker and on Kafka (unlike its ListOffsets answer).
+    """
+    import time
+
+    from streams import kafka_io
+
+    topics = [topics] if isinstance(topics, str) else list(topics)
+    consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "test-reader",
+                                      **{"enable.partition.eof": True, "fetch.wait.max.ms": 20})
+    consumer.assign(kafka_io.topic_partitions(topics, cfg.topics.partitions))
+    out, eof = [], set()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(eof) < len(topics) * cfg.topics.partitions:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"read_topics: no end of {sorted(set(topics))} within {timeout}s")
+            for m in consumer.consume(num_messages=10_000, timeout=0.5):
+                if m.error() is None:
+                    out.append(m)
+                elif m.error().code() == kafka_io.KafkaError._PARTITION_EOF:
+                    eof.add((m.topic(), m.partition()))
+    finally:
+        consumer.close()
+    return out

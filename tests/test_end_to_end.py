@@ -24,6 +24,7 @@ from streams import kafka_io, schema
 from streams.broker import free_port
 from streams.generate import GeneratorConfig, simulate
 from streams.replay import produce
+from conftest import read_topics
 
 pytestmark = pytest.mark.slow
 
@@ -48,24 +49,6 @@ def _finish(proc: subprocess.Popen, timeout: float, what: str) -> str:
         out, _ = proc.communicate()
         pytest.fail(f"{what} did not finish within {timeout}s:\n{out[-3000:]}")
     assert proc.returncode == 0, f"{what} exited {proc.returncode}:\n{out[-3000:]}"
-    return out
-
-
-def consume_all(cfg, topic: str, expect_at_least: int = 0, idle_s: float = 3.0, timeout: float = 60.0) -> list:
-    """Every message of ``topic`` (all partitions, from the beginning), stopping after ``idle_s`` of silence."""
-    c = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, f"e2e-{topic}")
-    c.assign(kafka_io.topic_partitions([topic], cfg.topics.partitions))
-    out, last, deadline = [], time.monotonic(), time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            msgs = [m for m in c.consume(num_messages=10_000, timeout=0.2) if not m.error()]
-            if msgs:
-                out.extend(m.value() for m in msgs)
-                last = time.monotonic()
-            elif len(out) >= expect_at_least and time.monotonic() - last > idle_s:
-                break
-    finally:
-        c.close()
     return out
 
 
@@ -102,7 +85,7 @@ def pipeline(tmp_path_factory, broker):
 
 def test_every_impression_becomes_exactly_one_example_with_true_labels(pipeline):
     cfg, sim = pipeline["cfg"], pipeline["sim"]
-    examples = [schema.decode(v, schema.Example) for v in consume_all(cfg, cfg.topics.examples, N_IMPRESSIONS)]
+    examples = [schema.decode(v.value(), schema.Example) for v in read_topics(cfg, cfg.topics.examples)]
     assert all(isinstance(e, schema.Example) for e in examples)
     ids = Counter(e.example_id for e in examples)
     truth = sim.truth.to_pydict()
@@ -119,7 +102,7 @@ def test_injected_bad_events_land_in_dead_letters_with_reasons(pipeline):
     cfg, sim = pipeline["cfg"], pipeline["sim"]
     n_bad = sim.counts()["bad"]
     assert n_bad == round(0.02 * (len(sim.records) - n_bad))
-    letters = [schema.decode(v, schema.DeadLetter) for v in consume_all(cfg, cfg.topics.dead_letters, n_bad)]
+    letters = [schema.decode(v.value(), schema.DeadLetter) for v in read_topics(cfg, cfg.topics.dead_letters)]
     assert all(isinstance(d, schema.DeadLetter) for d in letters)
     from_inputs = [d for d in letters if d.topic in cfg.topics.input_topics()]
     assert len(from_inputs) == n_bad
@@ -130,7 +113,7 @@ def test_injected_bad_events_land_in_dead_letters_with_reasons(pipeline):
 
 def test_model_learns_per_domain(pipeline):
     cfg = pipeline["cfg"]
-    batches = [schema.decode(v, schema.PredictionBatch) for v in consume_all(cfg, cfg.topics.predictions)]
+    batches = [schema.decode(v.value(), schema.PredictionBatch) for v in read_topics(cfg, cfg.topics.predictions)]
     batches.sort(key=lambda b: b.model_version)  # training order (the topic's partitions interleave it)
     scores: dict[str, tuple] = {}
     for b in batches:

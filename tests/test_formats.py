@@ -3,7 +3,6 @@ shared/data, into the embedded broker (and once through the labels dataflow into
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from streams.formats import BadLine, FormatError, Row, native
 from streams.generate import GeneratorConfig, simulate
 from streams.logfile import BadRecord, write_jsonl
 from streams.replay import TimeRange, replay_file
+from conftest import read_topics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"public samples not found at {DATA} "
@@ -31,21 +31,6 @@ SAMPLES = {
     "taobao_display_ad_sample/train_sample.csv": ("taobao", 100, 4, 0),
     "taobao_dmr_behavior_seq_sample/alimama_sample.txt": ("taobao-dmr", 99, 2, 0),
 }
-
-
-def consume(cfg, topics, expected: int, timeout: float = 20.0) -> list:
-    c = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, f"test-{time.monotonic_ns()}")
-    c.assign(kafka_io.topic_partitions(topics, cfg.topics.partitions))
-    out: list = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            out += [m for m in c.consume(num_messages=10_000, timeout=0.2) if m.error() is None]
-            if len(out) >= expected:
-                deadline = min(deadline, time.monotonic() + 0.3)
-    finally:
-        c.close()
-    return out
 
 
 def _records(path, fmt="auto"):
@@ -99,7 +84,7 @@ def test_adapter_replays_into_the_broker_keyed_by_user(cfg, rel):
     fmt, rows, clicks, convs = SAMPLES[rel]
     s = replay_file(cfg, DATA / rel, progress=False, watermark=False)
     assert (s.impressions, s.clicks, s.conversions, s.dead_letters, s.lines) == (rows, clicks, convs, 0, rows)
-    msgs = consume(cfg, cfg.topics.input_topics(), rows + clicks + convs)
+    msgs = read_topics(cfg, cfg.topics.input_topics())
     assert len(msgs) == rows + clicks + convs
     part_of = {}
     for m in msgs:
@@ -122,7 +107,7 @@ def test_ali_ccp_sample_becomes_labelled_examples(cfg):
     s = replay_file(cfg, path, progress=False)
     assert (s.impressions, s.clicks, s.conversions) == (50, 3, 1)
     run_labels(cfg, bounded=True)
-    examples = [schema.decode(m.value(), schema.Example) for m in consume(cfg, [cfg.topics.examples], 50)]
+    examples = [schema.decode(m.value(), schema.Example) for m in read_topics(cfg, [cfg.topics.examples])]
     assert len(examples) == 50 and len({e.example_id for e in examples}) == 50
     rows = (DATA / "ali_ccp_sample/ali_ccp_val_sample.csv").read_text().splitlines()[1:]
     want = {f"ali-ccp-ali_ccp_val_sample-{n}": (int(r.split(",")[0]), int(r.split(",")[1]))
@@ -142,7 +127,7 @@ def test_bad_lines_become_dead_letters_and_replay_goes_on(cfg, tmp_path):
     path.write_text("\n".join(lines) + "\n")
     s = replay_file(cfg, path, progress=False, watermark=False)
     assert (s.impressions, s.dead_letters, s.lines) == (17, 3, 20)
-    dls = [schema.decode(m.value(), schema.DeadLetter) for m in consume(cfg, [cfg.topics.dead_letters], 3)]
+    dls = [schema.decode(m.value(), schema.DeadLetter) for m in read_topics(cfg, [cfg.topics.dead_letters])]
     assert sorted(d.offset for d in dls) == [4, 7, 10]
     reasons = {d.offset: d.reason for d in dls}
     assert reasons[4].startswith("criteo line 4: expected 39 or 40 fields, got 12")
@@ -197,7 +182,7 @@ def test_parquet_log_round_trips_and_replays_like_jsonl(cfg, tmp_path):
     assert [i.records[0] for i in from_pq if isinstance(i, Row)] == good
     s = replay_file(cfg, pq_path, progress=False, watermark=False)
     assert (s.events, s.dead_letters, s.lines) == (len(good), n_bad, len(sim.records))
-    got = sorted(m.value() for m in consume(cfg, cfg.topics.input_topics(), len(good)))
+    got = sorted(m.value() for m in read_topics(cfg, cfg.topics.input_topics()))
     assert got == sorted(schema.encode(r) for r in good)
 
 

@@ -16,6 +16,7 @@ from bytewax.testing import TestingSink, TestingSource
 from streams import kafka_io, schema
 from streams.config import replace
 from streams.labels import build_flow, part_key, route, run_labels
+from conftest import read_topics
 
 T0 = 1_700_000_000_000
 CLICK_W, CONV_W = 60, 600  # seconds
@@ -90,21 +91,7 @@ def _produce(cfg, msgs) -> None:
 
 
 def _read_all(cfg, topic: str, kind) -> list:
-    consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "test-read",
-                                       **{"enable.partition.eof": True, "fetch.wait.max.ms": 20})
-    consumer.assign(kafka_io.topic_partitions([topic], cfg.topics.partitions))
-    out, eof = [], set()
-    try:
-        while len(eof) < cfg.topics.partitions:
-            for m in consumer.consume(num_messages=10_000, timeout=1.0):
-                if m.error():
-                    if m.error().code() == kafka_io.KafkaError._PARTITION_EOF:
-                        eof.add(m.partition())
-                    continue
-                out.append((m.partition(), m.key(), schema.decode(m.value(), kind)))
-    finally:
-        consumer.close()
-    return out
+    return [(m.partition(), m.key(), schema.decode(m.value(), kind)) for m in read_topics(cfg, topic)]
 
 
 def _category(reason: str) -> str:

@@ -9,29 +9,11 @@ import msgspec
 import yaml
 
 from deploy.cli import main
-from streams import kafka_io, schema
+from streams import schema
 from streams.generate import GeneratorConfig, produce, simulate
 from streams.logfile import BadRecord, write_jsonl
 from streams.replay import replay_file
-
-
-def consume(cfg, topics, expected: int, timeout: float = 30.0) -> list:
-    """All messages of ``topics`` (every partition from the beginning) until ``expected`` arrived, then a
-    short extra wait to catch any surplus."""
-    c = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, f"test-{time.monotonic_ns()}")
-    c.assign(kafka_io.topic_partitions(topics, cfg.topics.partitions))
-    out: list = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            for m in c.consume(num_messages=10_000, timeout=0.3):
-                if m.error() is None:
-                    out.append(m)
-            if len(out) >= expected:
-                deadline = min(deadline, time.monotonic() + 0.5)
-    finally:
-        c.close()
-    return out
+from conftest import read_topics
 
 
 def _by_partition(msgs):
@@ -75,7 +57,7 @@ def test_produce_places_events_and_ends_with_watermarks(cfg):
     last_ts = max(r.ts for r in sim.records if not isinstance(r, BadRecord))
     assert s.final_watermark_ts == last_ts + 1 + 1000 * max(cfg.labels.click_window_s, cfg.labels.conversion_window_s)
     n_wm = 3 * cfg.topics.partitions
-    msgs = consume(cfg, cfg.topics.input_topics(), len(sim.records) + n_wm)
+    msgs = read_topics(cfg, cfg.topics.input_topics())
     assert len(msgs) == len(sim.records) + n_wm
     per_topic = Counter(m.topic() for m in msgs)
     bad_kinds = Counter(r.topic_kind for r in sim.records if isinstance(r, BadRecord))
@@ -86,7 +68,7 @@ def test_produce_places_events_and_ends_with_watermarks(cfg):
     assert sum(isinstance(schema.decode(m.value()), schema.Invalid) for m in msgs) == c["bad"]
     _check_placement_and_end_watermarks(cfg, msgs, s.final_watermark_ts)
 
-    stats = [schema.decode(m.value(), schema.ServiceStats) for m in consume(cfg, [t.service_stats], 1, 10)]
+    stats = [schema.decode(m.value(), schema.ServiceStats) for m in read_topics(cfg, [t.service_stats])]
     assert stats and all(x.component == "replay" for x in stats)
     assert stats[-1].values["events_produced"] == s.events and stats[-1].values["bad_records"] == c["bad"]
 
@@ -107,14 +89,14 @@ def test_replay_file_dead_letters_bad_lines_and_goes_on(cfg, tmp_path):
     assert s.dead_letters == len(expect_bad)
     assert s.events == len(good) and s.watermarks == 1 and s.bad_records == 0
     t, p = cfg.topics, cfg.topics.partitions
-    msgs = consume(cfg, t.input_topics(), len(good) + 2 * 3 * p)
+    msgs = read_topics(cfg, t.input_topics())
     assert len(msgs) == len(good) + 2 * 3 * p
     assert not any(isinstance(schema.decode(m.value()), schema.Invalid) for m in msgs)
     _check_placement_and_end_watermarks(cfg, msgs, s.final_watermark_ts)
     for (topic, part), ms in _by_partition(msgs).items():  # the mid-log watermark reached every partition
         assert sum(schema.decode(m.value()) == mid_wm for m in ms) == 1, (topic, part)
 
-    dls = [schema.decode(m.value(), schema.DeadLetter) for m in consume(cfg, [t.dead_letters], len(expect_bad))]
+    dls = [schema.decode(m.value(), schema.DeadLetter) for m in read_topics(cfg, [t.dead_letters])]
     assert {d.offset for d in dls} == expect_bad
     for d in dls:
         assert d.reason.startswith(f"line {d.offset}: ") and len(d.reason) > len(f"line {d.offset}: ") + 5
@@ -146,5 +128,5 @@ def test_cli_generate_and_replay_to_broker(cfg, tmp_path, capsys):
     n = (simulate(GeneratorConfig(n_impressions=300, seed=5)).counts(),
          simulate(GeneratorConfig(n_impressions=200, seed=6)).counts())
     expected = sum(c["impression"] + c["click"] + c["conversion"] for c in n) + 3 * cfg.topics.partitions
-    assert len(consume(cfg, cfg.topics.input_topics(), expected)) == expected
+    assert len(read_topics(cfg, cfg.topics.input_topics())) == expected
     assert main(["--config", str(conf), "replay", str(tmp_path / "missing.jsonl"), "--no-progress"]) == 1

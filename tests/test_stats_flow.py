@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from streams import generate, kafka_io, schema
+from streams import generate, schema
 from streams.stats_flow import (
     DELAY_EDGES_S,
     WINDOW_MS,
@@ -18,6 +18,7 @@ from streams.stats_flow import (
     run_stats,
     stats_topic,
 )
+from conftest import read_topics
 
 T0 = 1_767_225_600_000
 
@@ -111,18 +112,7 @@ def test_stats_flow_through_the_broker(cfg):
     generate.produce(cfg, sim.records, progress=False)
     run_labels(cfg, bounded=True)
     run_stats(cfg, bounded=True)
-    consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "t", **{"enable.partition.eof": True})
-    consumer.assign(kafka_io.topic_partitions([stats_topic(cfg)], cfg.topics.partitions))
-    recs, eof = [], set()
-    try:
-        while len(eof) < cfg.topics.partitions:
-            for m in consumer.consume(10_000, 1.0):
-                if m.error():
-                    eof.add(m.partition())
-                else:
-                    recs.append((m.key(), schema.decode(m.value(), schema.FeatureStats)))
-    finally:
-        consumer.close()
+    recs = [(m.key(), schema.decode(m.value(), schema.FeatureStats)) for m in read_topics(cfg, stats_topic(cfg))]
     assert all(k.decode() == r.stats_id for k, r in recs)
     from dashboards.feature_stats import (
         feature_stats_rows,  # the metrics sink's reader takes every record
