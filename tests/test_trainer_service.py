@@ -154,6 +154,9 @@ def test_kill_and_resume_trains_each_example_exactly_once(cfg, tmp_path, capsys)
     assert max(s.values["examples_trained"] for s in stats if s.component == "trainer") == N
     assert all({"examples_per_s", "freshness_ms", "model_version"} <= s.values.keys()
                for s in stats if s.values["examples_trained"] > 0)
+    live = [s.values for s in stats if "emitted_to_trained_p99_ms" in s.values]
+    assert live and all(v["lag_ms"] >= 0 and v["emitted_to_trained_p50_ms"] <= v["emitted_to_trained_p99_ms"]
+                        for v in live)
 
 
 def _check_score_cli(ckpt_dir: Path, exs: list[schema.Example], tmp_path: Path) -> None:
