@@ -102,7 +102,10 @@ def run_one(tc: TrainerConfig, batches, budget: float | None, fcfg: FiitedConfig
                 ps.append(r.p_click)
             if emb is not None and (i % fcfg.maintain_every == 0 or i == len(batches) - 1):
                 peak = max(peak, emb.memory_report()["fiited_total_bytes"])
-    return float(roc_auc_score(np.concatenate(ys), np.concatenate(ps))), peak, tm["s"]
+    auc = float(roc_auc_score(np.concatenate(ys), np.concatenate(ps)))
+    print(f"  budget={budget} auc={auc:.4f} peak={peak / 2**20:.1f} MiB in {tm['s']:.0f} s", file=sys.stderr,
+          flush=True)
+    return auc, peak, tm["s"]
 
 
 def curve(name: str, examples, tc: TrainerConfig, budgets, fcfg: FiitedConfig, rows: list) -> list[dict]:
@@ -122,8 +125,8 @@ def curve(name: str, examples, tc: TrainerConfig, budgets, fcfg: FiitedConfig, r
 def main() -> int:
     args = parser(__doc__.splitlines()[0]).parse_args()
     logging.getLogger("fbgemm_gpu").setLevel(logging.ERROR)
-    n_gen, n_cri, budgets = (12_000, 8_000, (0.15,)) if args.quick else (100_000, 60_000,
-                                                                            (0.4, 0.25, 0.15, 0.1, 0.05))
+    n_gen, n_cri, budgets = (12_000, 8_000, (0.02,)) if args.quick else (100_000, 60_000,
+                                                                            (0.4, 0.03, 0.015, 0.008))
     fcfg = FiitedConfig(maintain_every=20, resize_every=40, admit_hits=2, ttl_steps=400, protect_quantile=0.8)
     base = TrainerConfig(embedding_dim=D, batch_size=512, device="cpu", backend="fbgemm", seed=0)
     rows: list = []
