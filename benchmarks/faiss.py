@@ -11,16 +11,12 @@ are barely nearer than anyone else) and would need nprobe close to nlist. Querie
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 
-# this file is named faiss.py: with its own directory first on sys.path, ``import faiss`` would import itself
-sys.path[0] = str(__import__("pathlib").Path(__file__).resolve().parents[1])
-
-from benchmarks._common import parser, report, timer  # noqa: E402
-from embedding_store.ann import AnnConfig, make_index, normalize  # noqa: E402
+from benchmarks._common import parser, report, timer
+from embedding_store.ann import AnnConfig, make_index, normalize
 
 D, K = 64, 10
 

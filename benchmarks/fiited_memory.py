@@ -23,22 +23,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import parser, report, timer  # noqa: E402
+import numpy as np
+from sklearn.metrics import roc_auc_score
 
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
-
-from embedding_store.config import FiitedConfig  # noqa: E402
-from embedding_store.fiited import FiitedEmbeddings  # noqa: E402
-from streams import schema  # noqa: E402
-from streams.config import TrainerConfig  # noqa: E402
-from streams.formats import ReadOptions, Row  # noqa: E402
-from streams.formats import criteo  # noqa: E402
-from streams.generate import GeneratorConfig, simulate  # noqa: E402
-from trainer.features import featurize  # noqa: E402
-from trainer.model import Learner  # noqa: E402
+from benchmarks._common import parser, report, timer
+from embedding_store.config import FiitedConfig
+from embedding_store.fiited import FiitedEmbeddings
+from streams import schema
+from streams.config import TrainerConfig
+from streams.formats import ReadOptions, Row, criteo
+from streams.generate import GeneratorConfig, simulate
+from trainer.features import featurize
+from trainer.model import Learner
 
 D = 64
 MAX_LOSS = 0.002  # relative AUC loss allowed

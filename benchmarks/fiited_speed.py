@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import parser, report, timer  # noqa: E402
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from embedding_store.config import FiitedConfig  # noqa: E402
-from embedding_store.fiited import FiitedEmbeddings  # noqa: E402
-from trainer.embeddings import FbgemmEmbeddings  # noqa: E402
+from benchmarks._common import parser, report, timer
+from embedding_store.config import FiitedConfig
+from embedding_store.fiited import FiitedEmbeddings
+from trainer.embeddings import FbgemmEmbeddings
 
 D, OUT = 64, 64
 MIX = ((0.70, 0), (0.20, 1), (0.07, 2), (0.03, 3))  # share of rows, pool index (8/16/32/64 dims)

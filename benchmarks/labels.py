@@ -25,10 +25,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import parser, report
-
+from benchmarks._common import parser, report
 from streams import generate, kafka_io, schema
 from streams.broker import EmbeddedBroker
 from streams.config import Config, load_config, replace

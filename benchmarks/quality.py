@@ -23,24 +23,24 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
+
+import numpy as np
 
 # `benchmarks/trainer.py` would shadow the `trainer` package: keep this directory behind the project root
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path[:0] = [str(_HERE.parent)]
-sys.path.append(str(_HERE))
-from _common import parser, report  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from streams.config import TrainerConfig  # noqa: E402
-from streams.generate import GeneratorConfig, TruthParams, normalized_entropy, roc_auc, simulate  # noqa: E402
-from streams.scenarios import ScenarioConfig  # noqa: E402
-from trainer.features import featurize  # noqa: E402
-from trainer.model import Learner, count_parameters  # noqa: E402
-from trainer.online_lr import OnlineLR  # noqa: E402
-from trainer.simulated import example_stream, truth_arrays  # noqa: E402
+from benchmarks._common import parser, report
+from streams.config import TrainerConfig
+from streams.generate import (
+    GeneratorConfig,
+    TruthParams,
+    normalized_entropy,
+    roc_auc,
+    simulate,
+)
+from streams.scenarios import ScenarioConfig
+from trainer.features import featurize
+from trainer.model import Learner, count_parameters
+from trainer.online_lr import OnlineLR
+from trainer.simulated import example_stream, truth_arrays
 
 TC = TrainerConfig(batch_size=256, device="cpu")
 ELAPSED_S = 3600.0

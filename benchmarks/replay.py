@@ -24,15 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, report, timer  # noqa: E402
-
-from streams import kafka_io, schema  # noqa: E402
-from streams.broker import EmbeddedBroker  # noqa: E402
-from streams.config import load_config  # noqa: E402
-from streams.generate import GeneratorConfig, simulate  # noqa: E402
-from streams.logfile import write_jsonl  # noqa: E402
-from streams.replay import produce, replay_file  # noqa: E402
+from benchmarks._common import parser, report, timer
+from streams import kafka_io, schema
+from streams.broker import EmbeddedBroker
+from streams.config import load_config
+from streams.generate import GeneratorConfig, simulate
+from streams.logfile import write_jsonl
+from streams.replay import produce, replay_file
 
 PARTITIONS = 4
 _ids = itertools.count()

@@ -29,23 +29,17 @@ import sys
 import time
 from pathlib import Path
 
-# this script is named like the `trainer` package: keep its directory behind the project root on sys.path
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path[:0] = [str(_HERE.parent)]
-sys.path.append(str(_HERE))
-from _common import parser, report  # noqa: E402
+import msgspec
+import torch
+from torch import nn
 
-import msgspec  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from streams.config import TrainerConfig  # noqa: E402
-from streams.generate import GeneratorConfig, simulate  # noqa: E402
-from trainer.embeddings import fbgemm_available  # noqa: E402
-from trainer.features import featurize  # noqa: E402
-from trainer.model import Learner, MDMOModel, count_parameters, esmm_loss  # noqa: E402
-from trainer.simulated import example_stream  # noqa: E402
+from benchmarks._common import parser, report
+from streams.config import TrainerConfig
+from streams.generate import GeneratorConfig, simulate
+from trainer.embeddings import fbgemm_available
+from trainer.features import featurize
+from trainer.model import Learner, MDMOModel, count_parameters, esmm_loss
+from trainer.simulated import example_stream
 
 
 class PerTableBags(nn.Module):

@@ -27,10 +27,11 @@ def run(args, cfg) -> int:
         return 2
     from trainer.service import malloc_env
 
-    script = BENCH_DIR / (args.name.replace("-", "_") + ".py")
-    cmd = [sys.executable, str(script), *(["--quick"] if args.quick else []), *args.extra]
-    env = {**os.environ, **malloc_env(), "PYTHONPATH": str(BENCH_DIR.parent)}
-    return subprocess.call(cmd, env=env)
+    # run as a module from the project root, so `benchmarks/trainer.py` cannot shadow the `trainer` package
+    module = "benchmarks." + args.name.replace("-", "_")
+    cmd = [sys.executable, "-m", module, *(["--quick"] if args.quick else []), *args.extra]
+    env = {**os.environ, **malloc_env()}
+    return subprocess.call(cmd, env=env, cwd=BENCH_DIR.parent)
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

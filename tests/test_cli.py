@@ -35,3 +35,14 @@ def test_bench_lists_unknown_names():
     r = subprocess.run([sys.executable, "-m", "deploy.cli", "bench", "no-such-bench"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "available" in r.stderr
+
+
+@pytest.mark.parametrize("name", __import__("deploy.bench", fromlist=["available"]).available())
+def test_every_benchmark_imports_as_run_by_streamrec_bench(name):
+    # `streamrec bench` runs `python -m benchmarks.<name>` from the project root: a script named like a
+    # package (trainer.py, faiss.py) must not shadow it.
+    code = (f"import importlib, faiss, trainer.model; m = importlib.import_module('benchmarks.{name.replace('-', '_')}'); "
+            "assert callable(m.main), 'no main()'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=__import__("deploy.bench", fromlist=["BENCH_DIR"]).BENCH_DIR.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
