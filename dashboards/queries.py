@@ -403,22 +403,22 @@ FROM (
 ARRAY JOIN lags AS kv
 ORDER BY t, series"""
 
-# FIITED embedding memory reported by the trainer: emb_bytes_pool_<dim>, emb_rows_dim_<dim>
+# FIITED embedding memory reported by the trainer: fiited_pool_bytes_d<dim>, fiited_rows_d<dim> (embedding_store.fiited.memory_report)
 EMBEDDING_BYTES = f"""
-SELECT t, concat('pool ', replaceOne(name, 'emb_bytes_pool_', '')) AS series, sum(v) AS value
-FROM ({_latest("component = 'trainer' AND name LIKE 'emb_bytes_pool_%'")})
+SELECT t, concat('pool ', replaceOne(name, 'fiited_pool_bytes_d', '')) AS series, sum(v) AS value
+FROM ({_latest("component = 'trainer' AND name LIKE 'fiited_pool_bytes_d%'")})
 GROUP BY t, series
 ORDER BY t, series"""
 
 EMBEDDING_DIMS = """
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,
-       sumIf(v, name LIKE 'emb_rows_dim_%') AS rows,
-       sumIf(v, name LIKE 'emb_bytes_pool_%') AS bytes,
+       sumIf(v, name LIKE 'fiited_rows_d%') AS rows,
+       sumIf(v, name LIKE 'fiited_pool_bytes_d%') AS bytes,
        rows / greatest(sum(rows) OVER (), 1) AS rows_share
 FROM (
     SELECT name, instance, argMax(value, ts) AS v
     FROM {db}.service_stats FINAL
-    WHERE $WINDOW(ts) AND component = 'trainer' AND (name LIKE 'emb_rows_dim_%' OR name LIKE 'emb_bytes_pool_%')
+    WHERE $WINDOW(ts) AND component = 'trainer' AND (name LIKE 'fiited_rows_d%' OR name LIKE 'fiited_pool_bytes_d%')
     GROUP BY name, instance)
 GROUP BY dim
 ORDER BY dim"""

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from embedding_store import admission, importance
+from embedding_store.base import SparseEmbeddings
 from embedding_store.config import POOL_SHIFT, ROW_MASK, FiitedConfig, validate
 from embedding_store.ids import validate_batch
 from embedding_store.pools import SHARED, PoolSet
-from trainer.embeddings import SparseEmbeddings
 
 STATE_VERSION = 1
 COUNTERS = ("admitted", "evicted", "resized", "grown", "shrunk", "rebuilds", "maintenances")

@@ -52,7 +52,7 @@ def assign_pools(imp: np.ndarray, pool_chunks: tuple[int, ...], chunk_dim: int, 
     if rb[-1] * n <= budget_bytes:
         return np.full(n, len(pool_chunks) - 1, dtype=np.int64)
     s = s / top
-    lo, hi = 0.0, float(pool_chunks[-1]) / max(float(s[s > 0].min()), 1e-30)  # hi: every nonzero row full
+    hi = float(pool_chunks[-1]) / max(float(s[s > 0].min()), 1e-30)  # hi: every nonzero row full
     lo_l, hi_l = np.log(1e-12), np.log(hi)
     for _ in range(iters):
         mid = 0.5 * (lo_l + hi_l)

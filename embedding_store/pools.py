@@ -23,8 +23,14 @@ EPS = 1e-8
 
 def make_tbe(caps: np.ndarray, dims: tuple[int, ...], lr: float):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
-    from fbgemm_gpu.split_table_batched_embeddings_ops_common import ComputeDevice, EmbeddingLocation, PoolingMode
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+        ComputeDevice,
+        EmbeddingLocation,
+        PoolingMode,
+    )
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
 
     specs = [(int(caps[t, p]), dims[p], EmbeddingLocation.HOST, ComputeDevice.CPU)
              for t in range(caps.shape[0]) for p in range(caps.shape[1])]

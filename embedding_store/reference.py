@@ -45,7 +45,7 @@ class ReferenceStore(nn.Module):
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         b = validate_batch(indices, offsets, self.num_tables, self.rows)
         off, idx = offsets.tolist(), indices.tolist()
-        keys, leaves, out_cols = {}, [], []
+        keys, leaves = {}, []
         out = torch.zeros(b, self.num_tables * self.dim)
         terms = []
         for bag in range(len(off) - 1):

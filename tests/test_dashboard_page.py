@@ -64,8 +64,8 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
         items.append((t.service_stats, schema.ServiceStats("replay", trained, {"events_produced": done * 3.1})))
         items.append((t.service_stats, schema.ServiceStats("labels", trained, {"events_in": done * 3.0,
                                                                                "examples_out": done * 1.02}, "l-1")))
-        emb = {f"emb_bytes_pool_{d}": float(d * 4 * rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))}
-        emb.update({f"emb_rows_dim_{d}": float(rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))})
+        emb = {f"fiited_pool_bytes_d{d}": float(d * 4 * rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))}
+        emb.update({f"fiited_rows_d{d}": float(rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))})
         items.append((t.service_stats, schema.ServiceStats("trainer", trained, {"examples_trained": done, **emb},
                                                            "trainer-1")))
         for d in DOMAINS:

@@ -32,13 +32,14 @@ positives seen so far (``feedback_ts - impression.ts``), one per objective.
 from __future__ import annotations
 
 import numpy as np
+from streams.config import LabelsConfig
 
 DECIDED: tuple[str, ...] = ("window_closed", "end_of_stream", "elapsed", "late_positive")
 DECIDED_INDEX: dict[str, int] = {d: i for i, d in enumerate(DECIDED)}
 ELAPSED = DECIDED_INDEX["elapsed"]
 LATE = DECIDED_INDEX["late_positive"]
 LATE_SUFFIXES: tuple[str, ...] = ("#late-click", "#late-conversion")  # late kind 1 / 2 (0: not a late positive)
-ELAPSED_S = 3600.0  # the labels dataflow's default elapsed time (labels.elapsed_s where the config has it)
+ELAPSED_S = float(LabelsConfig().elapsed_s)  # the labels dataflow's default elapsed time
 
 # log-spaced bin edges from 1 s to 40 days (ms): delays of clicks (seconds) and conversions (up to 30 days)
 _EDGES_MS = np.concatenate([[0.0], np.geomspace(1_000.0, 40 * 86_400_000.0, 256)])

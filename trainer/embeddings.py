@@ -25,6 +25,8 @@ import logging
 import torch
 from torch import nn
 
+from embedding_store.base import SparseEmbeddings
+
 log = logging.getLogger(__name__)
 INIT_RANGE = 0.01  # uniform(-a, a) initial weights
 EPS = 1e-8
@@ -68,40 +70,20 @@ def resolve_backend(name: str, device: torch.device = torch.device("cpu")) -> st
     return name
 
 
-class SparseEmbeddings(nn.Module):
-    """Interface: ``forward(indices, offsets) -> (B, T*D)``; ``step()`` after backward; state export/import."""
-
-    num_tables: int
-    rows: int
-    dim: int
-
-    def step(self) -> None:
-        """Apply the sparse optimizer after ``backward()`` (no-op where it is fused into backward)."""
-
-    def export_state(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def _check_state(self, state: dict[str, torch.Tensor]) -> None:
-        want = {"weights": (self.num_tables, self.rows, self.dim), "momentum": (self.num_tables, self.rows)}
-        for k, shape in want.items():
-            got = tuple(state[k].shape) if k in state else None
-            if got != shape:
-                raise ValueError(f"embedding state {k!r}: expected shape {shape}, got {got} "
-                                 "(checkpoint written with other trainer.hash_buckets/embedding_dim/cat_slots?)")
-
-
 class FbgemmEmbeddings(SparseEmbeddings):
     """fbgemm TBE, row-wise Adagrad fused into backward."""
 
     def __init__(self, num_tables: int, rows: int, dim: int, lr: float, device: torch.device):
         super().__init__()
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
-        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (ComputeDevice, EmbeddingLocation,
-                                                                          PoolingMode)
-        from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+            ComputeDevice,
+            EmbeddingLocation,
+            PoolingMode,
+        )
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
 
         self.num_tables, self.rows, self.dim = num_tables, rows, dim
         cuda = device.type == "cuda"

@@ -26,7 +26,6 @@ import numpy as np
 
 from streams import kafka_io, schema
 from streams.config import Config
-from trainer.delay import ELAPSED_S
 
 log = logging.getLogger("streamrec.trainer")
 DEDUP_CAPACITY = 2_000_000  # example ids remembered (oldest forgotten first)
@@ -125,7 +124,7 @@ class TrainerService:
             raise checkpoint.CheckpointError(
                 f"checkpoint {found} exists: pass --resume to continue from it, or --fresh to delete it and "
                 "start over")
-        self.learner = Learner(self.tc, elapsed_s=getattr(cfg.labels, "elapsed_s", ELAPSED_S))
+        self.learner = Learner(self.tc, elapsed_s=cfg.labels.elapsed_s)
         self.offsets: dict[tuple[str, int], int] = {}
         self.counters = {"examples_trained": 0, "steps": 0, "duplicates": 0, "dead_letters": 0, "checkpoints": 0}
         self.dedup = Dedup()
@@ -238,6 +237,9 @@ class TrainerService:
                 values[f"{name}_delayed_share"] = h.survival(self.learner.elapsed_ms)
         if self.newest_event_ts:
             values["freshness_ms"] = float(now - self.newest_event_ts)
+        report = getattr(self.learner.model.emb, "memory_report", None)  # FIITED: bytes per pool, dims
+        if report is not None:
+            values.update(report())
         st = schema.ServiceStats(component="trainer", ts=now, values=values, instance=f"pid{os.getpid()}")
         kafka_io.produce(self.producer, self.cfg.topics.service_stats, schema.encode(st))
 

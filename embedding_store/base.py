@@ -1,0 +1,32 @@
+"""The sparse-embedding backend interface shared by fixed-dimension tables (trainer/embeddings.py) and the
+FIITED variable-dimension store (embedding_store/fiited.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SparseEmbeddings(nn.Module):
+    """Interface: ``forward(indices, offsets) -> (B, T*D)``; ``step()`` after backward; state export/import."""
+
+    num_tables: int
+    rows: int
+    dim: int
+
+    def step(self) -> None:
+        """Apply the sparse optimizer after ``backward()`` (no-op where it is fused into backward)."""
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _check_state(self, state: dict[str, torch.Tensor]) -> None:
+        want = {"weights": (self.num_tables, self.rows, self.dim), "momentum": (self.num_tables, self.rows)}
+        for k, shape in want.items():
+            got = tuple(state[k].shape) if k in state else None
+            if got != shape:
+                raise ValueError(f"embedding state {k!r}: expected shape {shape}, got {got} "
+                                 "(checkpoint written with other trainer.hash_buckets/embedding_dim/cat_slots?)")
