@@ -59,6 +59,9 @@ class LabelsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     policy: str = "window"  # window | elapsed (ES-DFM: emit after elapsed_s, then late-positive corrections)
     elapsed_s: int = 3600  # the `elapsed` policy's wait before a first label
     pace_slack_s: int = 60  # how far (event time) one input topic may run ahead of the others before pausing
+    # Tailing: a topic-partition at its end still holds event time back (more may come) until idle this long;
+    # then windows may close without it. Bounded runs release it at once.
+    idle_s: float = 30.0
     batch_size: int = 20000  # messages per source poll per partition
     recovery_dir: str = ""  # Bytewax recovery directory ("" = no recovery)
 

@@ -107,6 +107,9 @@ def part_key(p: int, partitions: int) -> str:
 
 # --------------------------------------------------------------------------------------------------- source
 
+HEARTBEAT_S = 1.0
+
+
 class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
     """One consumer on (impressions, clicks, conversions) partition ``p``; snapshot = next offset per topic."""
 
@@ -115,6 +118,10 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
         self.batch_size = cfg.labels.batch_size
         self.next = dict(offsets or {})
         self.eof = {t: False for t in self.topics}
+        self.eof_since: dict[str, float] = {}  # monotonic time each topic-partition last reached its end
+        self.idle_s = 0.0 if bounded else cfg.labels.idle_s
+        self.reported: frozenset[str] = frozenset()
+        self.last_emit = 0.0
         self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, GROUP, cfg.kafka.client,
                                                **{"enable.partition.eof": True, "fetch.wait.max.ms": 100})
         self.consumer.assign([kafka_io.TopicPartition(t, p, self.next.get(t, kafka_io.OFFSET_BEGINNING))
@@ -128,13 +135,14 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
     def next_batch(self) -> list[join.SourceBatch]:
         if self.finished:
             raise StopIteration()
-        msgs, changed, p, eof, eof_at = [], False, self.p, self.eof, {}
+        msgs, p, eof, eof_at = [], self.p, self.eof, {}
         for m in self.consumer.consume(num_messages=self.batch_size, timeout=0.05):
             err = m.error()
             if err is None:
                 msgs.append((m.topic(), p, m.offset(), m.value() or b""))
             elif err.code() == kafka_io.KafkaError._PARTITION_EOF:
-                changed |= not eof[m.topic()]
+                if not eof[m.topic()]:
+                    self.eof_since[m.topic()] = time.monotonic()
                 eof[m.topic()], eof_at[m.topic()] = True, len(msgs)
             elif err.fatal():
                 raise kafka_io.KafkaException(err)
@@ -154,9 +162,15 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
         self._pace()
         if self.bounded and all(self.eof.values()):
             self.finished = True
-        if not msgs and not changed:
+        # At its end a tailing topic may still receive data: it stops holding event time back only once idle
+        # for idle_s (otherwise a momentarily caught-up impressions topic lets windows close too early).
+        now = time.monotonic()
+        caught = frozenset(t for t, e in self.eof.items() if e and now - self.eof_since[t] >= self.idle_s)
+        if not msgs and caught == self.reported and now - self.last_emit < HEARTBEAT_S:
             return []
-        return [join.SourceBatch(self.p, tuple(msgs), frozenset(t for t, e in self.eof.items() if e))]
+        # an empty batch at least every HEARTBEAT_S keeps the sink publishing stats while the input is quiet
+        self.reported, self.last_emit = caught, now
+        return [join.SourceBatch(self.p, tuple(msgs), caught)]
 
     def _pace(self) -> None:
         """Pause topic-partitions more than ``slack`` ahead in event time of the slowest live one.
