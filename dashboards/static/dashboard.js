@@ -125,6 +125,10 @@
       return;
     }
     const { names, data } = pivot(res.rows);
+    if (data[0].length === 1) {  // uPlot stretches one time bucket's axis over years: add an empty minute
+      data[0].push(data[0][0] + 60);
+      for (let i = 1; i < data.length; i++) data[i].push(null);
+    }
     const key = names.join("\u0001");
     let chart = state.charts[p.id];
     const width = Math.max(body.clientWidth, 200);
