@@ -387,11 +387,16 @@ def make_index(cfg: AnnConfig) -> AnnIndex:
 
 def save_index(index: AnnIndex, path: str | os.PathLike) -> Path:
     """Write :meth:`AnnIndex.snapshot` to ``path`` atomically (temp file, fsync, rename); returns the path."""
+    return save_npz_atomic(path, index.snapshot())
+
+
+def save_npz_atomic(path: str | os.PathLike, arrays: dict) -> Path:
+    """Write ``arrays`` as one .npz: a temporary file, fsync, then rename over ``path`` (never half written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     buf = io.BytesIO()
-    np.savez(buf, **index.snapshot())
+    np.savez(buf, **arrays)
     with open(tmp, "wb") as fh:
         fh.write(buf.getbuffer())
         fh.flush()

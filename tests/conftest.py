@@ -81,3 +81,24 @@ def read_topics(cfg: Config, topics, timeout: float = 60.0) -> list:
     finally:
         consumer.close()
     return out
+
+
+@pytest.fixture(scope="module")
+def chdb_client(tmp_path_factory, request):
+    """One chDB engine per test module (chDB opens one path per process; closed at the module's end)."""
+    from dashboards.store import open_client
+
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    c = open_client(f"chdb://{tmp_path_factory.mktemp('chdb').resolve()}/{name}")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def store(chdb_client, request):
+    """A fresh database (schema created) in the module's chDB engine."""
+    from dashboards.store import Store
+
+    s = Store(chdb_client, f"{request.module.__name__.rsplit('.', 1)[-1]}_{next(_counter)}")
+    s.ensure_schema()
+    return s

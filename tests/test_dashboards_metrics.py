@@ -4,7 +4,6 @@ and of feature statistics under repeated writes; the alert rules on drifted data
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 
@@ -16,26 +15,10 @@ from dashboards import alerts
 from dashboards import queries as q
 from dashboards.feature_stats import feature_stats_rows, feature_stats_topic
 from dashboards.sink import prediction_rows
-from dashboards.store import Store, open_client
 from streams import schema
 from streams.config import load_config
 
-_db = itertools.count()
 DOMAINS = ("feed", "video")
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    c = open_client(f"chdb://{tmp_path_factory.mktemp('chdb').resolve()}/metrics")
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def store(client):
-    s = Store(client, f"test_metrics_{next(_db)}")
-    s.ensure_schema()
-    return s
 
 
 def batches(rng, now_ms, minutes=(1, 2, 3), n=2000, shift=0.0, prefix="e"):

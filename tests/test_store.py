@@ -6,7 +6,6 @@ chDB opens one path per process: this module shares one client (closed at the en
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 
@@ -17,24 +16,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 from dashboards import queries as q
 from dashboards.definitions import DASHBOARDS
 from dashboards.sink import MetricsSink, dead_letter_rows, prediction_rows, stats_rows
-from dashboards.store import Store, StoreError, open_client
+from dashboards.store import StoreError, open_client
 from streams import kafka_io, schema
 
-_db = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    c = open_client(f"chdb://{tmp_path_factory.mktemp('chdb').resolve()}/store")
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def store(client):
-    s = Store(client, f"test_store_{next(_db)}")
-    s.ensure_schema()
-    return s
 
 
 DOMAINS = ("feed", "video", "search")

@@ -29,7 +29,6 @@ user seen for the first time is seeded with its ``Impression.history`` as ``prio
 
 from __future__ import annotations
 
-import io
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from streams import schema
+from embedding_store.ann import save_npz_atomic
 
 ACTIONS: tuple[str, ...] = ("prior", "impression", "click", "conversion")
 PRIOR, IMPRESSION, CLICK, CONVERSION = range(4)
@@ -219,17 +219,7 @@ class UserHistory:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic write of :meth:`snapshot` (temp file, fsync, rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, **self.snapshot())
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        return path
+        return save_npz_atomic(path, self.snapshot())
 
     @classmethod
     def load(cls, path: str | os.PathLike, cfg: HistoryConfig = HistoryConfig()) -> "UserHistory":
