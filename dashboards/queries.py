@@ -140,18 +140,6 @@ LIMIT 50"""
 
 
 # ---- time series: (t, series, value) --------------------------------------------------------------------
-def metric_by_domain(metric: str, objective: str) -> str:
-    """``metric`` (an aggregate fragment such as :data:`AUC`) per time bucket and domain."""
-    if objective not in ("click", "conversion"):
-        raise ValueError(f"metric_by_domain: objective must be click or conversion, got {objective!r}")
-    return f"""
-SELECT $BUCKET(trained_ts) AS t, toString(domain) AS series, {metric} AS value
-FROM {_PRED}
-WHERE objective = '{objective}' AND {_WHERE}
-GROUP BY t, series
-ORDER BY t, series"""
-
-
 _LAT = "(toUnixTimestamp64Milli(trained_ts) - toUnixTimestamp64Milli({col})) / 1000.0"
 # event to dashboard: the sink stamps inserted_ts when the row becomes queryable
 _DASH_LAT = "(toUnixTimestamp64Milli(inserted_ts) - toUnixTimestamp64Milli(event_ts)) / 1000.0"
