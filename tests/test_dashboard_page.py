@@ -96,9 +96,12 @@ def dashboard(cfg):
     url = server.start()
     try:
         deadline = time.monotonic() + 30
-        while server.sink.counters["messages"] < n_messages and time.monotonic() < deadline:
+        # every message stored, and the rollup (which drift and quality panels read) recomputed after it
+        while (server.sink.counters["messages"] < n_messages or server.sink._dirty is not None) \
+                and time.monotonic() < deadline:
             time.sleep(0.1)
         assert server.sink.counters["messages"] == n_messages, dict(server.sink.counters)
+        assert server.sink._dirty is None, "rollup not refreshed"
         yield url, server
     finally:
         server.stop()
