@@ -139,7 +139,10 @@ class MetricsSink:
         """(Re)assign every partition at the offsets recorded in the store (or the beginning)."""
         if self.consumer is None:
             self.consumer = kafka_io.make_consumer(self.cfg.kafka.bootstrap_servers, GROUP_ID, self.cfg.kafka.client)
-        offsets = self.store.sink_offsets()
+        # Offsets are recorded per cluster: a reused store must not skip the start of a new broker's topics.
+        self._scope = kafka_io.cluster_id(self.cfg.kafka.bootstrap_servers, self.cfg.kafka.client) + "/"
+        offsets = {(t[len(self._scope):], p): o for (t, p), o in self.store.sink_offsets().items()
+                   if t.startswith(self._scope)}
         tps = [tp for topic in self.kinds for tp in kafka_io.topic_partitions([topic], self._partitions(topic), offsets)]
         self.consumer.assign(tps)
         log.info("metrics sink: assigned %d partitions (%d with recorded offsets)", len(tps),
@@ -223,7 +226,8 @@ class MetricsSink:
             return 0
         good, offsets = self._decode(msgs)
         rows = self._insert(good)
-        self.store.record_offsets(offsets)  # after the rows: a crash in between only re-inserts (idempotent)
+        # after the rows: a crash in between only re-inserts (idempotent)
+        self.store.record_offsets({(self._scope + t, p): o for (t, p), o in offsets.items()})
         self.counters["messages"] += len(msgs)  # handled: stored and recorded
         if time.monotonic() - self._last_rollup >= self.rollup_every_s:
             self.flush_rollup()

@@ -114,7 +114,8 @@ def up(args, cfg: Config) -> int:
         t0 = time.monotonic()
         expected, bad = _produce(cfg, args)
         sup.check()
-        ok = _follow(sup, watcher, expected, args.timeout) and _ingested(sup, url, 2 * expected)
+        trained = _follow(sup, watcher, expected, args.timeout)
+        ok = trained is not None and _ingested(sup, url, 2 * trained)
         elapsed = time.monotonic() - t0
         _summary(watcher, expected, bad, elapsed, ok)
         print(f"dashboard: {url}", file=sys.stderr)
@@ -141,19 +142,34 @@ def up(args, cfg: Config) -> int:
         print("stopped: no process left running", file=sys.stderr)
 
 
-def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: float) -> bool:
-    """Progress bars until the trainer has trained every expected example (or timeout)."""
+SETTLE_S = 5.0
+
+
+def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: float) -> int | None:
+    """Progress bars until the trainer has trained every expected example; returns how many were trained.
+
+    A replayed log can hold impressions the labels dataflow rejects (duplicates, absurd timestamps): then
+    the run also ends once nothing is pending in the dataflow and the trainer has caught up with it, with
+    no change for ``SETTLE_S``. ``None`` on timeout.
+    """
     bars = {name: tqdm(total=expected, desc=name, unit="ex", position=i, leave=True, dynamic_ncols=True)
             for i, name in enumerate(("labelled", "trained"))}
+    settled_since: dict[str, object] = {"sig": None, "t": 0.0}
 
     def done() -> bool:
         watcher.poll()
-        for name, (comp, key) in {"labelled": ("labels", "examples_out"),
-                                  "trained": ("trainer", "examples_trained")}.items():
-            bar = bars[name]
-            bar.n = int(watcher.value(comp, key))
-            bar.refresh()
-        return watcher.value("trainer", "examples_trained") >= expected
+        labelled, trained = watcher.value("labels", "examples_out"), watcher.value("trainer", "examples_trained")
+        for name, n in (("labelled", labelled), ("trained", trained)):
+            bars[name].n = int(n)
+            bars[name].refresh()
+        if trained >= expected:
+            return True
+        if not (labelled > 0 and trained >= labelled and watcher.value("labels", "pending_impressions") == 0):
+            settled_since["sig"] = None
+            return False
+        if settled_since["sig"] != (labelled, trained):
+            settled_since.update(sig=(labelled, trained), t=time.monotonic())
+        return time.monotonic() - settled_since["t"] >= SETTLE_S
 
     try:
         ok = sup.wait_until(done, timeout)
@@ -162,7 +178,12 @@ def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: floa
             bar.close()
     if not ok:
         log.warning("timed out after %.0fs waiting for %d examples to be trained", timeout, expected)
-    return ok
+        return None
+    trained = int(watcher.value("trainer", "examples_trained"))
+    if trained < expected:
+        log.warning("%d of %d impressions became no example: the labels dataflow dead-lettered them "
+                    "(see the dashboard's dead letters)", expected - trained, expected)
+    return trained
 
 
 def _ingested(sup: Supervisor, url: str, rows: int, timeout: float = 60.0) -> bool:

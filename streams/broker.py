@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 from streams import kafka_io
@@ -68,8 +69,10 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
         url = f"tcp://127.0.0.1:{self.port}"
+        # A fresh cluster id per start: its topics are new, so offsets recorded against an earlier broker
+        # (e.g. by the metrics sink in a reused data dir) must not apply to them.
         cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
+               "--storage-engine", "memory://tansu/", "--cluster-id", f"streamrec-{uuid.uuid4().hex[:16]}"]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -47,6 +47,13 @@ def list_topics(bootstrap: str, timeout: float = 5.0, extra: Mapping[str, str] |
     return {name: len(t.partitions) for name, t in md.topics.items() if not name.startswith("__")}
 
 
+def cluster_id(bootstrap: str, extra: Mapping[str, str] | None = None, timeout: float = 10.0) -> str:
+    """The cluster's id: offsets are only meaningful within one cluster (the embedded broker gets a new id per
+    start)."""
+    admin = AdminClient(_base(bootstrap, extra))
+    return admin.list_topics(timeout=timeout).cluster_id or ""
+
+
 def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int, extra: Mapping[str, str] | None = None,
                   timeout: float = 15.0) -> None:
     """Create missing topics; existing ones must have ``partitions`` partitions (no CreatePartitions here)."""

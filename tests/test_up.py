@@ -71,6 +71,11 @@ def test_up_processes_events_end_to_end_and_leaves_nothing_running(tmp_path):
     counts = _chdb_counts(tmp_path / "chdb")
     # every dead letter is an injected malformed event: no feedback orphaned by windows closing early
     assert counts == {"examples": 10000, "domains": 4, "dead": malformed}
+    # Again in the same data dir: a new embedded broker's topics start at offset 0, and the metrics sink must
+    # not resume from the offsets it recorded against the previous broker (it would skip their start).
+    again = _up(tmp_path, "--events", "2000", "--seed", "5", "--exit-when-done", "--port", str(free_port()))
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0 and "done: " in out and "2,000 trained" in out, out[-3000:]
 
 
 def test_ctrl_c_stops_every_process_in_order(tmp_path):
