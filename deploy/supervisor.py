@@ -7,7 +7,6 @@ trainer must checkpoint while the broker is still up).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -17,14 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streams.broker import die_with_parent
+
 log = logging.getLogger("streamrec.supervisor")
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -50,7 +44,7 @@ class Child:
         out = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **self.env}, preexec_fn=_die_with_parent,
+                                         env={**os.environ, **self.env}, preexec_fn=die_with_parent,
                                          start_new_session=True)
         finally:
             out.close()

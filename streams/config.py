@@ -22,6 +22,8 @@ import msgspec
 import yaml
 
 ENV_PREFIX = "STREAMREC_"
+# what every broker-backed command says when kafka.bootstrap_servers is empty outside `streamrec up`
+NO_BROKER = "no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`"
 
 
 class ConfigError(ValueError):

@@ -38,9 +38,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streams import scenarios, schema
-from streams.config import Config
+from streams.config import NO_BROKER, Config
 from streams.logfile import BadRecord, make_bad_records, write_jsonl
-from streams.replay import NO_BROKER, ProduceStats, produce, summary  # noqa: F401  (re-exported)
+from streams.replay import ProduceStats, produce, summary  # noqa: F401  (re-exported)
 
 START_TS_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 

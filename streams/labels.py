@@ -53,10 +53,9 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from streams import join, kafka_io, schema
-from streams.config import Config, replace
+from streams.config import NO_BROKER, Config, replace
 
 log = logging.getLogger(__name__)
-NO_BROKER = "no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`"
 GROUP = "streamrec-labels"  # assign() only, never committed: offsets live in Bytewax snapshots
 _M64 = (1 << 64) - 1
 

@@ -28,10 +28,9 @@ import msgspec
 from tqdm import tqdm
 
 from streams import formats, kafka_io, schema
-from streams.config import Config
+from streams.config import NO_BROKER, Config
 from streams.logfile import BadRecord, count_lines, iter_jsonl_chunks
 
-NO_BROKER = "no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`"
 STATS_EVERY_S = 1.0
 _line_decoder = msgspec.json.Decoder(schema.Record)
 

@@ -42,7 +42,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from streams import kafka_io, schema
-from streams.config import Config
+from streams.config import NO_BROKER, Config
 from streams.labels import part_key
 
 log = logging.getLogger(__name__)
@@ -378,7 +378,7 @@ def run_stats(cfg: Config, *, bounded: bool) -> None:
     from bytewax.testing import run_main
 
     if not cfg.kafka.bootstrap_servers:
-        raise ValueError("no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`")
+        raise ValueError(NO_BROKER)
     kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, [cfg.topics.examples, stats_topic(cfg)],
                            cfg.topics.partitions, cfg.kafka.client)
     run_main(build_stats_flow(KafkaExamplesSource(cfg, bounded), _ProducerSink(cfg),

@@ -25,7 +25,7 @@ import msgspec
 import numpy as np
 
 from streams import kafka_io, schema
-from streams.config import Config
+from streams.config import NO_BROKER, Config
 
 log = logging.getLogger("streamrec.trainer")
 DEDUP_CAPACITY = 2_000_000  # example ids remembered (oldest forgotten first)
@@ -335,8 +335,7 @@ def _reexec_with_malloc_env() -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if not cfg.kafka.bootstrap_servers:
-        print("streamrec train: no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use `streamrec up`",
-              file=sys.stderr)
+        print(f"streamrec train: {NO_BROKER}", file=sys.stderr)
         return 2
     if args.resume and args.fresh:
         print("streamrec train: --resume and --fresh exclude each other", file=sys.stderr)
