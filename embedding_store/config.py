@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 POOL_SHIFT = 24  # slot code = pool << POOL_SHIFT | row  (rows per pool < 16M)
 ROW_MASK = (1 << POOL_SHIFT) - 1
@@ -48,8 +50,9 @@ class FiitedConfig:
         return tuple(c * self.chunk_dim for c in self.pool_chunks)
 
 
-def validate(cfg: FiitedConfig, dim: int | None = None) -> FiitedConfig:
-    """Raise ``ValueError`` naming the field when ``cfg`` cannot work (``dim``: the trainer's embedding_dim)."""
+def validate(cfg: FiitedConfig, dim: int | None = None, where: str = "FiitedConfig") -> FiitedConfig:
+    """Raise ``ValueError`` naming ``<where>.<field>`` when ``cfg`` cannot work (``dim``: the trainer's
+    embedding_dim)."""
     pc = cfg.pool_chunks
     checks = [
         ("chunk_dim", cfg.chunk_dim > 0 and cfg.chunk_dim % 4 == 0, "a positive multiple of 4 (fbgemm rows)"),
@@ -69,8 +72,63 @@ def validate(cfg: FiitedConfig, dim: int | None = None) -> FiitedConfig:
     ]
     for name, ok, want in checks:
         if not ok:
-            raise ValueError(f"FiitedConfig.{name}: expected {want}, got {getattr(cfg, name)!r}")
+            raise ValueError(f"{where}.{name}: expected {want}, got {getattr(cfg, name)!r}")
     if dim is not None and dim != cfg.dim:
-        raise ValueError(f"FiitedConfig: chunk_dim * num_chunks = {cfg.dim} but the trainer's embedding_dim "
-                         f"is {dim}")
+        raise ValueError(f"{where}.chunk_dim: chunk_dim * num_chunks = {cfg.dim} but the trainer's "
+                         f"embedding_dim is {dim}")
     return cfg
+
+
+def _coerce(name: str, kind: type, value: Any, where: str) -> Any:
+    """One field value from YAML/JSON/env (ints for floats, lists for tuples) -> the field's type."""
+    bad = ValueError(f"{where}.{name}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    if isinstance(value, bool):
+        raise bad
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    if kind is int and isinstance(value, int):
+        return value
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is tuple and isinstance(value, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{where}.{name}: expected a list of integers, got {list(value)!r}")
+        return tuple(value)
+    raise bad
+
+
+_KINDS = {"int": int, "float": float, "tuple[int, ...]": tuple}
+
+
+def trainer_config(overrides: Mapping[str, Any] | None, dim: int, lr: float,
+                   where: str = "trainer.fiited") -> FiitedConfig:
+    """The store's config for a trainer of ``embedding_dim = dim`` and ``lr_sparse = lr``, then ``overrides``
+    (``TrainerConfig.fiited``: field names of :class:`FiitedConfig`; lists for tuples).
+
+    Defaults derived from the trainer: chunks of 8 (4 when ``dim`` is not a multiple of 8) making up ``dim``,
+    the default pool widths that fit, ``lr = lr_sparse``. Raises ``ValueError`` naming ``<where>.<field>``.
+
+    >>> trainer_config({"budget": 0.3, "pool_chunks": [1, 4, 8]}, 64, 0.05).pool_dims()
+    (8, 32, 64)
+    >>> trainer_config({"budgit": 1}, 64, 0.05)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    ValueError: trainer.fiited.budgit: unknown field; expected one of ...
+    """
+    overrides = {} if overrides is None else overrides
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"{where}: expected a mapping of FiitedConfig fields, got {type(overrides).__name__}")
+    kinds = {f.name: _KINDS[str(f.type)] for f in fields(FiitedConfig)}
+    vals: dict[str, Any] = {}
+    for k, v in overrides.items():
+        if k not in kinds:
+            raise ValueError(f"{where}.{k}: unknown field; expected one of {', '.join(sorted(kinds))}")
+        vals[k] = _coerce(k, kinds[k], v, where)
+    if dim < 4 or dim % 4:
+        raise ValueError(f"{where}: the trainer's embedding_dim must be a positive multiple of 4, got {dim}")
+    chunk = vals.get("chunk_dim", 8 if dim % 8 == 0 else 4)
+    if chunk <= 0 or dim % chunk:
+        raise ValueError(f"{where}.chunk_dim: expected a positive divisor of embedding_dim {dim}, got {chunk}")
+    n = dim // chunk
+    pc = tuple(sorted({c for c in FiitedConfig.pool_chunks if c < n} | {n}))
+    base = replace(FiitedConfig(), chunk_dim=chunk, num_chunks=n, pool_chunks=pc, lr=lr)
+    return validate(replace(base, **vals), dim, where)

@@ -13,12 +13,15 @@ Shapes: ``indices`` (N,) int64 in [0, rows), ``offsets`` (T*B+1,), bag (t, b) at
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 
 from embedding_store import admission, importance
 from embedding_store.base import SparseEmbeddings
-from embedding_store.config import POOL_SHIFT, ROW_MASK, FiitedConfig, validate
+from embedding_store.config import POOL_SHIFT, ROW_MASK, FiitedConfig, trainer_config, validate
 from embedding_store.ids import validate_batch
 from embedding_store.pools import SHARED, PoolSet
 
@@ -346,14 +349,9 @@ class FiitedEmbeddings(SparseEmbeddings):
 
 
 def fiited_for_trainer(num_tables: int, rows: int, dim: int, lr: float, device: torch.device,
-                       cfg: FiitedConfig = FiitedConfig()) -> FiitedEmbeddings:
-    """The trainer's ``backend=fiited``: ``cfg`` with chunks of 8 (or 4) making up ``dim`` and ``lr``."""
+                       overrides: Mapping[str, Any] | None = None) -> FiitedEmbeddings:
+    """The trainer's ``backend=fiited``: :func:`config.trainer_config` (chunks making up ``dim``, ``lr``, then
+    ``overrides`` = ``TrainerConfig.fiited``). Errors name ``trainer.fiited.<field>``."""
     if device.type != "cpu":
         raise ValueError(f"trainer.backend=fiited runs on cpu only (fbgemm host pools), got device {device}")
-    chunk = 8 if dim % 8 == 0 else 4
-    if dim % chunk:
-        raise ValueError(f"trainer.backend=fiited: embedding_dim must be a multiple of 4, got {dim}")
-    n = dim // chunk
-    pc = tuple(sorted({c for c in cfg.pool_chunks if c < n} | {n}))
-    from dataclasses import replace
-    return FiitedEmbeddings(num_tables, rows, replace(cfg, chunk_dim=chunk, num_chunks=n, pool_chunks=pc, lr=lr))
+    return FiitedEmbeddings(num_tables, rows, trainer_config(overrides, dim, lr))

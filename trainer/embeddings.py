@@ -21,6 +21,8 @@ import functools
 import importlib.metadata
 import importlib.util
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -159,11 +161,12 @@ class TorchEmbeddings(SparseEmbeddings):
 
 
 def make_embeddings(backend: str, num_tables: int, rows: int, dim: int, lr: float,
-                    device: torch.device) -> SparseEmbeddings:
-    """``backend``: auto | fbgemm | torch | fiited (see :func:`resolve_backend`)."""
+                    device: torch.device, fiited: Mapping[str, Any] | None = None) -> SparseEmbeddings:
+    """``backend``: auto | fbgemm | torch | fiited (see :func:`resolve_backend`); ``fiited``: the store's knobs
+    (``TrainerConfig.fiited``, FiitedConfig field names) when ``backend=fiited``, checked here."""
     name = resolve_backend(backend, device)
-    if name == "fiited":  # variable-width rows (embedding_store/); default FiitedConfig with this dim and lr
+    if name == "fiited":  # variable-width rows (embedding_store/): FiitedConfig at this dim and lr + overrides
         from embedding_store.fiited import fiited_for_trainer
-        return fiited_for_trainer(num_tables, rows, dim, lr, device)
+        return fiited_for_trainer(num_tables, rows, dim, lr, device, fiited)
     cls = FbgemmEmbeddings if name == "fbgemm" else TorchEmbeddings
     return cls(num_tables, rows, dim, lr, device)
