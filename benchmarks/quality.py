@@ -12,7 +12,9 @@ example is scored before the model trains on it, against the impression's true f
    weighting vs the naive stream (fake negatives never corrected) vs the duplicates without weights vs oracle
    labels; conversion AUC and NE on the true labels of the second half;
 4. unified vs separate: one model for all domains vs one model per domain (each seeing only its domain),
-   sum over domains of click + conversion AUC, and parameter counts.
+   sum over domains of click + conversion AUC, and parameter counts;
+5. user model: study 1's stream again, the ranker reading the user model's vectors (trainer/user_features.py)
+   vs study 1's ranker without them; overall AUC on the second half.
 
 Last line: value = unified model's mean per-domain click AUC (stationary), baseline = the oracle's.
 
@@ -42,7 +44,8 @@ from trainer.model import Learner, count_parameters
 from trainer.online_lr import OnlineLR
 from trainer.simulated import example_stream, truth_arrays
 
-TC = TrainerConfig(batch_size=256, device="cpu")
+TC = TrainerConfig(batch_size=256, device="cpu", user_model=False)
+TC_USERS = TrainerConfig(batch_size=256, device="cpu", user_model=True)  # study 5
 ELAPSED_S = 3600.0
 # a small world with frequent clicks and conversions, so that learning curves approach their plateau within a
 # run that 2 cores finish in minutes (with the generator's default 10k users / 2k ads and 1-5% CTR, 100k
@@ -56,16 +59,22 @@ def _imp_index(example_id: str) -> int:
     return int(example_id.split("#", 1)[0].rsplit("-", 1)[1])  # "imp-<seed>-<i>[#late-...]"
 
 
-def run_stream(model, exs, n_imps: int, batch: int, freeze_at: float | None = None):
+def run_stream(model, exs, n_imps: int, batch: int, freeze_at: float | None = None, users=None):
     """Feed ``exs`` in order; returns (p_click, p_conversion) per impression from its first (non-late) example,
-    scored before training on it. ``freeze_at``: stop training after that fraction of the examples."""
+    scored before training on it. ``freeze_at``: stop training after that fraction of the examples.
+    ``users``: a :class:`trainer.user_features.UserWorker` fed each batch after the ranker trained on it (and
+    drained, so the run is deterministic: the service does the same asynchronously)."""
+    tc = getattr(model, "tcfg", TC)
     pc, pv = np.full(n_imps, np.nan), np.full(n_imps, np.nan)
     stop = len(exs) if freeze_at is None else int(freeze_at * len(exs))
     for i in range(0, len(exs), batch):
         chunk = exs[i:i + batch]
-        fb = featurize(chunk, TC)
+        fb = featurize(chunk, tc, users.view if users is not None else None)
         if i < stop:
             r = model.train_step(fb)
+            if users is not None:
+                users.submit(chunk)
+                users.drain()
             a, b = (r.p_click, r.p_conversion) if hasattr(r, "p_click") else r
         else:
             a, b = model.score(fb)
@@ -166,6 +175,29 @@ def study_unified(sim, truth, exs, rows: list, res: dict) -> None:
                  f"{sep_params:,}", ""))
 
 
+def study_users(sim, truth, exs, rows: list, res: dict) -> None:
+    """The ranker with the user model's vectors ``[u, u * v_ad]`` vs without (study 1's run)."""
+    from trainer.service import user_worker
+    from streams.config import Config
+
+    n = sim.truth.num_rows
+    second = truth["ts"] >= np.median(truth["ts"])
+    worker = user_worker(Config(trainer=TC_USERS))
+    learner = Learner(TC_USERS)
+    learner.user_view = worker.view
+    try:
+        pc, pv = run_stream(learner, exs, n, TC.batch_size, users=worker)
+    finally:
+        worker.close()
+    with_u = metrics(truth, pc, pv, second)["all"]
+    without = res["stationary"]["model"]["all"]
+    res["users"] = {"with": with_u, "without": without}
+    rows.append(("5 user model", "MDMO without user vectors (study 1)", _f(without["auc_click"]),
+                 _f(without["auc_conv"]), _f(without["ne_click"])))
+    rows.append(("5 user model", "MDMO + [u, u*v_ad] of the user model", _f(with_u["auc_click"]),
+                 _f(with_u["auc_conv"]), _f(with_u["ne_click"])))
+
+
 def main() -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=None, help="impressions of studies 2, 3 (default 120000, quick 30000)")
@@ -182,6 +214,7 @@ def main() -> int:
     study_drift(n, a.drift, rows, res)
     study_delay(n, rows, res)
     study_unified(sim, truth, exs, rows, res)
+    study_users(sim, truth, exs, rows, res)
     print(f"{n_st} impressions in studies 1 and 4, {n} in 2 and 3, {WORLD['n_users']} users, "
           f"{WORLD['n_ads']} ads, batch {TC.batch_size}, progressive metrics on true labels; "
           f"{time.perf_counter() - t0:.0f} s")
@@ -200,7 +233,9 @@ def main() -> int:
            conv_auc_naive=round(dl["naive (fake negatives)"]["auc_conv"], 4),
            conv_auc_oracle=round(dl["oracle labels (no delay)"]["auc_conv"], 4),
            sum_auc_unified=round(un["sum_auc_unified"], 4), sum_auc_separate=round(un["sum_auc_separate"], 4),
-           params_unified=un["params_unified"], params_separate=un["params_separate"], n=n, n_stationary=n_st)
+           params_unified=un["params_unified"], params_separate=un["params_separate"],
+           click_auc_with_user_model=round(res["users"]["with"]["auc_click"], 4),
+           click_auc_without_user_model=round(res["users"]["without"]["auc_click"], 4), n=n, n_stationary=n_st)
     return 0
 
 

@@ -81,8 +81,17 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     checkpoint_every_s: float = 30.0
     checkpoint_every_examples: int = 50_000
     device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # auto | fbgemm | torch  (sparse embedding kernels)
+    backend: str = "auto"  # auto | fbgemm | torch | fiited  (sparse embedding kernels)
     seed: int = 0
+    # FIITED store knobs when backend = fiited: field names of embedding_store.config.FiitedConfig (checked
+    # there, when the store is built), e.g. {"budget": 0.3}; STREAMREC_TRAINER__FIITED__BUDGET=0.3
+    fiited: dict[str, Any] = {}
+    # User model (trainer/user_service.py): its vectors [u, u * v_ad] join the ranker's dense input, and the
+    # user-vector index is written to <data_dir>/users/index at every checkpoint (`streamrec users`)
+    user_model: bool = True
+    user_dim: int = 32
+    export_dir: str = ""  # "" = no serving export; else a versioned export (trainer/export.py) per checkpoint
+    export_keep: int = 5  # export versions kept
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

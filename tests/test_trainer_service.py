@@ -16,11 +16,12 @@ import numpy as np
 import yaml
 from sklearn.metrics import roc_auc_score
 
+from embedding_store.ann import load_index
 from streams import kafka_io, schema
 from streams.config import load_config, replace
 from trainer import checkpoint
 from trainer.features import featurize
-from trainer.service import Dedup, run as train_cli
+from trainer.service import Dedup, run as train_cli, users_index_path
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 20_000
@@ -149,6 +150,12 @@ def test_kill_and_resume_trains_each_example_exactly_once(cfg, tmp_path, capsys)
     dead = [schema.decode(r, schema.DeadLetter) for r in _consume_all(cfg, cfg.topics.dead_letters)]
     assert len(dead) >= len(bad) and {d.raw for d in dead} == set(bad)
     _check_score_cli(ckpt_dir, exs[:50], tmp_path)
+    # the user model trained beside the ranker; its index (for `streamrec users`) holds every user
+    users = final["users"]
+    assert users["trained_batches"] > 0 and users["counters"]["examples"] > 0
+    assert users["counters"]["examples"] + users["counters"].get("examples_absorbed", 0) == N
+    index = load_index(users_index_path(cfg))
+    assert set(index.ids().tolist()) == {e.impression.user_id for e in exs}
     assert f"{tmp_path / 'imps.jsonl'}:4: skipped" in capsys.readouterr().err  # bad line, by number
     stats = [schema.decode(r, schema.ServiceStats) for r in _consume_all(cfg, cfg.topics.service_stats)]
     assert max(s.values["examples_trained"] for s in stats if s.component == "trainer") == N
@@ -171,7 +178,8 @@ def _check_score_cli(ckpt_dir: Path, exs: list[schema.Example], tmp_path: Path) 
     rows = [msgspec.json.decode(x) for x in out.read_bytes().splitlines()]
     assert [r["event_id"] for r in rows] == [e.impression.event_id for e in exs]
     learner = score.load_learner(ckpt_dir, device="cpu")
-    want = learner.score(featurize(exs, learner.tcfg))  # the same model through the training path
+    assert learner.user_view is not None and len(learner.user_view) > 0  # the checkpoint's user vectors
+    want = learner.score(featurize(exs, learner.tcfg, learner.user_view))  # the same model, training path
     np.testing.assert_allclose([r["p_click"] for r in rows], want[0], rtol=1e-6)
     np.testing.assert_allclose([r["p_conversion"] for r in rows], want[1], rtol=1e-6)
 

@@ -58,6 +58,7 @@ def feature_spec(tcfg: TrainerConfig) -> dict:
     tables = np.arange(len(_PROBE_IDS)) % len(table_names(tcfg))
     return {"tables": table_names(tcfg), "hash_buckets": tcfg.hash_buckets, "embedding_dim": tcfg.embedding_dim,
             "cat_slots": tcfg.cat_slots, "dense_dim": tcfg.dense_dim, "history_len": tcfg.history_len,
+            "user_features": 2 * tcfg.user_dim if tcfg.user_model else 0,
             "dense_transform": "signed_log1p", "domains": list(schema.DOMAINS),
             "hash": "splitmix64(id ^ golden*(table+1)) % buckets",
             "hash_probe": hash_ids(_PROBE_IDS, tables, tcfg.hash_buckets).tolist()}
@@ -81,7 +82,9 @@ def export(learner, root: str | os.PathLike, *, examples_trained: int = 0, keep:
     try:
         dense = {k: v.detach().cpu().clone() for k, v in learner.model.state_dict().items()
                  if not k.startswith("emb.")}
-        torch.save({"dense": dense, "embeddings": learner.model.emb.export_state()["weights"]}, tmp / "model.pt")
+        view = getattr(learner, "user_view", None)  # the user vectors the ranker reads (trainer.user_model)
+        torch.save({"dense": dense, "embeddings": learner.model.emb.export_state()["weights"],
+                    **({"user_view": view.state()} if view is not None else {})}, tmp / "model.pt")
         (tmp / "config.json").write_text(json.dumps(msgspec.to_builtins(learner.tcfg), indent=1))
         (tmp / "features.json").write_text(json.dumps(feature_spec(learner.tcfg), indent=1))
         (tmp / "version.json").write_text(json.dumps({
@@ -136,6 +139,7 @@ class ExportedModel:
     steps: int
     meta: dict
     path: Path
+    user_view: object = None  # trainer.user_features.UserVectors when the model reads user-model features
 
 
 def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -> ExportedModel:
@@ -172,4 +176,10 @@ def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -
     w = st["embeddings"]
     model.emb.import_state({"weights": w, "momentum": torch.zeros(w.shape[:2])})
     model.eval()
-    return ExportedModel(model=model, tcfg=tcfg, device=dev, steps=int(meta["model_version"]), meta=meta, path=v)
+    view = None
+    if "user_view" in st:
+        from trainer.user_features import UserVectors
+
+        view = UserVectors.from_state(st["user_view"])
+    return ExportedModel(model=model, tcfg=tcfg, device=dev, steps=int(meta["model_version"]), meta=meta, path=v,
+                         user_view=view)

@@ -111,6 +111,7 @@ class FeatureBatch:
     late: np.ndarray | None = None
     click_delay_ms: np.ndarray | None = None
     conversion_delay_ms: np.ndarray | None = None
+    user: np.ndarray | None = None  # (B, 2 * user_dim) float32 user-model features (trainer/user_features.py)
 
     @property
     def batch_size(self) -> int:
@@ -124,7 +125,8 @@ class FeatureBatch:
 
         return TorchBatch(indices=t(self.indices), offsets=t(self.offsets), dense=t(self.dense),
                           domain=t(self.domain), click=t(self.click), conversion=t(self.conversion),
-                          weight=t(self.weight), num_tables=self.num_tables, batch_size=self.batch_size)
+                          weight=t(self.weight), num_tables=self.num_tables, batch_size=self.batch_size,
+                          user=None if self.user is None else t(self.user))
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class TorchBatch:
     weight: object
     num_tables: int
     batch_size: int
+    user: object = None
 
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -195,8 +198,19 @@ def _delays(fb_ts: Sequence[int | None], imp_ts: np.ndarray) -> np.ndarray:
     return np.where(t >= 0, np.maximum(t - imp_ts, 0), -1)
 
 
-def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig) -> FeatureBatch:
-    """Examples -> :class:`FeatureBatch` (domains must be known: ``schema.decode`` guarantees it)."""
+def user_features(imps: Sequence[schema.Impression], tcfg: TrainerConfig, users=None) -> np.ndarray | None:
+    """The ranker's user-model input (B, 2 * user_dim): from ``users`` (a
+    :class:`trainer.user_features.UserVectors`), zeros without one; None when ``tcfg.user_model`` is off."""
+    if not tcfg.user_model:
+        return None
+    if users is None:
+        return np.zeros((len(imps), 2 * tcfg.user_dim), np.float32)
+    return users.features_of(imps)
+
+
+def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=None) -> FeatureBatch:
+    """Examples -> :class:`FeatureBatch` (domains must be known: ``schema.decode`` guarantees it);
+    ``users``: see :func:`user_features`."""
     from trainer.delay import DECIDED_INDEX, late_kind
 
     imps = [e.impression for e in examples]
@@ -216,4 +230,5 @@ def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig) -> Featur
         decided=np.fromiter((DECIDED_INDEX[e.decided] for e in examples), dtype=np.int8, count=b),
         late=np.fromiter(map(late_kind, ids), dtype=np.int8, count=b),
         click_delay_ms=_delays([e.click_ts for e in examples], event_ts),
-        conversion_delay_ms=_delays([e.conversion_ts for e in examples], event_ts))
+        conversion_delay_ms=_delays([e.conversion_ts for e in examples], event_ts),
+        user=user_features(imps, tcfg, users))

@@ -6,6 +6,7 @@ Architecture (B examples, T tables of D dims, ``dense_dim`` dense values, ``N_DO
     sparse ids --SparseEmbeddings--> (B, T*D) -+
     dense      --------------------> (B, dd)  -+-- concat x0 (B, F)
     domain     --nn.Embedding------> (B, 8)   -+
+    user model --[u, u * v_ad]-----> (B, 2du) -+   (when trainer.user_model; trainer/user_features.py)
     x_{l+1} = x0 * (W_l x_l + b_l) + x_l, l < N_CROSS       DCNv2 cross layers (full rank), shared
     h  = relu(bottom(x)) (B, 128)                           shared bottom
     e  = relu(experts(h)) (B, E, 64)                        shared experts (MMoE)
@@ -62,7 +63,8 @@ class MDMOModel(nn.Module):
         self.emb = make_embeddings(backend, self.num_tables, tcfg.hash_buckets, tcfg.embedding_dim,
                                    tcfg.lr_sparse, device)
         self.domain_emb = nn.Embedding(self.n_dom, DOMAIN_DIM, device=device)
-        f = self.num_tables * tcfg.embedding_dim + tcfg.dense_dim + DOMAIN_DIM
+        self.user_in = 2 * tcfg.user_dim if tcfg.user_model else 0  # [u, u * v_ad] (trainer/user_features.py)
+        f = self.num_tables * tcfg.embedding_dim + tcfg.dense_dim + DOMAIN_DIM + self.user_in
         self.cross = nn.ModuleList(nn.Linear(f, f, device=device) for _ in range(N_CROSS))
         self.bottom = nn.Linear(f, BOTTOM, device=device)
         self.experts = nn.Linear(BOTTOM, N_EXPERTS * EXPERT_DIM, device=device)
@@ -80,7 +82,10 @@ class MDMOModel(nn.Module):
 
     def logits(self, b: TorchBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(l_ctr (B,), l_cvr (B,))."""
-        x0 = torch.cat([self.emb(b.indices, b.offsets), b.dense, self.domain_emb(b.domain)], dim=1)
+        parts = [self.emb(b.indices, b.offsets), b.dense, self.domain_emb(b.domain)]
+        if self.user_in:
+            parts.append(b.user if b.user is not None else b.dense.new_zeros(b.dense.shape[0], self.user_in))
+        x0 = torch.cat(parts, dim=1)
         x = x0
         for c in self.cross:
             x = torch.addcmul(x, x0, c(x))  # x0 * (W x + b) + x in one op
@@ -150,6 +155,8 @@ class Learner:
         self.elapsed_ms = float(elapsed_s) * 1000.0
         self.delay_weighting = delay_weighting
         self.delays = {"click": delay.DelayHistogram(), "conversion": delay.DelayHistogram()}
+        # the user model's vectors the ranker reads (trainer/user_features.UserVectors), when tcfg.user_model
+        self.user_view = None
 
     def loss_weights(self, fb: FeatureBatch, p_click: np.ndarray, p_ctcvr: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -210,7 +217,8 @@ class Learner:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"dense": dense, "sparse": self.model.emb.export_state(), "dense_opt": _to_cpu(self.opt.state_dict()),
                 "steps": self.steps, "rng": rng, "backend": self.backend,
-                "delays": {k: h.state() for k, h in self.delays.items()}}
+                "delays": {k: h.state() for k, h in self.delays.items()},
+                **({"user_view": self.user_view.state()} if self.user_view is not None else {})}
 
     def load_state(self, st: dict) -> None:
         missing, unexpected = self.model.load_state_dict(st["dense"], strict=False)
@@ -222,6 +230,10 @@ class Learner:
         self.steps = int(st["steps"])
         for k, h in st.get("delays", {}).items():
             self.delays[k] = delay.DelayHistogram.from_state(h)
+        if "user_view" in st:
+            from trainer.user_features import UserVectors
+
+            self.user_view = UserVectors.from_state(st["user_view"])
         torch.set_rng_state(st["rng"]["cpu"])
         if self.device.type == "cuda" and "cuda" in st["rng"]:
             torch.cuda.set_rng_state(st["rng"]["cuda"], self.device)

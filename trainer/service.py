@@ -109,6 +109,22 @@ class _Stats:
         return out
 
 
+def users_index_path(cfg: Config) -> Path:
+    """Where the trainer writes the user-vector index at each checkpoint (``streamrec users`` reads it)."""
+    return Path(cfg.data_dir, "users", "index")
+
+
+def user_worker(cfg: Config):
+    from embedding_store.ann import AnnConfig
+    from trainer.user_features import UserWorker
+    from trainer.user_model import UserModelConfig
+    from trainer.user_service import UserModelService, UserServiceConfig
+
+    d = cfg.trainer.user_dim
+    return UserWorker(UserModelService(UserServiceConfig(model=UserModelConfig(dim=d), index=AnnConfig(dim=d),
+                                                         seed=cfg.trainer.seed)))
+
+
 class TrainerService:
     """One trainer process. ``run()`` until stopped, idle, or ``max_examples`` trained."""
 
@@ -117,7 +133,7 @@ class TrainerService:
         from trainer.model import Learner
 
         self.cfg, self.tc = cfg, cfg.trainer
-        self.export_dir = export_dir
+        self.export_dir = export_dir or cfg.trainer.export_dir
         self.ckpt_dir = Path(self.tc.checkpoint_dir)
         found = checkpoint.latest(self.ckpt_dir)
         if found and not resume:
@@ -125,6 +141,9 @@ class TrainerService:
                 f"checkpoint {found} exists: pass --resume to continue from it, or --fresh to delete it and "
                 "start over")
         self.learner = Learner(self.tc, elapsed_s=cfg.labels.elapsed_s)
+        self.users = user_worker(cfg) if self.tc.user_model else None
+        if self.users is not None:
+            self.learner.user_view = self.users.view
         self.offsets: dict[tuple[str, int], int] = {}
         self.counters = {"examples_trained": 0, "steps": 0, "duplicates": 0, "dead_letters": 0, "checkpoints": 0}
         self.dedup = Dedup()
@@ -150,6 +169,7 @@ class TrainerService:
                 "counters": dict(self.counters), "dedup": self.dedup.ids(),
                 "trained_ids": None if self.trained_ids is None else list(self.trained_ids),
                 "newest_event_ts": self.newest_event_ts,
+                **({"users": self.users.state()} if self.users is not None else {}),
                 "config": msgspec.to_builtins(self.cfg), "written_ts": int(time.time() * 1000)}
 
     def restore(self, st: dict) -> None:
@@ -160,6 +180,9 @@ class TrainerService:
         if st.get("trained_ids") is not None:
             self.trained_ids = list(st["trained_ids"])
         self.newest_event_ts = int(st.get("newest_event_ts", 0))
+        if self.users is not None and "users" in st:
+            self.users.load_state(st["users"])
+            self.learner.user_view = self.users.view  # the live table, not the checkpoint's frozen copy
 
     def checkpoint(self) -> Path:
         from trainer import checkpoint
@@ -171,10 +194,15 @@ class TrainerService:
         log.debug("checkpoint %s in %.2fs", path, time.monotonic() - t)
         self._last_ckpt_t, self._last_ckpt_n = time.monotonic(), self.counters["examples_trained"]
         self._last_ckpt_offsets = dict(self.offsets)
+        if self.users is not None:  # for `streamrec users` (the index as of this checkpoint)
+            from embedding_store.ann import save_index
+
+            save_index(self.users.svc.index, users_index_path(self.cfg))
         if self.export_dir:  # serving artifacts follow the checkpoints
             from trainer.export import export
 
-            export(self.learner, self.export_dir, examples_trained=self.counters["examples_trained"])
+            export(self.learner, self.export_dir, examples_trained=self.counters["examples_trained"],
+                   keep=self.tc.export_keep)
         return path
 
     # ---- one batch -----------------------------------------------------------------------------
@@ -201,7 +229,7 @@ class TrainerService:
                 self.counters["duplicates"] += 1
         if not good:
             return 0
-        fb = featurize(good, self.tc)
+        fb = featurize(good, self.tc, self.learner.user_view)
 
         def publish(p_click: np.ndarray, p_conv: np.ndarray) -> None:
             pb = schema.PredictionBatch(
@@ -217,6 +245,8 @@ class TrainerService:
         if self.trained_ids is not None:
             self.trained_ids.extend(fb.example_ids)
         self.newest_event_ts = max(self.newest_event_ts, int(fb.event_ts.max()))
+        if self.users is not None:  # the user model learns from the batch after the ranker did
+            self.users.submit(good)
         self._stats.add(fb.event_ts, int(time.time() * 1000), fb.emitted_ts)
         return len(good)
 
@@ -240,6 +270,8 @@ class TrainerService:
         report = getattr(self.learner.model.emb, "memory_report", None)  # FIITED: bytes per pool, dims
         if report is not None:
             values.update(report())
+        if self.users is not None:
+            values.update(self.users.stats())
         st = schema.ServiceStats(component="trainer", ts=now, values=values, instance=f"pid{os.getpid()}")
         kafka_io.produce(self.producer, self.cfg.topics.service_stats, schema.encode(st))
 
@@ -290,6 +322,8 @@ class TrainerService:
         finally:
             consumer.close()
             self.producer.flush(30)
+            if self.users is not None:
+                self.users.close()
         return dict(self.counters)
 
     def _dirty(self) -> bool:

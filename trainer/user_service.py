@@ -27,6 +27,8 @@ refreshed vectors (staler, no transformer on the ranking path).
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -67,6 +69,7 @@ class UserModelService:
         self._last_refresh = time.monotonic()
         self._fresh_ms: list[float] = []
         self.counters = {"examples": 0, "events": 0, "upserts": 0, "refreshes": 0}
+        self.on_upsert = None  # called as on_upsert(ids (N,), vectors (N, d)) after each refresh's upsert
 
     def _mark(self, user_id: int | None, ts: int, now: float) -> None:
         if user_id is None:
@@ -98,6 +101,15 @@ class UserModelService:
         self._maybe_refresh()
         return {"trained": len(examples), "loss": loss, "p_click": p}
 
+    def absorb(self, examples: Sequence[schema.Example]) -> int:
+        """Fold examples into the histories without training (a batch the model had no time for)."""
+        now = time.monotonic()
+        for e in examples:
+            self._mark(self.history.observe(e), e.impression.ts, now)
+        self.counters["examples_absorbed"] = self.counters.get("examples_absorbed", 0) + len(examples)
+        self._maybe_refresh()
+        return len(examples)
+
     def observe(self, events) -> int:
         """Raw Impression / Click / Conversion events into the histories (no training); returns users touched."""
         now = time.monotonic()
@@ -126,7 +138,10 @@ class UserModelService:
         for s in range(0, len(users), 4096):  # bounded memory per encode
             vecs.append(self.model.encode(self.history.sequences(users[s:s + 4096], now_ts[s:s + 4096],
                                                                  max_len=self.cfg.model.max_len)))
-        self.index.upsert(np.array(users, np.int64), np.concatenate(vecs), now_ts)
+        ids, vecs = np.array(users, np.int64), np.concatenate(vecs)
+        self.index.upsert(ids, vecs, now_ts)
+        if self.on_upsert is not None:
+            self.on_upsert(ids, vecs)
         done = time.monotonic()
         self._fresh_ms.extend((done - self._dirty[u][0]) * 1000.0 for u in users)
         del self._fresh_ms[:-100_000]
@@ -150,6 +165,24 @@ class UserModelService:
         v = self.model.ad_vectors(np.fromiter((i.ad_id for i in imps), np.int64, len(imps)))
         return u, u * v
 
+    # -- in-memory state for the trainer's one-file checkpoint (tensors only: loads with weights_only) --
+    def state(self) -> dict:
+        """Everything to continue exactly: model + optimisers, histories and index (as ``.npz`` bytes in
+        uint8 tensors: they hold strings), counters. Dirty users are re-encoded first."""
+        self.refresh()
+        # deep copy: state_dict() tensors alias the live weights and optimiser moments
+        return {"model": copy.deepcopy(self.model.state()), "counters": dict(self.counters),
+                "history": _npz_tensor(self.history.snapshot()), "index": _npz_tensor(self.index.snapshot())}
+
+    def load_state(self, st: dict) -> None:
+        """Restore :meth:`state` into this (fresh) service."""
+        self.model.load_state(st["model"])
+        self.counters.update(st["counters"])
+        self.history = UserHistory.restore(_tensor_npz(st["history"]), self.cfg.history)
+        self.index = make_index(self.cfg.index)
+        self.index.restore(_tensor_npz(st["index"]))
+        self._dirty.clear()
+
     # -- checkpoint: model.pt, history.npz, index (one directory; each file written atomically) --
     def save(self, directory: str | os.PathLike) -> Path:
         d = Path(directory)
@@ -172,3 +205,14 @@ class UserModelService:
         svc.counters.update(st["counters"])
         svc.history = UserHistory.load(d / "history.npz", cfg.history)
         return svc
+
+
+def _npz_tensor(arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def _tensor_npz(t: torch.Tensor) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(t.numpy().tobytes()), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -1,0 +1,116 @@
+"""The user model beside the ranker: background worker, ranker features, checkpoint state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedding_store.ann import AnnConfig
+from streams import schema
+from streams.config import TrainerConfig
+from streams.generate import GeneratorConfig, simulate
+from trainer.features import featurize
+from trainer.model import Learner
+from trainer.user_features import UserVectors, UserWorker
+from trainer.user_model import UserModelConfig
+from trainer.user_service import UserModelService, UserServiceConfig
+
+DIM = 8
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[schema.Example]:
+    sim = simulate(GeneratorConfig(n_impressions=3000, seed=5, n_users=300))
+    clicks = {r.impression_id for r in sim.records if isinstance(r, schema.Click)}
+    return [schema.Example(example_id=r.event_id, impression=r, click=int(r.event_id in clicks), conversion=0)
+            for r in sim.records if isinstance(r, schema.Impression)]
+
+
+def _worker(seed: int = 0) -> UserWorker:
+    cfg = UserServiceConfig(model=UserModelConfig(dim=DIM, max_len=8, ad_buckets=1000),
+                            index=AnnConfig(dim=DIM, kind="exact"), refresh_every_s=0.05, seed=seed)
+    return UserWorker(UserModelService(cfg))
+
+
+def test_every_submitted_example_reaches_the_histories_once_and_the_view_follows_the_index(examples):
+    w = _worker()
+    try:
+        for s in range(0, len(examples), 100):  # submitted faster than the model trains: some are absorbed
+            w.submit(examples[s:s + 100])
+        w.drain()
+        c = w.svc.counters
+        assert c["examples"] + c.get("examples_absorbed", 0) == len(examples)
+        assert w.trained_batches >= 1 and w.trained_batches + w.absorbed_batches == len(range(0, len(examples), 100))
+        users = np.array(sorted({e.impression.user_id for e in examples}))
+        assert len(w.view) == len(w.svc.index) == len(users)
+        f = w.view.features(users, np.zeros(len(users), np.int64))
+        u = f[:, :DIM] / np.linalg.norm(f[:, :DIM], axis=1, keepdims=True)
+        np.testing.assert_allclose(u, w.svc.index.get(users), atol=1e-6)  # the newest vectors (cosine index)
+        ad = w.svc.model.ad_vectors(np.zeros(1, np.int64))
+        np.testing.assert_allclose(f[:, DIM:], f[:, :DIM] * ad, rtol=1e-6)
+        unknown = w.view.features(np.array([10**12]), np.array([1]))
+        assert unknown.shape == (1, 2 * DIM) and not unknown.any()
+    finally:
+        w.close()
+
+
+def test_state_round_trip_restores_model_histories_index_and_view(examples):
+    a = _worker()
+    try:
+        a.submit(examples[:1500])
+        st = a.state()
+        b = _worker()
+        b.load_state(st)
+        users = np.array(sorted({e.impression.user_id for e in examples[:1500]}))
+        ads = np.array([e.impression.ad_id for e in examples[:len(users)]])
+        np.testing.assert_array_equal(a.view.features(users, ads), b.view.features(users, ads))
+        assert b.svc.history.get(int(users[0])) == a.svc.history.get(int(users[0]))
+        # both continue identically from the same state
+        a.svc.process(examples[1500:1600])
+        b.svc.process(examples[1500:1600])
+        a.svc.refresh(), b.svc.refresh()
+        np.testing.assert_array_equal(a.view.features(users, ads), b.view.features(users, ads))
+        b.close()
+        frozen = UserVectors.from_state(a.view.state())
+        np.testing.assert_array_equal(frozen.features(users, ads), a.view.features(users, ads))
+    finally:
+        a.close()
+
+
+def test_a_failure_in_the_worker_thread_surfaces_in_the_trainer(examples):
+    w = _worker()
+    try:
+        w.submit(["not an example"])  # type: ignore[list-item]  process() raises in the thread
+        with pytest.raises(RuntimeError, match="user model thread failed"):
+            w.drain()
+        with pytest.raises(RuntimeError, match="user model thread failed"):
+            w.submit(examples[:10])
+    finally:
+        w.close()
+
+
+def test_the_ranker_reads_the_user_features(examples):
+    tc = TrainerConfig(hash_buckets=1000, device="cpu", backend="torch", user_dim=DIM)
+    learner = Learner(tc)
+    w = _worker()
+    try:
+        learner.user_view = w.view
+        batch = examples[:256]
+        fb0 = featurize(batch, tc, learner.user_view)
+        assert fb0.user.shape == (256, 2 * DIM) and not fb0.user.any()  # nobody encoded yet
+        w.submit(batch)
+        w.drain()
+        fb1 = featurize(batch, tc, learner.user_view)
+        assert fb1.user[:, :DIM].any(axis=1).all()
+        p0, p1 = learner.score(fb0)[0], learner.score(fb1)[0]
+        assert not np.allclose(p0, p1)  # the features reach the model's input
+        st = learner.state()
+        back = Learner(tc)
+        back.load_state(st)
+        np.testing.assert_array_equal(back.score(featurize(batch, tc, back.user_view))[0], p1)
+    finally:
+        w.close()
+    off = TrainerConfig(hash_buckets=1000, device="cpu", backend="torch", user_model=False)
+    assert featurize(examples[:4], off).user is None
+    assert Learner(off).model.cross[0].in_features + 2 * 32 == Learner(TrainerConfig(
+        hash_buckets=1000, device="cpu", backend="torch")).model.cross[0].in_features
