@@ -192,6 +192,15 @@ def test_train_without_broker_says_how_to_configure(tmp_path, capsys):
     assert "STREAMREC_KAFKA__BOOTSTRAP_SERVERS" in capsys.readouterr().err
 
 
+def test_train_rejects_a_bad_fiited_setting_by_name(cfg, tmp_path, capsys):
+    cfg = replace(cfg, trainer={"checkpoint_dir": str(tmp_path), "device": "cpu", "backend": "fiited",
+                                "embedding_dim": 64, "fiited": {"budgett": 0.3}})
+    args = argparse.Namespace(resume=False, fresh=False, max_examples=None, idle_exit=None, checkpoint_dir=None,
+                              record_trained_ids=False)
+    assert train_cli(args, cfg) == 2
+    assert "trainer.fiited.budgett: unknown field" in capsys.readouterr().err
+
+
 def test_dedup_window_is_bounded():
     d = Dedup(capacity=3)
     assert [d.add(x) for x in "abca"] == [True, True, True, False]

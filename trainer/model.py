@@ -61,7 +61,7 @@ class MDMOModel(nn.Module):
         self.n_dom = len(schema.DOMAINS)
         self.num_tables = len(table_names(tcfg))
         self.emb = make_embeddings(backend, self.num_tables, tcfg.hash_buckets, tcfg.embedding_dim,
-                                   tcfg.lr_sparse, device)
+                                   tcfg.lr_sparse, device, fiited=tcfg.fiited)
         self.domain_emb = nn.Embedding(self.n_dom, DOMAIN_DIM, device=device)
         self.user_in = 2 * tcfg.user_dim if tcfg.user_model else 0  # [u, u * v_ad] (trainer/user_features.py)
         f = self.num_tables * tcfg.embedding_dim + tcfg.dense_dim + DOMAIN_DIM + self.user_in

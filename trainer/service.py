@@ -391,7 +391,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     try:
         run_trainer(cfg, resume=args.resume, max_examples=args.max_examples, idle_exit_s=args.idle_exit,
                     record_ids=args.record_trained_ids, export_dir=getattr(args, "export_dir", None))
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, ValueError) as e:  # ValueError: a trainer setting the model rejects
         print(f"streamrec train: {e}", file=sys.stderr)
         return 2
     return 0
