@@ -23,7 +23,11 @@ class FiitedConfig:
     * ``admit_hits``: a slot keeps using its table's shared row until it was seen this many times.
     * ``ttl_steps``: a row unseen for this many steps is evicted unless its importance is in the top
       ``protect_quantile`` of live rows (the floor).
-    * ``decay``: importance multiplier per resize (old gradient energy fades).
+    * ``decay``: importance multiplier per maintenance pass (old gradient energy fades).
+    * ``resize_fill``: a resize fits the live rows into this fraction of the budget; the rest is room for ids
+      admitted before the next resize.
+    * ``grow_momentum``: a row moved to a wider pool keeps this fraction of its row-wise Adagrad momentum
+      (new chunks start at zero and must learn fast; the row's full momentum would freeze them).
     * ``headroom``: spare rows per pool after a compaction (fraction of the live rows).
     """
 
@@ -37,6 +41,8 @@ class FiitedConfig:
     ttl_steps: int = 5_000
     protect_quantile: float = 0.9
     decay: float = 0.5
+    resize_fill: float = 0.9
+    grow_momentum: float = 0.1
     headroom: float = 0.25
     lr: float = 0.05
     init_range: float = 0.01
@@ -67,6 +73,8 @@ def validate(cfg: FiitedConfig, dim: int | None = None, where: str = "FiitedConf
         ("ttl_steps", cfg.ttl_steps >= 1, ">= 1"),
         ("protect_quantile", 0 <= cfg.protect_quantile <= 1, "in [0, 1]"),
         ("decay", 0 <= cfg.decay <= 1, "in [0, 1]"),
+        ("resize_fill", 0 < cfg.resize_fill <= 1, "in (0, 1]"),
+        ("grow_momentum", 0 <= cfg.grow_momentum <= 1, "in [0, 1]"),
         ("headroom", cfg.headroom >= 0, ">= 0"),
         ("lr", cfg.lr > 0, "> 0"),
     ]

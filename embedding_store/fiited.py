@@ -59,6 +59,7 @@ class FiitedEmbeddings(SparseEmbeddings):
                 self.pools.weights(t, 0)[0] = torch.empty(self.dims[0]).uniform_(-cfg.init_range, cfg.init_range,
                                                                                  generator=g)
         self._colmap_cache: tuple | None = None
+        self._rb = importance.row_bytes(cfg.pool_chunks, cfg.chunk_dim)
 
     # -- lookup --------------------------------------------------------------------------------------
     def colmap(self) -> torch.Tensor:
@@ -85,6 +86,9 @@ class FiitedEmbeddings(SparseEmbeddings):
     def forward_pools(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-pool outputs (B, T*sum(dims)), colmap): a consumer may fold the zero padding into its next
         linear layer (``x @ W[:, colmap]``) instead of materialising (B, T*D)."""
+        if self.cfg.admit_hits == 0 and torch.is_grad_enabled():  # admit on the first training lookup
+            validate_batch(indices, offsets, self.num_tables, self.rows)
+            self._admit_unseen(indices, offsets)
         rows, off, slots = self.route(indices, offsets)
         if torch.is_grad_enabled():
             self._pending = slots  # counted in step(): scoring (no_grad) never mutates the store
@@ -155,7 +159,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         # eviction: stale and below the floor
         ev, _ = admission.evict_mask(last[live], self.steps, cfg.ttl_steps, imp[live], np.ones(len(live), bool),
                                      cfg.protect_quantile)
-        rb = importance.row_bytes(cfg.pool_chunks, cfg.chunk_dim)
+        rb = self._rb
         max_rows = int(self.budget_bytes() // rb[0])
         keep = live[~ev]
         if len(keep) > max_rows:  # even at the smallest width the live rows overflow: drop the least important
@@ -169,33 +173,42 @@ class FiitedEmbeddings(SparseEmbeddings):
         if self.steps % cfg.resize_every == 0 and len(keep):
             cur = code[keep].astype(np.int64) >> POOL_SHIFT
             tgt = importance.assign_pools(imp[keep], cfg.pool_chunks, cfg.chunk_dim,
-                                          self.budget_bytes() - rb[0] * 0, power=0.5)
+                                          self.budget_bytes() * cfg.resize_fill, power=0.5)
             mv = tgt != cur
             self._move(keep[mv], tgt[mv])
             c["resized"] += int(mv.sum())
             c["grown"] += int((tgt[mv] > cur[mv]).sum())
             c["shrunk"] += int((tgt[mv] < cur[mv]).sum())
-        # admission into the smallest pool, most-hit first, within the row cap
-        live_now = self.code.numpy() != 0
-        cand = np.flatnonzero(admission.admit_mask(hits, live_now, cfg.admit_hits))
-        room = max(max_rows - int(live_now.sum()), 0)
-        if len(cand) > room:
-            cand = np.sort(cand[np.argsort(-hits[cand], kind="stable")[:room]])
-        self._admit(cand)
+        # admission of every slot seen often enough, most-hit first, as wide as the free budget allows
+        cand = np.flatnonzero(admission.admit_mask(hits, self.code.numpy() != 0, cfg.admit_hits))
+        self._admit_candidates(cand)
 
-    def _max_rows(self) -> int:
-        return int(self.budget_bytes() // importance.row_bytes(self.cfg.pool_chunks, self.cfg.chunk_dim)[0])
+    def _private_bytes(self) -> int:
+        """Bytes of the private rows (weights + momentum), from the pools' per-width live counts (no scan)."""
+        live = self.pools.live_p.copy()
+        live[0] -= self.num_tables  # the shared rows
+        return int((live * self._rb).sum())
 
     def _admit_seen(self, slots: np.ndarray) -> None:
-        """Per step: slots of this batch that reached ``admit_hits`` get their own row (most-hit first)."""
+        """Per step: slots of this batch that reached ``admit_hits`` get their own row."""
         code, hits = self.code.numpy(), self.hits.numpy()
-        cand = np.unique(slots[(code[slots] == 0) & (hits[slots] >= max(self.cfg.admit_hits, 1))])
+        self._admit_candidates(np.unique(slots[(code[slots] == 0) & (hits[slots] >= max(self.cfg.admit_hits, 1))]))
+
+    @torch.no_grad()
+    def _admit_unseen(self, indices: torch.Tensor, offsets: torch.Tensor) -> None:
+        b = (offsets.numel() - 1) // self.num_tables
+        t = torch.repeat_interleave(torch.arange(offsets.numel() - 1) // max(b, 1), offsets.diff(),
+                                    output_size=indices.numel())
+        slots = (t * self.rows + indices.long()).numpy()
+        self._admit_candidates(np.unique(slots[self.code.numpy()[slots] == 0]))
+
+    def _admit_candidates(self, cand: np.ndarray) -> None:
+        """Admit sorted slots ``cand``: most-hit first, in the pool :func:`admission.admit_plan` picks."""
         if not len(cand):
             return
-        room = max(self._max_rows() - (self.pools.n_live - self.num_tables), 0)
-        if len(cand) > room:
-            cand = np.sort(cand[np.argsort(-hits[cand], kind="stable")[:room]])
-        self._admit(cand)
+        order = np.argsort(-self.hits.numpy()[cand], kind="stable")
+        pool, k = admission.admit_plan(len(cand), self.budget_bytes() - self._private_bytes(), self._rb)
+        self._admit(np.sort(cand[order[:k]]), int(pool))
 
     def _apply(self, remap) -> None:
         if remap is not None:
@@ -239,25 +252,34 @@ class FiitedEmbeddings(SparseEmbeddings):
             nr = torch.from_numpy(new_rows.astype(np.int64))
             w[nr] = 0.0
             w[nr, :k] = self.pools.weights(tt, sp)[old_rows, :k]
-            self.pools.momentum(tt, dp)[nr] = self.pools.momentum(tt, sp)[old_rows]
+            mom = self.pools.momentum(tt, sp)[old_rows]
+            if dp > sp:  # grown: the new chunks need a fresh learning rate (the old ones get a boost too)
+                mom = mom * np.float32(self.cfg.grow_momentum)
+            self.pools.momentum(tt, dp)[nr] = mom
             new_codes[m] = (dp << POOL_SHIFT) | new_rows.astype(np.int64)
+            self.snap[torch.from_numpy(slots[m])] = mom  # importance counts gradient energy from here on
         self._free(slots, codes)
         self.code[torch.from_numpy(slots)] = torch.from_numpy(new_codes.astype(np.int32))
 
-    def _admit(self, slots: np.ndarray) -> None:
-        """Private rows in pool 0 for ``slots``, starting as a copy of the shared row (momentum 0)."""
+    def _admit(self, slots: np.ndarray, pool: int = 0) -> None:
+        """Private rows in ``pool`` for ``slots``: :func:`admission.init_rows` values, except that an id which
+        already trained the shared row (``admit_hits > 0``) starts its first chunk from it; momentum 0."""
         if not len(slots):
             return
-        self._apply(self.pools.reserve(self._need(slots, np.zeros(len(slots), np.int64)), self.cfg.headroom))
+        self._apply(self.pools.reserve(self._need(slots, np.full(len(slots), pool, np.int64)), self.cfg.headroom))
         t = slots // self.rows
         new_codes = np.zeros(len(slots), dtype=np.int64)
+        d0, cfg = self.dims[0], self.cfg
+        init = torch.from_numpy(admission.init_rows(slots, self.dims[pool], self.dim, cfg.init_range, cfg.seed))
         for tt, m in self._groups(t):
-            rows = self.pools.alloc(tt, 0, slots[m].astype(np.int32))
-            w = self.pools.weights(tt, 0)
+            rows = self.pools.alloc(tt, pool, slots[m].astype(np.int32))
+            w = self.pools.weights(tt, pool)
             nr = torch.from_numpy(rows.astype(np.int64))
-            w[nr] = w[0].clone()
-            self.pools.momentum(tt, 0)[nr] = 0.0
-            new_codes[m] = rows
+            w[nr] = init[torch.from_numpy(m)]
+            if cfg.admit_hits > 0:
+                w[nr, :d0] = self.pools.weights(tt, 0)[0].clone()
+            self.pools.momentum(tt, pool)[nr] = 0.0
+            new_codes[m] = (pool << POOL_SHIFT) | rows.astype(np.int64)
         idx = torch.from_numpy(slots)
         self.code[idx] = torch.from_numpy(new_codes.astype(np.int32))
         self.imp[idx] = 0.0

@@ -47,6 +47,7 @@ class PoolSet:
         self.T, self.P = caps.shape
         self._build(caps.astype(np.int64))
         self.n_live = 0  # rows in use over all pools (kept so per-step admission needs no scan)
+        self.live_p = np.zeros(self.P, dtype=np.int64)  # rows in use per width class, all tables
         self.owner = [[np.full(int(caps[t, p]), FREE, dtype=np.int32) for p in range(self.P)]
                       for t in range(self.T)]
         # free rows as stacks (pop from the end): lowest rows are reused first
@@ -88,6 +89,7 @@ class PoolSet:
         self.free[t][p] = st[: len(st) - k]
         self.owner[t][p][rows] = slots
         self.n_live += k
+        self.live_p[p] += k
         return rows
 
     @torch.no_grad()
@@ -100,6 +102,7 @@ class PoolSet:
         self.momentum(t, p)[idx] = 0.0
         self.owner[t][p][rows] = FREE
         self.n_live -= len(rows)
+        self.live_p[p] -= len(rows)
         self.free[t][p] = np.concatenate([self.free[t][p], np.sort(rows)[::-1].astype(np.int32)])
 
     def reserve(self, need: np.ndarray, headroom: float, shrink_below: float = 0.25
@@ -116,7 +119,9 @@ class PoolSet:
         shrink &= (self.caps - target) > 64  # not worth a rebuild for a few rows
         if not (grow.any() or shrink.any()):
             return None
-        caps = np.where(grow, np.maximum(target, 2 * self.caps), np.where(shrink, target, self.caps))  # doubling
+        # grow to live * (1 + headroom), not by doubling: capacity is the memory we report (rebuilds stay
+        # amortised: each one buys ``headroom`` of growth)
+        caps = np.where(grow, target, np.where(shrink, target, self.caps))
         return self.rebuild(caps)
 
     @torch.no_grad()
@@ -177,4 +182,5 @@ class PoolSet:
                 ps.free[t][p] = free[f: f + k].astype(np.int32).copy()
                 o, f = o + c, f + k
         ps.n_live = int((owner != FREE).sum())
+        ps.live_p = ps.live_rows().sum(axis=0).astype(np.int64)
         return ps

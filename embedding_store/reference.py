@@ -45,6 +45,9 @@ class ReferenceStore(nn.Module):
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         b = validate_batch(indices, offsets, self.num_tables, self.rows)
         off, idx = offsets.tolist(), indices.tolist()
+        if self.cfg.admit_hits == 0 and torch.is_grad_enabled():  # admit on the first training lookup
+            seen = {(bag // b) * self.rows + v for bag in range(len(off) - 1) for v in idx[off[bag]: off[bag + 1]]}
+            self._admit_candidates(np.array(sorted(seen - set(self.private)), dtype=np.int64))
         keys, leaves = {}, []
         out = torch.zeros(b, self.num_tables * self.dim)
         terms = []
@@ -122,7 +125,8 @@ class ReferenceStore(nn.Module):
         c["evicted"] += len(gone)
         if self.steps % cfg.resize_every == 0 and len(keep):
             cur = np.array([self.private[int(s)][0] for s in keep])
-            tgt = importance.assign_pools(self.imp[keep], cfg.pool_chunks, cfg.chunk_dim, self.budget_bytes())
+            tgt = importance.assign_pools(self.imp[keep], cfg.pool_chunks, cfg.chunk_dim,
+                                          self.budget_bytes() * cfg.resize_fill)
             for s, a, z in zip(keep, cur, tgt):
                 if a != z:
                     e = self.private[int(s)]
@@ -130,32 +134,36 @@ class ReferenceStore(nn.Module):
                     k = min(self.dims[a], self.dims[z])
                     w[:k] = e[1][:k]
                     e[0], e[1] = int(z), w
+                    if z > a:  # grown: fresh learning rate for the new chunks
+                        e[2] = np.float32(e[2] * np.float32(cfg.grow_momentum))
+                    self.snap[s] = e[2]
             mv = tgt != cur
             c["resized"] += int(mv.sum())
             c["grown"] += int((tgt[mv] > cur[mv]).sum())
             c["shrunk"] += int((tgt[mv] < cur[mv]).sum())
         admitted = np.zeros(len(self.hits), bool)
         admitted[list(self.private)] = True
-        cand = np.flatnonzero(admission.admit_mask(self.hits, admitted, cfg.admit_hits))
-        room = max(max_rows - len(self.private), 0)
-        if len(cand) > room:
-            cand = np.sort(cand[np.argsort(-self.hits[cand], kind="stable")[:room]])
-        self._admit(cand)
+        self._admit_candidates(np.flatnonzero(admission.admit_mask(self.hits, admitted, cfg.admit_hits)))
 
     def _admit_seen(self, slots: np.ndarray) -> None:
-        cand = sorted({int(s) for s in slots if s not in self.private and self.hits[s] >= max(self.cfg.admit_hits, 1)})
-        max_rows = int(self.budget_bytes() // importance.row_bytes(self.cfg.pool_chunks, self.cfg.chunk_dim)[0])
-        room = max(max_rows - len(self.private), 0)
-        cand = np.array(cand, dtype=np.int64)
-        if len(cand) > room:
-            cand = np.sort(cand[np.argsort(-self.hits[cand], kind="stable")[:room]])
-        self._admit(cand)
+        self._admit_candidates(np.array(sorted({int(s) for s in slots if s not in self.private
+                                                and self.hits[s] >= max(self.cfg.admit_hits, 1)}), dtype=np.int64))
 
-    def _admit(self, cand) -> None:
-        for s in cand:
-            self.private[int(s)] = [0, self.shared[s // self.rows][0].copy(), np.float32(0)]
+    def _admit_candidates(self, cand: np.ndarray) -> None:
+        if not len(cand):
+            return
+        rb = importance.row_bytes(self.cfg.pool_chunks, self.cfg.chunk_dim)
+        used = sum(int(rb[e[0]]) for e in self.private.values())
+        order = np.argsort(-self.hits[cand], kind="stable")
+        pool, k = admission.admit_plan(len(cand), self.budget_bytes() - used, rb)
+        cfg = self.cfg
+        for s in sorted(cand[order[:k]].tolist()):
+            w = admission.init_rows(np.array([s]), self.dims[pool], self.dim, cfg.init_range, cfg.seed)[0]
+            if cfg.admit_hits > 0:  # the id trained the shared row so far: its first chunk starts from it
+                w[: self.dims[0]] = self.shared[s // self.rows][0]
+            self.private[s] = [int(pool), w, np.float32(0)]
             self.imp[s] = self.snap[s] = 0
-        self.counters["admitted"] += len(cand)
+        self.counters["admitted"] += int(k)
 
     def chunks(self, t: int, v: int) -> int:
         e = self.private.get(t * self.rows + v)

@@ -52,8 +52,25 @@ def test_new_ids_share_until_admitted(impl):
     for _ in range(CFG.maintain_every):
         s(idx, off).sum().backward()
         s.step()
-    assert s.chunks(0, 5) == 1 and s.chunks(0, 6) == 0  # seen 5 >= admit_hits times: own smallest row
-    assert s.counters["admitted"] >= 1
+    assert s.chunks(0, 5) == CFG.num_chunks and s.chunks(0, 6) == 0  # seen >= admit_hits: own row, full width
+    assert s.counters["admitted"] >= 1                                 # while the budget has room
+
+
+def test_admission_width_follows_the_free_budget(impl):
+    # budget 0.06 of 3 tables x 64 rows x 17 floats: 783 B; rows cost 20 / 36 / 68 B at 4 / 8 / 16 dims
+    s = impl(T, R, replace(CFG, budget=0.06, admit_hits=1, maintain_every=1000, resize_every=1000))
+    off = torch.arange(T * B + 1)
+    # step 1: ids 1-6 of table 0 and id 0 of each table: 9 x 68 B fit (171 B left); step 2: 3 x 68 B do not,
+    # 3 x 36 B do (63 B left); step 3: 6 x 20 B do not: the 3 that fit get the smallest width
+    for ids, want in (([1, 2, 3, 4, 5, 6], 4), ([7, 8, 9], 2), (list(range(10, 16)), 1)):
+        idx = torch.tensor([0] * (T * B))
+        idx[: len(ids)] = torch.tensor(ids)
+        s(idx, off).sum().backward()
+        s.step()  # 6 ids of table 0 (and id 0 of every table) seen once: admitted as wide as the room allows
+        assert s.chunks(0, ids[0]) == want, (ids, [s.chunks(0, i) for i in ids])
+    used = sum(4 * (s.chunks(t, v) * CFG.chunk_dim + 1) for t in range(T) for v in range(R) if s.chunks(t, v))
+    assert used <= 0.06 * T * R * (CFG.dim + 1) * 4
+    assert [s.chunks(0, v) for v in range(10, 16)] == [1, 1, 1, 0, 0, 0]  # the budget ran out: the rest share
 
 
 def test_retained_chunks_survive_resize_and_pruned_chunks_are_zero(impl):
@@ -126,7 +143,7 @@ def test_gradients_reach_the_right_rows(impl):
     after = {(t, v): s.row(t, v) for t in range(T) for v in (2, 3)}
     gsum = np.zeros(CFG.dim, np.float32)
     gsum[1] = B  # B bags hit row (1, 3)
-    m = np.mean(gsum[: CFG.chunk_dim] ** 2)
+    m = np.mean(gsum[: s.chunks(1, 3) * CFG.chunk_dim] ** 2)  # row-wise: the mean over the row's own width
     want = before[1, 3] - CFG.lr * gsum / (np.sqrt(m) + 1e-8)
     assert np.allclose(after[1, 3], want, atol=1e-6)
     assert np.isclose(s.row_momentum(1, 3), m)
@@ -176,10 +193,11 @@ def test_freed_rows_are_reused_and_pools_shrink():
         s.step()
     small = s.memory_report()
     assert small["fiited_evicted"] > 300
-    assert small["fiited_pool_bytes_d4"] < big["fiited_pool_bytes_d4"] / 4, "pool compacted: memory freed"
-    rows_after = s.pools.live_rows()[:, 0].sum()
-    assert rows_after <= T + 3 and rows_after == (s.pools.caps[:, 0] - [len(f) for f in
-                                                   [s.pools.free[t][0] for t in range(T)]]).sum()
+    pool_bytes = lambda rep: sum(rep[f"fiited_pool_bytes_d{d}"] for d in cfg.pool_dims())
+    assert pool_bytes(small) < pool_bytes(big) / 4, "pools compacted: memory freed"
+    rows_after = s.pools.live_rows().sum()
+    assert rows_after <= 2 * T + 3 and rows_after == (s.pools.caps.sum() - sum(len(f) for fs in s.pools.free
+                                                                               for f in fs))
 
 
 def test_free_list_reuses_rows_and_rebuild_keeps_owners():
@@ -240,3 +258,35 @@ def test_trainer_backend_fiited_trains_and_resumes_bit_exactly(tmp_path):
     rep = a.model.emb.memory_report()
     assert rep["fiited_admitted"] > 0 and rep["fiited_memory_ratio"] < 1.0
     assert all(isinstance(v, float) for v in rep.values())  # ServiceStats.values-ready
+
+
+def test_admit_on_first_lookup_with_room_matches_fixed_tables():
+    """admit_hits=0 and a budget with room: every id gets a full row (admission.init_rows) before its first
+    lookup, so the store trains exactly like a fixed table initialised the same way."""
+    from embedding_store.admission import init_rows
+
+    cfg = replace(CFG, admit_hits=0, budget=1.0, maintain_every=5, resize_every=10)
+    f, r = FiitedEmbeddings(T, R, cfg), ReferenceStore(T, R, cfg)
+    ref = torch.nn.EmbeddingBag(T * R, CFG.dim, mode="sum", include_last_offset=True)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(init_rows(np.arange(T * R), CFG.dim, CFG.dim, cfg.init_range, cfg.seed)))
+    mom = torch.zeros(T * R)
+    rng, gen = np.random.default_rng(1), torch.Generator().manual_seed(1)
+    for _ in range(12):
+        idx, off = batch(rng, hot=R)
+        g = torch.randn(B, T * CFG.dim, generator=gen)
+        shift = torch.repeat_interleave(torch.arange(T * B) // B * R, off.diff())
+        y = ref(idx + shift, off).view(T, B, CFG.dim).transpose(0, 1).reshape(B, -1)
+        ys = [s(idx, off) for s in (f, r)]
+        assert all(torch.allclose(y, o, atol=1e-6) for o in ys)
+        (y * g).sum().backward()
+        for o, s in zip(ys, (f, r)):
+            (o * g).sum().backward()
+            s.step()
+        with torch.no_grad():  # row-wise Adagrad by hand on the fixed table
+            rows = ref.weight.grad.abs().sum(1).nonzero()[:, 0]
+            gr = ref.weight.grad[rows]
+            mom[rows] += gr.pow(2).mean(1)
+            ref.weight[rows] -= cfg.lr * gr / (mom[rows].sqrt()[:, None] + 1e-8)
+            ref.weight.grad = None
+    assert f.counters["resized"] == 0 and f.counters["admitted"] == len(f.code.nonzero())
