@@ -5,7 +5,9 @@ In one run, each on its own fresh topics (4 partitions):
 * ``raw producer`` (baseline): the same messages as the replay sends (value = the log line, key = user id,
   explicit partition), encoded *before* the clock starts, produced by a bare ``Producer`` with the same
   settings (``kafka_io.make_producer``) and flushed;
-* ``replay JSONL``: ``streams.replay.replay_file`` of the log (read, decode + validate, route, produce, flush);
+* ``replay JSONL``: ``streams.replay.replay_file`` of the log (read, decode + validate, route, produce, flush),
+  with its default decoder: a worker process for logs of ``WORKER_MIN_BYTES`` or more (this one is);
+* ``replay JSONL, one process``: the same with ``parallel=False`` (decoding in the producing process);
 * ``generate+produce``: ``streams.generate.simulate`` + ``streams.replay.produce`` (simulation included).
 
 Each producing phase runs ``--repeat`` times (alternating) and the best is kept, so one slow pass of the
@@ -92,14 +94,15 @@ def main() -> int:
         del sim
         gc.collect()
         gc.freeze()  # the fixtures (records, messages) are not what the phases should spend GC passes on
-        raw_s, replay_s, gen_s = [], [], []
+        raw_s, replay_s, inline_s, gen_s = [], [], [], []
         for _ in range(repeat):
             raw_s.append(raw_produce(fresh_config(bs), msgs))
-            cfg = fresh_config(bs)
-            with timer() as t:
-                s = replay_file(cfg, log, progress=False)
-            assert s.events == n_events and s.dead_letters == 0, s
-            replay_s.append(t["s"])
+            for parallel, times in ((None, replay_s), (False, inline_s)):
+                cfg = fresh_config(bs)
+                with timer() as t:
+                    s = replay_file(cfg, log, progress=False, parallel=parallel)
+                assert s.events == n_events and s.dead_letters == 0, s
+                times.append(t["s"])
         cfg = fresh_config(bs)
         with timer() as t:
             s = produce(cfg, simulate(g).records, progress=False)
@@ -107,15 +110,19 @@ def main() -> int:
         assert s.events == n_events
         gen_s.append(t["s"])
     raw, rep, gen = n_events / min(raw_s), n_events / min(replay_s), n_events / min(gen_s)
+    inline = n_events / min(inline_s)
     rows = [("raw confluent-kafka producer (pre-encoded)", f"{n_events:,}", f"{min(raw_s):.2f}", f"{raw:,.0f}", "1.00"),
             ("replay JSONL (read+decode+validate+produce)", f"{n_events:,}", f"{min(replay_s):.2f}", f"{rep:,.0f}",
              f"{rep / raw:.2f}"),
+            ("replay JSONL, one process (parallel=False)", f"{n_events:,}", f"{min(inline_s):.2f}",
+             f"{inline:,.0f}", f"{inline / raw:.2f}"),
             ("generate+produce (simulate+encode+produce)", f"{n_events:,}", f"{min(gen_s):.2f}", f"{gen:,.0f}",
              f"{gen / raw:.2f}")]
     print(f"{n:,} impressions -> {n_events:,} events, {PARTITIONS} partitions, best of {repeat} "
-          f"(all passes raw {', '.join(f'{x:.2f}' for x in raw_s)} s; replay {', '.join(f'{x:.2f}' for x in replay_s)} s)")
+          f"(all passes raw {', '.join(f'{x:.2f}' for x in raw_s)} s; replay {', '.join(f'{x:.2f}' for x in replay_s)} s; "
+          f"one process {', '.join(f'{x:.2f}' for x in inline_s)} s; load average {os.getloadavg()[0]:.1f})")
     report("replay", rows, ("phase", "events", "s", "events/s", "x raw"), value=rep, unit="events/s",
-           baseline=raw, generate_events_per_s=round(gen, 1), events=n_events, goal_ratio=0.8)
+           baseline=raw, generate_events_per_s=round(gen, 1), one_process_events_per_s=round(inline, 1), events=n_events, goal_ratio=0.8)
     return 0
 
 

@@ -19,12 +19,14 @@ one line. Other formats (Parquet, public datasets) live in :mod:`streams.formats
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Literal, NamedTuple, Sequence
 
 import msgspec
-import numpy as np
 
 from streams import schema
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: the replay's decoder worker reads logs without it
 
 TopicKind = Literal["impression", "click", "conversion"]
 
@@ -122,6 +124,64 @@ def iter_jsonl_chunks(path: str | os.PathLike, chunk: int = 1 << 20) -> Iterator
             yield n, [carry.rstrip(b"\r")]
 
 
+class Block(NamedTuple):
+    """Whole lines of a file: ``data`` (without its last line break) starts at byte ``offset`` with line
+    number ``first``; the next block starts at ``end``."""
+
+    first: int
+    offset: int
+    data: bytes
+    end: int
+
+
+def iter_blocks(path: str | os.PathLike, offset: int = 0, first: int = 1, size: int = 1 << 20) -> Iterator[Block]:
+    """Blocks of about ``size`` bytes of whole lines, from byte ``offset`` (a line start, numbered ``first``).
+
+    Each block depends only on the file and its own offset, so two readers starting at the same block read
+    the same blocks (the replay's parent and its decoder worker do). The lines are those of
+    :func:`iter_jsonl_chunks`: a line over :data:`MAX_LINE_BYTES` is cut to that length (the rest skipped).
+    """
+    with open(path, "rb") as f:
+        while True:
+            f.seek(offset)
+            buf = f.read(size)
+            if not buf:
+                return
+            cut = buf.rfind(b"\n")
+            if cut >= 0:
+                data, end = buf[:cut], offset + cut + 1
+            elif len(buf) < size:  # the last line, without a line break
+                data, end = buf, offset + len(buf)
+            else:  # one line longer than a block
+                data, end = _long_line(f, buf, offset)
+            yield Block(first, offset, data, end)
+            first += data.count(b"\n") + 1
+            offset = end
+
+
+def _long_line(f: BinaryIO, buf: bytes, offset: int) -> tuple[bytes, int]:
+    """A line starting at ``offset`` whose first ``len(buf)`` bytes are ``buf`` and hold no line break: the
+    line (cut to MAX_LINE_BYTES) and where the next line starts."""
+    parts, n = [buf], len(buf)
+    while n <= MAX_LINE_BYTES:
+        more = f.read(min(1 << 20, MAX_LINE_BYTES + 1 - n))
+        cut = more.find(b"\n")
+        if cut >= 0:
+            parts.append(more[:cut])
+            return b"".join(parts), offset + n + cut + 1
+        if not more:
+            return b"".join(parts), offset + n
+        parts.append(more)
+        n += len(more)
+    line = b"".join(parts)[:MAX_LINE_BYTES]
+    while more := f.read(1 << 20):  # drop the rest of the oversized line
+        cut = more.find(b"\n")
+        n += len(more)
+        if cut >= 0:
+            return line, offset + n - len(more) + cut + 1
+    return line, offset + n
+
+
 def count_lines(path: str | os.PathLike, chunk: int = 1 << 20) -> int:
     """Number of lines in a text file (a last line without a newline counts), read in 1 MiB chunks."""
     n, last = 0, b"\n"
@@ -176,6 +236,8 @@ def _damage(template: msgspec.Struct, kind: str, mutate: Callable[[dict], dict] 
     if kind == "truncated_json":
         return good[: max(1, len(good) // 2)]
     if kind == "binary_garbage":
+        import numpy as np
+
         body = rng.integers(14, 256, 64, dtype=np.uint8).tobytes()  # no \n (10) or \r (13)
         return b"\xff\xfe" + body
     if kind == "not_json":

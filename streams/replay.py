@@ -21,18 +21,25 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import deque
+from itertools import chain, compress
+from operator import length_hint
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import msgspec
 from tqdm import tqdm
 
 from streams import formats, kafka_io, schema
 from streams.config import NO_BROKER, Config
-from streams.logfile import BadRecord, count_lines, iter_jsonl_chunks
+from streams.decode_worker import BLOCK_BYTES, DecoderProcess
+from streams.lineplan import Plan, Router, plan_block, split_lines
+from streams.logfile import BadRecord, count_lines, iter_blocks
 
 STATS_EVERY_S = 1.0
-_line_decoder = msgspec.json.Decoder(schema.Record)
+# A native log at least this big is decoded by a worker process (:mod:`streams.decode_worker`) while this
+# process produces; the worker takes ~0.1 s to start, during which this process decodes the first blocks itself.
+WORKER_MIN_BYTES = 8 << 20
 
 
 class ProduceStats(msgspec.Struct, frozen=True):
@@ -70,6 +77,9 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_drain = deque(maxlen=0).extend  # consume an iterator in C
+
+
 class Publisher:
     """Incremental producer of input records for one ``Config``; use as a context manager.
 
@@ -85,6 +95,8 @@ class Publisher:
         self._topic = {schema.Impression: t.impressions, schema.Click: t.clicks, schema.Conversion: t.conversions}
         self._kind_topic = {"impression": t.impressions, "click": t.clicks, "conversion": t.conversions}
         self._counts = {t.impressions: 0, t.clicks: 0, t.conversions: 0}
+        self._topics = (t.impressions, t.clicks, t.conversions)  # by streams.lineplan.TOPIC_INDEX
+        self._router: Router | None = None
         self._partition_of: dict[bytes, int] = {}  # murmur2 in Python is slow; user ids repeat (Zipf)
         self._failed: list[str] = []
         # delivery reports only for failures: a Python callback per message would cost ~10% of the rate
@@ -145,50 +157,51 @@ class Publisher:
     def send_lines(self, lines: list[bytes], first: int) -> tuple[list[int], int]:
         """Decode, validate and produce native log lines (``first`` = line number of ``lines[0]``); each good
         line is sent unchanged (it is already our encoding), with :meth:`send`'s placement rules. Returns the
-        numbers of the lines that failed, for the caller to dead-letter, and how many lines were blank.
+        numbers of the lines that failed, for the caller to dead-letter, and how many lines were blank."""
+        if self._router is None:
+            self._router = Router(self._partitions)
+        plan = plan_block(lines, first, self._router)
+        self.send_plan(lines, plan)
+        return [n for n, _ in plan.failed], plan.blank
 
-        One fused loop, because holding decoded records between steps costs more in garbage-collector
-        passes than the decoding itself (measured: 2x); each record is freed as soon as it is sent."""
-        dec, check, errors = _line_decoder.decode, schema.check, (msgspec.DecodeError, msgspec.ValidationError)
-        topic_of, counts, part_of, produce = self._topic, self._counts, self._partition_of, self._produce
-        parts, last_ts, n = self._partitions, self.last_ts, self._n
-        failed: list[int] = []
-        blank = 0
-        for i, raw in enumerate(lines, first):
+    def send_plan(self, lines: list[bytes], plan: Plan) -> None:
+        """Produce the good events and watermarks of a block of native log lines as ``plan`` places them
+        (:func:`streams.lineplan.plan_block`, made here or by a decoder worker); ``lines`` = the block's lines.
+        The failed lines (``plan.failed``) are the caller's to dead-letter.
+
+        No Python code runs per event: one ``map`` of ``produce`` over the block (a BufferError stops it
+        at a known position, that message waits for queue space, and the rest goes on)."""
+        if len(lines) != plan.n_lines:
+            raise ValueError(f"Publisher.send_plan: the plan of line {plan.first} is for {plan.n_lines} lines, "
+                             f"got {len(lines)}")
+        tidx = plan.tidx
+        vals = list(compress(lines, plan.good)) if plan.good else lines
+        keys = plan.keys.split(b" ") if tidx else []
+        parts = memoryview(plan.parts).cast("I") if self._partitions > 256 else plan.parts
+        start = 0
+        for before, i in plan.marks:  # watermarks go out between the events around them
+            self._produce_range(tidx, vals, keys, parts, start, before)
+            self.send(schema.decode(lines[i], schema.Watermark))
+            start = before
+        self._produce_range(tidx, vals, keys, parts, start, len(tidx))
+        for k, topic in enumerate(self._topics):
+            self._counts[topic] += tidx.count(k)
+        if plan.max_ts > self.last_ts:
+            self.last_ts = plan.max_ts
+        self._n += len(tidx)
+        self.heartbeat()
+
+    def _produce_range(self, tidx: bytes, vals: list[bytes], keys: list[bytes], parts, a: int, b: int) -> None:
+        names, produce = self._topics, self._produce
+        while a < b:
+            kit = iter(keys[a:b])
             try:
-                rec = dec(raw)
-            except errors:
-                if raw.strip():
-                    failed.append(i)
-                else:
-                    blank += 1
-                continue
-            if check(rec) is not None:
-                failed.append(i)
-                continue
-            topic = topic_of.get(type(rec))
-            if topic is None:  # a watermark: broadcast
-                self.last_ts, self._n = last_ts, n
-                self.send(rec)
-                last_ts, n = self.last_ts, self._n
-                continue
-            key = str(rec.user_id).encode()
-            part = part_of.get(key)
-            if part is None:
-                part = part_of[key] = kafka_io.partition_for(key, parts)
-            try:
-                produce(topic, raw, key, part)
-            except BufferError:
-                kafka_io.produce(self._producer, topic, raw, key=key, partition=part)
-            counts[topic] += 1
-            if rec.ts > last_ts:
-                last_ts = rec.ts
-            n += 1
-            if n & 1023 == 0:
-                self.last_ts, self._n = last_ts, n
-                self.heartbeat()
-        self.last_ts, self._n = last_ts, n
-        return failed, blank
+                _drain(map(produce, map(names.__getitem__, tidx[a:b]), vals[a:b], kit, parts[a:b]))
+                return
+            except BufferError:  # map had taken message j from every iterator when produce refused it
+                j = b - 1 - length_hint(kit)
+                kafka_io.produce(self._producer, names[tidx[j]], vals[j], key=keys[j], partition=parts[j])
+                a = j + 1
 
     def dead_letter(self, dl: schema.DeadLetter) -> None:
         kafka_io.produce(self._producer, self.cfg.topics.dead_letters, schema.encode(dl))
@@ -331,7 +344,7 @@ def _in_range(rec: msgspec.Struct, r: TimeRange, feedback_end: int) -> bool:
 
 def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: float | None = None,
                 time_range: TimeRange | None = None, options: formats.ReadOptions = formats.ReadOptions(),
-                progress: bool = True, watermark: bool = True) -> ReplayStats:
+                progress: bool = True, watermark: bool = True, parallel: bool | None = None) -> ReplayStats:
     """Replay one log file (``fmt``: a name of :func:`streams.formats.formats`, or ``"auto"``) into the
     input topics, streaming it row by row.
 
@@ -339,11 +352,15 @@ def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: floa
     relative to the first event. A line that fails to parse or validate becomes a dead letter
     (``reason = "line N: <why>"`` or ``"<format> line N: <why>"``, ``offset = N``, ``topic = <file name>``);
     it never stops the replay. ``lines`` in the result counts source rows read (good and bad).
+
+    ``parallel``: decode a native JSONL log in a worker process (:mod:`streams.decode_worker`) while this one
+    produces; default: when the file has at least :data:`WORKER_MIN_BYTES`. Other formats and paced or
+    time-ranged replays run in this process.
     """
     path = Path(path)
     items = formats.read(path, fmt, options)  # raises FileNotFoundError / FormatError before producing
     if speed is None and time_range is None and (fmt == "jsonl" or fmt == "auto" and formats.detect(path) == "jsonl"):
-        return _replay_jsonl_fast(cfg, path, progress=progress, watermark=watermark)
+        return _replay_jsonl_fast(cfg, path, progress=progress, watermark=watermark, parallel=parallel)
     pacer = _Pacer(speed) if speed is not None else None
     total = count_lines(path) if progress and path.suffix in (".jsonl", ".ndjson") else None
     lab = cfg.labels
@@ -373,22 +390,58 @@ def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: floa
     return ReplayStats(**msgspec.structs.asdict(s), lines=lines, skipped=skipped)
 
 
-def _replay_jsonl_fast(cfg: Config, path: Path, *, progress: bool, watermark: bool) -> ReplayStats:
-    """:func:`replay_file` of a native JSONL log as fast as possible (:meth:`Publisher.send_lines`)."""
+def _replay_jsonl_fast(cfg: Config, path: Path, *, progress: bool, watermark: bool,
+                       parallel: bool | None) -> ReplayStats:
+    """:func:`replay_file` of a native JSONL log as fast as possible: blocks of lines planned
+    (:mod:`streams.lineplan`) here or by a decoder worker, and produced by :meth:`Publisher.send_plan`."""
     total = count_lines(path) if progress else None
+    if parallel is None:
+        parallel = path.stat().st_size >= WORKER_MIN_BYTES
     lines = 0
-    with Publisher(cfg, total=total, progress=progress, desc=f"replay {path.name}") as pub:
-        for first, chunk in iter_jsonl_chunks(path):
-            failed, blank = pub.send_lines(chunk, first)
-            lines += len(chunk) - blank
-            for n in failed:
-                raw = chunk[n - first]
-                why = schema.decode(raw)
-                reason = why.reason if isinstance(why, schema.Invalid) else "invalid"
-                pub.dead_letter(schema.dead_letter(f"line {n}: {reason}", raw, topic=path.name, offset=n,
-                                                   ts=_now_ms(), step="replay"))
+    with (DecoderProcess(path, cfg.topics.partitions, BLOCK_BYTES) if parallel else _NoWorker()) as worker, \
+            Publisher(cfg, total=total, progress=progress, desc=f"replay {path.name}") as pub:
+        for block_lines, plan in _planned_blocks(path, cfg.topics.partitions, worker):
+            pub.send_plan(block_lines, plan)
+            lines += plan.n_lines - plan.blank
+            for n, reason in plan.failed:
+                pub.dead_letter(schema.dead_letter(f"line {n}: {reason}", block_lines[n - plan.first],
+                                                   topic=path.name, offset=n, ts=_now_ms(), step="replay"))
         s = pub.finish(watermark=watermark)
     return ReplayStats(**msgspec.structs.asdict(s), lines=lines)
+
+
+class _NoWorker:
+    def ready(self) -> bool:
+        return False
+
+    def __enter__(self) -> _NoWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _planned_blocks(path: Path, partitions: int, worker) -> Iterator[tuple[list[bytes], Plan]]:
+    """``(lines, plan)`` per block of the log: planned here until the worker is ready, then by the worker
+    (from the next block on). A block the worker saw differently (the file changed under us) and every one
+    after it are planned here again."""
+    router = Router(partitions)
+    blocks = iter_blocks(path, size=BLOCK_BYTES)
+    waiting = True
+    for b in blocks:
+        if waiting and worker.ready():
+            waiting = False
+            worker.begin(b.offset, b.first)
+            for b in chain([b], blocks):
+                plan = worker.next_plan()
+                if plan is None or plan.first != b.first or plan.nbytes != len(b.data):
+                    worker.close()
+                    break
+                yield split_lines(b.data), plan
+            else:
+                return
+        lines = split_lines(b.data)
+        yield lines, plan_block(lines, b.first, router, b.data)
 
 
 def summary(s: ProduceStats) -> str:
