@@ -117,6 +117,8 @@ OVERVIEW = Dashboard(
               description="impression to label reaching the trainer, examples and positives per delay bucket"),
         Panel("embedding_bytes", "Embedding memory by pool", q.EMBEDDING_BYTES, unit="bytes",
               description="FIITED size-class pools, as the trainer reports them"),
+        Panel("user_vectors", "User-vector freshness", q.USER_VECTORS, unit="ms",
+              description="user-model thread: arrival of a user's event to the user's updated vector"),
         Panel("embedding_dims", "Embedding rows by dimension", q.EMBEDDING_DIMS, "table",
               description="rows and bytes per embedding dimension (latest report)"),
         Panel("quality", "Quality by domain", q.QUALITY, "table", width=16,

@@ -398,6 +398,12 @@ FROM ({_latest("component = 'trainer' AND name LIKE 'fiited_pool_bytes_d%'")})
 GROUP BY t, series
 ORDER BY t, series"""
 
+USER_VECTORS = f"""
+SELECT t, concat('event to user vector ', extract(name, 'p\\d+')) AS series, max(v) AS value
+FROM ({_latest("component = 'trainer' AND name IN ('user_freshness_p50_ms', 'user_freshness_p99_ms')")})
+GROUP BY t, series
+ORDER BY t, series"""
+
 EMBEDDING_DIMS = """
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,
        sumIf(v, name LIKE 'fiited_rows_d%') AS rows,

@@ -66,6 +66,8 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
                                                                                "examples_out": done * 1.02}, "l-1")))
         emb = {f"fiited_pool_bytes_d{d}": float(d * 4 * rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))}
         emb.update({f"fiited_rows_d{d}": float(rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))})
+        emb.update({"user_freshness_p50_ms": float(900.0 + 50 * np.sin(i)), "user_freshness_p99_ms": 1800.0,
+                    "user_backlog": float(i % 3)})
         items.append((t.service_stats, schema.ServiceStats("trainer", trained, {"examples_trained": done, **emb},
                                                            "trainer-1")))
         for d in DOMAINS:

@@ -117,7 +117,8 @@ def test_every_panel_query_runs(store):
         schema.ServiceStats("replay", now, {"events_per_s": 5.0, "events_produced": 100.0}),
         schema.ServiceStats("labels", now, {"events_in": 90.0, "examples_out": 40.0}),
         schema.ServiceStats("trainer", now, {"examples_trained": 30.0, "fiited_pool_bytes_d8": 4096.0,
-                                             "fiited_rows_d8": 128.0})]))
+                                             "fiited_rows_d8": 128.0, "user_freshness_p50_ms": 800.0,
+                                             "user_freshness_p99_ms": 1500.0, "user_backlog": 0.0})]))
     store.insert("dead_letters", dead_letter_rows([schema.dead_letter("unparseable: x", b"x", ts=now)]))
     from dashboards.feature_stats import feature_stats_rows
     recs = [f'{{"window_start": {end - 30_000}, "window_end": {end}, "domain": "feed", "features": '
