@@ -9,6 +9,8 @@ Protocol (frames ``kind:1 byte, length:4 bytes LE, payload`` on the worker's std
 
     worker -> "R" (ready)       parent -> "OFFSET FIRST_LINE\\n" on stdin (where to start; EOF = stop)
     worker -> "P" msgpack Plan, one per :func:`streams.logfile.iter_blocks` block, in order
+    parent -> "FIRST_LINE\\n" at any time: the parent plans that block itself (it does so while it would
+              otherwise wait for the worker); the worker answers that block with "K" unless it began it
     worker -> "E" (end of file) or "X" error text, then exits
 
 The pipe holds a few plans (its buffer is raised to 1 MiB where Linux allows): that is the pipeline depth,
@@ -39,14 +41,19 @@ import struct
 import subprocess
 import sys
 import traceback
+from collections import deque
+from itertools import chain
 from pathlib import Path
+from typing import Iterator
 
 import msgspec
 
 from streams.lineplan import Plan, Router, plan_block, split_lines
-from streams.logfile import iter_blocks
+from streams.logfile import Block, iter_blocks
 
-BLOCK_BYTES = 1 << 20
+CLAIM_AHEAD = 4  # blocks the parent may plan ahead while the worker is behind
+BLOCK_BYTES = 1 << 18  # ~800 lines of ours: fine-grained hand-over and claims, ~0.05 us per line of overhead
+SKIPPED = object()  # next_plan's answer for a block the parent claimed
 _HEAD = struct.Struct("<cI")
 _F_SETPIPE_SZ = 1031  # Linux fcntl
 _PR_SET_PDEATHSIG = 1
@@ -70,8 +77,26 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def serve(path: str, partitions: int, block_bytes: int, out, inp) -> None:
-    """The worker's loop: announce readiness, read where to start, send a plan per block, then "E"."""
+class _Claims:
+    """Lines the parent writes on the worker's stdin, read without blocking: "OFFSET FIRST" (start) first,
+    then the first line numbers of blocks the parent plans itself."""
+
+    def __init__(self, fd: int):
+        self.fd, self.buf, self.closed = fd, b"", False
+
+    def lines(self, wait: bool) -> list[bytes]:
+        while not self.closed and (wait or select.select([self.fd], [], [], 0)[0]):
+            chunk = os.read(self.fd, 65536)
+            self.closed = not chunk
+            self.buf += chunk
+            wait = wait and b"\n" not in self.buf
+        *done, self.buf = self.buf.split(b"\n")
+        return done
+
+
+def serve(path: str, partitions: int, block_bytes: int, out, inp_fd: int) -> None:
+    """The worker's loop: announce readiness, read where to start, then one frame per block: its plan, or
+    "K" for a block the parent claimed; "E" at the end."""
     write = out.write
 
     def frame(kind: bytes, payload: bytes = b"") -> None:
@@ -80,14 +105,21 @@ def serve(path: str, partitions: int, block_bytes: int, out, inp) -> None:
         out.flush()
 
     frame(b"R")
-    start = inp.readline()
+    inp = _Claims(inp_fd)
+    start = inp.lines(wait=True)
     if not start:
         return  # the parent finished the log itself
-    offset, first = map(int, start.split())
+    offset, first = map(int, start[0].split())
+    claimed = set(map(int, start[1:]))
     router, encode = Router(partitions), msgspec.msgpack.Encoder().encode
     try:
         for b in iter_blocks(path, offset, first, block_bytes):
-            frame(b"P", encode(plan_block(split_lines(b.data), b.first, router, b.data)))
+            claimed.update(map(int, inp.lines(wait=False)))
+            if b.first in claimed:
+                claimed.discard(b.first)
+                frame(b"K")
+            else:
+                frame(b"P", encode(plan_block(split_lines(b.data), b.first, router, b.data)))
     except Exception:
         frame(b"X", traceback.format_exc().encode())
         raise SystemExit(1)
@@ -100,7 +132,7 @@ def main(argv: list[str]) -> int:
     gc.disable()  # plans hold no cycles; a block of records would otherwise cost GC passes
     _bigger_pipe(sys.stdout.fileno())
     try:
-        serve(path, partitions, block_bytes, sys.stdout.buffer, sys.stdin.buffer)
+        serve(path, partitions, block_bytes, sys.stdout.buffer, sys.stdin.fileno())
     except BrokenPipeError:
         return 1  # the parent went away
     return 0
@@ -119,7 +151,8 @@ class DecoderProcess:
         self.path = str(path)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streams.decode_worker", self.path, str(partitions), str(block_bytes),
-             str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
+             str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
+            bufsize=0)  # unbuffered: select() on the pipe then tells exactly whether a frame is waiting
         self._decode = msgspec.msgpack.Decoder(Plan).decode
         self._started = False
 
@@ -136,26 +169,44 @@ class DecoderProcess:
         self.proc.stdin.flush()
         self._started = True
 
-    def next_plan(self) -> Plan | None:
-        """The next block's plan; None at the end of the file. Raises RuntimeError when the worker failed."""
+    def claim(self, first: int) -> None:
+        """Tell the worker that this process plans the block starting at line ``first`` itself; the worker
+        then answers that block with :data:`SKIPPED` (or, when it had started on it already, with its plan)."""
+        self.proc.stdin.write(b"%d\n" % first)
+        self.proc.stdin.flush()
+
+    def next_plan(self) -> Plan | object | None:
+        """The next block's plan, :data:`SKIPPED` for a claimed block, None at the end of the file. Raises
+        RuntimeError when the worker failed."""
         kind, payload = self._frame()
         if kind == b"P":
             return self._decode(payload)
+        if kind == b"K":
+            return SKIPPED
         if kind == b"E":
             return None
         text = payload.decode(errors="replace").strip()
         last = text.splitlines()[-1] if text else f"unknown frame {kind!r}"
         raise RuntimeError(f"replay decoder worker (pid {self.proc.pid}) failed on {self.path}: {last}\n{text}")
 
+    def _read(self, n: int) -> bytes:
+        read, parts, left = self.proc.stdout.read, [], n
+        while left:
+            got = read(left)
+            if not got:
+                break
+            parts.append(got)
+            left -= len(got)
+        return b"".join(parts)
+
     def _frame(self) -> tuple[bytes, bytes]:
-        read = self.proc.stdout.read
-        head = read(_HEAD.size)
+        head = self._read(_HEAD.size)
         if len(head) < _HEAD.size:
             code = self.proc.wait()
             raise RuntimeError(f"replay decoder worker (pid {self.proc.pid}) exited with code {code} "
                                f"while replaying {self.path}")
         kind, n = _HEAD.unpack(head)
-        payload = read(n) if n else b""
+        payload = self._read(n) if n else b""
         if len(payload) < n:
             raise RuntimeError(f"replay decoder worker (pid {self.proc.pid}): frame cut short "
                                f"({len(payload)} of {n} bytes)")
@@ -178,6 +229,75 @@ class DecoderProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- the parent's plan stream ------------------------------------------------------------------------------
+
+class NoWorker:
+    """Stands in for a :class:`DecoderProcess` when there is none: never ready."""
+
+    def ready(self) -> bool:
+        return False
+
+    def __enter__(self) -> NoWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def planned_blocks(path: str | os.PathLike, partitions: int, worker: DecoderProcess | NoWorker,
+                   block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[list[bytes], Plan]]:
+    """``(lines, plan)`` per block of the log, in order: planned here until the worker is ready, then by the
+    worker, except blocks this process claims and plans itself while it would otherwise wait for the worker
+    (up to :data:`CLAIM_AHEAD` blocks ahead). If the worker saw a block differently (the file changed under
+    us), that block and all after it are planned here."""
+    router = Router(partitions)
+
+    def local(b):
+        lines = split_lines(b.data)
+        return lines, plan_block(lines, b.first, router, b.data)
+
+    blocks = iter_blocks(path, size=block_bytes)
+    for b in blocks:
+        if worker.ready():
+            worker.begin(b.offset, b.first)
+            yield from _with_worker(worker, chain([b], blocks), local)
+            return
+        yield local(b)
+
+
+def _with_worker(worker: DecoderProcess, blocks: Iterator[Block], local) -> Iterator[tuple[list[bytes], Plan]]:
+    ahead: deque = deque()  # (block, local plan or None), read from the file, not yet yielded
+    owed = 0  # frames the worker still sends for claimed blocks already yielded
+    for b in blocks:
+        ahead.append((b, None))
+        while ahead:
+            b, own = ahead[0]
+            if own is None:  # the worker's block: plan blocks ahead of it while its plan is not there yet
+                while len(ahead) <= CLAIM_AHEAD and not worker.ready():
+                    nb = next(blocks, None)
+                    if nb is None:
+                        break
+                    worker.claim(nb.first)
+                    ahead.append((nb, local(nb)))
+                # frames of claimed blocks: SKIPPED, or a plan the worker made before it saw the claim
+                ended = any(worker.next_plan() is None for _ in range(owed))
+                owed = 0
+                plan = None if ended else worker.next_plan()
+                if type(plan) is not Plan or plan.first != b.first or plan.nbytes != len(b.data):
+                    worker.close()  # out of step with the file: plan the rest here
+                    for b2, own2 in ahead:
+                        yield own2 or local(b2)
+                    for b2 in blocks:
+                        yield local(b2)
+                    return
+                ahead.popleft()
+                yield split_lines(b.data), plan
+            else:
+                ahead.popleft()
+                owed += 1
+                yield own
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ a watermark, blank, or failed (with ``schema.decode``'s reason).
 
 Two ways to reach them:
 
-* the fast path decodes the whole block in one ``msgspec`` call into :data:`FastRecord`, where an
-  impression's list fields (``cat``, ``dense``, ``history``) stay raw JSON (msgspec still checks their
-  syntax) and are validated in bulk over the block's bytes: only digits/commas (ids) or digits/commas/minus/
-  dot (floats, hence finite), one ``[`` each, no digit run longer than the id bound allows, no more bytes
-  than ``max_length`` elements can take. It accepts a block only when every line passes, and only under
-  conditions where that proves ``schema.decode`` would accept every line too (see :func:`_fast_block`);
-  materialising the lists was ~40% of the decoding time.
+* the fast path decodes each line into :data:`FastRecord`, where an impression's list fields (``cat``,
+  ``dense``, ``history``) stay raw JSON (msgspec still checks their syntax) and are validated in bulk, a few
+  C passes over the block's joined lists: only digits (ids) or digits, minus and dot (floats: no exponent,
+  hence finite), flat arrays, no digit run longer than the bound allows, at most ``max_length`` elements.
+  It accepts a block only when every line passes, and only under conditions that prove ``schema.decode``
+  would accept every line too (see :func:`_fast_block`). Materialising the lists was ~40% of the decoding
+  time, and a block of decoded Impressions costs GC passes (their lists are tracked objects);
 * otherwise each line goes through ``schema``'s own decoder and ``schema.check`` (the reference).
 
 >>> from streams import schema
@@ -31,7 +31,7 @@ from __future__ import annotations
 import operator
 import re
 from array import array
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from typing import Union
 
 import msgspec
@@ -121,17 +121,16 @@ def split_lines(data: bytes) -> list[bytes]:
 # -- fast path ----------------------------------------------------------------------------------------------
 
 def _raw_list_rule(t: msgspec.inspect.Type) -> tuple[bytes, int, int] | None:
-    """For a list field that can be checked on its raw JSON: (allowed characters once digits are mapped to
-    "0", longest digit run, most bytes); None for any other field (it stays typed)."""
-    if not isinstance(t, msgspec.inspect.ListType) or t.min_length or t.max_length is None:
+    """For a list field that can be checked on its raw JSON: (characters its numbers may hold, longest digit
+    run, max_length); None for any other field (it stays typed)."""
+    if not isinstance(t, msgspec.inspect.ListType) or t.min_length or not t.max_length:
         return None
-    most = 2 * t.max_length + 1  # "[1,2,...]": k elements take at least 2k+1 bytes
     it = t.item_type
     if (isinstance(it, msgspec.inspect.IntType) and it.ge == 0 and it.gt is None and it.lt is None
             and it.multiple_of is None and it.le is not None and it.le >= 9):
-        return b"0,[]|", len(str(it.le)) - 1, most  # non-negative integers below 10**run <= le
+        return b"0123456789", len(str(it.le)) - 1, t.max_length  # non-negative integers below 10**run <= le
     if isinstance(it, msgspec.inspect.FloatType) and it == msgspec.inspect.FloatType():
-        return b"0,[]|-.", 18, most  # no exponent and <= 18 digits: finite, as schema.check wants
+        return b"0123456789-.", 18, t.max_length  # no exponent and <= 18 digits: finite, as schema.check wants
     return None
 
 
@@ -169,15 +168,19 @@ _user_id, _ts, _domain = operator.attrgetter("user_id"), operator.attrgetter("ts
 
 
 def _raw_lists_ok(imps: list, names: tuple[str, ...], rule: tuple[bytes, int, int]) -> bool:
-    allowed, run, most = rule
-    raws = [x for name in names for x in map(operator.attrgetter(name), imps)]
-    blob = b"|".join(raws).translate(_DIGITS_TO_0)
-    return (not blob.translate(None, allowed)            # only numbers without exponent (and ids unsigned)
-            and blob.count(b"[") == len(raws)            # one "[" each, at the start: flat arrays (msgspec
-            and blob.count(b"|[") == len(raws) - 1       # checked the syntax)
-            and blob[:1] == b"["
-            and b"0" * (run + 1) not in blob             # every number within the bound
-            and max(map(len, raws), default=0) <= most)  # at most max_length elements
+    """Whether the raw JSON of list fields ``names`` of every impression meets ``rule`` (:func:`_raw_list_rule`).
+    A few C passes over the joined lists; msgspec has checked their JSON syntax already."""
+    number_chars, run, max_len = rule
+    get = operator.attrgetter(*names)
+    blob = b"|".join(chain.from_iterable(map(get, imps)) if len(names) > 1 else map(get, imps))
+    n = len(imps) * len(names)
+    shape = blob.translate(None, number_chars)   # what is left between the numbers: "[,,]|[]|[,]"
+    return (not shape.translate(None, b",[]|")   # only numbers of the rule's kind (no exponent, ids unsigned)
+            and shape.count(b"[") == n           # one "[" each, at the start: flat arrays
+            and shape.count(b"|[") == n - 1
+            and shape[:1] == b"["
+            and b"," * max_len not in shape      # at most max_length elements each
+            and b"0" * (run + 1) not in blob.translate(_DIGITS_TO_0))  # every number within the bound
 
 
 def _fast_block(data: bytes, lines: list[bytes]) -> tuple[list, bytes] | None:

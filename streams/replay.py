@@ -22,19 +22,19 @@ import argparse
 import sys
 import time
 from collections import deque
-from itertools import chain, compress
+from itertools import compress
 from operator import length_hint
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import msgspec
 from tqdm import tqdm
 
 from streams import formats, kafka_io, schema
 from streams.config import NO_BROKER, Config
-from streams.decode_worker import BLOCK_BYTES, DecoderProcess
-from streams.lineplan import Plan, Router, plan_block, split_lines
-from streams.logfile import BadRecord, count_lines, iter_blocks
+from streams.decode_worker import BLOCK_BYTES, DecoderProcess, NoWorker, planned_blocks
+from streams.lineplan import Plan, Router, plan_block
+from streams.logfile import BadRecord, count_lines
 
 STATS_EVERY_S = 1.0
 # A native log at least this big is decoded by a worker process (:mod:`streams.decode_worker`) while this
@@ -398,9 +398,9 @@ def _replay_jsonl_fast(cfg: Config, path: Path, *, progress: bool, watermark: bo
     if parallel is None:
         parallel = path.stat().st_size >= WORKER_MIN_BYTES
     lines = 0
-    with (DecoderProcess(path, cfg.topics.partitions, BLOCK_BYTES) if parallel else _NoWorker()) as worker, \
+    with (DecoderProcess(path, cfg.topics.partitions, BLOCK_BYTES) if parallel else NoWorker()) as worker, \
             Publisher(cfg, total=total, progress=progress, desc=f"replay {path.name}") as pub:
-        for block_lines, plan in _planned_blocks(path, cfg.topics.partitions, worker):
+        for block_lines, plan in planned_blocks(path, cfg.topics.partitions, worker, BLOCK_BYTES):
             pub.send_plan(block_lines, plan)
             lines += plan.n_lines - plan.blank
             for n, reason in plan.failed:
@@ -408,40 +408,6 @@ def _replay_jsonl_fast(cfg: Config, path: Path, *, progress: bool, watermark: bo
                                                    topic=path.name, offset=n, ts=_now_ms(), step="replay"))
         s = pub.finish(watermark=watermark)
     return ReplayStats(**msgspec.structs.asdict(s), lines=lines)
-
-
-class _NoWorker:
-    def ready(self) -> bool:
-        return False
-
-    def __enter__(self) -> _NoWorker:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def _planned_blocks(path: Path, partitions: int, worker) -> Iterator[tuple[list[bytes], Plan]]:
-    """``(lines, plan)`` per block of the log: planned here until the worker is ready, then by the worker
-    (from the next block on). A block the worker saw differently (the file changed under us) and every one
-    after it are planned here again."""
-    router = Router(partitions)
-    blocks = iter_blocks(path, size=BLOCK_BYTES)
-    waiting = True
-    for b in blocks:
-        if waiting and worker.ready():
-            waiting = False
-            worker.begin(b.offset, b.first)
-            for b in chain([b], blocks):
-                plan = worker.next_plan()
-                if plan is None or plan.first != b.first or plan.nbytes != len(b.data):
-                    worker.close()
-                    break
-                yield split_lines(b.data), plan
-            else:
-                return
-        lines = split_lines(b.data)
-        yield lines, plan_block(lines, b.first, router, b.data)
 
 
 def summary(s: ProduceStats) -> str:

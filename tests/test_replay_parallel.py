@@ -4,6 +4,7 @@ letters as decoding in the replaying process; worker failures surface; the worke
 from __future__ import annotations
 
 import os
+import random
 import select
 import signal
 import subprocess
@@ -16,12 +17,23 @@ import pytest
 
 from streams import decode_worker, lineplan, replay, schema
 from streams.generate import GeneratorConfig, simulate
-from streams.logfile import encode_line
+from streams.logfile import encode_line, iter_blocks
 from conftest import make_config, read_topics
 
 
 def _wait_ready(self) -> bool:  # hand over at the first block instead of when the worker happens to be up
     return bool(select.select([self.proc.stdout], [], [], 30)[0])
+
+
+def _sometimes_ready(self) -> bool:
+    """Hand over at the first block, then answer at random: "not ready" makes the parent claim blocks."""
+    if not getattr(self, "_handed_over", False):
+        self._handed_over = True
+        return _wait_ready(self)
+    return _rng.random() < 0.5
+
+
+_rng = random.Random(7)
 
 
 def _log(path, seed: int = 21) -> list[bytes]:
@@ -47,9 +59,13 @@ def _placement(cfg) -> tuple[dict, list]:
     return dict(by_part), sorted((d.offset, d.reason, d.raw) for d in dls)
 
 
-def test_worker_replay_equals_inline_replay(cfg, tmp_path, monkeypatch, broker):
+@pytest.mark.parametrize("ready", [_wait_ready, _sometimes_ready], ids=["worker-only", "claims"])
+def test_worker_replay_equals_inline_replay(cfg, tmp_path, monkeypatch, broker, ready):
     monkeypatch.setattr(replay, "BLOCK_BYTES", 8192)  # many blocks, bad lines at their borders
-    monkeypatch.setattr(decode_worker.DecoderProcess, "ready", _wait_ready)
+    monkeypatch.setattr(decode_worker.DecoderProcess, "ready", ready)
+    claims = []
+    claim = decode_worker.DecoderProcess.claim
+    monkeypatch.setattr(decode_worker.DecoderProcess, "claim", lambda self, first: claims.append(first) or claim(self, first))
     path = tmp_path / "log.jsonl"
     lines = _log(path)
     s_par = replay.replay_file(cfg, path, progress=False, parallel=True)
@@ -68,6 +84,7 @@ def test_worker_replay_equals_inline_replay(cfg, tmp_path, monkeypatch, broker):
     bad = {i + 1 for i, x in enumerate(lines) if x.strip() and isinstance(schema.decode(x.rstrip(b"\r")), schema.Invalid)}
     assert {d[0] for d in dls_par} == bad and all(r.startswith(f"line {n}: ") for n, r, _ in dls_par)
     assert s_par.lines == sum(1 for x in lines if x.strip())
+    assert (len(claims) > 5) == (ready is _sometimes_ready)
     for (topic, _), msgs in parts_par.items():  # the mid-log watermark reached every partition once
         assert sum(v.startswith(b'{"type":"watermark"') for _, v in msgs) == 2, topic
 
@@ -76,7 +93,7 @@ def test_worker_plans_equal_local_plans(tmp_path):
     path = tmp_path / "log.jsonl"
     _log(path, seed=22)
     router = lineplan.Router(3)
-    blocks = list(replay.iter_blocks(path, size=16384))
+    blocks = list(iter_blocks(path, size=16384))
     with decode_worker.DecoderProcess(path, 3, 16384) as w:
         w.begin(blocks[2].offset, blocks[2].first)  # starting mid-file, as after a hand-over
         for b in blocks[2:]:
@@ -149,3 +166,19 @@ def test_small_logs_start_no_worker(cfg, tmp_path, monkeypatch):
     assert path.stat().st_size < replay.WORKER_MIN_BYTES
     s = replay.replay_file(cfg, path, progress=False)
     assert s.events > 1000
+
+
+def test_worker_out_of_step_with_the_file_falls_back_to_local_plans(cfg, tmp_path, monkeypatch, broker):
+    """A worker that reads different bytes (the file changed under the replay) is dropped at the first block
+    it sees differently; the replay still sends exactly what the file holds."""
+    monkeypatch.setattr(replay, "BLOCK_BYTES", 8192)
+    monkeypatch.setattr(decode_worker.DecoderProcess, "ready", _wait_ready)
+    path, other = tmp_path / "log.jsonl", tmp_path / "other.jsonl"
+    lines = _log(path)
+    other.write_bytes(b"\n".join(lines[:600] + lines[601:]) + b"\n")  # one line fewer from block ~8 on
+    real = replay.DecoderProcess
+    monkeypatch.setattr(replay, "DecoderProcess", lambda p, *a: real(other, *a))
+    s = replay.replay_file(cfg, path, progress=False, parallel=True)
+    ref = simulate(GeneratorConfig(n_impressions=1500, seed=21, bad_rate=0.02)).counts()
+    assert (s.impressions, s.clicks, s.conversions) == (ref["impression"], ref["click"], ref["conversion"])
+    assert s.lines == sum(1 for x in lines if x.strip())
