@@ -121,7 +121,9 @@ def run(args: argparse.Namespace, cfg) -> int:
         now_ms = int(time.time() * 1000)
         if args.users_command == "info":
             ts = index.written_ts(index.ids())
-            print(f"{path}: {len(index)} users, dim {index.cfg.dim}, kind {index.cfg.kind}, loaded in {load_s:.2f} s")
+            c = index.cfg
+            ivf = f", nlist {c.nlist}, nprobe {c.nprobe}, {c.quantizer} quantizer" if c.kind == "ivf" else ""
+            print(f"{path}: {len(index)} users, dim {c.dim}, kind {c.kind}{ivf}, loaded in {load_s:.2f} s")
             if len(ts):
                 ages = now_ms - ts
                 print("vector age: newest " + format_age(float(ages.min())) + ", median "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedding_store.ann import AnnConfig, AnnError, FaissIndex, load_index, make_index, normalize, save_index
+from embedding_store.ann import (TWO_LEVEL_ABOVE, AnnConfig, AnnError, FaissIndex, load_index, make_index, normalize,
+                                  read_snapshot, save_index, save_npz_atomic, train_centroids)
 
 DIM = 8
 # ivf with nprobe == nlist scans every list: exact answers, so the same assertions hold
@@ -13,12 +14,13 @@ KINDS = {
     "numpy": AnnConfig(dim=DIM, kind="numpy"),
     "exact": AnnConfig(dim=DIM, kind="exact"),
     "ivf": AnnConfig(dim=DIM, kind="ivf", nlist=4, nprobe=4),
+    "ivf-hnsw": AnnConfig(dim=DIM, kind="ivf", nlist=4, nprobe=4, quantizer="hnsw", hnsw_m=4),
 }
 
 
 def _make(kind: str, trained: bool = True):
     idx = make_index(KINDS[kind])
-    if kind == "ivf" and trained:
+    if KINDS[kind].kind == "ivf" and trained:
         idx.train(np.random.default_rng(9).normal(size=(200, DIM)))
     return idx
 
@@ -159,3 +161,95 @@ def test_users_cli_similar_lookalike_info(tmp_path, capsys):
     assert main(["users", "--index", str(path), "similar", "99"]) == 1
     assert "user 99 has no vector" in capsys.readouterr().err
     assert main(["users", "--index", str(tmp_path / "none"), "info"]) == 2
+    capsys.readouterr()
+    ivf = _make("ivf-hnsw")
+    ivf.upsert(np.arange(1, DIM + 1), v, ts_ms=1_700_000_000_000)
+    assert main(["users", "--index", str(save_index(ivf, tmp_path / "ivf")), "info"]) == 0
+    assert "8 users, dim 8, kind ivf, nlist 4, nprobe 4, hnsw quantizer" in capsys.readouterr().out
+
+
+def _clustered(n: int, rng, dim: int = DIM) -> np.ndarray:
+    c = rng.normal(size=(max(n // 50, 1), dim))
+    return c[rng.integers(0, len(c), n)] + 0.3 * rng.normal(size=(n, dim))
+
+
+@pytest.mark.parametrize("nlist", [64, TWO_LEVEL_ABOVE + 60])
+def test_train_centroids_gives_nlist_unit_rows(nlist):
+    x = normalize(_clustered(5000, np.random.default_rng(3)))
+    c = train_centroids(x, nlist)
+    assert c.shape == (nlist, DIM)
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-4)
+    assert len(np.unique(c.round(5), axis=0)) > 0.9 * nlist  # not collapsed onto a few points
+
+
+def test_hnsw_quantizer_with_many_lists_upserts_deletes_and_finds_neighbours(tmp_path):
+    """Two-level trained IVF with an HNSW quantizer (the 1M configuration, scaled down): replacements and
+    deletes go through the lists, recall@10 against brute force stays high, the snapshot keeps the
+    centroids (no retraining) and the quantizer kind."""
+    rng = np.random.default_rng(4)
+    n, nlist = 12_000, TWO_LEVEL_ABOVE + 100
+    x = _clustered(n, rng)
+    idx = make_index(AnnConfig(dim=DIM, kind="ivf", nlist=nlist, nprobe=32, quantizer="hnsw", hnsw_m=16))
+    idx.train(x)
+    assert idx.trained and idx._ivf.quantizer.ntotal == nlist
+    ids = np.arange(n) * 3 + 1
+    idx.upsert(ids, x, ts_ms=1)
+    idx.upsert(ids[:500], -x[:500], ts_ms=2)  # turned around
+    assert idx.delete(ids[500:1000]) == 500 and len(idx) == n - 500
+    _, got = idx.search(-x[:20], 1)
+    assert got[:, 0].tolist() == ids[:20].tolist()
+    _, got = idx.search(x[500:520], 5)
+    assert not np.isin(got, ids[500:1000]).any()
+    live = {int(i): v for i, v in zip(ids, np.concatenate([-x[:500], x[500:]]))}
+    for i in ids[500:1000].tolist():
+        del live[i]
+    q = x[rng.integers(1000, n, 200)] + 0.1 * rng.normal(size=(200, DIM))
+    want = _brute(live, q, 10)
+    _, got = idx.search(q, 10)
+    rec = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got.tolist(), want)])
+    assert rec >= 0.9, rec
+    idx.set_search_params(nprobe=1, ef_search=4)
+    _, got1 = idx.search(q, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got1.tolist(), want)]) < rec  # the knob is live
+    idx.set_search_params(nprobe=32, ef_search=0)
+    path = save_index(idx, tmp_path / "index")
+    back = load_index(path)
+    assert back.cfg.quantizer == "hnsw" and back.cfg.nlist == nlist and len(back) == len(idx)
+    np.testing.assert_array_equal(back.centroids(), idx.centroids())
+    assert back.search(q, 10)[1].tolist() == got.tolist()
+
+
+def test_set_search_params_is_recorded_and_checked():
+    idx = _make("ivf-hnsw")
+    idx.set_search_params(nprobe=3, ef_search=7)
+    assert (idx.cfg.nprobe, idx.cfg.ef_search, idx._ivf.nprobe, idx._hnsw.hnsw.efSearch) == (3, 7, 3, 7)
+    idx.set_search_params(nprobe=4, ef_search=2)  # a beam narrower than nprobe would drop lists: raised
+    assert idx._hnsw.hnsw.efSearch == 4
+    snap_meta = read_snapshot_meta(idx)
+    assert (snap_meta["nprobe"], snap_meta["ef_search"]) == (4, 2)
+    with pytest.raises(ValueError, match="nprobe must be >= 1"):
+        idx.set_search_params(nprobe=0)
+    with pytest.raises(ValueError, match="quantizer"):
+        make_index(AnnConfig(kind="ivf", quantizer="pq"))
+
+
+def read_snapshot_meta(idx) -> dict:
+    import json
+
+    return json.loads(idx.snapshot()["meta"].tobytes())
+
+
+def test_snapshot_without_the_newer_config_fields_still_loads(tmp_path):
+    import json
+
+    idx = _make("ivf")
+    idx.upsert(np.arange(50), np.random.default_rng(5).normal(size=(50, DIM)), ts_ms=1)
+    snap = idx.snapshot()
+    meta = json.loads(snap["meta"].tobytes())
+    for k in ("quantizer", "hnsw_m", "ef_search", "ef_add"):
+        del meta[k]
+    snap["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    path = save_npz_atomic(tmp_path / "old", snap)
+    assert read_snapshot(path)[1]["kind"] == "ivf"
+    back = load_index(path)
+    assert back.cfg.quantizer == "flat" and len(back) == 50
