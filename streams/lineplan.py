@@ -71,6 +71,8 @@ class Router:
     """User id -> partition (``kafka_io.partition_for`` of the decimal key), cached: murmur2 in Python costs
     ~3 us and user ids repeat."""
 
+    MAX_CACHED = 1 << 20
+
     def __init__(self, partitions: int):
         if partitions < 1:
             raise ValueError(f"Router: partitions must be >= 1, got {partitions}")
@@ -80,12 +82,11 @@ class Router:
 
     def parts(self, uids: list[int]) -> bytes:
         cache = self._cache
-        out = list(map(cache.get, uids))
-        if None in out:
-            for i, p in enumerate(out):
-                if p is None:
-                    u = uids[i]
-                    out[i] = cache[u] = (murmur2(str(u).encode()) & 0x7FFFFFFF) % self.partitions
+        if len(cache) > self.MAX_CACHED:
+            cache.clear()  # memory stays bounded however many users a log holds
+        for u in set(uids).difference(cache):
+            cache[u] = (murmur2(str(u).encode()) & 0x7FFFFFFF) % self.partitions
+        out = list(map(cache.__getitem__, uids))
         return array("I", out).tobytes() if self.wide else bytes(out)
 
 

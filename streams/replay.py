@@ -13,7 +13,9 @@ Placement rules (what the labels dataflow relies on):
 * about once a second (and at the end) a ``ServiceStats(component="replay")`` goes to ``service_stats``.
 
 A replayed log line that does not decode becomes a dead letter (reason with its line number) and the replay
-goes on.
+goes on. A native JSONL log goes by blocks of lines: :mod:`streams.lineplan` decides what each line is and
+where it goes, :meth:`Publisher.send_plan` produces the block; for a log of :data:`WORKER_MIN_BYTES` or more
+a decoder process (:mod:`streams.decode_worker`) plans while this process produces.
 """
 
 from __future__ import annotations
