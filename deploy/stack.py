@@ -208,6 +208,10 @@ def _summary(watcher: StatsWatcher, expected: int, bad: int, elapsed: float, ok:
           f"{int(watcher.value('labels', 'examples_out')):,} examples labelled, {int(trained):,} trained, "
           f"{int(watcher.value('labels', 'dead_letters')):,} dead letters, in {elapsed:.1f}s "
           f"({events / elapsed:,.0f} events/s, {trained / elapsed:,.0f} examples/s end to end)", file=sys.stderr)
+    users = watcher.value("trainer", "user_vectors")
+    if users:
+        print(f"user vectors: {int(users):,} users, index written at each trainer checkpoint; try "
+              "`streamrec users info` or `streamrec users similar USER_ID -k 10`", file=sys.stderr)
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

@@ -71,6 +71,11 @@ def test_up_processes_events_end_to_end_and_leaves_nothing_running(tmp_path):
     counts = _chdb_counts(tmp_path / "chdb")
     # every dead letter is an injected malformed event: no feedback orphaned by windows closing early
     assert counts == {"examples": 10000, "domains": 4, "dead": malformed}
+    # the trainer's user-model thread wrote the user-vector index that `streamrec users` reads
+    info = subprocess.run([sys.executable, "-m", "deploy.cli", "users", "info"], capture_output=True, text=True,
+                          env={**os.environ, "STREAMREC_DATA_DIR": str(tmp_path)}, timeout=60)
+    assert info.returncode == 0 and re.search(r"users/index: [\d,]+ users, dim 32", info.stdout), info
+    assert "user vectors: " in out
     # Again in the same data dir: a new embedded broker's topics start at offset 0, and the metrics sink must
     # not resume from the offsets it recorded against the previous broker (it would skip their start).
     again = _up(tmp_path, "--events", "2000", "--seed", "5", "--exit-when-done", "--port", str(free_port()))
