@@ -51,7 +51,7 @@ import msgspec
 from streams.lineplan import Plan, Router, plan_block, split_lines
 from streams.logfile import Block, iter_blocks
 
-CLAIM_AHEAD = 4  # blocks the parent may plan ahead while the worker is behind
+CLAIM_AHEAD = 16  # blocks the parent may plan ahead while the worker is behind (~0.3 MiB each)
 BLOCK_BYTES = 1 << 18  # ~800 lines of ours: fine-grained hand-over and claims, ~0.05 us per line of overhead
 SKIPPED = object()  # next_plan's answer for a block the parent claimed
 _HEAD = struct.Struct("<cI")
@@ -270,34 +270,48 @@ def planned_blocks(path: str | os.PathLike, partitions: int, worker: DecoderProc
 def _with_worker(worker: DecoderProcess, blocks: Iterator[Block], local) -> Iterator[tuple[list[bytes], Plan]]:
     ahead: deque = deque()  # (block, local plan or None), read from the file, not yet yielded
     owed = 0  # frames the worker still sends for claimed blocks already yielded
+
+    def fallback():  # the worker is out of step with the file (or ended early): plan the rest here
+        worker.close()
+        for b2, own2 in ahead:
+            yield own2 or local(b2)
+        for b2 in blocks:
+            yield local(b2)
+
     for b in blocks:
         ahead.append((b, None))
         while ahead:
             b, own = ahead[0]
-            if own is None:  # the worker's block: plan blocks ahead of it while its plan is not there yet
-                while len(ahead) <= CLAIM_AHEAD and not worker.ready():
-                    nb = next(blocks, None)
-                    if nb is None:
-                        break
-                    worker.claim(nb.first)
-                    ahead.append((nb, local(nb)))
-                # frames of claimed blocks: SKIPPED, or a plan the worker made before it saw the claim
-                ended = any(worker.next_plan() is None for _ in range(owed))
-                owed = 0
-                plan = None if ended else worker.next_plan()
-                if type(plan) is not Plan or plan.first != b.first or plan.nbytes != len(b.data):
-                    worker.close()  # out of step with the file: plan the rest here
-                    for b2, own2 in ahead:
-                        yield own2 or local(b2)
-                    for b2 in blocks:
-                        yield local(b2)
-                    return
-                ahead.popleft()
-                yield split_lines(b.data), plan
-            else:
+            if own is not None:
                 ahead.popleft()
                 owed += 1
                 yield own
+                continue
+            # the worker's block: while its plan is not there, take owed frames that are, and claim blocks
+            while True:
+                while owed and worker.ready():
+                    if worker.next_plan() is None:  # SKIPPED, or a plan made before the claim arrived
+                        yield from fallback()
+                        return
+                    owed -= 1
+                if (not owed and worker.ready()) or len(ahead) > CLAIM_AHEAD:
+                    break
+                nb = next(blocks, None)
+                if nb is None:
+                    break
+                worker.claim(nb.first)
+                ahead.append((nb, local(nb)))
+            for _ in range(owed):
+                if worker.next_plan() is None:
+                    yield from fallback()
+                    return
+            owed = 0
+            plan = worker.next_plan()
+            if type(plan) is not Plan or plan.first != b.first or plan.nbytes != len(b.data):
+                yield from fallback()
+                return
+            ahead.popleft()
+            yield split_lines(b.data), plan
 
 
 if __name__ == "__main__":
