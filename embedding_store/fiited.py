@@ -30,6 +30,29 @@ COUNTERS = ("admitted", "evicted", "resized", "grown", "shrunk", "rebuilds", "ma
 META_BYTES_PER_SLOT = 20  # code, hits, last_seen (int32) + importance, momentum snapshot (float32)
 
 
+class _Pad(torch.autograd.Function):
+    """Per-pool TBE output (B, T*sum(dims)) -> zero-padded (B, T*D) (``dims[-1] == D``). Forward: the widest
+    pool's slice plus the narrower ones in their leading columns; backward: one ``cat`` of the matching slices
+    of the incoming gradient (autograd through in-place slice adds costs several copies and fills)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, dims: tuple[int, ...], num_tables: int) -> torch.Tensor:
+        b, w = out.shape[0], sum(dims)
+        y = out.view(b, num_tables, w)
+        start = w - dims[-1]
+        padded = y[:, :, start:].clone()
+        for d in reversed(dims[:-1]):
+            start -= d
+            padded[:, :, :d] += y[:, :, start:start + d]
+        ctx.dims, ctx.num_tables = dims, num_tables
+        return padded.view(b, num_tables * dims[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g = grad.reshape(grad.shape[0], ctx.num_tables, ctx.dims[-1])
+        return torch.cat([g[:, :, :d] for d in ctx.dims], dim=2).view(grad.shape[0], -1), None, None
+
+
 class FiitedEmbeddings(SparseEmbeddings):
     """Variable-width embeddings behind the trainer's ``SparseEmbeddings`` interface (CPU, fbgemm)."""
 
@@ -71,40 +94,41 @@ class FiitedEmbeddings(SparseEmbeddings):
     def route(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validated batch -> (pool rows (N,), TBE offsets (T*P*B+1,), global slots (N,))."""
         b = validate_batch(indices, offsets, self.num_tables, self.rows)
-        P, tb = len(self.dims), offsets.numel() - 1
-        n = indices.numel()
-        bag = torch.repeat_interleave(torch.arange(tb), offsets.diff(), output_size=n)
+        bag, t, slots = self._slots(indices, offsets, b)
+        return (*self._route(bag, t, slots, b, offsets.numel() - 1), slots)
+
+    def _slots(self, indices: torch.Tensor, offsets: torch.Tensor, b: int):
+        """(bag (N,), table (N,), global slot (N,)) of every id."""
+        bag = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff(), output_size=indices.numel())
         t = bag // b
-        slots = t * self.rows + indices.long()
+        return bag, t, t * self.rows + indices.long()
+
+    def _route(self, bag: torch.Tensor, t: torch.Tensor, slots: torch.Tensor, b: int, tb: int):
+        P = len(self.dims)
         code = self.code[slots].long()
         key = (t * P + (code >> POOL_SHIFT)) * b + (bag - t * b)  # TBE bag of each id: ((t*P + p)*B + b)
         key_sorted, order = torch.sort(key, stable=True)
         off = torch.zeros(tb * P + 1, dtype=torch.int64)
-        off[1:] = torch.bincount(key_sorted, minlength=tb * P).cumsum(0)
-        return (code & ROW_MASK)[order], off, slots
+        torch.cumsum(torch.bincount(key_sorted, minlength=tb * P), 0, out=off[1:])
+        return (code & ROW_MASK)[order], off
 
     def forward_pools(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-pool outputs (B, T*sum(dims)), colmap): a consumer may fold the zero padding into its next
         linear layer (``x @ W[:, colmap]``) instead of materialising (B, T*D)."""
-        if self.cfg.admit_hits == 0 and torch.is_grad_enabled():  # admit on the first training lookup
-            validate_batch(indices, offsets, self.num_tables, self.rows)
-            self._admit_unseen(indices, offsets)
-        rows, off, slots = self.route(indices, offsets)
-        if torch.is_grad_enabled():
+        b = validate_batch(indices, offsets, self.num_tables, self.rows)
+        bag, t, slots = self._slots(indices, offsets, b)
+        train = torch.is_grad_enabled()
+        if train and self.cfg.admit_hits == 0:  # admit on the first training lookup
+            s = slots.numpy()
+            self._admit_candidates(np.unique(s[self.code.numpy()[s] == 0]))
+        rows, off = self._route(bag, t, slots, b, offsets.numel() - 1)
+        if train:
             self._pending = slots  # counted in step(): scoring (no_grad) never mutates the store
         return self.pools.tbe(rows, off), self._colmap()
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         out, _ = self.forward_pools(indices, offsets)
-        b, w = out.shape[0], sum(self.dims)
-        y = out.view(b, self.num_tables, w)
-        # widest pool last: start from its slice, add the narrower ones into their leading columns
-        start = w - self.dims[-1]
-        padded = y[:, :, start:].clone()
-        for d in reversed(self.dims[:-1]):
-            start -= d
-            padded[:, :, :d] += y[:, :, start:start + d]
-        return padded.reshape(b, self.num_tables * self.dim)
+        return _Pad.apply(out, self.dims, self.num_tables)
 
     def _colmap(self) -> torch.Tensor:
         if self._colmap_cache is None:
@@ -129,10 +153,10 @@ class FiitedEmbeddings(SparseEmbeddings):
         return self.cfg.budget * self.num_tables * self.rows * (self.dim + 1) * 4
 
     def _momentum_of(self, slots: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(slots), dtype=np.float32)
-        for tt, pp, m in self._groups(slots // self.rows, codes >> POOL_SHIFT):
-            out[m] = self.pools.momentum(tt, pp).numpy()[codes[m] & ROW_MASK]
-        return out
+        """Row-wise momentum (K,) of private ``slots`` with ``codes``: one gather from the flat TBE buffer."""
+        tp = (slots // self.rows) * len(self.dims) + (codes >> POOL_SHIFT)
+        flat = self.pools.momentum_offsets()[tp] + (codes & ROW_MASK)
+        return self.pools.tbe.momentum1_host.detach().numpy()[flat]
 
     def _groups(self, *keys: np.ndarray):
         """Yield ``(*key values, positions)`` per distinct key tuple (small ints), sorted; vectorised."""
@@ -193,14 +217,6 @@ class FiitedEmbeddings(SparseEmbeddings):
         """Per step: slots of this batch that reached ``admit_hits`` get their own row."""
         code, hits = self.code.numpy(), self.hits.numpy()
         self._admit_candidates(np.unique(slots[(code[slots] == 0) & (hits[slots] >= max(self.cfg.admit_hits, 1))]))
-
-    @torch.no_grad()
-    def _admit_unseen(self, indices: torch.Tensor, offsets: torch.Tensor) -> None:
-        b = (offsets.numel() - 1) // self.num_tables
-        t = torch.repeat_interleave(torch.arange(offsets.numel() - 1) // max(b, 1), offsets.diff(),
-                                    output_size=indices.numel())
-        slots = (t * self.rows + indices.long()).numpy()
-        self._admit_candidates(np.unique(slots[self.code.numpy()[slots] == 0]))
 
     def _admit_candidates(self, cand: np.ndarray) -> None:
         """Admit sorted slots ``cand``: most-hit first, in the pool :func:`admission.admit_plan` picks."""
@@ -350,10 +366,10 @@ class FiitedEmbeddings(SparseEmbeddings):
         self._pending = None
 
     def memory_report(self) -> dict[str, float]:
-        """Gauges for ``ServiceStats.values``: bytes per pool, live rows per width, totals and counters."""
-        code = self.code.numpy()
-        live = code[code != 0]
-        per_pool = np.bincount(live >> POOL_SHIFT, minlength=len(self.dims))
+        """Gauges for ``ServiceStats.values``: bytes per pool, live rows per width, totals and counters (from the
+        pools' counts: no scan over the slots, cheap enough for every step)."""
+        per_pool = self.pools.live_p.copy()
+        per_pool[0] -= self.num_tables  # the shared rows
         pool_bytes = self.pools.nbytes()
         n_phys = int(self.pools.caps.sum())
         meta = META_BYTES_PER_SLOT * self.num_tables * self.rows + 4 * n_phys

@@ -57,6 +57,7 @@ class PoolSet:
     def _build(self, caps: np.ndarray) -> None:
         self.caps = caps
         self.tbe = make_tbe(caps, self.dims, self.lr)
+        self._mom_off: np.ndarray | None = None
 
     # -- views ---------------------------------------------------------------------------------------
     def weights(self, t: int, p: int) -> torch.Tensor:
@@ -64,6 +65,12 @@ class PoolSet:
         tp = t * self.P + p
         off, d = int(self.tbe.weights_offsets[tp]), self.dims[p]
         return self.tbe.weights_host.detach()[off: off + int(self.caps[t, p]) * d].view(-1, d)
+
+    def momentum_offsets(self) -> np.ndarray:
+        """(T*P,) start of pool (t, p)'s momentum in the flat ``momentum1_host`` (row r at start + r)."""
+        if self._mom_off is None:
+            self._mom_off = self.tbe.momentum1_offsets.numpy().astype(np.int64)
+        return self._mom_off
 
     def momentum(self, t: int, p: int) -> torch.Tensor:
         tp = t * self.P + p
