@@ -159,7 +159,7 @@ FastImpression, _RAW_RULES, _IMP_QUOTES = _make_fast_impression()
 FastRecord = Union[FastImpression, schema.Click, schema.Conversion, schema.Watermark]
 _fast_decode = msgspec.json.Decoder(FastRecord).decode
 _full_decode = msgspec.json.Decoder(schema.Record).decode
-# msgspec 0.19-0.22 raise UnicodeDecodeError for invalid UTF-8 in a struct's field names (schema.decode lets it out)
+# msgspec 0.19-0.22 raise UnicodeDecodeError for invalid UTF-8 in a struct's field names (schema.decode maps it too)
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
 _KIND = {FastImpression: 0, schema.Impression: 0, schema.Click: 1, schema.Conversion: 2, schema.Watermark: 3}
 _DOMAINS = frozenset(schema.DOMAIN_INDEX)

@@ -203,6 +203,8 @@ def decode(raw: bytes, kind: type[T] | object = Record) -> T | Invalid:
         return Invalid(f"schema: {e}")
     except msgspec.DecodeError as e:
         return Invalid(f"unparseable: {e}")
+    except UnicodeDecodeError as e:  # msgspec raises it for invalid UTF-8 inside an object key
+        return Invalid(f"unparseable: {e}")
     reason = check(ev)
     return Invalid(f"invalid: {reason}") if reason else ev
 
