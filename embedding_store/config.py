@@ -20,7 +20,8 @@ class FiitedConfig:
     * ``budget``: pool bytes (weights + row-wise momentum) allowed, as a fraction of fixed full-width tables
       (``T * rows * (D + 1) * 4``); :func:`importance.assign_chunks` fits the live rows under it.
     * ``maintain_every``: steps between eviction/admission passes; ``resize_every``: steps between resizes.
-    * ``admit_hits``: a slot keeps using its table's shared row until it was seen this many times.
+    * ``admit_hits``: a slot keeps using its table's shared row until it was seen this many times (0: it gets
+      its own row before its first training lookup, while the budget has room).
     * ``ttl_steps``: a row unseen for this many steps is evicted unless its importance is in the top
       ``protect_quantile`` of live rows (the floor).
     * ``decay``: importance multiplier per maintenance pass (old gradient energy fades).
@@ -37,7 +38,7 @@ class FiitedConfig:
     budget: float = 0.25
     maintain_every: int = 50
     resize_every: int = 200
-    admit_hits: int = 2
+    admit_hits: int = 0
     ttl_steps: int = 5_000
     protect_quantile: float = 0.9
     decay: float = 0.5

@@ -32,25 +32,27 @@ META_BYTES_PER_SLOT = 20  # code, hits, last_seen (int32) + importance, momentum
 
 class _Pad(torch.autograd.Function):
     """Per-pool TBE output (B, T*sum(dims)) -> zero-padded (B, T*D) (``dims[-1] == D``). Forward: the widest
-    pool's slice plus the narrower ones in their leading columns; backward: one ``cat`` of the matching slices
-    of the incoming gradient (autograd through in-place slice adds costs several copies and fills)."""
+    pool's slice, plus the narrower ones added into their leading columns; backward: one ``index_select`` of
+    the incoming gradient by ``colmap``. (Autograd through in-place slice adds cost several copies and fills per
+    step, and every extra parallel op is a chance to stall on a shared machine.)"""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, dims: tuple[int, ...], num_tables: int) -> torch.Tensor:
+    def forward(ctx, out: torch.Tensor, dims: tuple[int, ...], num_tables: int, colmap: torch.Tensor):
         b, w = out.shape[0], sum(dims)
         y = out.view(b, num_tables, w)
+        padded = torch.empty(b, num_tables, dims[-1], dtype=out.dtype)
+        padded.copy_(y[:, :, w - dims[-1]:])
         start = w - dims[-1]
-        padded = y[:, :, start:].clone()
         for d in reversed(dims[:-1]):
             start -= d
-            padded[:, :, :d] += y[:, :, start:start + d]
-        ctx.dims, ctx.num_tables = dims, num_tables
+            padded[:, :, :d].add_(y[:, :, start:start + d])
+        ctx.save_for_backward(colmap)
         return padded.view(b, num_tables * dims[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        g = grad.reshape(grad.shape[0], ctx.num_tables, ctx.dims[-1])
-        return torch.cat([g[:, :, :d] for d in ctx.dims], dim=2).view(grad.shape[0], -1), None, None
+        (colmap,) = ctx.saved_tensors
+        return grad.index_select(1, colmap), None, None, None
 
 
 class FiitedEmbeddings(SparseEmbeddings):
@@ -128,7 +130,7 @@ class FiitedEmbeddings(SparseEmbeddings):
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         out, _ = self.forward_pools(indices, offsets)
-        return _Pad.apply(out, self.dims, self.num_tables)
+        return _Pad.apply(out, self.dims, self.num_tables, self._colmap())
 
     def _colmap(self) -> torch.Tensor:
         if self._colmap_cache is None:
@@ -145,7 +147,8 @@ class FiitedEmbeddings(SparseEmbeddings):
         self.steps += 1
         self.hits.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
         self.last_seen[slots] = self.steps
-        self._admit_seen(slots.numpy())
+        if self.cfg.admit_hits > 0:  # (admit_hits = 0: admitted in forward already, or no room)
+            self._admit_seen(slots.numpy())
         if self.steps % self.cfg.maintain_every == 0:
             self.maintain()
 

@@ -93,7 +93,8 @@ class ReferenceStore(nn.Module):
         for s in slots:
             self.hits[s] += 1
             self.last_seen[s] = self.steps
-        self._admit_seen(np.array(slots, dtype=np.int64))
+        if self.cfg.admit_hits > 0:  # (admit_hits = 0: admitted in forward already, or no room)
+            self._admit_seen(np.array(slots, dtype=np.int64))
         if self.steps % self.cfg.maintain_every == 0:
             self.maintain()
 
