@@ -13,8 +13,8 @@ example is scored before the model trains on it, against the impression's true f
    labels; conversion AUC and NE on the true labels of the second half;
 4. unified vs separate: one model for all domains vs one model per domain (each seeing only its domain),
    sum over domains of click + conversion AUC, and parameter counts;
-5. user model: study 1's stream again, the ranker reading the user model's vectors (trainer/user_features.py)
-   vs study 1's ranker without them; overall AUC on the second half.
+5. user model: ``interest-shift`` traffic, the ranker reading the user model's vectors (trainer/user_features.py)
+   vs the same ranker without them; overall AUC on the second half.
 
 Last line: value = unified model's mean per-domain click AUC (stationary), baseline = the oracle's.
 
@@ -175,27 +175,30 @@ def study_unified(sim, truth, exs, rows: list, res: dict) -> None:
                  f"{sep_params:,}", ""))
 
 
-def study_users(sim, truth, exs, rows: list, res: dict) -> None:
-    """The ranker with the user model's vectors ``[u, u * v_ad]`` vs without (study 1's run)."""
-    from trainer.service import user_worker
+def study_users(n: int, rows: list, res: dict) -> None:
+    """The ranker with the user model's vectors ``[u, u * v_ad]`` vs without, on ``interest-shift`` traffic
+    (each user's taste jumps at their own moment: only recent engagements reveal the new one)."""
     from streams.config import Config
+    from trainer.service import user_worker
 
-    n = sim.truth.num_rows
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=14, scenario=ScenarioConfig(name="interest-shift"),
+                                   **WORLD))
+    truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     second = truth["ts"] >= np.median(truth["ts"])
     worker = user_worker(Config(trainer=TC_USERS))
     learner = Learner(TC_USERS)
     learner.user_view = worker.view
     try:
-        pc, pv = run_stream(learner, exs, n, TC.batch_size, users=worker)
+        runs = {"MDMO without user vectors": run_stream(Learner(TC), exs, n, TC.batch_size),
+                "MDMO + [u, u*v_ad] of the user model": run_stream(learner, exs, n, TC.batch_size, users=worker)}
     finally:
         worker.close()
-    with_u = metrics(truth, pc, pv, second)["all"]
-    without = res["stationary"]["model"]["all"]
-    res["users"] = {"with": with_u, "without": without}
-    rows.append(("5 user model", "MDMO without user vectors (study 1)", _f(without["auc_click"]),
-                 _f(without["auc_conv"]), _f(without["ne_click"])))
-    rows.append(("5 user model", "MDMO + [u, u*v_ad] of the user model", _f(with_u["auc_click"]),
-                 _f(with_u["auc_conv"]), _f(with_u["ne_click"])))
+    res["users"] = {}
+    for name, (pc, pv) in runs.items():
+        m = res["users"][name] = metrics(truth, pc, pv, second)["all"]
+        rows.append(("5 user model (interest-shift)", name, _f(m["auc_click"]), _f(m["auc_conv"]), _f(m["ne_click"])))
+    o = metrics(truth, truth["p_click"], truth["p_ctcvr"], second)["all"]
+    rows.append(("5 user model (interest-shift)", "oracle", _f(o["auc_click"]), _f(o["auc_conv"]), _f(o["ne_click"])))
 
 
 def main() -> int:
@@ -214,7 +217,7 @@ def main() -> int:
     study_drift(n, a.drift, rows, res)
     study_delay(n, rows, res)
     study_unified(sim, truth, exs, rows, res)
-    study_users(sim, truth, exs, rows, res)
+    study_users(n, rows, res)
     print(f"{n_st} impressions in studies 1 and 4, {n} in 2 and 3, {WORLD['n_users']} users, "
           f"{WORLD['n_ads']} ads, batch {TC.batch_size}, progressive metrics on true labels; "
           f"{time.perf_counter() - t0:.0f} s")
@@ -234,8 +237,9 @@ def main() -> int:
            conv_auc_oracle=round(dl["oracle labels (no delay)"]["auc_conv"], 4),
            sum_auc_unified=round(un["sum_auc_unified"], 4), sum_auc_separate=round(un["sum_auc_separate"], 4),
            params_unified=un["params_unified"], params_separate=un["params_separate"],
-           click_auc_with_user_model=round(res["users"]["with"]["auc_click"], 4),
-           click_auc_without_user_model=round(res["users"]["without"]["auc_click"], 4), n=n, n_stationary=n_st)
+           click_auc_with_user_model=round(res["users"]["MDMO + [u, u*v_ad] of the user model"]["auc_click"], 4),
+           click_auc_without_user_model=round(res["users"]["MDMO without user vectors"]["auc_click"], 4), n=n,
+           n_stationary=n_st)
     return 0
 
 

@@ -180,6 +180,8 @@ class _World(msgspec.Struct):
     w_cvr_dense: np.ndarray
     cat_effect: np.ndarray  # (cat_slots, cat_vocab)
     cat_w: np.ndarray
+    user_lat2: np.ndarray | None = None  # interest-shift: each user's taste after their switch
+    user_switch: np.ndarray | None = None  # interest-shift: progress (0..1) of each user's switch
 
 
 def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
@@ -214,7 +216,14 @@ def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
         w_dense=rng.normal(0, t.dense_weight_std, g.dense_dim),
         w_cvr_dense=rng.normal(0, t.dense_weight_std, g.dense_dim),
         cat_effect=rng.normal(0, t.cat_effect_std, (g.cat_slots, t.cat_vocab)),
-        cat_w=_zipf_weights(t.cat_vocab, 1.0, rng))
+        cat_w=_zipf_weights(t.cat_vocab, 1.0, rng), **_interest_shift(g, lat_std))
+
+
+def _interest_shift(g: GeneratorConfig, lat_std: float) -> dict[str, np.ndarray]:
+    if g.scenario.name != "interest-shift":
+        return {}
+    switch, rng = scenarios.interest_switch(g.n_users, g.seed)
+    return {"user_switch": switch, "user_lat2": rng.normal(0, lat_std, (g.n_users, g.truth.latent_dim))}
 
 
 def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -234,7 +243,10 @@ def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dic
     ad_lat = cos_a[:, None] * w.ad_lat[ad] + sin_a[:, None] * w.ad_lat2[ad]
     ad_bias = cos_a * w.ad_bias[ad] + sin_a * w.ad_bias2[ad]
     season = scenarios.season_logit(sc, (ts - g.start_ts) / 1000.0)
-    affinity = np.einsum("nk,nk->n", w.user_lat[user], ad_lat)
+    user_lat = w.user_lat[user]
+    if w.user_switch is not None:  # interest-shift: a user's taste after their own switch time
+        user_lat = np.where((progress >= w.user_switch[user])[:, None], w.user_lat2[user], user_lat)
+    affinity = np.einsum("nk,nk->n", user_lat, ad_lat)
     base_ctr = np.array([_logit(t.base_ctr[d]) for d in g.domains])[dom]
     base_cvr = np.array([_logit(t.base_cvr[d]) for d in g.domains])[dom]
     cat_term = w.cat_effect[np.arange(g.cat_slots), cat].sum(axis=1) if g.cat_slots else 0.0

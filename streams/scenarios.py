@@ -5,16 +5,19 @@ used by :mod:`streams.generate`. See docs/generator.md for what each scenario do
 
 Scenarios (``ScenarioConfig.name``):
 
-============  ======================================================================================
-none          the hidden model is fixed
-gradual       users' taste for ads rotates smoothly: ad latent vectors and biases turn from ``A`` to an
-              independent ``A'`` by ``angle`` radians over the run (``cos a * A + sin a * A'``)
-sudden        the same rotation, all at once at progress ``at``
-seasonal      click and conversion log-odds follow ``amplitude * sin(2 pi * elapsed / period_s)`` (a daily
-              cycle by default; shorten ``period_s`` to see several cycles in a short run)
-new-ad-surge  at progress ``at`` a batch of ``surge_ads`` x n_ads new ads is born, takes ``surge_share`` of
-              the traffic from then on, and is ``surge_bias`` log-odds more clickable (cold start)
-============  ======================================================================================
+==============  ======================================================================================
+none            the hidden model is fixed
+gradual         users' taste for ads rotates smoothly: ad latent vectors and biases turn from ``A`` to an
+                independent ``A'`` by ``angle`` radians over the run (``cos a * A + sin a * A'``)
+sudden          the same rotation, all at once at progress ``at``
+seasonal        click and conversion log-odds follow ``amplitude * sin(2 pi * elapsed / period_s)`` (a daily
+                cycle by default; shorten ``period_s`` to see several cycles in a short run)
+new-ad-surge    at progress ``at`` a batch of ``surge_ads`` x n_ads new ads is born, takes ``surge_share`` of
+                the traffic from then on, and is ``surge_bias`` log-odds more clickable (cold start)
+interest-shift  each user's taste vector jumps to a fresh one at the user's own moment (uniform in 10-90% of
+                the run): per-user drift that only the user's recent engagements reveal (the impressions'
+                ``history`` field stays the old taste's)
+==============  ======================================================================================
 
 Every scenario also has ad churn (``GeneratorConfig.ad_churn``): that fraction of the catalogue is born
 during the run and the same fraction retired, so ids appear and disappear.
@@ -42,7 +45,7 @@ import math
 import msgspec
 import numpy as np
 
-SCENARIOS: tuple[str, ...] = ("none", "gradual", "sudden", "seasonal", "new-ad-surge")
+SCENARIOS: tuple[str, ...] = ("none", "gradual", "sudden", "seasonal", "new-ad-surge", "interest-shift")
 DELAY_MODELS: tuple[str, ...] = ("short", "calibrated")
 DAY_S = 86_400.0
 MAX_DELAY_S = 30 * DAY_S  # Criteo's 30-day attribution window (Chapelle 2014)
@@ -94,6 +97,14 @@ def parse_params(name: str, pairs: list[str]) -> ScenarioConfig:
         except ValueError:
             raise ValueError(f"--scenario-param {key}: not a number: {val!r}") from None
     return ScenarioConfig(name=name, **kw)
+
+
+def interest_switch(n_users: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """interest-shift: each user's taste jumps to a fresh latent vector at a progress drawn uniformly in
+    [0.1, 0.9], one user at a time. Returns (switch progress (U,), standard-normal draws (U, k) scaled by the
+    caller). A separate generator, so the other scenarios' worlds stay the same for a seed."""
+    rng = np.random.default_rng([seed, 0x5EC])
+    return rng.uniform(0.1, 0.9, n_users), rng
 
 
 def taste_angle(sc: ScenarioConfig, t: np.ndarray) -> np.ndarray:

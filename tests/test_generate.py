@@ -234,3 +234,13 @@ def test_cli_scenario_and_delays(tmp_path, capsys):
     assert "reach past the label windows" in text.err  # 30-day tail vs the 24 h conversion window
     assert main(["generate", "--events", "10", "--scenario-param", "nope=1", "--out", str(out)]) == 2
     assert main(["generate", "--events", "10", "--max-conversion-delay", "40d", "--out", str(out)]) == 2
+
+
+def test_interest_shift_moves_users_one_at_a_time():
+    sim, w = _windows("interest-shift")
+    none, _ = _windows("none")
+    a, b = sim.truth.to_pandas(), none.truth.to_pandas()
+    assert (a.user_id == b.user_id).all() and (a.ad_id == b.ad_id).all()  # the same world, only tastes move
+    gaps = [r["auc_click"] - r["auc_click_t0"] for r in w]
+    assert gaps[0] < 0.01 and gaps[0] < gaps[1] < gaps[3] and gaps[3] > 0.04  # more users switched by then
+    assert all(r["auc_click"] > 0.75 for r in w)
