@@ -104,7 +104,7 @@ def freshness(n_impressions: int) -> dict:
 
 
 # (nprobe, HNSW ef_search); ef only matters with --quantizer hnsw
-SWEEP = ((4, 16), (8, 16), (16, 32), (24, 32), (32, 48), (48, 64), (64, 80))
+SWEEP = ((4, 16), (8, 16), (16, 32), (20, 32), (24, 32), (28, 40), (32, 48), (40, 56), (48, 64), (64, 80))
 
 
 def main() -> None:

@@ -464,7 +464,12 @@ def train_centroids(x: np.ndarray, nlist: int, niter: int = 10, seed: int = 1234
     count = np.floor(share).astype(int)
     extra = np.argsort(-(share - count), kind="stable")[: nlist - count.sum()]
     count[extra] += 1  # sums to nlist; count <= size because nlist <= n
-    parts = [km(x[assign == c], int(count[c]))[0] for c in range(len(top)) if count[c]]
+    threads = f.omp_get_max_threads()
+    f.omp_set_num_threads(1)  # thousands of tiny k-means: OpenMP barriers cost more than they share (4x here)
+    try:
+        parts = [km(x[assign == c], int(count[c]))[0] for c in range(len(top)) if count[c]]
+    finally:
+        f.omp_set_num_threads(threads)
     return normalize(np.concatenate(parts))
 
 
