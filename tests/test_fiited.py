@@ -164,8 +164,9 @@ def test_checkpoint_round_trip_is_bit_exact(impl):
     assert a.counters == b.counters
 
 
-def test_pooled_store_matches_reference():
-    cfg = replace(CFG, budget=0.15, ttl_steps=12)
+@pytest.mark.parametrize("admit_hits", [2, 0])
+def test_pooled_store_matches_reference(admit_hits):
+    cfg = replace(CFG, budget=0.15, ttl_steps=12, admit_hits=admit_hits)
     f, r = FiitedEmbeddings(T, R, cfg), ReferenceStore(T, R, cfg)
     of, orf = train(f, 60, seed=3, hot=40), train(r, 60, seed=3, hot=40)
     assert torch.allclose(of, orf, atol=1e-5)
