@@ -18,6 +18,7 @@ Data (``--data``), N x 64, L2-normalised:
 Queries: stored vectors plus noise of 0.35 x their norm. Replacements: noise of 0.2 x the norm.
 
     streamrec bench faiss [--quick] [--n N] [--data tower|mixture] [--nlist L] [--quantizer flat|hnsw]
+                          [--codec flat|fp16]
 """
 
 from __future__ import annotations
@@ -114,18 +115,21 @@ def main() -> None:
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4096 at 1M, 1024 up to 200k)")
     p.add_argument("--quantizer", choices=("flat", "hnsw"), default=None,
                    help="IVF coarse quantizer (default hnsw above 2048 lists, else flat)")
+    p.add_argument("--codec", choices=("flat", "fp16"), default=None,
+                   help="how IVF lists store vectors (default fp16 above 200k vectors, else flat)")
     args = p.parse_args()
     import faiss
 
     n = args.n or (100_000 if args.quick else 1_000_000)
     nlist = args.nlist or (1024 if n <= 200_000 else 4096)
     quantizer = args.quantizer or ("hnsw" if nlist > 2048 else "flat")
+    codec = args.codec or ("fp16" if n > 200_000 else "flat")
     cpu0, wall0 = time.process_time(), time.perf_counter()
     rng = np.random.default_rng(0)
     x = DATA[args.data](n, rng)
     ids = rng.permutation(np.arange(1, n + 1) * 7919)  # sparse, unordered user ids
     rows: list[tuple[str, ...]] = []
-    idx = make_index(AnnConfig(dim=D, kind="ivf", nlist=nlist, nprobe=8, quantizer=quantizer))
+    idx = make_index(AnnConfig(dim=D, kind="ivf", nlist=nlist, nprobe=8, quantizer=quantizer, codec=codec))
     sample = x[rng.choice(n, min(n, 40 * nlist), replace=False)]
     with timer() as t:
         idx.train(sample)
@@ -181,13 +185,13 @@ def main() -> None:
     rows.append(("service: freshness event->vector p50 / p99", f"{fr['p50']:.0f} / {fr['p99']:.0f} ms",
                  f"{fr['users']} users", ""))
     cores = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    print(f"{n:,} x {D} vectors ({args.data}), nlist={nlist}, quantizer={quantizer}, faiss {faiss.__version__} "
+    print(f"{n:,} x {D} vectors ({args.data}), nlist={nlist}, quantizer={quantizer}, codec={codec}, faiss {faiss.__version__} "
           f"(SIMD {simd_level(faiss)}), omp threads {faiss.omp_get_max_threads()}; this run got "
           f"{cores:.2f} cores on average "
           f"(CPU time / wall time; below ~1.9 the cores were shared and every rate below is low)")
     nprobe, qps, r = best if best else (None, 0.0, 0.0)
     report("faiss", rows, ("step", "throughput", "recall@10", "cores used"), value=qps, unit="queries/s at recall@10>=0.95",
-           baseline=exact_qps, n=n, data=args.data, nlist=nlist, quantizer=quantizer, nprobe=nprobe,
+           baseline=exact_qps, n=n, data=args.data, nlist=nlist, quantizer=quantizer, codec=codec, nprobe=nprobe,
            recall_at_10=round(r, 4), inserts_per_s=round(ins), upserts_per_s=round(ups),
            freshness_p50_ms=round(fr["p50"], 1), freshness_p99_ms=round(fr["p99"], 1), cores_used=round(cores, 2))
 
