@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from embedding_store.ids import splitmix64
+
 
 def admit_mask(hits: np.ndarray, admitted: np.ndarray, admit_hits: int) -> np.ndarray:
     """Slots (N,) that earn a private row now: not admitted, seen at least once and ``>= admit_hits`` times."""
@@ -58,18 +60,5 @@ def init_rows(slots: np.ndarray, width: int, dim: int, init_range: float, seed: 
     pooled store and in its reference twin; ``dim``: the full row width)."""
     key = (np.asarray(slots, dtype=np.uint64)[:, None] * np.uint64(dim) + np.arange(width, dtype=np.uint64)
            + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
-    u = (_splitmix64(key.ravel()) >> np.uint64(40)).astype(np.float64) / float(1 << 24)  # [0, 1), 24 bits
+    u = (splitmix64(key.ravel()) >> np.uint64(40)).astype(np.float64) / float(1 << 24)  # [0, 1), 24 bits
     return ((2.0 * u - 1.0) * init_range).astype(np.float32).reshape(len(slots), width)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser (uint64, wrapping); the same mix as trainer.features, kept here so the store does
-    not depend on the trainer."""
-    z = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return z

@@ -1,4 +1,5 @@
-"""Validation at the edge: raw ids and TBE batches are checked here, never inside a kernel.
+"""Ids at the edge: raw ids and TBE batches are validated here, never inside a kernel; and the id mix
+(:func:`splitmix64`) the trainer's hashing and the store's initial values share.
 
 >>> validate_ids([0, 7, 2**64 - 1]).dtype
 dtype('uint64')
@@ -80,3 +81,19 @@ def validate_batch(indices: torch.Tensor, offsets: torch.Tensor, num_tables: int
             bad = lo if lo < 0 else hi
             raise IdError(f"{where}: row ids must be in [0, {rows}) (hash raw ids first), got {bad}")
     return n_bags // num_tables
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser over a uint64 array (wrapping arithmetic), a strong deterministic mix.
+
+    >>> splitmix64(np.array([0, 1], dtype=np.uint64)).tolist()
+    [0, 6238072747940578789]
+    """
+    z = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z

@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from embedding_store.ids import splitmix64
 from streams import schema
 from streams.config import TrainerConfig
 
@@ -43,22 +44,6 @@ _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 def table_names(tcfg: TrainerConfig) -> list[str]:
     """Names of the embedding tables in TBE order."""
     return [*SINGLE_FIELDS, *(f"cat_{i}" for i in range(tcfg.cat_slots)), "history"]
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser over a uint64 array (wrapping arithmetic), a strong deterministic mix.
-
-    >>> splitmix64(np.array([0, 1], dtype=np.uint64)).tolist()
-    [0, 6238072747940578789]
-    """
-    z = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return z
 
 
 _str_ids: dict[str, int] = {}

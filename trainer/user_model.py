@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from embedding_store.ids import splitmix64
 from streams import schema
-from trainer.features import splitmix64
 from trainer.user_history import ACTIONS, Sequences
 
 GAP_BUCKETS = 24  # log2 seconds: 1 s .. ~97 days; bucket 0 = unknown time (prior entries)
