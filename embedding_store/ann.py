@@ -11,7 +11,7 @@ kind       structure                                                   use
 =========  ==========================================================  =====================================
 
 IVF lists hold float32 vectors (``codec="flat"``) or half floats (``codec="fp16"``,
-``IndexIVFScalarQuantizer``): scanning lists is bound by the bytes read, and half the bytes gave 1.5x
+``IndexIVFScalarQuantizer``): scanning lists is bound by the bytes read, and half the bytes gave ~1.3-1.5x
 the queries/s at the same recall at 1M.
 
 The IVF coarse quantizer (``AnnConfig.quantizer``) is ``flat`` (brute force over the ``nlist`` centroids:
