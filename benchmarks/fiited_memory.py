@@ -146,7 +146,7 @@ def main() -> int:
                              (100_000, 60_000, (0.35, 0.25, 0.15, 0.08, 0.02, 0.01, 0.005)))
     fcfg = FiitedConfig(maintain_every=20, resize_every=40, admit_hits=0, ttl_steps=400, protect_quantile=0.8,
                         headroom=0.1)
-    base = TrainerConfig(embedding_dim=D, batch_size=512, device="cpu", backend="fbgemm", seed=0)
+    base = TrainerConfig(embedding_dim=D, batch_size=512, device="cpu", backend="fbgemm", seed=0, user_model=False)
     rows: list = []
     pts = curve("generated", generated_examples(n_gen), TrainerConfig(**{**_fields(base), "hash_buckets": 50_000}),
                 budgets, fcfg, rows)

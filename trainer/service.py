@@ -121,7 +121,10 @@ def user_worker(cfg: Config):
     from trainer.user_service import UserModelService, UserServiceConfig
 
     d = cfg.trainer.user_dim
-    return UserWorker(UserModelService(UserServiceConfig(model=UserModelConfig(dim=d), index=AnnConfig(dim=d),
+    # exact search while small (IVF stages vectors in a flat index until 30 * nlist), then the configuration
+    # measured at 1M vectors (docs/users.md): 4096 lists, HNSW coarse quantizer, fp16 lists
+    index = AnnConfig(dim=d, kind="ivf", nlist=4096, nprobe=24, quantizer="hnsw", codec="fp16")
+    return UserWorker(UserModelService(UserServiceConfig(model=UserModelConfig(dim=d), index=index,
                                                          seed=cfg.trainer.seed)))
 
 
