@@ -185,7 +185,7 @@ def study_users(n: int, rows: list, res: dict) -> None:
                                    **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     second = truth["ts"] >= np.median(truth["ts"])
-    worker = user_worker(Config(trainer=TC_USERS))
+    worker = user_worker(Config(trainer=TC_USERS), train_duty=1.0)  # every batch: a deterministic run
     learner = Learner(TC_USERS)
     learner.user_view = worker.view
     try:

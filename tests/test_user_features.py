@@ -44,8 +44,14 @@ def test_every_submitted_example_reaches_the_histories_once_and_the_view_follows
         users = np.array(sorted({e.impression.user_id for e in examples}))
         assert len(w.view) == len(w.svc.index) == len(users)
         f = w.view.features(users, np.zeros(len(users), np.int64))
-        u = f[:, :DIM] / np.linalg.norm(f[:, :DIM], axis=1, keepdims=True)
-        np.testing.assert_allclose(u, w.svc.index.get(users), atol=1e-6)  # the newest vectors (cosine index)
+        c = f[:, :DIM] - w.svc.center  # the index holds centred vectors (cosine), the ranker raw ones
+        np.testing.assert_allclose(c / np.linalg.norm(c, axis=1, keepdims=True), w.svc.index.get(users), atol=1e-6)
+        raw = f[:, :DIM] / np.linalg.norm(f[:, :DIM], axis=1, keepdims=True)
+        pairs = np.random.default_rng(0).integers(0, len(users), (500, 2))
+        cos_raw = (raw[pairs[:, 0]] * raw[pairs[:, 1]]).sum(1).mean()
+        idx = w.svc.index.get(users)
+        cos_idx = (idx[pairs[:, 0]] * idx[pairs[:, 1]]).sum(1).mean()
+        assert cos_raw > 0.3 and abs(cos_idx) < 0.1, (cos_raw, cos_idx)  # centring removes what all users share
         ad = w.svc.model.ad_vectors(np.zeros(1, np.int64))
         np.testing.assert_allclose(f[:, DIM:], f[:, :DIM] * ad, rtol=1e-6)
         unknown = w.view.features(np.array([10**12]), np.array([1]))

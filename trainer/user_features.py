@@ -16,9 +16,11 @@ vector may already have seen events that came after an example's impression (nev
 outcome: a batch reaches the user model only after the ranker trained on it). Serving sees the same kind
 of vector.
 
-When the user model falls behind (training is ~10x the ranker's cost per example), queued batches are
-folded into the histories without training and only the newest is trained on: every example still
-reaches the histories exactly once, the model trains on a subsample. ``drain()`` waits for the queue to
+The user model's step costs ~10x the ranker's per example, so it trains on a subsample: at most
+``train_duty`` of the worker's time goes to training (the service uses 0.25: without the cap the thread
+trained non-stop and halved the stack's throughput on 2 cores); batches that arrive meanwhile, or queue
+up, are folded into the histories without training. Every example still reaches the histories exactly
+once. ``drain()`` waits for the queue to
 empty, so a checkpoint holds histories that match its Kafka offsets.
 
 >>> import numpy as np
@@ -33,6 +35,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Sequence
 
 import numpy as np
@@ -115,13 +118,18 @@ class UserVectors:
 class UserWorker:
     """A :class:`~trainer.user_service.UserModelService` run by a background thread (see the module doc).
 
-    ``submit(examples)`` queues a batch (never blocks); ``drain()`` waits until everything queued is in
+    ``train_duty``: the largest share of time spent training (1: train on every batch it gets to; the
+    quality benchmark's synchronous runs use 1). ``submit(examples)`` queues a batch (never blocks); ``drain()`` waits until everything queued is in
     the histories and re-encoded; ``state()``/``load_state()`` (call after ``drain``); ``close()``.
     An exception in the thread is raised again by the next ``submit``/``drain``.
     """
 
-    def __init__(self, svc, view: UserVectors | None = None):
+    def __init__(self, svc, view: UserVectors | None = None, train_duty: float = 1.0):
+        if not 0 < train_duty <= 1:
+            raise ValueError(f"UserWorker: train_duty must be in (0, 1], got {train_duty}")
         self.svc = svc
+        self.train_duty = train_duty
+        self._next_train = 0.0
         self.view = view or UserVectors(svc.cfg.model.dim, svc.model.tower.ad.weight)
         svc.on_upsert = self.view.update
         self.trained_batches = self.absorbed_batches = 0
@@ -142,11 +150,16 @@ class UserWorker:
             work = [b for b in batches if b is not None]
             try:
                 if self._error is None and work:
-                    for b in work[:-1]:
+                    train = time.monotonic() >= self._next_train
+                    for b in work[:-1] if train else work:
                         self.svc.absorb(b)
-                    self.svc.process(work[-1])
-                    self.absorbed_batches += len(work) - 1
-                    self.trained_batches += 1
+                    if train:
+                        t0 = time.monotonic()
+                        self.svc.process(work[-1])
+                        # at most train_duty of the time training: the ranker shares the cores
+                        self._next_train = time.monotonic() + (time.monotonic() - t0) * (1 / self.train_duty - 1)
+                        self.trained_batches += 1
+                    self.absorbed_batches += len(work) - train
             except BaseException as e:  # noqa: BLE001 - handed to the trainer's thread
                 log.exception("user model thread failed")
                 self._error = e
