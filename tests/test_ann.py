@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedding_store.ann import (TWO_LEVEL_ABOVE, AnnConfig, AnnError, FaissIndex, load_index, make_index, normalize,
-                                  read_snapshot, save_index, save_npz_atomic, train_centroids)
+from embedding_store.ann import (AnnConfig, AnnError, load_index, make_index, normalize, read_snapshot, save_index,
+                                  save_npz_atomic)
+from embedding_store.ann_faiss import TWO_LEVEL_ABOVE, FaissIndex, train_centroids
 
 DIM = 8
 # ivf with nprobe == nlist scans every list: exact answers, so the same assertions hold
