@@ -105,14 +105,14 @@ def freshness(n_impressions: int) -> dict:
 
 
 # (nprobe, HNSW ef_search); ef only matters with --quantizer hnsw
-SWEEP = ((4, 16), (8, 16), (16, 32), (20, 32), (24, 32), (28, 40), (32, 48), (40, 56), (48, 64), (64, 80))
+SWEEP = ((4, 16), (8, 16), (16, 32), (20, 32), (24, 32), (28, 40), (30, 44), (32, 48), (40, 56), (48, 64), (64, 80))
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=None, help="vectors (default 1M; 100k with --quick)")
     p.add_argument("--data", choices=tuple(DATA), default="tower", help="vector distribution (see the module doc)")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4096 at 1M, 1024 up to 200k)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 16384 above 200k vectors, 1024 up to 200k)")
     p.add_argument("--quantizer", choices=("flat", "hnsw"), default=None,
                    help="IVF coarse quantizer (default hnsw above 2048 lists, else flat)")
     p.add_argument("--codec", choices=("flat", "fp16"), default=None,
@@ -121,7 +121,7 @@ def main() -> None:
     import faiss
 
     n = args.n or (100_000 if args.quick else 1_000_000)
-    nlist = args.nlist or (1024 if n <= 200_000 else 4096)
+    nlist = args.nlist or (1024 if n <= 200_000 else 16384)  # ~16 sqrt(n) at 1M
     quantizer = args.quantizer or ("hnsw" if nlist > 2048 else "flat")
     codec = args.codec or ("fp16" if n > 200_000 else "flat")
     cpu0, wall0 = time.process_time(), time.perf_counter()

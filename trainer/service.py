@@ -122,8 +122,8 @@ def user_worker(cfg: Config, train_duty: float = 0.25):
 
     d = cfg.trainer.user_dim
     # exact search while small (IVF stages vectors in a flat index until 30 * nlist), then the configuration
-    # measured at 1M vectors (docs/users.md): 4096 lists, HNSW coarse quantizer, fp16 lists
-    index = AnnConfig(dim=d, kind="ivf", nlist=4096, nprobe=24, quantizer="hnsw", codec="fp16")
+    # measured at 1M vectors (docs/users.md): 16384 lists, HNSW coarse quantizer, fp16 lists, nprobe 40
+    index = AnnConfig(dim=d, kind="ivf", nlist=16384, nprobe=40, quantizer="hnsw", codec="fp16")
     return UserWorker(UserModelService(UserServiceConfig(model=UserModelConfig(dim=d), index=index,
                                                          seed=cfg.trainer.seed)), train_duty=train_duty)
 
