@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -120,3 +122,19 @@ def test_the_ranker_reads_the_user_features(examples):
     assert featurize(examples[:4], off).user is None
     assert Learner(off).model.cross[0].in_features + 2 * 32 == Learner(TrainerConfig(
         hash_buckets=1000, device="cpu", backend="torch")).model.cross[0].in_features
+
+
+def test_an_idle_worker_still_publishes_the_last_users_within_a_refresh_period(examples):
+    cfg = UserServiceConfig(model=UserModelConfig(dim=DIM, max_len=8, ad_buckets=1000),
+                            index=AnnConfig(dim=DIM, kind="exact"), refresh_every_s=0.3)
+    w = UserWorker(UserModelService(cfg))
+    try:
+        w.submit(examples[:200])  # processed at once, before the first refresh is due: its users stay dirty
+        users = {e.impression.user_id for e in examples[:200]}
+        deadline = time.monotonic() + 5.0
+        while len(w.view) < len(users) and time.monotonic() < deadline:
+            time.sleep(0.05)  # no drain(), no further batch: only the idle wake-up can refresh
+        assert len(w.view) == len(users) and w.svc.counters["refreshes"] >= 1
+        assert w.svc.freshness_ms()["max"] < 3000
+    finally:
+        w.close()

@@ -134,13 +134,24 @@ class UserWorker:
         svc.on_upsert = self.view.update
         self.trained_batches = self.absorbed_batches = 0
         self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # the service is used by one thread at a time (worker, or drain/state)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="user-model", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while True:
-            batches = [self._q.get()]
+            try:  # wake up when idle too: the last users of a burst get their vectors within a refresh period
+                batches = [self._q.get(timeout=self.svc.cfg.refresh_every_s or 1.0)]
+            except queue.Empty:
+                with self._lock:
+                    if self._error is None:
+                        try:
+                            self.svc.maybe_refresh()
+                        except BaseException as e:  # noqa: BLE001 - handed to the trainer's thread
+                            log.exception("user model thread failed")
+                            self._error = e
+                continue
             while True:  # take everything queued: fold the older batches in, train on the newest
                 try:
                     batches.append(self._q.get_nowait())
@@ -149,6 +160,7 @@ class UserWorker:
             stop = batches[-1] is None
             work = [b for b in batches if b is not None]
             try:
+                self._lock.acquire()
                 if self._error is None and work:
                     train = time.monotonic() >= self._next_train
                     for b in work[:-1] if train else work:
@@ -164,6 +176,7 @@ class UserWorker:
                 log.exception("user model thread failed")
                 self._error = e
             finally:
+                self._lock.release()
                 for _ in batches:
                     self._q.task_done()
             if stop:
@@ -183,19 +196,22 @@ class UserWorker:
         """Wait until every submitted batch is processed, then re-encode the changed users."""
         self._q.join()
         self._check()
-        self.svc.refresh()
+        with self._lock:
+            self.svc.refresh()
 
     def backlog(self) -> int:
         return self._q.qsize()
 
     def state(self) -> dict:
         self.drain()
-        return {**self.svc.state(), "trained_batches": self.trained_batches,
-                "absorbed_batches": self.absorbed_batches, "view": self.view.state()}
+        with self._lock:
+            return {**self.svc.state(), "trained_batches": self.trained_batches,
+                    "absorbed_batches": self.absorbed_batches, "view": self.view.state()}
 
     def load_state(self, st: dict) -> None:
         self.drain()
-        self.svc.load_state(st)
+        with self._lock:
+            self.svc.load_state(st)
         self.trained_batches = int(st.get("trained_batches", 0))
         self.absorbed_batches = int(st.get("absorbed_batches", 0))
         view = st["view"]  # the raw vectors (the index keeps them normalised for cosine search)

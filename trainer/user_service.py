@@ -103,7 +103,7 @@ class UserModelService:
         for e in examples:
             self._mark(self.history.observe(e), e.impression.ts, now)
         self.counters["examples"] += len(examples)
-        self._maybe_refresh()
+        self.maybe_refresh()
         return {"trained": len(examples), "loss": loss, "p_click": p}
 
     def absorb(self, examples: Sequence[schema.Example]) -> int:
@@ -112,7 +112,7 @@ class UserModelService:
         for e in examples:
             self._mark(self.history.observe(e), e.impression.ts, now)
         self.counters["examples_absorbed"] = self.counters.get("examples_absorbed", 0) + len(examples)
-        self._maybe_refresh()
+        self.maybe_refresh()
         return len(examples)
 
     def observe(self, events) -> int:
@@ -125,10 +125,11 @@ class UserModelService:
                 self._mark(u, ev.ts, now)
                 n += 1
         self.counters["events"] += n
-        self._maybe_refresh()
+        self.maybe_refresh()
         return n
 
-    def _maybe_refresh(self) -> None:
+    def maybe_refresh(self) -> None:
+        """Refresh when ``refresh_every_s`` has passed since the last one."""
         if time.monotonic() - self._last_refresh >= self.cfg.refresh_every_s:
             self.refresh()
 
