@@ -100,8 +100,11 @@ def up(args, cfg: Config) -> int:
                   dashboard={"port": args.port or cfg.dashboard.port})
     sup = Supervisor(_write_run_config(cfg, run_dir), run_dir)
     watcher = None
-    # SIGTERM behaves like Ctrl-C so `kill` of the supervisor also stops everything in order.
+    # SIGTERM behaves like Ctrl-C so `kill` of the supervisor also stops everything in order. SIGINT gets the
+    # same explicit handler: a shell starts background jobs with SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt (`streamrec up --stay &` ignored `kill -INT`).
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions,
                                cfg.kafka.client)

@@ -35,10 +35,12 @@ def _processes_mentioning(text: str) -> list[str]:
     return [line for line in out.splitlines() if text in line and "ps -e" not in line]
 
 
-def _up(tmp_path, *args: str) -> subprocess.Popen:
+def _up(tmp_path, *args: str, sigint_ignored: bool = False) -> subprocess.Popen:
     env = {**os.environ, "STREAMREC_DATA_DIR": str(tmp_path)}
+    # sigint_ignored: started the way a shell starts a background job (`streamrec up --stay &`)
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, preexec_fn=pre)
 
 
 def _chdb_counts(path) -> dict:
@@ -84,7 +86,7 @@ def test_up_processes_events_end_to_end_and_leaves_nothing_running(tmp_path):
 
 
 def test_ctrl_c_stops_every_process_in_order(tmp_path):
-    proc = _up(tmp_path, "--events", "2000", "--stay", "--port", str(free_port()))
+    proc = _up(tmp_path, "--events", "2000", "--stay", "--port", str(free_port()), sigint_ignored=True)
     deadline = time.monotonic() + 240
     lines = []
     while time.monotonic() < deadline:
@@ -97,7 +99,12 @@ def test_ctrl_c_stops_every_process_in_order(tmp_path):
     assert len(kids) >= 4  # broker, dashboard, labels, trainer
     # A terminal's Ctrl-C reaches the supervisor's process group only: the children run in their own sessions.
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # the children die with it (PR_SET_PDEATHSIG)
+        out, _ = proc.communicate()
+        pytest.fail(f"streamrec up ignored SIGINT:\n{out[-3000:]}")
     assert proc.returncode == 0, out[-3000:]
     assert "did not stop" not in out, out[-3000:]
     time.sleep(0.5)
