@@ -87,7 +87,23 @@ def _produce(cfg: Config, args) -> tuple[int, int]:
     return gcfg.n_impressions, stats.bad_records
 
 
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def up(args, cfg: Config) -> int:
+    port = args.port or cfg.dashboard.port
+    if not _port_free(cfg.dashboard.host, port):  # before anything starts: the dashboard would crash-loop
+        print(f"streamrec up: {cfg.dashboard.host}:{port} is in use (another `streamrec up`?); stop it, or pass "
+              "--port", file=sys.stderr)
+        return 2
     run_dir = Path(cfg.data_dir, "runs", time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     broker = None

@@ -112,3 +112,17 @@ def test_ctrl_c_stops_every_process_in_order(tmp_path):
     # the trainer checkpointed on the way down (SIGTERM from the supervisor, broker still up)
     ckpts = list(tmp_path.glob("runs/*/checkpoints/*"))
     assert ckpts, "trainer left no checkpoint"
+
+
+def test_up_refuses_a_dashboard_port_in_use(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "deploy.cli", "up", "--events", "100", "--port", str(port)],
+                           env={**os.environ, "STREAMREC_DATA_DIR": str(tmp_path)}, capture_output=True, text=True,
+                           timeout=120)
+    assert r.returncode == 2 and f"127.0.0.1:{port} is in use" in r.stderr and "--port" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("runs/*")), "nothing may start"
