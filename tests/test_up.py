@@ -58,7 +58,8 @@ def _chdb_counts(path) -> dict:
 
 
 def test_up_processes_events_end_to_end_and_leaves_nothing_running(tmp_path):
-    proc = _up(tmp_path, "--events", "10000", "--bad-rate", "0.02", "--exit-when-done", "--port", str(free_port()))
+    port = str(free_port())
+    proc = _up(tmp_path, "--events", "10000", "--bad-rate", "0.02", "--exit-when-done", "--port", port)
     try:
         out, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -80,7 +81,8 @@ def test_up_processes_events_end_to_end_and_leaves_nothing_running(tmp_path):
     assert "user vectors: " in out
     # Again in the same data dir: a new embedded broker's topics start at offset 0, and the metrics sink must
     # not resume from the offsets it recorded against the previous broker (it would skip their start).
-    again = _up(tmp_path, "--events", "2000", "--seed", "5", "--exit-when-done", "--port", str(free_port()))
+    # (the same dashboard port too: the previous run's connections may hold it in TIME_WAIT, which is free)
+    again = _up(tmp_path, "--events", "2000", "--seed", "5", "--exit-when-done", "--port", port)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0 and "done: " in out and "2,000 trained" in out, out[-3000:]
 
