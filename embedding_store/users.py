@@ -4,7 +4,7 @@
     streamrec users lookalike 42 7 19 -k 100      # the 100 users closest to the seeds' mean direction
     streamrec users info                          # size, kind, age of the vectors
 
-The snapshot is the file the user-model service writes (``--index``, default ``<data_dir>/users/index``).
+The snapshot is the file the trainer writes at every checkpoint (``--index``, default ``<data_dir>/users/index``).
 Each neighbour is printed with its cosine score and how old its vector is (now minus the event time of
 the newest event the vector has seen).
 
@@ -111,7 +111,7 @@ def add_cli(subparsers) -> None:
 def run(args: argparse.Namespace, cfg) -> int:
     path = Path(args.index) if args.index else Path(cfg.data_dir, "users", "index")
     if not path.exists():
-        print(f"streamrec users: no index snapshot at {path} (run the user-model service, or pass --index)",
+        print(f"streamrec users: no index snapshot at {path} (the trainer writes it at every checkpoint: run `streamrec up` or `streamrec train`, or pass --index)",
               file=sys.stderr)
         return 2
     t0 = time.perf_counter()
