@@ -179,7 +179,7 @@ def study_users(n: int, rows: list, res: dict) -> None:
     """The ranker with the user model's vectors ``[u, u * v_ad]`` vs without, on ``interest-shift`` traffic
     (each user's taste jumps at their own moment: only recent engagements reveal the new one)."""
     from streams.config import Config
-    from trainer.service import user_worker
+    from trainer.user_features import user_worker
 
     sim = simulate(GeneratorConfig(n_impressions=n, seed=14, scenario=ScenarioConfig(name="interest-shift"),
                                    **WORLD))

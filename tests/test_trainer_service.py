@@ -21,7 +21,8 @@ from streams import kafka_io, schema
 from streams.config import load_config, replace
 from trainer import checkpoint
 from trainer.features import featurize
-from trainer.service import Dedup, run as train_cli, users_index_path
+from trainer.service import Dedup, run as train_cli
+from trainer.user_features import users_index_path
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 20_000

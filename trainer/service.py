@@ -109,31 +109,13 @@ class _Stats:
         return out
 
 
-def users_index_path(cfg: Config) -> Path:
-    """Where the trainer writes the user-vector index at each checkpoint (``streamrec users`` reads it)."""
-    return Path(cfg.data_dir, "users", "index")
-
-
-def user_worker(cfg: Config, train_duty: float = 0.25):
-    from embedding_store.ann import AnnConfig
-    from trainer.user_features import UserWorker
-    from trainer.user_model import UserModelConfig
-    from trainer.user_service import UserModelService, UserServiceConfig
-
-    d = cfg.trainer.user_dim
-    # exact search while small (IVF stages vectors in a flat index until 30 * nlist), then the configuration
-    # measured at 1M vectors (docs/users.md): 16384 lists, HNSW coarse quantizer, fp16 lists, nprobe 40
-    index = AnnConfig(dim=d, kind="ivf", nlist=16384, nprobe=40, quantizer="hnsw", codec="fp16")
-    return UserWorker(UserModelService(UserServiceConfig(model=UserModelConfig(dim=d), index=index,
-                                                         seed=cfg.trainer.seed)), train_duty=train_duty)
-
-
 class TrainerService:
     """One trainer process. ``run()`` until stopped, idle, or ``max_examples`` trained."""
 
     def __init__(self, cfg: Config, *, resume: bool, record_ids: bool = False, export_dir: str | None = None):
         from trainer import checkpoint
         from trainer.model import Learner
+        from trainer.user_features import user_worker
 
         self.cfg, self.tc = cfg, cfg.trainer
         self.export_dir = export_dir or cfg.trainer.export_dir
@@ -204,6 +186,7 @@ class TrainerService:
         self._last_ckpt_offsets = dict(self.offsets)
         if self.users is not None:  # for `streamrec users` (the index as of this checkpoint)
             from embedding_store.ann import save_index
+            from trainer.user_features import users_index_path
 
             save_index(self.users.svc.index, users_index_path(self.cfg))
         if self.export_dir:  # serving artifacts follow the checkpoints

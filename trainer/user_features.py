@@ -36,12 +36,15 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from embedding_store.ann import AnnConfig
 from streams import schema
+from streams.config import Config
 from trainer.user_model import ad_rows
 
 log = logging.getLogger("streamrec.trainer.users")
@@ -230,3 +233,21 @@ class UserWorker:
         if self._thread.is_alive():
             self._q.put(None)
             self._thread.join(60)
+
+
+def users_index_path(cfg: Config) -> Path:
+    """Where the trainer writes the user-vector index at each checkpoint (``streamrec users`` reads it)."""
+    return Path(cfg.data_dir, "users", "index")
+
+
+def user_worker(cfg: Config, train_duty: float = 0.25) -> UserWorker:
+    """The trainer's user model: ``trainer.user_dim`` wide, its index configured for up to ~1M users."""
+    from trainer.user_model import UserModelConfig
+    from trainer.user_service import UserModelService, UserServiceConfig
+
+    d = cfg.trainer.user_dim
+    # exact search while small (IVF stages vectors in a flat index until 30 * nlist), then the configuration
+    # measured at 1M vectors (docs/users.md): 16384 lists, HNSW coarse quantizer, fp16 lists, nprobe 40
+    index = AnnConfig(dim=d, kind="ivf", nlist=16384, nprobe=40, quantizer="hnsw", codec="fp16")
+    return UserWorker(UserModelService(UserServiceConfig(model=UserModelConfig(dim=d), index=index,
+                                                         seed=cfg.trainer.seed)), train_duty=train_duty)
