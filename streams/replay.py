@@ -27,7 +27,7 @@ from collections import deque
 from itertools import compress
 from operator import length_hint
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Iterable
 
 import msgspec
 from tqdm import tqdm
@@ -37,6 +37,7 @@ from streams.config import NO_BROKER, Config
 from streams.decode_worker import BLOCK_BYTES, DecoderProcess, NoWorker, planned_blocks
 from streams.lineplan import Plan, Router, plan_block
 from streams.logfile import BadRecord, count_lines
+from streams.pacing import Pacer, TimeRange, in_range
 
 STATS_EVERY_S = 1.0
 # A native log at least this big is decoded by a worker process (:mod:`streams.decode_worker`) while this
@@ -298,52 +299,6 @@ def produce(cfg: Config, records: Iterable[msgspec.Struct], *, progress: bool = 
         return pub.finish(watermark=watermark)
 
 
-class _Pacer:
-    """Sleeps so that event time advances ``speed`` times faster than wall time, from the first event."""
-
-    def __init__(self, speed: float):
-        if not speed > 0:
-            raise ValueError(f"replay: --speed must be > 0, got {speed}")
-        self.speed = speed
-        self.first_ts: int | None = None
-        self.t0 = 0.0
-
-    def wait(self, ts: int, heartbeat: Callable[[], None]) -> None:
-        """Return when event time ``ts`` is due; long gaps are slept in steps of at most 0.5 s with a
-        ``heartbeat()`` between them (stats keep flowing while the log is quiet)."""
-        if self.first_ts is None:
-            self.first_ts, self.t0 = ts, time.monotonic()
-            return
-        due = self.t0 + (ts - self.first_ts) / 1000.0 / self.speed
-        while (delay := due - time.monotonic()) > 0:
-            time.sleep(min(delay, 0.5))
-            heartbeat()
-
-
-class TimeRange(NamedTuple):
-    """Replay only events with ``start <= ts < end`` (ms). Feedback (clicks, conversions) is kept until
-    ``end + longest label window`` so impressions near ``end`` keep their labels; watermarks at or past
-    ``end`` are dropped (the end-of-log watermark closes the windows)."""
-
-    start: int
-    end: int
-
-    @classmethod
-    def parse(cls, start: str, end: str) -> TimeRange:
-        """From ms / s digits or ISO dates: ``TimeRange.parse("2026-01-01", "2026-01-02T06:00")``."""
-        r = cls(formats.parse_time(start), formats.parse_time(end))
-        if r.end <= r.start:
-            raise ValueError(f"replay: --time-range END ({end}) must be after START ({start})")
-        return r
-
-
-def _in_range(rec: msgspec.Struct, r: TimeRange, feedback_end: int) -> bool:
-    ts = rec.ts  # type: ignore[attr-defined]
-    if isinstance(rec, (schema.Click, schema.Conversion)):
-        return r.start <= ts < feedback_end
-    return r.start <= ts < r.end
-
-
 def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: float | None = None,
                 time_range: TimeRange | None = None, options: formats.ReadOptions = formats.ReadOptions(),
                 progress: bool = True, watermark: bool = True, parallel: bool | None = None) -> ReplayStats:
@@ -363,7 +318,7 @@ def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: floa
     items = formats.read(path, fmt, options)  # raises FileNotFoundError / FormatError before producing
     if speed is None and time_range is None and (fmt == "jsonl" or fmt == "auto" and formats.detect(path) == "jsonl"):
         return _replay_jsonl_fast(cfg, path, progress=progress, watermark=watermark, parallel=parallel)
-    pacer = _Pacer(speed) if speed is not None else None
+    pacer = Pacer(speed) if speed is not None else None
     total = count_lines(path) if progress and path.suffix in (".jsonl", ".ndjson") else None
     lab = cfg.labels
     feedback_end = time_range.end + 1000 * max(lab.click_window_s, lab.conversion_window_s) if time_range else 0
@@ -382,7 +337,7 @@ def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: floa
                 send(item.records[0], item.raw)  # native line: already our encoding
                 continue
             for rec in item.records:
-                if time_range is not None and not _in_range(rec, time_range, feedback_end):
+                if time_range is not None and not in_range(rec, time_range, feedback_end):
                     skipped += 1
                     continue
                 if pacer is not None and not isinstance(rec, schema.Watermark):
