@@ -182,3 +182,17 @@ def test_worker_out_of_step_with_the_file_falls_back_to_local_plans(cfg, tmp_pat
     ref = simulate(GeneratorConfig(n_impressions=1500, seed=21, bad_rate=0.02)).counts()
     assert (s.impressions, s.clicks, s.conversions) == (ref["impression"], ref["click"], ref["conversion"])
     assert s.lines == sum(1 for x in lines if x.strip())
+
+
+def test_a_claim_after_the_worker_reached_the_end_is_harmless(tmp_path):
+    path = tmp_path / "log.jsonl"
+    _log(path)
+    n_blocks = sum(1 for _ in iter_blocks(path, size=8192))
+    with decode_worker.DecoderProcess(path, 2, 8192) as w:
+        w.begin(0, 1)
+        assert w.proc.wait(30) == 0  # it planned every block into the pipe and exited
+        w.claim(123)  # the parent claims a block it has not read yet: the pipe is closed by then
+        plans = []
+        while (p := w.next_plan()) is not None:
+            plans.append(p)
+    assert len(plans) == n_blocks and plans[0].first == 1
