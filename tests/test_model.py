@@ -152,3 +152,13 @@ def msgspec_replace(tc: TrainerConfig, **kw) -> TrainerConfig:
     import msgspec
 
     return msgspec.structs.replace(tc, **kw)
+
+
+def test_a_checkpoint_from_other_model_settings_is_a_clear_error():
+    from streams.config import TrainerConfig
+    from trainer.model import Learner
+
+    st = Learner(TrainerConfig(hash_buckets=100, device="cpu", backend="torch", user_model=True)).state()
+    other = Learner(TrainerConfig(hash_buckets=100, device="cpu", backend="torch", user_model=False))
+    with pytest.raises(ValueError, match="other trainer settings .*user_model.*size mismatch"):
+        other.load_state(st)

@@ -237,7 +237,12 @@ class Learner:
                 **({"user_view": self.user_view.state()} if self.user_view is not None else {})}
 
     def load_state(self, st: dict) -> None:
-        missing, unexpected = self.model.load_state_dict(st["dense"], strict=False)
+        try:
+            missing, unexpected = self.model.load_state_dict(st["dense"], strict=False)
+        except RuntimeError as e:  # shapes differ: the checkpoint comes from other trainer settings
+            detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise ValueError("checkpoint model state does not fit this model; was it trained with other trainer "
+                             f"settings (user_model, user_dim, embedding_dim, cat_slots, dense_dim)? {detail}") from None
         missing = [k for k in missing if not k.startswith("emb.")]
         if missing or unexpected:
             raise ValueError(f"checkpoint model state: missing {missing}, unexpected {unexpected}")

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             learner = load_export(args.model, cfg.trainer.device, cfg.trainer.backend)
         else:
             learner = load_learner(args.checkpoint, cfg.trainer.device, cfg.trainer.backend)
-    except (CheckpointError, ExportError, OSError) as e:
+    except (CheckpointError, ExportError, OSError, ValueError) as e:  # ValueError: other trainer settings
         print(f"streamrec score: {e}", file=sys.stderr)
         return 2
     try:
