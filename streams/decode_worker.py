@@ -213,9 +213,10 @@ class DecoderProcess:
                                f"while replaying {self.path}")
         kind, n = _HEAD.unpack(head)
         payload = self._read(n) if n else b""
-        if len(payload) < n:
-            raise RuntimeError(f"replay decoder worker (pid {self.proc.pid}): frame cut short "
-                               f"({len(payload)} of {n} bytes)")
+        if len(payload) < n:  # it died while writing a frame
+            code = self.proc.wait()
+            raise RuntimeError(f"replay decoder worker (pid {self.proc.pid}) exited with code {code} in the "
+                               f"middle of a frame ({len(payload)} of {n} bytes) while replaying {self.path}")
         return kind, payload
 
     def close(self) -> None:
