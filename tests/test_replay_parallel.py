@@ -108,9 +108,11 @@ def test_worker_error_and_crash_surface(tmp_path):
             w.next_plan()
     path = tmp_path / "log.jsonl"
     _log(path)
+    path.write_bytes(path.read_bytes() * 30)  # 30 copies: the worker is still planning when killed
     with decode_worker.DecoderProcess(path, 2, 4096) as w:
         w.begin(0, 1)
         assert w.next_plan() is not None
+        assert w.proc.poll() is None
         os.kill(w.proc.pid, signal.SIGKILL)
         with pytest.raises(RuntimeError, match="exited with code -9"):
             while True:
