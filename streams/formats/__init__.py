@@ -222,6 +222,18 @@ def ints(fields: Iterable[str]) -> list[int]:
     return out
 
 
+def flags(what: str, *fields: str) -> list[int]:
+    """Label columns that must be 0 or 1, as ints; ``what`` names them for the error.
+
+    >>> flags("click/purchase", "1", "0")
+    [1, 0]
+    """
+    v = [int(x) for x in fields]
+    if any(x not in (0, 1) for x in v):
+        raise ValueError(f"{what} must be 0 or 1, got {'/'.join(map(str, v))}")
+    return v
+
+
 def floats(fields: Iterable[str]) -> list[float]:
     return [float(x) if x else 0.0 for x in fields]
 

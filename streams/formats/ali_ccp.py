@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.formats import Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, ints
+from streams.formats import Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, flags, ints
 
 NAME = "ali-ccp"
 _ID_COLS = ("101", "205", "216", "207")
@@ -36,9 +36,7 @@ def read(path: Path, options: ReadOptions) -> Iterator[Item]:
     def convert(f: list[str], n: int) -> tuple:
         i = row[0]
         row[0] += 1
-        click, purchase = int(f[col["click"]]), int(f[col["purchase"]])
-        if click not in (0, 1) or purchase not in (0, 1):
-            raise ValueError(f"click/purchase must be 0 or 1, got {click}/{purchase}")
+        click, purchase = flags("click/purchase", f[col["click"]], f[col["purchase"]])
         u, a, b, s = ints((f[user], f[item], f[brand], f[shop]))
         imp = schema.Impression(event_id=event_ids(NAME, path, n)[0],
                                 ts=options.start_ts + i * options.row_interval_ms, user_id=u, ad_id=a,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, floats,
+from streams.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, flags, floats,
                              ints, stable_id)
 
 NAME = "aliexpress"
@@ -33,9 +33,7 @@ def read(path: Path, options: ReadOptions) -> Iterator[Item]:
     def convert(f: list[str], n: int) -> tuple:
         i = row[0]
         row[0] += 1
-        click, conv = int(f[col["click"]]), int(f[col["conversion"]])
-        if click not in (0, 1) or conv not in (0, 1):
-            raise ValueError(f"click/conversion must be 0 or 1, got {click}/{conv}")
+        click, conv = flags("click/conversion", f[col["click"]], f[col["conversion"]])
         sid = f[col["search_id"]]
         user = int(sid) if sid.isdigit() else stable_id(sid)
         imp = schema.Impression(event_id=event_ids(NAME, path, n)[0],

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.formats import Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, stable_id
+from streams.formats import Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, flags, stable_id
 
 NAME = "avazu"
 HOUR_MS = 3_600_000
@@ -61,9 +61,7 @@ def read(path: Path, options: ReadOptions) -> Iterator[Item]:
             state["hour"], state["k"] = h, 0
         ts = h + min(state["k"], HOUR_MS - 1)
         state["k"] += 1
-        click = int(f[click_col]) if click_col is not None else 0
-        if click not in (0, 1):
-            raise ValueError(f"click must be 0 or 1, got {click}")
+        click = flags("click", f[click_col])[0] if click_col is not None else 0
         dev = f[col["device_id"]]
         who = dev if dev != UNKNOWN_DEVICE else f"{f[col['device_ip']]}/{f[col['device_model']]}"
         imp = schema.Impression(event_id=event_ids(NAME, path, n)[0], ts=ts, user_id=stable_id(who),

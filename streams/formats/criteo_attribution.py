@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, ints,
+from streams.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, flags, ints,
                              signed_log1p)
 
 NAME = "criteo-attribution"
@@ -37,9 +37,7 @@ def read(path: Path, options: ReadOptions) -> Iterator[Item]:
 
     def convert(f: list[str], n: int) -> tuple:
         ts = options.start_ts + 1000 * int(f[col["timestamp"]])
-        click, attributed = int(f[col["click"]]), int(f[col["attribution"]])
-        if click not in (0, 1) or attributed not in (0, 1):
-            raise ValueError(f"click/attribution must be 0 or 1, got {click}/{attributed}")
+        click, attributed = flags("click/attribution", f[col["click"]], f[col["attribution"]])
         conv_s = int(f[col["conversion_timestamp"]])
         if attributed and conv_s < 0:
             raise ValueError("attributed conversion without conversion_timestamp")

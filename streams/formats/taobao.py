@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, ints,
+from streams.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, flags, ints,
                              parse_time, signed_log1p, stable_id)
 
 NAME = "taobao"
@@ -40,9 +40,7 @@ def read(path: Path, options: ReadOptions) -> Iterator[Item]:
         return f[j] if j is not None else ""
 
     def convert(f: list[str], n: int) -> tuple:
-        clk = int(f[col["clk"]])
-        if clk not in (0, 1):
-            raise ValueError(f"clk must be 0 or 1, got {clk}")
+        clk = flags("clk", f[col["clk"]])[0]
         user, ad, camp, cust = ints((f[user_col], f[col["adgroup_id"]], get(f, "campaign_id"), get(f, "customer")))
         seq = get(f, "click_sequence")
         price = get(f, "price")

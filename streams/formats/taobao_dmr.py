@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.formats import Format, Item, ReadOptions, delimited_rows, event_ids, feedback, ints
+from streams.formats import Format, Item, ReadOptions, delimited_rows, event_ids, feedback, flags, ints
 
 NAME = "taobao-dmr"
 SEQ = 50
@@ -32,9 +32,7 @@ def read(path: Path, options: ReadOptions) -> Iterator[Item]:
         i = row[0]
         row[0] += 1
         v = ints(f[:5 * SEQ + 16])  # every column but the label is a non-negative integer id / 0-1 flag
-        target = int(f[266])
-        if target not in (0, 1):
-            raise ValueError(f"target must be 0 or 1, got {target}")
+        target = flags("target", f[266])[0]
         cate, mask = v[SEQ:2 * SEQ], v[3 * SEQ:4 * SEQ]
         history = [c for c, m in zip(cate, mask) if m]
         uid, profile = v[250], v[251:259]
