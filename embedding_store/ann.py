@@ -77,8 +77,9 @@ class AnnConfig:
     probed per query; ``device``: ``auto`` (GPU search when faiss-gpu sees a GPU) | ``cpu`` | ``gpu``;
     ``quantizer``: IVF coarse quantizer, ``flat`` | ``hnsw``; ``hnsw_m``: graph degree of the HNSW quantizer;
     ``ef_search``: its search beam for queries, raised to ``nprobe`` when smaller (a beam narrower than
-    k can return fewer than k lists; 0: ``max(nprobe, 16)``); ``ef_add``: its beam when assigning upserted vectors to lists (1 list wanted: 8 finds
-    the nearest centroid for 99.6% of vectors at 4k lists, assigning ~1.8x as fast as 16); ``codec``: how
+    k can return fewer than k lists; 0: ``max(nprobe, 16)``); ``ef_add``: its beam when assigning upserted
+    vectors to lists (1 list wanted: 8 finds the nearest centroid for 99.6% of vectors at 4k lists,
+    assigning ~1.8x as fast as 16); ``codec``: how
     IVF lists store vectors, ``flat`` (float32) | ``fp16`` (half the bytes to scan; ``get`` returns them
     to ~1e-3)."""
 
@@ -311,13 +312,23 @@ def save_index(index: AnnIndex, path: str | os.PathLike) -> Path:
 
 def save_npz_atomic(path: str | os.PathLike, arrays: dict) -> Path:
     """Write ``arrays`` as one .npz: a temporary file, fsync, then rename over ``path`` (never half written)."""
+    return write_atomic(path, npz_bytes(arrays))
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    """``arrays`` as the bytes of one uncompressed .npz file."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
     with open(tmp, "wb") as fh:
-        fh.write(buf.getbuffer())
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -180,15 +180,16 @@ class TrainerService:
         self.producer.flush(30)  # predictions/dead letters of checkpointed batches are out before the offsets move
         self.counters["checkpoints"] += 1
         t = time.monotonic()
-        path = checkpoint.save(self.ckpt_dir, self.state(), seq=self.counters["checkpoints"])
+        st = self.state()
+        path = checkpoint.save(self.ckpt_dir, st, seq=self.counters["checkpoints"])
         log.debug("checkpoint %s in %.2fs", path, time.monotonic() - t)
         self._last_ckpt_t, self._last_ckpt_n = time.monotonic(), self.counters["examples_trained"]
         self._last_ckpt_offsets = dict(self.offsets)
-        if self.users is not None:  # for `streamrec users` (the index as of this checkpoint)
-            from embedding_store.ann import save_index
+        if self.users is not None:  # for `streamrec users`: the index as of this checkpoint
             from trainer.user_features import users_index_path
+            from trainer.user_service import write_index_file
 
-            save_index(self.users.svc.index, users_index_path(self.cfg))
+            write_index_file(st["users"], users_index_path(self.cfg))
         if self.export_dir:  # serving artifacts follow the checkpoints
             from trainer.export import export
 

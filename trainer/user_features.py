@@ -122,8 +122,9 @@ class UserWorker:
     """A :class:`~trainer.user_service.UserModelService` run by a background thread (see the module doc).
 
     ``train_duty``: the largest share of time spent training (1: train on every batch it gets to; the
-    quality benchmark's synchronous runs use 1). ``submit(examples)`` queues a batch (never blocks); ``drain()`` waits until everything queued is in
-    the histories and re-encoded; ``state()``/``load_state()`` (call after ``drain``); ``close()``.
+    quality benchmark's synchronous runs use 1). ``submit(examples)`` queues a batch (never blocks);
+    ``drain()`` waits until everything queued is in the histories and re-encoded; ``state()``/``load_state()``
+    (call after ``drain``); ``close()``.
     An exception in the thread is raised again by the next ``submit``/``drain``.
     """
 
@@ -208,8 +209,9 @@ class UserWorker:
     def state(self) -> dict:
         self.drain()
         with self._lock:
+            view = self.view.state()  # ids and raw vectors; the ad table is the model's, already in "model"
             return {**self.svc.state(), "trained_batches": self.trained_batches,
-                    "absorbed_batches": self.absorbed_batches, "view": self.view.state()}
+                    "absorbed_batches": self.absorbed_batches, "view": {"ids": view["ids"], "vectors": view["vectors"]}}
 
     def load_state(self, st: dict) -> None:
         self.drain()

@@ -38,7 +38,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from embedding_store.ann import AnnConfig, AnnIndex, load_index, make_index, save_index
+from embedding_store.ann import (AnnConfig, AnnIndex, load_index, make_index, npz_bytes, save_index,
+                                 write_atomic)
 from streams import schema
 from trainer.user_history import HistoryConfig, UserHistory
 from trainer.user_model import UserModel, UserModelConfig
@@ -82,6 +83,10 @@ class UserModelService:
         old = self._dirty.get(user_id)
         self._dirty[user_id] = (old[0], max(old[1], ts)) if old else (now, ts)
 
+    def _fold(self, examples: Sequence[schema.Example], now: float) -> None:
+        for e in examples:
+            self._mark(self.history.observe(e), e.impression.ts, now)
+
     def _sequences(self, imps: Sequence[schema.Impression]):
         return self.history.sequences([i.user_id for i in imps], [i.ts for i in imps], before_ms=True,
                                       max_len=self.cfg.model.max_len)
@@ -100,17 +105,14 @@ class UserModelService:
         clicks = np.fromiter((1.0 if e.click else 0.0 for e in examples), np.float32, len(imps))
         p = self.model.score(seq, ads, doms)
         loss = self.model.train_step(seq, ads, doms, clicks)
-        for e in examples:
-            self._mark(self.history.observe(e), e.impression.ts, now)
+        self._fold(examples, now)
         self.counters["examples"] += len(examples)
         self.maybe_refresh()
         return {"trained": len(examples), "loss": loss, "p_click": p}
 
     def absorb(self, examples: Sequence[schema.Example]) -> int:
         """Fold examples into the histories without training (a batch the model had no time for)."""
-        now = time.monotonic()
-        for e in examples:
-            self._mark(self.history.observe(e), e.impression.ts, now)
+        self._fold(examples, time.monotonic())
         self.counters["examples_absorbed"] = self.counters.get("examples_absorbed", 0) + len(examples)
         self.maybe_refresh()
         return len(examples)
@@ -229,10 +231,14 @@ class UserModelService:
         return svc
 
 
+def write_index_file(state: dict, path: str | os.PathLike) -> Path:
+    """Write the index of a :meth:`UserModelService.state` to ``path``: the file :func:`save_index` would write
+    (the same .npz bytes), without taking the snapshot a second time."""
+    return write_atomic(path, state["index"].numpy().tobytes())
+
+
 def _npz_tensor(arrays: dict[str, np.ndarray]) -> torch.Tensor:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(npz_bytes(arrays)), dtype=torch.uint8)
 
 
 def _tensor_npz(t: torch.Tensor) -> dict[str, np.ndarray]:
