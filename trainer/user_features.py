@@ -102,18 +102,21 @@ class UserVectors:
                              np.fromiter((i.ad_id for i in imps), np.int64, n))
 
     # -- state: a frozen copy (checkpoints, exports, scoring) --
-    def state(self) -> dict[str, torch.Tensor]:
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """``{"ids": (N,), "vectors": (N, dim)}``: a copy of the user rows."""
         with self._grow_lock:
             ids = np.fromiter(self._row.keys(), np.int64, len(self._row))
             vecs = self._vecs[np.fromiter(self._row.values(), np.int64, len(self._row))].copy()
-        return {"ids": torch.from_numpy(ids), "vectors": torch.from_numpy(vecs),
-                "ad_table": self.ad_table.detach().clone()}
+        return {"ids": torch.from_numpy(ids), "vectors": torch.from_numpy(vecs)}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """:meth:`vectors` plus a copy of the ad table."""
+        return {**self.vectors(), "ad_table": self.ad_table.detach().clone()}
 
     @classmethod
     def from_state(cls, st: dict[str, torch.Tensor]) -> "UserVectors":
         vecs = st["vectors"].numpy()
-        v = cls(vecs.shape[1] if vecs.ndim == 2 else st["ad_table"].shape[1], st["ad_table"].clone(),
-                capacity=max(1024, len(vecs)))
+        v = cls(vecs.shape[1], st["ad_table"].clone(), capacity=max(1024, len(vecs)))
         v.update(st["ids"].numpy(), vecs)
         return v
 
@@ -209,9 +212,9 @@ class UserWorker:
     def state(self) -> dict:
         self.drain()
         with self._lock:
-            view = self.view.state()  # ids and raw vectors; the ad table is the model's, already in "model"
+            # the raw vectors; the view's ad table is the model's, saved under "model"
             return {**self.svc.state(), "trained_batches": self.trained_batches,
-                    "absorbed_batches": self.absorbed_batches, "view": {"ids": view["ids"], "vectors": view["vectors"]}}
+                    "absorbed_batches": self.absorbed_batches, "view": self.view.vectors()}
 
     def load_state(self, st: dict) -> None:
         self.drain()
