@@ -202,6 +202,12 @@ def study_users(n: int, rows: list, res: dict) -> None:
     rows.append(("5 user model (interest-shift)", "oracle", _f(o["auc_click"]), _f(o["auc_conv"]), _f(o["ne_click"])))
 
 
+def domain_click_aucs(st: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-domain click AUC of the model and of the oracle, from ``res["stationary"]``."""
+    doms = [d for d in st["model"] if d != "all"]
+    return ({d: st["model"][d]["auc_click"] for d in doms}, {d: st["oracle"][d]["auc_click"] for d in doms})
+
+
 def learning_curve(sizes: list[int]) -> int:
     """Study 1 alone at growing stream lengths: how the per-domain click AUC gap to the oracle closes."""
     rows: list[tuple[str, ...]] = []
@@ -210,14 +216,11 @@ def learning_curve(sizes: list[int]) -> int:
         res: dict = {}
         t0 = time.perf_counter()
         study_stationary(n, [], res)
-        st = res["stationary"]
-        doms = [d for d in st["model"] if d != "all"]
-        gap = [st["oracle"][d]["auc_click"] - st["model"][d]["auc_click"] for d in doms]
+        model, oracle = domain_click_aucs(res["stationary"])
+        gap = [oracle[d] - model[d] for d in model]
         gaps[n] = round(100 * max(gap), 2)  # AUC points
-        rows.append((f"{n:,}", f"{min(st['model'][d]['auc_click'] for d in doms):.4f}-"
-                     f"{max(st['model'][d]['auc_click'] for d in doms):.4f}",
-                     f"{min(st['oracle'][d]['auc_click'] for d in doms):.4f}-"
-                     f"{max(st['oracle'][d]['auc_click'] for d in doms):.4f}",
+        rows.append((f"{n:,}", f"{min(model.values()):.4f}-{max(model.values()):.4f}",
+                     f"{min(oracle.values()):.4f}-{max(oracle.values()):.4f}",
                      f"{100 * min(gap):.1f}-{100 * max(gap):.1f}", f"{time.perf_counter() - t0:.0f}"))
     last = sizes[-1]
     report("quality_curve", rows, ("impressions", "MDMO click AUC (per domain)", "oracle", "gap (points)", "s"),
@@ -251,13 +254,12 @@ def main() -> int:
           f"{WORLD['n_ads']} ads, batch {TC.batch_size}, progressive metrics on true labels; "
           f"{time.perf_counter() - t0:.0f} s")
     st = res["stationary"]
-    doms = [d for d in st["model"] if d != "all"]
-    mean_model = float(np.mean([st["model"][d]["auc_click"] for d in doms]))
-    mean_oracle = float(np.mean([st["oracle"][d]["auc_click"] for d in doms]))
+    model, oracle = domain_click_aucs(st)
+    mean_model, mean_oracle = float(np.mean(list(model.values()))), float(np.mean(list(oracle.values())))
     dr, dl, un = res["drift"], res["delay"], res["unified"]
     report("quality", rows, ("study", "model", "AUC click", "AUC conv", "NE"), value=mean_model,
            unit="mean per-domain click AUC", baseline=mean_oracle,
-           max_domain_gap_click=round(max(st["oracle"][d]["auc_click"] - st["model"][d]["auc_click"] for d in doms), 4),
+           max_domain_gap_click=round(max(oracle[d] - model[d] for d in model), 4),
            drift_online=round(dr["online MDMO"]["auc_click"], 4),
            drift_frozen=round(dr["frozen MDMO (trained on first 40%)"]["auc_click"], 4),
            drift_lr=round(dr["online LR"]["auc_click"], 4),
