@@ -115,7 +115,7 @@ def up(args, cfg: Config) -> int:
         print(f"broker: embedded Tansu on {broker.bootstrap_servers}", file=sys.stderr)
     cfg = replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()),
                   trainer={"checkpoint_dir": str(run_dir / "checkpoints")},
-                  dashboard={"port": args.port or cfg.dashboard.port})
+                  dashboard={"port": port})
     sup = Supervisor(_write_run_config(cfg, run_dir), run_dir)
     watcher = None
     # SIGTERM behaves like Ctrl-C so `kill` of the supervisor also stops everything in order. SIGINT gets the

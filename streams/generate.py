@@ -222,8 +222,8 @@ def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
 def _interest_shift(g: GeneratorConfig, lat_std: float) -> dict[str, np.ndarray]:
     if g.scenario.name != "interest-shift":
         return {}
-    switch, rng = scenarios.interest_switch(g.n_users, g.seed)
-    return {"user_switch": switch, "user_lat2": rng.normal(0, lat_std, (g.n_users, g.truth.latent_dim))}
+    switch, lat2 = scenarios.interest_switch(g.n_users, g.truth.latent_dim, lat_std, g.seed)
+    return {"user_switch": switch, "user_lat2": lat2}
 
 
 def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dict[str, np.ndarray]:

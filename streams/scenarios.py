@@ -99,12 +99,12 @@ def parse_params(name: str, pairs: list[str]) -> ScenarioConfig:
     return ScenarioConfig(name=name, **kw)
 
 
-def interest_switch(n_users: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def interest_switch(n_users: int, latent_dim: int, lat_std: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """interest-shift: each user's taste jumps to a fresh latent vector at a progress drawn uniformly in
-    [0.1, 0.9], one user at a time. Returns (switch progress (U,), standard-normal draws (U, k) scaled by the
-    caller). A separate generator, so the other scenarios' worlds stay the same for a seed."""
+    [0.1, 0.9], one user at a time. Returns (switch progress (U,), the new taste vectors (U, latent_dim)).
+    A generator of its own, so the other scenarios' worlds stay the same for a seed."""
     rng = np.random.default_rng([seed, 0x5EC])
-    return rng.uniform(0.1, 0.9, n_users), rng
+    return rng.uniform(0.1, 0.9, n_users), rng.normal(0, lat_std, (n_users, latent_dim))
 
 
 def taste_angle(sc: ScenarioConfig, t: np.ndarray) -> np.ndarray:
