@@ -12,6 +12,8 @@ from typing import Iterable, Mapping
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from streams.partition import partition_for
+
 __all__ = ["OFFSET_BEGINNING", "KafkaError", "KafkaException", "Message", "TopicPartition", "make_producer",
            "make_consumer", "ensure_topics", "list_topics", "produce", "partition_for", "topic_partitions"]
 
@@ -99,40 +101,6 @@ def produce(producer: Producer, topic: str, value: bytes, key: bytes | None = No
             producer.poll(0.05)
 
 
-def partition_for(key: bytes, partitions: int) -> int:
-    """The partition librdkafka's default partitioner (consistent_random: murmur2) picks for ``key``.
-
-    Computed here so the producer can place records explicitly and watermarks can target each partition.
-    """
-    return (_murmur2(key) & 0x7FFFFFFF) % partitions
-
-
-def _murmur2(data: bytes) -> int:
-    # Kafka's murmur2 (Java client DefaultPartitioner), 32-bit.
-    m, r = 0x5BD1E995, 24
-    length = len(data)
-    h = (0x9747B28C ^ length) & 0xFFFFFFFF
-    i = 0
-    while length - i >= 4:
-        k = int.from_bytes(data[i:i + 4], "little")
-        k = (k * m) & 0xFFFFFFFF
-        k ^= k >> r
-        k = (k * m) & 0xFFFFFFFF
-        h = (h * m) & 0xFFFFFFFF
-        h ^= k
-        i += 4
-    rest = length - i
-    if rest == 3:
-        h ^= data[i + 2] << 16
-    if rest >= 2:
-        h ^= data[i + 1] << 8
-    if rest >= 1:
-        h ^= data[i]
-        h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 15
-    return h
 
 
 def topic_partitions(topics: Iterable[str], partitions: int, offsets: Mapping[tuple[str, int], int] | None = None

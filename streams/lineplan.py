@@ -18,6 +18,7 @@ Two ways to reach them:
 * otherwise each line goes through ``schema``'s own decoder and ``schema.check`` (the reference).
 
 >>> from streams import schema
+from streams.partition import partition_for
 >>> imp = schema.Impression(event_id="i1", ts=1_767_225_600_000, user_id=7, ad_id=3, campaign_id=1,
 ...                         advertiser_id=1, domain="feed", cat=[1, 2], dense=[0.5])
 >>> lines = [schema.encode(imp), b"", b"{oops"]
@@ -29,7 +30,6 @@ Two ways to reach them:
 from __future__ import annotations
 
 import operator
-import re
 from array import array
 from itertools import chain, compress, repeat
 from typing import Union
@@ -37,6 +37,7 @@ from typing import Union
 import msgspec
 
 from streams import schema
+from streams.partition import partition_for
 
 TOPIC_INDEX = {"impression": 0, "click": 1, "conversion": 2}  # index into (impressions, clicks, conversions)
 _WATERMARK = 3
@@ -68,8 +69,8 @@ class Plan(msgspec.Struct, array_like=True, gc=False):
 
 
 class Router:
-    """User id -> partition (``kafka_io.partition_for`` of the decimal key), cached: murmur2 in Python costs
-    ~3 us and user ids repeat."""
+    """User id -> partition (:func:`streams.partition.partition_for` of the decimal key), cached: murmur2 in
+    Python costs ~3 us and user ids repeat."""
 
     MAX_CACHED = 1 << 20
 
@@ -85,30 +86,9 @@ class Router:
         if len(cache) > self.MAX_CACHED:
             cache.clear()  # memory stays bounded however many users a log holds
         for u in set(uids).difference(cache):
-            cache[u] = (murmur2(str(u).encode()) & 0x7FFFFFFF) % self.partitions
+            cache[u] = partition_for(str(u).encode(), self.partitions)
         out = list(map(cache.__getitem__, uids))
         return array("I", out).tobytes() if self.wide else bytes(out)
-
-
-def murmur2(data: bytes) -> int:
-    """Kafka's 32-bit murmur2, as ``streams.kafka_io.partition_for`` uses it (a copy: this module must not
-    import confluent-kafka, the decoder worker starts faster without it; a test keeps the two equal)."""
-    m, length = 0x5BD1E995, len(data)
-    h = (0x9747B28C ^ length) & 0xFFFFFFFF
-    end = length - length % 4
-    for i in range(0, end, 4):
-        k = (int.from_bytes(data[i:i + 4], "little") * m) & 0xFFFFFFFF
-        h = ((h * m) & 0xFFFFFFFF) ^ (((k ^ (k >> 24)) * m) & 0xFFFFFFFF)
-    rest = length - end
-    if rest:
-        if rest == 3:
-            h ^= data[end + 2] << 16
-        if rest >= 2:
-            h ^= data[end + 1] << 8
-        h = ((h ^ data[end]) * m) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * m) & 0xFFFFFFFF
-    return h ^ (h >> 15)
 
 
 def split_lines(data: bytes) -> list[bytes]:

@@ -116,12 +116,13 @@ def test_mutated_lines_get_schemas_verdict(pos, insert, cut):
     _check([GOOD, line, GOOD])
 
 
-def test_murmur2_copy_equals_kafka_io():
+def test_router_places_users_as_kafka_io_does():
     rng = random.Random(4)
-    keys = [str(rng.randrange(10 ** rng.randint(1, 19))).encode() for _ in range(2000)]
-    keys += [bytes(rng.randrange(256) for _ in range(rng.randint(0, 9))) for _ in range(500)]
-    for k in keys:
-        assert (lineplan.murmur2(k) & 0x7FFFFFFF) % 7 == kafka_io.partition_for(k, 7)
+    users = [rng.randrange(10 ** rng.randint(1, 19)) for _ in range(2000)]
+    for n in (7, 300):
+        parts = lineplan.Router(n).parts(users)
+        got = list(parts) if n <= 256 else list(array("I", parts))
+        assert got == [kafka_io.partition_for(str(u).encode(), n) for u in users]
 
 
 def test_plans_round_trip_msgpack():
