@@ -81,6 +81,15 @@ class Router:
         self.wide = partitions > 256
         self._cache: dict[int, int] = {}
 
+    def part(self, uid: int) -> int:
+        """The partition of one user id."""
+        p = self._cache.get(uid)
+        if p is None:
+            if len(self._cache) > self.MAX_CACHED:
+                self._cache.clear()
+            p = self._cache[uid] = partition_for(str(uid).encode(), self.partitions)
+        return p
+
     def parts(self, uids: list[int]) -> bytes:
         cache = self._cache
         if len(cache) > self.MAX_CACHED:

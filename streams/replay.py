@@ -99,8 +99,7 @@ class Publisher:
         self._kind_topic = {"impression": t.impressions, "click": t.clicks, "conversion": t.conversions}
         self._counts = {t.impressions: 0, t.clicks: 0, t.conversions: 0}
         self._topics = (t.impressions, t.clicks, t.conversions)  # by streams.lineplan.TOPIC_INDEX
-        self._router: Router | None = None
-        self._partition_of: dict[bytes, int] = {}  # murmur2 in Python is slow; user ids repeat (Zipf)
+        self._router = Router(cfg.topics.partitions)  # user id -> partition, cached (user ids repeat: Zipf)
         self._failed: list[str] = []
         # delivery reports only for failures: a Python callback per message would cost ~10% of the rate
         self._producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.client,
@@ -133,9 +132,7 @@ class Publisher:
         topic = self._topic.get(type(rec))
         if topic is not None:
             key = str(rec.user_id).encode()  # schema.user_key, inlined: this is the hot path
-            part = self._partition_of.get(key)
-            if part is None:
-                part = self._partition_of[key] = kafka_io.partition_for(key, self._partitions)
+            part = self._router.part(rec.user_id)
             try:
                 self._produce(topic, value or self._encode(rec), key, part)
             except BufferError:
@@ -161,8 +158,6 @@ class Publisher:
         """Decode, validate and produce native log lines (``first`` = line number of ``lines[0]``); each good
         line is sent unchanged (it is already our encoding), with :meth:`send`'s placement rules. Returns the
         numbers of the lines that failed, for the caller to dead-letter, and how many lines were blank."""
-        if self._router is None:
-            self._router = Router(self._partitions)
         plan = plan_block(lines, first, self._router)
         self.send_plan(lines, plan)
         return [n for n, _ in plan.failed], plan.blank

@@ -123,6 +123,7 @@ def test_router_places_users_as_kafka_io_does():
         parts = lineplan.Router(n).parts(users)
         got = list(parts) if n <= 256 else list(array("I", parts))
         assert got == [kafka_io.partition_for(str(u).encode(), n) for u in users]
+        assert [lineplan.Router(n).part(u) for u in users] == got
 
 
 def test_plans_round_trip_msgpack():
