@@ -18,7 +18,6 @@ Two ways to reach them:
 * otherwise each line goes through ``schema``'s own decoder and ``schema.check`` (the reference).
 
 >>> from streams import schema
-from streams.partition import partition_for
 >>> imp = schema.Impression(event_id="i1", ts=1_767_225_600_000, user_id=7, ad_id=3, campaign_id=1,
 ...                         advertiser_id=1, domain="feed", cat=[1, 2], dense=[0.5])
 >>> lines = [schema.encode(imp), b"", b"{oops"]
