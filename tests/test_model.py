@@ -54,7 +54,9 @@ def test_feature_layout_deterministic_and_in_range():
     assert (lengths[:7] == 1).all()  # single-valued fields
     assert lengths[-1].tolist() == [min(i % 12, TC.history_len) for i in range(n)]  # history bag
     assert lengths[7].tolist() == [int(i % 4 > 0) for i in range(n)]  # cat_0 present only when cat non-empty
-    assert a.dense.shape == (n, TC.dense_dim) and np.isclose(a.dense[0, 2], -np.log1p(3.5))
+    # dense: linear within +-3, logarithmic beyond (trainer.features.soft_log); column 1 is i % 7
+    assert a.dense.shape == (n, TC.dense_dim) and np.isclose(a.dense[0, 2], -(3 + np.log1p(0.5)))
+    assert a.dense[2, 1] == 2.0 and np.isclose(a.dense[5, 1], 3 + np.log1p(2))
     assert (a.dense[:, 3:] == 0).all()
     # golden values: identical in every process (no salted hash()), so checkpoints stay valid across restarts
     ids = np.array([0, 1, 2**63 - 1], dtype=np.uint64)

@@ -53,13 +53,13 @@ class ExportError(RuntimeError):
 
 def feature_spec(tcfg: TrainerConfig) -> dict:
     """What the features of ``tcfg`` look like in this code (compared on load)."""
-    from trainer.features import hash_ids, table_names
+    from trainer.features import DENSE_LINEAR_RANGE, hash_ids, table_names
 
     tables = np.arange(len(_PROBE_IDS)) % len(table_names(tcfg))
     return {"tables": table_names(tcfg), "hash_buckets": tcfg.hash_buckets, "embedding_dim": tcfg.embedding_dim,
             "cat_slots": tcfg.cat_slots, "dense_dim": tcfg.dense_dim, "history_len": tcfg.history_len,
             "user_features": 2 * tcfg.user_dim if tcfg.user_model else 0,
-            "dense_transform": "signed_log1p", "domains": list(schema.DOMAINS),
+            "dense_transform": f"soft_log({DENSE_LINEAR_RANGE})", "domains": list(schema.DOMAINS),
             "hash": "splitmix64(id ^ golden*(table+1)) % buckets",
             "hash_probe": hash_ids(_PROBE_IDS, tables, tcfg.hash_buckets).tolist()}
 

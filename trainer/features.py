@@ -20,7 +20,7 @@ Every single-valued field is a bag of one id; a missing ``cat`` slot is an empty
 >>> fb.num_tables, fb.batch_size, fb.offsets.shape, fb.indices.shape   # (7 single + 1 cat + 2 history ids) x 2
 (10, 2, (21,), (20,))
 >>> [round(float(x), 3) for x in fb.dense[0]], fb.domain.tolist(), fb.click.tolist()
-([1.099, -1.386, 0.0], [2, 2], [1.0, 1.0])
+([2.0, -3.0, 0.0], [2, 2], [1.0, 1.0])
 """
 
 from __future__ import annotations
@@ -130,8 +130,22 @@ class TorchBatch:
     user: object = None
 
 
-def signed_log1p(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.log1p(np.abs(x))
+DENSE_LINEAR_RANGE = 3.0
+
+
+def soft_log(x: np.ndarray, c: float = DENSE_LINEAR_RANGE) -> np.ndarray:
+    """The dense input transform: the identity on ``[-c, c]``, logarithmic beyond (continuous at ``±c``).
+
+    ``Impression.dense`` is already on a model scale: the formats log counts (``streams.formats.signed_log1p``)
+    and keep normalised features as they are. A second log bent those linear effects (the generator's dense
+    term is linear: study 1 of ``bench quality`` lost 0.1 AUC points to it); the tail only keeps a stray
+    raw magnitude from blowing up the cross layers.
+
+    >>> soft_log(np.array([-2.0, 0.5, 3.0, 3.0 + (np.e - 1), 1e6])).round(3).tolist()
+    [-2.0, 0.5, 3.0, 4.0, 16.816]
+    """
+    a = np.abs(x)
+    return np.where(a <= c, x, np.sign(x) * (c + np.log1p(np.maximum(a - c, 0.0))))
 
 
 def _ragged(lists: Sequence[Sequence], width: int, dtype, tail: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +187,7 @@ def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     dense, _ = _ragged([i.dense for i in imps], tcfg.dense_dim, np.float64)
-    dense = signed_log1p(dense).astype(np.float32)
+    dense = soft_log(dense).astype(np.float32)
     domain = np.fromiter((schema.DOMAIN_INDEX[i.domain] for i in imps), dtype=np.int64, count=b)
     return indices, offsets, dense, domain
 

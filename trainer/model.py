@@ -14,6 +14,7 @@ Architecture (B examples, T tables of D dims, ``dense_dim`` dense values, ``N_DO
     t  = g @ e (B, 2, 64)                                   objective towers' inputs
     [l_ctr, l_cvr] = <t, head_w> + head_b + bias[domain]    one head per objective, per-domain biases
                      + wide + FM                            shortcuts off the embeddings (:func:`_shortcuts`)
+                     + dense_wide(dense)                    a linear term of the dense values
     p_click = sigmoid(l_ctr);  p_conversion = p_click * sigmoid(l_cvr)        (ESMM)
 
 Every domain shares every weight except its gates and biases, so a small domain learns from the large ones
@@ -52,6 +53,8 @@ N_EXPERTS = 4
 EXPERT_DIM = 64
 N_OBJ = len(schema.OBJECTIVES)
 PROB_EPS = 1e-7
+# the user side of the FM shortcut's user x (ad, context) interaction; every other table is on the other side
+USER_SIDE = ("user_id", "device", "country", "history")
 
 
 class MDMOModel(nn.Module):
@@ -73,11 +76,15 @@ class MDMOModel(nn.Module):
         self.head_w = nn.Parameter(torch.empty(N_OBJ, EXPERT_DIM, device=device))
         self.head_b = nn.Parameter(torch.zeros(N_OBJ, device=device))
         self.domain_bias = nn.Embedding(self.n_dom, N_OBJ, device=device)
+        self.dense_wide = nn.Linear(tcfg.dense_dim, N_OBJ, bias=False, device=device)
+        self.register_buffer("user_side", torch.tensor(
+            [i for i, name in enumerate(table_names(tcfg)) if name in USER_SIDE], device=device), persistent=False)
         with torch.no_grad():  # domain-aware parts start neutral: uniform gates, bias 0
             nn.init.uniform_(self.head_w, -EXPERT_DIM ** -0.5, EXPERT_DIM ** -0.5)
             self.gates.weight.zero_()
             self.gates.bias.zero_()
             self.domain_bias.weight.zero_()
+            self.dense_wide.weight.zero_()
             for c in self.cross:
                 c.weight.mul_(0.1)
 
@@ -98,7 +105,7 @@ class MDMOModel(nn.Module):
         g = g.gather(1, b.domain.view(n, 1, 1).expand(n, 1, N_OBJ * N_EXPERTS)).view(n, N_OBJ, N_EXPERTS)
         t = torch.bmm(torch.softmax(g, dim=-1), e)  # (B, 2, EXPERT_DIM)
         out = (t * self.head_w).sum(-1) + self.head_b + self.domain_bias(b.domain)
-        out = out + _shortcuts(parts[0].view(n, self.num_tables, -1))
+        out = out + _shortcuts(parts[0].view(n, self.num_tables, -1), self.user_side) + self.dense_wide(b.dense)
         return out[:, 0], out[:, 1]
 
     def forward(self, b: TorchBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,17 +114,25 @@ class MDMOModel(nn.Module):
         return p_click, p_click * torch.sigmoid(l_cvr)
 
 
-def _shortcuts(e: torch.Tensor) -> torch.Tensor:
+def _shortcuts(e: torch.Tensor, user_side: torch.Tensor) -> torch.Tensor:
     """Wide and FM terms read straight off the embeddings (B, T, D) -> (B, 2), no parameters of their own.
 
     First order: coordinate k of every row is that id's weight for objective k (a logistic regression on the
-    ids, learned at the embeddings' Adagrad rate); second order: the FM pairwise sum over the other coordinates,
-    ``sum_{i<j} <e_i, e_j>``, added to both objectives. The deep part learns these slowly through the cross
-    layers and experts; as shortcuts they lift small-data and post-drift AUC (quality study: +0.8 points
-    click AUC stationary, +1.7 after a sudden drift, where the plain model trailed an online LR)."""
+    ids, learned at the embeddings' Adagrad rate). Second order: an FM over the other coordinates, restricted
+    to pairs across the two sides, ``<sum_{user side} e_i, sum_{ad and context side} e_j>`` (tables in
+    :data:`USER_SIDE` against all others), added to both objectives. The deep part learns such effects slowly
+    through the cross layers and experts; as shortcuts they lift small-data and post-drift AUC (quality study:
+    +0.8 points click AUC stationary, +1.7 after a sudden drift, where the plain model trailed an online LR).
+    Pairs within one side (campaign x advertiser, user x country: near-constant per ad or per user) carried
+    only noise: dropping them cut study 1's gap to the oracle by 0.1-0.15 points at 300k impressions.
+
+    >>> e = torch.zeros(1, 3, 4); e[0, :, 2] = torch.tensor([1.0, 2.0, 3.0]); e[0, 0, 0] = 0.5
+    >>> _shortcuts(e, torch.tensor([0])).tolist()   # wide: 0.5 / 0; FM: 1 * (2 + 3)
+    [[5.5, 5.0]]
+    """
     v = e[:, :, N_OBJ:]
-    s = v.sum(1)
-    fm = 0.5 * (s * s - (v * v).sum(1)).sum(-1, keepdim=True)  # (B, 1)
+    vu = v.index_select(1, user_side).sum(1)
+    fm = (vu * (v.sum(1) - vu)).sum(-1, keepdim=True)  # (B, 1)
     return e[:, :, :N_OBJ].sum(1) + fm
 
 
