@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from contextlib import contextmanager
 
 
@@ -27,6 +28,14 @@ def machine() -> str:
         model = platform.processor() or "unknown CPU"
     malloc = ",".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "default"
     return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, malloc: {malloc}"
+
+
+def sparse_step(opt) -> None:
+    """``opt.step()`` without the warning torch's Adagrad raises on every sparse update (it builds the update
+    tensor without invariant checks, on purpose) that would otherwise top every benchmark table."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        opt.step()
 
 
 @contextmanager

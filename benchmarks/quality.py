@@ -5,7 +5,9 @@ Examples are built from the simulation's truth table as the labels dataflow woul
 example is scored before the model trains on it, against the impression's true final labels. Four studies:
 
 1. stationary (scenario ``none``, labels without delay): per-domain click / conversion AUC of the unified
-   MDMO model vs the oracle (the true probabilities) on the second half of the stream;
+   MDMO model vs the oracle (the true probabilities) on the second half of the stream, next to a reference
+   learner given the generator's exact functional form (:mod:`benchmarks._form_fm`): what it misses of the
+   oracle is what the stream's length allows, the rest of the MDMO model's gap is the model's;
 2. drift (scenario ``sudden`` at 50%, or ``--drift NAME``): the online model vs the same model frozen after
    40% of the stream vs an online logistic regression (:mod:`trainer.online_lr`), after the drift;
 3. delayed conversions (``elapsed`` policy, 1 h elapsed, conversions up to 6 h after the click): ES-DFM
@@ -18,7 +20,7 @@ example is scored before the model trains on it, against the impression's true f
 
 Last line: value = unified model's mean per-domain click AUC (stationary), baseline = the oracle's.
 
-    streamrec bench quality [--quick]
+    streamrec bench quality [--quick]     # full: 3M impressions in studies 1 and 4 (~7 min, 6 GB)
     streamrec bench quality --curve 300000,1000000,3000000   # study 1's gap to the oracle by stream length
 """
 
@@ -31,6 +33,7 @@ import numpy as np
 
 # `benchmarks/trainer.py` would shadow the `trainer` package: keep this directory behind the project root
 from benchmarks._common import parser, report
+from benchmarks._form_fm import FormFM
 from streams.config import TrainerConfig
 from streams.generate import (
     GeneratorConfig,
@@ -104,13 +107,14 @@ def study_stationary(n: int, rows: list, res: dict) -> tuple[object, dict, list]
     sim = simulate(GeneratorConfig(n_impressions=n, seed=11, **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     second = truth["ts"] >= np.median(truth["ts"])
-    pc, pv = run_stream(Learner(TC), exs, n, TC.batch_size)
-    model, oracle = metrics(truth, pc, pv, second), metrics(truth, truth["p_click"], truth["p_ctcvr"], second)
+    model = metrics(truth, *run_stream(Learner(TC), exs, n, TC.batch_size), second)
+    form = metrics(truth, *run_stream(FormFM(TC), exs, n, TC.batch_size), second)
+    oracle = metrics(truth, truth["p_click"], truth["p_ctcvr"], second)
     for d in model:
-        rows.append(("1 stationary", f"unified MDMO / oracle [{d}]", f"{_f(model[d]['auc_click'])} / "
-                     f"{_f(oracle[d]['auc_click'])}", f"{_f(model[d]['auc_conv'])} / {_f(oracle[d]['auc_conv'])}",
-                     f"{_f(model[d]['ne_click'])} / {_f(oracle[d]['ne_click'])}"))
-    res["stationary"] = {"model": model, "oracle": oracle}
+        rows.append(("1 stationary", f"MDMO / generator's form / oracle [{d}]",
+                     *(" / ".join(_f(m[d][k]) for m in (model, form, oracle)) for k in ("auc_click", "auc_conv",
+                                                                                         "ne_click"))))
+    res["stationary"] = {"model": model, "form": form, "oracle": oracle}
     return sim, truth, exs
 
 
@@ -202,30 +206,38 @@ def study_users(n: int, rows: list, res: dict) -> None:
     rows.append(("5 user model (interest-shift)", "oracle", _f(o["auc_click"]), _f(o["auc_conv"]), _f(o["ne_click"])))
 
 
-def domain_click_aucs(st: dict) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-domain click AUC of the model and of the oracle, from ``res["stationary"]``."""
+def domain_click_aucs(st: dict, who: str = "model") -> tuple[dict[str, float], dict[str, float]]:
+    """Per-domain click AUC of ``who`` (``model`` or ``form``) and of the oracle, from ``res["stationary"]``."""
     doms = [d for d in st["model"] if d != "all"]
-    return ({d: st["model"][d]["auc_click"] for d in doms}, {d: st["oracle"][d]["auc_click"] for d in doms})
+    return ({d: st[who][d]["auc_click"] for d in doms}, {d: st["oracle"][d]["auc_click"] for d in doms})
+
+
+def gap_points(st: dict, who: str = "model") -> list[float]:
+    """Per-domain click AUC gap of ``who`` to the oracle, in AUC points."""
+    model, oracle = domain_click_aucs(st, who)
+    return [100 * (oracle[d] - model[d]) for d in model]
 
 
 def learning_curve(sizes: list[int]) -> int:
     """Study 1 alone at growing stream lengths: how the per-domain click AUC gap to the oracle closes."""
     rows: list[tuple[str, ...]] = []
-    gaps = {}
+    gaps, form_gaps = {}, {}
     for n in sizes:
         res: dict = {}
         t0 = time.perf_counter()
         study_stationary(n, [], res)
         model, oracle = domain_click_aucs(res["stationary"])
-        gap = [oracle[d] - model[d] for d in model]
-        gaps[n] = round(100 * max(gap), 2)  # AUC points
+        gap, form_gap = gap_points(res["stationary"]), gap_points(res["stationary"], "form")
+        gaps[n], form_gaps[n] = round(max(gap), 2), round(max(form_gap), 2)
         rows.append((f"{n:,}", f"{min(model.values()):.4f}-{max(model.values()):.4f}",
                      f"{min(oracle.values()):.4f}-{max(oracle.values()):.4f}",
-                     f"{100 * min(gap):.1f}-{100 * max(gap):.1f}", f"{time.perf_counter() - t0:.0f}"))
+                     f"{min(gap):.2f}-{max(gap):.2f}", f"{min(form_gap):.2f}-{max(form_gap):.2f}",
+                     f"{time.perf_counter() - t0:.0f}"))
     last = sizes[-1]
-    report("quality_curve", rows, ("impressions", "MDMO click AUC (per domain)", "oracle", "gap (points)", "s"),
+    report("quality_curve", rows, ("impressions", "MDMO click AUC (per domain)", "oracle", "gap (points)",
+                                   "generator's form: gap", "s"),
            value=gaps[last], unit="largest per-domain click AUC gap to the oracle (points)", baseline=1.0,
-           gaps={str(k): v for k, v in gaps.items()})
+           gaps={str(k): v for k, v in gaps.items()}, form_gaps={str(k): v for k, v in form_gaps.items()})
     return 0
 
 
@@ -233,7 +245,7 @@ def main() -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=None, help="impressions of studies 2, 3 (default 120000, quick 30000)")
     p.add_argument("--n-stationary", type=int, default=None,
-                   help="impressions of studies 1 and 4 (default 300000, quick 30000)")
+                   help="impressions of studies 1 and 4 (default 3000000, quick 30000)")
     p.add_argument("--drift", default="sudden", help="drift scenario of study 2 (streams.scenarios)")
     p.add_argument("--curve", default=None, metavar="N,N,...",
                    help="only study 1, at these stream lengths (e.g. 300000,1000000,3000000: ~3 min, 5 GB)")
@@ -241,7 +253,7 @@ def main() -> int:
     if a.curve:
         return learning_curve([int(x) for x in a.curve.split(",")])
     n = a.n or (30_000 if a.quick else 120_000)
-    n_st = a.n_stationary or (30_000 if a.quick else 300_000)
+    n_st = a.n_stationary or (30_000 if a.quick else 3_000_000)
     rows: list[tuple[str, ...]] = []
     res: dict = {}
     t0 = time.perf_counter()
@@ -260,6 +272,7 @@ def main() -> int:
     report("quality", rows, ("study", "model", "AUC click", "AUC conv", "NE"), value=mean_model,
            unit="mean per-domain click AUC", baseline=mean_oracle,
            max_domain_gap_click=round(max(oracle[d] - model[d] for d in model), 4),
+           max_domain_gap_click_form=round(max(gap_points(st, "form")) / 100, 4),
            drift_online=round(dr["online MDMO"]["auc_click"], 4),
            drift_frozen=round(dr["frozen MDMO (trained on first 40%)"]["auc_click"], 4),
            drift_lr=round(dr["online LR"]["auc_click"], 4),

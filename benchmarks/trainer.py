@@ -33,7 +33,7 @@ import msgspec
 import torch
 from torch import nn
 
-from benchmarks._common import parser, report
+from benchmarks._common import parser, report, sparse_step
 from streams.config import TrainerConfig
 from streams.generate import GeneratorConfig, simulate
 from trainer.embeddings import fbgemm_available
@@ -82,7 +82,7 @@ class PlainLearner:
         self.opt_sparse.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_dense.step()
-        self.opt_sparse.step()
+        sparse_step(self.opt_sparse)
         return float(loss.detach())
 
 

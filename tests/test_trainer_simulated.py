@@ -1,5 +1,5 @@
-"""Example streams built from a simulation's truth (the in-process quality benchmark's input) and the online
-logistic-regression baseline (no broker)."""
+"""Example streams built from a simulation's truth (the in-process quality benchmark's input), the online
+logistic-regression baseline and the generator's-form reference learner of ``bench quality`` (no broker)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from benchmarks._form_fm import FormFM
 from streams.config import TrainerConfig
 from streams.generate import GeneratorConfig, roc_auc, simulate
 from trainer.features import featurize
@@ -50,10 +51,11 @@ def test_elapsed_stream_matches_the_join_rules(sim):
         example_stream(sim, "later")
 
 
-def test_online_lr_learns_and_scores_before_learning(sim):
+@pytest.mark.parametrize("kind", [OnlineLR, FormFM])
+def test_online_baselines_learn_and_score_before_learning(sim, kind):
     tc = TrainerConfig(hash_buckets=2000, batch_size=100)
     exs = example_stream(sim, "oracle", elapsed_s=0)
-    lr = OnlineLR(tc, lr=0.1)
+    lr = kind(tc, lr=0.1)
     fb0 = featurize(exs[:100], tc)
     before = lr.score(fb0)
     p_click, _ = lr.train_step(fb0)
