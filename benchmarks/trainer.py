@@ -200,16 +200,16 @@ def main() -> int:
     print(f"batch {a.batch}, {steps} timed steps x best of {repeat}, {tc.hash_buckets} rows x "
           f"{learners[first].model.num_tables} tables x {tc.embedding_dim} dims, dense params {params['dense']:,}; "
           f"featurize {timed / feat_s:,.0f} examples/s")
-    extra = {}
+    extra = {"torch_threads": torch.get_num_threads()}  # of the timed steps
     if rate > 0:
         lat = latency(rate, a.seconds, exs, a.batch)
         print(f"through the broker at {lat['rate']:,.0f} examples/s for {a.seconds:g} s: {lat['examples']:,.0f} "
               f"trained, emitted-to-trained p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms")
-        extra = {"latency_rate": round(lat["rate"]), "latency_p50_ms": round(lat["p50_ms"]),
-                 "latency_p99_ms": round(lat["p99_ms"])}
+        extra.update(latency_rate=round(lat["rate"]), latency_p50_ms=round(lat["p50_ms"]),
+                     latency_p99_ms=round(lat["p99_ms"]))
     report("trainer", rows, ("implementation", "train step ex/s", "with features ex/s", "ms/step", "x plain"),
            value=timed / best[first], unit="examples/s", baseline=base, batch=a.batch, backend=first,
-           featurize_per_s=round(timed / feat_s), torch_threads=torch.get_num_threads(), **extra)
+           featurize_per_s=round(timed / feat_s), **extra)
     return 0
 
 

@@ -206,3 +206,29 @@ def test_dedup_window_is_bounded():
     d = Dedup(capacity=3)
     assert [d.add(x) for x in "abca"] == [True, True, True, False]
     assert d.add("d") and "a" not in d and len(d) == 3 and d.ids() == ["b", "c", "d"]
+
+
+def test_in_process_service_gives_torch_threads_back(cfg, tmp_path):
+    # with the user model on, run() halves torch's intra-op threads (two OpenMP teams share the cores); an
+    # in-process caller (benchmarks, notebooks) must get its own setting back afterwards
+    import torch
+
+    from trainer.service import TrainerService
+
+    prod = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    for ex in make_examples(600):
+        kafka_io.produce(prod, cfg.topics.examples, schema.encode(ex), key=schema.user_key(ex.impression))
+    prod.flush(30)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        svc = TrainerService(replace(cfg, trainer={"device": "cpu", "batch_size": 128}), resume=False)
+        seen = []
+        step = svc.learner.train_step
+        svc.learner.train_step = lambda *a, **k: (seen.append(torch.get_num_threads()), step(*a, **k))[1]
+        counters = svc.run(idle_exit_s=1.0)
+        assert counters["examples_trained"] == 600
+        assert set(seen) == {1}  # halved while the user model's thread runs beside the ranker
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -129,11 +129,6 @@ class TrainerService:
         self.users = user_worker(cfg) if self.tc.user_model else None
         if self.users is not None:
             self.learner.user_view = self.users.view
-            # two threads run torch ops at once (ranker, user model), each with its own OpenMP team: half the
-            # cores each, or the teams spin against each other (measured: `up` 100k took 15.5 s, 12 s with this)
-            import torch
-
-            torch.set_num_threads(max(1, torch.get_num_threads() // 2))
         self.offsets: dict[tuple[str, int], int] = {}
         self.counters = {"examples_trained": 0, "steps": 0, "duplicates": 0, "dead_letters": 0, "checkpoints": 0}
         self.dedup = Dedup()
@@ -273,6 +268,8 @@ class TrainerService:
         self._stop = True
 
     def run(self, max_examples: int | None = None, idle_exit_s: float | None = None) -> dict[str, int]:
+        import torch
+
         cfg, tc = self.cfg, self.tc
         bs = cfg.kafka.bootstrap_servers
         self.producer = kafka_io.make_producer(bs, cfg.kafka.client)
@@ -284,6 +281,11 @@ class TrainerService:
                  tc.batch_size, self.ckpt_dir)
         start_n = self.counters["examples_trained"]
         last_msg = last_stats = last_log = time.monotonic()
+        threads = torch.get_num_threads()
+        if self.users is not None:
+            # two threads run torch ops at once (ranker, user model), each with its own OpenMP team: half the
+            # cores each, or the teams spin against each other (measured: `up` 100k took 15.5 s, 12 s with this)
+            torch.set_num_threads(max(1, threads // 2))
         try:
             while not self._stop:
                 msgs = consumer.consume(num_messages=tc.batch_size, timeout=0.2)
@@ -316,6 +318,7 @@ class TrainerService:
             self.producer.flush(30)
             if self.users is not None:
                 self.users.close()
+            torch.set_num_threads(threads)  # the process's setting again (in-process callers: tests, benchmarks)
         return dict(self.counters)
 
     def _dirty(self) -> bool:
