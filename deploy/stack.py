@@ -181,8 +181,12 @@ def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: floa
         watcher.poll()
         labelled, trained = watcher.value("labels", "examples_out"), watcher.value("trainer", "examples_trained")
         for name, n in (("labelled", labelled), ("trained", trained)):
-            bars[name].n = int(n)
-            bars[name].refresh()
+            bar = bars[name]
+            if int(n) != bar.n and not bar.disable:
+                bar.n = int(n)
+                bar.refresh()
+                if bar.n >= expected:
+                    bar.close()  # frozen at its own finish: later redraws would divide by a longer time
         if trained >= expected:
             return True
         if not (labelled > 0 and trained >= labelled and watcher.value("labels", "pending_impressions") == 0):
