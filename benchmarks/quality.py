@@ -16,7 +16,10 @@ example is scored before the model trains on it, against the impression's true f
 4. unified vs separate: one model for all domains vs one model per domain (each seeing only its domain),
    sum over domains of click + conversion AUC, and parameter counts;
 5. user model: ``interest-shift`` traffic, the ranker reading the user model's vectors (trainer/user_features.py)
-   vs the same ranker without them; overall AUC on the second half.
+   vs the same ranker without them; overall AUC on the second half. Two references in the same input slot
+   (:class:`TasteFeatures`) bound what user vectors can bring: each user's true current taste (no model can
+   know it), and the mean true taste of the ads the user clicked last (what a history model could at best
+   read from clicks).
 
 Last line: value = unified model's mean per-domain click AUC (stationary), baseline = the oracle's.
 
@@ -38,6 +41,7 @@ from streams.config import TrainerConfig
 from streams.generate import (
     GeneratorConfig,
     TruthParams,
+    hidden_tastes,
     normalized_entropy,
     roc_auc,
     simulate,
@@ -180,6 +184,46 @@ def study_unified(sim, truth, exs, rows: list, res: dict) -> None:
                  f"{sep_params:,}", ""))
 
 
+class TasteFeatures:
+    """The generator's hidden tastes in the ranker's user-model input ``[u, u * v_ad]`` (zero-padded to
+    ``user_dim``), fed like :class:`trainer.user_features.UserWorker` (``view``, ``submit``, ``drain``).
+
+    ``current``: ``u`` = the user's true taste at the impression, ``v_ad`` = the ad's (an upper bound);
+    ``clicks``: ``u`` = the mean true taste of the last ``k`` ads the user clicked, from the batches trained
+    so far (the best a model reading click histories could do, given perfect ad vectors)."""
+
+    def __init__(self, sim, mode: str, dim: int, k: int = 20):
+        from collections import defaultdict, deque
+
+        self.user, self.ad = hidden_tastes(sim)
+        self.mode, self.dim = mode, dim
+        self.clicked = defaultdict(lambda: deque(maxlen=k))
+        self.view = self
+
+    def features_of(self, imps) -> np.ndarray:
+        idx = np.array([_imp_index(i.event_id) for i in imps])
+        v = self.ad[idx]
+        if self.mode == "current":
+            u = self.user[idx]
+        else:
+            u = np.zeros_like(v)
+            for r, imp in enumerate(imps):
+                if self.clicked[imp.user_id]:
+                    u[r] = np.mean(self.clicked[imp.user_id], axis=0)
+        out = np.zeros((len(imps), 2 * self.dim), np.float32)
+        k = v.shape[1]
+        out[:, :k], out[:, self.dim:self.dim + k] = u, u * v
+        return out
+
+    def submit(self, chunk) -> None:
+        for ex in chunk:
+            if ex.click and ex.decided != "late_positive":
+                self.clicked[ex.impression.user_id].append(self.ad[_imp_index(ex.example_id)])
+
+    def drain(self) -> None:
+        pass
+
+
 def study_users(n: int, rows: list, res: dict) -> None:
     """The ranker with the user model's vectors ``[u, u * v_ad]`` vs without, on ``interest-shift`` traffic
     (each user's taste jumps at their own moment: only recent engagements reveal the new one)."""
@@ -195,7 +239,11 @@ def study_users(n: int, rows: list, res: dict) -> None:
     learner.user_view = worker.view
     try:
         runs = {"MDMO without user vectors": run_stream(Learner(TC), exs, n, TC.batch_size),
-                "MDMO + [u, u*v_ad] of the user model": run_stream(learner, exs, n, TC.batch_size, users=worker)}
+                "MDMO + [u, u*v_ad] of the user model": run_stream(learner, exs, n, TC.batch_size, users=worker),
+                "reference: true tastes of the last 20 clicked ads": run_stream(
+                    Learner(TC_USERS), exs, n, TC.batch_size, users=TasteFeatures(sim, "clicks", TC_USERS.user_dim)),
+                "reference: the user's true current taste": run_stream(
+                    Learner(TC_USERS), exs, n, TC.batch_size, users=TasteFeatures(sim, "current", TC_USERS.user_dim))}
     finally:
         worker.close()
     res["users"] = {}
@@ -282,7 +330,8 @@ def main() -> int:
            sum_auc_unified=round(un["sum_auc_unified"], 4), sum_auc_separate=round(un["sum_auc_separate"], 4),
            params_unified=un["params_unified"], params_separate=un["params_separate"],
            click_auc_with_user_model=round(res["users"]["MDMO + [u, u*v_ad] of the user model"]["auc_click"], 4),
-           click_auc_without_user_model=round(res["users"]["MDMO without user vectors"]["auc_click"], 4), n=n,
+           click_auc_without_user_model=round(res["users"]["MDMO without user vectors"]["auc_click"], 4),
+           click_auc_true_taste=round(res["users"]["reference: the user's true current taste"]["auc_click"], 4), n=n,
            n_stationary=n_st)
     return 0
 

@@ -226,6 +226,40 @@ def _interest_shift(g: GeneratorConfig, lat_std: float) -> dict[str, np.ndarray]
     return {"user_switch": switch, "user_lat2": lat2}
 
 
+def _tastes(sc: scenarios.ScenarioConfig, w: _World, user: np.ndarray, ad: np.ndarray, progress: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user taste (n, k), ad taste (n, k), ad bias (n,)) of impressions at ``progress`` (0..1 of the run)."""
+    a = scenarios.taste_angle(sc, progress)  # drift: the ads' taste vectors and biases turn from A to A'
+    cos_a, sin_a = np.cos(a), np.sin(a)
+    ad_lat = cos_a[:, None] * w.ad_lat[ad] + sin_a[:, None] * w.ad_lat2[ad]
+    ad_bias = cos_a * w.ad_bias[ad] + sin_a * w.ad_bias2[ad]
+    user_lat = w.user_lat[user]
+    if w.user_switch is not None:  # interest-shift: a user's taste after their own switch time
+        user_lat = np.where((progress >= w.user_switch[user])[:, None], w.user_lat2[user], user_lat)
+    return user_lat, ad_lat, ad_bias
+
+
+def hidden_tastes(sim: Simulation) -> tuple[np.ndarray, np.ndarray]:
+    """(user taste (n, k), ad taste (n, k)) behind each impression of ``sim.truth``, for oracle *features*
+    in quality studies (what a perfect user model could know). The hidden world is drawn again from the
+    seed, exactly as :func:`simulate` drew it; ``<user, ad>`` is the affinity term of the click logit.
+
+    >>> sim = simulate(GeneratorConfig(n_impressions=50, seed=3))
+    >>> u, a = hidden_tastes(sim)
+    >>> u.shape, a.shape
+    ((50, 8), (50, 8))
+    """
+    g = sim.config
+    w = _world(g, np.random.default_rng(g.seed))  # simulate()'s first draws
+    t = sim.truth
+    ts = t.column("ts").to_numpy()
+    progress = (ts - ts[0]) / max(int(ts[-1] - ts[0]), 1) if len(ts) else np.zeros(0)
+    user = t.column("user_id").to_numpy() - 1
+    ad = t.column("ad_id").to_numpy() - 1
+    user_lat, ad_lat, _ = _tastes(g.scenario, w, user, ad, progress)
+    return user_lat, ad_lat
+
+
 def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Column arrays of the impressions, true probabilities and realized outcomes (length n)."""
     t, n, sc = g.truth, g.n_impressions, g.scenario
@@ -238,14 +272,8 @@ def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dic
     pos = rng.integers(0, t.max_position, n)
     dense = np.round(rng.normal(0, 1, (n, g.dense_dim)), 4)
     cat = rng.choice(t.cat_vocab, (n, g.cat_slots), p=w.cat_w)
-    a = scenarios.taste_angle(sc, progress)  # drift: the ads' taste vectors and biases turn from A to A'
-    cos_a, sin_a = np.cos(a), np.sin(a)
-    ad_lat = cos_a[:, None] * w.ad_lat[ad] + sin_a[:, None] * w.ad_lat2[ad]
-    ad_bias = cos_a * w.ad_bias[ad] + sin_a * w.ad_bias2[ad]
+    user_lat, ad_lat, ad_bias = _tastes(sc, w, user, ad, progress)
     season = scenarios.season_logit(sc, (ts - g.start_ts) / 1000.0)
-    user_lat = w.user_lat[user]
-    if w.user_switch is not None:  # interest-shift: a user's taste after their own switch time
-        user_lat = np.where((progress >= w.user_switch[user])[:, None], w.user_lat2[user], user_lat)
     affinity = np.einsum("nk,nk->n", user_lat, ad_lat)
     base_ctr = np.array([_logit(t.base_ctr[d]) for d in g.domains])[dom]
     base_cvr = np.array([_logit(t.base_cvr[d]) for d in g.domains])[dom]

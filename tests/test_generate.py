@@ -244,3 +244,24 @@ def test_interest_shift_moves_users_one_at_a_time():
     gaps = [r["auc_click"] - r["auc_click_t0"] for r in w]
     assert gaps[0] < 0.01 and gaps[0] < gaps[1] < gaps[3] and gaps[3] > 0.04  # more users switched by then
     assert all(r["auc_click"] > 0.75 for r in w)
+
+
+@pytest.mark.parametrize("scenario", ["none", "sudden", "interest-shift"])
+def test_hidden_tastes_are_the_ones_the_clicks_were_drawn_from(scenario):
+    from streams.generate import TruthParams, hidden_tastes
+
+    # every other term of the click logit switched off: logit(p_click) - logit(base) is exactly <user, ad>
+    truth = TruthParams(user_bias_std=0, ad_bias_std=0, position_effect=0, dense_weight_std=0, cat_effect_std=0)
+    sim = simulate(GeneratorConfig(n_impressions=3000, seed=9, n_users=50, n_ads=30, truth=truth, ad_churn=0,
+                                   scenario=scenarios.ScenarioConfig(name=scenario)))
+    u, a = hidden_tastes(sim)
+    p = sim.truth.column("p_click").to_numpy()
+    base = np.array([truth.base_ctr[d] for d in sim.truth.column("domain").to_pylist()])
+    np.testing.assert_allclose(np.log(p / (1 - p)) - np.log(base / (1 - base)), np.einsum("nk,nk->n", u, a),
+                               atol=1e-9)
+    users = sim.truth.column("user_id").to_numpy()
+    tastes = [len(np.unique(u[users == x], axis=0)) for x in np.unique(users)]
+    if scenario == "interest-shift":  # a user's taste changes once, at their own switch
+        assert max(tastes) == 2 and tastes.count(2) > len(tastes) // 2
+    else:
+        assert max(tastes) == 1
