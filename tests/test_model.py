@@ -164,3 +164,9 @@ def test_a_checkpoint_from_other_model_settings_is_a_clear_error():
     other = Learner(TrainerConfig(hash_buckets=100, device="cpu", backend="torch", user_model=False))
     with pytest.raises(ValueError, match="other trainer settings .*user_model.*size mismatch"):
         other.load_state(st)
+    # a checkpoint of an older model version: same shapes could mean other things; refused by version
+    old = Learner(TrainerConfig(hash_buckets=100, device="cpu", backend="torch", user_model=False))
+    st = old.state()
+    del st["model_version"]
+    with pytest.raises(ValueError, match="model version 1, this streamrec trains version 2.*--fresh"):
+        old.load_state(st)

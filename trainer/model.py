@@ -53,6 +53,9 @@ N_EXPERTS = 4
 EXPERT_DIM = 64
 N_OBJ = len(schema.OBJECTIVES)
 PROB_EPS = 1e-7
+# what the numbers of a checkpoint mean; 2: the FM across the two sides, the dense linear term and the
+# soft_log dense transform (a version-1 state would load into the same shapes with other semantics)
+MODEL_VERSION = 2
 # the user side of the FM shortcut's user x (ad, context) interaction; every other table is on the other side
 USER_SIDE = ("user_id", "device", "country", "history")
 
@@ -247,11 +250,15 @@ class Learner:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"dense": dense, "sparse": self.model.emb.export_state(), "dense_opt": _to_cpu(self.opt.state_dict()),
-                "steps": self.steps, "rng": rng, "backend": self.backend,
+                "steps": self.steps, "rng": rng, "backend": self.backend, "model_version": MODEL_VERSION,
                 "delays": {k: h.state() for k, h in self.delays.items()},
                 **({"user_view": self.user_view.state()} if self.user_view is not None else {})}
 
     def load_state(self, st: dict) -> None:
+        version = st.get("model_version", 1)
+        if version != MODEL_VERSION:
+            raise ValueError(f"checkpoint holds model version {version}, this streamrec trains version {MODEL_VERSION}: "
+                             "start over (`streamrec train --fresh`), or continue with the streamrec that wrote it")
         try:
             missing, unexpected = self.model.load_state_dict(st["dense"], strict=False)
         except RuntimeError as e:  # shapes differ: the checkpoint comes from other trainer settings
