@@ -10,13 +10,16 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from contextlib import contextmanager
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    """The benchmark's argument parser, named as users call it (``streamrec bench quality``, not ``quality.py``)."""
+    name = os.path.splitext(os.path.basename(sys.argv[0]))[0].replace("_", "-")
+    p = argparse.ArgumentParser(prog=f"streamrec bench {name}", description=description)
     p.add_argument("--quick", action="store_true", help="small sizes; finishes within a minute")
     return p
 

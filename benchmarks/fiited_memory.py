@@ -13,7 +13,7 @@ Memory = embedding bytes: fixed = ``T*R*(64+1)*4`` (weights + row-wise momentum)
 (weights + momentum) + per-slot metadata (slot map, counters, importance: 20 B per virtual slot), the peak
 over the run. Last line: JSON with value = memory saved at the smallest budget within 0.2% relative AUC loss.
 
-    streamrec bench fiited_memory [--quick]
+    streamrec bench fiited-memory [--quick]
 """
 
 from __future__ import annotations

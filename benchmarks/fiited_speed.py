@@ -10,7 +10,7 @@ Rows: ``fixed D=64`` (baseline), ``fiited padded`` (the (B, T*D) output the trai
 Timed passes alternate and the best of ``--repeat`` is kept (the 2-core machine is shared and noisy); the CPU
 columns (this process's CPU time) are steadier than wall time when other work shares the cores.
 
-    streamrec bench fiited_speed [--quick]
+    streamrec bench fiited-speed [--quick]
 """
 
 from __future__ import annotations

@@ -291,12 +291,12 @@ def learning_curve(sizes: list[int]) -> int:
 
 def main() -> int:
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=None, help="impressions of studies 2, 3 (default 120000, quick 30000)")
+    p.add_argument("--n", type=int, default=None, help="impressions of studies 2, 3 and 5 (default 120000, quick 30000)")
     p.add_argument("--n-stationary", type=int, default=None,
                    help="impressions of studies 1 and 4 (default 3000000, quick 30000)")
     p.add_argument("--drift", default="sudden", help="drift scenario of study 2 (streams.scenarios)")
     p.add_argument("--curve", default=None, metavar="N,N,...",
-                   help="only study 1, at these stream lengths (e.g. 300000,1000000,3000000: ~3 min, 5 GB)")
+                   help="only study 1, at these stream lengths (e.g. 300000,1000000,3000000: ~5 min, 5 GB)")
     a = p.parse_args()
     if a.curve:
         return learning_curve([int(x) for x in a.curve.split(",")])
