@@ -156,6 +156,25 @@ def test_alert_rules_fire_on_drift_only(store):
     assert {s["series"] for s in alerts.evaluate(store, "feed") if s["rule"] == "prediction_drift"} == {"feed"}
 
 
+def test_training_lag_alert_follows_the_trainer_not_the_event_age(store):
+    # feed: 3 h old events (a replay, or the label window) labelled and trained within seconds: healthy;
+    # video: labelled 20 min before it was trained: the trainer is behind
+    now = int(time.time() * 1000)
+    n = 200
+
+    def batch(domain, lag_ms, prefix):
+        trained = now - 60_000
+        return schema.PredictionBatch(
+            model_version=1, trained_ts=trained, example_ids=[f"{prefix}{i}" for i in range(n)], domains=[domain] * n,
+            event_ts=[trained - 3 * 3600_000] * n, emitted_ts=[trained - lag_ms] * n, p_click=[0.1] * n,
+            p_conversion=[0.01] * n, click=[i % 5 == 0 for i in range(n)], conversion=[0] * n)
+
+    store.insert("predictions", prediction_rows([batch("feed", 2_000, "f"), batch("video", 20 * 60_000, "v")], now))
+    lag = {s["series"]: s for s in alerts.evaluate(store) if s["rule"] == "freshness_lag"}
+    assert lag["feed"]["value"] == pytest.approx(2.0) and not lag["feed"]["firing"]
+    assert lag["video"]["value"] == pytest.approx(1200.0) and lag["video"]["firing"]
+
+
 def test_feature_stats_topic_follows_the_config():
     cfg = load_config(env={})
     assert feature_stats_topic(cfg) == "feature_stats"
