@@ -101,8 +101,6 @@ def produce(producer: Producer, topic: str, value: bytes, key: bytes | None = No
             producer.poll(0.05)
 
 
-
-
 def topic_partitions(topics: Iterable[str], partitions: int, offsets: Mapping[tuple[str, int], int] | None = None
                      ) -> list[TopicPartition]:
     """TopicPartitions for every (topic, partition), at ``offsets`` when known, else the beginning."""

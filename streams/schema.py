@@ -201,9 +201,7 @@ def decode(raw: bytes, kind: type[T] | object = Record) -> T | Invalid:
         ev = _decoder(kind).decode(raw)
     except msgspec.ValidationError as e:
         return Invalid(f"schema: {e}")
-    except msgspec.DecodeError as e:
-        return Invalid(f"unparseable: {e}")
-    except UnicodeDecodeError as e:  # msgspec raises it for invalid UTF-8 inside an object key
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec raises the latter for bad UTF-8 in a key
         return Invalid(f"unparseable: {e}")
     reason = check(ev)
     return Invalid(f"invalid: {reason}") if reason else ev
