@@ -226,6 +226,11 @@ def _interest_shift(g: GeneratorConfig, lat_std: float) -> dict[str, np.ndarray]
     return {"user_switch": switch, "user_lat2": lat2}
 
 
+def _progress(ts: np.ndarray) -> np.ndarray:
+    """Each impression's position in the run, 0 (first) .. 1 (last), by event time."""
+    return (ts - ts[0]) / max(int(ts[-1] - ts[0]), 1) if len(ts) else np.zeros(0)
+
+
 def _tastes(sc: scenarios.ScenarioConfig, w: _World, user: np.ndarray, ad: np.ndarray, progress: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user taste (n, k), ad taste (n, k), ad bias (n,)) of impressions at ``progress`` (0..1 of the run)."""
@@ -252,11 +257,9 @@ def hidden_tastes(sim: Simulation) -> tuple[np.ndarray, np.ndarray]:
     g = sim.config
     w = _world(g, np.random.default_rng(g.seed))  # simulate()'s first draws
     t = sim.truth
-    ts = t.column("ts").to_numpy()
-    progress = (ts - ts[0]) / max(int(ts[-1] - ts[0]), 1) if len(ts) else np.zeros(0)
     user = t.column("user_id").to_numpy() - 1
     ad = t.column("ad_id").to_numpy() - 1
-    user_lat, ad_lat, _ = _tastes(g.scenario, w, user, ad, progress)
+    user_lat, ad_lat, _ = _tastes(g.scenario, w, user, ad, _progress(t.column("ts").to_numpy()))
     return user_lat, ad_lat
 
 
@@ -264,7 +267,7 @@ def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dic
     """Column arrays of the impressions, true probabilities and realized outcomes (length n)."""
     t, n, sc = g.truth, g.n_impressions, g.scenario
     ts = g.start_ts + np.floor(np.cumsum(rng.exponential(1000.0 / g.impressions_per_s, n))).astype(np.int64)
-    progress = (ts - ts[0]) / max(int(ts[-1] - ts[0]), 1) if n else np.zeros(0)
+    progress = _progress(ts)
     share = np.array([t.domain_share[d] for d in g.domains])
     dom = rng.choice(len(g.domains), n, p=share / share.sum())
     user = rng.choice(g.n_users, n, p=w.user_w)
