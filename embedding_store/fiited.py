@@ -210,11 +210,15 @@ class FiitedEmbeddings(SparseEmbeddings):
         cand = np.flatnonzero(admission.admit_mask(hits, self.code.numpy() != 0, cfg.admit_hits))
         self._admit_candidates(cand)
 
-    def _private_bytes(self) -> int:
-        """Bytes of the private rows (weights + momentum), from the pools' per-width live counts (no scan)."""
+    def _private_rows(self) -> np.ndarray:
+        """(P,) private rows per width class, from the pools' live counts (no scan over the slots)."""
         live = self.pools.live_p.copy()
         live[0] -= self.num_tables  # the shared rows
-        return int((live * self._rb).sum())
+        return live
+
+    def _private_bytes(self) -> int:
+        """Bytes of the private rows (weights + momentum)."""
+        return int((self._private_rows() * self._rb).sum())
 
     def _admit_seen(self, slots: np.ndarray) -> None:
         """Per step: slots of this batch that reached ``admit_hits`` get their own row."""
@@ -371,8 +375,7 @@ class FiitedEmbeddings(SparseEmbeddings):
     def memory_report(self) -> dict[str, float]:
         """Gauges for ``ServiceStats.values``: bytes per pool, live rows per width, totals and counters (from the
         pools' counts: no scan over the slots, cheap enough for every step)."""
-        per_pool = self.pools.live_p.copy()
-        per_pool[0] -= self.num_tables  # the shared rows
+        per_pool = self._private_rows()
         pool_bytes = self.pools.nbytes()
         n_phys = int(self.pools.caps.sum())
         meta = META_BYTES_PER_SLOT * self.num_tables * self.rows + 4 * n_phys
