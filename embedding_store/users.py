@@ -108,8 +108,13 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def index_path(cfg) -> Path:
+    """The default snapshot: where the trainer writes the user-vector index at each checkpoint."""
+    return Path(cfg.data_dir, "users", "index")
+
+
 def run(args: argparse.Namespace, cfg) -> int:
-    path = Path(args.index) if args.index else Path(cfg.data_dir, "users", "index")
+    path = Path(args.index) if args.index else index_path(cfg)
     if not path.exists():
         print(f"streamrec users: no index snapshot at {path} (the trainer writes it at every checkpoint: run `streamrec up` or `streamrec train`, or pass --index)",
               file=sys.stderr)

@@ -17,12 +17,12 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from embedding_store.ann import load_index
+from embedding_store.users import index_path as users_index_path
 from streams import kafka_io, schema
 from streams.config import load_config, replace
 from trainer import checkpoint
 from trainer.features import featurize
 from trainer.service import Dedup, run as train_cli
-from trainer.user_features import users_index_path
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 20_000

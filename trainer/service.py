@@ -181,10 +181,10 @@ class TrainerService:
         self._last_ckpt_t, self._last_ckpt_n = time.monotonic(), self.counters["examples_trained"]
         self._last_ckpt_offsets = dict(self.offsets)
         if self.users is not None:  # for `streamrec users`: the index as of this checkpoint
-            from trainer.user_features import users_index_path
+            from embedding_store.users import index_path
             from trainer.user_service import write_index_file
 
-            write_index_file(st["users"], users_index_path(self.cfg))
+            write_index_file(st["users"], index_path(self.cfg))
         if self.export_dir:  # serving artifacts follow the checkpoints
             from trainer.export import export
 

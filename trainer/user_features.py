@@ -36,7 +36,6 @@ import logging
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -239,10 +238,6 @@ class UserWorker:
             self._q.put(None)
             self._thread.join(60)
 
-
-def users_index_path(cfg: Config) -> Path:
-    """Where the trainer writes the user-vector index at each checkpoint (``streamrec users`` reads it)."""
-    return Path(cfg.data_dir, "users", "index")
 
 
 def user_worker(cfg: Config, train_duty: float = 0.25) -> UserWorker:
