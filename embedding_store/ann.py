@@ -322,6 +322,16 @@ def npz_bytes(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
+def npz_arrays(source) -> dict[str, np.ndarray]:
+    """Every array of one .npz (a path or a binary file object), read whole; no pickles.
+
+    >>> npz_arrays(io.BytesIO(npz_bytes({"a": np.arange(3)})))["a"].tolist()
+    [0, 1, 2]
+    """
+    with np.load(source, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
@@ -338,8 +348,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def read_snapshot(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """(arrays, meta) of a snapshot file written by :func:`save_index`."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            snap = {k: z[k] for k in z.files}
+        snap = npz_arrays(path)
         meta = json.loads(snap["meta"].tobytes())
     except (OSError, ValueError, KeyError) as e:
         raise AnnError(f"index snapshot {path}: unreadable ({e})") from None

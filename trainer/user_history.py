@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from streams import schema
-from embedding_store.ann import save_npz_atomic
+from embedding_store.ann import npz_arrays, save_npz_atomic
 
 ACTIONS: tuple[str, ...] = ("prior", "impression", "click", "conversion")
 PRIOR, IMPRESSION, CLICK, CONVERSION = range(4)
@@ -223,5 +223,4 @@ class UserHistory:
 
     @classmethod
     def load(cls, path: str | os.PathLike, cfg: HistoryConfig = HistoryConfig()) -> "UserHistory":
-        with np.load(path, allow_pickle=False) as z:
-            return cls.restore({k: z[k] for k in z.files}, cfg)
+        return cls.restore(npz_arrays(path), cfg)

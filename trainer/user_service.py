@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from embedding_store.ann import (AnnConfig, AnnIndex, load_index, make_index, npz_bytes, save_index,
+from embedding_store.ann import (AnnConfig, AnnIndex, load_index, make_index, npz_arrays, npz_bytes, save_index,
                                  write_atomic)
 from streams import schema
 from trainer.user_history import HistoryConfig, UserHistory
@@ -242,5 +242,4 @@ def _npz_tensor(arrays: dict[str, np.ndarray]) -> torch.Tensor:
 
 
 def _tensor_npz(t: torch.Tensor) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(t.numpy().tobytes()), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return npz_arrays(io.BytesIO(t.numpy().tobytes()))
