@@ -43,12 +43,16 @@ def sparse_step(opt) -> None:
 
 @contextmanager
 def timer():
+    """Wall seconds ``s``, this process's CPU seconds ``cpu_s`` and the cores it got meanwhile, ``cores``
+    (CPU / wall, as text): on shared cores a rate is only comparable with the cores it ran on."""
     box = {}
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     try:
         yield box
     finally:
         box["s"] = time.perf_counter() - t0
+        box["cpu_s"] = time.process_time() - c0
+        box["cores"] = f"{box['cpu_s'] / max(box['s'], 1e-9):.2f}"
 
 
 def report(bench: str, rows: list[tuple[str, ...]], header: tuple[str, ...], *, value: float, unit: str,

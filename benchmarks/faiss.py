@@ -27,9 +27,7 @@ import time
 
 import numpy as np
 
-from contextlib import contextmanager
-
-from benchmarks._common import parser, report
+from benchmarks._common import parser, report, timer
 from embedding_store.ann import AnnConfig, make_index, normalize
 
 D, K = 64, 10
@@ -54,26 +52,12 @@ def tower(n: int, rng: np.random.Generator, latent: int = 16, noise: float = 0.1
 
 
 DATA = {"tower": tower, "mixture": mixture}
-data = mixture  # the earlier name
 
 
 def jitter(x: np.ndarray, rel: float, rng: np.random.Generator) -> np.ndarray:
     """x plus isotropic noise whose expected norm is ``rel`` times each row's norm."""
     scale = rel * np.linalg.norm(x, axis=1, keepdims=True) / np.sqrt(D)
     return (x + scale * rng.normal(size=x.shape)).astype(np.float32)
-
-
-@contextmanager
-def timer():
-    """Wall seconds ``s`` and the cores the process got meanwhile, ``cores`` (CPU time / wall time): on
-    shared cores a rate is only comparable with the cores it ran on."""
-    box = {}
-    c0, t0 = time.process_time(), time.perf_counter()
-    try:
-        yield box
-    finally:
-        box["s"] = time.perf_counter() - t0
-        box["cores"] = f"{(time.process_time() - c0) / max(box['s'], 1e-9):.2f}"
 
 
 def recall(got: np.ndarray, want: np.ndarray) -> float:
