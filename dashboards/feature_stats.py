@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
+from streams import schema
 from streams.config import Config
 
 MAX_BINS = 512
@@ -89,8 +90,8 @@ def parse_record(raw: bytes) -> list[tuple]:
     min, max, bins, counts)``; raises ``ValueError`` naming the problem."""
     try:
         rec = msgspec.json.decode(raw)
-    except msgspec.DecodeError as e:
-        raise ValueError(f"unparseable: {e}") from None
+    except schema.DECODE_ERRORS as e:
+        raise ValueError(schema.unparseable(e)) from None
     if not isinstance(rec, dict):
         raise ValueError(f"schema: expected a JSON object, got {type(rec).__name__}")
     if rec.get("type", "feature_stats") != "feature_stats":

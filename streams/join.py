@@ -24,7 +24,9 @@ duplicate event id, feedback outside its window, late feedback, orphan). ``state
 letters also per reason category (``dead.<category>``). Watermark records only move time.
 
 Event time of the partition: max ``ts`` per input topic; the partition's time is the minimum over the topics
-that are not caught up (at EOF), so windows never close before a slower topic was read.
+that are not caught up (at EOF), so windows never close before a slower topic was read, and never later than
+the wall clock (:meth:`JoinState.clock`). An end-of-log mark closes the windows of a finite log without
+moving that time (:func:`_flush_log`).
 
 >>> cfg = JoinConfig(("imp", "clk", "cnv"), click_window_ms=60_000, conversion_window_ms=60_000)
 >>> st = JoinState(cfg)
@@ -135,6 +137,8 @@ class JoinState:
         "counts",
         "data_ts",
         "done",
+        "eol_done",
+        "eol_ts",
         "fifo",
         "gen_start",
         "late",
@@ -149,6 +153,9 @@ class JoinState:
         self.cfg = cfg
         self.data_ts: list[int | None] = [None, None, None]  # max event ts per input topic (data only)
         self.wm_ts: list[int | None] = [None, None, None]  # max watermark per input topic
+        # End-of-log marks per input topic, and the mark the state was last flushed to (see flush_log)
+        self.eol_ts: list[int | None] = [None, None, None]
+        self.eol_done: int | None = None
         self.caught_up = [False, False, False]
         self.pending: dict[str, Pending] = {}
         # Deadlines (time, impression id) per stage (0 = elapsed emission, 1 = window close): impressions mostly
@@ -172,13 +179,15 @@ class JoinState:
                 (deque(self.fifo[0]), deque(self.fifo[1])), (list(self.late[0]), list(self.late[1])),
                 dict(self.orphans), list(self.orphan_heap),
                 (set(self.done[0]), self.done[1]), (set(self.seen_fb[0]), self.seen_fb[1]), self.gen_start,
-                dict(self.counts))
+                dict(self.counts), tuple(self.eol_ts), self.eol_done)
 
     @classmethod
     def restore(cls, snap: tuple) -> JoinState:
         st = cls(snap[0])
         (_, data_ts, wm_ts, caught_up, pending, fifo, late, orphans, orphan_heap, done, seen_fb, st.gen_start,
-         counts) = snap
+         counts) = snap[:13]
+        if len(snap) > 13:  # snapshots written before end-of-log marks existed have 13 fields
+            st.eol_ts, st.eol_done = list(snap[13]), snap[14]
         st.data_ts, st.wm_ts, st.caught_up = list(data_ts), list(wm_ts), list(caught_up)
         st.pending, st.orphans = dict(pending), dict(orphans)
         # the previous generation is never mutated, only replaced: sharing it with the snapshot is safe
@@ -199,6 +208,13 @@ class JoinState:
     def data_time(self) -> int | None:
         """Like :meth:`time` but from event timestamps only, ignoring watermarks."""
         return _min_time(self.data_ts, self.caught_up)
+
+    def clock(self, now_ms: int) -> int | None:
+        """The time windows close by: :meth:`time`, never past the wall clock ``now_ms`` while the wall-clock
+        check is on. Event time must not run ahead of reality: one event or watermark from the future would
+        otherwise close the windows of live traffic early and turn its feedback into orphans."""
+        t = self.time()
+        return t if t is None or self.cfg.future_tolerance_ms is None else min(t, now_ms)
 
 
 def _max(a: int | None, b: int | None) -> int | None:
@@ -241,7 +257,7 @@ def step(state: JoinState, batch: SourceBatch, now_ms: int) -> tuple[JoinState, 
     topics = cfg.topics
     kinds = {topics[0]: IMP, topics[1]: CLICK, topics[2]: CONV}
     future = schema.MAX_TS_MS if cfg.future_tolerance_ms is None else now_ms + cfg.future_tolerance_ms
-    t_start = state.time()
+    t_start = state.clock(now_ms)
     too_old = None if t_start is None else t_start - cfg.max_window_ms
     n_in = 0
     pending, orphans, done, fifo1 = state.pending, state.orphans, state.done, state.fifo[1]
@@ -263,15 +279,20 @@ def step(state: JoinState, batch: SourceBatch, now_ms: int) -> tuple[JoinState, 
             n_in += 1
             out.append(_dead(state, f"schema: {e}", msg, now_ms, STEP_DECODE))
             continue
-        except msgspec.DecodeError as e:
+        except schema.DECODE_ERRORS as e:
             n_in += 1
-            out.append(_dead(state, f"unparseable: {e}", msg, now_ms, STEP_DECODE))
+            out.append(_dead(state, schema.unparseable(e), msg, now_ms, STEP_DECODE))
+            continue
+        except Exception as e:  # noqa: BLE001 - bytes no one foresaw must not stop the flow either
+            n_in += 1
+            out.append(_dead(state, f"unparseable: {type(e).__name__}: {e}", msg, now_ms, STEP_DECODE))
             continue
         cls = type(ev)
         if cls is schema.Watermark:
-            w = state.wm_ts[topic_kind]
+            marks = state.eol_ts if ev.source == schema.END_OF_LOG else state.wm_ts
+            w = marks[topic_kind]
             if w is None or ev.ts > w:
-                state.wm_ts[topic_kind] = ev.ts
+                marks[topic_kind] = ev.ts
             continue
         n_in += 1
         kind = IMP if cls is schema.Impression else CLICK if cls is schema.Click else CONV
@@ -312,9 +333,10 @@ def step(state: JoinState, batch: SourceBatch, now_ms: int) -> tuple[JoinState, 
     counts["events_in"] += n_in
     for topic, kind in kinds.items():
         state.caught_up[kind] = topic in batch.caught_up
-    t = state.time()
+    t = state.clock(now_ms)
     if t is not None:
         _advance(state, t, now_ms, out)
+    _flush_log(state, now_ms, out)
     _count(state, out)
     return state, out
 
@@ -325,6 +347,19 @@ def flush(state: JoinState, now_ms: int) -> tuple[JoinState, list[Output]]:
     _advance(state, schema.MAX_TS_MS + 1, now_ms, out, final=True)
     _count(state, out)
     return state, out
+
+
+def _flush_log(state: JoinState, now_ms: int, out: list[Output]) -> None:
+    """Once all three topics brought an end-of-log mark (``Watermark(source="end_of_log")``, sent by replay
+    and generate at the end of a finite log) past the last one flushed: close every window the mark covers,
+    as the end of a bounded input does (``end_of_stream``), without moving the partition's time. A stack
+    that keeps running after the log then judges live traffic by its own time, not by the log's end + 24 h."""
+    if None in state.eol_ts:
+        return
+    mark = min(state.eol_ts)
+    if state.eol_done is None or mark > state.eol_done:
+        _advance(state, mark, now_ms, out, final=True)
+        state.eol_done = mark
 
 
 def _count(state: JoinState, out: list[Output]) -> None:
@@ -406,7 +441,7 @@ def _on_feedback(state: JoinState, kind: int, fb, msg: RawMsg, now_ms: int, out:
     elif iid in state.done[0] or iid in state.done[1]:
         out.append(_dead(state, f"late {name}: impression {iid!r} already emitted", msg, now_ms))
     else:
-        t = state.time()
+        t = state.clock(now_ms)
         if t is not None and t > fts + window:
             out.append(_dead(state, f"orphan {name}: no impression {iid} within window", msg, now_ms))
             return

@@ -213,7 +213,7 @@ def _head_ts(msgs: list[join.RawMsg], i: int) -> int | None:
         if msgs[j][0] == topic:
             try:
                 ts = _decode_ts(msgs[j][3]).ts
-            except msgspec.MsgspecError:  # a bad record: the join dead-letters it; try the one before
+            except schema.DECODE_ERRORS:  # a bad record: the join dead-letters it; try the one before
                 continue
             if ts >= 0:
                 return ts

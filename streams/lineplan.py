@@ -147,8 +147,6 @@ FastImpression, _RAW_RULES, _IMP_QUOTES = _make_fast_impression()
 FastRecord = Union[FastImpression, schema.Click, schema.Conversion, schema.Watermark]
 _fast_decode = msgspec.json.Decoder(FastRecord).decode
 _full_decode = msgspec.json.Decoder(schema.Record).decode
-# msgspec 0.19-0.22 raise UnicodeDecodeError for invalid UTF-8 in a struct's field names (schema.decode maps it too)
-_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
 _KIND = {FastImpression: 0, schema.Impression: 0, schema.Click: 1, schema.Conversion: 2, schema.Watermark: 3}
 _DOMAINS = frozenset(schema.DOMAIN_INDEX)
 _RULE_FIELDS = [(rule, tuple(n for n in _RAW_RULES if _RAW_RULES[n] == rule)) for rule in set(_RAW_RULES.values())]
@@ -184,7 +182,7 @@ def _fast_block(data: bytes, lines: list[bytes]) -> tuple[list, bytes] | None:
     """
     try:
         recs = list(map(_fast_decode, lines))
-    except _DECODE_ERRORS:
+    except schema.DECODE_ERRORS:
         return None
     kinds = bytes(map(_KIND.__getitem__, map(type, recs)))
     n_imp = kinds.count(0)
@@ -248,7 +246,7 @@ def _plan_each(first: int, lines: list[bytes], nbytes: int, router: Router) -> P
     for i, raw in enumerate(lines):
         try:
             rec = dec(raw)
-        except _DECODE_ERRORS:
+        except schema.DECODE_ERRORS:
             if raw.strip():
                 failed.append(i)
             else:

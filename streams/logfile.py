@@ -205,6 +205,9 @@ def _drop(field: str) -> Callable[[dict], dict]:
 
 
 _INF = "__streamrec_inf__"
+_BAD_UTF8 = "__streamrec_bad_utf8__"  # a string value replaced by invalid UTF-8 bytes in well-formed JSON
+# raw-byte spellings of placeholders JSON cannot carry: infinity, and a string holding the bytes ff fe
+_RAW_BYTES = {f'"{_INF}"'.encode(): b"1e999", f'"{_BAD_UTF8}"'.encode(): b'"a\xff\xfe"'}
 # (topic kind, defect name, how a good record's dict is damaged); raw-byte defects are handled in _damage.
 _DEFECTS: list[tuple[TopicKind, str, Callable[[dict], dict] | None]] = [
     ("impression", "truncated_json", None),
@@ -221,9 +224,13 @@ _DEFECTS: list[tuple[TopicKind, str, Callable[[dict], dict] | None]] = [
     ("impression", "huge_string", _mut(country="x" * 100_000)),
     ("impression", "infinite_dense", _mut(dense=[0.5, _INF])),
     ("impression", "unknown_type", _mut(type="impresion")),
+    ("impression", "invalid_utf8_event_id", _mut(event_id=_BAD_UTF8)),
+    ("impression", "invalid_utf8_country", _mut(country=_BAD_UTF8)),
+    ("impression", "deep_nesting", None),
     ("click", "self_reference", lambda d: {**d, "impression_id": d["event_id"]}),
     ("click", "missing_impression_id", _drop("impression_id")),
     ("click", "wrong_type", _mut(ts="yesterday")),
+    ("click", "invalid_utf8_impression_id", _mut(impression_id=_BAD_UTF8)),
     ("conversion", "negative_id", _mut(user_id=-1)),
     ("conversion", "future_ts", _mut(ts=schema.MAX_TS_MS + 1)),
     ("conversion", "huge_id", _mut(user_id=2**63)),
@@ -242,8 +249,12 @@ def _damage(template: msgspec.Struct, kind: str, mutate: Callable[[dict], dict] 
         return b"\xff\xfe" + body
     if kind == "not_json":
         return b"user=%d,ts=%d,domain=feed" % (template.user_id, template.ts)
-    d = mutate(msgspec.json.decode(good))  # type: ignore[misc]
-    return msgspec.json.encode(d).replace(f'"{_INF}"'.encode(), b"1e999")  # JSON has no literal inf
+    if kind == "deep_nesting":  # an unknown field nested 5,000 deep: msgspec raises RecursionError skipping it
+        return good[:-1] + b',"junk":' + b"[" * 5_000 + b"]" * 5_000 + b"}"
+    raw = msgspec.json.encode(mutate(msgspec.json.decode(good)))  # type: ignore[misc]
+    for placeholder, spelling in _RAW_BYTES.items():
+        raw = raw.replace(placeholder, spelling)
+    return raw
 
 
 def make_bad_records(records: Sequence[Any], n: int, rng: np.random.Generator) -> list[BadRecord]:

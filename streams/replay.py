@@ -8,8 +8,8 @@ Placement rules (what the labels dataflow relies on):
   same partition number of the three input topics;
 * a :class:`~streams.logfile.BadRecord` goes raw into the topic of its ``topic_kind`` (any partition);
 * a :class:`~streams.schema.Watermark` goes to every partition of all three input topics; at the end of a
-  finite log one more is sent with ``ts = last_ts + 1 + max(click window, conversion window)`` so every
-  pending attribution window closes;
+  finite log an end-of-log mark (``source="end_of_log"``) is sent with ``ts = last_ts + 1 + max(click
+  window, conversion window)`` so every pending attribution window of the log closes;
 * about once a second (and at the end) a ``ServiceStats(component="replay")`` goes to ``service_stats``.
 
 A replayed log line that does not decode becomes a dead letter (reason with its line number) and the replay
@@ -257,7 +257,7 @@ class Publisher:
         message failed delivery."""
         if watermark and (self.last_ts or self._max_wm):
             self._final_wm = self.end_watermark_ts()
-            self._broadcast(schema.Watermark(ts=self._final_wm, source="replay"))
+            self._broadcast(schema.Watermark(ts=self._final_wm, source=schema.END_OF_LOG))
         self._bar.update(self._n - self._shown)
         self._shown = self._n
         self._publish_stats()

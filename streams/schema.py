@@ -82,11 +82,16 @@ class Conversion(msgspec.Struct, frozen=True, gc=False, tag="conversion", forbid
     value: float = 0.0
 
 
+END_OF_LOG = "end_of_log"  # Watermark.source of the mark that ends a finite log
+
+
 class Watermark(msgspec.Struct, frozen=True, gc=False, tag="watermark"):
     """Control record: no event with ``ts`` below this will follow in this partition.
 
-    ``streamrec replay``/``generate`` append one per partition at the end of a finite log so the
-    labels dataflow can close every pending attribution window.
+    ``streamrec replay``/``generate`` append one per partition at the end of a finite log with
+    ``source=END_OF_LOG``: it closes every attribution window of the log's impressions, but unlike other
+    watermarks it does not move the partition's event time, so live traffic after the log is not judged
+    stale (a log's end plus the longest window is usually a day in the future).
     """
 
     ts: TsMs
@@ -161,6 +166,11 @@ class Invalid(msgspec.Struct, frozen=True):
 
 
 _encoder = msgspec.json.Encoder()
+# Everything msgspec may raise on hostile bytes: its own errors (ValidationError is a DecodeError), the
+# UnicodeDecodeError it raises for invalid UTF-8 inside a key or string, and RecursionError for deep nesting
+# (`[[[[...` a few thousand levels down). Every decode of input bytes catches this tuple, so no record can
+# escape as an exception and stop a dataflow.
+DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 # keyed by id(kind): hashing a typing.Union costs ~4 us a call; the entry keeps ``kind`` alive and is checked
 _decoders: dict[int, tuple[object, msgspec.json.Decoder]] = {}
 
@@ -201,10 +211,19 @@ def decode(raw: bytes, kind: type[T] | object = Record) -> T | Invalid:
         ev = _decoder(kind).decode(raw)
     except msgspec.ValidationError as e:
         return Invalid(f"schema: {e}")
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec raises the latter for bad UTF-8 in a key
-        return Invalid(f"unparseable: {e}")
+    except DECODE_ERRORS as e:
+        return Invalid(unparseable(e))
     reason = check(ev)
     return Invalid(f"invalid: {reason}") if reason else ev
+
+
+def unparseable(e: Exception) -> str:
+    """The dead-letter reason for bytes that are not a JSON record (see :data:`DECODE_ERRORS`)."""
+    if isinstance(e, RecursionError):
+        return "unparseable: nested too deeply"
+    if isinstance(e, UnicodeDecodeError):
+        return "unparseable: invalid UTF-8 inside a string"
+    return f"unparseable: {e}"
 
 
 def dead_letter(reason: str, raw: bytes, *, topic: str = "", partition: int = -1, offset: int = -1,

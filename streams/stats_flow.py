@@ -249,15 +249,18 @@ def _decode(raws: list[bytes], counts: dict) -> list[schema.Example]:
         return []
     counts["examples_in"] += len(raws)
     try:
-        return _decode_batch(b"[" + b",".join(raws) + b"]")
-    except msgspec.MsgspecError:
-        out = []
-        for r in raws:
-            try:
-                out.append(_decode_one(r))
-            except msgspec.MsgspecError:
-                counts["invalid"] += 1
-        return out
+        out = _decode_batch(b"[" + b",".join(raws) + b"]")
+        if len(out) == len(raws):  # a record holding "},{" would decode as two
+            return out
+    except schema.DECODE_ERRORS:
+        pass
+    out = []
+    for r in raws:
+        try:
+            out.append(_decode_one(r))
+        except schema.DECODE_ERRORS:
+            counts["invalid"] += 1
+    return out
 
 
 # ------------------------------------------------------------------------------------------- Bytewax wiring

@@ -151,6 +151,52 @@ def test_flush_and_snapshot_round_trip():
     assert state.pending and "i1" in snap[4]  # flushing the restored copy left the original untouched
 
 
+def end_of_log(ts: int):
+    mark = schema.encode(schema.Watermark(ts=ts, source=schema.END_OF_LOG))
+    return tuple((t, 0, 20_000, mark) for t in (IMP, CLK, CNV))
+
+
+LIVE = JoinConfig((IMP, CLK, CNV), 60_000, 600_000)  # wall-clock check on, as in a running stack
+
+
+def test_end_of_log_closes_the_logs_windows_without_moving_time():
+    now = T0 + 3_600_000
+    log = msgs(imp("i1", T0), clk("c1", "i1", T0 + 5), imp("i2", T0 + 10))
+    state, out = run([log, end_of_log(T0 + 10 + 600_001)], cfg=LIVE, now_ms=now)
+    assert examples(out) == {"i1": (1, 0, T0 + 5, None), "i2": (0, 0, None, None)}
+    assert {o.decided for o in out} == {"end_of_stream"} and state.n_pending() == 0
+    # live traffic after the log, its click read before it: joined, not dead-lettered as stale or orphan
+    live = msgs(clk("c3", "i3", now + 2_000), offset=30) + msgs(imp("i3", now), offset=31)
+    _, out = step_(state, live, now_ms=now + 3_000)
+    assert out == [] and "i3" in state.pending
+    _, out = step_(state, end_of_log(now + 600_001), now_ms=now + 3_000)
+    assert examples(out) == {"i3": (1, 0, now + 2_000, None)}
+    # a mark seen on two of the three topics does not flush: the third may still hold feedback
+    state, out = run([msgs(imp("i4", T0)), end_of_log(T0 + 10**7)[:2]], cfg=LIVE, now_ms=now)
+    assert out == [] and "i4" in state.pending
+
+
+def test_event_time_never_runs_ahead_of_the_wall_clock():
+    now = T0 + 3_600_000
+    future = msgs(cnv("v1", "i0", now + 6 * 3_600_000))  # a conversion stamped 6 h ahead (a skewed clock)
+    state, out = run([msgs(imp("i0", now - 1000)), future, watermarks(now + 10**8)], cfg=LIVE, now_ms=now)
+    assert state.time() > now and state.clock(now) == now
+    # its window has not closed: the live click read before its impression still joins
+    _, out = step_(state, msgs(clk("c2", "i2", now + 1000), offset=5), now_ms=now + 1000)
+    assert out == [] and "i2" in state.orphans
+    _, out = step_(state, msgs(imp("i2", now + 500), offset=6), now_ms=now + 1000)
+    assert out == [] and "i2" in state.pending and "i2" not in state.orphans
+
+
+def test_snapshot_keeps_end_of_log_marks():
+    state, _ = run([msgs(imp("i1", T0)), end_of_log(T0 + 10**7)[:2]], cfg=LIVE, now_ms=T0 + 10)
+    restored = JoinState.restore(state.snapshot())
+    _, out = step_(restored, end_of_log(T0 + 10**7)[2:], now_ms=T0 + 10)
+    assert examples(out) == {"i1": (0, 0, None, None)}
+    old = JoinState.restore(state.snapshot()[:13])  # a snapshot from before the marks existed
+    assert old.eol_ts == [None, None, None] and "i1" in old.pending
+
+
 def _scenario(rng: random.Random, n: int):
     """Events inside one click window: impressions, in-window and out-of-window feedback, orphans, dups."""
     evs = []
@@ -238,7 +284,7 @@ def test_every_kind_of_bad_input_is_a_counted_dead_letter():
     huge = (IMP, 0, 999, b'{"type":"impression","junk":"' + b"x" * 70_000 + b'"}')
     wrong_topic = (CLK, 0, 1000, schema.encode(imp("g9", T0)))
     cfg = JoinConfig((IMP, CLK, CNV), 60_000, 600_000)  # wall-clock check on
-    now = T0 + 1000
+    now = T0 + 10**8  # past the closing watermark: windows close no later than the wall clock
     future = (IMP, 0, 1001, schema.encode(imp("f1", now + 2 * 24 * 3600 * 1000)))
     state, out = run([msgs(*good) + raw + (huge, wrong_topic, future)], cfg=cfg, now_ms=now)
     stale = msgs(imp("old", T0 - 700_000), offset=2000)

@@ -20,6 +20,11 @@ from conftest import read_topics
 
 T0 = 1_700_000_000_000
 CLICK_W, CONV_W = 60, 600  # seconds
+# Well-formed JSON holding the bytes ff fe inside a string, and nesting past msgspec's recursion limit: each
+# once escaped the join's decode as an exception and stopped the flow.
+POISON_UTF8 = (b'{"type":"impression","event_id":"i\xff\xfe","ts":%d,"user_id":1,"ad_id":1,"campaign_id":1,'
+               b'"advertiser_id":1,"domain":"feed","country":"\xff\xfe"}' % T0)
+POISON_DEEP = b'{"type":"click","event_id":"d","junk":' + b"[" * 5000 + b"]" * 5000 + b"}"
 
 
 def _workload(cfg, n_imps: int = 1500, seed: int = 7):
@@ -72,7 +77,8 @@ def _workload(cfg, n_imps: int = 1500, seed: int = 7):
     for k in range(n_good * 5 // 100):  # ~5% bad raw messages
         topic = rng.choice(list(per_topic))
         bad = rng.choice([b"\x00\xffgarbage", b'{"type": "impression", "event_id": ""}',
-                          b'{"type": "click", "event_id": "x", "impression_id": "y", "ts": 5, "user_id": 1}'])
+                          b'{"type": "click", "event_id": "x", "impression_id": "y", "ts": 5, "user_id": 1}',
+                          POISON_UTF8, POISON_DEEP])
         msgs.insert(rng.randrange(len(msgs)), (topic, rng.randrange(parts), bad))
         dead["bad"] += 1
     return msgs, expected, dead

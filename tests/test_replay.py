@@ -44,7 +44,7 @@ def _check_placement_and_end_watermarks(cfg, msgs, final_wm_ts):
     for topic in t.input_topics():
         for p in range(t.partitions):
             last = schema.decode(parts[(topic, p)][-1].value())
-            assert last == schema.Watermark(ts=final_wm_ts, source="replay"), (topic, p)
+            assert last == schema.Watermark(ts=final_wm_ts, source=schema.END_OF_LOG), (topic, p)
     assert len({p for (tp, p) in parts if tp == t.impressions}) == t.partitions  # keys spread
 
 
