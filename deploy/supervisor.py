@@ -1,4 +1,4 @@
-"""Child-process supervision for the local stack: start, watch, restart, stop in order, never orphan.
+"""Child-process supervision for the local stack: start, watch, restart (backing off), stop in order, never orphan.
 
 Children are started with ``PR_SET_PDEATHSIG`` so a ``kill -9`` of the supervisor takes them down too, and in
 their own session, so a terminal's Ctrl-C reaches only the supervisor, which then stops them in order (a
@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ log = logging.getLogger("streamrec.supervisor")
 
 @dataclass
 class Child:
-    """One supervised ``streamrec`` subcommand.
+    """One supervised ``streamrec`` subcommand (or, with ``program``, any command).
 
     ``restart_args`` replace ``args`` after a crash (e.g. ``train --resume`` instead of ``train --fresh``).
     """
@@ -31,15 +32,19 @@ class Child:
     name: str
     args: list[str]
     restart_args: list[str] | None = None
-    max_restarts: int = 3
+    program: list[str] | None = None  # run this instead of ``streamrec --config FILE``, followed by args
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    quick_crashes: int = 0  # consecutive exits within STABLE_S of their start: the backoff's exponent
+    started_at: float = 0.0
+    restart_at: float | None = None  # monotonic time of the pending restart, while backing off
     log_path: Path | None = None
 
     def start(self, config_path: Path, log_dir: Path, first: bool = True) -> None:
         args = self.args if first or self.restart_args is None else self.restart_args
-        cmd = [sys.executable, "-m", "deploy.cli", "--config", str(config_path), *args]
+        prog = self.program or [sys.executable, "-m", "deploy.cli", "--config", str(config_path)]
+        cmd = [*prog, *args]
         self.log_path = log_dir / f"{self.name}.log"
         out = open(self.log_path, "ab")
         try:
@@ -48,10 +53,15 @@ class Child:
                                          start_new_session=True)
         finally:
             out.close()
+        self.started_at, self.restart_at = time.monotonic(), None
         log.debug("started %s pid=%s: %s", self.name, self.proc.pid, " ".join(cmd))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def crash_looping(self) -> bool:
+        return self.quick_crashes >= CRASH_LOOP
 
     def tail(self, lines: int = 15) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -59,6 +69,7 @@ class Child:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout: float = 15.0) -> int | None:
+        self.restart_at = None
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -72,35 +83,98 @@ class Child:
         return self.proc.returncode
 
 
+STABLE_S = 30.0  # a child that ran this long before exiting restarts at once; quicker exits back off
+BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # delay before restart, by consecutive quick crashes
+CRASH_LOOP = 3  # consecutive quick crashes that the stack reports as a crash loop
+
+
+def backoff_s(quick_crashes: int) -> float:
+    """Delay before the next restart after ``quick_crashes`` consecutive quick exits (capped, never infinite).
+
+    >>> [backoff_s(n) for n in (0, 1, 2, 3, 10)]
+    [0.0, 1.0, 2.0, 4.0, 30.0]
+    """
+    return BACKOFF_S[min(quick_crashes, len(BACKOFF_S) - 1)]
+
+
 class Supervisor:
-    """Starts children in order, restarts crashed ones (bounded), stops them in reverse order."""
+    """Starts children in order, restarts crashed ones, stops them in reverse order.
+
+    A child that keeps crashing is restarted with a growing delay (:func:`backoff_s`) and reported as crash
+    looping, never given up on: one component that cannot run (a bad message it cannot get past, a port in
+    use) must not take the rest of the stack down with it. :meth:`watch` runs :meth:`check` in a thread, so
+    children come back while the caller is busy (producing a log, say).
+    """
 
     def __init__(self, config_path: Path, log_dir: Path):
         self.config_path = config_path
         self.log_dir = log_dir
         self.children: list[Child] = []
+        self._lock = threading.RLock()
+        self._watching: threading.Event | None = None
+        self._stopping = False  # set by stop_all: from then on nothing restarts
 
     def start(self, child: Child) -> Child:
-        child.start(self.config_path, self.log_dir)
-        self.children.append(child)
+        with self._lock:
+            child.start(self.config_path, self.log_dir)
+            self.children.append(child)
         return child
 
     def check(self) -> None:
-        """Restart children that exited unexpectedly; raise once one exceeds its restart budget."""
-        for c in self.children:
-            if c.proc is None or c.alive():
-                continue
-            rc = c.proc.returncode
-            if c.restarts >= c.max_restarts:
-                raise RuntimeError(f"{c.name} exited with code {rc} and was restarted {c.restarts} times; "
-                                   f"last lines of {c.log_path}:\n{c.tail()}")
-            c.restarts += 1
-            log.warning("%s exited with code %s; restarting (%d/%d)", c.name, rc, c.restarts, c.max_restarts)
-            c.start(self.config_path, self.log_dir, first=False)
+        """Restart children that exited unexpectedly, each once its backoff delay has passed."""
+        now = time.monotonic()
+        with self._lock:
+            for c in self.children if not self._stopping else ():
+                if c.proc is None or c.alive():
+                    continue
+                if c.restart_at is None:  # a new exit: schedule the restart
+                    quick = now - c.started_at < STABLE_S
+                    c.quick_crashes = c.quick_crashes + 1 if quick else 0
+                    delay = backoff_s(c.quick_crashes)
+                    c.restart_at = now + delay
+                    log.warning("%s exited with code %s after %.0fs; restarting%s%s", c.name, c.proc.returncode,
+                                now - c.started_at, f" in {delay:.0f}s" if delay else "",
+                                f" (crash loop: {c.quick_crashes} quick exits in a row; see {c.log_path})"
+                                if c.crash_looping else "")
+                if now >= c.restart_at:
+                    c.restarts += 1
+                    c.start(self.config_path, self.log_dir, first=False)
+
+    def watch(self, interval: float = 0.25, on_tick=None) -> None:
+        """Call :meth:`check` (then ``on_tick()``, if given) every ``interval`` seconds in a daemon thread until
+        :meth:`stop_all`."""
+        if self._watching is not None:
+            return
+        stop = self._watching = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.check()
+                    if on_tick is not None:
+                        on_tick()
+                except Exception:  # noqa: BLE001 - the watcher must outlive one failed restart (e.g. fork)
+                    log.exception("supervisor: restart check failed")
+
+        threading.Thread(target=loop, name="supervisor", daemon=True).start()
+
+    def status(self) -> dict[str, float]:
+        """Per child: ``up.<name>`` (1 or 0), ``restarts.<name>``, ``crash_looping.<name>`` (service stats)."""
+        with self._lock:
+            out: dict[str, float] = {}
+            for c in self.children:
+                out[f"up.{c.name}"] = float(c.alive())
+                out[f"restarts.{c.name}"] = float(c.restarts)
+                out[f"crash_looping.{c.name}"] = float(c.crash_looping)
+            return out
 
     def stop_all(self, timeout: float = 15.0) -> None:
-        for c in reversed(self.children):
-            c.stop(timeout)
+        if self._watching is not None:
+            self._watching.set()
+        with self._lock:
+            self._stopping = True
+            for c in reversed(self.children):
+                c.stop(timeout)
 
     def wait_until(self, cond, timeout: float, interval: float = 0.5) -> bool:
         deadline = time.monotonic() + timeout

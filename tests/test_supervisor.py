@@ -1,0 +1,54 @@
+"""The local stack's supervisor: crashed children come back, a crash loop backs off and never stops the rest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from deploy.supervisor import Child, Supervisor, backoff_s
+
+SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
+CRASH = [sys.executable, "-c", "import sys; sys.exit(3)"]
+
+
+def _until(cond, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_killed_child_is_restarted_and_a_crash_loop_backs_off_without_stopping_the_others(tmp_path):
+    sup = Supervisor(tmp_path / "config.yaml", tmp_path)
+    steady = sup.start(Child("steady", [], program=SLEEP))
+    looping = sup.start(Child("looping", [], program=CRASH))
+    sup.watch(interval=0.05)
+    try:
+        first = steady.proc.pid
+        os.kill(first, signal.SIGKILL)
+        assert _until(lambda: steady.alive() and steady.proc.pid != first), "a SIGKILLed child must come back"
+        assert steady.restarts == 1
+        # the crashing child: restarted at once, then after 1 s, 2 s, ... and reported as crash looping
+        assert _until(lambda: looping.restarts >= 3, timeout=20)
+        status = sup.status()
+        assert status["crash_looping.looping"] == 1.0 and status["up.steady"] == 1.0
+        assert status["restarts.steady"] == 1.0 and status["crash_looping.steady"] == 0.0
+        n = looping.restarts
+        time.sleep(1.0)
+        assert looping.restarts <= n + 1, "restarts must slow down while it keeps crashing"
+        assert steady.alive() and steady.proc.pid != first  # the rest keeps running
+    finally:
+        sup.stop_all(timeout=5)
+    assert not steady.alive() and not looping.alive()
+    restarts = looping.restarts
+    time.sleep(0.3)
+    assert looping.restarts == restarts and not looping.alive(), "nothing restarts after stop_all"
+
+
+def test_backoff_is_capped():
+    delays = [backoff_s(n) for n in range(20)]
+    assert delays == sorted(delays) and delays[0] == 0.0 and max(delays) == 30.0
