@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,9 @@ CREATE TABLE IF NOT EXISTS {db}.service_stats (
 ) ENGINE = ReplacingMergeTree
 ORDER BY (component, name, instance, ts)
 TTL toDateTime(ts) + INTERVAL {ttl} DAY""",
-    # a dead letter's identity is where it came from and why; ts + a hash of the bytes separate records that
-    # have no Kafka origin (bad lines of a replayed file carry partition = offset = -1)
+    # a dead letter's identity is where it came from, the step that rejected it and its bytes: the same record
+    # rejected again after a restart (a new wall-clock ts, a reason naming another partition time) replaces
+    # its row. Bad lines of a replayed file carry the file name as topic and the line number as offset.
     "dead_letters": """
 CREATE TABLE IF NOT EXISTS {db}.dead_letters (
     ts DateTime64(3, 'UTC'),
@@ -76,7 +78,7 @@ CREATE TABLE IF NOT EXISTS {db}.dead_letters (
     raw_prefix String,
     raw_hash UInt64 MATERIALIZED cityHash64(raw_prefix)
 ) ENGINE = ReplacingMergeTree
-ORDER BY (topic, partition, offset, step, reason, ts, raw_hash)
+ORDER BY (topic, partition, offset, step, raw_hash)
 TTL toDateTime(ts) + INTERVAL {ttl} DAY""",
     # the pre-aggregate behind the hot panels; see the module docstring and queries.ROLLUP_REFRESH
     "prediction_rollup": """
@@ -185,8 +187,28 @@ class Store:
     def ensure_schema(self) -> None:
         with self.lock:
             self.client.command(f"CREATE DATABASE IF NOT EXISTS {self.db}")
-            for ddl in TABLES.values():
+            for name, ddl in TABLES.items():
+                self._migrate(name, ddl)
                 self.client.command(ddl.format(db=self.db, ttl=TTL_DAYS))
+
+    def _migrate(self, table: str, ddl: str) -> None:
+        """Rebuild ``table`` when an older version of streamrec created it with another sorting key (the
+        ReplacingMergeTree's identity): rename it, create the new one, copy the rows over, drop the old."""
+        want = re.search(r"ORDER BY \((.*?)\)", ddl).group(1)
+        res = self.client.query("SELECT sorting_key FROM system.tables WHERE database = {d:String} AND "
+                                "name = {t:String}", parameters={"d": self.db, "t": table})
+        if not res.result_rows or res.result_rows[0][0] == want:
+            return
+        log.warning("store: rebuilding %s.%s (sorting key %s -> %s)", self.db, table, res.result_rows[0][0], want)
+        old = f"{self.db}.{table}_before_migration"
+        self.client.command(f"DROP TABLE IF EXISTS {old}")
+        self.client.command(f"RENAME TABLE {self.db}.{table} TO {old}")
+        self.client.command(ddl.format(db=self.db, ttl=TTL_DAYS))
+        cols = [r[0] for r in self.client.query("SELECT name FROM system.columns WHERE database = {d:String} AND "
+                                                "table = {t:String} AND default_kind != 'MATERIALIZED'",
+                                                parameters={"d": self.db, "t": table}).result_rows]
+        self.client.command(f"INSERT INTO {self.db}.{table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {old}")
+        self.client.command(f"DROP TABLE {old}")
 
     def insert(self, table: str, data: pa.Table) -> int:
         """Columnar insert (``insert_arrow``) of ``data`` whose column names match the table's."""

@@ -202,3 +202,40 @@ def test_sink_consumes_dead_letters_bad_input_and_resumes(cfg, store):
     assert not th.is_alive() and again.consumer is None
     assert again.counters["messages"] == 1 and again.counters["rows_predictions"] == 200
     assert store.query(q.render(q.EXAMPLES_SCORED, "live"), q.live_parameters(60)).rows == [(3 * 500 + 100,)]
+
+
+def test_a_dead_letter_rejected_again_after_a_restart_is_stored_once(store):
+    # the same record rejected by the same step twice (a replay after a crash): new wall-clock ts, and a reason
+    # naming another partition time; a different record at the same place (other bytes) stays separate
+    first = schema.dead_letter("stale impression: ts 5 is before the partition time 100", b'{"a":1}',
+                               topic="impressions", partition=1, offset=7, ts=1_000, step="labels.join")
+    again = schema.dead_letter("stale impression: ts 5 is before the partition time 160", b'{"a":1}',
+                               topic="impressions", partition=1, offset=7, ts=9_000, step="labels.join")
+    other = schema.dead_letter("unparseable: truncated", b'{"a":', topic="impressions", partition=1, offset=7,
+                               ts=9_000, step="labels.decode")
+    store.insert("dead_letters", dead_letter_rows([first]))
+    store.insert("dead_letters", dead_letter_rows([again, other]))
+    assert store.query("SELECT count() FROM {db}.dead_letters FINAL").rows == [(2,)]
+
+
+def test_an_older_dead_letters_table_is_rebuilt_with_its_rows(chdb_client):
+    from dashboards.store import TABLES, Store
+
+    db = "migrate_dead_letters"
+    old_ddl = TABLES["dead_letters"].replace("ORDER BY (topic, partition, offset, step, raw_hash)",
+                                             "ORDER BY (topic, partition, offset, step, reason, ts, raw_hash)")
+    assert old_ddl != TABLES["dead_letters"]
+    chdb_client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+    chdb_client.command(old_ddl.format(db=db, ttl=30))
+    s = Store(chdb_client, db)
+    rows = [schema.dead_letter(f"reason {i}", b"x%d" % i, topic="clicks", partition=0, offset=i, ts=int(time.time() * 1000),
+                               step="labels.decode") for i in range(5)]
+    s.insert("dead_letters", dead_letter_rows(rows))
+    s.ensure_schema()
+    key = s.query("SELECT sorting_key FROM system.tables WHERE database = {d:String} AND name = 'dead_letters'",
+                  {"d": db}).rows
+    assert key == [("topic, partition, offset, step, raw_hash",)]
+    assert s.query("SELECT offset, reason FROM {db}.dead_letters FINAL ORDER BY offset").rows == [
+        (i, f"reason {i}") for i in range(5)]
+    s.ensure_schema()  # idempotent once migrated
+    assert s.query("SELECT count() FROM {db}.dead_letters").rows == [(5,)]
