@@ -193,6 +193,9 @@ def stat(metric: str, objective: str = "click") -> str:
 
 EXAMPLES_SCORED = stat("count()")
 FRESHNESS_P50 = stat(f"quantile(0.5)({_LAT.format(col='event_ts')})")
+# prediction rows stored since a time, whoever inserted them (a restarted sink counts only its own inserts)
+STORED_PREDICTIONS = ("SELECT count() AS value FROM {db}.predictions FINAL "
+                      "WHERE trained_ts >= fromUnixTimestamp64Milli({since_ms:Int64})")
 DEAD_LETTERS_TOTAL = "SELECT count() AS value FROM {db}.dead_letters FINAL WHERE $WINDOW(ts)"
 
 

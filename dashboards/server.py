@@ -115,7 +115,17 @@ def make_app(cfg: Config, store: Store, sink: MetricsSink | None = None) -> Star
 
     def healthz(request: Request):
         counters = dict(sink.counters) if sink is not None else {}
-        return JSONResponse({"ok": True, "sink": sink is not None, "counters": counters})
+        body = {"ok": True, "sink": sink is not None, "counters": counters}
+        since = request.query_params.get("since_ms")
+        if since is not None:  # rows in the store, not only this process's inserts
+            try:
+                res = store.query(queries.render(queries.STORED_PREDICTIONS, "live"), {"since_ms": int(since)})
+            except ValueError:
+                return JSONResponse({"error": f"since_ms: expected an integer, got {since!r}"}, 400)
+            except Exception as e:  # noqa: BLE001 - a busy or unreachable store is reported, not raised
+                return JSONResponse({**body, "ok": False, "error": f"store: {str(e)[:300]}"}, 503)
+            body["stored_predictions"] = int(res.rows[0][0])
+        return JSONResponse(body)
 
     return Starlette(routes=[
         Route("/", index), Route("/api/dashboards", dashboards), Route("/api/panels/{panel_id}", panel),

@@ -58,6 +58,28 @@ class StatsWatcher:
         self.consumer.close()
 
 
+class StatusPublisher:
+    """Publishes the supervisor's view (each process up or not, restarts, crash loops) as ``ServiceStats`` of
+    component ``supervisor`` about once a second, from the supervisor's watch thread."""
+
+    def __init__(self, cfg: Config, sup: Supervisor, every_s: float = 1.0):
+        self.cfg, self.sup, self.every_s = cfg, sup, every_s
+        self.producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.client)
+        self.next_t = 0.0
+
+    def maybe_publish(self) -> None:
+        now = time.monotonic()
+        if now < self.next_t:
+            return
+        self.next_t = now + self.every_s
+        st = schema.ServiceStats(component="supervisor", ts=int(time.time() * 1000), values=self.sup.status())
+        kafka_io.produce(self.producer, self.cfg.topics.service_stats, schema.encode(st))
+        self.producer.poll(0)
+
+    def close(self) -> None:
+        self.producer.flush(5)
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -74,12 +96,14 @@ def _produce(cfg: Config, args) -> tuple[int, int]:
         from streams.replay import replay_file
 
         stats = replay_file(cfg, args.replay, speed=args.speed, progress=True)
-        return stats.impressions, stats.dead_letters
+        return stats.impressions, stats.dead_letters + stats.bad_records
     from streams.generate import GeneratorConfig, simulate
     from streams.replay import produce
 
-    # Event times end now, so freshness on the dashboard reads as pipeline latency, not the log's age.
-    span_ms = int(args.events / GeneratorConfig().impressions_per_s * 1000)
+    # Every event of the log, feedback included, lies in the past: its impressions end one longest feedback
+    # delay ago and its last conversions now. Events stamped after the wall clock would be the stack's future.
+    g = GeneratorConfig()
+    span_ms = int(args.events / g.impressions_per_s * 1000) + int(g.max_conversion_delay_s * 1000)
     gcfg = GeneratorConfig(n_impressions=args.events, seed=args.seed, bad_rate=args.bad_rate,
                            start_ts=int(time.time() * 1000) - span_ms)
     sim = simulate(gcfg)
@@ -117,7 +141,8 @@ def up(args, cfg: Config) -> int:
                   trainer={"checkpoint_dir": str(run_dir / "checkpoints")},
                   dashboard={"port": port})
     sup = Supervisor(_write_run_config(cfg, run_dir), run_dir)
-    watcher = None
+    watcher = status = None
+    started_ms = int(time.time() * 1000)
     # SIGTERM behaves like Ctrl-C so `kill` of the supervisor also stops everything in order. SIGINT gets the
     # same explicit handler: a shell starts background jobs with SIGINT ignored, and Python then never raises
     # KeyboardInterrupt (`streamrec up --stay &` ignored `kill -INT`).
@@ -127,24 +152,25 @@ def up(args, cfg: Config) -> int:
         kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions,
                                cfg.kafka.client)
         sup.start(Child("dashboard", ["dashboard"]))
-        sup.start(Child("labels", ["labels"]))
+        # with a recovery directory a restarted flow resumes from its last snapshot instead of offset 0
+        sup.start(Child("labels", ["labels", "--recovery-dir", str(run_dir / "labels-recovery")]))
         sup.start(Child("trainer", ["train", "--fresh"], restart_args=["train", "--resume"]))
+        status = StatusPublisher(cfg, sup)
+        sup.watch(on_tick=status.maybe_publish)
         url = f"http://{cfg.dashboard.host}:{cfg.dashboard.port}/"
         print(f"dashboard: {url}   (logs: {run_dir})", file=sys.stderr)
         watcher = StatsWatcher(cfg)
         t0 = time.monotonic()
         expected, bad = _produce(cfg, args)
-        sup.check()
         trained = _follow(sup, watcher, expected, args.timeout)
-        ok = trained is not None and _ingested(sup, url, 2 * trained)
+        ok = trained is not None and _ingested(sup, url, 2 * trained, started_ms)
         elapsed = time.monotonic() - t0
-        _summary(watcher, expected, bad, elapsed, ok)
+        _summary(watcher, sup, expected, bad, elapsed, ok)
         print(f"dashboard: {url}", file=sys.stderr)
         stay = args.stay if args.stay is not None else sys.stdin.isatty()
         if stay:
             print("running; press Ctrl-C to stop", file=sys.stderr)
             while True:
-                sup.check()
                 watcher.poll()
                 time.sleep(1.0)
         return 0 if ok else 1
@@ -158,6 +184,8 @@ def up(args, cfg: Config) -> int:
         if watcher is not None:
             watcher.close()
         sup.stop_all()
+        if status is not None:
+            status.close()
         if broker is not None:
             broker.stop()
         print("stopped: no process left running", file=sys.stderr)
@@ -211,12 +239,13 @@ def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: floa
     return trained
 
 
-def _ingested(sup: Supervisor, url: str, rows: int, timeout: float = 60.0) -> bool:
-    """Wait until the metrics sink has stored ``rows`` prediction rows (click + conversion per example)."""
+def _ingested(sup: Supervisor, url: str, rows: int, since_ms: int, timeout: float = 60.0) -> bool:
+    """Wait until the store holds ``rows`` prediction rows (click + conversion per example) trained since
+    ``since_ms``: counted in the store, so rows a sink stored before it was restarted count too."""
     def stored() -> int:
         try:
-            with urllib.request.urlopen(url + "healthz", timeout=5) as r:
-                return int(json.load(r)["counters"].get("rows_predictions", 0))
+            with urllib.request.urlopen(f"{url}healthz?since_ms={since_ms}", timeout=10) as r:
+                return int(json.load(r).get("stored_predictions", 0))
         except (OSError, ValueError, KeyError):
             return 0
 
@@ -226,13 +255,19 @@ def _ingested(sup: Supervisor, url: str, rows: int, timeout: float = 60.0) -> bo
     return False
 
 
-def _summary(watcher: StatsWatcher, expected: int, bad: int, elapsed: float, ok: bool) -> None:
+def _summary(watcher: StatsWatcher, sup: Supervisor, expected: int, bad: int, elapsed: float, ok: bool) -> None:
     trained = watcher.value("trainer", "examples_trained")
     events = watcher.value("replay", "events_produced")
+    dead = {step: int(watcher.value(step, "dead_letters")) for step in ("replay", "labels", "trainer")}
     print(f"{'done' if ok else 'INCOMPLETE'}: {int(events):,} events produced ({bad:,} malformed), "
           f"{int(watcher.value('labels', 'examples_out')):,} examples labelled, {int(trained):,} trained, "
-          f"{int(watcher.value('labels', 'dead_letters')):,} dead letters, in {elapsed:.1f}s "
-          f"({events / elapsed:,.0f} events/s, {trained / elapsed:,.0f} examples/s end to end)", file=sys.stderr)
+          f"{sum(dead.values()):,} dead letters ({', '.join(f'{k} {v:,}' for k, v in dead.items())}), "
+          f"in {elapsed:.1f}s ({events / elapsed:,.0f} events/s, {trained / elapsed:,.0f} examples/s end to end)",
+          file=sys.stderr)
+    restarts = {c.name: c.restarts for c in sup.children if c.restarts}
+    if restarts:
+        print("restarted: " + ", ".join(f"{k} {v}x" for k, v in restarts.items())
+              + f" (logs in {sup.log_dir})", file=sys.stderr)
     users = watcher.value("trainer", "user_vectors")
     if users:
         print(f"user vectors: {int(users):,} users, index written at each trainer checkpoint; try "
