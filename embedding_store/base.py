@@ -23,6 +23,15 @@ class SparseEmbeddings(nn.Module):
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def serving_state(self) -> dict[str, torch.Tensor]:
+        """What scoring needs, in one layout for every backend (a serving export, trainer/export.py):
+        ``weights`` (T, R, D) float32, the vector each slot looks up, and ``widths`` (T, R) int16, how many of
+        its leading columns come from the row it reads (the rest are zeros). Fixed tables: their weights, all
+        ``D`` wide; a variable-width store overrides this (its :meth:`export_state` has no dense table)."""
+        w = self.export_state()["weights"]
+        return {"weights": w, "widths": torch.full(w.shape[:2], self.dim, dtype=torch.int16)}
+
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         want = {"weights": (self.num_tables, self.rows, self.dim), "momentum": (self.num_tables, self.rows)}
         for k, shape in want.items():

@@ -334,10 +334,16 @@ class FiitedEmbeddings(SparseEmbeddings):
 
     def row(self, t: int, v: int) -> np.ndarray:
         """The (D,) vector slot (t, v) looks up (zero-padded)."""
-        c = int(self.code[t * self.rows + v])
-        p, r = c >> POOL_SHIFT, c & ROW_MASK
-        out = np.zeros(self.dim, dtype=np.float32)
-        out[: self.dims[p]] = self.pools.weights(t, p)[r].numpy()
+        return self.vectors(np.array([t * self.rows + v]))[0].numpy()
+
+    @torch.no_grad()
+    def vectors(self, slots: np.ndarray) -> torch.Tensor:
+        """(K, D) vectors that global ``slots`` (K,) look up: each slot's row (the table's shared row until it is
+        admitted), zero-padded to D; one gather per (table, pool)."""
+        codes = self.code.numpy()[slots].astype(np.int64)
+        out = torch.zeros(len(slots), self.dim)
+        for t, p, m in self._groups(slots // self.rows, codes >> POOL_SHIFT):
+            out[torch.from_numpy(m), : self.dims[p]] = self.pools.weights(t, p)[torch.from_numpy(codes[m] & ROW_MASK)]
         return out
 
     def row_momentum(self, t: int, v: int) -> float:
@@ -354,6 +360,16 @@ class FiitedEmbeddings(SparseEmbeddings):
                    "counters": torch.tensor([self.counters[k] for k in COUNTERS], dtype=torch.int64),
                    "shape": torch.tensor([self.num_tables, self.rows, self.dim, *self.cfg.pool_chunks])})
         return st
+
+    @torch.no_grad()
+    def serving_state(self) -> dict[str, torch.Tensor]:
+        """Every slot's vector padded to D (T, R, D) and the width of the row it reads (T, R): the layout the
+        fixed-width backends export, so one serving export (and loader) serves every backend; a not-admitted
+        slot carries its table's shared row."""
+        t, r = self.num_tables, self.rows
+        widths = np.asarray(self.dims, dtype=np.int16)[self.code.numpy() >> POOL_SHIFT]
+        return {"weights": self.vectors(np.arange(t * r)).view(t, r, self.dim),
+                "widths": torch.from_numpy(widths).view(t, r)}
 
     @torch.no_grad()
     def import_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -3,11 +3,17 @@
 Layout (``ROOT`` = the export root; one sub-directory per model version, the newest named in ``LATEST``)::
 
     ROOT/LATEST                      "v000000001234" (written last, atomically)
-    ROOT/v000000001234/model.pt      {"dense": state_dict without embeddings, "embeddings": (T, R, D) float32}
+    ROOT/v000000001234/model.pt      {"dense": state_dict without embeddings, "embeddings": (T, R, D) float32,
+                                      "embedding_widths": (T, R) int16}
                       config.json    the TrainerConfig the model was built with
                       features.json  feature spec: tables, hash buckets, slots, domains, golden hashes
                       version.json   {format, model_version (training steps), exported_ts, examples_trained,
                                       backend, torch}
+
+Every backend exports the same embedding layout (``SparseEmbeddings.serving_state``): the vector each hashed
+slot looks up, zero-padded to D, and the width of the row behind it; a FIITED store's variable-width rows
+(and the shared rows of ids it has not admitted) are written that way, so any fixed-width backend scores
+with them.
 
 A version directory is written under a temporary name and renamed into place, so a reader never sees a
 partial one. :func:`load` checks the feature spec against this code (table order, domains and the hash of
@@ -83,7 +89,8 @@ def export(learner, root: str | os.PathLike, *, examples_trained: int = 0, keep:
         dense = {k: v.detach().cpu().clone() for k, v in learner.model.state_dict().items()
                  if not k.startswith("emb.")}
         view = getattr(learner, "user_view", None)  # the user vectors the ranker reads (trainer.user_model)
-        torch.save({"dense": dense, "embeddings": learner.model.emb.export_state()["weights"],
+        sparse = learner.model.emb.serving_state()
+        torch.save({"dense": dense, "embeddings": sparse["weights"], "embedding_widths": sparse["widths"],
                     **({"user_view": view.state()} if view is not None else {})}, tmp / "model.pt")
         (tmp / "config.json").write_text(json.dumps(msgspec.to_builtins(learner.tcfg), indent=1))
         (tmp / "features.json").write_text(json.dumps(feature_spec(learner.tcfg), indent=1))
@@ -143,7 +150,11 @@ class ExportedModel:
 
 
 def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -> ExportedModel:
-    """Load an export (root or version directory) for scoring on ``device`` with ``backend``."""
+    """Load an export (root or version directory) for scoring on ``device`` with ``backend``.
+
+    ``backend=fiited`` (a config shared with a FIITED trainer) scores with the fixed-width backend ``auto``
+    picks: the export holds fixed-width tables, which only those read, and scoring never trains a store.
+    """
     from trainer.embeddings import resolve_backend, resolve_device
     from trainer.model import MDMOModel
 
@@ -156,6 +167,7 @@ def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -
         raise ExportError(f"model export {v}: unreadable metadata: {e}") from e
     if meta.get("format") != EXPORT_FORMAT:
         raise ExportError(f"model export {v}: expected format {EXPORT_FORMAT}, got {meta.get('format')!r}")
+    backend = "auto" if backend == "fiited" else backend
     tcfg = msgspec.convert({**cfg, "device": device, "backend": backend}, TrainerConfig)
     here = feature_spec(tcfg)
     diff = sorted(k for k in here if spec.get(k) != here[k])

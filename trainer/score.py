@@ -32,7 +32,11 @@ class ScoreRow(msgspec.Struct, frozen=True):
 
 
 def load_learner(checkpoint_path: str | Path, device: str = "auto", backend: str = "auto"):
-    """A :class:`~trainer.model.Learner` restored from a checkpoint file or the newest one in a directory."""
+    """A :class:`~trainer.model.Learner` restored from a checkpoint file or the newest one in a directory.
+
+    ``backend=auto`` restores a FIITED checkpoint into a FIITED store: only that store reads its state
+    (fixed-width states load into either fixed-width backend).
+    """
     from trainer import checkpoint
     from trainer.model import Learner
 
@@ -44,6 +48,8 @@ def load_learner(checkpoint_path: str | Path, device: str = "auto", backend: str
         p, st = found
     else:
         st = checkpoint.load(p)
+    if backend == "auto" and st["learner"].get("backend") == "fiited":
+        backend = "fiited"
     tc = msgspec.convert({**st["config"]["trainer"], "device": device, "backend": backend}, TrainerConfig)
     learner = Learner(tc)
     learner.load_state(st["learner"])
@@ -143,7 +149,7 @@ def run_export(args: argparse.Namespace, cfg: Config) -> int:
 
     try:
         learner = load_learner(args.checkpoint, "cpu", cfg.trainer.backend)
-    except (CheckpointError, OSError) as e:
+    except (CheckpointError, OSError, ValueError) as e:  # ValueError: a backend that cannot read the state
         print(f"streamrec export: {e}", file=sys.stderr)
         return 2
     path = export(learner, args.out)
