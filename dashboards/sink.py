@@ -161,8 +161,7 @@ class MetricsSink:
         now_ms = int(time.time() * 1000)
         for m in msgs:
             if m.error() is not None:
-                if m.error().code() != kafka_io.KafkaError._PARTITION_EOF:
-                    log.warning("metrics sink: consumer error %s", m.error())
+                kafka_io.consumer_error(m.error(), "metrics sink consumer", log)
                 continue
             topic, raw = m.topic(), m.value() or b""
             offsets[(topic, m.partition())] = m.offset() + 1

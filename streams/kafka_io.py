@@ -6,6 +6,8 @@ the second JoinGroup after about half of it), no reliance on watermarks or trans
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Iterable, Mapping
 
@@ -24,8 +26,12 @@ def _base(bootstrap: str, extra: Mapping[str, str] | None) -> dict:
     return conf
 
 
+# message.timeout.ms 0: a produced message is retried until the broker takes it (acks=all, librdkafka's
+# default), never dropped after a timeout while the broker is down; callers that move offsets past what they
+# produced wait for delivery first (:func:`flush_all`).
 PRODUCER_DEFAULTS = {"linger.ms": 5, "batch.num.messages": 10000, "queue.buffering.max.messages": 500000,
-                     "compression.type": "lz4", "enable.idempotence": False, "partitioner": "murmur2_random"}
+                     "compression.type": "lz4", "enable.idempotence": False, "partitioner": "murmur2_random",
+                     "message.timeout.ms": 0}
 
 
 def producer_config(bootstrap: str, extra: Mapping[str, str] | None = None, **overrides) -> dict:
@@ -39,7 +45,59 @@ def producer_config(bootstrap: str, extra: Mapping[str, str] | None = None, **ov
 
 
 def make_producer(bootstrap: str, extra: Mapping[str, str] | None = None, **overrides) -> Producer:
-    return Producer(producer_config(bootstrap, extra, **overrides))
+    return Producer({**producer_config(bootstrap, extra, **overrides), "logger": _CLIENT_LOG})
+
+
+def flush_all(producer: Producer, what: str, log: logging.Logger | None = None) -> None:
+    """Wait until every produced message is delivered, however long the broker is away: a caller about to
+    record that its input was handled (a snapshot, a checkpoint) must not get ahead of its output."""
+    t0 = time.monotonic()
+    while (left := producer.flush(5.0)) > 0:
+        report(log or _CLIENT_LOG, f"{what}: waiting for the broker", f"{left} messages not yet delivered after "
+               f"{time.monotonic() - t0:.0f}s")
+
+
+class _Reporter:
+    """Logs each (place, problem) the first time, then at most once per ``every_s`` with how many were
+    suppressed: a broker that is down for an hour costs a few log lines, not megabytes."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s, self.lock = every_s, threading.Lock()
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def __call__(self, log: logging.Logger, where: str, problem: str, level: int = logging.WARNING) -> None:
+        key, now = (where, problem.split(":", 1)[0]), time.monotonic()
+        with self.lock:
+            last, suppressed = self.seen.get(key, (-1e18, 0))
+            if now - last < self.every_s:
+                self.seen[key] = (last, suppressed + 1)
+                return
+            self.seen[key] = (now, 0)
+        log.log(level, "%s: %s%s", where, problem, f" ({suppressed} more like it since)" if suppressed else "")
+
+
+report = _Reporter()
+
+
+class _ClientLog(logging.LoggerAdapter):
+    """librdkafka's own log lines (``logger`` setting), through :data:`report`'s rate limit."""
+
+    def log(self, level, msg, *args, **kwargs):
+        text = msg % args if args else str(msg)
+        report(self.logger, "kafka client", text, level if level >= logging.WARNING else logging.DEBUG)
+
+
+_CLIENT_LOG = _ClientLog(logging.getLogger("streamrec.kafka"), {})
+
+
+def consumer_error(err: KafkaError, where: str, log: logging.Logger) -> None:
+    """A consumer's error message: fatal ones raise; end of partition is not an error; others (broker away,
+    transport errors) are logged through :data:`report`'s rate limit while the client retries."""
+    if err.code() == KafkaError._PARTITION_EOF:
+        return
+    if err.fatal():
+        raise KafkaException(err)
+    report(log, where, f"{err.name()}: {err.str()}")
 
 
 def make_consumer(bootstrap: str, group: str, extra: Mapping[str, str] | None = None, **overrides) -> Consumer:
@@ -49,6 +107,7 @@ def make_consumer(bootstrap: str, group: str, extra: Mapping[str, str] | None = 
                  "enable.auto.offset.store": False, "session.timeout.ms": 6000,
                  "heartbeat.interval.ms": 1000, "enable.partition.eof": False})
     conf.update(overrides)
+    conf["logger"] = _CLIENT_LOG
     return Consumer(conf)
 
 

@@ -143,10 +143,8 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
                 if not eof[m.topic()]:
                     self.eof_since[m.topic()] = time.monotonic()
                 eof[m.topic()], eof_at[m.topic()] = True, len(msgs)
-            elif err.fatal():
-                raise kafka_io.KafkaException(err)
             else:
-                log.warning("labels source partition %d: %s", p, err)
+                kafka_io.consumer_error(err, f"labels source partition {p}", log)
         seen = set()
         for i in range(len(msgs) - 1, -1, -1):  # last message per topic: next offset; data after EOF: not caught up
             topic = msgs[i][0]
@@ -334,13 +332,11 @@ class _PartitionWriter(StatefulSinkPartition[OutBatch, None]):
 
     def snapshot(self) -> None:
         # Everything before this epoch's source offsets is written before they are saved: at-least-once.
-        self.producer.flush(30)
+        kafka_io.flush_all(self.producer, f"labels sink partition {self.p}", log)
 
     def close(self) -> None:
         self.stats.maybe_publish(self.producer, force=True)
-        left = self.producer.flush(30)
-        if left:
-            log.error("labels sink partition %d: %d records not delivered at close", self.p, left)
+        kafka_io.flush_all(self.producer, f"labels sink partition {self.p}", log)
         self.producer = None
         self.sink.release()
 

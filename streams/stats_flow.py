@@ -296,6 +296,8 @@ class _Reader(StatefulSourcePartition[StatsBatch, int]):
                 self.next = m.offset() + 1
             elif m.error().code() == kafka_io.KafkaError._PARTITION_EOF:
                 eof = True
+            else:
+                kafka_io.consumer_error(m.error(), f"stats source partition {self.p}", log)
         self.done = eof and self.bounded
         return [StatsBatch(self.p, tuple(values), self.done)] if values or self.done else []
 
@@ -370,10 +372,10 @@ class _Writer(StatelessSinkPartition[bytes]):
             key = value[value.index(b'"stats_id":"') + 12:].split(b'"', 1)[0]  # id is plain ASCII
             kafka_io.produce(self.producer, self.topic, value, key=key,
                              partition=kafka_io.partition_for(key, self.n))
-        self.producer.flush(30)  # written before the epoch's offsets are snapshotted: at-least-once
+        kafka_io.flush_all(self.producer, "stats sink", log)  # before the epoch's offsets are snapshotted
 
     def close(self) -> None:
-        self.producer.flush(30)
+        kafka_io.flush_all(self.producer, "stats sink", log)
 
 
 def run_stats(cfg: Config, *, bounded: bool) -> None:

@@ -172,7 +172,8 @@ class TrainerService:
     def checkpoint(self) -> Path:
         from trainer import checkpoint
 
-        self.producer.flush(30)  # predictions/dead letters of checkpointed batches are out before the offsets move
+        # predictions and dead letters of checkpointed batches are out before the offsets move
+        kafka_io.flush_all(self.producer, "trainer checkpoint", log)
         self.counters["checkpoints"] += 1
         t = time.monotonic()
         st = self.state()
@@ -202,9 +203,7 @@ class TrainerService:
         for m in msgs:
             err = m.error()
             if err is not None:
-                if err.fatal():
-                    raise kafka_io.KafkaException(err)
-                log.warning("consumer: %s", err)
+                kafka_io.consumer_error(err, "trainer consumer", log)
                 continue
             self.offsets[(m.topic(), m.partition())] = m.offset() + 1
             ex = schema.decode(m.value() or b"", schema.Example)
@@ -315,7 +314,7 @@ class TrainerService:
             self._log_progress()
         finally:
             consumer.close()
-            self.producer.flush(30)
+            kafka_io.flush_all(self.producer, "trainer", log)
             if self.users is not None:
                 self.users.close()
             torch.set_num_threads(threads)  # the process's setting again (in-process callers: tests, benchmarks)
