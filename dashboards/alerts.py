@@ -7,7 +7,7 @@ looks at its own window (``window_s``; drift rules against the window ``ref_shif
 page's range, so the page and Grafana agree on what is firing.
 
 >>> sorted(RULES)
-['dead_letter_rate', 'feature_drift', 'freshness_lag', 'prediction_drift', 'quality_drop']
+['component_silent', 'crash_loop', 'dead_letter_rate', 'feature_drift', 'freshness_lag', 'prediction_drift', 'quality_drop']
 >>> RULES["prediction_drift"].fires(0.3), RULES["quality_drop"].fires(0.01)
 (True, False)
 """
@@ -79,6 +79,18 @@ SELECT toString(domain) AS series,
 FROM {db}.predictions FINAL
 WHERE objective = 'click' AND $WINDOW(trained_ts) AND $DOMAIN AND toUnixTimestamp64Milli(emitted_ts) > 0
 GROUP BY series"""
+# long-running components silent for longer than the threshold: crashed, hung, or cut off from the broker
+# (with the broker away nothing reports at all); replay is finite and ends its reports by design
+_SILENT = """
+SELECT toString(component) AS series, dateDiff('second', max(ts), now64(3)) AS value
+FROM {db}.service_stats FINAL
+WHERE $WINDOW(ts) AND component NOT IN ('replay')
+GROUP BY series"""
+_CRASH_LOOP = """
+SELECT splitByChar('.', toString(name))[2] AS series, argMax(value, ts) AS value
+FROM {db}.service_stats FINAL
+WHERE $WINDOW(ts) AND component = 'supervisor' AND startsWith(toString(name), 'crash_looping.')
+GROUP BY series"""
 _DEAD_RATE = """
 SELECT toString(step) AS series, count() * 60 / $WINDOW_S AS value
 FROM {db}.dead_letters FINAL
@@ -96,6 +108,12 @@ RULES: dict[str, AlertRule] = {r.id: r for r in (
               summary="median labelled-to-trained latency above 5 min: the trainer falls behind the labels"),
     AlertRule("dead_letter_rate", "Dead-letter rate", _DEAD_RATE, 10.0, panel="dead_letters_rate",
               summary="more than 10 dead letters per minute from one step"),
+    AlertRule("component_silent", "Component silent", _SILENT, 30.0, window_s=600, for_s=30, severity="critical",
+              panel="stack_health", summary="a component sent no statistics for 30 s: down, hung or cut off from "
+                                            "the broker"),
+    AlertRule("crash_loop", "Crash loop", _CRASH_LOOP, 0.5, window_s=120, for_s=0, severity="critical",
+              panel="stack_health", summary="a process keeps exiting within 30 s of its start; the supervisor "
+                                            "restarts it with a growing delay (see its log)"),
 )}
 
 

@@ -124,7 +124,10 @@ OVERVIEW = Dashboard(
         Panel("quality", "Quality by domain", q.QUALITY, "table", width=16,
               description="click and conversion metrics per domain over the window (exact, from raw rows)"),
         Panel("dead_letters_rate", "Dead letters by reason", q.DEAD_LETTERS_RATE, unit="ops", width=8),
-        Panel("dead_letters", "Dead letters (latest reasons)", q.DEAD_LETTERS_BY_REASON, "table", width=24),
+        Panel("dead_letters", "Dead letters (latest reasons)", q.DEAD_LETTERS_BY_REASON, "table", width=16),
+        Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
+              description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
+                          "crash looping)"),
     ),
 )
 

@@ -177,6 +177,27 @@ SELECT t, series, value FROM (
     GROUP BY t, series)
 ORDER BY t, series"""
 
+# per process: seconds since it last reported, and the supervisor's view (up, restarts, crash looping)
+STACK_HEALTH = """
+SELECT process, max(silent_s) AS last_report_s, max(up) AS up, max(restarts) AS restarts, max(looping) AS crash_looping
+FROM (
+    SELECT toString(component) AS process, toNullable(dateDiff('second', max(ts), now64(3))) AS silent_s,
+           CAST(NULL, 'Nullable(Float64)') AS up, CAST(NULL, 'Nullable(Float64)') AS restarts,
+           CAST(NULL, 'Nullable(Float64)') AS looping
+    FROM {db}.service_stats FINAL
+    WHERE $WINDOW(ts)
+    GROUP BY process
+    UNION ALL
+    SELECT splitByChar('.', toString(name))[2] AS process, CAST(NULL, 'Nullable(Int64)') AS silent_s,
+           toNullable(argMaxIf(value, ts, startsWith(toString(name), 'up.'))) AS up,
+           toNullable(argMaxIf(value, ts, startsWith(toString(name), 'restarts.'))) AS restarts,
+           toNullable(argMaxIf(value, ts, startsWith(toString(name), 'crash_looping.'))) AS looping
+    FROM {db}.service_stats FINAL
+    WHERE $WINDOW(ts) AND component = 'supervisor'
+    GROUP BY process)
+GROUP BY process
+ORDER BY process"""
+
 DEAD_LETTERS_RATE = """
 SELECT $BUCKET(ts) AS t, splitByChar(':', reason)[1] AS series, count() / $BUCKET_S AS value
 FROM {db}.dead_letters FINAL

@@ -111,11 +111,13 @@ def make_app(cfg: Config, store: Store, sink: MetricsSink | None = None) -> Star
             return JSONResponse({"error": str(e)}, 400)
         states = alerts.evaluate(store, str(domain))
         states.sort(key=lambda a: (not a["firing"], a["severity"] != "critical", a["rule"], str(a["series"])))
-        return JSONResponse({"alerts": states, "firing": sum(a["firing"] for a in states)})
+        bus = sink.bus_status() if sink is not None else None
+        return JSONResponse({"alerts": states, "firing": sum(a["firing"] for a in states), "bus": bus})
 
     def healthz(request: Request):
         counters = dict(sink.counters) if sink is not None else {}
-        body = {"ok": True, "sink": sink is not None, "counters": counters}
+        body = {"ok": True, "sink": sink is not None, "counters": counters,
+                "bus": sink.bus_status() if sink is not None else None}
         since = request.query_params.get("since_ms")
         if since is not None:  # rows in the store, not only this process's inserts
             try:

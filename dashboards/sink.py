@@ -121,6 +121,9 @@ class MetricsSink:
         self.consumer = None
         self._dirty: tuple[int, int] | None = None  # training-time range (ms) whose rollup slots are stale
         self._last_rollup = 0.0
+        # the bus as this sink sees it: the page says so when the broker is away instead of showing stale data
+        self.last_message_at = 0.0  # monotonic time of the last message consumed
+        self.bus_error, self.bus_error_at = "", 0.0
 
     # ---- consumer ------------------------------------------------------------------------------------
     def _partitions(self, topic: str) -> int:
@@ -138,7 +141,8 @@ class MetricsSink:
     def _assign(self) -> None:
         """(Re)assign every partition at the offsets recorded in the store (or the beginning)."""
         if self.consumer is None:
-            self.consumer = kafka_io.make_consumer(self.cfg.kafka.bootstrap_servers, GROUP_ID, self.cfg.kafka.client)
+            self.consumer = kafka_io.make_consumer(self.cfg.kafka.bootstrap_servers, GROUP_ID, self.cfg.kafka.client,
+                                                   on_error=self._bus_error)
         # Offsets are recorded per cluster: a reused store must not skip the start of a new broker's topics.
         self._scope = kafka_io.cluster_id(self.cfg.kafka.bootstrap_servers, self.cfg.kafka.client) + "/"
         offsets = {(t[len(self._scope):], p): o for (t, p), o in self.store.sink_offsets().items()
@@ -153,6 +157,17 @@ class MetricsSink:
             self.consumer.close()
             self.consumer = None
 
+    def _bus_error(self, err) -> None:
+        self.bus_error, self.bus_error_at = f"{err.name()}: {err.str()}", time.monotonic()
+
+    def bus_status(self, quiet_s: float = 10.0) -> dict:
+        """``ok`` unless the consumer reported a transport error in the last ``quiet_s`` seconds with no message
+        since; ``last_message_age_s``: how old the newest data on the page can be."""
+        now = time.monotonic()
+        down = self.bus_error_at > self.last_message_at and now - self.bus_error_at < quiet_s
+        return {"ok": not down, "error": self.bus_error if down else "",
+                "last_message_age_s": round(now - self.last_message_at, 1) if self.last_message_at else None}
+
     # ---- one batch -----------------------------------------------------------------------------------
     def _decode(self, msgs: Iterable) -> tuple[dict[str, list], dict[tuple[str, int], int]]:
         good: dict[str, list] = defaultdict(list)
@@ -161,8 +176,11 @@ class MetricsSink:
         now_ms = int(time.time() * 1000)
         for m in msgs:
             if m.error() is not None:
+                if m.error().code() != kafka_io.KafkaError._PARTITION_EOF:
+                    self._bus_error(m.error())
                 kafka_io.consumer_error(m.error(), "metrics sink consumer", log)
                 continue
+            self.last_message_at = time.monotonic()
             topic, raw = m.topic(), m.value() or b""
             offsets[(topic, m.partition())] = m.offset() + 1
             if self.kinds[topic] is None:

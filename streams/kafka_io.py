@@ -45,7 +45,8 @@ def producer_config(bootstrap: str, extra: Mapping[str, str] | None = None, **ov
 
 
 def make_producer(bootstrap: str, extra: Mapping[str, str] | None = None, **overrides) -> Producer:
-    return Producer({**producer_config(bootstrap, extra, **overrides), "logger": _CLIENT_LOG})
+    return Producer({**producer_config(bootstrap, extra, **overrides), "logger": _CLIENT_LOG,
+                     "error_cb": _client_error})
 
 
 def flush_all(producer: Producer, what: str, log: logging.Logger | None = None) -> None:
@@ -90,6 +91,10 @@ class _ClientLog(logging.LoggerAdapter):
 _CLIENT_LOG = _ClientLog(logging.getLogger("streamrec.kafka"), {})
 
 
+def _client_error(err: KafkaError) -> None:
+    report(_CLIENT_LOG.logger, "kafka client", f"{err.name()}: {err.str()}")
+
+
 def consumer_error(err: KafkaError, where: str, log: logging.Logger) -> None:
     """A consumer's error message: fatal ones raise; end of partition is not an error; others (broker away,
     transport errors) are logged through :data:`report`'s rate limit while the client retries."""
@@ -100,14 +105,19 @@ def consumer_error(err: KafkaError, where: str, log: logging.Logger) -> None:
     report(log, where, f"{err.name()}: {err.str()}")
 
 
-def make_consumer(bootstrap: str, group: str, extra: Mapping[str, str] | None = None, **overrides) -> Consumer:
-    """A consumer that never auto-commits: streamrec keeps offsets in its own checkpoints."""
+def make_consumer(bootstrap: str, group: str, extra: Mapping[str, str] | None = None, *, on_error=None,
+                  **overrides) -> Consumer:
+    """A consumer that never auto-commits: streamrec keeps offsets in its own checkpoints.
+
+    ``on_error(KafkaError)``: also called with the client's errors (all brokers down, transport errors), which
+    librdkafka reports through its error callback rather than as messages."""
     conf = _base(bootstrap, extra)
     conf.update({"group.id": group, "auto.offset.reset": "earliest", "enable.auto.commit": False,
                  "enable.auto.offset.store": False, "session.timeout.ms": 6000,
                  "heartbeat.interval.ms": 1000, "enable.partition.eof": False})
     conf.update(overrides)
     conf["logger"] = _CLIENT_LOG
+    conf["error_cb"] = _client_error if on_error is None else (lambda err: (_client_error(err), on_error(err)))
     return Consumer(conf)
 
 

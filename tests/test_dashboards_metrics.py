@@ -175,6 +175,28 @@ def test_training_lag_alert_follows_the_trainer_not_the_event_age(store):
     assert lag["video"]["value"] == pytest.approx(1200.0) and lag["video"]["firing"]
 
 
+def test_silent_components_and_crash_loops_fire_and_the_health_panel_shows_them(store):
+    from dashboards.sink import stats_rows
+
+    now = int(time.time() * 1000)
+    store.insert("service_stats", stats_rows([
+        schema.ServiceStats("trainer", now - 2_000, {"examples_per_s": 900.0}, "pid1"),
+        schema.ServiceStats("labels", now - 95_000, {"events_per_s": 0.0}, "host-1"),  # silent for 95 s
+        schema.ServiceStats("replay", now - 300_000, {"events_per_s": 0.0}),  # finite: its silence is normal
+        schema.ServiceStats("supervisor", now - 40_000, {"up.labels": 0.0, "restarts.labels": 3.0,
+                                                         "crash_looping.labels": 1.0}),
+        schema.ServiceStats("supervisor", now - 1_000, {"up.labels": 1.0, "restarts.labels": 4.0,
+                                                        "crash_looping.labels": 1.0, "up.trainer": 1.0,
+                                                        "restarts.trainer": 0.0, "crash_looping.trainer": 0.0})]))
+    firing = {(s["rule"], s["series"]) for s in alerts.evaluate(store) if s["firing"]}
+    assert {r for r in firing if r[0] in ("component_silent", "crash_loop")} == {
+        ("component_silent", "labels"), ("crash_loop", "labels")}
+    rows = store.query(q.render(q.STACK_HEALTH, "live"), q.live_parameters(10)).rows
+    health = {r[0]: r[1:] for r in rows}
+    assert health["labels"] == (95, 1.0, 4.0, 1.0) and health["trainer"] == (2, 1.0, 0.0, 0.0)
+    assert health["supervisor"][0] <= 2 and health["replay"][0] == 300
+
+
 def test_feature_stats_topic_follows_the_config():
     cfg = load_config(env={})
     assert feature_stats_topic(cfg) == "feature_stats"

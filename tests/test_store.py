@@ -207,12 +207,13 @@ def test_sink_consumes_dead_letters_bad_input_and_resumes(cfg, store):
 def test_a_dead_letter_rejected_again_after_a_restart_is_stored_once(store):
     # the same record rejected by the same step twice (a replay after a crash): new wall-clock ts, and a reason
     # naming another partition time; a different record at the same place (other bytes) stays separate
+    now = int(time.time() * 1000)
     first = schema.dead_letter("stale impression: ts 5 is before the partition time 100", b'{"a":1}',
-                               topic="impressions", partition=1, offset=7, ts=1_000, step="labels.join")
+                               topic="impressions", partition=1, offset=7, ts=now - 9_000, step="labels.join")
     again = schema.dead_letter("stale impression: ts 5 is before the partition time 160", b'{"a":1}',
-                               topic="impressions", partition=1, offset=7, ts=9_000, step="labels.join")
+                               topic="impressions", partition=1, offset=7, ts=now, step="labels.join")
     other = schema.dead_letter("unparseable: truncated", b'{"a":', topic="impressions", partition=1, offset=7,
-                               ts=9_000, step="labels.decode")
+                               ts=now, step="labels.decode")
     store.insert("dead_letters", dead_letter_rows([first]))
     store.insert("dead_letters", dead_letter_rows([again, other]))
     assert store.query("SELECT count() FROM {db}.dead_letters FINAL").rows == [(2,)]
@@ -239,3 +240,23 @@ def test_an_older_dead_letters_table_is_rebuilt_with_its_rows(chdb_client):
         (i, f"reason {i}") for i in range(5)]
     s.ensure_schema()  # idempotent once migrated
     assert s.query("SELECT count() FROM {db}.dead_letters").rows == [(5,)]
+
+
+def test_the_sink_reports_the_bus_unreachable_while_the_broker_is_away(tmp_path, store):
+    from conftest import make_config
+    from streams.broker import EmbeddedBroker
+
+    with EmbeddedBroker(log_path=tmp_path / "b.log") as b:
+        cfg = make_config(tmp_path, b.bootstrap_servers, partitions=1)
+        kafka_io.ensure_topics(b.bootstrap_servers, cfg.topics.all(), 1)
+        _produce(cfg, [(cfg.topics.service_stats, schema.encode(schema.ServiceStats("trainer", 1, {"x": 1.0})))])
+        sink = MetricsSink(cfg, store, poll_timeout_s=0.2)
+        assert _drain(sink, 1) == 1
+        assert sink.bus_status()["ok"] and sink.bus_status()["last_message_age_s"] < 30
+        b.stop()
+        deadline = time.monotonic() + 30
+        while sink.bus_status()["ok"] and time.monotonic() < deadline:
+            sink.poll_once()
+        status = sink.bus_status()
+        sink.close()
+    assert not status["ok"] and status["error"].startswith("_") and status["last_message_age_s"] > 0
