@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 
 from streams import scenarios, schema
 from streams.config import NO_BROKER, Config
-from streams.logfile import BadRecord, make_bad_records, write_jsonl
+from streams.hostile import make_bad_records
+from streams.logfile import BadRecord, write_jsonl
 from streams.replay import ProduceStats, produce, summary  # noqa: F401  (re-exported)
 
 START_TS_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z

@@ -152,6 +152,7 @@ _DOMAINS = frozenset(schema.DOMAIN_INDEX)
 _RULE_FIELDS = [(rule, tuple(n for n in _RAW_RULES if _RAW_RULES[n] == rule)) for rule in set(_RAW_RULES.values())]
 _DIGITS_TO_0 = bytes.maketrans(b"123456789", b"000000000")
 _user_id, _ts, _domain = operator.attrgetter("user_id"), operator.attrgetter("ts"), operator.attrgetter("domain")
+_tokens = operator.attrgetter("event_id", "device", "country")
 
 
 def _raw_lists_ok(imps: list, names: tuple[str, ...], rule: tuple[bytes, int, int]) -> bool:
@@ -195,6 +196,8 @@ def _fast_block(data: bytes, lines: list[bytes]) -> tuple[list, bytes] | None:
         if quotes != n_imp * _IMP_QUOTES or not all(_raw_lists_ok(imps, names, rule) for rule, names in _RULE_FIELDS):
             return None
         if not set(map(_domain, imps)) <= _DOMAINS:  # schema.check: unknown domain
+            return None
+        if not schema.tokens_ok("".join(chain.from_iterable(map(_tokens, imps)))):  # schema.check: tokens
             return None
     if n_imp != len(recs) and any(map(schema.check, compress(recs, map((0).__ne__, kinds)))):
         return None

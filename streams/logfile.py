@@ -19,14 +19,12 @@ one line. Other formats (Parquet, public datasets) live in :mod:`streams.formats
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Literal, NamedTuple, Sequence
+from typing import BinaryIO, Iterable, Iterator, Literal, NamedTuple
 
 import msgspec
 
 from streams import schema
 
-if TYPE_CHECKING:
-    import numpy as np  # imported where used: the replay's decoder worker reads logs without it
 
 TopicKind = Literal["impression", "click", "conversion"]
 
@@ -190,92 +188,3 @@ def count_lines(path: str | os.PathLike, chunk: int = 1 << 20) -> int:
             n += block.count(b"\n")
             last = block[-1:]
     return n + (last != b"\n")
-
-
-# -- malformed records for tests and the generator --------------------------------------------------------
-
-def _mut(**changes: Any) -> Callable[[dict], dict]:
-    def f(d: dict) -> dict:
-        return {**d, **changes}
-    return f
-
-
-def _drop(field: str) -> Callable[[dict], dict]:
-    return lambda d: {k: v for k, v in d.items() if k != field}
-
-
-_INF = "__streamrec_inf__"
-_BAD_UTF8 = "__streamrec_bad_utf8__"  # a string value replaced by invalid UTF-8 bytes in well-formed JSON
-# raw-byte spellings of placeholders JSON cannot carry: infinity, and a string holding the bytes ff fe
-_RAW_BYTES = {f'"{_INF}"'.encode(): b"1e999", f'"{_BAD_UTF8}"'.encode(): b'"a\xff\xfe"'}
-# (topic kind, defect name, how a good record's dict is damaged); raw-byte defects are handled in _damage.
-_DEFECTS: list[tuple[TopicKind, str, Callable[[dict], dict] | None]] = [
-    ("impression", "truncated_json", None),
-    ("impression", "binary_garbage", None),
-    ("impression", "not_json", None),
-    ("impression", "wrong_type", _mut(user_id="seven")),
-    ("impression", "missing_id", _drop("event_id")),
-    ("impression", "unknown_domain", _mut(domain="fed")),
-    ("impression", "future_ts", _mut(ts=schema.MAX_TS_MS + 10**12)),
-    ("impression", "ancient_ts", _mut(ts=915_148_800_000)),  # 1999-01-01
-    ("impression", "negative_id", _mut(ad_id=-5)),
-    ("impression", "huge_id", _mut(user_id=2**64 + 1)),
-    ("impression", "huge_history", _mut(history=list(range(300)))),
-    ("impression", "huge_string", _mut(country="x" * 100_000)),
-    ("impression", "infinite_dense", _mut(dense=[0.5, _INF])),
-    ("impression", "unknown_type", _mut(type="impresion")),
-    ("impression", "invalid_utf8_event_id", _mut(event_id=_BAD_UTF8)),
-    ("impression", "invalid_utf8_country", _mut(country=_BAD_UTF8)),
-    ("impression", "deep_nesting", None),
-    ("click", "self_reference", lambda d: {**d, "impression_id": d["event_id"]}),
-    ("click", "missing_impression_id", _drop("impression_id")),
-    ("click", "wrong_type", _mut(ts="yesterday")),
-    ("click", "invalid_utf8_impression_id", _mut(impression_id=_BAD_UTF8)),
-    ("conversion", "negative_id", _mut(user_id=-1)),
-    ("conversion", "future_ts", _mut(ts=schema.MAX_TS_MS + 1)),
-    ("conversion", "huge_id", _mut(user_id=2**63)),
-]
-
-
-def _damage(template: msgspec.Struct, kind: str, mutate: Callable[[dict], dict] | None,
-            rng: np.random.Generator) -> bytes:
-    good = schema.encode(template)
-    if kind == "truncated_json":
-        return good[: max(1, len(good) // 2)]
-    if kind == "binary_garbage":
-        import numpy as np
-
-        body = rng.integers(14, 256, 64, dtype=np.uint8).tobytes()  # no \n (10) or \r (13)
-        return b"\xff\xfe" + body
-    if kind == "not_json":
-        return b"user=%d,ts=%d,domain=feed" % (template.user_id, template.ts)
-    if kind == "deep_nesting":  # an unknown field nested 5,000 deep: msgspec raises RecursionError skipping it
-        return good[:-1] + b',"junk":' + b"[" * 5_000 + b"]" * 5_000 + b"}"
-    raw = msgspec.json.encode(mutate(msgspec.json.decode(good)))  # type: ignore[misc]
-    for placeholder, spelling in _RAW_BYTES.items():
-        raw = raw.replace(placeholder, spelling)
-    return raw
-
-
-def make_bad_records(records: Sequence[Any], n: int, rng: np.random.Generator) -> list[BadRecord]:
-    """``n`` malformed records made by damaging random good ones of ``records`` (cycling through every
-    defect in :data:`_DEFECTS` in random order). Each one decodes to ``schema.Invalid`` (checked here)."""
-    by_kind: dict[str, list[Any]] = {"impression": [], "click": [], "conversion": []}
-    for r in records:
-        if isinstance(r, (schema.Impression, schema.Click, schema.Conversion)):
-            by_kind[type(r).__name__.lower()].append(r)
-    defects = [d for d in _DEFECTS if by_kind[d[0]]]
-    if n and not defects:
-        raise ValueError("make_bad_records: no good records to damage")
-    out: list[BadRecord] = []
-    order = rng.permutation(len(defects)) if defects else []
-    for j in range(n):
-        if j and j % len(defects) == 0:
-            order = rng.permutation(len(defects))
-        topic_kind, kind, mutate = defects[order[j % len(defects)]]
-        pool = by_kind[topic_kind]
-        raw = _damage(pool[int(rng.integers(len(pool)))], kind, mutate, rng)
-        if not isinstance(schema.decode(raw), schema.Invalid):
-            raise RuntimeError(f"make_bad_records: defect {kind!r} produced a valid record: {raw[:200]!r}")
-        out.append(BadRecord(topic_kind, raw, kind))
-    return out

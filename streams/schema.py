@@ -19,6 +19,7 @@ Timestamps are integer milliseconds since the Unix epoch (event time).
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Literal, TypeVar, Union
 
 import msgspec
@@ -187,6 +188,19 @@ def _decoder(kind: object) -> msgspec.json.Decoder:
     return entry[1]
 
 
+# Ids and short strings are tokens: no whitespace, quotes, angle brackets, semicolons, backslashes or control
+# characters, so no value can read as SQL, HTML or markup in a system downstream that forgets to escape it.
+# One regex over the fields joined (~0.2 us an event) instead of a msgspec pattern per field (~0.3 us each).
+TOKEN_PUNCT = "_.:#/@+=~-"  # "-" last: literal inside a regex character class
+TOKEN_CHARS = "A-Za-z0-9" + TOKEN_PUNCT
+tokens_ok = re.compile(f"[{TOKEN_CHARS}]*").fullmatch
+
+
+def _bad_token(ev: object, names: tuple[str, ...]) -> str:
+    bad = [n for n in names if not tokens_ok(getattr(ev, n))]
+    return f"{', '.join(bad)}: only letters, digits and {TOKEN_PUNCT} are allowed"
+
+
 def check(ev: object) -> str | None:
     """Semantic checks beyond the types; returns a reason or ``None`` when the event is fine."""
     if isinstance(ev, Example):
@@ -195,10 +209,20 @@ def check(ev: object) -> str | None:
     if isinstance(ev, Impression):
         if ev.domain not in DOMAIN_INDEX:
             return f"unknown domain {ev.domain!r} (known: {', '.join(DOMAINS)})"
+        if not tokens_ok(ev.event_id + ev.device + ev.country):
+            return _bad_token(ev, ("event_id", "device", "country"))
         if not all(map(math.isfinite, ev.dense)):
             return "dense feature is NaN or infinite"
-    elif isinstance(ev, (Click, Conversion)) and ev.impression_id == ev.event_id:
-        return "feedback event refers to itself as its impression"
+    elif isinstance(ev, Click):
+        if not tokens_ok(ev.event_id + ev.impression_id):
+            return _bad_token(ev, ("event_id", "impression_id"))
+        if ev.impression_id == ev.event_id:
+            return "feedback event refers to itself as its impression"
+    elif isinstance(ev, Conversion):
+        if not tokens_ok(ev.event_id + ev.impression_id + ev.kind):
+            return _bad_token(ev, ("event_id", "impression_id", "kind"))
+        if ev.impression_id == ev.event_id:
+            return "feedback event refers to itself as its impression"
     return None
 
 

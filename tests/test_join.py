@@ -264,18 +264,23 @@ def test_elapsed_longer_than_the_windows_is_the_window_policy():
 
 
 def test_spliced_example_bytes_equal_the_encoded_struct():
-    i = schema.Impression(event_id='we"ird\\id', ts=T0, user_id=9, ad_id=2, campaign_id=3, advertiser_id=4,
+    i = schema.Impression(event_id="i_.:#/@+=~-9", ts=T0, user_id=9, ad_id=2, campaign_id=3, advertiser_id=4,
                           domain="video", cat=[1, 2], dense=[0.5, -1.0], history=[7])
     _, out = run([msgs(i, clk("c1", i.event_id, T0 + 9)), watermarks(T0 + 10**7)])
     want = schema.Example(example_id=i.event_id, impression=i, click=1, conversion=0, click_ts=T0 + 9,
                           decided="end_of_stream", emitted_ts=123)
     assert out == [want]
+    # an id that would need escaping (quotes, backslashes) is no id: a dead letter naming the field
+    weird = schema.Impression(event_id='we"ird\\id', ts=T0, user_id=9, ad_id=2, campaign_id=3, advertiser_id=4,
+                              domain="video")
+    _, out = run([msgs(weird)])
+    assert [o.reason for o in out] == ["invalid: event_id: only letters, digits and _.:#/@+=~- are allowed"]
 
 
 def test_every_kind_of_bad_input_is_a_counted_dead_letter():
     import numpy as np
 
-    from streams.logfile import make_bad_records
+    from streams.hostile import make_bad_records
 
     good = [imp(f"g{k}", T0 + k) for k in range(5)] + [clk("c0", "g0", T0 + 5), cnv("v0", "g0", T0 + 6)]
     bad = make_bad_records(good, 40, np.random.default_rng(0))

@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 from streams import kafka_io, lineplan, logfile, schema
 from streams.generate import GeneratorConfig, simulate
-from streams.logfile import BadRecord, encode_line, make_bad_records
+from streams.hostile import make_bad_records
+from streams.logfile import encode_line
 
 IMP = schema.Impression(event_id="i1", ts=1_767_225_600_000, user_id=77, ad_id=3, campaign_id=1, advertiser_id=1,
                         domain="feed", cat=[1, 2], dense=[0.5, -1.25], history=[9])

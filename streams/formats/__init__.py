@@ -37,6 +37,7 @@ import hashlib
 import heapq
 import io
 import math
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Union
@@ -109,7 +110,8 @@ def stable_id(text: str) -> int:
 
 def event_ids(fmt: str, path: Path, line: int) -> tuple[str, str, str]:
     """(impression, click, conversion) event ids of source line ``line``."""
-    base = f"{fmt}-{path.name.split('.')[0][:MAX_STEM]}-{line}"
+    stem = re.sub(f"[^{schema.TOKEN_CHARS}]", "_", path.name.split(".")[0][:MAX_STEM])  # ids are tokens
+    base = f"{fmt}-{stem}-{line}"
     return base, base + ":click", base + ":conversion"
 
 
