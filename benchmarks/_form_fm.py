@@ -1,6 +1,6 @@
 """A reference learner that knows the generator's functional form: how far can data alone take a learner?
 
-:mod:`streams.generate` draws ``logit p_click = base[domain] + user_bias + ad_bias + <U_user, A_ad> +
+:mod:`streams.sources.generate` draws ``logit p_click = base[domain] + user_bias + ad_bias + <U_user, A_ad> +
 position effect + <w, dense> + sum of cat effects`` (and the same shape for the conversion). This model has
 exactly those terms, one parameter set per objective (click; click-and-convert), on the trainer's own hashed
 features: per-id biases of the ``user_id``, ``ad_id``, ``position`` and ``cat_*`` tables, a rank-8

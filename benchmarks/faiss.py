@@ -69,7 +69,7 @@ def freshness(n_impressions: int) -> dict:
     import torch
 
     from streams import schema
-    from streams.generate import GeneratorConfig, simulate
+    from streams.sources.generate import GeneratorConfig, simulate
     from trainer.user_model import UserModelConfig
     from trainer.user_service import UserModelService, UserServiceConfig
 

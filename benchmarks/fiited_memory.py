@@ -3,9 +3,9 @@
 Two streams, each trained once with fixed-width fbgemm tables (baseline) and once per FIITED budget, same
 model (trainer.model.Learner, embedding_dim 64), same batches, same seed:
 
-* ``generated``: ``streams.generate.simulate`` traffic (Zipf users/ads, categories, history);
+* ``generated``: ``streams.sources.generate.simulate`` traffic (Zipf users/ads, categories, history);
 * ``criteo``: a Criteo-format replay: synthetic Criteo-shaped rows (label, I1..I13, C1..C26 hex; the shared
-  200-row sample is too small to train on) written as the Kaggle TSV and read by ``streams.formats.criteo``;
+  200-row sample is too small to train on) written as the Kaggle TSV and read by ``streams.sources.formats.criteo``;
   C1..C26 become 26 tables with Zipf vocabularies from 4 to 200k values and a hidden logistic truth.
 
 Quality = progressive-validation AUC of p_click (scored before learning) over the second half of the stream.
@@ -24,18 +24,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score
 
 from benchmarks._common import parser, report, timer
-import torch
-
 from embedding_store.admission import init_rows
 from embedding_store.config import FiitedConfig
 from embedding_store.fiited import FiitedEmbeddings
 from streams import schema
 from streams.config import TrainerConfig
-from streams.formats import ReadOptions, Row, criteo
-from streams.generate import GeneratorConfig, simulate
+from streams.sources.formats import ReadOptions, Row, criteo
+from streams.sources.generate import GeneratorConfig, simulate
 from trainer.features import featurize
 from trainer.model import Learner
 

@@ -5,7 +5,7 @@ One run, one embedded broker, the same generated topics for every row:
 - naive: Bytewax's KafkaSource, one item per event, decode + per-impression-id stateful join;
 - ours: the labels dataflow (batch per partition) in 1 process, then a 2-process cluster;
 - ours, 5% bad input: the same with 5% malformed records of every kind.
-Each labels run is a child process (``python -m streams.labels``) whose RSS is sampled every 0.2 s; its
+Each labels run is a child process (``python -m streams.flows.labels``) whose RSS is sampled every 0.2 s; its
 events/s is the steady rate from its own ServiceStats (first to last report), the wall rate from process
 start to exit (start-up included), and events per CPU-second of the process(es) (user + system, all threads:
 the number that does not move when other work shares the cores). Last line: JSON with value = ours (1 process, steady) events/s,
@@ -26,9 +26,11 @@ import msgspec
 import yaml
 
 from benchmarks._common import parser, report
-from streams import generate, kafka_io, schema
-from streams.broker import EmbeddedBroker
+from streams import schema
+from streams.bus import kafka_io
+from streams.bus.broker import EmbeddedBroker
 from streams.config import Config, load_config, replace
+from streams.sources import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 # windows: click 15 min, conversion 1 h (generator delays below them); 100 impressions/s of event time
@@ -108,7 +110,7 @@ def _labels(cfg: Config, processes: int) -> dict:
         conf.write_text(yaml.safe_dump(msgspec.to_builtins(cfg)))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         if processes == 1:
-            cmd = [sys.executable, "-m", "streams.labels", "--config", str(conf), "--bounded"]
+            cmd = [sys.executable, "-m", "streams.flows.labels", "--config", str(conf), "--bounded"]
         else:
             code = ("import sys; from streams import labels; from streams.config import load_config; "
                     f"sys.exit(any(labels.local_cluster(load_config({str(conf)!r}), {processes}, bounded=True)))")

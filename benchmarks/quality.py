@@ -38,7 +38,7 @@ import numpy as np
 from benchmarks._common import parser, report
 from benchmarks._form_fm import FormFM
 from streams.config import TrainerConfig
-from streams.generate import (
+from streams.sources.generate import (
     GeneratorConfig,
     TruthParams,
     hidden_tastes,
@@ -46,7 +46,7 @@ from streams.generate import (
     roc_auc,
     simulate,
 )
-from streams.scenarios import ScenarioConfig
+from streams.sources.scenarios import ScenarioConfig
 from trainer.features import featurize
 from trainer.model import Learner, count_parameters
 from trainer.online_lr import OnlineLR
@@ -294,7 +294,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=None, help="impressions of studies 2, 3 and 5 (default 120000, quick 30000)")
     p.add_argument("--n-stationary", type=int, default=None,
                    help="impressions of studies 1 and 4 (default 3000000, quick 30000)")
-    p.add_argument("--drift", default="sudden", help="drift scenario of study 2 (streams.scenarios)")
+    p.add_argument("--drift", default="sudden", help="drift scenario of study 2 (streams.sources.scenarios)")
     p.add_argument("--curve", default=None, metavar="N,N,...",
                    help="only study 1, at these stream lengths (e.g. 300000,1000000,3000000: ~5 min, 5 GB)")
     a = p.parse_args()

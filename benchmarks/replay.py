@@ -5,10 +5,10 @@ In one run, each on its own fresh topics (4 partitions):
 * ``raw producer`` (baseline): the same messages as the replay sends (value = the log line, key = user id,
   explicit partition), encoded *before* the clock starts, produced by a bare ``Producer`` with the same
   settings (``kafka_io.make_producer``) and flushed;
-* ``replay JSONL``: ``streams.replay.replay_file`` of the log (read, decode + validate, route, produce, flush),
+* ``replay JSONL``: ``streams.sources.replay.replay_file`` of the log (read, decode + validate, route, produce, flush),
   with its default decoder: a worker process for logs of ``WORKER_MIN_BYTES`` or more (this one is);
 * ``replay JSONL, one process``: the same with ``parallel=False`` (decoding in the producing process);
-* ``generate+produce``: ``streams.generate.simulate`` + ``streams.replay.produce`` (simulation included).
+* ``generate+produce``: ``streams.sources.generate.simulate`` + ``streams.sources.replay.produce`` (simulation included).
 
 Each producing phase runs ``--repeat`` times (alternating) and the best is kept, so one slow pass of the
 shared 2-core machine does not decide the ratio. Last line: JSON with value = replay events/s,
@@ -27,12 +27,13 @@ import tempfile
 from pathlib import Path
 
 from benchmarks._common import parser, report, timer
-from streams import kafka_io, schema
-from streams.broker import EmbeddedBroker
+from streams import schema
+from streams.bus import kafka_io
+from streams.bus.broker import EmbeddedBroker
 from streams.config import load_config
-from streams.generate import GeneratorConfig, simulate
-from streams.logfile import write_jsonl
-from streams.replay import produce, replay_file
+from streams.sources.generate import GeneratorConfig, simulate
+from streams.sources.logfile import write_jsonl
+from streams.sources.replay import produce, replay_file
 
 PARTITIONS = 4
 _ids = itertools.count()

@@ -35,7 +35,7 @@ from torch import nn
 
 from benchmarks._common import parser, report, sparse_step
 from streams.config import TrainerConfig
-from streams.generate import GeneratorConfig, simulate
+from streams.sources.generate import GeneratorConfig, simulate
 from trainer.embeddings import fbgemm_available
 from trainer.features import featurize
 from trainer.model import Learner, MDMOModel, count_parameters, esmm_loss
@@ -100,8 +100,9 @@ def latency(rate: float, seconds: float, exs, batch: int) -> dict[str, float]:
     import tempfile
     import threading
 
-    from streams import kafka_io, schema
-    from streams.broker import EmbeddedBroker
+    from streams import schema
+    from streams.bus import kafka_io
+    from streams.bus.broker import EmbeddedBroker
     from streams.config import load_config
     from trainer.service import TrainerService
 

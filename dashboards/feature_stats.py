@@ -1,6 +1,6 @@
 """Feature statistics records from the stats dataflow -> ``feature_stats`` rows, decoded tolerantly.
 
-The stats dataflow (``streams/stats_flow.py``) publishes one JSON record per window and domain to the topic
+The stats dataflow (``streams/flows/stats.py``) publishes one JSON record per window and domain to the topic
 :func:`feature_stats_topic`. Accepted shape (unknown fields are ignored; ``type`` may be absent)::
 
     {"type": "feature_stats", "window_start": 1700000000000, "window_end": 1700000060000,

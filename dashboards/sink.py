@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from dashboards.feature_stats import feature_stats_rows, feature_stats_topic
 from dashboards.store import Store
-from streams import kafka_io, schema
+from streams import schema
+from streams.bus import kafka_io
 from streams.config import Config
 
 log = logging.getLogger(__name__)

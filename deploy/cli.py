@@ -13,10 +13,10 @@ from streams.config import ConfigError, load_config
 # module that defines add_cli(subparsers); order = order in --help
 _COMMANDS = [
     "deploy.stack",          # up
-    "streams.generate",      # generate
-    "streams.replay",        # replay
-    "streams.labels",        # labels
-    "streams.stats_flow",    # stats
+    "streams.sources.generate",      # generate
+    "streams.sources.replay",        # replay
+    "streams.flows.labels",        # labels
+    "streams.flows.stats",    # stats
     "trainer.service",       # train
     "trainer.score",         # score
     "dashboards.server",     # dashboard

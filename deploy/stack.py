@@ -26,8 +26,9 @@ import yaml
 from tqdm import tqdm
 
 from deploy.supervisor import Child, Supervisor
-from streams import kafka_io, schema
-from streams.broker import EmbeddedBroker
+from streams import schema
+from streams.bus import kafka_io
+from streams.bus.broker import EmbeddedBroker
 from streams.config import Config, replace
 
 log = logging.getLogger("streamrec.up")
@@ -93,12 +94,12 @@ def _write_run_config(cfg: Config, run_dir: Path) -> Path:
 def _produce(cfg: Config, args) -> tuple[int, int]:
     """Generate or replay into the input topics. Returns (good impressions, bad records)."""
     if args.replay:
-        from streams.replay import replay_file
+        from streams.sources.replay import replay_file
 
         stats = replay_file(cfg, args.replay, speed=args.speed, progress=True)
         return stats.impressions, stats.dead_letters + stats.bad_records
-    from streams.generate import GeneratorConfig, simulate
-    from streams.replay import produce
+    from streams.sources.generate import GeneratorConfig, simulate
+    from streams.sources.replay import produce
 
     # Every event of the log, feedback included, lies in the past: its impressions end one longest feedback
     # delay ago and its last conversions now. Events stamped after the wall clock would be the stack's future.

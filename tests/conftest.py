@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import EmbeddedBroker
+from streams.bus.broker import EmbeddedBroker
 from streams.config import Config, load_config
 
 _counter = itertools.count()
@@ -46,7 +46,7 @@ def make_config(data_dir: Path, bootstrap: str, partitions: int = 2, **sections)
 @pytest.fixture
 def cfg(tmp_path, broker) -> Config:
     """Fresh topics (created) and a data dir for one test."""
-    from streams import kafka_io
+    from streams.bus import kafka_io
 
     c = make_config(tmp_path, broker)
     kafka_io.ensure_topics(broker, c.topics.all(), c.topics.partitions)
@@ -61,7 +61,7 @@ def read_topics(cfg: Config, topics, timeout: float = 60.0) -> list:
     """
     import time
 
-    from streams import kafka_io
+    from streams.bus import kafka_io
 
     topics = [topics] if isinstance(topics, str) else list(topics)
     consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "test-reader",

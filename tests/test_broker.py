@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from streams import kafka_io
-from streams.broker import EmbeddedBroker
+from streams.bus import kafka_io
+from streams.bus.broker import EmbeddedBroker
 
 
 def _alive(pid: int) -> bool:
@@ -47,7 +47,7 @@ def test_partition_for_matches_librdkafka_murmur2(broker):
 
 
 def test_broker_dies_with_its_owner_on_sigkill(tmp_path):
-    code = ("import sys, time; from streams.broker import EmbeddedBroker; b = EmbeddedBroker().start(); "
+    code = ("import sys, time; from streams.bus.broker import EmbeddedBroker; b = EmbeddedBroker().start(); "
             "print(b.proc.pid, flush=True); time.sleep(60)")
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     broker_pid = int(owner.stdout.readline())

@@ -17,7 +17,8 @@ from dashboards.definitions import DASHBOARDS
 from dashboards.feature_stats import feature_stats_topic
 from dashboards.server import DashboardServer
 from streams import config as config_mod
-from streams import kafka_io, schema
+from streams import schema
+from streams.bus import kafka_io
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",

@@ -20,11 +20,12 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from streams import kafka_io, schema
-from streams.broker import free_port
-from streams.generate import GeneratorConfig, simulate
-from streams.replay import produce
 from conftest import read_topics
+from streams import schema
+from streams.bus import kafka_io
+from streams.bus.broker import free_port
+from streams.sources.generate import GeneratorConfig, simulate
+from streams.sources.replay import produce
 
 pytestmark = pytest.mark.slow
 

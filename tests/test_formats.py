@@ -10,13 +10,15 @@ import msgspec
 import pytest
 import yaml
 
-from deploy.cli import main
-from streams import formats, kafka_io, schema
-from streams.formats import BadLine, FormatError, Row, native
-from streams.generate import GeneratorConfig, simulate
-from streams.logfile import BadRecord, write_jsonl
-from streams.replay import TimeRange, replay_file
 from conftest import read_topics
+from deploy.cli import main
+from streams import schema
+from streams.bus import kafka_io
+from streams.sources import formats
+from streams.sources.formats import BadLine, FormatError, Row, native
+from streams.sources.generate import GeneratorConfig, simulate
+from streams.sources.logfile import BadRecord, write_jsonl
+from streams.sources.replay import TimeRange, replay_file
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"public samples not found at {DATA} "
@@ -101,7 +103,7 @@ def test_adapter_replays_into_the_broker_keyed_by_user(cfg, rel):
 
 @needs_data
 def test_ali_ccp_sample_becomes_labelled_examples(cfg):
-    from streams.labels import run_labels
+    from streams.flows.labels import run_labels
 
     path = DATA / "ali_ccp_sample/ali_ccp_val_sample.csv"
     s = replay_file(cfg, path, progress=False)

@@ -9,8 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 from deploy.cli import main
 from streams import schema
-from streams.generate import GeneratorConfig, oracle_metrics, roc_auc, simulate
-from streams.logfile import BadRecord, count_lines, iter_jsonl, write_jsonl
+from streams.sources.generate import GeneratorConfig, oracle_metrics, roc_auc, simulate
+from streams.sources.logfile import BadRecord, count_lines, iter_jsonl, write_jsonl
 
 N = 20_000
 
@@ -153,8 +153,8 @@ def test_cli_writes_log_and_truth(tmp_path, capsys, monkeypatch):
 
 # -- drift scenarios, ad lifecycle, calibrated delays, per-window oracle -----------------------------------
 
-from streams import scenarios  # noqa: E402
-from streams.generate import oracle_by_window  # noqa: E402
+from streams.sources import scenarios  # noqa: E402
+from streams.sources.generate import oracle_by_window  # noqa: E402
 
 
 def _windows(sc: str, n: int = 40_000, **params):
@@ -248,7 +248,7 @@ def test_interest_shift_moves_users_one_at_a_time():
 
 @pytest.mark.parametrize("scenario", ["none", "sudden", "interest-shift"])
 def test_hidden_tastes_are_the_ones_the_clicks_were_drawn_from(scenario):
-    from streams.generate import TruthParams, hidden_tastes
+    from streams.sources.generate import TruthParams, hidden_tastes
 
     # every other term of the click logit switched off: logit(p_click) - logit(base) is exactly <user, ad>
     truth = TruthParams(user_bias_std=0, ad_bias_std=0, position_effect=0, dense_weight_std=0, cat_effect_std=0)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams import schema
-from streams.join import EXAMPLE, JoinConfig, JoinState, SourceBatch, flush, step
+from streams.flows.join import EXAMPLE, JoinConfig, JoinState, SourceBatch, flush, step
 
 T0 = 1_700_000_000_000
 IMP, CLK, CNV = "imp", "clk", "cnv"
@@ -280,7 +280,7 @@ def test_spliced_example_bytes_equal_the_encoded_struct():
 def test_every_kind_of_bad_input_is_a_counted_dead_letter():
     import numpy as np
 
-    from streams.hostile import make_bad_records
+    from streams.sources.hostile import make_bad_records
 
     good = [imp(f"g{k}", T0 + k) for k in range(5)] + [clk("c0", "g0", T0 + 5), cnv("v0", "g0", T0 + 6)]
     bad = make_bad_records(good, 40, np.random.default_rng(0))

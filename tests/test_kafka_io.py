@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from streams import kafka_io
-from streams.kafka_io import _Reporter
+from streams.bus import kafka_io
+from streams.bus.kafka_io import _Reporter
 
 
 def test_a_repeated_problem_is_logged_once_per_interval_with_a_count(caplog):

@@ -13,10 +13,11 @@ from bytewax.dataflow import Dataflow
 from bytewax.run import cli_main
 from bytewax.testing import TestingSink, TestingSource
 
-from streams import kafka_io, schema
-from streams.config import replace
-from streams.labels import build_flow, part_key, route, run_labels
 from conftest import read_topics
+from streams import schema
+from streams.bus import kafka_io
+from streams.config import replace
+from streams.flows.labels import build_flow, part_key, route, run_labels
 
 T0 = 1_700_000_000_000
 CLICK_W, CONV_W = 60, 600  # seconds
@@ -214,7 +215,7 @@ def test_recovery_resumes_from_snapshot_offsets(cfg, tmp_path):
 def test_source_pauses_topics_that_run_ahead_in_event_time(cfg):
     """Clicks (few messages, fast event time) and impressions (many) read at equal message rates drift apart;
     the source pauses the topic-partition ahead, so the join's orphan buffer stays bounded."""
-    from streams.labels import _PartitionReader
+    from streams.flows.labels import _PartitionReader
 
     producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
     for k in range(3000):  # impressions: 1 s apart; clicks: 1 per 20 impressions, 1 s after theirs

@@ -13,9 +13,11 @@ import msgspec
 import yaml
 from test_labels_flow import _produce, _read_all, _workload
 
-from streams import generate, kafka_io, schema
+from streams import schema
+from streams.bus import kafka_io
 from streams.config import replace
-from streams.labels import local_cluster, run_labels
+from streams.flows.labels import local_cluster, run_labels
+from streams.sources import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +50,7 @@ def test_two_processes_give_the_same_examples_as_one(tmp_path, broker):
 def _start(conf: Path, recovery: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.Popen([sys.executable, "-m", "streams.labels", "--config", str(conf),
+    return subprocess.Popen([sys.executable, "-m", "streams.flows.labels", "--config", str(conf),
                              "--recovery-dir", str(recovery), "--epoch-s", "0.3", *extra], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

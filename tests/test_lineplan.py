@@ -1,5 +1,5 @@
-"""Block planning of native log lines (streams.lineplan): its verdicts are schema.decode's, line by line,
-whether the fast path or the reference path decided; blocks (streams.logfile.iter_blocks) restart anywhere."""
+"""Block planning of native log lines (streams.sources.lineplan): its verdicts are schema.decode's, line by line,
+whether the fast path or the reference path decided; blocks (streams.sources.logfile.iter_blocks) restart anywhere."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from array import array
 
 import msgspec
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from streams import kafka_io, lineplan, logfile, schema
-from streams.generate import GeneratorConfig, simulate
-from streams.hostile import make_bad_records
-from streams.logfile import encode_line
+from streams import schema
+from streams.bus import kafka_io
+from streams.sources import lineplan, logfile
+from streams.sources.generate import GeneratorConfig, simulate
+from streams.sources.hostile import make_bad_records
+from streams.sources.logfile import encode_line
 
 IMP = schema.Impression(event_id="i1", ts=1_767_225_600_000, user_id=77, ad_id=3, campaign_id=1, advertiser_id=1,
                         domain="feed", cat=[1, 2], dense=[0.5, -1.25], history=[9])

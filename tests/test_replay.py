@@ -8,12 +8,12 @@ from collections import Counter, defaultdict
 import msgspec
 import yaml
 
+from conftest import read_topics
 from deploy.cli import main
 from streams import schema
-from streams.generate import GeneratorConfig, produce, simulate
-from streams.logfile import BadRecord, write_jsonl
-from streams.replay import replay_file
-from conftest import read_topics
+from streams.sources.generate import GeneratorConfig, produce, simulate
+from streams.sources.logfile import BadRecord, write_jsonl
+from streams.sources.replay import replay_file
 
 
 def _by_partition(msgs):

@@ -15,10 +15,11 @@ from collections import defaultdict
 
 import pytest
 
-from streams import decode_worker, lineplan, replay, schema
-from streams.generate import GeneratorConfig, simulate
-from streams.logfile import encode_line, iter_blocks
 from conftest import make_config, read_topics
+from streams import schema
+from streams.sources import decode_worker, lineplan, replay
+from streams.sources.generate import GeneratorConfig, simulate
+from streams.sources.logfile import encode_line, iter_blocks
 
 
 def _wait_ready(self) -> bool:  # hand over at the first block instead of when the worker happens to be up
@@ -70,7 +71,7 @@ def test_worker_replay_equals_inline_replay(cfg, tmp_path, monkeypatch, broker, 
     lines = _log(path)
     s_par = replay.replay_file(cfg, path, progress=False, parallel=True)
     cfg2 = make_config(tmp_path / "inline", broker)
-    from streams import kafka_io
+    from streams.bus import kafka_io
 
     kafka_io.ensure_topics(broker, cfg2.topics.all(), cfg2.topics.partitions)
     s_one = replay.replay_file(cfg2, path, progress=False, parallel=False)
@@ -124,7 +125,7 @@ def test_worker_dies_with_its_parent(tmp_path):
     _log(path)
     code = textwrap.dedent(f"""
         import sys, time
-        from streams.decode_worker import DecoderProcess
+        from streams.sources.decode_worker import DecoderProcess
         w = DecoderProcess({str(path)!r}, 2, 4096)
         w.begin(0, 1)   # the worker fills the pipe and blocks; this parent never reads again
         print(w.proc.pid, flush=True)

@@ -7,8 +7,9 @@ from collections import Counter
 import numpy as np
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from streams import generate, schema
-from streams.stats_flow import (
+from conftest import read_topics
+from streams import schema
+from streams.flows.stats import (
     DELAY_EDGES_S,
     WINDOW_MS,
     StatsBatch,
@@ -18,7 +19,7 @@ from streams.stats_flow import (
     run_stats,
     stats_topic,
 )
-from conftest import read_topics
+from streams.sources import generate
 
 T0 = 1_767_225_600_000
 
@@ -106,7 +107,7 @@ def test_flow_on_lists_is_deterministic_per_partition():
 
 
 def test_stats_flow_through_the_broker(cfg):
-    from streams.labels import run_labels
+    from streams.flows.labels import run_labels
 
     sim = generate.simulate(generate.GeneratorConfig(n_impressions=3000, seed=4, impressions_per_s=20))
     generate.produce(cfg, sim.records, progress=False)

@@ -17,9 +17,8 @@ from dashboards import queries as q
 from dashboards.definitions import DASHBOARDS
 from dashboards.sink import MetricsSink, dead_letter_rows, prediction_rows, stats_rows
 from dashboards.store import StoreError, open_client
-from streams import kafka_io, schema
-
-
+from streams import schema
+from streams.bus import kafka_io
 
 DOMAINS = ("feed", "video", "search")
 
@@ -244,7 +243,7 @@ def test_an_older_dead_letters_table_is_rebuilt_with_its_rows(chdb_client):
 
 def test_the_sink_reports_the_bus_unreachable_while_the_broker_is_away(tmp_path, store):
     from conftest import make_config
-    from streams.broker import EmbeddedBroker
+    from streams.bus.broker import EmbeddedBroker
 
     with EmbeddedBroker(log_path=tmp_path / "b.log") as b:
         cfg = make_config(tmp_path, b.bootstrap_servers, partitions=1)

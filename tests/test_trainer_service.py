@@ -18,11 +18,13 @@ from sklearn.metrics import roc_auc_score
 
 from embedding_store.ann import load_index
 from embedding_store.users import index_path as users_index_path
-from streams import kafka_io, schema
+from streams import schema
+from streams.bus import kafka_io
 from streams.config import load_config, replace
 from trainer import checkpoint
 from trainer.features import featurize
-from trainer.service import Dedup, run as train_cli
+from trainer.service import Dedup
+from trainer.service import run as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 20_000

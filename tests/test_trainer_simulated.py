@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks._form_fm import FormFM
 from streams.config import TrainerConfig
-from streams.generate import GeneratorConfig, roc_auc, simulate
+from streams.sources.generate import GeneratorConfig, roc_auc, simulate
 from trainer.features import featurize
 from trainer.online_lr import OnlineLR
 from trainer.simulated import example_stream, truth_arrays

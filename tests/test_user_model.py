@@ -9,7 +9,7 @@ from torch import nn
 
 from embedding_store.ann import AnnConfig
 from streams import schema
-from streams.generate import GeneratorConfig, TruthParams, roc_auc, simulate
+from streams.sources.generate import GeneratorConfig, TruthParams, roc_auc, simulate
 from trainer.features import hash_ids
 from trainer.user_history import CLICK, CONVERSION, IMPRESSION, PRIOR, HistoryConfig, UserHistory
 from trainer.user_model import UserModelConfig

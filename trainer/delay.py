@@ -1,6 +1,6 @@
 """Delayed feedback: an online estimate of the label-delay distribution and ES-DFM importance weights.
 
-Under the ``elapsed`` label policy (``streams/join.py``) every impression leaves the labels dataflow once,
+Under the ``elapsed`` label policy (``streams/flows/join.py``) every impression leaves the labels dataflow once,
 ``elapsed`` after it was shown, with the labels seen so far (``decided="elapsed"``); feedback arriving later
 inside the attribution window produces a duplicate positive (``decided="late_positive"``, id
 ``<impression>#late-click`` / ``#late-conversion``). The stream the trainer sees is then biased: a delayed
@@ -32,6 +32,7 @@ positives seen so far (``feedback_ts - impression.ts``), one per objective.
 from __future__ import annotations
 
 import numpy as np
+
 from streams.config import LabelsConfig
 
 DECIDED: tuple[str, ...] = ("window_closed", "end_of_stream", "elapsed", "late_positive")

@@ -136,7 +136,7 @@ DENSE_LINEAR_RANGE = 3.0
 def soft_log(x: np.ndarray, c: float = DENSE_LINEAR_RANGE) -> np.ndarray:
     """The dense input transform: the identity on ``[-c, c]``, logarithmic beyond (continuous at ``±c``).
 
-    ``Impression.dense`` is already on a model scale: the formats log counts (``streams.formats.signed_log1p``)
+    ``Impression.dense`` is already on a model scale: the formats log counts (``streams.sources.formats.signed_log1p``)
     and keep normalised features as they are. A second log bent those linear effects (the generator's dense
     term is linear: study 1 of ``bench quality`` lost 0.1 AUC points to it); the tail only keeps a stray
     raw magnitude from blowing up the cross layers.

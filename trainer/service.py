@@ -24,7 +24,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from streams import kafka_io, schema
+from streams import schema
+from streams.bus import kafka_io
 from streams.config import NO_BROKER, Config
 
 log = logging.getLogger("streamrec.trainer")

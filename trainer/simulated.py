@@ -1,7 +1,7 @@
 """Labelled example streams straight from a simulation's truth table, without broker or dataflow.
 
 For benchmarks and quality studies that run in one process: each impression of
-:func:`streams.generate.simulate` becomes the :class:`~streams.schema.Example` (or examples) that the
+:func:`streams.sources.generate.simulate` becomes the :class:`~streams.schema.Example` (or examples) that the
 labels dataflow would emit under a label policy, at the event time it would emit them, sorted by that time.
 
 Policies:
@@ -9,14 +9,14 @@ Policies:
 * ``oracle``: at ``ts + elapsed`` with the *final* labels (an impossible upper bound: no label delay);
 * ``elapsed`` (ES-DFM): at ``ts + elapsed`` with the labels observed by then (``decided="elapsed"``), plus a
   duplicate positive at ``ts + delay`` for each click / conversion later than ``elapsed``
-  (``<id>#late-click`` / ``<id>#late-conversion``, ``decided="late_positive"``), as ``streams/join.py``
+  (``<id>#late-click`` / ``<id>#late-conversion``, ``decided="late_positive"``), as ``streams/flows/join.py``
   emits them;
 * ``naive``: the ``elapsed`` examples only: fake negatives are never corrected;
 * ``window``: at ``ts + window`` with the final labels (``decided="window_closed"``): accurate but stale.
 
 ``emitted_ts`` is the emission *event* time.
 
->>> from streams.generate import GeneratorConfig, simulate
+>>> from streams.sources.generate import GeneratorConfig, simulate
 >>> sim = simulate(GeneratorConfig(n_impressions=200, seed=1))
 >>> exs = example_stream(sim, "elapsed", elapsed_s=60)
 >>> len([e for e in exs if e.decided == "elapsed"]), all(a.emitted_ts <= b.emitted_ts for a, b in zip(exs, exs[1:]))

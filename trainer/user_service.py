@@ -13,7 +13,7 @@ the user vector ``u`` (B, d) from the history strictly before the impression and
 (B, d), to append to the ranker's dense input; or read ``index.get(user_ids)`` for the asynchronously
 refreshed vectors (staler, no transformer on the ranking path).
 
->>> from streams.generate import GeneratorConfig, simulate
+>>> from streams.sources.generate import GeneratorConfig, simulate
 >>> from streams import schema
 >>> svc = UserModelService(UserServiceConfig(model=UserModelConfig(dim=8, max_len=8, ad_buckets=1000),
 ...                                          index=AnnConfig(dim=8, kind="numpy"), refresh_every_s=0))
@@ -38,12 +38,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from embedding_store.ann import (AnnConfig, AnnIndex, load_index, make_index, npz_arrays, npz_bytes, save_index,
-                                 write_atomic)
+from embedding_store.ann import (
+    AnnConfig,
+    AnnIndex,
+    load_index,
+    make_index,
+    npz_arrays,
+    npz_bytes,
+    save_index,
+    write_atomic,
+)
 from streams import schema
 from trainer.user_history import HistoryConfig, UserHistory
 from trainer.user_model import UserModel, UserModelConfig
-
 
 CENTER_HORIZON = 100_000  # vectors: the index's centring offset follows about this many recent encodes
 

@@ -10,7 +10,7 @@ Mapping: ``ts = start_ts + 1000 * timestamp``; ``user_id = uid``; ``campaign_id 
 ``dense = [signed_log1p(time_since_last_click)]`` (-1 = never clicked before). ``click = 1`` -> Click at the
 impression's ts; ``attribution = 1`` (the conversion is attributed to this impression, last-click within
 30 days) -> Conversion at ``start_ts + 1000 * conversion_timestamp`` -- days later, so replay holds it back
-until the log reaches that time (:func:`streams.formats.in_time_order`).
+until the log reaches that time (:func:`streams.sources.formats.in_time_order`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,18 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, flags, ints,
-                             signed_log1p)
+from streams.sources.formats import (
+    Format,
+    Item,
+    ReadOptions,
+    delimited_rows,
+    event_ids,
+    feedback,
+    first_line,
+    flags,
+    ints,
+    signed_log1p,
+)
 
 NAME = "criteo-attribution"
 COLUMNS = ("timestamp", "uid", "campaign", "conversion", "conversion_timestamp", "conversion_id", "attribution",

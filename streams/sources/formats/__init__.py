@@ -8,15 +8,15 @@ and replay turns it into a dead letter and goes on.
 ==================  ==========================================  =================================================
 name                module                                      source
 ==================  ==========================================  =================================================
-jsonl               :mod:`streams.formats.native`               ``streamrec generate --out X.jsonl``
-parquet             :mod:`streams.formats.native`               ``streamrec generate --out X.parquet``
-criteo              :mod:`streams.formats.criteo`               Criteo display-ads (Kaggle ``train.txt``)
-criteo-attribution  :mod:`streams.formats.criteo_attribution`   Criteo Attribution Modeling (TSV, header)
-ali-ccp             :mod:`streams.formats.ali_ccp`              Ali-CCP (click + purchase, torch-rechub CSV)
-aliexpress          :mod:`streams.formats.aliexpress`           AliExpress search ads (click + conversion)
-avazu               :mod:`streams.formats.avazu`                Avazu CTR (Kaggle ``train.csv``, hourly)
-taobao              :mod:`streams.formats.taobao`               Taobao display-ad (``raw_sample`` + joins)
-taobao-dmr          :mod:`streams.formats.taobao_dmr`           Taobao display-ad, DMR 50-step sequences
+jsonl               :mod:`streams.sources.formats.native`               ``streamrec generate --out X.jsonl``
+parquet             :mod:`streams.sources.formats.native`               ``streamrec generate --out X.parquet``
+criteo              :mod:`streams.sources.formats.criteo`               Criteo display-ads (Kaggle ``train.txt``)
+criteo-attribution  :mod:`streams.sources.formats.criteo_attribution`   Criteo Attribution Modeling (TSV, header)
+ali-ccp             :mod:`streams.sources.formats.ali_ccp`              Ali-CCP (click + purchase, torch-rechub CSV)
+aliexpress          :mod:`streams.sources.formats.aliexpress`           AliExpress search ads (click + conversion)
+avazu               :mod:`streams.sources.formats.avazu`                Avazu CTR (Kaggle ``train.csv``, hourly)
+taobao              :mod:`streams.sources.formats.taobao`               Taobao display-ad (``raw_sample`` + joins)
+taobao-dmr          :mod:`streams.sources.formats.taobao_dmr`           Taobao display-ad, DMR 50-step sequences
 ==================  ==========================================  =================================================
 
 Shared rules of the public-format adapters (each module documents its column mapping):
@@ -275,8 +275,16 @@ def in_time_order(items: Iterable[Item]) -> Iterator[Item]:
 # ------------------------------------------------------------------------------------------------ registry
 
 def _registry() -> dict[str, Format]:
-    from streams.formats import (ali_ccp, aliexpress, avazu, criteo, criteo_attribution, native, taobao,
-                                 taobao_dmr)
+    from streams.sources.formats import (
+        ali_ccp,
+        aliexpress,
+        avazu,
+        criteo,
+        criteo_attribution,
+        native,
+        taobao,
+        taobao_dmr,
+    )
 
     fmts = [native.JSONL, native.PARQUET, criteo.FORMAT, criteo_attribution.FORMAT, ali_ccp.FORMAT,
             aliexpress.FORMAT, avazu.FORMAT, taobao.FORMAT, taobao_dmr.FORMAT]

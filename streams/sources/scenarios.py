@@ -1,7 +1,7 @@
 """Drift scenarios, ad lifecycles and conversion-delay models of the synthetic traffic generator.
 
 Pure numpy functions of the run's *progress* ``t`` (0 at the first impression, 1 at the last; shape (n,)),
-used by :mod:`streams.generate`. See docs/generator.md for what each scenario does to the oracle metrics.
+used by :mod:`streams.sources.generate`. See docs/generator.md for what each scenario does to the oracle metrics.
 
 Scenarios (``ScenarioConfig.name``):
 

@@ -3,7 +3,7 @@
 
 A good record is the JSON that :func:`streams.schema.encode` produces (with its ``type`` tag); a malformed
 record (:class:`BadRecord`) is written as its raw bytes with line breaks escaped, so one record always stays
-one line. Other formats (Parquet, public datasets) live in :mod:`streams.formats`.
+one line. Other formats (Parquet, public datasets) live in :mod:`streams.sources.formats`.
 
 >>> import tempfile, os
 >>> from streams.schema import Watermark
@@ -24,7 +24,6 @@ from typing import BinaryIO, Iterable, Iterator, Literal, NamedTuple
 import msgspec
 
 from streams import schema
-
 
 TopicKind = Literal["impression", "click", "conversion"]
 

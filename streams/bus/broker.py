@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from streams import kafka_io
+from streams.bus import kafka_io
 
 _PR_SET_PDEATHSIG = 1
 

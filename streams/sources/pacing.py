@@ -12,7 +12,8 @@ from typing import Callable, NamedTuple
 
 import msgspec
 
-from streams import formats, schema
+from streams import schema
+from streams.sources import formats
 
 
 class Pacer:

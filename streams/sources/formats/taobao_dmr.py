@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.formats import Format, Item, ReadOptions, delimited_rows, event_ids, feedback, flags, ints
+from streams.sources.formats import Format, Item, ReadOptions, delimited_rows, event_ids, feedback, flags, ints
 
 NAME = "taobao-dmr"
 SEQ = 50

@@ -9,10 +9,10 @@ random model (:class:`TruthParams`)::
                     + cvr_latent_scale * <U[u], A[a]> + <w_cvr_dense, dense>
 
 Clicks ~ Bernoulli(p_click) after a capped lognormal delay; conversions ~ Bernoulli(p_cvr) only after a
-click, after a delay from :func:`streams.scenarios.conversion_delays_s` (``short`` by default, or
+click, after a delay from :func:`streams.sources.scenarios.conversion_delays_s` (``short`` by default, or
 ``calibrated`` to Criteo's published delay statistics with a 30-day tail). Users and ads have Zipf activity
 and popularity; ads are born and retired during the run (``ad_churn``); ``history`` holds ads the user is
-drawn to (so it carries the user's latent taste). A drift scenario (:mod:`streams.scenarios`) can move the
+drawn to (so it carries the user's latent taste). A drift scenario (:mod:`streams.sources.scenarios`) can move the
 hidden model over event time. Everything is vectorised with numpy; the result is deterministic for a seed.
 
 >>> sim = simulate(GeneratorConfig(n_impressions=1000, seed=1))
@@ -37,11 +37,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from streams import scenarios, schema
+from streams import schema
 from streams.config import NO_BROKER, Config
-from streams.hostile import make_bad_records
-from streams.logfile import BadRecord, write_jsonl
-from streams.replay import ProduceStats, produce, summary  # noqa: F401  (re-exported)
+from streams.sources import scenarios
+from streams.sources.hostile import make_bad_records
+from streams.sources.logfile import BadRecord, write_jsonl
+from streams.sources.replay import ProduceStats, produce, summary  # noqa: F401  (re-exported)
 
 START_TS_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
@@ -94,7 +95,7 @@ class GeneratorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     truth: TruthParams = TruthParams()
     scenario: scenarios.ScenarioConfig = scenarios.ScenarioConfig()
     ad_churn: float = 0.2  # fraction of ads born during the run (and, separately, retired)
-    delays: str = "short"  # short | calibrated (see streams.scenarios)
+    delays: str = "short"  # short | calibrated (see streams.sources.scenarios)
 
 
 def validate(g: GeneratorConfig) -> None:
@@ -466,7 +467,7 @@ def oracle_window_table(truth: pa.Table, window_s: float) -> str:
 def write_log(path: str | Path, records: list[Any]) -> int:
     """Write ``records`` as Parquet (``*.parquet``, one row per record) or JSONL (any other suffix)."""
     if Path(path).suffix.lower() in (".parquet", ".pq"):
-        from streams.formats.native import write_parquet
+        from streams.sources.formats.native import write_parquet
 
         return write_parquet(path, records)
     return write_jsonl(path, records)
@@ -574,7 +575,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         write_log(args.out, sim.records)
         print(f"{head} -> {args.out}; {_oracle_line(sim.truth)}")
         return 0
-    from streams import kafka_io
+    from streams.bus import kafka_io
 
     try:
         kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions,

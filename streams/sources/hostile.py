@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Sequence
 import msgspec
 
 from streams import schema
-from streams.logfile import BadRecord, TopicKind
+from streams.sources.logfile import BadRecord, TopicKind
 
 if TYPE_CHECKING:
     import numpy as np

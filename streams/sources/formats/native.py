@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streams import schema
-from streams.formats import BadLine, Format, Item, ReadOptions, Row
-from streams.logfile import BadRecord, iter_jsonl
+from streams.sources.formats import BadLine, Format, Item, ReadOptions, Row
+from streams.sources.logfile import BadRecord, iter_jsonl
 
 _TYPES = {schema.Impression: "impression", schema.Click: "click", schema.Conversion: "conversion",
           schema.Watermark: "watermark"}

@@ -1,7 +1,7 @@
 """Attribution join of one input partition: impressions + clicks + conversions -> labelled examples.
 
 Pure logic, no broker: :func:`step` is ``(state, batch, now_ms) -> (state, outputs)`` in the shape of
-Bytewax's ``stateful_map``; the labels dataflow (``streams/labels.py``) runs one :class:`JoinState` per
+Bytewax's ``stateful_map``; the labels dataflow (``streams/flows/labels.py``) runs one :class:`JoinState` per
 Kafka partition number (impressions, clicks and conversions of a user share that number).
 
 Outputs are already encoded, shape ``list[(kind, key, value)]``: ``(EXAMPLE, user-id key, Example JSON)`` or

@@ -1,7 +1,7 @@
 """Kafka's key -> partition mapping in pure Python: what librdkafka's default partitioner picks, so the
 producer can place records explicitly (an impression and its feedback in the same partition number) and
 watermarks can target each partition. No confluent-kafka import here: the replay decoder worker uses it
-and starts faster without (``streams.kafka_io`` re-exports :func:`partition_for`).
+and starts faster without (``streams.bus.kafka_io`` re-exports :func:`partition_for`).
 
 >>> [partition_for(str(user).encode(), 4) for user in (1, 2, 3, 42)]
 [3, 0, 3, 0]

@@ -52,8 +52,10 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
-from streams import join, kafka_io, schema
+from streams import schema
+from streams.bus import kafka_io
 from streams.config import NO_BROKER, Config, replace
+from streams.flows import join
 
 log = logging.getLogger(__name__)
 GROUP = "streamrec-labels"  # assign() only, never committed: offsets live in Bytewax snapshots
@@ -445,7 +447,7 @@ def local_cluster(cfg: Config, processes: int, *, bounded: bool, workers: int = 
 
     import yaml
 
-    from streams.broker import free_port
+    from streams.bus.broker import free_port
 
     if processes < 1:
         raise ValueError(f"labels: --local-processes must be >= 1, got {processes}")
@@ -456,7 +458,7 @@ def local_cluster(cfg: Config, processes: int, *, bounded: bool, workers: int = 
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-        base = [sys.executable, "-m", "streams.labels", "--config", str(conf), "--workers", str(workers),
+        base = [sys.executable, "-m", "streams.flows.labels", "--config", str(conf), "--workers", str(workers),
                 "--processes", str(processes), "--addresses", addresses]
         base += ["--bounded"] if bounded else []
         base += ["--epoch-s", str(epoch_s)] if epoch_s is not None else []
@@ -522,11 +524,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m streams.labels [--config FILE] ARGS``: the ``streamrec labels`` command without importing the
+    """``python -m streams.flows.labels [--config FILE] ARGS``: the ``streamrec labels`` command without importing the
     other subcommands (torch etc.), so cluster processes start fast."""
     from streams.config import ConfigError, load_config
 
-    parser = argparse.ArgumentParser(prog="python -m streams.labels")
+    parser = argparse.ArgumentParser(prog="python -m streams.flows.labels")
     parser.add_argument("--config", metavar="FILE", default=None)
     sub = parser.add_subparsers(dest="command")
     add_cli(sub)
@@ -536,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
-        print(f"streams.labels: {e}", file=sys.stderr)
+        print(f"streams.flows.labels: {e}", file=sys.stderr)
         return 2
     return run(args, cfg)
 

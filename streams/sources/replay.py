@@ -6,16 +6,16 @@ Placement rules (what the labels dataflow relies on):
 * value = ``schema.encode(ev)``, key = ``schema.user_key(ev)``, and an *explicit* partition
   ``kafka_io.partition_for(key, partitions)``, so an impression and its clicks and conversions land in the
   same partition number of the three input topics;
-* a :class:`~streams.logfile.BadRecord` goes raw into the topic of its ``topic_kind`` (any partition);
+* a :class:`~streams.sources.logfile.BadRecord` goes raw into the topic of its ``topic_kind`` (any partition);
 * a :class:`~streams.schema.Watermark` goes to every partition of all three input topics; at the end of a
   finite log an end-of-log mark (``source="end_of_log"``) is sent with ``ts = last_ts + 1 + max(click
   window, conversion window)`` so every pending attribution window of the log closes;
 * about once a second (and at the end) a ``ServiceStats(component="replay")`` goes to ``service_stats``.
 
 A replayed log line that does not decode becomes a dead letter (reason with its line number) and the replay
-goes on. A native JSONL log goes by blocks of lines: :mod:`streams.lineplan` decides what each line is and
+goes on. A native JSONL log goes by blocks of lines: :mod:`streams.sources.lineplan` decides what each line is and
 where it goes, :meth:`Publisher.send_plan` produces the block; for a log of :data:`WORKER_MIN_BYTES` or more
-a decoder process (:mod:`streams.decode_worker`) plans while this process produces.
+a decoder process (:mod:`streams.sources.decode_worker`) plans while this process produces.
 """
 
 from __future__ import annotations
@@ -32,15 +32,17 @@ from typing import Iterable
 import msgspec
 from tqdm import tqdm
 
-from streams import formats, kafka_io, schema
+from streams import schema
+from streams.bus import kafka_io
 from streams.config import NO_BROKER, Config
-from streams.decode_worker import BLOCK_BYTES, DecoderProcess, NoWorker, planned_blocks
-from streams.lineplan import Plan, Router, plan_block
-from streams.logfile import BadRecord, count_lines
-from streams.pacing import Pacer, TimeRange, in_range
+from streams.sources import formats
+from streams.sources.decode_worker import BLOCK_BYTES, DecoderProcess, NoWorker, planned_blocks
+from streams.sources.lineplan import Plan, Router, plan_block
+from streams.sources.logfile import BadRecord, count_lines
+from streams.sources.pacing import Pacer, TimeRange, in_range
 
 STATS_EVERY_S = 1.0
-# A native log at least this big is decoded by a worker process (:mod:`streams.decode_worker`) while this
+# A native log at least this big is decoded by a worker process (:mod:`streams.sources.decode_worker`) while this
 # process produces; the worker takes ~0.1 s to start, during which this process decodes the first blocks itself.
 WORKER_MIN_BYTES = 8 << 20
 
@@ -98,7 +100,7 @@ class Publisher:
         self._topic = {schema.Impression: t.impressions, schema.Click: t.clicks, schema.Conversion: t.conversions}
         self._kind_topic = {"impression": t.impressions, "click": t.clicks, "conversion": t.conversions}
         self._counts = {t.impressions: 0, t.clicks: 0, t.conversions: 0}
-        self._topics = (t.impressions, t.clicks, t.conversions)  # by streams.lineplan.TOPIC_INDEX
+        self._topics = (t.impressions, t.clicks, t.conversions)  # by streams.sources.lineplan.TOPIC_INDEX
         self._router = Router(cfg.topics.partitions)  # user id -> partition, cached (user ids repeat: Zipf)
         self._failed: list[str] = []
         # delivery reports only for failures: a Python callback per message would cost ~10% of the rate
@@ -164,7 +166,7 @@ class Publisher:
 
     def send_plan(self, lines: list[bytes], plan: Plan) -> None:
         """Produce the good events and watermarks of a block of native log lines as ``plan`` places them
-        (:func:`streams.lineplan.plan_block`, made here or by a decoder worker); ``lines`` = the block's lines.
+        (:func:`streams.sources.lineplan.plan_block`, made here or by a decoder worker); ``lines`` = the block's lines.
         The failed lines (``plan.failed``) are the caller's to dead-letter.
 
         No Python code runs per event: one ``map`` of ``produce`` over the block (a BufferError stops it
@@ -297,7 +299,7 @@ def produce(cfg: Config, records: Iterable[msgspec.Struct], *, progress: bool = 
 def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: float | None = None,
                 time_range: TimeRange | None = None, options: formats.ReadOptions = formats.ReadOptions(),
                 progress: bool = True, watermark: bool = True, parallel: bool | None = None) -> ReplayStats:
-    """Replay one log file (``fmt``: a name of :func:`streams.formats.formats`, or ``"auto"``) into the
+    """Replay one log file (``fmt``: a name of :func:`streams.sources.formats.formats`, or ``"auto"``) into the
     input topics, streaming it row by row.
 
     ``speed=None`` produces as fast as possible; ``speed=X`` paces by event time, X times real time,
@@ -305,7 +307,7 @@ def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: floa
     (``reason = "line N: <why>"`` or ``"<format> line N: <why>"``, ``offset = N``, ``topic = <file name>``);
     it never stops the replay. ``lines`` in the result counts source rows read (good and bad).
 
-    ``parallel``: decode a native JSONL log in a worker process (:mod:`streams.decode_worker`) while this one
+    ``parallel``: decode a native JSONL log in a worker process (:mod:`streams.sources.decode_worker`) while this one
     produces; default: when the file has at least :data:`WORKER_MIN_BYTES`. Other formats and paced or
     time-ranged replays run in this process.
     """
@@ -345,7 +347,7 @@ def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: floa
 def _replay_jsonl_fast(cfg: Config, path: Path, *, progress: bool, watermark: bool,
                        parallel: bool | None) -> ReplayStats:
     """:func:`replay_file` of a native JSONL log as fast as possible: blocks of lines planned
-    (:mod:`streams.lineplan`) here or by a decoder worker, and produced by :meth:`Publisher.send_plan`."""
+    (:mod:`streams.sources.lineplan`) here or by a decoder worker, and produced by :meth:`Publisher.send_plan`."""
     total = count_lines(path) if progress else None
     if parallel is None:
         parallel = path.stat().st_size >= WORKER_MIN_BYTES

@@ -1,6 +1,6 @@
 """The ``stats`` Bytewax dataflow: labelled examples -> per-window, per-domain feature and label statistics.
 
-Shape (same batch-per-partition design as ``streams/labels.py``)::
+Shape (same batch-per-partition design as ``streams/flows/labels.py``)::
 
     examples topic, one source partition per Kafka partition p: StatsBatch(p, raw Example bytes, final)
       -> stateful_batch "stats.window": decode the batch in one call, numpy columns, update the open
@@ -41,9 +41,10 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from streams import kafka_io, schema
+from streams import schema
+from streams.bus import kafka_io
 from streams.config import NO_BROKER, Config
-from streams.labels import part_key
+from streams.flows.labels import part_key
 
 log = logging.getLogger(__name__)
 WINDOW_MS = 60_000  # event-time window (stats.window_s when a config section exists)
@@ -402,7 +403,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI shim
     from streams.config import load_config
 
-    args = argparse.ArgumentParser(prog="python -m streams.stats_flow")
+    args = argparse.ArgumentParser(prog="python -m streams.flows.stats")
     args.add_argument("--bounded", action="store_true")
     ns = args.parse_args(argv)
     run_stats(load_config(), bounded=ns.bounded)

@@ -1,6 +1,6 @@
 """Decide where every line of a block of native log lines goes: the CPU-heavy half of ``streamrec replay``
 (decode, validate, route), kept apart from producing so it can run in a worker process
-(:mod:`streams.decode_worker`) while the parent only produces (:meth:`streams.replay.Publisher.send_plan`).
+(:mod:`streams.sources.decode_worker`) while the parent only produces (:meth:`streams.sources.replay.Publisher.send_plan`).
 
 A :class:`Plan` describes one block of ``L`` lines with ``E`` good events and ``W`` watermarks in it.
 Its verdicts are exactly those of ``schema.decode`` (decode + ``schema.check``): a line is a good event,
@@ -36,7 +36,7 @@ from typing import Union
 import msgspec
 
 from streams import schema
-from streams.partition import partition_for
+from streams.bus.partition import partition_for
 
 TOPIC_INDEX = {"impression": 0, "click": 1, "conversion": 2}  # index into (impressions, clicks, conversions)
 _WATERMARK = 3
@@ -68,7 +68,7 @@ class Plan(msgspec.Struct, array_like=True, gc=False):
 
 
 class Router:
-    """User id -> partition (:func:`streams.partition.partition_for` of the decimal key), cached: murmur2 in
+    """User id -> partition (:func:`streams.bus.partition.partition_for` of the decimal key), cached: murmur2 in
     Python costs ~3 us and user ids repeat."""
 
     MAX_CACHED = 1 << 20

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.partition import partition_for
+from streams.bus.partition import partition_for
 
 __all__ = ["OFFSET_BEGINNING", "KafkaError", "KafkaException", "Message", "TopicPartition", "make_producer",
            "make_consumer", "ensure_topics", "list_topics", "produce", "partition_for", "topic_partitions"]

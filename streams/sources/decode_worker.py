@@ -1,5 +1,5 @@
 """A decoder process for ``streamrec replay``: it reads the log itself and sends one
-:class:`~streams.lineplan.Plan` per block, so the replaying process only slices lines and produces.
+:class:`~streams.sources.lineplan.Plan` per block, so the replaying process only slices lines and produces.
 
 Why a process of its own, started with ``python -m`` rather than ``multiprocessing``: the parent holds
 librdkafka threads (fork is unsafe), and ``spawn``/``forkserver`` would re-import the parent's ``__main__``
@@ -8,7 +8,7 @@ librdkafka threads (fork is unsafe), and ``spawn``/``forkserver`` would re-impor
 Protocol (frames ``kind:1 byte, length:4 bytes LE, payload`` on the worker's stdout):
 
     worker -> "R" (ready)       parent -> "OFFSET FIRST_LINE\\n" on stdin (where to start; EOF = stop)
-    worker -> "P" msgpack Plan, one per :func:`streams.logfile.iter_blocks` block, in order
+    worker -> "P" msgpack Plan, one per :func:`streams.sources.logfile.iter_blocks` block, in order
     parent -> "FIRST_LINE\\n" at any time: the parent plans that block itself (it does so while it would
               otherwise wait for the worker); the worker answers that block with "K" unless it began it
     worker -> "E" (end of file) or "X" error text, then exits
@@ -48,8 +48,8 @@ from typing import Iterator
 
 import msgspec
 
-from streams.lineplan import Plan, Router, plan_block, split_lines
-from streams.logfile import Block, iter_blocks
+from streams.sources.lineplan import Plan, Router, plan_block, split_lines
+from streams.sources.logfile import Block, iter_blocks
 
 CLAIM_AHEAD = 16  # blocks the parent may plan ahead while the worker is behind (~0.3 MiB each)
 BLOCK_BYTES = 1 << 18  # ~800 lines of ours: fine-grained hand-over and claims, ~0.05 us per line of overhead
@@ -145,12 +145,12 @@ class DecoderProcess:
     then :meth:`next_plan` until it returns None; always :meth:`close` (or use as a context manager)."""
 
     def __init__(self, path: str | os.PathLike, partitions: int, block_bytes: int = BLOCK_BYTES):
-        root = str(Path(__file__).resolve().parent.parent)  # so `-m streams.decode_worker` imports this tree
+        root = str(Path(__file__).resolve().parent.parent)  # so `-m streams.sources.decode_worker` imports this tree
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self.path = str(path)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.decode_worker", self.path, str(partitions), str(block_bytes),
+            [sys.executable, "-m", "streams.sources.decode_worker", self.path, str(partitions), str(block_bytes),
              str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
             bufsize=0)  # unbuffered: select() on the pipe then tells exactly whether a frame is waiting
         self._decode = msgspec.msgpack.Decoder(Plan).decode
