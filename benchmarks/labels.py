@@ -109,12 +109,9 @@ def _labels(cfg: Config, processes: int) -> dict:
         conf = Path(tmp, "c.yaml")
         conf.write_text(yaml.safe_dump(msgspec.to_builtins(cfg)))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        if processes == 1:
-            cmd = [sys.executable, "-m", "streams.flows.labels", "--config", str(conf), "--bounded"]
-        else:
-            code = ("import sys; from streams import labels; from streams.config import load_config; "
-                    f"sys.exit(any(labels.local_cluster(load_config({str(conf)!r}), {processes}, bounded=True)))")
-            cmd = [sys.executable, "-c", code]
+        cmd = [sys.executable, "-m", "deploy.cli", "--config", str(conf), "labels", "--bounded"]
+        if processes > 1:
+            cmd += ["--local-processes", str(processes)]
         t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
         rss = []

@@ -38,14 +38,7 @@ import numpy as np
 from benchmarks._common import parser, report
 from benchmarks._form_fm import FormFM
 from streams.config import TrainerConfig
-from streams.sources.generate import (
-    GeneratorConfig,
-    TruthParams,
-    hidden_tastes,
-    normalized_entropy,
-    roc_auc,
-    simulate,
-)
+from streams.sources.generate import GeneratorConfig, TruthParams, hidden_tastes, normalized_entropy, roc_auc, simulate
 from streams.sources.scenarios import ScenarioConfig
 from trainer.features import featurize
 from trainer.model import Learner, count_parameters

@@ -10,23 +10,26 @@ import sys
 
 from streams.config import ConfigError, load_config
 
-# module that defines add_cli(subparsers); order = order in --help
-_COMMANDS = [
-    "deploy.stack",          # up
-    "streams.sources.generate",      # generate
-    "streams.sources.replay",        # replay
-    "streams.flows.labels",        # labels
-    "streams.flows.stats",    # stats
-    "trainer.service",       # train
-    "trainer.score",         # score
-    "dashboards.server",     # dashboard
-    "dashboards.grafana",    # dashboards push / export
-    "embedding_store.users", # users
-    "deploy.bench",          # bench NAME
-]
+# command -> module whose add_cli(subparsers) registers it; order = order in --help. Only the module of the
+# command being run is imported (a labels cluster process starts without torch), all of them for --help.
+_COMMANDS = {
+    "up": "deploy.stack",
+    "generate": "streams.sources.generate",
+    "replay": "streams.sources.replay",
+    "labels": "deploy.flows",
+    "stats": "deploy.flows",
+    "train": "trainer.service",
+    "score": "trainer.score",
+    "export": "trainer.score",
+    "dashboard": "dashboards.server",
+    "dashboards": "dashboards.grafana",
+    "users": "embedding_store.users",
+    "bench": "deploy.bench",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or only of ``command`` when it is a known one."""
     parser = argparse.ArgumentParser(
         prog="streamrec",
         description="Streaming online learning for ads ranking: replay or generate events into Kafka, label them "
@@ -36,19 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file (default: $STREAMREC_CONFIG)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMANDS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # subcommand not built yet
-                continue
-            raise
-        mod.add_cli(sub)
+    modules = [_COMMANDS[command]] if command in _COMMANDS else _COMMANDS.values()
+    for name in dict.fromkeys(modules):
+        importlib.import_module(name).add_cli(sub)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (skipping the global options), without parsing the rest."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            i += 2
+        elif argv[i].startswith("-"):
+            i += 1
+        else:
+            return argv[i]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

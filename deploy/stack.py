@@ -42,13 +42,17 @@ class StatsWatcher:
         self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "streamrec-up", cfg.kafka.client)
         self.consumer.assign(kafka_io.topic_partitions([cfg.topics.service_stats], cfg.topics.partitions))
         self.latest: dict[str, dict[str, float]] = {}
+        self.latest_ts: dict[str, int] = {}
 
     def poll(self) -> dict[str, dict[str, float]]:
+        """Read what arrived; per component keep the newest report by its timestamp (reports land on any
+        partition of the topic, so read order is not time order)."""
         for msg in self.consumer.consume(num_messages=10_000, timeout=0.05):
             if msg.error():
                 continue
             st = schema.decode(msg.value(), schema.ServiceStats)
-            if isinstance(st, schema.ServiceStats):
+            if isinstance(st, schema.ServiceStats) and st.ts >= self.latest_ts.get(st.component, 0):
+                self.latest_ts[st.component] = st.ts
                 self.latest.setdefault(st.component, {}).update(st.values)
         return self.latest
 

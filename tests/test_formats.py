@@ -103,7 +103,7 @@ def test_adapter_replays_into_the_broker_keyed_by_user(cfg, rel):
 
 @needs_data
 def test_ali_ccp_sample_becomes_labelled_examples(cfg):
-    from streams.flows.labels import run_labels
+    from streams.flows.service import run_labels
 
     path = DATA / "ali_ccp_sample/ali_ccp_val_sample.csv"
     s = replay_file(cfg, path, progress=False)

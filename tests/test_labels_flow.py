@@ -17,7 +17,8 @@ from conftest import read_topics
 from streams import schema
 from streams.bus import kafka_io
 from streams.config import replace
-from streams.flows.labels import build_flow, part_key, route, run_labels
+from streams.flows.routing import part_key, route
+from streams.flows.service import run_labels
 
 T0 = 1_700_000_000_000
 CLICK_W, CONV_W = 60, 600  # seconds
@@ -187,7 +188,7 @@ def test_no_broker_is_a_clear_error(tmp_path):
 
     cfg = make_config(tmp_path, "")
     with pytest.raises(ValueError, match="no broker configured"):
-        build_flow(cfg, bounded=True)
+        run_labels(cfg, bounded=True)
 
 
 def test_recovery_resumes_from_snapshot_offsets(cfg, tmp_path):
@@ -215,7 +216,7 @@ def test_recovery_resumes_from_snapshot_offsets(cfg, tmp_path):
 def test_source_pauses_topics_that_run_ahead_in_event_time(cfg):
     """Clicks (few messages, fast event time) and impressions (many) read at equal message rates drift apart;
     the source pauses the topic-partition ahead, so the join's orphan buffer stays bounded."""
-    from streams.flows.labels import _PartitionReader
+    from streams.flows.connectors import _PartitionReader
 
     producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
     for k in range(3000):  # impressions: 1 s apart; clicks: 1 per 20 impressions, 1 s after theirs

@@ -16,7 +16,8 @@ from test_labels_flow import _produce, _read_all, _workload
 from streams import schema
 from streams.bus import kafka_io
 from streams.config import replace
-from streams.flows.labels import local_cluster, run_labels
+from deploy.flows import local_cluster
+from streams.flows.service import run_labels
 from streams.sources import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def test_two_processes_give_the_same_examples_as_one(tmp_path, broker):
     two = replace(cfg, topics={name: getattr(cfg.topics, name) + "_2p"
                                for name in ("examples", "dead_letters", "service_stats")})
     kafka_io.ensure_topics(broker, two.topics.all(), two.topics.partitions)
-    assert local_cluster(two, 2, bounded=True, timeout=60) == [0, 0]
+    assert local_cluster(two, "labels", 2, ["--bounded"], timeout=60) == [0, 0]
     run_labels(cfg, bounded=True)
     one_ex, two_ex = _read_all(cfg, cfg.topics.examples, schema.Example), _read_all(two, two.topics.examples,
                                                                                      schema.Example)
@@ -50,7 +51,7 @@ def test_two_processes_give_the_same_examples_as_one(tmp_path, broker):
 def _start(conf: Path, recovery: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.Popen([sys.executable, "-m", "streams.flows.labels", "--config", str(conf),
+    return subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(conf), "labels",
                              "--recovery-dir", str(recovery), "--epoch-s", "0.3", *extra], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

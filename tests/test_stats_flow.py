@@ -9,16 +9,9 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 
 from conftest import read_topics
 from streams import schema
-from streams.flows.stats import (
-    DELAY_EDGES_S,
-    WINDOW_MS,
-    StatsBatch,
-    StatsState,
-    build_stats_flow,
-    misra_gries,
-    run_stats,
-    stats_topic,
-)
+from streams.flows.stats import (DELAY_EDGES_S, WINDOW_MS, StatsBatch, StatsState, build_stats_flow, misra_gries,
+                                 stats_topic)
+from streams.flows.service import run_labels, run_stats
 from streams.sources import generate
 
 T0 = 1_767_225_600_000
@@ -107,17 +100,13 @@ def test_flow_on_lists_is_deterministic_per_partition():
 
 
 def test_stats_flow_through_the_broker(cfg):
-    from streams.flows.labels import run_labels
-
     sim = generate.simulate(generate.GeneratorConfig(n_impressions=3000, seed=4, impressions_per_s=20))
     generate.produce(cfg, sim.records, progress=False)
     run_labels(cfg, bounded=True)
     run_stats(cfg, bounded=True)
     recs = [(m.key(), schema.decode(m.value(), schema.FeatureStats)) for m in read_topics(cfg, stats_topic(cfg))]
     assert all(k.decode() == r.stats_id for k, r in recs)
-    from dashboards.feature_stats import (
-        feature_stats_rows,  # the metrics sink's reader takes every record
-    )
+    from dashboards.feature_stats import feature_stats_rows  # the metrics sink's reader takes every record
 
     table, problems = feature_stats_rows([schema.encode(r) for _, r in recs], inserted_ms=1)
     assert problems == [] and table.num_rows == len(recs)

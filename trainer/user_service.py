@@ -38,16 +38,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from embedding_store.ann import (
-    AnnConfig,
-    AnnIndex,
-    load_index,
-    make_index,
-    npz_arrays,
-    npz_bytes,
-    save_index,
-    write_atomic,
-)
+from embedding_store.ann import (AnnConfig, AnnIndex, load_index, make_index, npz_arrays, npz_bytes, save_index,
+                                 write_atomic)
 from streams import schema
 from trainer.user_history import HistoryConfig, UserHistory
 from trainer.user_model import UserModel, UserModelConfig

@@ -71,6 +71,14 @@ _decode = msgspec.json.Decoder(schema.Record).decode
 _enc = msgspec.json.Encoder().encode
 
 
+class OutBatch(NamedTuple):
+    """What the join step emits per batch: encoded records and the partition's gauges."""
+
+    records: list[Output]  # (EXAMPLE | DEAD, key, encoded record)
+    counts: dict
+    pending: int
+
+
 class SourceBatch(NamedTuple):
     """One item of the labels dataflow: raw messages of one partition number, in arrival order.
 

@@ -26,10 +26,8 @@ time), so replaying after a crash rewrites identical rows: the ClickHouse sink s
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
-import sys
 import time
 from typing import NamedTuple
 
@@ -37,14 +35,11 @@ import bytewax.operators as op
 import msgspec
 import numpy as np
 from bytewax.dataflow import Dataflow
-from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulBatchLogic
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from streams import schema
-from streams.bus import kafka_io
-from streams.config import NO_BROKER, Config
-from streams.flows.labels import part_key
+from streams.config import Config
+from streams.flows.routing import part_key
 
 log = logging.getLogger(__name__)
 WINDOW_MS = 60_000  # event-time window (stats.window_s when a config section exists)
@@ -274,53 +269,6 @@ class StatsBatch(NamedTuple):
     final: bool = False
 
 
-class _Reader(StatefulSourcePartition[StatsBatch, int]):
-    """One consumer on examples partition ``p``; snapshot = next offset."""
-
-    def __init__(self, cfg: Config, p: int, offset: int | None, bounded: bool):
-        self.p, self.bounded, self.topic = p, bounded, cfg.topics.examples
-        self.next = offset
-        self.batch_size = cfg.labels.batch_size
-        self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "streamrec-stats", cfg.kafka.client,
-                                               **{"enable.partition.eof": True, "fetch.wait.max.ms": 100})
-        start = kafka_io.OFFSET_BEGINNING if offset is None else offset
-        self.consumer.assign([kafka_io.TopicPartition(self.topic, p, start)])
-        self.done = False
-
-    def next_batch(self) -> list[StatsBatch]:
-        if self.done:
-            raise StopIteration()
-        values, eof = [], False
-        for m in self.consumer.consume(num_messages=self.batch_size, timeout=0.05):
-            if m.error() is None:
-                values.append(m.value() or b"")
-                self.next = m.offset() + 1
-            elif m.error().code() == kafka_io.KafkaError._PARTITION_EOF:
-                eof = True
-            else:
-                kafka_io.consumer_error(m.error(), f"stats source partition {self.p}", log)
-        self.done = eof and self.bounded
-        return [StatsBatch(self.p, tuple(values), self.done)] if values or self.done else []
-
-    def snapshot(self) -> int | None:
-        return self.next
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-class KafkaExamplesSource(FixedPartitionedSource[StatsBatch, int]):
-    def __init__(self, cfg: Config, bounded: bool):
-        self.cfg, self.bounded = cfg, bounded
-        self.keys = {part_key(p, cfg.topics.partitions): p for p in range(cfg.topics.partitions)}
-
-    def list_parts(self) -> list[str]:
-        return list(self.keys)
-
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _Reader:
-        return _Reader(self.cfg, self.keys[for_part], resume_state, self.bounded)
-
-
 class _WindowLogic(StatefulBatchLogic[StatsBatch, bytes, StatsState]):
     def __init__(self, state: StatsState):
         self.state = state
@@ -353,62 +301,3 @@ def build_stats_flow(source, sink, *, partitions: int, window_ms: int = WINDOW_M
     windows = op.stateful_batch("stats_window", keyed, builder)
     op.output("stats_output", op.map("stats_value", windows, lambda kv: kv[1]), sink)
     return flow
-
-
-class _ProducerSink(DynamicSink[bytes]):
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> StatelessSinkPartition[bytes]:
-        return _Writer(self.cfg)
-
-
-class _Writer(StatelessSinkPartition[bytes]):
-    def __init__(self, cfg: Config):
-        self.topic, self.n = stats_topic(cfg), cfg.topics.partitions
-        self.producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.client)
-
-    def write_batch(self, items: list[bytes]) -> None:
-        for value in items:
-            key = value[value.index(b'"stats_id":"') + 12:].split(b'"', 1)[0]  # id is plain ASCII
-            kafka_io.produce(self.producer, self.topic, value, key=key,
-                             partition=kafka_io.partition_for(key, self.n))
-        kafka_io.flush_all(self.producer, "stats sink", log)  # before the epoch's offsets are snapshotted
-
-    def close(self) -> None:
-        kafka_io.flush_all(self.producer, "stats sink", log)
-
-
-def run_stats(cfg: Config, *, bounded: bool) -> None:
-    """Run the stats dataflow on ``cfg.topics.examples`` in this process."""
-    from bytewax.testing import run_main
-
-    if not cfg.kafka.bootstrap_servers:
-        raise ValueError(NO_BROKER)
-    kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, [cfg.topics.examples, stats_topic(cfg)],
-                           cfg.topics.partitions, cfg.kafka.client)
-    run_main(build_stats_flow(KafkaExamplesSource(cfg, bounded), _ProducerSink(cfg),
-                              partitions=cfg.topics.partitions))
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("stats", help="run the stats dataflow (feature / label statistics per window)",
-                       description="Read the examples topic and publish per-window, per-domain feature and label "
-                                   "statistics (histograms, heavy hitters, label rates and delays) to the "
-                                   "feature_stats topic with deterministic ids.")
-    p.add_argument("--bounded", action="store_true", help="stop at the end of the examples topic")
-    p.set_defaults(func=lambda args, cfg: run_stats(cfg, bounded=args.bounded) or 0)
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI shim
-    from streams.config import load_config
-
-    args = argparse.ArgumentParser(prog="python -m streams.flows.stats")
-    args.add_argument("--bounded", action="store_true")
-    ns = args.parse_args(argv)
-    run_stats(load_config(), bounded=ns.bounded)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -275,16 +275,8 @@ def in_time_order(items: Iterable[Item]) -> Iterator[Item]:
 # ------------------------------------------------------------------------------------------------ registry
 
 def _registry() -> dict[str, Format]:
-    from streams.sources.formats import (
-        ali_ccp,
-        aliexpress,
-        avazu,
-        criteo,
-        criteo_attribution,
-        native,
-        taobao,
-        taobao_dmr,
-    )
+    from streams.sources.formats import (ali_ccp, aliexpress, avazu, criteo, criteo_attribution, native, taobao,
+                                         taobao_dmr)
 
     fmts = [native.JSONL, native.PARQUET, criteo.FORMAT, criteo_attribution.FORMAT, ali_ccp.FORMAT,
             aliexpress.FORMAT, avazu.FORMAT, taobao.FORMAT, taobao_dmr.FORMAT]

@@ -16,17 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.sources.formats import (
-    Format,
-    Item,
-    ReadOptions,
-    delimited_rows,
-    event_ids,
-    feedback,
-    first_line,
-    flags,
-    ints,
-)
+from streams.sources.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, flags,
+                                     ints)
 
 NAME = "ali-ccp"
 _ID_COLS = ("101", "205", "216", "207")

@@ -24,17 +24,8 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.sources.formats import (
-    Format,
-    Item,
-    ReadOptions,
-    delimited_rows,
-    event_ids,
-    feedback,
-    first_line,
-    flags,
-    stable_id,
-)
+from streams.sources.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, flags,
+                                     stable_id)
 
 NAME = "avazu"
 HOUR_MS = 3_600_000

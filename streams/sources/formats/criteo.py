@@ -21,17 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.sources.formats import (
-    Format,
-    Item,
-    ReadOptions,
-    delimited_rows,
-    event_ids,
-    feedback,
-    first_line,
-    signed_log1p,
-    stable_id,
-)
+from streams.sources.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line,
+                                     signed_log1p, stable_id)
 
 NAME = "criteo"
 N_DENSE, N_CAT = 13, 26

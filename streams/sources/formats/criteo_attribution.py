@@ -19,18 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.sources.formats import (
-    Format,
-    Item,
-    ReadOptions,
-    delimited_rows,
-    event_ids,
-    feedback,
-    first_line,
-    flags,
-    ints,
-    signed_log1p,
-)
+from streams.sources.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, flags,
+                                     ints, signed_log1p)
 
 NAME = "criteo-attribution"
 COLUMNS = ("timestamp", "uid", "campaign", "conversion", "conversion_timestamp", "conversion_id", "attribution",

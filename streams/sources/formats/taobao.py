@@ -18,20 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 from streams import schema
-from streams.sources.formats import (
-    Format,
-    Item,
-    ReadOptions,
-    delimited_rows,
-    event_ids,
-    feedback,
-    first_line,
-    flags,
-    ints,
-    parse_time,
-    signed_log1p,
-    stable_id,
-)
+from streams.sources.formats import (Format, Item, ReadOptions, delimited_rows, event_ids, feedback, first_line, flags,
+                                     ints, parse_time, signed_log1p, stable_id)
 
 NAME = "taobao"
 _CAT = ("cate_id", "brand", "cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",

@@ -1,0 +1,357 @@
+"""Kafka connectors of the dataflows: the Bytewax sources and sinks that the flows take as arguments.
+
+labels::
+
+    KafkaPartitionsSource: one source partition per Kafka partition NUMBER p, one consumer assigned to
+      (impressions, p), (clicks, p), (conversions, p); one item = SourceBatch(up to labels.batch_size raw
+      messages, topics caught up); snapshot = next offset per topic
+    LabelsSink: one writer per partition key, one producer per process; examples -> topics.examples
+      (key user_id), dead letters -> topics.dead_letters; ServiceStats(component="labels") about every
+      second (events_in, examples_out, dead_letters, dead.<reason>, late_positives, pending_impressions)
+
+stats::
+
+    KafkaExamplesSource: one source partition per examples-topic partition; StatsBatch(p, raw Examples)
+    FeatureStatsSink: encoded FeatureStats -> the feature_stats topic, key = stats_id
+
+Event-time pacing (labels): the source reads the ts of the last message per topic of each batch and pauses
+the topic-partitions more than ``labels.pace_slack_s`` ahead of the slowest live one, so feedback read before
+its impression (the join's orphan buffer) stays bounded.
+
+Delivery: every sink waits for its messages to be delivered before Bytewax snapshots the epoch's source
+offsets (at-least-once; the consumers of both topics are idempotent).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import threading
+import time
+
+import msgspec
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
+
+from streams import schema
+from streams.bus import kafka_io
+from streams.config import Config
+from streams.flows import join
+from streams.flows.join import OutBatch
+from streams.flows.routing import part_key
+from streams.flows.stats import StatsBatch, stats_topic
+
+log = logging.getLogger(__name__)
+GROUP = "streamrec-labels"  # assign() only, never committed: offsets live in Bytewax snapshots
+
+
+# ------------------------------------------------------------------------------------------- labels source
+
+HEARTBEAT_S = 1.0
+
+
+class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
+    """One consumer on (impressions, clicks, conversions) partition ``p``; snapshot = next offset per topic."""
+
+    def __init__(self, cfg: Config, p: int, offsets: dict[str, int] | None, bounded: bool):
+        self.topics, self.p, self.bounded = cfg.topics.input_topics(), p, bounded
+        self.batch_size = cfg.labels.batch_size
+        self.next = dict(offsets or {})
+        self.eof = {t: False for t in self.topics}
+        self.eof_since: dict[str, float] = {}  # monotonic time each topic-partition last reached its end
+        self.idle_s = 0.0 if bounded else cfg.labels.idle_s
+        self.reported: frozenset[str] = frozenset()
+        self.last_emit = 0.0
+        self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, GROUP, cfg.kafka.client,
+                                               **{"enable.partition.eof": True, "fetch.wait.max.ms": 100})
+        self.consumer.assign([kafka_io.TopicPartition(t, p, self.next.get(t, kafka_io.OFFSET_BEGINNING))
+                              for t in self.topics])
+        self.finished = False
+        self.head: dict[str, int] = {}  # latest event ts read per topic (from the last message of a batch)
+        self.paused: set[str] = set()
+        self.pauses = 0
+        self.slack_ms = int(cfg.labels.pace_slack_s * 1000)
+
+    def next_batch(self) -> list[join.SourceBatch]:
+        if self.finished:
+            raise StopIteration()
+        msgs, p, eof, eof_at = [], self.p, self.eof, {}
+        for m in self.consumer.consume(num_messages=self.batch_size, timeout=0.05):
+            err = m.error()
+            if err is None:
+                msgs.append((m.topic(), p, m.offset(), m.value() or b""))
+            elif err.code() == kafka_io.KafkaError._PARTITION_EOF:
+                if not eof[m.topic()]:
+                    self.eof_since[m.topic()] = time.monotonic()
+                eof[m.topic()], eof_at[m.topic()] = True, len(msgs)
+            else:
+                kafka_io.consumer_error(err, f"labels source partition {p}", log)
+        seen = set()
+        for i in range(len(msgs) - 1, -1, -1):  # last message per topic: next offset; data after EOF: not caught up
+            topic = msgs[i][0]
+            if topic not in seen:
+                seen.add(topic)
+                self.next[topic] = msgs[i][2] + 1
+                if eof[topic] and eof_at.get(topic, -1) <= i:
+                    eof[topic] = False
+                ts = _head_ts(msgs, i)
+                if ts is not None and ts > self.head.get(topic, -1):
+                    self.head[topic] = ts
+        self._pace()
+        if self.bounded and all(self.eof.values()):
+            self.finished = True
+        # At its end a tailing topic may still receive data: it stops holding event time back only once idle
+        # for idle_s (otherwise a momentarily caught-up impressions topic lets windows close too early).
+        now = time.monotonic()
+        caught = frozenset(t for t, e in self.eof.items() if e and now - self.eof_since[t] >= self.idle_s)
+        if not msgs and caught == self.reported and now - self.last_emit < HEARTBEAT_S:
+            return []
+        # an empty batch at least every HEARTBEAT_S keeps the sink publishing stats while the input is quiet
+        self.reported, self.last_emit = caught, now
+        return [join.SourceBatch(self.p, tuple(msgs), caught)]
+
+    def _pace(self) -> None:
+        """Pause topic-partitions more than ``slack`` ahead in event time of the slowest live one.
+
+        The slowest topic that is not at its end is never paused, so reading always progresses; the join's
+        orphan buffers (feedback read before its impression) stay bounded by ``slack`` of event time.
+        """
+        live = [self.head.get(t) for t in self.topics if not self.eof[t]]
+        if None in live:  # a topic with unread data and no time yet (start-up): hold the others until it has one
+            want = {t for t in self.topics if not self.eof[t] and t in self.head}
+        else:
+            floor = min(live) if live else 0
+            want = {t for t in self.topics if not self.eof[t] and self.head[t] > floor + self.slack_ms}
+        if want != self.paused:
+            tps = lambda ts: [kafka_io.TopicPartition(t, self.p) for t in ts]
+            if want - self.paused:
+                self.consumer.pause(tps(want - self.paused))
+            if self.paused - want:
+                self.consumer.resume(tps(self.paused - want))
+            self.paused = want
+            self.pauses += 1
+
+    def snapshot(self) -> dict:
+        return dict(self.next)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class _Ts(msgspec.Struct):
+    ts: int = -1
+
+
+_decode_ts = msgspec.json.Decoder(_Ts).decode
+
+
+def _head_ts(msgs: list[join.RawMsg], i: int) -> int | None:
+    """Event ts of message ``i`` or of the closest earlier decodable one of its topic (looks back <= 8)."""
+    topic = msgs[i][0]
+    for j in range(i, max(i - 8, -1), -1):
+        if msgs[j][0] == topic:
+            try:
+                ts = _decode_ts(msgs[j][3]).ts
+            except schema.DECODE_ERRORS:  # a bad record: the join dead-letters it; try the one before
+                continue
+            if ts >= 0:
+                return ts
+    return None
+
+
+class KafkaPartitionsSource(FixedPartitionedSource[join.SourceBatch, dict]):
+    """One source partition per Kafka partition number of the three input topics."""
+
+    def __init__(self, cfg: Config, bounded: bool):
+        self.cfg, self.bounded = cfg, bounded
+        n = cfg.topics.partitions
+        self.keys = {part_key(p, n): p for p in range(n)}
+
+    def list_parts(self) -> list[str]:
+        return list(self.keys)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: dict | None) -> _PartitionReader:
+        return _PartitionReader(self.cfg, self.keys[for_part], resume_state, self.bounded)
+
+
+# --------------------------------------------------------------------------------------------- labels sink
+
+class _Stats:
+    """Process-wide totals of every partition, published as ``ServiceStats`` about once a second."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.lock = cfg, threading.Lock()
+        self.parts: dict[str, tuple[dict, int]] = {}
+        self.last_t, self.last_in = time.monotonic(), 0.0
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+
+    def update(self, key: str, batch: OutBatch) -> None:
+        self.parts[key] = (batch.counts, batch.pending)
+
+    def maybe_publish(self, producer, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_t < 1.0:
+            return
+        with self.lock:
+            if not force and now - self.last_t < 1.0:
+                return
+            names = {k for c, _ in self.parts.values() for k in c}
+            names.update(("events_in", "examples_out", "dead_letters"))
+            values = {k: float(sum(c.get(k, 0) for c, _ in self.parts.values())) for k in sorted(names)}
+            values["pending_impressions"] = float(sum(p for _, p in self.parts.values()))
+            dt = max(now - self.last_t, 1e-6)
+            values["events_per_s"] = (values["events_in"] - self.last_in) / dt
+            self.last_t, self.last_in = now, values["events_in"]
+        st = schema.ServiceStats(component="labels", ts=int(time.time() * 1000), values=values,
+                                 instance=self.instance)
+        key = b"labels"
+        kafka_io.produce(producer, self.cfg.topics.service_stats, schema.encode(st), key=key,
+                         partition=kafka_io.partition_for(key, self.cfg.topics.partitions))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _partition_for(key: bytes, partitions: int) -> int:
+    return kafka_io.partition_for(key, partitions)  # pure-Python murmur2: cached, users repeat
+
+
+class _PartitionWriter(StatefulSinkPartition[OutBatch, None]):
+    def __init__(self, cfg: Config, key: str, p: int, stats: _Stats, sink: LabelsSink):
+        self.cfg, self.key, self.p, self.stats, self.sink = cfg, key, p, stats, sink
+        self.producer = sink.acquire()  # shared by the process's partitions: one set of threads, bigger batches
+        self.last_flush = time.monotonic()
+
+    def write_batch(self, values: list[OutBatch]) -> None:
+        t, n, produce = self.cfg.topics, self.cfg.topics.partitions, self.producer.produce
+        examples, dead, p = t.examples, t.dead_letters, self.p % n
+        for batch in values:
+            for kind, key, value in batch.records:
+                topic, part = (examples, _partition_for(key, n)) if kind == join.EXAMPLE else (dead, p)
+                try:
+                    produce(topic, value, key, part)  # positional: no kwargs parsing on the hot path
+                except BufferError:
+                    kafka_io.produce(self.producer, topic, value, key=key, partition=part)
+            self.stats.update(self.key, batch)
+        self.producer.poll(0)
+        self.stats.maybe_publish(self.producer)
+        if time.monotonic() - self.last_flush > 1.0:
+            self.producer.flush(30)
+            self.last_flush = time.monotonic()
+
+    def snapshot(self) -> None:
+        # Everything before this epoch's source offsets is written before they are saved: at-least-once.
+        kafka_io.flush_all(self.producer, f"labels sink partition {self.p}", log)
+
+    def close(self) -> None:
+        self.stats.maybe_publish(self.producer, force=True)
+        kafka_io.flush_all(self.producer, f"labels sink partition {self.p}", log)
+        self.producer = None
+        self.sink.release()
+
+
+class LabelsSink(FixedPartitionedSink[OutBatch, None]):
+    """One writer per partition key, one producer per process; items stay on the worker that joined them."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.stats = cfg, _Stats(cfg)
+        self.producer, self.users, self.lock = None, 0, threading.Lock()
+        n = cfg.topics.partitions
+        self.keys = [part_key(p, n) for p in range(n)]
+
+    def acquire(self):
+        with self.lock:  # worker threads build their parts concurrently
+            if self.producer is None:
+                self.producer = kafka_io.make_producer(self.cfg.kafka.bootstrap_servers, self.cfg.kafka.client)
+            self.users += 1
+            return self.producer
+
+    def release(self) -> None:
+        with self.lock:  # the last writer drops the producer: no broker connection outlives the flow
+            self.users -= 1
+            if self.users == 0:
+                self.producer = None
+
+    def list_parts(self) -> list[str]:
+        return list(self.keys)
+
+    def part_fn(self, item_key: str) -> int:
+        return sorted(self.keys).index(item_key)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _PartitionWriter:
+        return _PartitionWriter(self.cfg, for_part, self.keys.index(for_part), self.stats, self)
+
+
+# -------------------------------------------------------------------------------------------- stats source
+
+class _Reader(StatefulSourcePartition[StatsBatch, int]):
+    """One consumer on examples partition ``p``; snapshot = next offset."""
+
+    def __init__(self, cfg: Config, p: int, offset: int | None, bounded: bool):
+        self.p, self.bounded, self.topic = p, bounded, cfg.topics.examples
+        self.next = offset
+        self.batch_size = cfg.labels.batch_size
+        self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "streamrec-stats", cfg.kafka.client,
+                                               **{"enable.partition.eof": True, "fetch.wait.max.ms": 100})
+        start = kafka_io.OFFSET_BEGINNING if offset is None else offset
+        self.consumer.assign([kafka_io.TopicPartition(self.topic, p, start)])
+        self.done = False
+
+    def next_batch(self) -> list[StatsBatch]:
+        if self.done:
+            raise StopIteration()
+        values, eof = [], False
+        for m in self.consumer.consume(num_messages=self.batch_size, timeout=0.05):
+            if m.error() is None:
+                values.append(m.value() or b"")
+                self.next = m.offset() + 1
+            elif m.error().code() == kafka_io.KafkaError._PARTITION_EOF:
+                eof = True
+            else:
+                kafka_io.consumer_error(m.error(), f"stats source partition {self.p}", log)
+        self.done = eof and self.bounded
+        return [StatsBatch(self.p, tuple(values), self.done)] if values or self.done else []
+
+    def snapshot(self) -> int | None:
+        return self.next
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class KafkaExamplesSource(FixedPartitionedSource[StatsBatch, int]):
+    def __init__(self, cfg: Config, bounded: bool):
+        self.cfg, self.bounded = cfg, bounded
+        self.keys = {part_key(p, cfg.topics.partitions): p for p in range(cfg.topics.partitions)}
+
+    def list_parts(self) -> list[str]:
+        return list(self.keys)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _Reader:
+        return _Reader(self.cfg, self.keys[for_part], resume_state, self.bounded)
+
+
+# ---------------------------------------------------------------------------------------------- stats sink
+
+class FeatureStatsSink(DynamicSink[bytes]):
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> StatelessSinkPartition[bytes]:
+        return _Writer(self.cfg)
+
+
+class _Writer(StatelessSinkPartition[bytes]):
+    def __init__(self, cfg: Config):
+        self.topic, self.n = stats_topic(cfg), cfg.topics.partitions
+        self.producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.client)
+
+    def write_batch(self, items: list[bytes]) -> None:
+        for value in items:
+            key = value[value.index(b'"stats_id":"') + 12:].split(b'"', 1)[0]  # id is plain ASCII
+            kafka_io.produce(self.producer, self.topic, value, key=key,
+                             partition=kafka_io.partition_for(key, self.n))
+        kafka_io.flush_all(self.producer, "stats sink", log)  # before the epoch's offsets are snapshotted
+
+    def close(self) -> None:
+        kafka_io.flush_all(self.producer, "stats sink", log)

@@ -1,0 +1,75 @@
+"""The dataflows as services: on Kafka, in this process, with Bytewax recovery.
+
+``run_labels`` and ``run_stats`` wire each flow to its Kafka connectors (``streams/flows/connectors.py``)
+and run it with ``workers`` threads, or as one process of a Bytewax cluster (``process_id``/``addresses``:
+every process runs the same call with its own id; ``addresses[i]`` is ``host:port`` of process ``i``).
+``epoch_s`` is the snapshot interval (Bytewax's default 10 s): what a crash replays. The commands that start
+them (``streamrec labels``, ``streamrec stats``, and local clusters) are in ``deploy/flows.py``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
+
+from streams.bus import kafka_io
+from streams.config import NO_BROKER, Config
+from streams.flows import join
+from streams.flows.connectors import FeatureStatsSink, KafkaExamplesSource, KafkaPartitionsSource, LabelsSink
+from streams.flows.labels import build_flow
+from streams.flows.stats import build_stats_flow, stats_topic
+
+
+def recovery_config(directory: str) -> RecoveryConfig | None:
+    """Bytewax recovery in ``directory`` (created and initialised with one partition when empty); None for ""."""
+    if not directory:
+        return None
+    d = Path(directory)
+    if not d.exists() or not any(d.iterdir()):
+        d.mkdir(parents=True, exist_ok=True)
+        init_db_dir(d, 1)  # `python -m bytewax.recovery DIR 1`
+    return RecoveryConfig(str(d))
+
+
+def run_flow(flow: Dataflow, *, recovery_dir: str = "", workers: int = 1, epoch_s: float | None = None,
+             process_id: int | None = None, addresses: list[str] | None = None) -> None:
+    """Run ``flow`` until its sources end (bounded) or forever (tailing)."""
+    if workers < 1:
+        raise ValueError(f"{flow.flow_id}: workers must be >= 1, got {workers}")
+    if addresses is not None and not (process_id is not None and 0 <= process_id < len(addresses)):
+        raise ValueError(f"{flow.flow_id}: process id must be in [0, {len(addresses)}) for {len(addresses)} "
+                         f"addresses, got {process_id}")
+    epoch, rec = None if epoch_s is None else timedelta(seconds=epoch_s), recovery_config(recovery_dir)
+    if workers == 1 and addresses is None:
+        from bytewax.testing import run_main
+
+        run_main(flow, epoch_interval=epoch, recovery_config=rec)
+    else:
+        from bytewax.run import cli_main
+
+        cli_main(flow, workers_per_process=workers, process_id=process_id, addresses=addresses,
+                 epoch_interval=epoch, recovery_config=rec)
+
+
+def run_labels(cfg: Config, *, bounded: bool, **run) -> None:
+    """The labels flow on ``cfg.topics`` (recovery in ``labels.recovery_dir``); ``run``: see :func:`run_flow`."""
+    if not cfg.kafka.bootstrap_servers:
+        raise ValueError(NO_BROKER)
+    jcfg = join.JoinConfig.from_config(cfg)  # validates policy and windows before anything starts
+    kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions, cfg.kafka.client)
+    flow = build_flow(jcfg, KafkaPartitionsSource(cfg, bounded), LabelsSink(cfg), partitions=cfg.topics.partitions,
+                      bounded=bounded)
+    run_flow(flow, recovery_dir=cfg.labels.recovery_dir, **run)
+
+
+def run_stats(cfg: Config, *, bounded: bool, recovery_dir: str = "", **run) -> None:
+    """The stats flow on ``cfg.topics.examples``; ``run``: see :func:`run_flow`."""
+    if not cfg.kafka.bootstrap_servers:
+        raise ValueError(NO_BROKER)
+    kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, [cfg.topics.examples, stats_topic(cfg)],
+                           cfg.topics.partitions, cfg.kafka.client)
+    flow = build_stats_flow(KafkaExamplesSource(cfg, bounded), FeatureStatsSink(cfg), partitions=cfg.topics.partitions)
+    run_flow(flow, recovery_dir=recovery_dir, **run)
