@@ -11,7 +11,7 @@ import bytewax.operators as op
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.run import cli_main
-from bytewax.testing import TestingSink, TestingSource
+from bytewax.testing import TestingSink, TestingSource, run_main
 
 from conftest import read_topics
 from streams import schema
@@ -254,3 +254,31 @@ def test_source_pauses_topics_that_run_ahead_in_event_time(cfg):
 
     lead, pauses = max_lead(60)
     assert lead <= 60 + 10 * 20 and pauses > 0  # at most slack + one batch (10 clicks x 20 s) ahead
+
+
+def test_the_flow_runs_on_bytewax_testing_source_and_sink():
+    from streams.flows import join
+    from streams.flows.labels import build_flow
+
+    jcfg = join.JoinConfig(("imp", "clk", "cnv"), click_window_ms=60_000, conversion_window_ms=60_000,
+                           future_tolerance_ms=None)
+
+    def msg(topic, offset, ev):
+        return (topic, 0, offset, schema.encode(ev))
+
+    batches = []
+    for p in range(2):
+        imps = [schema.Impression(event_id=f"i{p}-{k}", ts=T0 + k, user_id=p, ad_id=1, campaign_id=1,
+                                  advertiser_id=1, domain="feed") for k in range(5)]
+        click = schema.Click(event_id=f"c{p}", impression_id=f"i{p}-0", ts=T0 + 10, user_id=p)
+        batches.append(join.SourceBatch(p, tuple(msg("imp", k, e) for k, e in enumerate(imps))
+                                        + (msg("clk", 0, click), ("imp", 0, 9, b"{bad")), frozenset()))
+    out: list = []
+    run_main(build_flow(jcfg, TestingSource(batches), TestingSink(out), partitions=2, bounded=True))
+    records = [r for _, batch in out for r in batch.records]
+    examples = {schema.decode(v, schema.Example).example_id: schema.decode(v, schema.Example).click
+                for kind, _, v in records if kind == join.EXAMPLE}
+    dead = [schema.decode(v, schema.DeadLetter) for kind, _, v in records if kind == join.DEAD]
+    assert examples == {f"i{p}-{k}": int(k == 0) for p in range(2) for k in range(5)}
+    assert [(d.step, d.reason.split(":")[0]) for d in dead] == [("labels.decode", "unparseable")] * 2
+    assert {key for key, _ in out} == {part_key(0, 2), part_key(1, 2)}
