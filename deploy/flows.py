@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
-from streams.bus.broker import free_port
+from streams.bus.processes import free_port
 from streams.config import NO_BROKER, Config, replace
 from streams.flows.service import run_labels, run_stats
 

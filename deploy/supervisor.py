@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streams.bus.broker import die_with_parent
+from streams.bus.processes import die_with_parent
 
 log = logging.getLogger("streamrec.supervisor")
 

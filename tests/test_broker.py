@@ -36,7 +36,7 @@ def test_start_create_topics_stop(tmp_path):
 
 def test_partition_for_matches_librdkafka_murmur2(broker):
     kafka_io.ensure_topics(broker, ["murmur"], 5)
-    p = kafka_io.make_producer(broker)
+    p = kafka_io.make_producer(broker, **{"delivery.report.only.error": False})
     got = {}
     for i in range(300):
         key = str(i * 7919).encode()
@@ -58,3 +58,51 @@ def test_broker_dies_with_its_owner_on_sigkill(tmp_path):
     while _alive(broker_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(broker_pid), "broker outlived its owner"
+
+
+def _read_values(bootstrap: str, topic: str, partitions: int, timeout: float = 60.0) -> list[bytes]:
+    consumer = kafka_io.make_consumer(bootstrap, "reader", **{"enable.partition.eof": True})
+    consumer.assign(kafka_io.topic_partitions([topic], partitions))
+    out, eof, deadline = [], set(), time.monotonic() + timeout
+    try:
+        while len(eof) < partitions and time.monotonic() < deadline:
+            for m in consumer.consume(num_messages=10_000, timeout=0.5):
+                if m.error() is None:
+                    out.append(m.value())
+                elif m.error().code() == kafka_io.KafkaError._PARTITION_EOF:
+                    eof.add(m.partition())
+    finally:
+        consumer.close()
+    assert len(eof) == partitions, f"no end of {topic} within {timeout}s"
+    return out
+
+
+def test_durable_broker_keeps_acknowledged_messages_across_sigkills_of_broker_and_storage(tmp_path):
+    from streams.bus.storage import StorageServer
+
+    with StorageServer(tmp_path / "s3", log_path=tmp_path / "s3.log") as s3:
+        broker = EmbeddedBroker(log_path=tmp_path / "b.log", storage_port=s3.port).start()
+        try:
+            broker.create_topics(["t"], partitions=4)
+            producer = kafka_io.make_producer(broker.bootstrap_servers)
+            for i in range(5000):
+                kafka_io.produce(producer, "t", b"m%d" % i, partition=i % 4)
+            assert producer.flush(30) == 0  # acknowledged
+            broker.proc.send_signal(signal.SIGKILL)
+            broker.proc.wait()
+            s3.proc.send_signal(signal.SIGKILL)
+            s3.proc.wait()
+            s3.start()
+            broker.start()  # same port, storage and cluster id
+            assert sorted(_read_values(broker.bootstrap_servers, "t", 4)) == sorted(b"m%d" % i for i in range(5000))
+            # storage away while the broker runs: what the broker refuses is produced again once it is back
+            s3.stop()
+            for i in range(5000, 5200):
+                kafka_io.produce(producer, "t", b"m%d" % i, partition=i % 4)
+            producer.poll(3.0)
+            s3.start()
+            assert producer.flush(60) == 0
+            got = _read_values(broker.bootstrap_servers, "t", 4)
+            assert set(got) == {b"m%d" % i for i in range(5200)}  # nothing lost (a retry may repeat one)
+        finally:
+            broker.stop()

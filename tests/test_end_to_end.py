@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from conftest import read_topics
 from streams import schema
 from streams.bus import kafka_io
-from streams.bus.broker import free_port
+from streams.bus.processes import free_port
 from streams.sources.generate import GeneratorConfig, simulate
 from streams.sources.replay import produce
 

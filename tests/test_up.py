@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from streams.bus.broker import free_port
+from streams.bus.processes import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,8 @@
 ...     print(broker.bootstrap_servers)
 127.0.0.1:40123
 
-The broker runs in memory on a free 127.0.0.1 port. It dies with its parent (``PR_SET_PDEATHSIG``), so
+The broker runs on a free 127.0.0.1 port, in memory or on the local storage server of
+:mod:`streams.bus.storage` (durable across a SIGKILL of either). It dies with its parent (``PR_SET_PDEATHSIG``), so
 even a ``kill -9`` of the owner leaves no orphan; it runs in its own session, so a terminal's Ctrl-C does not
 stop it before the owner's clients have closed. Tansu lacks transactions, ``offsets_for_times``, reliable
 watermarks and CreatePartitions; nothing in streamrec depends on them.
@@ -13,20 +14,16 @@ watermarks and CreatePartitions; nothing in streamrec depends on them.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.resources
 import os
-import signal
 import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-from streams.bus import kafka_io
-
-_PR_SET_PDEATHSIG = 1
-
+from streams.bus import kafka_io, storage
+from streams.bus.processes import die_with_parent, free_port
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be started or did not answer."""
@@ -42,41 +39,61 @@ def tansu_binary() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` for children that must not outlive this process (runs between fork and exec)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+def wait_ready(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0) -> None:
+    """Wait until the broker on ``port`` answers a metadata request (or ``proc`` exits: :class:`BrokerError`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BrokerError(f"Tansu exited with code {proc.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+            kafka_io.list_topics(f"127.0.0.1:{port}", timeout=2.0)
+            return
+        except (OSError, kafka_io.KafkaError, kafka_io.KafkaException):
+            time.sleep(0.05)
+    raise BrokerError(f"Tansu did not answer on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
 class EmbeddedBroker:
-    """Start/stop one Tansu process. Use as a context manager or call :meth:`start`/:meth:`stop`."""
+    """Start/stop one Tansu process. Use as a context manager or call :meth:`start`/:meth:`stop`.
 
-    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None):
+    ``storage_port``: keep topics on the storage server listening there (:mod:`streams.bus.storage`), under
+    ``cluster_id`` (its folder in the bucket: reuse it to find the topics again); None: in memory, with a
+    fresh cluster id per start, so offsets recorded against an earlier broker (e.g. by the metrics sink in a
+    reused data dir) never apply to new topics. :meth:`command` and :meth:`env` give what a supervisor runs.
+    """
+
+    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None, *,
+                 storage_port: int | None = None, cluster_id: str | None = None):
         self.port = port or free_port()
         self.log_path = Path(log_path) if log_path else None
+        self.storage_port = storage_port
+        self.cluster_id = cluster_id or f"streamrec-{uuid.uuid4().hex[:16]}"
         self.proc: subprocess.Popen | None = None
 
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
+    @property
+    def durable(self) -> bool:
+        return self.storage_port is not None
+
+    def command(self) -> list[str]:
         url = f"tcp://127.0.0.1:{self.port}"
-        # A fresh cluster id per start: its topics are new, so offsets recorded against an earlier broker
-        # (e.g. by the metrics sink in a reused data dir) must not apply to them.
-        cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/", "--cluster-id", f"streamrec-{uuid.uuid4().hex[:16]}"]
+        engine = f"s3://{storage.BUCKET}/" if self.durable else "memory://tansu/"
+        return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", engine, "--cluster-id", self.cluster_id]
+
+    def env(self) -> dict[str, str]:
+        return storage.broker_env(self.storage_port) if self.durable else {}
+
+    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env={**os.environ, **self.env()},
                                          preexec_fn=die_with_parent, start_new_session=True)
         finally:
             if log is not subprocess.DEVNULL:
@@ -85,20 +102,11 @@ class EmbeddedBroker:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BrokerError(f"Tansu exited with code {self.proc.returncode} while starting"
-                                  + (f"; see {self.log_path}" if self.log_path else ""))
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    pass
-                kafka_io.list_topics(self.bootstrap_servers, timeout=2.0)
-                return
-            except (OSError, kafka_io.KafkaError):
-                time.sleep(0.05)
-        self.stop()
-        raise BrokerError(f"Tansu did not answer on {self.bootstrap_servers} within {timeout:.0f}s")
+        try:
+            wait_ready(self.port, self.proc, timeout)
+        except BrokerError as e:
+            self.stop()
+            raise BrokerError(f"{e}" + (f"; see {self.log_path}" if self.log_path else "")) from None
 
     def create_topics(self, topics: list[str] | tuple[str, ...], partitions: int) -> None:
         kafka_io.ensure_topics(self.bootstrap_servers, topics, partitions)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterable, Mapping
+from collections import deque
+from typing import Callable, Iterable, Mapping
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Producer as _KafkaProducer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.bus.partition import partition_for
@@ -27,11 +29,16 @@ def _base(bootstrap: str, extra: Mapping[str, str] | None) -> dict:
 
 
 # message.timeout.ms 0: a produced message is retried until the broker takes it (acks=all, librdkafka's
-# default), never dropped after a timeout while the broker is down; callers that move offsets past what they
-# produced wait for delivery first (:func:`flush_all`).
+# default), never dropped after a timeout while the broker is down; what librdkafka gives up on anyway is
+# produced again (:class:`Producer`); callers that move offsets past what they produced wait for delivery
+# first (:func:`flush_all`). Delivery reports only for failures: a Python callback per message costs ~10%.
 PRODUCER_DEFAULTS = {"linger.ms": 5, "batch.num.messages": 10000, "queue.buffering.max.messages": 500000,
                      "compression.type": "lz4", "enable.idempotence": False, "partitioner": "murmur2_random",
-                     "message.timeout.ms": 0}
+                     "message.timeout.ms": 0, "delivery.report.only.error": True}
+# Errors no retry can cure (the message or the configuration is wrong): counted and reported, not retried.
+_PERMANENT = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG,
+              KafkaError.INVALID_MSG_SIZE, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+              KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError._INVALID_ARG}
 
 
 def producer_config(bootstrap: str, extra: Mapping[str, str] | None = None, **overrides) -> dict:
@@ -44,9 +51,66 @@ def producer_config(bootstrap: str, extra: Mapping[str, str] | None = None, **ov
     return {"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, **(extra or {}), **overrides}
 
 
-def make_producer(bootstrap: str, extra: Mapping[str, str] | None = None, **overrides) -> Producer:
+class Producer(_KafkaProducer):
+    """A confluent-kafka producer that produces again what the broker failed to take.
+
+    librdkafka retries transport errors by itself, but not every error a broker answers: Tansu answers
+    UNKNOWN while the storage behind it is away, and such a message would be lost. Its delivery report puts
+    it back on a queue that :meth:`poll` and :meth:`flush` produce again (at-least-once: every consumer of
+    streamrec's topics is idempotent). ``failed``: messages refused for good (see ``_PERMANENT``), with
+    ``on_failure(err, msg)`` called for each.
+    """
+
+    def __init__(self, conf: dict, on_failure: Callable | None = None):
+        self.redo: deque = deque()
+        self.failed = self.retried = 0
+        self.on_failure = on_failure
+        super().__init__({**conf, "on_delivery": self._on_delivery})
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            return
+        if err.code() in _PERMANENT:
+            self.failed += 1
+            report(_CLIENT_LOG.logger, f"producer {msg.topic()}", f"{err.name()}: {err.str()} (not retried)",
+                   logging.ERROR)
+            if self.on_failure is not None:
+                self.on_failure(err, msg)
+            return
+        self.retried += 1
+        report(_CLIENT_LOG.logger, f"producer {msg.topic()}", f"{err.name()}: {err.str()} (producing again)")
+        self.redo.append((msg.topic(), msg.value(), msg.key(), msg.partition()))
+
+    def _redo(self) -> None:
+        while self.redo:
+            topic, value, key, part = self.redo[0]
+            try:
+                super().produce(topic, value, key, part)
+            except BufferError:
+                return
+            self.redo.popleft()
+
+    def poll(self, timeout: float = 0) -> int:
+        n = super().poll(timeout)
+        self._redo()
+        return n
+
+    def flush(self, timeout: float = -1) -> int:
+        """As ``Producer.flush``, counting the messages waiting to be produced again as not delivered."""
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while True:
+            left = super().flush(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
+            self._redo()
+            left += len(self.redo)
+            if not left or (deadline is not None and time.monotonic() >= deadline):
+                return left
+
+
+def make_producer(bootstrap: str, extra: Mapping[str, str] | None = None, *, on_failure: Callable | None = None,
+                  **overrides) -> Producer:
+    """A :class:`Producer` with :func:`producer_config`; ``on_failure(err, msg)``: see :class:`Producer`."""
     return Producer({**producer_config(bootstrap, extra, **overrides), "logger": _CLIENT_LOG,
-                     "error_cb": _client_error})
+                     "error_cb": _client_error}, on_failure)
 
 
 def flush_all(producer: Producer, what: str, log: logging.Logger | None = None) -> None:

@@ -103,10 +103,8 @@ class Publisher:
         self._topics = (t.impressions, t.clicks, t.conversions)  # by streams.sources.lineplan.TOPIC_INDEX
         self._router = Router(cfg.topics.partitions)  # user id -> partition, cached (user ids repeat: Zipf)
         self._failed: list[str] = []
-        # delivery reports only for failures: a Python callback per message would cost ~10% of the rate
         self._producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.client,
-                                                on_delivery=self._on_delivery,
-                                                **{"delivery.report.only.error": True})
+                                                on_failure=self._on_failure)
         self._produce = self._producer.produce  # positional (topic, value, key, partition): no kwargs parsing
         self._encode = schema.encode
         self._partitions = cfg.topics.partitions
@@ -121,11 +119,8 @@ class Publisher:
         self._next_stats = self._t0 + STATS_EVERY_S
         self._n = 0
 
-    def _on_delivery(self, err, msg) -> None:
-        if err is not None and len(self._failed) < 5:
-            self._failed.append(f"{msg.topic()}[{msg.partition()}]: {err}")
-        elif err is not None:
-            self._failed.append("")
+    def _on_failure(self, err, msg) -> None:
+        self._failed.append(f"{msg.topic()}[{msg.partition()}]: {err}" if len(self._failed) < 5 else "")
 
     # -- sending ----------------------------------------------------------------------------------------
     def send(self, rec: msgspec.Struct, value: bytes | None = None) -> None:
