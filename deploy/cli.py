@@ -13,7 +13,7 @@ from streams.config import ConfigError, load_config
 # command -> module whose add_cli(subparsers) registers it; order = order in --help. Only the module of the
 # command being run is imported (a labels cluster process starts without torch), all of them for --help.
 _COMMANDS = {
-    "up": "deploy.stack",
+    "up": "deploy.up",
     "generate": "streams.sources.generate",
     "replay": "streams.sources.replay",
     "labels": "deploy.flows",

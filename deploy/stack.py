@@ -1,62 +1,206 @@
-"""``streamrec up``: the whole local stack as one supervised command.
+"""The local stack: every process of streamrec under one supervisor, and where their state lives.
 
-    broker (embedded Tansu, or the configured cluster)
-      -> dashboard process (sole owner of the chDB store: metrics sink + live page)
-      -> labels dataflow (Bytewax, tailing)
-      -> trainer (continuous, checkpoints under the run directory)
-      <- generator or replay of a log, in this process, with a progress bar
+    storage (local S3 server: the broker's disk)     -- unless ephemeral or an external broker
+      -> broker (embedded Tansu)                       -- unless kafka.bootstrap_servers is set
+      -> dashboard (metrics sink, sole owner of the chDB store, and the live page)
+      -> labels dataflow -> stats dataflow -> trainer
 
-Progress comes from the ``service_stats`` topic every component publishes to. Ctrl-C (or the end of the
-work when not attached to a terminal) stops producers first, then the trainer, the dashboard and the broker.
+Durable by default. State that outlives a run is under ``<data_dir>/stack/`` (topics, dataflow recovery,
+trainer checkpoints, the broker's cluster id and ports) and ``<data_dir>/chdb`` (metrics), so a second
+``streamrec up`` continues where the first stopped, and any process killed with SIGKILL comes back where it
+was (README, "What survives what"). ``ephemeral``: the broker keeps topics in memory and everything else lives
+in the run's directory; a restarted broker then comes back empty (its topics are created again).
+Logs of every run are in ``<data_dir>/runs/<time>/``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import signal
-import sys
+import shutil
 import time
-import urllib.request
 from pathlib import Path
 
 import msgspec
 import yaml
-from tqdm import tqdm
 
 from deploy.supervisor import Child, Supervisor
 from streams import schema
-from streams.bus import kafka_io
-from streams.bus.broker import EmbeddedBroker
+from streams.bus import kafka_io, storage
+from streams.bus.broker import EmbeddedBroker, wait_ready
+from streams.bus.processes import free_port
 from streams.config import Config, replace
 
-log = logging.getLogger("streamrec.up")
+log = logging.getLogger("streamrec.stack")
+
+# the processes of a stack, in start order (stopped in reverse); the embedded ones only when used
+PROCESSES = ("storage", "broker", "dashboard", "labels", "stats", "trainer")
+
+
+class StackState:
+    """What ``<data_dir>/stack/state.json`` remembers between runs of a durable stack: the broker's cluster
+    id (its folder in the storage: the topics are found again under it), its ports, and how many logs the
+    generator made (each run draws a new seed, so event ids never repeat across runs)."""
+
+    def __init__(self, root: Path):
+        self.root, self.path = root, root / "state.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get(self, key: str, default):
+        return self.data.get(key, default)
+
+    def save(self, **values) -> None:
+        self.data.update(values)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def _port(preferred: int | None) -> int:
+    """``preferred`` when it is free (a durable broker keeps its address across runs), else a free one."""
+    import socket
+
+    if preferred:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    return free_port()
+
+
+class LocalStack:
+    """Starts the stack's processes (:data:`PROCESSES`) under a :class:`Supervisor` and says where their state
+    is. ``start()`` returns the configuration every process runs with (the broker's address filled in)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, ephemeral: bool = False, fresh: bool = False,
+                 port: int | None = None):
+        self.cfg, self.run_dir, self.ephemeral = cfg, run_dir, ephemeral
+        self.external = bool(cfg.kafka.bootstrap_servers)
+        self.state_dir = Path(cfg.data_dir, "stack").resolve()
+        if fresh and self.state_dir.exists():
+            shutil.rmtree(self.state_dir)
+            log.warning("--fresh: deleted the stack's state in %s", self.state_dir)
+        home = run_dir if ephemeral else self.state_dir
+        self.dirs = {"topics": self.state_dir / "topics", "labels": home / "labels-recovery",
+                     "stats": home / "stats-recovery", "checkpoints": home / "checkpoints"}
+        self.state = StackState(self.state_dir)
+        self.port = port or cfg.dashboard.port
+        self.broker: EmbeddedBroker | None = None
+        self.storage_port: int | None = None
+        self.sup: Supervisor | None = None
+
+    @property
+    def durable(self) -> bool:
+        """Whether topics survive the broker (always true of an external cluster)."""
+        return self.external or not self.ephemeral
+
+    def describe(self) -> str:
+        if self.external:
+            return f"broker: {self.cfg.kafka.bootstrap_servers} (external)"
+        where = "in memory (--ephemeral: lost when it stops)" if self.ephemeral else f"on disk in {self.dirs['topics']}"
+        return f"broker: embedded Tansu on {self.broker.bootstrap_servers}, topics {where}"
+
+    def start(self) -> Config:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        children: list[Child] = []
+        if not self.external:
+            if not self.ephemeral:
+                self.storage_port = _port(self.state.get("storage_port", None))
+                children.append(Child("storage", [], program=storage.command(self.dirs["topics"], self.storage_port)))
+            self.broker = EmbeddedBroker(_port(self.state.get("broker_port", None) if not self.ephemeral else None),
+                                         storage_port=self.storage_port,
+                                         cluster_id=None if self.ephemeral else self.state.get("cluster_id", None))
+            if not self.ephemeral:
+                self.state.save(cluster_id=self.broker.cluster_id, broker_port=self.broker.port,
+                                storage_port=self.storage_port)
+            children.append(Child("broker", [], program=self.broker.command(), env=self.broker.env(),
+                                  on_restart=self._broker_restarted))
+            cfg = replace(cfg, kafka={"bootstrap_servers": self.broker.bootstrap_servers})
+        cfg = replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()),
+                      trainer={"checkpoint_dir": str(self.dirs["checkpoints"])},
+                      labels={"recovery_dir": str(self.dirs["labels"])}, dashboard={"port": self.port})
+        self.cfg = cfg
+        config_path = self.run_dir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False))
+        self.sup = Supervisor(config_path, self.run_dir)
+        for child in children:  # storage, then the broker: each ready before the next starts
+            self.sup.start(child)
+            if child.name == "storage":
+                storage.wait_ready(self.storage_port, child.proc)
+            else:
+                wait_ready(self.broker.port, child.proc)
+        kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions, cfg.kafka.client)
+        # the trainer resumes a durable stack's checkpoint; an ephemeral one starts over (its topics are new)
+        train = ["train", "--resume"] if self.durable else ["train", "--fresh"]
+        self.sup.start(Child("dashboard", ["dashboard"]))
+        self.sup.start(Child("labels", ["labels"]))  # recovery: labels.recovery_dir, set above
+        self.sup.start(Child("stats", ["stats", "--recovery-dir", str(self.dirs["stats"])]))
+        self.sup.start(Child("trainer", train, restart_args=["train", "--resume"]))
+        return cfg
+
+    def _broker_restarted(self, child: Child) -> None:
+        """An ephemeral broker comes back empty: create the topics again (what they held is lost)."""
+        wait_ready(self.broker.port, child.proc)
+        if self.ephemeral:
+            log.error("the ephemeral broker restarted empty: what it held and no one had consumed is lost "
+                      "(the default, durable broker keeps it)")
+            kafka_io.ensure_topics(self.cfg.kafka.bootstrap_servers, self.cfg.topics.all(),
+                                   self.cfg.topics.partitions, self.cfg.kafka.client)
+
+    def next_seed(self) -> int:
+        """A generator seed no earlier run of this stack used (0 for an ephemeral stack)."""
+        if not self.durable or self.external:
+            return 0
+        seed = int(self.state.get("generated_runs", 0))
+        self.state.save(generated_runs=seed + 1)
+        return seed
+
+    def stop(self) -> None:
+        if self.sup is not None:
+            self.sup.stop_all()
 
 
 class StatsWatcher:
-    """Latest ``ServiceStats`` values per component, read from the service_stats topic."""
+    """Each component's newest ``ServiceStats`` values, read from the service_stats topic.
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    Reports from before ``since_ms`` (earlier runs of a durable stack) are the baseline: :meth:`value` counts
+    from there, so progress is this run's. Reports land on any partition: per component the newest by its
+    timestamp wins, not the last read.
+    """
+
+    def __init__(self, cfg: Config, since_ms: int = 0):
+        self.cfg, self.since_ms = cfg, since_ms
         self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "streamrec-up", cfg.kafka.client)
         self.consumer.assign(kafka_io.topic_partitions([cfg.topics.service_stats], cfg.topics.partitions))
         self.latest: dict[str, dict[str, float]] = {}
-        self.latest_ts: dict[str, int] = {}
+        self.base: dict[str, dict[str, float]] = {}
+        self._ts: dict[tuple[str, bool], int] = {}
 
     def poll(self) -> dict[str, dict[str, float]]:
-        """Read what arrived; per component keep the newest report by its timestamp (reports land on any
-        partition of the topic, so read order is not time order)."""
         for msg in self.consumer.consume(num_messages=10_000, timeout=0.05):
             if msg.error():
                 continue
             st = schema.decode(msg.value(), schema.ServiceStats)
-            if isinstance(st, schema.ServiceStats) and st.ts >= self.latest_ts.get(st.component, 0):
-                self.latest_ts[st.component] = st.ts
-                self.latest.setdefault(st.component, {}).update(st.values)
+            if not isinstance(st, schema.ServiceStats):
+                continue
+            old = st.ts < self.since_ms
+            if st.ts >= self._ts.get((st.component, old), 0):
+                self._ts[(st.component, old)] = st.ts
+                (self.base if old else self.latest).setdefault(st.component, {}).update(st.values)
         return self.latest
 
     def value(self, component: str, name: str) -> float:
+        """This run's value: the newest report minus the baseline (gauges, e.g. a lag, are not counters: see
+        :meth:`gauge`)."""
+        base = self.base.get(component, {}).get(name, 0.0)
+        return self.latest.get(component, {}).get(name, base) - base
+
+    def gauge(self, component: str, name: str) -> float:
         return self.latest.get(component, {}).get(name, 0.0)
 
     def close(self) -> None:
@@ -83,218 +227,3 @@ class StatusPublisher:
 
     def close(self) -> None:
         self.producer.flush(5)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-def _write_run_config(cfg: Config, run_dir: Path) -> Path:
-    path = run_dir / "config.yaml"
-    path.write_text(yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False))
-    return path
-
-
-def _produce(cfg: Config, args) -> tuple[int, int]:
-    """Generate or replay into the input topics. Returns (good impressions, bad records)."""
-    if args.replay:
-        from streams.sources.replay import replay_file
-
-        stats = replay_file(cfg, args.replay, speed=args.speed, progress=True)
-        return stats.impressions, stats.dead_letters + stats.bad_records
-    from streams.sources.generate import GeneratorConfig, simulate
-    from streams.sources.replay import produce
-
-    # Every event of the log, feedback included, lies in the past: its impressions end one longest feedback
-    # delay ago and its last conversions now. Events stamped after the wall clock would be the stack's future.
-    g = GeneratorConfig()
-    span_ms = int(args.events / g.impressions_per_s * 1000) + int(g.max_conversion_delay_s * 1000)
-    gcfg = GeneratorConfig(n_impressions=args.events, seed=args.seed, bad_rate=args.bad_rate,
-                           start_ts=int(time.time() * 1000) - span_ms)
-    sim = simulate(gcfg)
-    stats = produce(cfg, sim.records, progress=True)
-    return gcfg.n_impressions, stats.bad_records
-
-
-def _port_free(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # as the dashboard's server does: a port left in TIME_WAIT by the previous run is free, a listener is not
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def up(args, cfg: Config) -> int:
-    port = args.port or cfg.dashboard.port
-    if not _port_free(cfg.dashboard.host, port):  # before anything starts: the dashboard would crash-loop
-        print(f"streamrec up: {cfg.dashboard.host}:{port} is in use (another `streamrec up`?); stop it, or pass "
-              "--port", file=sys.stderr)
-        return 2
-    run_dir = Path(cfg.data_dir, "runs", time.strftime("%Y%m%d-%H%M%S")).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    broker = None
-    if not cfg.kafka.bootstrap_servers:
-        broker = EmbeddedBroker(log_path=run_dir / "broker.log").start()
-        cfg = replace(cfg, kafka={"bootstrap_servers": broker.bootstrap_servers})
-        print(f"broker: embedded Tansu on {broker.bootstrap_servers}", file=sys.stderr)
-    cfg = replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()),
-                  trainer={"checkpoint_dir": str(run_dir / "checkpoints")},
-                  dashboard={"port": port})
-    sup = Supervisor(_write_run_config(cfg, run_dir), run_dir)
-    watcher = status = None
-    started_ms = int(time.time() * 1000)
-    # SIGTERM behaves like Ctrl-C so `kill` of the supervisor also stops everything in order. SIGINT gets the
-    # same explicit handler: a shell starts background jobs with SIGINT ignored, and Python then never raises
-    # KeyboardInterrupt (`streamrec up --stay &` ignored `kill -INT`).
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    try:
-        kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions,
-                               cfg.kafka.client)
-        sup.start(Child("dashboard", ["dashboard"]))
-        # with a recovery directory a restarted flow resumes from its last snapshot instead of offset 0
-        sup.start(Child("labels", ["labels", "--recovery-dir", str(run_dir / "labels-recovery")]))
-        sup.start(Child("trainer", ["train", "--fresh"], restart_args=["train", "--resume"]))
-        status = StatusPublisher(cfg, sup)
-        sup.watch(on_tick=status.maybe_publish)
-        url = f"http://{cfg.dashboard.host}:{cfg.dashboard.port}/"
-        print(f"dashboard: {url}   (logs: {run_dir})", file=sys.stderr)
-        watcher = StatsWatcher(cfg)
-        t0 = time.monotonic()
-        expected, bad = _produce(cfg, args)
-        trained = _follow(sup, watcher, expected, args.timeout)
-        ok = trained is not None and _ingested(sup, url, 2 * trained, started_ms)
-        elapsed = time.monotonic() - t0
-        _summary(watcher, sup, expected, bad, elapsed, ok)
-        print(f"dashboard: {url}", file=sys.stderr)
-        stay = args.stay if args.stay is not None else sys.stdin.isatty()
-        if stay:
-            print("running; press Ctrl-C to stop", file=sys.stderr)
-            while True:
-                watcher.poll()
-                time.sleep(1.0)
-        return 0 if ok else 1
-    except KeyboardInterrupt:
-        print("\nstopping ...", file=sys.stderr)
-        return 0
-    except RuntimeError as e:
-        print(f"streamrec up: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if watcher is not None:
-            watcher.close()
-        sup.stop_all()
-        if status is not None:
-            status.close()
-        if broker is not None:
-            broker.stop()
-        print("stopped: no process left running", file=sys.stderr)
-
-
-SETTLE_S = 5.0
-
-
-def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: float) -> int | None:
-    """Progress bars until the trainer has trained every expected example; returns how many were trained.
-
-    A replayed log can hold impressions the labels dataflow rejects (duplicates, absurd timestamps): then
-    the run also ends once nothing is pending in the dataflow and the trainer has caught up with it, with
-    no change for ``SETTLE_S``. ``None`` on timeout.
-    """
-    bars = {name: tqdm(total=expected, desc=name, unit="ex", position=i, leave=True, dynamic_ncols=True)
-            for i, name in enumerate(("labelled", "trained"))}
-    settled_since: dict[str, object] = {"sig": None, "t": 0.0}
-
-    def done() -> bool:
-        watcher.poll()
-        labelled, trained = watcher.value("labels", "examples_out"), watcher.value("trainer", "examples_trained")
-        for name, n in (("labelled", labelled), ("trained", trained)):
-            bar = bars[name]
-            if int(n) != bar.n and not bar.disable:
-                bar.n = int(n)
-                bar.refresh()
-                if bar.n >= expected:
-                    bar.close()  # frozen at its own finish: later redraws would divide by a longer time
-        if trained >= expected:
-            return True
-        if not (labelled > 0 and trained >= labelled and watcher.value("labels", "pending_impressions") == 0):
-            settled_since["sig"] = None
-            return False
-        if settled_since["sig"] != (labelled, trained):
-            settled_since.update(sig=(labelled, trained), t=time.monotonic())
-        return time.monotonic() - settled_since["t"] >= SETTLE_S
-
-    try:
-        ok = sup.wait_until(done, timeout)
-    finally:
-        for bar in bars.values():
-            bar.close()
-    if not ok:
-        log.warning("timed out after %.0fs waiting for %d examples to be trained", timeout, expected)
-        return None
-    trained = int(watcher.value("trainer", "examples_trained"))
-    if trained < expected:
-        log.warning("%d of %d impressions became no example: the labels dataflow dead-lettered them "
-                    "(see the dashboard's dead letters)", expected - trained, expected)
-    return trained
-
-
-def _ingested(sup: Supervisor, url: str, rows: int, since_ms: int, timeout: float = 60.0) -> bool:
-    """Wait until the store holds ``rows`` prediction rows (click + conversion per example) trained since
-    ``since_ms``: counted in the store, so rows a sink stored before it was restarted count too."""
-    def stored() -> int:
-        try:
-            with urllib.request.urlopen(f"{url}healthz?since_ms={since_ms}", timeout=10) as r:
-                return int(json.load(r).get("stored_predictions", 0))
-        except (OSError, ValueError, KeyError):
-            return 0
-
-    if sup.wait_until(lambda: stored() >= rows, timeout):
-        return True
-    log.warning("the metrics sink stored %d of %d prediction rows within %.0fs", stored(), rows, timeout)
-    return False
-
-
-def _summary(watcher: StatsWatcher, sup: Supervisor, expected: int, bad: int, elapsed: float, ok: bool) -> None:
-    trained = watcher.value("trainer", "examples_trained")
-    events = watcher.value("replay", "events_produced")
-    dead = {step: int(watcher.value(step, "dead_letters")) for step in ("replay", "labels", "trainer")}
-    print(f"{'done' if ok else 'INCOMPLETE'}: {int(events):,} events produced ({bad:,} malformed), "
-          f"{int(watcher.value('labels', 'examples_out')):,} examples labelled, {int(trained):,} trained, "
-          f"{sum(dead.values()):,} dead letters ({', '.join(f'{k} {v:,}' for k, v in dead.items())}), "
-          f"in {elapsed:.1f}s ({events / elapsed:,.0f} events/s, {trained / elapsed:,.0f} examples/s end to end)",
-          file=sys.stderr)
-    restarts = {c.name: c.restarts for c in sup.children if c.restarts}
-    if restarts:
-        print("restarted: " + ", ".join(f"{k} {v}x" for k, v in restarts.items())
-              + f" (logs in {sup.log_dir})", file=sys.stderr)
-    users = watcher.value("trainer", "user_vectors")
-    if users:
-        print(f"user vectors: {int(users):,} users, index written at each trainer checkpoint; try "
-              "`streamrec users info` or `streamrec users similar USER_ID -k 10`", file=sys.stderr)
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("up", help="run the whole local stack: broker, labels dataflow, trainer, dashboard",
-                       description="Start the embedded broker (unless kafka.bootstrap_servers is set), the metrics "
-                                   "sink and live dashboard, the labels dataflow and the trainer; then generate N "
-                                   "events (or replay a log) through them. Ctrl-C stops everything cleanly.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--events", type=int, default=100_000, help="impressions to generate (default 100000)")
-    src.add_argument("--replay", metavar="LOG", help="replay this JSONL log instead of generating")
-    p.add_argument("--speed", type=float, default=None, help="replay speed (x real time); default: as fast as possible")
-    p.add_argument("--seed", type=int, default=0, help="generator seed")
-    p.add_argument("--bad-rate", type=float, default=0.01, help="fraction of malformed events to inject (default 0.01)")
-    p.add_argument("--port", type=int, default=None, help="dashboard port (default from config: 8050)")
-    p.add_argument("--timeout", type=float, default=1800, help="give up waiting for training after this many seconds")
-    stay = p.add_mutually_exclusive_group()
-    stay.add_argument("--stay", dest="stay", action="store_true", default=None,
-                      help="keep running after the work is done until Ctrl-C (default when attached to a terminal)")
-    stay.add_argument("--exit-when-done", dest="stay", action="store_false",
-                      help="stop everything once every example is trained (default when not on a terminal)")
-    p.set_defaults(func=up)

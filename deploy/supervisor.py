@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from streams.bus.processes import die_with_parent
 
@@ -33,6 +34,7 @@ class Child:
     args: list[str]
     restart_args: list[str] | None = None
     program: list[str] | None = None  # run this instead of ``streamrec --config FILE``, followed by args
+    on_restart: Callable[[Child], None] | None = None  # called after each restart (e.g. wait until ready)
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     restarts: int = 0
@@ -139,6 +141,8 @@ class Supervisor:
                 if now >= c.restart_at:
                     c.restarts += 1
                     c.start(self.config_path, self.log_dir, first=False)
+                    if c.on_restart is not None:
+                        c.on_restart(c)
 
     def watch(self, interval: float = 0.25, on_tick=None) -> None:
         """Call :meth:`check` (then ``on_tick()``, if given) every ``interval`` seconds in a daemon thread until
@@ -168,9 +172,15 @@ class Supervisor:
                 out[f"crash_looping.{c.name}"] = float(c.crash_looping)
             return out
 
-    def stop_all(self, timeout: float = 15.0) -> None:
+    def stop_watching(self) -> None:
+        """End :meth:`watch`'s thread (its ``on_tick`` is no longer called once this returns)."""
         if self._watching is not None:
             self._watching.set()
+        with self._lock:  # a check in progress finishes first
+            pass
+
+    def stop_all(self, timeout: float = 15.0) -> None:
+        self.stop_watching()
         with self._lock:
             self._stopping = True
             for c in reversed(self.children):

@@ -78,13 +78,20 @@ def test_up_processes_events_end_to_end_and_leaves_nothing_running(tmp_path):
     info = subprocess.run([sys.executable, "-m", "deploy.cli", "users", "info"], capture_output=True, text=True,
                           env={**os.environ, "STREAMREC_DATA_DIR": str(tmp_path)}, timeout=60)
     assert info.returncode == 0 and re.search(r"users/index: [\d,]+ users, dim 32", info.stdout), info
-    assert "user vectors: " in out
-    # Again in the same data dir: a new embedded broker's topics start at offset 0, and the metrics sink must
-    # not resume from the offsets it recorded against the previous broker (it would skip their start).
+    assert "user vectors: " in out and "`streamrec up` again continues from here" in out
+    # Again: the durable stack continues where it stopped (topics, dataflow recovery, checkpoints, metrics);
+    # this run's progress is its own 2,000 examples, and nothing of the first run is trained again
     # (the same dashboard port too: the previous run's connections may hold it in TIME_WAIT, which is free)
-    again = _up(tmp_path, "--events", "2000", "--seed", "5", "--exit-when-done", "--port", port)
+    again = _up(tmp_path, "--events", "2000", "--exit-when-done", "--port", port)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0 and "done: " in out and "2,000 trained" in out, out[-3000:]
+    assert "generating 2,000 impressions (seed 1," in out  # a new seed: new event ids
+    assert _chdb_counts(tmp_path / "chdb")["examples"] == 12000
+    # An ephemeral run in the same data dir: a new in-memory broker's topics start at offset 0, and the metrics
+    # sink must not resume from the offsets it recorded against the durable broker (it would skip their start).
+    eph = _up(tmp_path, "--events", "1000", "--ephemeral", "--exit-when-done", "--port", port)
+    out, _ = eph.communicate(timeout=300)
+    assert eph.returncode == 0 and "done: " in out and "1,000 trained" in out, out[-3000:]
 
 
 def test_ctrl_c_stops_every_process_in_order(tmp_path):
@@ -98,7 +105,7 @@ def test_ctrl_c_stops_every_process_in_order(tmp_path):
             break
     assert "press Ctrl-C" in lines[-1], "".join(lines)[-3000:]
     kids = _descendants(proc.pid)
-    assert len(kids) >= 4  # broker, dashboard, labels, trainer
+    assert len(kids) >= 6  # storage, broker, dashboard, labels, stats, trainer
     # A terminal's Ctrl-C reaches the supervisor's process group only: the children run in their own sessions.
     proc.send_signal(signal.SIGINT)
     try:
@@ -112,7 +119,7 @@ def test_ctrl_c_stops_every_process_in_order(tmp_path):
     time.sleep(0.5)
     assert not [k for k in kids if os.path.exists(f"/proc/{k}") and open(f"/proc/{k}/stat").read().split()[2] != "Z"]
     # the trainer checkpointed on the way down (SIGTERM from the supervisor, broker still up)
-    ckpts = list(tmp_path.glob("runs/*/checkpoints/*"))
+    ckpts = list(tmp_path.glob("stack/checkpoints/*"))
     assert ckpts, "trainer left no checkpoint"
 
 

@@ -1,0 +1,253 @@
+"""``streamrec up``: the whole local stack as one supervised command, fed by the generator or a replayed log.
+
+Progress comes from the ``service_stats`` topic every component publishes to. Ctrl-C (or the end of the work
+when not attached to a terminal) stops producers first, then the trainer, the dataflows, the dashboard, the
+broker and its storage. Run again, a durable stack (the default) continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from deploy.stack import LocalStack, StatsWatcher, StatusPublisher
+from deploy.supervisor import Supervisor
+from streams.config import Config
+from streams.sources import scenarios
+
+log = logging.getLogger("streamrec.up")
+SETTLE_S = 5.0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def generated_log(events: int, seed: int, bad_rate: float, scenario: scenarios.ScenarioConfig,
+                  now_ms: int | None = None) -> list:
+    """A generated log whose every event, feedback included, lies in the past: its impressions end one
+    longest feedback delay ago and its last conversions now (events stamped after the wall clock would be the
+    stack's future)."""
+    from streams.sources.generate import GeneratorConfig, simulate
+
+    g = GeneratorConfig()
+    span_ms = int(events / g.impressions_per_s * 1000) + int(g.max_conversion_delay_s * 1000)
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return simulate(GeneratorConfig(n_impressions=events, seed=seed, bad_rate=bad_rate, start_ts=now_ms - span_ms,
+                                    scenario=scenario)).records
+
+
+def _produce(cfg: Config, args, seed: int) -> tuple[int, int]:
+    """Generate or replay into the input topics. Returns (good impressions, bad records)."""
+    if args.replay:
+        from streams.sources.replay import replay_file
+
+        stats = replay_file(cfg, args.replay, speed=args.speed, progress=True)
+        return stats.impressions, stats.dead_letters + stats.bad_records
+    from streams.sources.replay import produce
+
+    scenario = scenarios.parse_params(args.scenario, args.scenario_param)
+    stats = produce(cfg, generated_log(args.events, seed, args.bad_rate, scenario), progress=True)
+    return args.events, stats.bad_records
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the dashboard's server does: a port left in TIME_WAIT by the previous run is free, a listener is not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def up(args, cfg: Config) -> int:
+    port = args.port or cfg.dashboard.port
+    if not _port_free(cfg.dashboard.host, port):  # before anything starts: the dashboard would crash-loop
+        print(f"streamrec up: {cfg.dashboard.host}:{port} is in use (another `streamrec up`?); stop it, or pass "
+              "--port", file=sys.stderr)
+        return 2
+    try:
+        scenarios.parse_params(args.scenario, args.scenario_param)
+    except ValueError as e:
+        print(f"streamrec up: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(cfg.data_dir, "runs", time.strftime("%Y%m%d-%H%M%S")).resolve()
+    stack = LocalStack(cfg, run_dir, ephemeral=args.ephemeral, fresh=args.fresh, port=port)
+    watcher = status = None
+    started_ms = int(time.time() * 1000)
+    # SIGTERM behaves like Ctrl-C so `kill` of the supervisor also stops everything in order. SIGINT gets the
+    # same explicit handler: a shell starts background jobs with SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt (`streamrec up --stay &` ignored `kill -INT`).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        cfg = stack.start()
+        print(stack.describe(), file=sys.stderr)
+        sup = stack.sup
+        status = StatusPublisher(cfg, sup)
+        sup.watch(on_tick=status.maybe_publish)
+        url = f"http://{cfg.dashboard.host}:{cfg.dashboard.port}/"
+        print(f"dashboard: {url}   (logs: {run_dir})", file=sys.stderr)
+        watcher = StatsWatcher(cfg, since_ms=started_ms)
+        seed = args.seed if args.seed is not None else stack.next_seed()
+        if not args.replay:
+            print(f"generating {args.events:,} impressions (seed {seed}, scenario {args.scenario})", file=sys.stderr)
+        t0 = time.monotonic()
+        expected, bad = _produce(cfg, args, seed)
+        trained = _follow(sup, watcher, expected, args.timeout)
+        ok = trained is not None and _ingested(sup, url, 2 * trained, started_ms)
+        elapsed = time.monotonic() - t0
+        _summary(watcher, sup, bad, elapsed, ok)
+        print(f"dashboard: {url}", file=sys.stderr)
+        stay = args.stay if args.stay is not None else sys.stdin.isatty()
+        if stay:
+            print("running; press Ctrl-C to stop", file=sys.stderr)
+            while True:
+                watcher.poll()
+                time.sleep(1.0)
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        print("\nstopping ...", file=sys.stderr)
+        return 0
+    except RuntimeError as e:
+        print(f"streamrec up: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if watcher is not None:
+            watcher.close()
+        if status is not None:  # its clients close before the broker stops
+            stack.sup.stop_watching()
+            status.close()
+        stack.stop()
+        print("stopped: no process left running" + ("" if not stack.durable else
+              "; `streamrec up` again continues from here"), file=sys.stderr)
+
+
+def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: float) -> int | None:
+    """Progress bars until the trainer has trained every expected example; returns how many were trained.
+
+    A replayed log can hold impressions the labels dataflow rejects (duplicates, absurd timestamps): then
+    the run also ends once nothing is pending in the dataflow and the trainer has caught up with it, with
+    no change for ``SETTLE_S``. ``None`` on timeout.
+    """
+    bars = {name: tqdm(total=expected, desc=name, unit="ex", position=i, leave=True, dynamic_ncols=True)
+            for i, name in enumerate(("labelled", "trained"))}
+    settled_since: dict[str, object] = {"sig": None, "t": 0.0}
+
+    def done() -> bool:
+        watcher.poll()
+        labelled, trained = watcher.value("labels", "examples_out"), watcher.value("trainer", "examples_trained")
+        for name, n in (("labelled", labelled), ("trained", trained)):
+            bar = bars[name]
+            n = max(0, int(n))  # a restored counter can trail the last report until it has re-counted
+            if n != bar.n and not bar.disable:
+                bar.n = n
+                bar.refresh()
+                if bar.n >= expected:
+                    bar.close()  # frozen at its own finish: later redraws would divide by a longer time
+        if trained >= expected:
+            return True
+        if not (labelled > 0 and trained >= labelled and watcher.gauge("labels", "pending_impressions") == 0):
+            settled_since["sig"] = None
+            return False
+        if settled_since["sig"] != (labelled, trained):
+            settled_since.update(sig=(labelled, trained), t=time.monotonic())
+        return time.monotonic() - settled_since["t"] >= SETTLE_S
+
+    try:
+        ok = sup.wait_until(done, timeout)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if not ok:
+        log.warning("timed out after %.0fs waiting for %d examples to be trained", timeout, expected)
+        return None
+    trained = int(watcher.value("trainer", "examples_trained"))
+    if trained < expected:
+        log.warning("%d of %d impressions became no example: the labels dataflow dead-lettered them "
+                    "(see the dashboard's dead letters)", expected - trained, expected)
+    return trained
+
+
+def stored_predictions(url: str, since_ms: int) -> int:
+    """Prediction rows in the store trained since ``since_ms``, counted by the dashboard's store (so rows a
+    sink stored before it was restarted count too); 0 while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}healthz?since_ms={since_ms}", timeout=10) as r:
+            return int(json.load(r).get("stored_predictions", 0))
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _ingested(sup: Supervisor, url: str, rows: int, since_ms: int, timeout: float = 60.0) -> bool:
+    """Wait until the store holds ``rows`` prediction rows (click + conversion per example)."""
+    if sup.wait_until(lambda: stored_predictions(url, since_ms) >= rows, timeout):
+        return True
+    log.warning("the metrics sink stored %d of %d prediction rows within %.0fs", stored_predictions(url, since_ms),
+                rows, timeout)
+    return False
+
+
+def _summary(watcher: StatsWatcher, sup: Supervisor, bad: int, elapsed: float, ok: bool) -> None:
+    trained = watcher.value("trainer", "examples_trained")
+    events = watcher.gauge("replay", "events_produced")  # the replay's counters are its own run's
+    dead = {"replay": int(watcher.gauge("replay", "dead_letters")),
+            **{step: int(watcher.value(step, "dead_letters")) for step in ("labels", "trainer")}}
+    print(f"{'done' if ok else 'INCOMPLETE'}: {int(events):,} events produced ({bad:,} malformed), "
+          f"{int(watcher.value('labels', 'examples_out')):,} examples labelled, {int(trained):,} trained, "
+          f"{sum(dead.values()):,} dead letters ({', '.join(f'{k} {v:,}' for k, v in dead.items())}), "
+          f"in {elapsed:.1f}s ({events / elapsed:,.0f} events/s, {trained / elapsed:,.0f} examples/s end to end)",
+          file=sys.stderr)
+    restarts = {c.name: c.restarts for c in sup.children if c.restarts}
+    if restarts:
+        print("restarted: " + ", ".join(f"{k} {v}x" for k, v in restarts.items())
+              + f" (logs in {sup.log_dir})", file=sys.stderr)
+    if sup.config_path.exists():  # the user model trails the ranker: its count is the latest report's
+        print(f"user vectors: {int(watcher.gauge('trainer', 'user_vectors')):,} users so far, index written at "
+              "each trainer checkpoint; try `streamrec users info` or `streamrec users similar USER_ID -k 10`",
+              file=sys.stderr)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="run the whole local stack: broker, dataflows, trainer, dashboard",
+                       description="Start the embedded broker and its storage (unless kafka.bootstrap_servers is "
+                                   "set), the metrics sink and live dashboard, the labels and stats dataflows and "
+                                   "the trainer; then generate N events (or replay a log) through them. Every "
+                                   "process is restarted if it dies. Durable by default: run again, it continues "
+                                   "where it stopped. Ctrl-C stops everything cleanly.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--events", type=int, default=100_000, help="impressions to generate (default 100000)")
+    src.add_argument("--replay", metavar="LOG", help="replay this log instead of generating")
+    p.add_argument("--speed", type=float, default=None, help="replay speed (x real time); default: as fast as possible")
+    p.add_argument("--seed", type=int, default=None,
+                   help="generator seed (default: a new one per run of a durable stack, so ids never repeat)")
+    p.add_argument("--scenario", default="none", choices=scenarios.SCENARIOS,
+                   help="generator drift scenario (default: none; see docs/generator.md)")
+    p.add_argument("--scenario-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="scenario parameter, repeatable (see `streamrec generate --help`)")
+    p.add_argument("--bad-rate", type=float, default=0.01, help="fraction of malformed events to inject (default 0.01)")
+    p.add_argument("--port", type=int, default=None, help="dashboard port (default from config: 8050)")
+    p.add_argument("--timeout", type=float, default=1800, help="give up waiting for training after this many seconds")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--ephemeral", action="store_true",
+                       help="keep topics in memory and state in the run's directory: nothing carries over")
+    state.add_argument("--fresh", action="store_true",
+                       help="delete the durable stack's state (topics, dataflow recovery, checkpoints) first")
+    stay = p.add_mutually_exclusive_group()
+    stay.add_argument("--stay", dest="stay", action="store_true", default=None,
+                      help="keep running after the work is done until Ctrl-C (default when attached to a terminal)")
+    stay.add_argument("--exit-when-done", dest="stay", action="store_false",
+                      help="stop everything once every example is trained (default when not on a terminal)")
+    p.set_defaults(func=up)
