@@ -24,6 +24,7 @@ _COMMANDS = {
     "dashboard": "dashboards.server",
     "dashboards": "dashboards.grafana",
     "users": "embedding_store.users",
+    "chaos": "deploy.chaos",
     "bench": "deploy.bench",
 }
 

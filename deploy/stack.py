@@ -77,8 +77,9 @@ class LocalStack:
     is. ``start()`` returns the configuration every process runs with (the broker's address filled in)."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, ephemeral: bool = False, fresh: bool = False,
-                 port: int | None = None):
+                 port: int | None = None, trainer_args: tuple[str, ...] = (), labels_args: tuple[str, ...] = ()):
         self.cfg, self.run_dir, self.ephemeral = cfg, run_dir, ephemeral
+        self.trainer_args, self.labels_args = list(trainer_args), list(labels_args)
         self.external = bool(cfg.kafka.bootstrap_servers)
         self.state_dir = Path(cfg.data_dir, "stack").resolve()
         if fresh and self.state_dir.exists():
@@ -92,6 +93,7 @@ class LocalStack:
         self.broker: EmbeddedBroker | None = None
         self.storage_port: int | None = None
         self.sup: Supervisor | None = None
+        self.status: StatusPublisher | None = None
 
     @property
     def durable(self) -> bool:
@@ -138,9 +140,12 @@ class LocalStack:
         # the trainer resumes a durable stack's checkpoint; an ephemeral one starts over (its topics are new)
         train = ["train", "--resume"] if self.durable else ["train", "--fresh"]
         self.sup.start(Child("dashboard", ["dashboard"]))
-        self.sup.start(Child("labels", ["labels"]))  # recovery: labels.recovery_dir, set above
+        self.sup.start(Child("labels", ["labels", *self.labels_args]))  # recovery: labels.recovery_dir, set above
         self.sup.start(Child("stats", ["stats", "--recovery-dir", str(self.dirs["stats"])]))
-        self.sup.start(Child("trainer", train, restart_args=["train", "--resume"]))
+        self.sup.start(Child("trainer", train + self.trainer_args,
+                             restart_args=["train", "--resume", *self.trainer_args]))
+        self.status = StatusPublisher(cfg, self.sup)
+        self.sup.watch(on_tick=self.status.maybe_publish)  # restarts whatever dies, from now on
         return cfg
 
     def _broker_restarted(self, child: Child) -> None:
@@ -160,8 +165,15 @@ class LocalStack:
         self.state.save(generated_runs=seed + 1)
         return seed
 
+    def child(self, name: str) -> Child:
+        return next(c for c in self.sup.children if c.name == name)
+
     def stop(self) -> None:
+        """Stop every process in reverse order (the status publisher's client first, while the broker is up)."""
         if self.sup is not None:
+            self.sup.stop_watching()
+            if self.status is not None:
+                self.status.close()
             self.sup.stop_all()
 
 

@@ -114,7 +114,7 @@ class Supervisor:
         self.children: list[Child] = []
         self._lock = threading.RLock()
         self._watching: threading.Event | None = None
-        self._stopping = False  # set by stop_all: from then on nothing restarts
+        self._stopping = False  # set by stop_watching/stop_all: from then on nothing restarts
 
     def start(self, child: Child) -> Child:
         with self._lock:
@@ -146,7 +146,11 @@ class Supervisor:
 
     def watch(self, interval: float = 0.25, on_tick=None) -> None:
         """Call :meth:`check` (then ``on_tick()``, if given) every ``interval`` seconds in a daemon thread until
-        :meth:`stop_all`."""
+        :meth:`stop_all`.
+
+        The thread lives until every child is stopped: ``PR_SET_PDEATHSIG`` fires when the *thread* that
+        started a child ends, so the children it restarted would be killed the moment it returned.
+        """
         if self._watching is not None:
             return
         stop = self._watching = threading.Event()
@@ -155,8 +159,9 @@ class Supervisor:
             while not stop.wait(interval):
                 try:
                     self.check()
-                    if on_tick is not None:
-                        on_tick()
+                    with self._lock:
+                        if on_tick is not None and not self._stopping:
+                            on_tick()
                 except Exception:  # noqa: BLE001 - the watcher must outlive one failed restart (e.g. fork)
                     log.exception("supervisor: restart check failed")
 
@@ -173,18 +178,18 @@ class Supervisor:
             return out
 
     def stop_watching(self) -> None:
-        """End :meth:`watch`'s thread (its ``on_tick`` is no longer called once this returns)."""
-        if self._watching is not None:
-            self._watching.set()
-        with self._lock:  # a check in progress finishes first
-            pass
+        """No more restarts and no more ``on_tick`` calls once this returns (the thread itself ends in
+        :meth:`stop_all`, after the children)."""
+        with self._lock:  # a check (and tick) in progress finishes first
+            self._stopping = True
 
     def stop_all(self, timeout: float = 15.0) -> None:
         self.stop_watching()
         with self._lock:
-            self._stopping = True
             for c in reversed(self.children):
                 c.stop(timeout)
+        if self._watching is not None:
+            self._watching.set()
 
     def wait_until(self, cond, timeout: float, interval: float = 0.5) -> bool:
         deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from deploy.stack import LocalStack, StatsWatcher, StatusPublisher
+from deploy.stack import LocalStack, StatsWatcher
 from deploy.supervisor import Supervisor
 from streams.config import Config
 from streams.sources import scenarios
@@ -85,7 +85,7 @@ def up(args, cfg: Config) -> int:
         return 2
     run_dir = Path(cfg.data_dir, "runs", time.strftime("%Y%m%d-%H%M%S")).resolve()
     stack = LocalStack(cfg, run_dir, ephemeral=args.ephemeral, fresh=args.fresh, port=port)
-    watcher = status = None
+    watcher = None
     started_ms = int(time.time() * 1000)
     # SIGTERM behaves like Ctrl-C so `kill` of the supervisor also stops everything in order. SIGINT gets the
     # same explicit handler: a shell starts background jobs with SIGINT ignored, and Python then never raises
@@ -96,8 +96,6 @@ def up(args, cfg: Config) -> int:
         cfg = stack.start()
         print(stack.describe(), file=sys.stderr)
         sup = stack.sup
-        status = StatusPublisher(cfg, sup)
-        sup.watch(on_tick=status.maybe_publish)
         url = f"http://{cfg.dashboard.host}:{cfg.dashboard.port}/"
         print(f"dashboard: {url}   (logs: {run_dir})", file=sys.stderr)
         watcher = StatsWatcher(cfg, since_ms=started_ms)
@@ -127,9 +125,6 @@ def up(args, cfg: Config) -> int:
     finally:
         if watcher is not None:
             watcher.close()
-        if status is not None:  # its clients close before the broker stops
-            stack.sup.stop_watching()
-            status.close()
         stack.stop()
         print("stopped: no process left running" + ("" if not stack.durable else
               "; `streamrec up` again continues from here"), file=sys.stderr)

@@ -52,3 +52,20 @@ def test_a_killed_child_is_restarted_and_a_crash_loop_backs_off_without_stopping
 def test_backoff_is_capped():
     delays = [backoff_s(n) for n in range(20)]
     assert delays == sorted(delays) and delays[0] == 0.0 and max(delays) == 30.0
+
+
+def test_a_child_restarted_by_the_watch_thread_lives_until_stop_all(tmp_path):
+    # PR_SET_PDEATHSIG fires when the thread that forked a child ends: the watch thread must outlive them all
+    sup = Supervisor(tmp_path / "config.yaml", tmp_path)
+    child = sup.start(Child("sleeper", [], program=SLEEP))
+    sup.watch(interval=0.05)
+    try:
+        first = child.proc.pid
+        os.kill(first, signal.SIGKILL)
+        assert _until(lambda: child.alive() and child.proc.pid != first)
+        sup.stop_watching()  # as LocalStack.stop does before stopping the children
+        time.sleep(0.5)
+        assert child.alive(), "the restarted child died with the watch thread"
+    finally:
+        sup.stop_all(timeout=5)
+    assert not child.alive()
