@@ -65,6 +65,6 @@ def report(bench: str, rows: list[tuple[str, ...]], header: tuple[str, ...], *, 
     for r in rows:
         print(line(r))
     print(f"machine: {machine()}")
-    ratio = value / baseline if baseline else float("nan")
+    ratio = value / baseline if baseline else None  # no ratio to a baseline of 0 (JSON has no NaN)
     print(json.dumps({"bench": bench, "value": round(value, 3), "unit": unit, "baseline": round(baseline, 3),
-                      "ratio": round(ratio, 3), **extra}))
+                      "ratio": None if ratio is None else round(ratio, 3), **extra}))
