@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from dashboards import queries as q
 from dashboards.store import Store
+from streams.names import Component, Stat
 
 SEVERITIES = ("warning", "critical")
 OPS = {">": "gt", "<": "lt"}
@@ -81,15 +82,15 @@ WHERE objective = 'click' AND $WINDOW(trained_ts) AND $DOMAIN AND toUnixTimestam
 GROUP BY series"""
 # long-running components silent for longer than the threshold: crashed, hung, or cut off from the broker
 # (with the broker away nothing reports at all); replay is finite and ends its reports by design
-_SILENT = """
+_SILENT = f"""
 SELECT toString(component) AS series, dateDiff('second', max(ts), now64(3)) AS value
-FROM {db}.service_stats FINAL
-WHERE $WINDOW(ts) AND component NOT IN ('replay')
+FROM {{db}}.service_stats FINAL
+WHERE $WINDOW(ts) AND component != '{Component.REPLAY}'
 GROUP BY series"""
-_CRASH_LOOP = """
+_CRASH_LOOP = f"""
 SELECT splitByChar('.', toString(name))[2] AS series, argMax(value, ts) AS value
-FROM {db}.service_stats FINAL
-WHERE $WINDOW(ts) AND component = 'supervisor' AND startsWith(toString(name), 'crash_looping.')
+FROM {{db}}.service_stats FINAL
+WHERE $WINDOW(ts) AND component = '{Component.SUPERVISOR}' AND startsWith(toString(name), '{Stat.CRASH_LOOPING}.')
 GROUP BY series"""
 _DEAD_RATE = """
 SELECT toString(step) AS series, count() * 60 / $WINDOW_S AS value

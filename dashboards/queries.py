@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import re
 
+from streams.names import Component as C
+from streams.names import Stat as S
+
 BUCKETS_S = (10, 30, 60, 300, 600, 1800, 3600)  # bucket widths the page picks from
 MAX_POINTS = 120  # buckets per series on the page
 MAX_WINDOW_MIN = 7 * 24 * 60
@@ -168,32 +171,32 @@ SELECT t, series, value FROM (
     UNION ALL
     SELECT t, series, sum(v) AS value FROM (
         SELECT $BUCKET(ts) AS t,
-               multiIf(component = 'replay', 'events produced/s', component = 'labels', 'labels events in/s',
-                       component = 'trainer', 'trainer examples/s', concat(component, ' ', name)) AS series,
+               multiIf(component = '{C.REPLAY}', 'events produced/s', component = '{C.LABELS}', 'labels events in/s',
+                       component = '{C.TRAINER}', 'trainer examples/s', concat(component, ' ', name)) AS series,
                instance, avg(value) AS v
         FROM {{db}}.service_stats FINAL
-        WHERE $WINDOW(ts) AND name IN ('events_per_s', 'examples_per_s')
+        WHERE $WINDOW(ts) AND name IN ('{S.EVENTS_PER_S}', '{S.EXAMPLES_PER_S}')
         GROUP BY t, series, instance)
     GROUP BY t, series)
 ORDER BY t, series"""
 
 # per process: seconds since it last reported, and the supervisor's view (up, restarts, crash looping)
-STACK_HEALTH = """
+STACK_HEALTH = f"""
 SELECT process, max(silent_s) AS last_report_s, max(up) AS up, max(restarts) AS restarts, max(looping) AS crash_looping
 FROM (
     SELECT toString(component) AS process, toNullable(dateDiff('second', max(ts), now64(3))) AS silent_s,
            CAST(NULL, 'Nullable(Float64)') AS up, CAST(NULL, 'Nullable(Float64)') AS restarts,
            CAST(NULL, 'Nullable(Float64)') AS looping
-    FROM {db}.service_stats FINAL
+    FROM {{db}}.service_stats FINAL
     WHERE $WINDOW(ts)
     GROUP BY process
     UNION ALL
     SELECT splitByChar('.', toString(name))[2] AS process, CAST(NULL, 'Nullable(Int64)') AS silent_s,
-           toNullable(argMaxIf(value, ts, startsWith(toString(name), 'up.'))) AS up,
-           toNullable(argMaxIf(value, ts, startsWith(toString(name), 'restarts.'))) AS restarts,
-           toNullable(argMaxIf(value, ts, startsWith(toString(name), 'crash_looping.'))) AS looping
-    FROM {db}.service_stats FINAL
-    WHERE $WINDOW(ts) AND component = 'supervisor'
+           toNullable(argMaxIf(value, ts, startsWith(toString(name), '{S.UP}.'))) AS up,
+           toNullable(argMaxIf(value, ts, startsWith(toString(name), '{S.RESTARTS}.'))) AS restarts,
+           toNullable(argMaxIf(value, ts, startsWith(toString(name), '{S.CRASH_LOOPING}.'))) AS looping
+    FROM {{db}}.service_stats FINAL
+    WHERE $WINDOW(ts) AND component = '{C.SUPERVISOR}'
     GROUP BY process)
 GROUP BY process
 ORDER BY process"""
@@ -405,38 +408,39 @@ SELECT t, tupleElement(kv, 1) AS series, tupleElement(kv, 2) AS value
 FROM (
     SELECT t,
         arrayFilter(x -> tupleElement(x, 3), [
-            ('labels behind replay', greatest({_counter("replay", "events_produced")} - {_counter("labels", "events_in")}, 0),
-             {_has("replay", "events_produced")} AND {_has("labels", "events_in")}),
-            ('trainer behind labels', greatest({_counter("labels", "examples_out")}
-                                               - {_counter("trainer", "examples_trained")}, 0),
-             {_has("labels", "examples_out")} AND {_has("trainer", "examples_trained")})]) AS lags
-    FROM ({_latest("name IN ('events_produced', 'events_in', 'examples_out', 'examples_trained')")})
+            ('labels behind replay', greatest({_counter(C.REPLAY, S.EVENTS_PRODUCED)} - {_counter(C.LABELS, S.EVENTS_IN)}, 0),
+             {_has(C.REPLAY, S.EVENTS_PRODUCED)} AND {_has(C.LABELS, S.EVENTS_IN)}),
+            ('trainer behind labels', greatest({_counter(C.LABELS, S.EXAMPLES_OUT)}
+                                               - {_counter(C.TRAINER, S.EXAMPLES_TRAINED)}, 0),
+             {_has(C.LABELS, S.EXAMPLES_OUT)} AND {_has(C.TRAINER, S.EXAMPLES_TRAINED)})]) AS lags
+    FROM ({_latest(f"name IN ('{S.EVENTS_PRODUCED}', '{S.EVENTS_IN}', '{S.EXAMPLES_OUT}', '{S.EXAMPLES_TRAINED}')")})
     GROUP BY t)
 ARRAY JOIN lags AS kv
 ORDER BY t, series"""
 
 # FIITED embedding memory reported by the trainer: fiited_pool_bytes_d<dim>, fiited_rows_d<dim> (embedding_store.fiited.memory_report)
 EMBEDDING_BYTES = f"""
-SELECT t, concat('pool ', replaceOne(name, 'fiited_pool_bytes_d', '')) AS series, sum(v) AS value
-FROM ({_latest("component = 'trainer' AND name LIKE 'fiited_pool_bytes_d%'")})
+SELECT t, concat('pool ', replaceOne(name, '{S.FIITED_POOL_BYTES_PREFIX}', '')) AS series, sum(v) AS value
+FROM ({_latest(f"component = '{C.TRAINER}' AND name LIKE '{S.FIITED_POOL_BYTES_PREFIX}%'")})
 GROUP BY t, series
 ORDER BY t, series"""
 
 USER_VECTORS = f"""
 SELECT t, concat('event to user vector ', extract(name, 'p\\d+')) AS series, max(v) AS value
-FROM ({_latest("component = 'trainer' AND name IN ('user_freshness_p50_ms', 'user_freshness_p99_ms')")})
+FROM ({_latest(f"component = '{C.TRAINER}' AND name IN ('{S.USER_FRESHNESS_P50_MS}', '{S.USER_FRESHNESS_P99_MS}')")})
 GROUP BY t, series
 ORDER BY t, series"""
 
-EMBEDDING_DIMS = """
+EMBEDDING_DIMS = f"""
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,
-       sumIf(v, name LIKE 'fiited_rows_d%') AS rows,
-       sumIf(v, name LIKE 'fiited_pool_bytes_d%') AS bytes,
+       sumIf(v, name LIKE '{S.FIITED_ROWS_PREFIX}%') AS rows,
+       sumIf(v, name LIKE '{S.FIITED_POOL_BYTES_PREFIX}%') AS bytes,
        rows / greatest(sum(rows) OVER (), 1) AS rows_share
 FROM (
     SELECT name, instance, argMax(value, ts) AS v
-    FROM {db}.service_stats FINAL
-    WHERE $WINDOW(ts) AND component = 'trainer' AND (name LIKE 'fiited_rows_d%' OR name LIKE 'fiited_pool_bytes_d%')
+    FROM {{db}}.service_stats FINAL
+    WHERE $WINDOW(ts) AND component = '{C.TRAINER}'
+          AND (name LIKE '{S.FIITED_ROWS_PREFIX}%' OR name LIKE '{S.FIITED_POOL_BYTES_PREFIX}%')
     GROUP BY name, instance)
 GROUP BY dim
 ORDER BY dim"""

@@ -25,11 +25,12 @@ from dashboards.store import Store
 from streams import schema
 from streams.bus import kafka_io
 from streams.config import Config
+from streams.names import Step
 
 log = logging.getLogger(__name__)
 
 GROUP_ID = "streamrec-metrics-sink"  # never committed to: offsets live in the store
-STEP = "metrics_sink"
+STEP = Step.METRICS_SINK
 RAW_PREFIX = 256  # bytes of a dead letter's payload kept for the table
 
 

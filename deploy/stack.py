@@ -30,6 +30,7 @@ from streams.bus import kafka_io, storage
 from streams.bus.broker import EmbeddedBroker, wait_ready
 from streams.bus.processes import free_port
 from streams.config import Config, replace
+from streams.names import Component
 
 log = logging.getLogger("streamrec.stack")
 
@@ -233,7 +234,7 @@ class StatusPublisher:
         if now < self.next_t:
             return
         self.next_t = now + self.every_s
-        st = schema.ServiceStats(component="supervisor", ts=int(time.time() * 1000), values=self.sup.status())
+        st = schema.ServiceStats(component=Component.SUPERVISOR, ts=int(time.time() * 1000), values=self.sup.status())
         kafka_io.produce(self.producer, self.cfg.topics.service_stats, schema.encode(st))
         self.producer.poll(0)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from streams.bus.processes import die_with_parent
+from streams.names import Stat
 
 log = logging.getLogger("streamrec.supervisor")
 
@@ -172,9 +173,9 @@ class Supervisor:
         with self._lock:
             out: dict[str, float] = {}
             for c in self.children:
-                out[f"up.{c.name}"] = float(c.alive())
-                out[f"restarts.{c.name}"] = float(c.restarts)
-                out[f"crash_looping.{c.name}"] = float(c.crash_looping)
+                out[f"{Stat.UP}.{c.name}"] = float(c.alive())
+                out[f"{Stat.RESTARTS}.{c.name}"] = float(c.restarts)
+                out[f"{Stat.CRASH_LOOPING}.{c.name}"] = float(c.crash_looping)
             return out
 
     def stop_watching(self) -> None:

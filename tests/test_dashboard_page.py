@@ -82,7 +82,7 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
             reason = ("schema: Expected `int`, got `str` - at `$.user_id`", "unparseable: truncated JSON",
                       "invalid: unknown domain 'shop'")[i % 2 + (i % 9 == 0)]
             items.append((t.dead_letters, schema.dead_letter(reason, b'{"user_id": "x"}', topic=t.impressions,
-                                                             partition=0, offset=i, ts=trained, step="labels.decode")))
+                                                             partition=0, offset=i, ts=trained, step="labels.join")))
     producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
     for topic, ev in items:
         kafka_io.produce(producer, topic, json.dumps(ev).encode() if isinstance(ev, dict) else schema.encode(ev))

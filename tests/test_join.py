@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams import schema
-from streams.flows.join import EXAMPLE, JoinConfig, JoinState, SourceBatch, flush, step
+from streams.flows.join import EXAMPLE, MALFORMED, JoinConfig, JoinState, SourceBatch, flush, step
 
 T0 = 1_700_000_000_000
 IMP, CLK, CNV = "imp", "clk", "cnv"
@@ -124,7 +124,8 @@ def test_duplicates_late_feedback_and_bad_records_are_dead_letters():
     _, out2 = step_(state, late)
     assert examples(out) == {"i1": (1, 0, T0 + 10, None)}
     assert reasons(out) == ["duplicate event_id", "duplicate event_id", "invalid", "schema", "unparseable"]
-    decode_dl = [o for o in out if isinstance(o, schema.DeadLetter) and o.step == "labels.decode"]
+    decode_dl = [o for o in out if isinstance(o, schema.DeadLetter) and o.reason.split(":")[0] in MALFORMED]
+    assert {o.step for o in out if isinstance(o, schema.DeadLetter)} == {"labels.join"}
     assert sorted((d.topic, d.offset) for d in decode_dl) == [(CLK, 51), (IMP, 50), (IMP, 52)]
     assert decode_dl[0].raw in {b"{not json", bad[1][3], bad[2][3]}
     assert [o.reason for o in out2] == ["late click: impression 'i1' already emitted"]

@@ -17,6 +17,7 @@ from conftest import read_topics
 from streams import schema
 from streams.bus import kafka_io
 from streams.config import replace
+from streams.flows.join import MALFORMED
 from streams.flows.routing import part_key, route
 from streams.flows.service import run_labels
 
@@ -149,7 +150,8 @@ def test_bounded_flow_labels_every_impression_once(produced, workers):
     assert Counter(_category(d.reason) for d in letters) == dead
     assert all(d.topic in cfg.topics.input_topics() and d.offset >= 0 and d.raw for d in letters)
     raw_bad = Counter(v for _, _, v in msgs if isinstance(schema.decode(v), schema.Invalid))
-    assert Counter(d.raw for d in letters if d.step == "labels.decode") == raw_bad
+    assert {d.step for d in letters} == {"labels.join"}
+    assert Counter(d.raw for d in letters if d.reason.split(":")[0] in MALFORMED) == raw_bad
 
     stats = [s for _, _, s in _read_all(cfg, cfg.topics.service_stats, schema.ServiceStats)]
     final = stats[-1].values
@@ -280,5 +282,5 @@ def test_the_flow_runs_on_bytewax_testing_source_and_sink():
                 for kind, _, v in records if kind == join.EXAMPLE}
     dead = [schema.decode(v, schema.DeadLetter) for kind, _, v in records if kind == join.DEAD]
     assert examples == {f"i{p}-{k}": int(k == 0) for p in range(2) for k in range(5)}
-    assert [(d.step, d.reason.split(":")[0]) for d in dead] == [("labels.decode", "unparseable")] * 2
+    assert [(d.step, d.reason.split(":")[0]) for d in dead] == [("labels.join", "unparseable")] * 2
     assert {key for key, _ in out} == {part_key(0, 2), part_key(1, 2)}

@@ -212,7 +212,7 @@ def test_a_dead_letter_rejected_again_after_a_restart_is_stored_once(store):
     again = schema.dead_letter("stale impression: ts 5 is before the partition time 160", b'{"a":1}',
                                topic="impressions", partition=1, offset=7, ts=now, step="labels.join")
     other = schema.dead_letter("unparseable: truncated", b'{"a":', topic="impressions", partition=1, offset=7,
-                               ts=now, step="labels.decode")
+                               ts=now, step="labels.join")
     store.insert("dead_letters", dead_letter_rows([first]))
     store.insert("dead_letters", dead_letter_rows([again, other]))
     assert store.query("SELECT count() FROM {db}.dead_letters FINAL").rows == [(2,)]
@@ -229,7 +229,7 @@ def test_an_older_dead_letters_table_is_rebuilt_with_its_rows(chdb_client):
     chdb_client.command(old_ddl.format(db=db, ttl=30))
     s = Store(chdb_client, db)
     rows = [schema.dead_letter(f"reason {i}", b"x%d" % i, topic="clicks", partition=0, offset=i, ts=int(time.time() * 1000),
-                               step="labels.decode") for i in range(5)]
+                               step="labels.join") for i in range(5)]
     s.insert("dead_letters", dead_letter_rows(rows))
     s.ensure_schema()
     key = s.query("SELECT sorting_key FROM system.tables WHERE database = {d:String} AND name = 'dead_letters'",

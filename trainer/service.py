@@ -27,6 +27,7 @@ import numpy as np
 from streams import schema
 from streams.bus import kafka_io
 from streams.config import NO_BROKER, Config
+from streams.names import Component, Stat, Step
 
 log = logging.getLogger("streamrec.trainer")
 DEDUP_CAPACITY = 2_000_000  # example ids remembered (oldest forgotten first)
@@ -131,7 +132,9 @@ class TrainerService:
         if self.users is not None:
             self.learner.user_view = self.users.view
         self.offsets: dict[tuple[str, int], int] = {}
-        self.counters = {"examples_trained": 0, "steps": 0, "duplicates": 0, "dead_letters": 0, "checkpoints": 0}
+        # plain str keys (a Stat indexes them alike): checkpoints load with torch's weights_only unpickler
+        self.counters = {k.value: 0 for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS,
+                                              Stat.CHECKPOINTS)}
         self.dedup = Dedup()
         self.trained_ids: list[str] | None = [] if record_ids else None
         self.newest_event_ts = 0
@@ -240,26 +243,27 @@ class TrainerService:
     def _dead_letter(self, reason: str, m, now_ms: int) -> None:
         self.counters["dead_letters"] += 1
         dl = schema.dead_letter(reason, m.value() or b"", topic=m.topic(), partition=m.partition(),
-                                offset=m.offset(), ts=now_ms, step="trainer.decode")
+                                offset=m.offset(), ts=now_ms, step=Step.TRAINER_DECODE)
         kafka_io.produce(self.producer, self.cfg.topics.dead_letters, schema.encode(dl))
 
     def _publish_stats(self) -> None:
         now = int(time.time() * 1000)
-        values = {k: float(self.counters[k]) for k in ("examples_trained", "steps", "duplicates", "dead_letters")}
+        values = {k: float(self.counters[k])
+                  for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS)}
         values.update(self._stats.take(now))
-        values["model_version"] = float(self.learner.steps)
+        values[Stat.MODEL_VERSION] = float(self.learner.steps)
         for name, h in self.learner.delays.items():  # the delay distribution the ES-DFM weights use
             if h.total:
                 values[f"{name}_delay_p50_ms"] = h.quantile(0.5)
                 values[f"{name}_delayed_share"] = h.survival(self.learner.elapsed_ms)
         if self.newest_event_ts:
-            values["freshness_ms"] = float(now - self.newest_event_ts)
+            values[Stat.FRESHNESS_MS] = float(now - self.newest_event_ts)
         report = getattr(self.learner.model.emb, "memory_report", None)  # FIITED: bytes per pool, dims
         if report is not None:
             values.update(report())
         if self.users is not None:
             values.update(self.users.stats())
-        st = schema.ServiceStats(component="trainer", ts=now, values=values, instance=f"pid{os.getpid()}")
+        st = schema.ServiceStats(component=Component.TRAINER, ts=now, values=values, instance=f"pid{os.getpid()}")
         kafka_io.produce(self.producer, self.cfg.topics.service_stats, schema.encode(st))
 
     # ---- loop ----------------------------------------------------------------------------------

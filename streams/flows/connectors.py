@@ -42,6 +42,7 @@ from streams.flows import join
 from streams.flows.join import OutBatch
 from streams.flows.routing import part_key
 from streams.flows.stats import StatsBatch, stats_topic
+from streams.names import Component, Stat
 
 log = logging.getLogger(__name__)
 GROUP = "streamrec-labels"  # assign() only, never committed: offsets live in Bytewax snapshots
@@ -198,13 +199,13 @@ class _Stats:
             if not force and now - self.last_t < 1.0:
                 return
             names = {k for c, _ in self.parts.values() for k in c}
-            names.update(("events_in", "examples_out", "dead_letters"))
+            names.update((Stat.EVENTS_IN, Stat.EXAMPLES_OUT, Stat.DEAD_LETTERS))
             values = {k: float(sum(c.get(k, 0) for c, _ in self.parts.values())) for k in sorted(names)}
-            values["pending_impressions"] = float(sum(p for _, p in self.parts.values()))
+            values[Stat.PENDING_IMPRESSIONS] = float(sum(p for _, p in self.parts.values()))
             dt = max(now - self.last_t, 1e-6)
-            values["events_per_s"] = (values["events_in"] - self.last_in) / dt
-            self.last_t, self.last_in = now, values["events_in"]
-        st = schema.ServiceStats(component="labels", ts=int(time.time() * 1000), values=values,
+            values[Stat.EVENTS_PER_S] = (values[Stat.EVENTS_IN] - self.last_in) / dt
+            self.last_t, self.last_in = now, values[Stat.EVENTS_IN]
+        st = schema.ServiceStats(component=Component.LABELS, ts=int(time.time() * 1000), values=values,
                                  instance=self.instance)
         key = b"labels"
         kafka_io.produce(producer, self.cfg.topics.service_stats, schema.encode(st), key=key,

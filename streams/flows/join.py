@@ -54,6 +54,7 @@ import msgspec
 
 from streams import schema
 from streams.config import LabelsConfig
+from streams.names import Stat, Step
 
 RawMsg = tuple[str, int, int, bytes]  # (topic, partition, offset, value bytes) as read from Kafka
 Output = tuple[int, bytes | None, bytes]  # (EXAMPLE | DEAD, key, encoded record)
@@ -62,8 +63,10 @@ POLICIES = ("window", "elapsed")
 IMP, CLICK, CONV = 0, 1, 2
 _KIND_NAME = ("impression", "click", "conversion")
 _LATE_SUFFIX = ("", "#late-click", "#late-conversion")
-STEP_DECODE = "labels.decode"
-STEP_JOIN = "labels.join"
+# every dead letter of the flow carries the full id of its Bytewax step; the reason's category says why
+STEP = Step.LABELS_JOIN
+# reason categories of records that are no valid event (the rest: valid events the join refuses)
+MALFORMED = ("too large", "unexpected topic", "wrong topic", "schema", "unparseable", "invalid", "future timestamp")
 MAX_MSG_BYTES = 64 * 1024  # larger input records are dead letters before any parsing
 FUTURE_TOLERANCE_MS = 24 * 3600 * 1000  # event ts this far past the wall clock: a broken clock, dead letter
 
@@ -178,8 +181,8 @@ class JoinState:
         self.done: tuple[set[str], set[str]] = (set(), set())
         self.seen_fb: tuple[set[str], set[str]] = (set(), set())
         self.gen_start: int | None = None
-        self.counts: dict[str, int] = {"events_in": 0, "examples_out": 0, "dead_letters": 0,
-                                       "feedback_joined": 0, "late_positives": 0}
+        self.counts: dict[str, int] = {k.value: 0 for k in (Stat.EVENTS_IN, Stat.EXAMPLES_OUT, Stat.DEAD_LETTERS,
+                                                            Stat.FEEDBACK_JOINED, Stat.LATE_POSITIVES)}
 
     def snapshot(self) -> tuple:
         """An immutable-enough copy for Bytewax recovery: shallow copies over immutable values."""
@@ -247,11 +250,11 @@ def example_bytes(example_id: str, raw_imp: bytes, click_ts: int | None, conv_ts
                decided.encode(), now_ms)
 
 
-def _dead(state: JoinState, reason: str, msg: RawMsg, now_ms: int, step_id: str = STEP_JOIN) -> Output:
+def _dead(state: JoinState, reason: str, msg: RawMsg, now_ms: int) -> Output:
     cat = reason.split(":", 1)[0][:40]
-    key = "dead." + cat
+    key = Stat.DEAD_PREFIX.value + cat
     state.counts[key] = state.counts.get(key, 0) + 1
-    dl = schema.dead_letter(reason, msg[3], topic=msg[0], partition=msg[1], offset=msg[2], ts=now_ms, step=step_id)
+    dl = schema.dead_letter(reason, msg[3], topic=msg[0], partition=msg[1], offset=msg[2], ts=now_ms, step=STEP)
     return (DEAD, None, schema.encode(dl))
 
 
@@ -273,27 +276,26 @@ def step(state: JoinState, batch: SourceBatch, now_ms: int) -> tuple[JoinState, 
     for msg in batch.msgs:
         topic_kind = kinds.get(msg[0])
         if topic_kind is None:
-            out.append(_dead(state, f"unexpected topic: {msg[0]!r} (expected one of {topics})", msg, now_ms,
-                             STEP_DECODE))
+            out.append(_dead(state, f"unexpected topic: {msg[0]!r} (expected one of {topics})", msg, now_ms))
             continue
         raw = msg[3]
         if len(raw) > MAX_MSG_BYTES:
             n_in += 1
-            out.append(_dead(state, f"too large: {len(raw)} bytes > {MAX_MSG_BYTES}", msg, now_ms, STEP_DECODE))
+            out.append(_dead(state, f"too large: {len(raw)} bytes > {MAX_MSG_BYTES}", msg, now_ms))
             continue
         try:
             ev = _decode(raw)
         except msgspec.ValidationError as e:
             n_in += 1
-            out.append(_dead(state, f"schema: {e}", msg, now_ms, STEP_DECODE))
+            out.append(_dead(state, f"schema: {e}", msg, now_ms))
             continue
         except schema.DECODE_ERRORS as e:
             n_in += 1
-            out.append(_dead(state, schema.unparseable(e), msg, now_ms, STEP_DECODE))
+            out.append(_dead(state, schema.unparseable(e), msg, now_ms))
             continue
         except Exception as e:  # noqa: BLE001 - bytes no one foresaw must not stop the flow either
             n_in += 1
-            out.append(_dead(state, f"unparseable: {type(e).__name__}: {e}", msg, now_ms, STEP_DECODE))
+            out.append(_dead(state, f"unparseable: {type(e).__name__}: {e}", msg, now_ms))
             continue
         cls = type(ev)
         if cls is schema.Watermark:
@@ -306,16 +308,16 @@ def step(state: JoinState, batch: SourceBatch, now_ms: int) -> tuple[JoinState, 
         kind = IMP if cls is schema.Impression else CLICK if cls is schema.Click else CONV
         reason = schema.check(ev)
         if reason is not None:
-            out.append(_dead(state, f"invalid: {reason}", msg, now_ms, STEP_DECODE))
+            out.append(_dead(state, f"invalid: {reason}", msg, now_ms))
             continue
         if kind != topic_kind:
             out.append(_dead(state, f"wrong topic: {_KIND_NAME[kind]} record on the {_KIND_NAME[topic_kind]} "
-                                    f"topic {msg[0]!r}", msg, now_ms, STEP_DECODE))
+                                    f"topic {msg[0]!r}", msg, now_ms))
             continue
         ts = ev.ts
         if ts > future:
             out.append(_dead(state, f"future timestamp: ts {ts} is more than {cfg.future_tolerance_ms} ms after the "
-                                    f"wall clock {now_ms}", msg, now_ms, STEP_DECODE))
+                                    f"wall clock {now_ms}", msg, now_ms))
             continue
         d = state.data_ts[kind]
         if d is None or ts > d:
@@ -338,7 +340,7 @@ def step(state: JoinState, batch: SourceBatch, now_ms: int) -> tuple[JoinState, 
                 heapq.heappush(state.late[1], (at, iid))
         else:
             _on_feedback(state, kind, ev, msg, now_ms, out)
-    counts["events_in"] += n_in
+    counts[Stat.EVENTS_IN] += n_in
     for topic, kind in kinds.items():
         state.caught_up[kind] = topic in batch.caught_up
     t = state.clock(now_ms)
@@ -372,8 +374,8 @@ def _flush_log(state: JoinState, now_ms: int, out: list[Output]) -> None:
 
 def _count(state: JoinState, out: list[Output]) -> None:
     n_dead = sum(o[0] for o in out)  # DEAD == 1
-    state.counts["dead_letters"] += n_dead
-    state.counts["examples_out"] += len(out) - n_dead
+    state.counts[Stat.DEAD_LETTERS] += n_dead
+    state.counts[Stat.EXAMPLES_OUT] += len(out) - n_dead
 
 
 def _on_impression(state: JoinState, imp: schema.Impression, msg: RawMsg, now_ms: int, out: list) -> None:
@@ -388,7 +390,7 @@ def _on_impression(state: JoinState, imp: schema.Impression, msg: RawMsg, now_ms
             if not 0 <= fts - ts <= cfg.window_ms(kind):
                 out.append(_dead(state, _outside(kind, fts, iid, ts, cfg), raw, now_ms))
                 continue
-            state.counts["feedback_joined"] += 1
+            state.counts[Stat.FEEDBACK_JOINED] += 1
             if kind == CLICK:
                 click_ts = fts if click_ts is None else min(click_ts, fts)
             else:
@@ -435,7 +437,7 @@ def _on_feedback(state: JoinState, kind: int, fb, msg: RawMsg, now_ms: int, out:
         if not 0 <= fts - its <= window:
             out.append(_dead(state, _outside(kind, fts, iid, its, state.cfg), msg, now_ms))
             return
-        state.counts["feedback_joined"] += 1
+        state.counts[Stat.FEEDBACK_JOINED] += 1
         before = click_ts if kind == CLICK else conv_ts
         if kind == CLICK:
             click_ts = fts if click_ts is None else min(click_ts, fts)
@@ -443,7 +445,7 @@ def _on_feedback(state: JoinState, kind: int, fb, msg: RawMsg, now_ms: int, out:
             conv_ts = fts if conv_ts is None else min(conv_ts, fts)
         state.pending[iid] = (raw, its, key, click_ts, conv_ts, emitted)
         if emitted and before is None:  # ES-DFM: the elapsed example went out negative for this objective
-            state.counts["late_positives"] += 1
+            state.counts[Stat.LATE_POSITIVES] += 1
             out.append((EXAMPLE, key, example_bytes(iid + _LATE_SUFFIX[kind], raw, click_ts, conv_ts,
                                                     "late_positive", now_ms)))
     elif iid in state.done[0] or iid in state.done[1]:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from streams import schema
 from streams.bus import kafka_io
 from streams.config import NO_BROKER, Config
+from streams.names import Component, Stat, Step
 from streams.sources import formats
 from streams.sources.decode_worker import BLOCK_BYTES, DecoderProcess, NoWorker, planned_blocks
 from streams.sources.lineplan import Plan, Router, plan_block
@@ -227,11 +228,11 @@ class Publisher:
         now = time.monotonic()
         self._next_stats = now + STATS_EVERY_S
         s = self.stats()
-        values = {"events_produced": float(s.events), "events_per_s": s.events_per_s,
-                  "bad_records": float(s.bad_records), "dead_letters": float(s.dead_letters),
-                  "impressions": float(s.impressions), "clicks": float(s.clicks),
-                  "conversions": float(s.conversions), "last_event_ts": float(s.last_ts)}
-        ev = schema.ServiceStats(component="replay", ts=_now_ms(), values=values)
+        values = {Stat.EVENTS_PRODUCED: float(s.events), Stat.EVENTS_PER_S: s.events_per_s,
+                  Stat.BAD_RECORDS: float(s.bad_records), Stat.DEAD_LETTERS: float(s.dead_letters),
+                  Stat.IMPRESSIONS: float(s.impressions), Stat.CLICKS: float(s.clicks),
+                  Stat.CONVERSIONS: float(s.conversions), Stat.LAST_EVENT_TS: float(s.last_ts)}
+        ev = schema.ServiceStats(component=Component.REPLAY, ts=_now_ms(), values=values)
         kafka_io.produce(self._producer, self.cfg.topics.service_stats, schema.encode(ev))
 
     # -- end --------------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def replay_file(cfg: Config, path: str | Path, *, fmt: str = "auto", speed: floa
                 last_line = item.line
             if type(item) is not Row:
                 pub.dead_letter(schema.dead_letter(item.reason, item.raw, topic=path.name, offset=item.line,
-                                                   ts=_now_ms(), step="replay"))
+                                                   ts=_now_ms(), step=Step.REPLAY))
                 continue
             if pacer is None and time_range is None and item.raw is not None:
                 send(item.records[0], item.raw)  # native line: already our encoding
@@ -354,7 +355,7 @@ def _replay_jsonl_fast(cfg: Config, path: Path, *, progress: bool, watermark: bo
             lines += plan.n_lines - plan.blank
             for n, reason in plan.failed:
                 pub.dead_letter(schema.dead_letter(f"line {n}: {reason}", block_lines[n - plan.first],
-                                                   topic=path.name, offset=n, ts=_now_ms(), step="replay"))
+                                                   topic=path.name, offset=n, ts=_now_ms(), step=Step.REPLAY))
         s = pub.finish(watermark=watermark)
     return ReplayStats(**msgspec.structs.asdict(s), lines=lines)
 

@@ -1,0 +1,75 @@
+"""One namespace for the names components publish and dashboards read: components, dead-letter steps and
+the counters and gauges of ``ServiceStats``.
+
+Producers write them, the SQL of :mod:`dashboards.queries` and :mod:`dashboards.alerts` reads them, tests
+check them; a name spelt differently in two places would be a panel that stays empty. Members are ``str``
+(``StrEnum``), so they serve as dict keys, JSON and SQL literals as they are.
+
+>>> Component.TRAINER == "trainer", f"{Stat.EXAMPLES_TRAINED}"
+(True, 'examples_trained')
+>>> Step.LABELS_JOIN  # the Bytewax step's full id: flow "labels", step "join"
+<Step.LABELS_JOIN: 'labels.join'>
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Component(StrEnum):
+    """``ServiceStats.component``: who reports."""
+
+    REPLAY = "replay"  # streamrec replay / generate / up's producer (one report stream per run)
+    LABELS = "labels"
+    STATS = "stats"
+    TRAINER = "trainer"
+    SUPERVISOR = "supervisor"
+
+
+class Step(StrEnum):
+    """``DeadLetter.step``: who refused a record (Bytewax steps by their full id ``flow.step``)."""
+
+    REPLAY = "replay"  # a log line that is no record
+    LABELS_JOIN = "labels.join"  # everything the labels flow refuses (the reason's category says why)
+    TRAINER_DECODE = "trainer.decode"
+    METRICS_SINK = "metrics_sink"
+
+
+class Stat(StrEnum):
+    """Counters (monotonic within a process, restored from checkpoints) and gauges of ``ServiceStats``."""
+
+    # replay
+    EVENTS_PRODUCED = "events_produced"
+    BAD_RECORDS = "bad_records"
+    LAST_EVENT_TS = "last_event_ts"
+    IMPRESSIONS = "impressions"
+    CLICKS = "clicks"
+    CONVERSIONS = "conversions"
+    # labels
+    EVENTS_IN = "events_in"
+    EXAMPLES_OUT = "examples_out"
+    FEEDBACK_JOINED = "feedback_joined"
+    LATE_POSITIVES = "late_positives"
+    PENDING_IMPRESSIONS = "pending_impressions"  # gauge
+    DEAD_PREFIX = "dead."  # + the reason's category: dead letters of each kind
+    # trainer
+    EXAMPLES_TRAINED = "examples_trained"
+    STEPS = "steps"
+    DUPLICATES = "duplicates"
+    CHECKPOINTS = "checkpoints"
+    MODEL_VERSION = "model_version"
+    LAG_MS = "lag_ms"
+    FRESHNESS_MS = "freshness_ms"
+    USER_VECTORS = "user_vectors"
+    USER_FRESHNESS_P50_MS = "user_freshness_p50_ms"
+    USER_FRESHNESS_P99_MS = "user_freshness_p99_ms"
+    FIITED_POOL_BYTES_PREFIX = "fiited_pool_bytes_d"  # + the pool's width
+    FIITED_ROWS_PREFIX = "fiited_rows_d"
+    # shared
+    DEAD_LETTERS = "dead_letters"
+    EVENTS_PER_S = "events_per_s"
+    EXAMPLES_PER_S = "examples_per_s"
+    # supervisor, + "." + the process name
+    UP = "up"
+    RESTARTS = "restarts"
+    CRASH_LOOPING = "crash_looping"
