@@ -115,6 +115,23 @@ def test_state_round_trip_restores_model_histories_index_and_view(examples):
         a.close()
 
 
+def test_view_rows_of_deleted_users_are_reused_only_after_the_next_delete():
+    import torch
+
+    v = UserVectors(dim=2, ad_table=torch.ones(4, 2), capacity=4)
+    v.update(np.arange(4), np.arange(8, dtype=np.float32).reshape(4, 2))
+    rows = dict(v._row)
+    assert v.delete(np.array([1, 2, 99])) == 2 and len(v) == 2 and 1 not in v
+    v.update(np.array([10]), np.ones((1, 2), np.float32))  # a reader that looked up user 1 just before the
+    assert v._row[10] not in (rows[1], rows[2])           # delete must not see user 10's vector in its row
+    assert not v.features(np.array([1, 2]), np.zeros(2, np.int64)).any()
+    v.delete(np.array([0]))  # one delete later the rows of 1 and 2 are reused
+    v.update(np.array([11, 12]), np.full((2, 2), 5, np.float32))
+    assert {v._row[11], v._row[12]} == {rows[1], rows[2]}
+    np.testing.assert_array_equal(v.get(np.array([3, 10, 11, 12])), [[6, 7], [1, 1], [5, 5], [5, 5]])
+    assert sorted(v.vectors()["ids"].tolist()) == [3, 10, 11, 12]
+
+
 def test_a_failure_in_the_worker_thread_surfaces_in_the_trainer(examples):
     w = _worker()
     try:

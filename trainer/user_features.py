@@ -152,10 +152,13 @@ class UserWorker:
         self.absorbed_batches = int(st.get("absorbed_batches", 0))
 
     def stats(self) -> dict[str, float]:
-        f = self.svc.freshness_ms()
+        svc = self.svc
+        f = svc.freshness_ms()
         out = {"user_vectors": float(len(self.view)), "user_backlog": float(self.backlog()),
                "user_trained_batches": float(self.trained_batches),
-               "user_absorbed_batches": float(self.absorbed_batches)}
+               "user_absorbed_batches": float(self.absorbed_batches),
+               # users that left: unseen for the TTL (event time), or over the histories' max_users
+               "user_evicted": float(svc.counters.get("evicted", 0)), "user_evicted_cap": float(svc.history.evicted)}
         if f["n"]:
             out["user_freshness_p50_ms"], out["user_freshness_p99_ms"] = f["p50"], f["p99"]
         return out
@@ -168,13 +171,19 @@ class UserWorker:
 
 
 def user_worker(cfg: Config, train_duty: float = 0.25) -> UserWorker:
-    """The trainer's user model: ``trainer.user_dim`` wide, its index configured for up to ~1M users."""
+    """The trainer's user model: ``trainer.user_dim`` wide, its index configured for up to ~1M users, users
+    leaving after ``trainer.user_ttl_s`` of event time unseen (``trainer.user_ttl_keep`` most active kept)."""
+    from trainer.user_history import HistoryConfig, TtlConfig
     from trainer.user_model import UserModelConfig
     from trainer.user_service import UserModelService, UserServiceConfig
 
-    d = cfg.trainer.user_dim
+    d, tc = cfg.trainer.user_dim, cfg.trainer
+    if not 0 <= tc.user_ttl_s < float("inf") or tc.user_ttl_keep < 0:
+        raise ValueError(f"trainer.user_ttl_s must be finite and >= 0 (0: never), trainer.user_ttl_keep >= 0; "
+                         f"got {tc.user_ttl_s}, {tc.user_ttl_keep}")
     # exact search while small (IVF stages vectors in a flat index until 30 * nlist), then the configuration
     # measured at 1M vectors (docs/users.md): 16384 lists, HNSW coarse quantizer, fp16 lists, nprobe 40
     index = AnnConfig(dim=d, kind="ivf", nlist=16384, nprobe=40, quantizer="hnsw", codec="fp16")
-    return UserWorker(UserModelService(UserServiceConfig(model=UserModelConfig(dim=d), index=index,
-                                                         seed=cfg.trainer.seed)), train_duty=train_duty)
+    history = HistoryConfig(ttl=TtlConfig(ttl_s=tc.user_ttl_s, keep=tc.user_ttl_keep))
+    return UserWorker(UserModelService(UserServiceConfig(model=UserModelConfig(dim=d), history=history, index=index,
+                                                         seed=tc.seed)), train_duty=train_duty)

@@ -17,6 +17,11 @@ moves together with a re-centring of every stored vector (:meth:`UserModelServic
 itself: a user encoded before a move would otherwise stay centred on the old value while the users
 re-encoded after it use the new one.
 
+Users leave: at each refresh, users the histories forgot (unseen for ``history.ttl.ttl_s`` of event time and
+not among the ``ttl.keep`` most active, or dropped by ``history.max_users``) are deleted from the index
+(:meth:`~embedding_store.ann.AnnIndex.delete`) and from the view; one that comes back is a new user
+(``counters["evicted"]``: TTL, ``history.evicted``: the bound).
+
 Freshness is measured per user from the wall-clock moment an event reached the service to the moment
 the user's new vector was in the index (:meth:`UserModelService.freshness_ms`).
 
@@ -92,7 +97,7 @@ class UserModelService:
         self._dirty: dict[int, tuple[float, int]] = {}  # user -> (first unpublished arrival, monotonic s; latest ts)
         self._last_refresh = time.monotonic()
         self._fresh_ms: list[float] = []
-        self.counters = {"examples": 0, "events": 0, "upserts": 0, "refreshes": 0, "recenters": 0}
+        self.counters = {"examples": 0, "events": 0, "upserts": 0, "refreshes": 0, "recenters": 0, "evicted": 0}
         self.view = UserVectors(cfg.model.dim, self.model.tower.ad.weight)  # raw vectors: the ranker's table
         self.center = np.zeros(cfg.model.dim, np.float32)  # subtracted from every vector in the index
         self._mean = np.zeros(cfg.model.dim, np.float32)  # running mean of the encoded vectors
@@ -158,8 +163,10 @@ class UserModelService:
             self.refresh()
 
     def refresh(self) -> int:
-        """Re-encode every dirty user from its whole current history and upsert; returns how many."""
+        """Remove the users that left, re-encode every dirty user from its whole current history and upsert;
+        returns how many were re-encoded."""
         self._last_refresh = time.monotonic()
+        self._evict()
         if not self._dirty:
             return 0
         users = list(self._dirty)
@@ -181,6 +188,18 @@ class UserModelService:
         self.counters["upserts"] += len(users)
         self.counters["refreshes"] += 1
         return len(users)
+
+    def _evict(self) -> None:
+        """Users the histories forgot (TTL; the max_users bound) leave the index and the view too."""
+        expired = self.history.expire()
+        gone = np.concatenate([expired, self.history.take_dropped()])
+        if not len(gone):
+            return
+        self.index.delete(gone)
+        self.view.delete(gone)
+        for u in gone.tolist():
+            self._dirty.pop(u, None)
+        self.counters["evicted"] = self.counters.get("evicted", 0) + len(expired)
 
     def _update_mean(self, vecs: np.ndarray) -> None:
         """Running mean of the encoded vectors and of their squared distance from it (cumulative, then an

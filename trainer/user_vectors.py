@@ -3,15 +3,17 @@
 Written by the user model's thread (:class:`~trainer.user_service.UserModelService` owns it and writes it
 together with the ANN index, so both always hold the same users), read by the trainer's thread without a
 lock: rows are written in place, so a reader sees each row either old or new (a row being copied may mix
-both, harmless for features).
+both, harmless for features). A deleted user reads as zeros ("no vector yet"); its row is reused only
+after the *next* :meth:`UserVectors.delete` call (one eviction pass later), so a reader that looked the row
+up just before the delete never reads another user's vector.
 
 >>> import numpy as np, torch
 >>> v = UserVectors(dim=2, ad_table=torch.ones(10, 2))
 >>> v.update(np.array([7, 9]), np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))
 >>> v.features(np.array([7, 8]), np.array([3, 3])).tolist()   # user 8 has no vector yet: zeros
 [[1.0, 2.0, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0]]
->>> v.get(np.array([9])).tolist(), sorted(v.ids().tolist())
-([[3.0, 4.0]], [7, 9])
+>>> v.delete(np.array([7, 8])), len(v), v.features(np.array([7]), np.array([3])).tolist()
+(1, 1, [[0.0, 0.0, 0.0, 0.0]])
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from trainer.user_model import ad_rows
 
 
 class UserVectors:
-    """``update(ids (N,), vecs (N, d))``, ``get(ids) -> (N, d)``, ``ids()`` from the user model's
+    """``update(ids (N,), vecs (N, d))``, ``delete(ids)``, ``get(ids) -> (N, d)`` from the user model's
     thread; ``features(user_ids (B,), ad_ids (B,)) -> (B, 2d)`` from the trainer's thread.
     ``ad_table``: the live ad embedding (ad_buckets, d) of the user model, or a frozen copy.
     """
@@ -37,6 +39,9 @@ class UserVectors:
         self.ad_table = ad_table
         self._row: dict[int, int] = {}
         self._vecs = np.zeros((capacity, dim), np.float32)
+        self._used = 0  # rows handed out so far (live + free + quarantined)
+        self._free: list[int] = []  # rows of deleted users, reusable
+        self._quarantine: list[int] = []  # rows freed by the last delete: reusable after the next one
         self._grow_lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -45,6 +50,17 @@ class UserVectors:
     def __contains__(self, user_id: int) -> bool:
         return int(user_id) in self._row
 
+    def _new_row(self) -> int:
+        if self._free:
+            return self._free.pop()
+        r = self._used
+        self._used += 1
+        if r >= len(self._vecs):  # grow by doubling; readers keep the old array until swapped
+            bigger = np.zeros((2 * len(self._vecs), self.dim), np.float32)
+            bigger[:r] = self._vecs[:r]
+            self._vecs = bigger
+        return r
+
     def update(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         ids = np.asarray(ids, np.int64)
         rows = np.empty(len(ids), np.int64)
@@ -52,15 +68,24 @@ class UserVectors:
             for j, u in enumerate(ids.tolist()):
                 r = self._row.get(u)
                 if r is None:
-                    r = len(self._row)
-                    if r >= len(self._vecs):  # grow by doubling; readers keep the old array until swapped
-                        bigger = np.zeros((2 * len(self._vecs), self.dim), np.float32)
-                        bigger[:r] = self._vecs[:r]
-                        self._vecs = bigger
+                    r = self._new_row()
                     self._vecs[r] = vecs[j]  # the row is filled before the id becomes visible
                     self._row[u] = r
                 rows[j] = r
             self._vecs[rows] = vecs
+
+    def delete(self, ids: np.ndarray) -> int:
+        """Forget users (absent ones are ignored); returns how many were removed."""
+        freed = []
+        with self._grow_lock:
+            for u in np.asarray(ids, np.int64).tolist():
+                r = self._row.pop(u, None)
+                if r is not None:
+                    self._vecs[r] = 0.0
+                    freed.append(r)
+            self._free.extend(self._quarantine)
+            self._quarantine = freed
+        return len(freed)
 
     def ids(self) -> np.ndarray:
         with self._grow_lock:
