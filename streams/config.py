@@ -90,6 +90,11 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # user-vector index is written to <data_dir>/users/index at every checkpoint (`streamrec users`)
     user_model: bool = True
     user_dim: int = 32
+    # a user unseen for this many seconds of event time leaves the user-vector index, the view and the
+    # histories (0: never), except the user_ttl_keep most active users (the floor: a quiet stream that
+    # resumes after a gap does not empty the index); trainer/user_history.py TtlConfig
+    user_ttl_s: float = 7 * 86_400.0
+    user_ttl_keep: int = 10_000
     export_dir: str = ""  # "" = no serving export; else a versioned export (trainer/export.py) per checkpoint
     export_keep: int = 5  # export versions kept
 

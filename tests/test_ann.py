@@ -104,6 +104,31 @@ def test_search_pads_when_k_exceeds_size_and_on_empty(kind):
     assert np.isneginf(scores[0, 2:]).all()
 
 
+def test_deleted_ids_leave_search_get_and_snapshots_and_can_come_back(kind, tmp_path):
+    # how users leave after their TTL (trainer/user_service.py): delete, then maybe upsert again later
+    rng = np.random.default_rng(3)
+    idx = make(kind)
+    ids = np.arange(100, 160)
+    v = rng.normal(size=(60, DIM))
+    idx.upsert(ids, v, ts_ms=np.arange(60) + 1)
+    gone, kept = ids[:40], ids[40:]
+    assert idx.delete(np.concatenate([gone, [9999]])) == 40 and idx.delete(gone) == 0
+    assert len(idx) == 20 and sorted(idx.ids().tolist()) == kept.tolist()
+    assert (idx.written_ts(gone) == -1).all() and not any(int(g) in idx for g in gone)
+    with pytest.raises(AnnError, match="not in the index"):
+        idx.get(gone[:1])
+    _, got = idx.search(v[:40], 20)  # k = everything left: only kept ids, each once
+    assert all(sorted(row) == kept.tolist() for row in got.tolist())
+    back = load_index(save_index(idx, tmp_path / "index"), kind="numpy")
+    assert sorted(back.ids().tolist()) == kept.tolist()
+    idx.upsert(gone[:5], -v[:5], ts_ms=1000)  # users who come back: new vectors, new times
+    assert len(idx) == 25 and idx.written_ts(gone[:6]).tolist() == [1000] * 5 + [-1]
+    _, got = idx.search(-v[:5], 1)
+    assert got[:, 0].tolist() == gone[:5].tolist()
+    assert idx.delete(idx.ids()) == 25 and len(idx) == 0  # down to empty, and searches still answer
+    assert idx.search(v[:1], 3)[1].tolist() == [[-1, -1, -1]]
+
+
 def test_snapshot_round_trip_within_and_across_kinds(kind, tmp_path):
     rng = np.random.default_rng(1)
     idx = make(kind)

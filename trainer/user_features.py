@@ -7,7 +7,7 @@ vectors through :class:`UserVectors`, a plain id -> row table, so the transforme
 ranking path::
 
     trainer main loop:  featurize(batch, users=view) -> ranker train_step -> worker.submit(batch)
-    worker thread:      process (score, train, histories) -> refresh -> index.upsert + view.update
+    worker thread:      process (score, train, histories) -> refresh -> view.update + index.upsert
 
 Ranking features per impression (B, 2d): ``[u, u * v_ad]``, ``u`` the user's newest vector (zeros for a
 user not yet encoded), ``v_ad`` the user model's embedding of the impression's ad (its click score is
@@ -23,7 +23,7 @@ up, are folded into the histories without training. Every example still reaches 
 once. ``drain()`` waits for the queue to
 empty, so a checkpoint holds histories that match its Kafka offsets.
 
->>> import numpy as np
+>>> import numpy as np, torch
 >>> v = UserVectors(dim=2, ad_table=torch.ones(10, 2))
 >>> v.update(np.array([7]), np.array([[1.0, 2.0]], np.float32))
 >>> v.features(np.array([7, 8]), np.array([3, 3])).tolist()   # user 8 has no vector yet: zeros
@@ -38,86 +38,12 @@ import threading
 import time
 from typing import Sequence
 
-import numpy as np
-import torch
-
 from embedding_store.ann import AnnConfig
 from streams import schema
 from streams.config import Config
-from trainer.user_model import ad_rows
+from trainer.user_vectors import UserVectors  # noqa: F401  (re-exported: checkpoints, exports and score use it)
 
 log = logging.getLogger("streamrec.trainer.users")
-
-
-class UserVectors:
-    """Ranker-side table of the newest user vectors plus the user model's ad embeddings.
-
-    ``update(ids (N,), vecs (N, d))`` from the worker thread; ``features(user_ids (B,), ad_ids (B,)) -> (B, 2d)``
-    from the trainer's thread. Rows are written in place, so a reader sees each row either old or new
-    (Python dict operations are atomic; a row being copied may mix both, harmless for features).
-    ``ad_table``: the live ad embedding (ad_buckets, d) of the user model, or a frozen copy.
-    """
-
-    def __init__(self, dim: int, ad_table: torch.Tensor, capacity: int = 1024):
-        self.dim = dim
-        self.ad_table = ad_table
-        self._row: dict[int, int] = {}
-        self._vecs = np.zeros((capacity, dim), np.float32)
-        self._grow_lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._row)
-
-    def update(self, ids: np.ndarray, vecs: np.ndarray) -> None:
-        ids = np.asarray(ids, np.int64)
-        rows = np.empty(len(ids), np.int64)
-        with self._grow_lock:
-            for j, u in enumerate(ids.tolist()):
-                r = self._row.get(u)
-                if r is None:
-                    r = len(self._row)
-                    if r >= len(self._vecs):  # grow by doubling; readers keep the old array until swapped
-                        bigger = np.zeros((2 * len(self._vecs), self.dim), np.float32)
-                        bigger[:r] = self._vecs[:r]
-                        self._vecs = bigger
-                    self._vecs[r] = vecs[j]  # the row is filled before the id becomes visible
-                    self._row[u] = r
-                rows[j] = r
-            self._vecs[rows] = vecs
-
-    def features(self, user_ids: np.ndarray, ad_ids: np.ndarray) -> np.ndarray:
-        """``[u, u * v_ad]`` (B, 2 * dim) float32."""
-        vecs, get = self._vecs, self._row.get
-        rows = np.fromiter((get(u, -1) for u in np.asarray(user_ids).tolist()), np.int64, len(user_ids))
-        u = np.where((rows >= 0)[:, None], vecs[np.maximum(rows, 0)], 0.0).astype(np.float32)
-        buckets = self.ad_table.shape[0]
-        with torch.no_grad():
-            v = self.ad_table[torch.from_numpy(ad_rows(np.asarray(ad_ids, np.int64), buckets))].numpy()
-        return np.concatenate([u, u * v], axis=1)
-
-    def features_of(self, imps: Sequence[schema.Impression]) -> np.ndarray:
-        n = len(imps)
-        return self.features(np.fromiter((i.user_id for i in imps), np.int64, n),
-                             np.fromiter((i.ad_id for i in imps), np.int64, n))
-
-    # -- state: a frozen copy (checkpoints, exports, scoring) --
-    def vectors(self) -> dict[str, torch.Tensor]:
-        """``{"ids": (N,), "vectors": (N, dim)}``: a copy of the user rows."""
-        with self._grow_lock:
-            ids = np.fromiter(self._row.keys(), np.int64, len(self._row))
-            vecs = self._vecs[np.fromiter(self._row.values(), np.int64, len(self._row))].copy()
-        return {"ids": torch.from_numpy(ids), "vectors": torch.from_numpy(vecs)}
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """:meth:`vectors` plus a copy of the ad table."""
-        return {**self.vectors(), "ad_table": self.ad_table.detach().clone()}
-
-    @classmethod
-    def from_state(cls, st: dict[str, torch.Tensor]) -> "UserVectors":
-        vecs = st["vectors"].numpy()
-        v = cls(vecs.shape[1], st["ad_table"].clone(), capacity=max(1024, len(vecs)))
-        v.update(st["ids"].numpy(), vecs)
-        return v
 
 
 class UserWorker:
@@ -130,20 +56,23 @@ class UserWorker:
     An exception in the thread is raised again by the next ``submit``/``drain``.
     """
 
-    def __init__(self, svc, view: UserVectors | None = None, train_duty: float = 1.0):
+    def __init__(self, svc, train_duty: float = 1.0):
         if not 0 < train_duty <= 1:
             raise ValueError(f"UserWorker: train_duty must be in (0, 1], got {train_duty}")
         self.svc = svc
         self.train_duty = train_duty
         self._next_train = 0.0
-        self.view = view or UserVectors(svc.cfg.model.dim, svc.model.tower.ad.weight)
-        svc.on_upsert = self.view.update
         self.trained_batches = self.absorbed_batches = 0
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # the service is used by one thread at a time (worker, or drain/state)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="user-model", daemon=True)
         self._thread.start()
+
+    @property
+    def view(self) -> UserVectors:
+        """The ranker's table of raw user vectors: the service's, kept in step with its index."""
+        return self.svc.view
 
     def _loop(self) -> None:
         while True:
@@ -211,24 +140,25 @@ class UserWorker:
     def state(self) -> dict:
         self.drain()
         with self._lock:
-            # the raw vectors; the view's ad table is the model's, saved under "model"
+            # the service's state carries the view's raw vectors; its ad table is the model's, under "model"
             return {**self.svc.state(), "trained_batches": self.trained_batches,
-                    "absorbed_batches": self.absorbed_batches, "view": self.view.vectors()}
+                    "absorbed_batches": self.absorbed_batches}
 
     def load_state(self, st: dict) -> None:
         self.drain()
         with self._lock:
-            self.svc.load_state(st)
+            self.svc.load_state(st)  # a new view: callers holding the old one take ``view`` again
         self.trained_batches = int(st.get("trained_batches", 0))
         self.absorbed_batches = int(st.get("absorbed_batches", 0))
-        view = st["view"]  # the raw vectors (the index keeps them normalised for cosine search)
-        self.view.update(view["ids"].numpy(), view["vectors"].numpy())
 
     def stats(self) -> dict[str, float]:
-        f = self.svc.freshness_ms()
+        svc = self.svc
+        f = svc.freshness_ms()
         out = {"user_vectors": float(len(self.view)), "user_backlog": float(self.backlog()),
                "user_trained_batches": float(self.trained_batches),
-               "user_absorbed_batches": float(self.absorbed_batches)}
+               "user_absorbed_batches": float(self.absorbed_batches),
+               # users that left: unseen for the TTL (event time), or over the histories' max_users
+               "user_evicted": float(svc.counters.get("evicted", 0)), "user_evicted_cap": float(svc.history.evicted)}
         if f["n"]:
             out["user_freshness_p50_ms"], out["user_freshness_p99_ms"] = f["p50"], f["p99"]
         return out
@@ -241,13 +171,19 @@ class UserWorker:
 
 
 def user_worker(cfg: Config, train_duty: float = 0.25) -> UserWorker:
-    """The trainer's user model: ``trainer.user_dim`` wide, its index configured for up to ~1M users."""
+    """The trainer's user model: ``trainer.user_dim`` wide, its index configured for up to ~1M users, users
+    leaving after ``trainer.user_ttl_s`` of event time unseen (``trainer.user_ttl_keep`` most active kept)."""
+    from trainer.user_history import HistoryConfig, TtlConfig
     from trainer.user_model import UserModelConfig
     from trainer.user_service import UserModelService, UserServiceConfig
 
-    d = cfg.trainer.user_dim
+    d, tc = cfg.trainer.user_dim, cfg.trainer
+    if not 0 <= tc.user_ttl_s < float("inf") or tc.user_ttl_keep < 0:
+        raise ValueError(f"trainer.user_ttl_s must be finite and >= 0 (0: never), trainer.user_ttl_keep >= 0; "
+                         f"got {tc.user_ttl_s}, {tc.user_ttl_keep}")
     # exact search while small (IVF stages vectors in a flat index until 30 * nlist), then the configuration
     # measured at 1M vectors (docs/users.md): 16384 lists, HNSW coarse quantizer, fp16 lists, nprobe 40
     index = AnnConfig(dim=d, kind="ivf", nlist=16384, nprobe=40, quantizer="hnsw", codec="fp16")
-    return UserWorker(UserModelService(UserServiceConfig(model=UserModelConfig(dim=d), index=index,
-                                                         seed=cfg.trainer.seed)), train_duty=train_duty)
+    history = HistoryConfig(ttl=TtlConfig(ttl_s=tc.user_ttl_s, keep=tc.user_ttl_keep))
+    return UserWorker(UserModelService(UserServiceConfig(model=UserModelConfig(dim=d), history=history, index=index,
+                                                         seed=tc.seed)), train_duty=train_duty)

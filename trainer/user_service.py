@@ -3,7 +3,24 @@ user vectors go into the ANN index.
 
     examples ──► score (progressive) ──► train_step ──► histories.observe ──► dirty users
     raw events ─────────────────────────────────────► histories.observe ──► dirty users
-    every refresh_every_s: encode dirty users ──► index.upsert(user ids, vectors, latest event ts)
+    every refresh_every_s: encode dirty users ──► view.update(user ids, raw vectors)
+                                              └─► index.upsert(user ids, vectors - center, latest event ts)
+
+The service owns both tables the vectors go to and keeps them in step: ``view`` (a
+:class:`~trainer.user_vectors.UserVectors`, the raw vectors the ranker reads) and ``index`` (the ANN index,
+centred vectors for cosine search). After every refresh, for every user ``u``::
+
+    index.get(u) == normalize(view[u] - center)
+
+with one ``center`` for all users. The centre follows a running mean of the encoded vectors, but it only
+moves together with a re-centring of every stored vector (:meth:`UserModelService.refresh`), never by
+itself: a user encoded before a move would otherwise stay centred on the old value while the users
+re-encoded after it use the new one.
+
+Users leave: at each refresh, users the histories forgot (unseen for ``history.ttl.ttl_s`` of event time and
+not among the ``ttl.keep`` most active, or dropped by ``history.max_users``) are deleted from the index
+(:meth:`~embedding_store.ann.AnnIndex.delete`) and from the view; one that comes back is a new user
+(``counters["evicted"]``: TTL, ``history.evicted``: the bound).
 
 Freshness is measured per user from the wall-clock moment an event reached the service to the moment
 the user's new vector was in the index (:meth:`UserModelService.freshness_ms`).
@@ -39,12 +56,19 @@ import numpy as np
 import torch
 
 from embedding_store.ann import (AnnConfig, AnnIndex, load_index, make_index, npz_arrays, npz_bytes, save_index,
-                                 write_atomic)
+                                 save_npz_atomic, write_atomic)
 from streams import schema
 from trainer.user_history import HistoryConfig, UserHistory
 from trainer.user_model import UserModel, UserModelConfig
+from trainer.user_vectors import UserVectors
 
 CENTER_HORIZON = 100_000  # vectors: the index's centring offset follows about this many recent encodes
+# the index's centre moves to the running mean (re-centring every stored vector) once the two are this far
+# apart, in units of the vectors' spread around the mean (rms distance): random pairs of centred vectors
+# then share at most ~RECENTER_TOL**2 = 4% of cosine through the lag. On generated traffic (60k examples,
+# 5k users, a refresh per 512) 0.2 re-centred 16 times in 118 refreshes, the gaps growing to 16 refreshes
+# (0.1: 27 times, gaps growing to 8)
+RECENTER_TOL = 0.2
 
 
 @dataclass(frozen=True)
@@ -59,7 +83,8 @@ class UserServiceConfig:
 
 
 class UserModelService:
-    """``process(examples)``, ``observe(events)``, ``refresh()``, ``features(impressions)``, ``save``/``load``."""
+    """``process(examples)``, ``observe(events)``, ``refresh()``, ``features(impressions)``, ``save``/``load``;
+    ``view`` (raw vectors) and ``index`` (centred) hold the same users."""
 
     def __init__(self, cfg: UserServiceConfig = UserServiceConfig(), index: AnnIndex | None = None):
         if cfg.index.dim != cfg.model.dim:
@@ -71,9 +96,11 @@ class UserModelService:
         self._dirty: dict[int, tuple[float, int]] = {}  # user -> (first unpublished arrival, monotonic s; latest ts)
         self._last_refresh = time.monotonic()
         self._fresh_ms: list[float] = []
-        self.counters = {"examples": 0, "events": 0, "upserts": 0, "refreshes": 0}
-        self.on_upsert = None  # called as on_upsert(ids (N,), vectors (N, d)) after each refresh's upsert
-        self.center = np.zeros(cfg.model.dim, np.float32)  # subtracted from vectors in the index
+        self.counters = {"examples": 0, "events": 0, "upserts": 0, "refreshes": 0, "recenters": 0, "evicted": 0}
+        self.view = UserVectors(cfg.model.dim, self.model.tower.ad.weight)  # raw vectors: the ranker's table
+        self.center = np.zeros(cfg.model.dim, np.float32)  # subtracted from every vector in the index
+        self._mean = np.zeros(cfg.model.dim, np.float32)  # running mean of the encoded vectors
+        self._spread2 = 0.0  # running mean squared distance of the encoded vectors from it
         self._center_n = 0
 
     def _mark(self, user_id: int | None, ts: int, now: float) -> None:
@@ -135,8 +162,10 @@ class UserModelService:
             self.refresh()
 
     def refresh(self) -> int:
-        """Re-encode every dirty user from its whole current history and upsert; returns how many."""
+        """Remove the users that left, re-encode every dirty user from its whole current history and upsert;
+        returns how many were re-encoded."""
         self._last_refresh = time.monotonic()
+        self._evict()
         if not self._dirty:
             return 0
         users = list(self._dirty)
@@ -146,10 +175,11 @@ class UserModelService:
             vecs.append(self.model.encode(self.history.sequences(users[s:s + 4096], now_ts[s:s + 4096],
                                                                  max_len=self.cfg.model.max_len)))
         ids, vecs = np.array(users, np.int64), np.concatenate(vecs)
-        self._update_center(vecs)
         self.index.upsert(ids, vecs - self.center, now_ts)
-        if self.on_upsert is not None:
-            self.on_upsert(ids, vecs)
+        self.view.update(ids, vecs)
+        self._update_mean(vecs)
+        if self._recenter_due():
+            self._recenter()
         done = time.monotonic()
         self._fresh_ms.extend((done - self._dirty[u][0]) * 1000.0 for u in users)
         del self._fresh_ms[:-100_000]
@@ -158,15 +188,44 @@ class UserModelService:
         self.counters["refreshes"] += 1
         return len(users)
 
-    def _update_center(self, vecs: np.ndarray) -> None:
-        """Running mean of the encoded vectors (cumulative, then an EMA over the last ~CENTER_HORIZON).
+    def _evict(self) -> None:
+        """Users the histories forgot (TTL; the max_users bound) leave the index and the view too."""
+        expired = self.history.expire()
+        gone = np.concatenate([expired, self.history.take_dropped()])
+        if not len(gone):
+            return
+        self.index.delete(gone)
+        self.view.delete(gone)
+        for u in gone.tolist():
+            self._dirty.pop(u, None)
+        self.counters["evicted"] = self.counters.get("evicted", 0) + len(expired)
+
+    def _update_mean(self, vecs: np.ndarray) -> None:
+        """Running mean of the encoded vectors and of their squared distance from it (cumulative, then an
+        EMA over the last ~CENTER_HORIZON).
 
         The index holds ``u - center``: user vectors share a large common component (random pairs had
         cosine 0.97 after 100k impressions), which would make every user everyone's nearest neighbour;
         centred, random pairs are near 0 and neighbours mean shared taste. The ranker reads raw ``u``."""
         n = len(vecs)
         self._center_n = min(self._center_n + n, CENTER_HORIZON)
-        self.center = self.center + (vecs.mean(axis=0) - self.center) * (n / self._center_n)
+        w = n / self._center_n
+        self._mean = (self._mean + (vecs.mean(axis=0) - self._mean) * w).astype(np.float32)
+        spread2 = float(((vecs - self._mean) ** 2).sum(axis=1).mean())
+        self._spread2 += (spread2 - self._spread2) * w
+
+    def _recenter_due(self) -> bool:
+        drift2 = float(((self._mean - self.center) ** 2).sum())
+        return drift2 > RECENTER_TOL ** 2 * self._spread2
+
+    def _recenter(self) -> None:
+        """Move the centre to the running mean and rewrite every stored vector against it, from the raw
+        vectors of the view (it holds the same users as the index), keeping their event times. O(users):
+        rare once the model settles (the mean moves slowly), cheap while the index is small."""
+        self.center = self._mean.copy()
+        ids = self.view.ids()
+        self.index.upsert(ids, self.view.get(ids) - self.center, self.index.written_ts(ids))
+        self.counters["recenters"] += 1
 
     def freshness_ms(self) -> dict[str, float]:
         """Event arrival -> vector in the index, over the last 100k upserts: p50 / p99 / max (ms)."""
@@ -186,35 +245,51 @@ class UserModelService:
     # -- in-memory state for the trainer's one-file checkpoint (tensors only: loads with weights_only) --
     def state(self) -> dict:
         """Everything to continue exactly: model + optimisers, histories and index (as ``.npz`` bytes in
-        uint8 tensors: they hold strings), counters. Dirty users are re-encoded first."""
+        uint8 tensors: they hold strings), the raw vectors (``view``), centre, counters. Dirty users are
+        re-encoded first."""
         self.refresh()
         # deep copy: state_dict() tensors alias the live weights and optimiser moments
-        return {"model": copy.deepcopy(self.model.state()), "counters": dict(self.counters),
-                "center": torch.from_numpy(self.center.copy()), "center_n": self._center_n,
-                "history": _npz_tensor(self.history.snapshot()), "index": _npz_tensor(self.index.snapshot())}
+        return {"model": copy.deepcopy(self.model.state()), "counters": dict(self.counters), **self._center_state(),
+                "history": _npz_tensor(self.history.snapshot()), "index": _npz_tensor(self.index.snapshot()),
+                "view": self.view.vectors()}
 
     def load_state(self, st: dict) -> None:
         """Restore :meth:`state` into this (fresh) service."""
         self.model.load_state(st["model"])
         self.counters.update(st["counters"])
-        self.center, self._center_n = st["center"].numpy().copy(), int(st["center_n"])
+        self._load_center(st)
         self.history = UserHistory.restore(_tensor_npz(st["history"]), self.cfg.history)
         self.index = make_index(self.cfg.index)
         self.index.restore(_tensor_npz(st["index"]))
+        self.view = UserVectors(self.cfg.model.dim, self.model.tower.ad.weight)
+        self.view.update(st["view"]["ids"].numpy(), st["view"]["vectors"].numpy())
         self._dirty.clear()
+        if "center_mean" not in st:  # written while the centre moved at every refresh: its index mixes centres
+            self._recenter()
 
-    # -- checkpoint: model.pt, history.npz, index (one directory; each file written atomically) --
+    def _center_state(self) -> dict:
+        return {"center": torch.from_numpy(self.center.copy()), "center_n": self._center_n,
+                "center_mean": torch.from_numpy(self._mean.copy()), "center_spread2": self._spread2}
+
+    def _load_center(self, st: dict) -> None:
+        self.center, self._center_n = st["center"].numpy().copy(), int(st["center_n"])
+        # before the mean was kept apart from the centre: the centre was the mean
+        self._mean = st["center_mean"].numpy().copy() if "center_mean" in st else self.center.copy()
+        self._spread2 = float(st.get("center_spread2", 0.0))
+
+    # -- checkpoint: model.pt, history.npz, index, vectors.npz (one directory; each file written atomically) --
     def save(self, directory: str | os.PathLike) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.refresh()
         tmp = d / "model.pt.tmp"
-        torch.save({"model": self.model.state(), "counters": dict(self.counters),
-                    "center": torch.from_numpy(self.center.copy()), "center_n": self._center_n,
+        torch.save({"model": self.model.state(), "counters": dict(self.counters), **self._center_state(),
                     "config": {"model": asdict(self.cfg.model), "history": asdict(self.cfg.history)}}, tmp)
         os.replace(tmp, d / "model.pt")
         self.history.save(d / "history.npz")
         save_index(self.index, d / "index")
+        v = self.view.vectors()
+        save_npz_atomic(d / "vectors.npz", {"ids": v["ids"].numpy(), "vectors": v["vectors"].numpy()})
         return d
 
     @classmethod
@@ -225,8 +300,16 @@ class UserModelService:
         svc.model.load_state(st["model"])
         svc.counters.update(st["counters"])
         if "center" in st:
-            svc.center, svc._center_n = st["center"].numpy().copy(), int(st["center_n"])
+            svc._load_center(st)
         svc.history = UserHistory.load(d / "history.npz", cfg.history)
+        if (d / "vectors.npz").exists():
+            v = npz_arrays(d / "vectors.npz")
+            svc.view.update(v["ids"], v["vectors"])
+        else:  # saved before the raw vectors were: re-encode the indexed users at the next refresh
+            ids = svc.index.ids()
+            now = time.monotonic()
+            for u, t in zip(ids.tolist(), svc.index.written_ts(ids).tolist()):
+                svc._mark(u, t, now)
         return svc
 
 
