@@ -11,7 +11,7 @@ No real system knows the form of its traffic; what this learner still misses of 
 price of learning the hidden parameters from a stream of that length. ``bench quality`` shows it next to the
 MDMO model so that a gap to the oracle can be read as data or as model.
 
->>> from streams.config import TrainerConfig
+>>> from config import TrainerConfig
 >>> m = FormFM(TrainerConfig(hash_buckets=50, cat_slots=2, dense_dim=3))
 >>> m.bias.shape, m.factors.shape   # (objectives * tables * rows), (objectives * 2 tables * rows, rank)
 (torch.Size([1000, 1]), torch.Size([200, 8]))
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from benchmarks._common import sparse_step
 from streams import schema
-from streams.config import TrainerConfig
+from config import TrainerConfig
 from trainer.features import FeatureBatch, table_names
 
 RANK = 8  # the generator's latent_dim

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks._common import parser, report
 from deploy.chaos import KILL_ORDER, WHAT_DIES, run_chaos
-from streams.config import load_config
+from config import load_config
 
 
 def main() -> int:

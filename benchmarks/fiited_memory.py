@@ -32,7 +32,7 @@ from embedding_store.admission import init_rows
 from embedding_store.config import FiitedConfig
 from embedding_store.fiited import FiitedEmbeddings
 from streams import schema
-from streams.config import TrainerConfig
+from config import TrainerConfig
 from streams.sources.formats import ReadOptions, Row, criteo
 from streams.sources.generate import GeneratorConfig, simulate
 from trainer.features import featurize

@@ -29,7 +29,7 @@ from benchmarks._common import parser, report
 from streams import schema
 from streams.bus import kafka_io
 from streams.bus.broker import EmbeddedBroker
-from streams.config import Config, load_config, replace
+from config import Config, load_config, replace
 from streams.sources import generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,7 +37,7 @@ import numpy as np
 # `benchmarks/trainer.py` would shadow the `trainer` package: keep this directory behind the project root
 from benchmarks._common import parser, report
 from benchmarks._form_fm import FormFM
-from streams.config import TrainerConfig
+from config import TrainerConfig
 from streams.sources.generate import GeneratorConfig, TruthParams, hidden_tastes, normalized_entropy, roc_auc, simulate
 from streams.sources.scenarios import ScenarioConfig
 from trainer.features import featurize
@@ -220,7 +220,7 @@ class TasteFeatures:
 def study_users(n: int, rows: list, res: dict) -> None:
     """The ranker with the user model's vectors ``[u, u * v_ad]`` vs without, on ``interest-shift`` traffic
     (each user's taste jumps at their own moment: only recent engagements reveal the new one)."""
-    from streams.config import Config
+    from config import Config
     from trainer.user_features import user_worker
 
     sim = simulate(GeneratorConfig(n_impressions=n, seed=14, scenario=ScenarioConfig(name="interest-shift"),

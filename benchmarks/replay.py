@@ -30,7 +30,7 @@ from benchmarks._common import parser, report, timer
 from streams import schema
 from streams.bus import kafka_io
 from streams.bus.broker import EmbeddedBroker
-from streams.config import load_config
+from config import load_config
 from streams.sources.generate import GeneratorConfig, simulate
 from streams.sources.logfile import write_jsonl
 from streams.sources.replay import produce, replay_file

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from benchmarks._common import parser, report, sparse_step
-from streams.config import TrainerConfig
+from config import TrainerConfig
 from streams.sources.generate import GeneratorConfig, simulate
 from trainer.embeddings import fbgemm_available
 from trainer.features import featurize
@@ -103,7 +103,7 @@ def latency(rate: float, seconds: float, exs, batch: int) -> dict[str, float]:
     from streams import schema
     from streams.bus import kafka_io
     from streams.bus.broker import EmbeddedBroker
-    from streams.config import load_config
+    from config import load_config
     from trainer.service import TrainerService
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp, "tansu.log")) as broker:

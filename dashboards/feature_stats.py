@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from streams import schema
-from streams.config import Config
+from config import Config
 
 MAX_BINS = 512
 

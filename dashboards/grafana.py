@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from dashboards import alerts, queries
 from dashboards.definitions import DASHBOARDS, Dashboard, Panel
-from streams.config import Config
+from config import Config
 
 PLUGIN = "grafana-clickhouse-datasource"
 DATASOURCE_UID = "streamrec-clickhouse"

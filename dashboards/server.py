@@ -34,7 +34,7 @@ from dashboards.definitions import DASHBOARDS
 from dashboards.sink import MetricsSink
 from dashboards.store import Store
 from streams import schema
-from streams.config import Config
+from config import Config
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")

@@ -24,7 +24,7 @@ from dashboards.feature_stats import feature_stats_rows, feature_stats_topic
 from dashboards.store import Store
 from streams import schema
 from streams.bus import kafka_io
-from streams.config import Config
+from config import Config
 from streams.names import Step
 
 log = logging.getLogger(__name__)

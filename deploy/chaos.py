@@ -37,7 +37,7 @@ from deploy.up import generated_log, stored_predictions
 from streams import schema
 from streams.bus import kafka_io
 from streams.bus.processes import free_port
-from streams.config import Config, replace
+from config import Config, replace
 from streams.sources.logfile import BadRecord
 from streams.sources.scenarios import ScenarioConfig
 

@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-from streams.config import ConfigError, load_config
+from config import ConfigError, load_config
 
 # command -> module whose add_cli(subparsers) registers it; order = order in --help. Only the module of the
 # command being run is imported (a labels cluster process starts without torch), all of them for --help.

@@ -20,7 +20,7 @@ import msgspec
 import yaml
 
 from streams.bus.processes import free_port
-from streams.config import NO_BROKER, Config, replace
+from config import NO_BROKER, Config, replace
 from streams.flows.service import run_labels, run_stats
 
 log = logging.getLogger("streamrec.flows")

@@ -29,7 +29,7 @@ from streams import schema
 from streams.bus import kafka_io, storage
 from streams.bus.broker import EmbeddedBroker, wait_ready
 from streams.bus.processes import free_port
-from streams.config import Config, replace
+from config import Config, replace
 from streams.names import Component
 
 log = logging.getLogger("streamrec.stack")

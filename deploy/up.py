@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from deploy.stack import LocalStack, StatsWatcher
 from deploy.supervisor import Supervisor
-from streams.config import Config
+from config import Config
 from streams.sources import scenarios
 
 log = logging.getLogger("streamrec.up")

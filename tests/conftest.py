@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from streams.bus.broker import EmbeddedBroker
-from streams.config import Config, load_config
+from config import Config, load_config
 
 _counter = itertools.count()
 

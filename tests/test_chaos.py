@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deploy.chaos import KILL_ORDER, run_chaos
-from streams.config import load_config
+from config import load_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 import pytest
 
-from streams.config import Config, ConfigError, load_config, replace
+from config import Config, ConfigError, load_config, replace
 
 
 def test_defaults_are_embedded():

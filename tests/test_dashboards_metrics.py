@@ -16,7 +16,7 @@ from dashboards import queries as q
 from dashboards.feature_stats import feature_stats_rows, feature_stats_topic
 from dashboards.sink import prediction_rows
 from streams import schema
-from streams.config import load_config
+from config import load_config
 
 DOMAINS = ("feed", "video")
 

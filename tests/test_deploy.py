@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from deploy.cli import build_parser
-from streams.config import load_config
+from config import load_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

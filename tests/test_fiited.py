@@ -238,7 +238,7 @@ def test_bad_raw_ids_fail_at_the_edge(ids, msg):
 
 
 def test_trainer_backend_fiited_trains_and_resumes_bit_exactly(tmp_path):
-    from streams.config import TrainerConfig
+    from config import TrainerConfig
     from test_model import make_examples  # tests/ is on sys.path (rootdir-relative, no package)
     from trainer import checkpoint
     from trainer.features import featurize

@@ -7,7 +7,7 @@ import torch
 
 from embedding_store.config import trainer_config
 from embedding_store.fiited import FiitedEmbeddings
-from streams.config import load_config
+from config import load_config
 from trainer.embeddings import make_embeddings
 
 CPU = torch.device("cpu")
@@ -40,7 +40,7 @@ def test_defaults_follow_the_trainer_dim():
     ({"admit_hits": True}, r"trainer\.fiited\.admit_hits: expected int"),
     ({"admit_hits": 1.5}, r"trainer\.fiited\.admit_hits: expected int"),
     ({"pool_chunks": [4, 1, 8]}, r"trainer\.fiited\.pool_chunks: expected ascending"),
-    ({"pool_chunks": [1, "2", 8]}, r"trainer\.fiited\.pool_chunks: expected a list of integers"),
+    ({"pool_chunks": [1, "two", 8]}, r"trainer\.fiited\.pool_chunks\[1\]: expected int, got str"),
     ({"resize_every": 75}, r"trainer\.fiited\.resize_every: expected a multiple of maintain_every"),
     ({"chunk_dim": 24}, r"trainer\.fiited\.chunk_dim: expected a positive divisor"),
     ({"num_chunks": 4}, r"trainer\.fiited\.(chunk_dim|pool_chunks)"),
@@ -51,7 +51,16 @@ def test_bad_values_name_the_field(over, msg):
         make_embeddings("fiited", 2, 100, 64, 0.05, CPU, over)
 
 
+def test_an_unknown_or_mistyped_field_fails_when_the_configuration_loads():
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown field `budgit` - at `\$\.trainer\.fiited`"):
+        load_config(env={"STREAMREC_TRAINER__FIITED__BUDGIT": "0.3"})
+    with pytest.raises(ConfigError, match=r"at `\$\.trainer\.fiited\.admit_hits`"):
+        load_config(env={"STREAMREC_TRAINER__FIITED__ADMIT_HITS": "lots"})
+
+
 def test_bad_env_value_fails_when_the_store_is_built():
-    tc = load_config(env={"STREAMREC_TRAINER__FIITED__DECAY": "2"}).trainer  # the Config section accepts any dict
+    tc = load_config(env={"STREAMREC_TRAINER__FIITED__DECAY": "2"}).trainer  # typed; ranges checked by the store
     with pytest.raises(ValueError, match=r"trainer\.fiited\.decay: expected in \[0, 1\], got 2.0"):
         make_embeddings("fiited", 2, 100, tc.embedding_dim, tc.lr_sparse, CPU, tc.fiited)

@@ -16,7 +16,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from conftest import read_topics
 from streams import schema
 from streams.bus import kafka_io
-from streams.config import replace
+from config import replace
 from streams.flows.join import MALFORMED
 from streams.flows.routing import part_key, route
 from streams.flows.service import run_labels

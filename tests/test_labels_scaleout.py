@@ -15,7 +15,7 @@ from test_labels_flow import _produce, _read_all, _workload
 
 from streams import schema
 from streams.bus import kafka_io
-from streams.config import replace
+from config import replace
 from deploy.flows import local_cluster
 from streams.flows.service import run_labels
 from streams.sources import generate

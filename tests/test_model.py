@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from streams import schema
-from streams.config import TrainerConfig
+from config import TrainerConfig
 from trainer import checkpoint
 from trainer.embeddings import fbgemm_available
 from trainer.features import featurize, hash_ids, stable_str_id, table_names
@@ -157,7 +157,7 @@ def msgspec_replace(tc: TrainerConfig, **kw) -> TrainerConfig:
 
 
 def test_a_checkpoint_from_other_model_settings_is_a_clear_error():
-    from streams.config import TrainerConfig
+    from config import TrainerConfig
     from trainer.model import Learner
 
     st = Learner(TrainerConfig(hash_buckets=100, device="cpu", backend="torch", user_model=True)).state()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streams import schema
-from streams.config import TrainerConfig
+from config import TrainerConfig
 from trainer import checkpoint, delay
 from trainer.features import featurize
 from trainer.model import Learner

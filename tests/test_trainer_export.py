@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from streams import schema
-from streams.config import TrainerConfig, load_config, replace
+from config import TrainerConfig, load_config, replace
 from trainer import embeddings, export, score
 from trainer.features import featurize
 from trainer.model import Learner

@@ -20,7 +20,7 @@ from embedding_store.ann import load_index
 from embedding_store.users import index_path as users_index_path
 from streams import schema
 from streams.bus import kafka_io
-from streams.config import load_config, replace
+from config import load_config, replace
 from trainer import checkpoint
 from trainer.features import featurize
 from trainer.service import Dedup

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks._form_fm import FormFM
-from streams.config import TrainerConfig
+from config import TrainerConfig
 from streams.sources.generate import GeneratorConfig, roc_auc, simulate
 from trainer.features import featurize
 from trainer.online_lr import OnlineLR

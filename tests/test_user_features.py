@@ -9,7 +9,7 @@ import pytest
 
 from embedding_store.ann import AnnConfig
 from streams import schema
-from streams.config import TrainerConfig
+from config import TrainerConfig
 from streams.sources.generate import GeneratorConfig, simulate
 from trainer.features import featurize
 from trainer.model import Learner

@@ -7,7 +7,7 @@ import pytest
 
 from embedding_store.ann import AnnConfig, make_index, normalize
 from streams import schema
-from streams.config import Config, load_config
+from config import Config, load_config
 from trainer.user_features import UserWorker, user_worker
 from trainer.user_history import HistoryConfig, TtlConfig, UserHistory, expired
 from trainer.user_model import UserModelConfig

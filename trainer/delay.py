@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streams.config import LabelsConfig
+from config import LabelsConfig
 
 DECIDED: tuple[str, ...] = ("window_closed", "end_of_stream", "elapsed", "late_positive")
 DECIDED_INDEX: dict[str, int] = {d: i for i, d in enumerate(DECIDED)}

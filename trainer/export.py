@@ -21,7 +21,7 @@ probe ids): a model whose features would be computed differently is refused inst
 garbage.
 
 >>> import tempfile
->>> from streams.config import TrainerConfig
+>>> from config import TrainerConfig
 >>> from trainer.model import Learner
 >>> root = tempfile.mkdtemp()
 >>> path = export(Learner(TrainerConfig(hash_buckets=100, device="cpu")), root)
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from streams import schema
-from streams.config import TrainerConfig
+from config import TrainerConfig
 
 EXPORT_FORMAT = 1
 LATEST = "LATEST"

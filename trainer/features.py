@@ -12,7 +12,7 @@ Every single-valued field is a bag of one id; a missing ``cat`` slot is an empty
 ``history`` is a bag of the last ``history_len`` ids.
 
 >>> from streams import schema
->>> from streams.config import TrainerConfig
+>>> from config import TrainerConfig
 >>> imp = schema.Impression(event_id="i1", ts=1_700_000_000_000, user_id=7, ad_id=3, campaign_id=1,
 ...                         advertiser_id=1, domain="video", cat=[5], dense=[2.0, -3.0], history=[1, 2, 3])
 >>> ex = schema.Example(example_id="e1", impression=imp, click=1, conversion=0)
@@ -34,7 +34,7 @@ import numpy as np
 
 from embedding_store.ids import splitmix64
 from streams import schema
-from streams.config import TrainerConfig
+from config import TrainerConfig
 
 SINGLE_FIELDS: tuple[str, ...] = ("user_id", "ad_id", "campaign_id", "advertiser_id", "position", "device",
                                   "country")

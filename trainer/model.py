@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streams import schema
-from streams.config import TrainerConfig
+from config import TrainerConfig
 from trainer import delay
 from trainer.embeddings import make_embeddings, resolve_backend, resolve_device
 from trainer.features import FeatureBatch, TorchBatch, table_names

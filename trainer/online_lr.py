@@ -5,7 +5,7 @@ sparse row of every table, one per dense value and one bias per domain, for each
 (click over impressions, conversion over impressions: the same CTCVR target as the MDMO model's conversion
 head). Same :class:`~trainer.features.FeatureBatch` input, same score-then-learn protocol.
 
->>> from streams.config import TrainerConfig
+>>> from config import TrainerConfig
 >>> lr = OnlineLR(TrainerConfig(hash_buckets=10))
 >>> lr.w.shape   # (objectives, tables * rows + dense + domains)
 (2, 133)
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from streams import schema
-from streams.config import TrainerConfig
+from config import TrainerConfig
 from trainer.features import FeatureBatch, table_names
 
 

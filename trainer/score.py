@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Union
 import msgspec
 
 from streams import schema
-from streams.config import Config, TrainerConfig
+from config import Config, TrainerConfig
 
 CHUNK = 4096
 _Line = Union[schema.Impression, schema.Example]

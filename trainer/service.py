@@ -26,7 +26,7 @@ import numpy as np
 
 from streams import schema
 from streams.bus import kafka_io
-from streams.config import NO_BROKER, Config
+from config import NO_BROKER, Config
 from streams.names import Component, Stat, Step
 
 log = logging.getLogger("streamrec.trainer")
@@ -377,7 +377,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if Path(sys.argv[0]).name in ("streamrec", "cli.py") and "train" in sys.argv[1:]:
         _reexec_with_malloc_env()
     if args.checkpoint_dir:
-        from streams.config import replace
+        from config import replace
         cfg = replace(cfg, trainer={"checkpoint_dir": args.checkpoint_dir})
     for h in logging.getLogger().handlers:
         h.addFilter(_QuietFbgemm())

@@ -40,7 +40,7 @@ from typing import Sequence
 
 from embedding_store.ann import AnnConfig
 from streams import schema
-from streams.config import Config
+from config import Config
 from trainer.user_vectors import UserVectors  # noqa: F401  (re-exported: checkpoints, exports and score use it)
 
 log = logging.getLogger("streamrec.trainer.users")

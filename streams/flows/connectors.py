@@ -37,7 +37,7 @@ from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkParti
 
 from streams import schema
 from streams.bus import kafka_io
-from streams.config import Config
+from config import Config
 from streams.flows import join
 from streams.flows.join import OutBatch
 from streams.flows.routing import part_key

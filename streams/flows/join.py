@@ -53,7 +53,7 @@ from typing import NamedTuple
 import msgspec
 
 from streams import schema
-from streams.config import LabelsConfig
+from config import LabelsConfig
 from streams.names import Stat, Step
 
 RawMsg = tuple[str, int, int, bytes]  # (topic, partition, offset, value bytes) as read from Kafka
@@ -119,7 +119,7 @@ class JoinConfig:
 
     @classmethod
     def from_config(cls, cfg) -> JoinConfig:
-        """From a :class:`streams.config.Config`."""
+        """From a :class:`config.Config`."""
         lab = cfg.labels
         return cls(cfg.topics.input_topics(), lab.click_window_s * 1000, lab.conversion_window_s * 1000,
                    lab.policy, int(lab.elapsed_s * 1000))

@@ -16,7 +16,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 
 from streams.bus import kafka_io
-from streams.config import NO_BROKER, Config
+from config import NO_BROKER, Config
 from streams.flows import join
 from streams.flows.connectors import FeatureStatsSink, KafkaExamplesSource, KafkaPartitionsSource, LabelsSink
 from streams.flows.labels import build_flow

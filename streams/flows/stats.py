@@ -38,7 +38,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 
 from streams import schema
-from streams.config import Config
+from config import Config
 from streams.flows.routing import part_key
 
 log = logging.getLogger(__name__)

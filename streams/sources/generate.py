@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streams import schema
-from streams.config import NO_BROKER, Config
+from config import NO_BROKER, Config
 from streams.sources import scenarios
 from streams.sources.hostile import make_bad_records
 from streams.sources.logfile import BadRecord, write_jsonl

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from streams import schema
 from streams.bus import kafka_io
-from streams.config import NO_BROKER, Config
+from config import NO_BROKER, Config
 from streams.names import Component, Stat, Step
 from streams.sources import formats
 from streams.sources.decode_worker import BLOCK_BYTES, DecoderProcess, NoWorker, planned_blocks

@@ -14,9 +14,11 @@ scalars, so ``STREAMREC_TRAINER__BATCH_SIZE=1024`` is an int.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, get_type_hints
 
 import msgspec
 import yaml
@@ -68,6 +70,62 @@ class LabelsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     recovery_dir: str = ""  # Bytewax recovery directory ("" = no recovery)
 
 
+@dataclass(frozen=True)
+class FiitedConfig:
+    """Knobs of :class:`embedding_store.fiited.FiitedEmbeddings` (and its reference twin).
+
+    A full row is ``num_chunks * chunk_dim`` wide (= the trainer's ``embedding_dim``); a row lives in the
+    pool of one of ``pool_chunks`` (allowed chunk counts, ascending, last = ``num_chunks``).
+
+    * ``budget``: pool bytes (weights + row-wise momentum) allowed, as a fraction of fixed full-width tables
+      (``T * rows * (D + 1) * 4``); :func:`importance.assign_chunks` fits the live rows under it.
+    * ``maintain_every``: steps between eviction/admission passes; ``resize_every``: steps between resizes.
+    * ``admit_hits``: a slot keeps using its table's shared row until it was seen this many times (0: it gets
+      its own row before its first training lookup, while the budget has room).
+    * ``ttl_steps``: a row unseen for this many steps is evicted unless its importance is in the top
+      ``protect_quantile`` of live rows (the floor).
+    * ``decay``: importance multiplier per maintenance pass (old gradient energy fades).
+    * ``resize_fill``: a resize fits the live rows into this fraction of the budget; the rest is room for ids
+      admitted before the next resize.
+    * ``grow_momentum``: a row moved to a wider pool keeps this fraction of its row-wise Adagrad momentum
+      (new chunks start at zero and must learn fast; the row's full momentum would freeze them).
+    * ``headroom``: spare rows per pool after a compaction (fraction of the live rows).
+    """
+
+    chunk_dim: int = 8
+    num_chunks: int = 8
+    pool_chunks: tuple[int, ...] = (1, 2, 4, 8)
+    budget: float = 0.25
+    maintain_every: int = 50
+    resize_every: int = 200
+    admit_hits: int = 0
+    ttl_steps: int = 5_000
+    protect_quantile: float = 0.9
+    decay: float = 0.5
+    resize_fill: float = 0.9
+    grow_momentum: float = 0.1
+    headroom: float = 0.25
+    lr: float = 0.05
+    init_range: float = 0.01
+    seed: int = 0
+
+    @property
+    def dim(self) -> int:
+        return self.chunk_dim * self.num_chunks
+
+    def pool_dims(self) -> tuple[int, ...]:
+        return tuple(c * self.chunk_dim for c in self.pool_chunks)
+
+
+# TrainerConfig.fiited: every FiitedConfig field, optional; None = derived from the trainer (chunks making up
+# embedding_dim, the default pool widths that fit, lr = lr_sparse) or the field's default (see
+# embedding_store.config.trainer_config). Made from FiitedConfig's fields so the two never disagree.
+FiitedOverrides = msgspec.defstruct(
+    "FiitedOverrides", [(f.name, Optional[t], None) for f, t in zip(dataclasses.fields(FiitedConfig),
+                                                                   get_type_hints(FiitedConfig).values())],
+    frozen=True, forbid_unknown_fields=True, omit_defaults=True, module=__name__)
+
+
 class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batch_size: int = 512
     lr_dense: float = 1e-3
@@ -83,9 +141,8 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "auto"  # auto | fbgemm | torch | fiited  (sparse embedding kernels)
     seed: int = 0
-    # FIITED store knobs when backend = fiited: field names of embedding_store.config.FiitedConfig (checked
-    # there, when the store is built), e.g. {"budget": 0.3}; STREAMREC_TRAINER__FIITED__BUDGET=0.3
-    fiited: dict[str, Any] = {}
+    # FIITED store knobs when backend = fiited, e.g. {"budget": 0.3}; STREAMREC_TRAINER__FIITED__BUDGET=0.3
+    fiited: FiitedOverrides = FiitedOverrides()
     # User model (trainer/user_service.py): its vectors [u, u * v_ad] join the ranker's dense input, and the
     # user-vector index is written to <data_dir>/users/index at every checkpoint (`streamrec users`)
     user_model: bool = True
