@@ -4,7 +4,7 @@ freshness (event -> updated vector in the index) in the user-model service loop.
 Data (``--data``), N x 64, L2-normalised:
 
 * ``tower`` (default): what a user tower's LayerNorm output looks like, measured on this project's own
-  user model (trainer/user_model.py run over generated traffic: the vectors' covariance has a steeply
+  user model (trainer/users/model.py run over generated traffic: the vectors' covariance has a steeply
   decaying spectrum, participation ratio ~2-3 of 64 dims, and users cluster by taste). Drawn as N/250
   taste clusters in a 16-dim latent space with a power-law spectrum (variance of latent dim i ~ 1/i,
   members spread at half the spread of the centres), mapped into 64 dims by a random orthonormal map,
@@ -70,8 +70,8 @@ def freshness(n_impressions: int) -> dict:
 
     from streams import schema
     from streams.sources.generate import GeneratorConfig, simulate
-    from trainer.user_model import UserModelConfig
-    from trainer.user_service import UserModelService, UserServiceConfig
+    from trainer.users.model import UserModelConfig
+    from trainer.users.service import UserModelService, UserServiceConfig
 
     torch.set_num_threads(1)
     sim = simulate(GeneratorConfig(n_impressions=n_impressions, seed=3, n_users=2000))

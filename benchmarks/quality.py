@@ -1,7 +1,7 @@
 """Model quality on generated traffic, against the generator's oracle (in-process: no broker, no dataflow).
 
 Examples are built from the simulation's truth table as the labels dataflow would emit them
-(:mod:`trainer.simulated`) and fed in emission order, batch by batch; every metric is *progressive*: each
+(:mod:`benchmarks._simulated`) and fed in emission order, batch by batch; every metric is *progressive*: each
 example is scored before the model trains on it, against the impression's true final labels. Four studies:
 
 1. stationary (scenario ``none``, labels without delay): per-domain click / conversion AUC of the unified
@@ -9,13 +9,13 @@ example is scored before the model trains on it, against the impression's true f
    learner given the generator's exact functional form (:mod:`benchmarks._form_fm`): what it misses of the
    oracle is what the stream's length allows, the rest of the MDMO model's gap is the model's;
 2. drift (scenario ``sudden`` at 50%, or ``--drift NAME``): the online model vs the same model frozen after
-   40% of the stream vs an online logistic regression (:mod:`trainer.online_lr`), after the drift;
+   40% of the stream vs an online logistic regression (:mod:`benchmarks._online_lr`), after the drift;
 3. delayed conversions (``elapsed`` policy, 1 h elapsed, conversions up to 6 h after the click): ES-DFM
    weighting vs the naive stream (fake negatives never corrected) vs the duplicates without weights vs oracle
    labels; conversion AUC and NE on the true labels of the second half;
 4. unified vs separate: one model for all domains vs one model per domain (each seeing only its domain),
    sum over domains of click + conversion AUC, and parameter counts;
-5. user model: ``interest-shift`` traffic, the ranker reading the user model's vectors (trainer/user_features.py)
+5. user model: ``interest-shift`` traffic, the ranker reading the user model's vectors (trainer/users/features.py)
    vs the same ranker without them; overall AUC on the second half. Two references in the same input slot
    (:class:`TasteFeatures`) bound what user vectors can bring: each user's true current taste (no model can
    know it), and the mean true taste of the ads the user clicked last (what a history model could at best
@@ -42,8 +42,8 @@ from streams.sources.generate import GeneratorConfig, TruthParams, hidden_tastes
 from streams.sources.scenarios import ScenarioConfig
 from trainer.features import featurize
 from trainer.model import Learner, count_parameters
-from trainer.online_lr import OnlineLR
-from trainer.simulated import example_stream, truth_arrays
+from benchmarks._online_lr import OnlineLR
+from benchmarks._simulated import example_stream, truth_arrays
 
 TC = TrainerConfig(batch_size=256, device="cpu", user_model=False)
 TC_USERS = TrainerConfig(batch_size=256, device="cpu", user_model=True)  # study 5
@@ -63,7 +63,7 @@ def _imp_index(example_id: str) -> int:
 def run_stream(model, exs, n_imps: int, batch: int, freeze_at: float | None = None, users=None):
     """Feed ``exs`` in order; returns (p_click, p_conversion) per impression from its first (non-late) example,
     scored before training on it. ``freeze_at``: stop training after that fraction of the examples.
-    ``users``: a :class:`trainer.user_features.UserWorker` fed each batch after the ranker trained on it (and
+    ``users``: a :class:`trainer.users.features.UserWorker` fed each batch after the ranker trained on it (and
     drained, so the run is deterministic: the service does the same asynchronously)."""
     tc = getattr(model, "tcfg", TC)
     pc, pv = np.full(n_imps, np.nan), np.full(n_imps, np.nan)
@@ -179,7 +179,7 @@ def study_unified(sim, truth, exs, rows: list, res: dict) -> None:
 
 class TasteFeatures:
     """The generator's hidden tastes in the ranker's user-model input ``[u, u * v_ad]`` (zero-padded to
-    ``user_dim``), fed like :class:`trainer.user_features.UserWorker` (``view``, ``submit``, ``drain``).
+    ``user_dim``), fed like :class:`trainer.users.features.UserWorker` (``view``, ``submit``, ``drain``).
 
     ``current``: ``u`` = the user's true taste at the impression, ``v_ad`` = the ad's (an upper bound);
     ``clicks``: ``u`` = the mean true taste of the last ``k`` ads the user clicked, from the batches trained
@@ -221,7 +221,7 @@ def study_users(n: int, rows: list, res: dict) -> None:
     """The ranker with the user model's vectors ``[u, u * v_ad]`` vs without, on ``interest-shift`` traffic
     (each user's taste jumps at their own moment: only recent engagements reveal the new one)."""
     from config import Config
-    from trainer.user_features import user_worker
+    from trainer.users.features import user_worker
 
     sim = simulate(GeneratorConfig(n_impressions=n, seed=14, scenario=ScenarioConfig(name="interest-shift"),
                                    **WORLD))

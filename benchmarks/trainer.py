@@ -17,7 +17,7 @@ Last line: value = streamrec (fbgemm or, without it, torch) train-step examples/
 
 ``--latency RATE`` (default 2000 examples/s for 20 s; 0 skips it, as ``--quick`` does) then measures the
 service end to end on a fresh embedded broker: examples are produced at a steady RATE with ``emitted_ts`` =
-the wall clock at produce time, a :class:`trainer.service.TrainerService` (in a thread of this process)
+the wall clock at produce time, a :class:`trainer.loop.Trainer` (in a thread of this process)
 consumes, scores, trains; latency = ``trained_ts`` of its prediction batch - ``emitted_ts``, p50/p99.
 
     streamrec bench trainer [--quick] [--batch 512] [--steps 40] [--latency 2000 --seconds 20]
@@ -39,7 +39,7 @@ from streams.sources.generate import GeneratorConfig, simulate
 from trainer.embeddings import fbgemm_available
 from trainer.features import featurize
 from trainer.model import Learner, MDMOModel, count_parameters, esmm_loss
-from trainer.simulated import example_stream
+from benchmarks._simulated import example_stream
 
 
 class PerTableBags(nn.Module):
@@ -104,7 +104,7 @@ def latency(rate: float, seconds: float, exs, batch: int) -> dict[str, float]:
     from streams.bus import kafka_io
     from streams.bus.broker import EmbeddedBroker
     from config import load_config
-    from trainer.service import TrainerService
+    from trainer.loop import Trainer
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp, "tansu.log")) as broker:
         bs = broker.bootstrap_servers
@@ -114,7 +114,7 @@ def latency(rate: float, seconds: float, exs, batch: int) -> dict[str, float]:
                           trainer={"batch_size": batch, "device": "cpu", "checkpoint_dir": str(Path(tmp, "ckpt")),
                                    "checkpoint_every_s": 1e9, "checkpoint_every_examples": 10**9})
         kafka_io.ensure_topics(bs, cfg.topics.all(), 2)
-        svc = TrainerService(cfg, resume=False)
+        svc = Trainer(cfg, resume=False)
         th = threading.Thread(target=svc.run, kwargs={"idle_exit_s": 3.0}, daemon=True)
         th.start()
         prod = kafka_io.make_producer(bs, cfg.kafka.client)
@@ -163,7 +163,7 @@ def main() -> int:
     rate = a.latency if a.latency is not None else (0.0 if a.quick else 2000.0)
     steps = a.steps or (15 if a.quick else 40)
     repeat = a.repeat or (2 if a.quick else 3)
-    # the ranker step alone: the user model trains in its own thread (trainer/user_features.py)
+    # the ranker step alone: the user model trains in its own thread (trainer/users/features.py)
     tc = TrainerConfig(batch_size=a.batch, hash_buckets=a.buckets, device="cpu", user_model=False)
     n = max(a.batch * (steps + 3), int(rate * a.seconds))
     sim = simulate(GeneratorConfig(n_impressions=n, seed=7, n_users=50_000, n_ads=5_000))

@@ -143,13 +143,13 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: int = 0
     # FIITED store knobs when backend = fiited, e.g. {"budget": 0.3}; STREAMREC_TRAINER__FIITED__BUDGET=0.3
     fiited: FiitedOverrides = FiitedOverrides()
-    # User model (trainer/user_service.py): its vectors [u, u * v_ad] join the ranker's dense input, and the
+    # User model (trainer/users/service.py): its vectors [u, u * v_ad] join the ranker's dense input, and the
     # user-vector index is written to <data_dir>/users/index at every checkpoint (`streamrec users`)
     user_model: bool = True
     user_dim: int = 32
     # a user unseen for this many seconds of event time leaves the user-vector index, the view and the
     # histories (0: never), except the user_ttl_keep most active users (the floor: a quiet stream that
-    # resumes after a gap does not empty the index); trainer/user_history.py TtlConfig
+    # resumes after a gap does not empty the index); trainer/users/history.py TtlConfig
     user_ttl_s: float = 7 * 86_400.0
     user_ttl_keep: int = 10_000
     export_dir: str = ""  # "" = no serving export; else a versioned export (trainer/export.py) per checkpoint
@@ -238,4 +238,7 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
 def replace(cfg: Config, **sections: Mapping[str, Any] | Any) -> Config:
     """A copy of ``cfg`` with some fields changed: ``replace(cfg, trainer={"batch_size": 64}, data_dir="x")``."""
     data = _merge(msgspec.to_builtins(cfg), sections)
-    return msgspec.convert(data, Config, strict=False)
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"configuration: {e}") from None

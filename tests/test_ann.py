@@ -105,7 +105,7 @@ def test_search_pads_when_k_exceeds_size_and_on_empty(kind):
 
 
 def test_deleted_ids_leave_search_get_and_snapshots_and_can_come_back(kind, tmp_path):
-    # how users leave after their TTL (trainer/user_service.py): delete, then maybe upsert again later
+    # how users leave after their TTL (trainer/users/service.py): delete, then maybe upsert again later
     rng = np.random.default_rng(3)
     idx = make(kind)
     ids = np.arange(100, 160)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
@@ -23,7 +24,7 @@ from streams.bus import kafka_io
 from config import load_config, replace
 from trainer import checkpoint
 from trainer.features import featurize
-from trainer.service import Dedup
+from trainer.loop import Dedup
 from trainer.service import run as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,12 +197,16 @@ def test_train_without_broker_says_how_to_configure(tmp_path, capsys):
 
 
 def test_train_rejects_a_bad_fiited_setting_by_name(cfg, tmp_path, capsys):
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown field `budgett` - at `\$\.trainer\.fiited`"):
+        replace(cfg, trainer={"fiited": {"budgett": 0.3}})  # a misspelt knob: refused with the configuration
     cfg = replace(cfg, trainer={"checkpoint_dir": str(tmp_path), "device": "cpu", "backend": "fiited",
-                                "embedding_dim": 64, "fiited": {"budgett": 0.3}})
+                                "embedding_dim": 64, "fiited": {"budget": 0.0}})
     args = argparse.Namespace(resume=False, fresh=False, max_examples=None, idle_exit=None, checkpoint_dir=None,
                               record_trained_ids=False)
-    assert train_cli(args, cfg) == 2
-    assert "trainer.fiited.budgett: unknown field" in capsys.readouterr().err
+    assert train_cli(args, cfg) == 2  # a value out of range: refused when the store is built, by name
+    assert "trainer.fiited.budget: expected in (0, 1.5]" in capsys.readouterr().err
 
 
 def test_dedup_window_is_bounded():
@@ -215,7 +220,7 @@ def test_in_process_service_gives_torch_threads_back(cfg, tmp_path):
     # in-process caller (benchmarks, notebooks) must get its own setting back afterwards
     import torch
 
-    from trainer.service import TrainerService
+    from trainer.loop import Trainer
 
     prod = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
     for ex in make_examples(600):
@@ -224,7 +229,7 @@ def test_in_process_service_gives_torch_threads_back(cfg, tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        svc = TrainerService(replace(cfg, trainer={"device": "cpu", "batch_size": 128}), resume=False)
+        svc = Trainer(replace(cfg, trainer={"device": "cpu", "batch_size": 128}), resume=False)
         seen = []
         step = svc.learner.train_step
         svc.learner.train_step = lambda *a, **k: (seen.append(torch.get_num_threads()), step(*a, **k))[1]

@@ -12,8 +12,8 @@ from benchmarks._form_fm import FormFM
 from config import TrainerConfig
 from streams.sources.generate import GeneratorConfig, roc_auc, simulate
 from trainer.features import featurize
-from trainer.online_lr import OnlineLR
-from trainer.simulated import example_stream, truth_arrays
+from benchmarks._online_lr import OnlineLR
+from benchmarks._simulated import example_stream, truth_arrays
 
 E_S = 600.0
 

@@ -13,9 +13,9 @@ from config import TrainerConfig
 from streams.sources.generate import GeneratorConfig, simulate
 from trainer.features import featurize
 from trainer.model import Learner
-from trainer.user_features import UserVectors, UserWorker
-from trainer.user_model import UserModelConfig
-from trainer.user_service import UserModelService, UserServiceConfig
+from trainer.users.features import UserVectors, UserWorker
+from trainer.users.model import UserModelConfig
+from trainer.users.service import UserModelService, UserServiceConfig
 
 DIM = 8
 

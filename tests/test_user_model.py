@@ -11,9 +11,9 @@ from embedding_store.ann import AnnConfig
 from streams import schema
 from streams.sources.generate import GeneratorConfig, TruthParams, roc_auc, simulate
 from trainer.features import hash_ids
-from trainer.user_history import CLICK, CONVERSION, IMPRESSION, PRIOR, HistoryConfig, UserHistory
-from trainer.user_model import UserModelConfig
-from trainer.user_service import UserModelService, UserServiceConfig
+from trainer.users.history import CLICK, CONVERSION, IMPRESSION, PRIOR, HistoryConfig, UserHistory
+from trainer.users.model import UserModelConfig
+from trainer.users.service import UserModelService, UserServiceConfig
 
 TS = 1_800_000_000_000
 

@@ -8,10 +8,10 @@ import pytest
 from embedding_store.ann import AnnConfig, make_index, normalize
 from streams import schema
 from config import Config, load_config
-from trainer.user_features import UserWorker, user_worker
-from trainer.user_history import HistoryConfig, TtlConfig, UserHistory, expired
-from trainer.user_model import UserModelConfig
-from trainer.user_service import UserModelService, UserServiceConfig
+from trainer.users.features import UserWorker, user_worker
+from trainer.users.history import HistoryConfig, TtlConfig, UserHistory, expired
+from trainer.users.model import UserModelConfig
+from trainer.users.service import UserModelService, UserServiceConfig
 
 TS = 1_800_000_000_000
 S = 1000  # ms

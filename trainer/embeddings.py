@@ -34,6 +34,20 @@ INIT_RANGE = 0.01  # uniform(-a, a) initial weights
 EPS = 1e-8
 
 
+class _QuietFbgemm(logging.Filter):
+    """fbgemm_gpu logs dozens of INFO lines through the root logger at import and TBE creation."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
+
+
+def quiet_fbgemm_logs() -> None:
+    """Keep fbgemm_gpu's INFO lines out of the root logger's handlers (a command's log)."""
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, _QuietFbgemm) for f in h.filters):
+            h.addFilter(_QuietFbgemm())
+
+
 @functools.lru_cache(maxsize=None)
 def fbgemm_available(device_type: str = "cpu") -> bool:
     """fbgemm's TBE imports (and, for ``cuda``, the installed build is the CUDA one, not fbgemm-gpu-cpu)."""

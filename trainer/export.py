@@ -88,7 +88,7 @@ def export(learner, root: str | os.PathLike, *, examples_trained: int = 0, keep:
     try:
         dense = {k: v.detach().cpu().clone() for k, v in learner.model.state_dict().items()
                  if not k.startswith("emb.")}
-        view = getattr(learner, "user_view", None)  # the user vectors the ranker reads (trainer.user_model)
+        view = getattr(learner, "user_view", None)  # the user vectors the ranker reads (trainer.users.model)
         sparse = learner.model.emb.serving_state()
         torch.save({"dense": dense, "embeddings": sparse["weights"], "embedding_widths": sparse["widths"],
                     **({"user_view": view.state()} if view is not None else {})}, tmp / "model.pt")
@@ -146,7 +146,7 @@ class ExportedModel:
     steps: int
     meta: dict
     path: Path
-    user_view: object = None  # trainer.user_features.UserVectors when the model reads user-model features
+    user_view: object = None  # trainer.users.features.UserVectors when the model reads user-model features
 
 
 def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -> ExportedModel:
@@ -190,7 +190,7 @@ def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -
     model.eval()
     view = None
     if "user_view" in st:
-        from trainer.user_features import UserVectors
+        from trainer.users.features import UserVectors
 
         view = UserVectors.from_state(st["user_view"])
     return ExportedModel(model=model, tcfg=tcfg, device=dev, steps=int(meta["model_version"]), meta=meta, path=v,

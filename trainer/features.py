@@ -96,7 +96,7 @@ class FeatureBatch:
     late: np.ndarray | None = None
     click_delay_ms: np.ndarray | None = None
     conversion_delay_ms: np.ndarray | None = None
-    user: np.ndarray | None = None  # (B, 2 * user_dim) float32 user-model features (trainer/user_features.py)
+    user: np.ndarray | None = None  # (B, 2 * user_dim) float32 user-model features (trainer/users/features.py)
 
     @property
     def batch_size(self) -> int:
@@ -199,7 +199,7 @@ def _delays(fb_ts: Sequence[int | None], imp_ts: np.ndarray) -> np.ndarray:
 
 def user_features(imps: Sequence[schema.Impression], tcfg: TrainerConfig, users=None) -> np.ndarray | None:
     """The ranker's user-model input (B, 2 * user_dim): from ``users`` (a
-    :class:`trainer.user_features.UserVectors`), zeros without one; None when ``tcfg.user_model`` is off."""
+    :class:`trainer.users.features.UserVectors`), zeros without one; None when ``tcfg.user_model`` is off."""
     if not tcfg.user_model:
         return None
     if users is None:

@@ -6,7 +6,7 @@ Architecture (B examples, T tables of D dims, ``dense_dim`` dense values, ``N_DO
     sparse ids --SparseEmbeddings--> (B, T*D) -+
     dense      --------------------> (B, dd)  -+-- concat x0 (B, F)
     domain     --nn.Embedding------> (B, 8)   -+
-    user model --[u, u * v_ad]-----> (B, 2du) -+   (when trainer.user_model; trainer/user_features.py)
+    user model --[u, u * v_ad]-----> (B, 2du) -+   (when trainer.users.model; trainer/users/features.py)
     x_{l+1} = x0 * (W_l x_l + b_l) + x_l, l < N_CROSS       DCNv2 cross layers (full rank), shared
     h  = relu(bottom(x)) (B, 128)                           shared bottom
     e  = relu(experts(h)) (B, E, 64)                        shared experts (MMoE)
@@ -70,7 +70,7 @@ class MDMOModel(nn.Module):
         self.emb = make_embeddings(backend, self.num_tables, tcfg.hash_buckets, tcfg.embedding_dim,
                                    tcfg.lr_sparse, device, fiited=tcfg.fiited)
         self.domain_emb = nn.Embedding(self.n_dom, DOMAIN_DIM, device=device)
-        self.user_in = 2 * tcfg.user_dim if tcfg.user_model else 0  # [u, u * v_ad] (trainer/user_features.py)
+        self.user_in = 2 * tcfg.user_dim if tcfg.user_model else 0  # [u, u * v_ad] (trainer/users/features.py)
         f = self.num_tables * tcfg.embedding_dim + tcfg.dense_dim + DOMAIN_DIM + self.user_in
         self.cross = nn.ModuleList(nn.Linear(f, f, device=device) for _ in range(N_CROSS))
         self.bottom = nn.Linear(f, BOTTOM, device=device)
@@ -189,7 +189,7 @@ class Learner:
         self.elapsed_ms = float(elapsed_s) * 1000.0
         self.delay_weighting = delay_weighting
         self.delays = {"click": delay.DelayHistogram(), "conversion": delay.DelayHistogram()}
-        # the user model's vectors the ranker reads (trainer/user_features.UserVectors), when tcfg.user_model
+        # the user model's vectors the ranker reads (trainer/users/features.UserVectors), when tcfg.user_model
         self.user_view = None
 
     def loss_weights(self, fb: FeatureBatch, p_click: np.ndarray, p_ctcvr: np.ndarray
@@ -274,7 +274,7 @@ class Learner:
         for k, h in st.get("delays", {}).items():
             self.delays[k] = delay.DelayHistogram.from_state(h)
         if "user_view" in st:
-            from trainer.user_features import UserVectors
+            from trainer.users.features import UserVectors
 
             self.user_view = UserVectors.from_state(st["user_view"])
         torch.set_rng_state(st["rng"]["cpu"])

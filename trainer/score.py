@@ -95,13 +95,10 @@ def score_impressions(learner, imps: list[schema.Impression]) -> list[ScoreRow]:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    import logging
-
     from trainer.checkpoint import CheckpointError
-    from trainer.service import _QuietFbgemm
+    from trainer.embeddings import quiet_fbgemm_logs
 
-    for h in logging.getLogger().handlers:
-        h.addFilter(_QuietFbgemm())
+    quiet_fbgemm_logs()
 
     bad = 0
 

@@ -7,7 +7,7 @@ user vectors go into the ANN index.
                                               └─► index.upsert(user ids, vectors - center, latest event ts)
 
 The service owns both tables the vectors go to and keeps them in step: ``view`` (a
-:class:`~trainer.user_vectors.UserVectors`, the raw vectors the ranker reads) and ``index`` (the ANN index,
+:class:`~trainer.users.vectors.UserVectors`, the raw vectors the ranker reads) and ``index`` (the ANN index,
 centred vectors for cosine search). After every refresh, for every user ``u``::
 
     index.get(u) == normalize(view[u] - center)
@@ -58,9 +58,9 @@ import torch
 from embedding_store.ann import (AnnConfig, AnnIndex, load_index, make_index, npz_arrays, npz_bytes, save_index,
                                  save_npz_atomic, write_atomic)
 from streams import schema
-from trainer.user_history import HistoryConfig, UserHistory
-from trainer.user_model import UserModel, UserModelConfig
-from trainer.user_vectors import UserVectors
+from trainer.users.history import HistoryConfig, UserHistory
+from trainer.users.model import UserModel, UserModelConfig
+from trainer.users.vectors import UserVectors
 
 CENTER_HORIZON = 100_000  # vectors: the index's centring offset follows about this many recent encodes
 # the index's centre moves to the running mean (re-centring every stored vector) once the two are this far

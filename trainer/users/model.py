@@ -1,6 +1,6 @@
 """A LLaTTE-style user model: a small transformer over the user's recent event sequence, trained online.
 
-Each event of :class:`~trainer.user_history.Sequences` becomes one token::
+Each event of :class:`~trainer.users.history.Sequences` becomes one token::
 
     token = E_ad[hash(ad)] + E_action[action] + E_domain[domain] + E_gap[log2 bucket of gap_s] + E_pos[slot]
 
@@ -16,7 +16,7 @@ setup (LLaTTE): it runs on its own schedule, its vectors go to the ANN index and
 features (``u`` and ``u * E_ad[target]``, LoopFM-style intermediate embeddings).
 
 >>> import numpy as np
->>> from trainer.user_history import Sequences
+>>> from trainer.users.history import Sequences
 >>> m = UserModel(UserModelConfig(dim=8, max_len=4, ad_buckets=100))
 >>> s = Sequences(ad=np.array([[0, 3, 4, 5]]), action=np.array([[0, 1, 2, 1]]), domain=np.zeros((1, 4), int),
 ...               gap_s=np.array([[-1, 60, 30, 1]], np.float32), mask=np.array([[False, True, True, True]]))
@@ -35,7 +35,7 @@ from torch import nn
 
 from embedding_store.ids import splitmix64
 from streams import schema
-from trainer.user_history import ACTIONS, Sequences
+from trainer.users.history import ACTIONS, Sequences
 
 GAP_BUCKETS = 24  # log2 seconds: 1 s .. ~97 days; bucket 0 = unknown time (prior entries)
 

@@ -1,6 +1,6 @@
 """The ranker-side table of user vectors: user id -> the newest raw vector of the user model.
 
-Written by the user model's thread (:class:`~trainer.user_service.UserModelService` owns it and writes it
+Written by the user model's thread (:class:`~trainer.users.service.UserModelService` owns it and writes it
 together with the ANN index, so both always hold the same users), read by the trainer's thread without a
 lock: rows are written in place, so a reader sees each row either old or new (a row being copied may mix
 both, harmless for features). A deleted user reads as zeros ("no vector yet"); its row is reused only
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from streams import schema
-from trainer.user_model import ad_rows
+from trainer.users.model import ad_rows
 
 
 class UserVectors:

@@ -1,6 +1,6 @@
 """The user model beside the ranker (LLaTTE two-stage, LoopFM feature hand-off).
 
-The user model (:mod:`trainer.user_service`) is an *upstream* model on its own schedule: a background
+The user model (:mod:`trainer.users.service`) is an *upstream* model on its own schedule: a background
 thread trains it on the examples the ranker has just trained on, folds them into the user histories and
 re-encodes changed users into the ANN index every ``refresh_every_s``. The ranker reads the newest
 vectors through :class:`UserVectors`, a plain id -> row table, so the transformer never runs on the
@@ -41,13 +41,13 @@ from typing import Sequence
 from embedding_store.ann import AnnConfig
 from streams import schema
 from config import Config
-from trainer.user_vectors import UserVectors  # noqa: F401  (re-exported: checkpoints, exports and score use it)
+from trainer.users.vectors import UserVectors  # noqa: F401  (re-exported: checkpoints, exports and score use it)
 
 log = logging.getLogger("streamrec.trainer.users")
 
 
 class UserWorker:
-    """A :class:`~trainer.user_service.UserModelService` run by a background thread (see the module doc).
+    """A :class:`~trainer.users.service.UserModelService` run by a background thread (see the module doc).
 
     ``train_duty``: the largest share of time spent training (1: train on every batch it gets to; the
     quality benchmark's synchronous runs use 1). ``submit(examples)`` queues a batch (never blocks);
@@ -173,9 +173,9 @@ class UserWorker:
 def user_worker(cfg: Config, train_duty: float = 0.25) -> UserWorker:
     """The trainer's user model: ``trainer.user_dim`` wide, its index configured for up to ~1M users, users
     leaving after ``trainer.user_ttl_s`` of event time unseen (``trainer.user_ttl_keep`` most active kept)."""
-    from trainer.user_history import HistoryConfig, TtlConfig
-    from trainer.user_model import UserModelConfig
-    from trainer.user_service import UserModelService, UserServiceConfig
+    from trainer.users.history import HistoryConfig, TtlConfig
+    from trainer.users.model import UserModelConfig
+    from trainer.users.service import UserModelService, UserServiceConfig
 
     d, tc = cfg.trainer.user_dim, cfg.trainer
     if not 0 <= tc.user_ttl_s < float("inf") or tc.user_ttl_keep < 0:

@@ -1,0 +1,263 @@
+"""The continuous training loop: examples topic -> progressive validation -> train -> checkpoint.
+
+Per micro-batch (:meth:`Trainer.process`): consume up to ``batch_size`` messages (``assign()`` at the
+checkpointed offsets, no consumer group), decode (bad ones -> dead letters), drop already-trained example
+ids, score the batch with the current model and publish a :class:`~streams.schema.PredictionBatch`, then
+train on it; the user model learns from the batch after the ranker did (its own thread).
+
+Exactly-once effect on the weights: the checkpoint stores weights, optimizer states, the dedup window and
+the next offset of every partition together, atomically. After a crash ``--resume`` restarts from that
+consistent point: messages after it are re-read and trained once (their predictions and dead letters are
+published again: at-least-once there, keyed by example id for idempotent sinks).
+
+The process around it (command line, signals, malloc settings) is ``trainer/service.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import torch
+
+from config import Config
+from embedding_store.users import index_path
+from streams import schema
+from streams.bus import kafka_io
+from streams.names import Stat, Step
+from trainer import checkpoint
+from trainer.export import export
+from trainer.features import featurize
+from trainer.model import Learner
+from trainer.telemetry import Throughput, service_stats
+from trainer.users.features import user_worker
+from trainer.users.service import write_index_file
+
+log = logging.getLogger("streamrec.trainer")
+DEDUP_CAPACITY = 2_000_000  # example ids remembered (oldest forgotten first)
+STATS_EVERY_S = 1.0
+LOG_EVERY_S = 10.0
+_GROUP = "streamrec-trainer"  # required by librdkafka; never joined (assign() only, no commits)
+
+
+class Dedup:
+    """A bounded set of recently trained ids (FIFO eviction): ``add(id)`` is False if already present."""
+
+    def __init__(self, capacity: int = DEDUP_CAPACITY, ids: list[str] | None = None):
+        self.capacity = capacity
+        self._order: deque[str] = deque(ids or ())
+        self._set = set(self._order)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._set
+
+    def __len__(self) -> int:
+        return len(self._set)
+
+    def add(self, key: str) -> bool:
+        if key in self._set:
+            return False
+        self._set.add(key)
+        self._order.append(key)
+        if len(self._order) > self.capacity:
+            self._set.discard(self._order.popleft())
+        return True
+
+    def ids(self) -> list[str]:
+        return list(self._order)
+
+
+class Trainer:
+    """The continuous trainer of one process. ``run()`` until stopped, idle, or ``max_examples`` trained."""
+
+    def __init__(self, cfg: Config, *, resume: bool, record_ids: bool = False, export_dir: str | None = None):
+        self.cfg, self.tc = cfg, cfg.trainer
+        self.export_dir = export_dir or cfg.trainer.export_dir
+        self.ckpt_dir = Path(self.tc.checkpoint_dir)
+        found = checkpoint.latest(self.ckpt_dir)
+        if found and not resume:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {found} exists: pass --resume to continue from it, or --fresh to delete it and "
+                "start over")
+        self.learner = Learner(self.tc, elapsed_s=cfg.labels.elapsed_s)
+        self.users = user_worker(cfg) if self.tc.user_model else None
+        if self.users is not None:
+            self.learner.user_view = self.users.view
+        self.offsets: dict[tuple[str, int], int] = {}
+        # plain str keys (a Stat indexes them alike): checkpoints load with torch's weights_only unpickler
+        self.counters = {k.value: 0 for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS,
+                                              Stat.CHECKPOINTS)}
+        self.dedup = Dedup()
+        self.trained_ids: list[str] | None = [] if record_ids else None
+        self.newest_event_ts = 0
+        loaded = checkpoint.load_latest(self.ckpt_dir) if resume else None
+        if loaded:
+            path, st = loaded
+            self.restore(st)
+            log.info("resumed from %s: %d examples trained, %d steps, offsets %s", path,
+                     self.counters["examples_trained"], self.counters["steps"], self.offsets)
+        elif resume:
+            log.info("--resume: no checkpoint in %s yet; starting from the beginning", self.ckpt_dir)
+        self._stop = False
+        self._last_ckpt_t = time.monotonic()
+        self._last_ckpt_n = self.counters["examples_trained"]
+        self._last_ckpt_offsets = dict(self.offsets)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"learner": self.learner.state(),
+                "offsets": [[t, p, o] for (t, p), o in sorted(self.offsets.items())],
+                "counters": dict(self.counters), "dedup": self.dedup.ids(),
+                "trained_ids": None if self.trained_ids is None else list(self.trained_ids),
+                "newest_event_ts": self.newest_event_ts,
+                **({"users": self.users.state()} if self.users is not None else {}),
+                "config": msgspec.to_builtins(self.cfg), "written_ts": int(time.time() * 1000)}
+
+    def restore(self, st: dict) -> None:
+        self.learner.load_state(st["learner"])
+        self.offsets = {(t, int(p)): int(o) for t, p, o in st["offsets"]}
+        self.counters.update(st["counters"])
+        self.dedup = Dedup(DEDUP_CAPACITY, st["dedup"])
+        if st.get("trained_ids") is not None:
+            self.trained_ids = list(st["trained_ids"])
+        self.newest_event_ts = int(st.get("newest_event_ts", 0))
+        if self.users is not None and "users" in st:
+            self.users.load_state(st["users"])
+            self.learner.user_view = self.users.view  # the live table, not the checkpoint's frozen copy
+
+    def checkpoint(self) -> Path:
+        # predictions and dead letters of checkpointed batches are out before the offsets move
+        kafka_io.flush_all(self.producer, "trainer checkpoint", log)
+        self.counters["checkpoints"] += 1
+        t = time.monotonic()
+        st = self.state()
+        path = checkpoint.save(self.ckpt_dir, st, seq=self.counters["checkpoints"])
+        log.debug("checkpoint %s in %.2fs", path, time.monotonic() - t)
+        self._last_ckpt_t, self._last_ckpt_n = time.monotonic(), self.counters["examples_trained"]
+        self._last_ckpt_offsets = dict(self.offsets)
+        if self.users is not None:  # for `streamrec users`: the index as of this checkpoint
+            write_index_file(st["users"], index_path(self.cfg))
+        if self.export_dir:  # serving artifacts follow the checkpoints
+            export(self.learner, self.export_dir, examples_trained=self.counters["examples_trained"],
+                   keep=self.tc.export_keep)
+        return path
+
+    # ---- one batch -----------------------------------------------------------------------------
+    def process(self, msgs: list) -> int:
+        """Decode, dedup, score+publish, train; returns how many examples were trained."""
+        now_ms = int(time.time() * 1000)
+        good: list[schema.Example] = []
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                kafka_io.consumer_error(err, "trainer consumer", log)
+                continue
+            self.offsets[(m.topic(), m.partition())] = m.offset() + 1
+            ex = schema.decode(m.value() or b"", schema.Example)
+            if isinstance(ex, schema.Invalid):
+                self._dead_letter(ex.reason, m, now_ms)
+            elif self.dedup.add(ex.example_id):
+                good.append(ex)
+            else:
+                self.counters["duplicates"] += 1
+        if not good:
+            return 0
+        fb = featurize(good, self.tc, self.learner.user_view)
+
+        def publish(p_click: np.ndarray, p_conv: np.ndarray) -> None:
+            pb = schema.PredictionBatch(
+                model_version=self.learner.steps, trained_ts=int(time.time() * 1000), example_ids=fb.example_ids,
+                domains=fb.domains, event_ts=fb.event_ts.tolist(), emitted_ts=fb.emitted_ts.tolist(),
+                p_click=p_click.tolist(), p_conversion=p_conv.tolist(), click=fb.click.astype(int).tolist(),
+                conversion=fb.conversion.astype(int).tolist())
+            kafka_io.produce(self.producer, self.cfg.topics.predictions, schema.encode(pb))
+
+        self.learner.train_step(fb, before_update=publish)
+        self.counters["steps"] = self.learner.steps
+        self.counters["examples_trained"] += len(good)
+        if self.trained_ids is not None:
+            self.trained_ids.extend(fb.example_ids)
+        self.newest_event_ts = max(self.newest_event_ts, int(fb.event_ts.max()))
+        if self.users is not None:  # the user model learns from the batch after the ranker did
+            self.users.submit(good)
+        self._stats.add(fb.event_ts, int(time.time() * 1000), fb.emitted_ts)
+        return len(good)
+
+    def _dead_letter(self, reason: str, m, now_ms: int) -> None:
+        self.counters["dead_letters"] += 1
+        dl = schema.dead_letter(reason, m.value() or b"", topic=m.topic(), partition=m.partition(),
+                                offset=m.offset(), ts=now_ms, step=Step.TRAINER_DECODE)
+        kafka_io.produce(self.producer, self.cfg.topics.dead_letters, schema.encode(dl))
+
+    def _publish_stats(self) -> None:
+        st = service_stats(self, self._stats)
+        kafka_io.produce(self.producer, self.cfg.topics.service_stats, schema.encode(st))
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def stop(self, *_args) -> None:
+        """Finish the current batch, checkpoint and return from :meth:`run` (signal-safe)."""
+        self._stop = True
+
+    def run(self, max_examples: int | None = None, idle_exit_s: float | None = None) -> dict[str, int]:
+        cfg, tc = self.cfg, self.tc
+        bs = cfg.kafka.bootstrap_servers
+        self.producer = kafka_io.make_producer(bs, cfg.kafka.client)
+        consumer = kafka_io.make_consumer(bs, _GROUP, cfg.kafka.client)
+        consumer.assign(kafka_io.topic_partitions([cfg.topics.examples], cfg.topics.partitions, self.offsets))
+        self._stats = Throughput()
+        log.info("training on %s (%d partitions), backend=%s device=%s batch=%d, checkpoints in %s",
+                 cfg.topics.examples, cfg.topics.partitions, self.learner.backend, self.learner.device,
+                 tc.batch_size, self.ckpt_dir)
+        start_n = self.counters["examples_trained"]
+        last_msg = last_stats = last_log = time.monotonic()
+        threads = torch.get_num_threads()
+        if self.users is not None:
+            # two threads run torch ops at once (ranker, user model), each with its own OpenMP team: half the
+            # cores each, or the teams spin against each other (measured: `up` 100k took 15.5 s, 12 s with this)
+            torch.set_num_threads(max(1, threads // 2))
+        try:
+            while not self._stop:
+                msgs = consumer.consume(num_messages=tc.batch_size, timeout=0.2)
+                now = time.monotonic()
+                if msgs:
+                    last_msg = now
+                    self.process(msgs)
+                self.producer.poll(0)
+                done = self.counters["examples_trained"] - start_n
+                if (self.counters["examples_trained"] - self._last_ckpt_n >= tc.checkpoint_every_examples
+                        or (now - self._last_ckpt_t >= tc.checkpoint_every_s and self._dirty())):
+                    self.checkpoint()
+                if now - last_stats >= STATS_EVERY_S:
+                    self._publish_stats()
+                    last_stats = now
+                if now - last_log >= LOG_EVERY_S:
+                    self._log_progress()
+                    last_log = now
+                if max_examples is not None and done >= max_examples:
+                    log.info("trained %d examples (--max-examples); stopping", done)
+                    break
+                if idle_exit_s is not None and now - last_msg >= idle_exit_s:
+                    log.info("no examples for %.1fs (--idle-exit); stopping", idle_exit_s)
+                    break
+            self.checkpoint()
+            self._publish_stats()
+            self._log_progress()
+        finally:
+            consumer.close()
+            kafka_io.flush_all(self.producer, "trainer", log)
+            if self.users is not None:
+                self.users.close()
+            torch.set_num_threads(threads)  # the process's setting again (in-process callers: tests, benchmarks)
+        return dict(self.counters)
+
+    def _dirty(self) -> bool:
+        return self.offsets != self._last_ckpt_offsets
+
+    def _log_progress(self) -> None:
+        c = self.counters
+        log.info("trained %d examples in %d steps (duplicates %d, dead letters %d), checkpoints %d",
+                 c["examples_trained"], c["steps"], c["duplicates"], c["dead_letters"], c["checkpoints"])
