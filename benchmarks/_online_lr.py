@@ -61,6 +61,3 @@ class OnlineLR:
             self.g2[k, ucol] += g * g
             self.w[k, ucol] -= self.lr * g / (np.sqrt(self.g2[k, ucol]) + self.eps)
         return p[0], p[1]
-
-    def num_parameters(self) -> int:
-        return int(self.w.size)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from embedding_store.ann import AnnConfig, AnnError, AnnIndex, normalize, validate
+from embedding_store.ann_base import AnnConfig, AnnError, AnnIndex, normalize, validate
 
 TWO_LEVEL_ABOVE = 2048  # lists; above this the coarse k-means runs in two levels
 

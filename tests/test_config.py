@@ -41,7 +41,7 @@ def test_replace_is_a_copy():
 
 
 def test_config_structs_keep_constructor_small():
-    # STYLE.md: a frozen dataclass per component; every section is immutable.
+    # a frozen struct per component: every section is immutable.
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.trainer.batch_size = 1  # type: ignore[misc]

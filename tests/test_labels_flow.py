@@ -178,7 +178,7 @@ def test_route_matches_bytewax_and_partition_keys_spread():
         assert sorted(map(frozenset, groups.values()), key=sorted) == sorted(
             (frozenset(k for k in keys if route(k, workers) == w) for w in range(workers)
              if any(route(k, workers) == w for k in keys)), key=sorted)
-    assert {route(str(i), 2) for i in range(4)} == {1}  # the DESIGN.md trap: "0".."3" share a worker
+    assert {route(str(i), 2) for i in range(4)} == {1}  # the trap routing.py avoids: "0".."3" share a worker
     for parts in (2, 4, 8):
         for workers in (2, 4):
             load = Counter(route(part_key(p, parts), workers) for p in range(parts))

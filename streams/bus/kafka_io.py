@@ -240,11 +240,3 @@ def topic_partitions(topics: Iterable[str], partitions: int, offsets: Mapping[tu
     offsets = offsets or {}
     return [TopicPartition(t, p, offsets.get((t, p), OFFSET_BEGINNING)) for t in topics for p in range(partitions)]
 
-
-def wait_for(cond, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return cond()

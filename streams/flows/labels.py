@@ -1,6 +1,7 @@
 """The ``labels`` Bytewax dataflow: impressions + clicks + conversions -> examples and dead letters.
 
-Batch-per-partition design (DESIGN.md, "Throughput hint")::
+Batch-per-partition design (one item is a batch of one partition's raw messages: per-event items cost
+several microseconds each in Bytewax, README "Architecture")::
 
     source: SourceBatch(p, raw messages of partition number p of the three input topics, topics caught up)
       -> key_on "key": part_key(p) (streams/flows/routing.py)

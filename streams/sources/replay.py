@@ -38,7 +38,7 @@ from config import NO_BROKER, Config
 from streams.names import Component, Stat, Step
 from streams.sources import formats
 from streams.sources.decode_worker import BLOCK_BYTES, DecoderProcess, NoWorker, planned_blocks
-from streams.sources.lineplan import Plan, Router, plan_block
+from streams.sources.lineplan import Plan, Router
 from streams.sources.logfile import BadRecord, count_lines
 from streams.sources.pacing import Pacer, TimeRange, in_range
 
@@ -151,14 +151,6 @@ class Publisher:
         self._n += 1
         if self._n & 1023 == 0:
             self.heartbeat()
-
-    def send_lines(self, lines: list[bytes], first: int) -> tuple[list[int], int]:
-        """Decode, validate and produce native log lines (``first`` = line number of ``lines[0]``); each good
-        line is sent unchanged (it is already our encoding), with :meth:`send`'s placement rules. Returns the
-        numbers of the lines that failed, for the caller to dead-letter, and how many lines were blank."""
-        plan = plan_block(lines, first, self._router)
-        self.send_plan(lines, plan)
-        return [n for n, _ in plan.failed], plan.blank
 
     def send_plan(self, lines: list[bytes], plan: Plan) -> None:
         """Produce the good events and watermarks of a block of native log lines as ``plan`` places them
