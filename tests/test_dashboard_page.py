@@ -16,7 +16,7 @@ import pytest
 from dashboards.definitions import DASHBOARDS
 from dashboards.feature_stats import feature_stats_topic
 from dashboards.server import DashboardServer
-from streams import config as config_mod
+import config as config_mod
 from streams import schema
 from streams.bus import kafka_io
 
