@@ -65,6 +65,9 @@ class Stat(StrEnum):
     USER_FRESHNESS_P99_MS = "user_freshness_p99_ms"
     FIITED_POOL_BYTES_PREFIX = "fiited_pool_bytes_d"  # + the pool's width
     FIITED_ROWS_PREFIX = "fiited_rows_d"
+    # every embedding backend (SparseEmbeddings.memory_report): fixed tables report their one width
+    EMBEDDING_BYTES_PREFIX = "embedding_bytes_d"  # + the row width: bytes of rows of that width (+ optimizer state)
+    EMBEDDING_ROWS_PREFIX = "embedding_rows_d"  # + the row width: rows held at that width
     # shared
     DEAD_LETTERS = "dead_letters"
     EVENTS_PER_S = "events_per_s"
@@ -73,3 +76,4 @@ class Stat(StrEnum):
     UP = "up"
     RESTARTS = "restarts"
     CRASH_LOOPING = "crash_looping"
+
