@@ -1,5 +1,5 @@
-"""One namespace for the names components publish and dashboards read: components, dead-letter steps and
-the counters and gauges of ``ServiceStats``.
+"""One namespace for the names components publish and dashboards read: components, dead-letter steps, the
+counters and gauges of ``ServiceStats`` and the features of the stats flow's ``FeatureStats``.
 
 Producers write them, the SQL of :mod:`dashboards.queries` and :mod:`dashboards.alerts` reads them, tests
 check them; a name spelt differently in two places would be a panel that stays empty. Members are ``str``
@@ -77,3 +77,15 @@ class Stat(StrEnum):
     RESTARTS = "restarts"
     CRASH_LOOPING = "crash_looping"
 
+
+class Feature(StrEnum):
+    """``FeatureStats.feature`` of the stats flow (streams/flows/stats.py), per window, domain and partition."""
+
+    COUNT = "count"  # examples in the window
+    LABEL_CLICK = "label.click"  # positives; value = rate
+    LABEL_CONVERSION = "label.conversion"
+    LATE_POSITIVE = "late_positive"  # ES-DFM corrections, in the window of their label's time
+    DELAY_CLICK = "delay.click"  # histogram of click time minus impression time, seconds
+    DELAY_CONVERSION = "delay.conversion"  # conversion time minus impression time
+    DENSE_PREFIX = "dense."  # + the dense feature's index: histogram, moments, quantiles
+    HH_PREFIX = "hh."  # + the sparse field: heavy hitters
