@@ -108,7 +108,7 @@ OVERVIEW = Dashboard(
               description=f"the most shifted dense feature per domain and bucket against the reference ({_REF})"),
         Panel("prediction_drift_table", "Prediction drift vs reference", q.PREDICTION_DRIFT, "table", width=10,
               thresholds=PSI, description=f"PSI of score distributions, current part against the reference "
-                                          f"({_REF}); ref_from/ref_to: the reference's training time"),
+                                          f"({_REF}); ref_from, ref_s: where the reference starts, how long it spans"),
         Panel("feature_drift_table", "Most drifted features", q.FEATURE_DRIFT, "table", width=14, thresholds=PSI,
               description=f"PSI per dense feature and domain against the reference ({_REF}); exact mean and "
                           "std now and then, from the stats flow"),

@@ -230,7 +230,8 @@ SELECT t, series, value FROM (
     SELECT t, series, sum(v) AS value FROM (
         SELECT $BUCKET(ts) AS t,
                multiIf(component = '{C.REPLAY}', 'events produced/s', component = '{C.LABELS}', 'labels events in/s',
-                       component = '{C.TRAINER}', 'trainer examples/s', concat(component, ' ', name)) AS series,
+                       component = '{C.TRAINER}', 'trainer examples/s', component = '{C.STATS}', 'stats examples in/s',
+                       concat(component, ' ', name)) AS series,
                instance, avg(value) AS v
         FROM {{db}}.service_stats FINAL
         WHERE $WINDOW(ts) AND name IN ('{S.EVENTS_PER_S}', '{S.EXAMPLES_PER_S}')
@@ -377,10 +378,11 @@ def _score_hist(window: str, keys: str) -> str:
     GROUP BY {keys}"""
 
 
-# per domain and objective: the current part of the window against the reference (and the reference's span)
+# per domain and objective: the current part of the window against the reference (where the reference starts
+# and how many seconds of training it spans)
 PREDICTION_DRIFT = f"""
 SELECT c.domain AS domain, c.objective AS objective, {psi_expr("c.h", "r.h")} AS psi, c.cnt AS n, r.cnt AS ref_n,
-       r.t_from AS ref_from, r.t_to AS ref_to
+       r.t_from AS ref_from, {_seconds("r.t_from", "r.t_to")} AS ref_s
 FROM ({_score_hist("$DRIFT_WINDOW", "domain, objective")}) AS c
 INNER JOIN ({_score_hist("$REF_WINDOW", "domain, objective")}) AS r
     ON c.domain = r.domain AND c.objective = r.objective

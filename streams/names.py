@@ -52,6 +52,12 @@ class Stat(StrEnum):
     LATE_POSITIVES = "late_positives"
     PENDING_IMPRESSIONS = "pending_impressions"  # gauge
     DEAD_PREFIX = "dead."  # + the reason's category: dead letters of each kind
+    # stats flow
+    EXAMPLES_IN = "examples_in"
+    INVALID_EXAMPLES = "invalid"
+    TOO_LATE = "too_late"  # examples of windows already closed
+    RECORDS_OUT = "records_out"
+    OPEN_WINDOWS = "open_windows"  # gauge
     # trainer
     EXAMPLES_TRAINED = "examples_trained"
     STEPS = "steps"

@@ -150,7 +150,7 @@ def test_prediction_drift_against_the_older_half_of_a_short_run(store):
         assert (row["n"], row["ref_n"]) == ((dc == d).sum(), (dr == d).sum())
         assert row["psi"] == pytest.approx(_psi(hist(pc[dc == d]), hist(pr[dr == d])), rel=1e-9, abs=1e-12)
         t_ref = ref[0].trained_ts / 1000  # the reference is the first batch, trained a minute before the second
-        assert (row["ref_from"].timestamp(), row["ref_to"].timestamp()) == (t_ref, t_ref)
+        assert (row["ref_from"].timestamp(), row["ref_s"]) == (t_ref, 0.0)
     assert got[("video", "click")]["psi"] > 0.25 > got[("feed", "click")]["psi"]
     series = store.query(q.render(q.prediction_drift_series(), "live"), q.live_parameters(60)).rows
     assert {s for _, s, _ in series} == set(DOMAINS) and len({t for t, _, _ in series}) == 1  # the newer half
@@ -228,9 +228,11 @@ def test_silent_components_and_crash_loops_fire_and_the_health_panel_shows_them(
     assert {r for r in firing if r[0] in ("component_silent", "crash_loop")} == {
         ("component_silent", "labels"), ("crash_loop", "labels")}
     rows = store.query(q.render(q.STACK_HEALTH, "live"), q.live_parameters(10)).rows
+    late = int(time.time() - now / 1000) + 1  # seconds since `now`: a loaded machine is slower than 1 s
     health = {r[0]: r[1:] for r in rows}
-    assert health["labels"] == (95, 1.0, 4.0, 1.0) and health["trainer"] == (2, 1.0, 0.0, 0.0)
-    assert health["supervisor"][0] <= 2 and health["replay"][0] == 300
+    assert health["labels"][1:] == (1.0, 4.0, 1.0) and health["trainer"][1:] == (1.0, 0.0, 0.0)
+    for process, silent in (("labels", 95), ("trainer", 2), ("replay", 300), ("supervisor", 1)):
+        assert silent <= health[process][0] <= silent + late, (process, health[process], late)
 
 
 def test_feature_stats_topic_follows_the_config():

@@ -277,3 +277,9 @@ def test_stats_flow_through_the_broker(cfg):
     examples = [schema.decode(m.value(), schema.Example) for m in read_topics(cfg, cfg.topics.examples)]
     clicks = sum(e.click_ts is not None for e in examples)
     assert clicks and sum(r.count for _, r in recs if r.feature == "delay.click") == clicks
+    # the flow reports its counters (stack health, component_silent): the last report counts every example
+    reports = [schema.decode(m.value(), schema.ServiceStats) for m in read_topics(cfg, cfg.topics.service_stats)]
+    last = max((r for r in reports if r.component == "stats"), key=lambda r: (r.values["examples_in"],
+                                                                              r.values["records_out"]))
+    assert last.values["examples_in"] == len(examples) and last.values["records_out"] == len(recs)
+    assert last.values["invalid"] == 0 and last.values["open_windows"] == 0

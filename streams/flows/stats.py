@@ -42,7 +42,7 @@ from bytewax.operators import StatefulBatchLogic
 from streams import schema
 from streams.config import Config
 from streams.flows.routing import part_key
-from streams.names import Feature
+from streams.names import Feature, Stat
 
 log = logging.getLogger(__name__)
 WINDOW_MS = 60_000  # event-time window (stats.window_s when a config section exists)
@@ -285,7 +285,7 @@ class StatsState:
         self.partition, self.window_ms, self.lateness_ms = partition, window_ms, lateness_ms
         self.open: dict[tuple[int, int], WindowAgg] = {}
         self.time: int | None = None
-        self.counts = {"examples_in": 0, "invalid": 0, "too_late": 0, "records_out": 0}
+        self.counts = {Stat.EXAMPLES_IN: 0, Stat.INVALID_EXAMPLES: 0, Stat.TOO_LATE: 0, Stat.RECORDS_OUT: 0}
 
     def snapshot(self) -> "StatsState":
         """A copy that later steps leave alone, for Bytewax's epoch snapshot: new dicts and window objects over
@@ -303,7 +303,7 @@ class StatsState:
             start = c.ts - c.ts % self.window_ms
             closed_before = None if self.time is None else self.time - self.lateness_ms - self.window_ms
             ok = np.ones(len(start), bool) if closed_before is None else start > closed_before
-            self.counts["too_late"] += int((~ok).sum())
+            self.counts[Stat.TOO_LATE] += int((~ok).sum())
             key = start[ok] * len(schema.DOMAINS) + c.domain[ok]
             rows_ok = np.flatnonzero(ok)
             keys, inv = np.unique(key, return_inverse=True)
@@ -318,7 +318,7 @@ class StatsState:
         for w in sorted(self.open):
             if final or (limit is not None and w[0] + self.window_ms <= limit):
                 out += self.open.pop(w).records(w[0], self.window_ms, schema.DOMAINS[w[1]], self.partition, now_ms)
-        self.counts["records_out"] += len(out)
+        self.counts[Stat.RECORDS_OUT] += len(out)
         return out
 
 
@@ -326,7 +326,7 @@ def _decode(raws: list[bytes], counts: dict) -> list[schema.Example]:
     """Decode a batch in one call; on any bad record fall back to one at a time, skipping (counting) bad ones."""
     if not raws:
         return []
-    counts["examples_in"] += len(raws)
+    counts[Stat.EXAMPLES_IN] += len(raws)
     try:
         out = _decode_batch(b"[" + b",".join(raws) + b"]")
         if len(out) == len(raws):  # a record holding "},{" would decode as two
@@ -338,7 +338,7 @@ def _decode(raws: list[bytes], counts: dict) -> list[schema.Example]:
         try:
             out.append(_decode_one(r))
         except schema.DECODE_ERRORS:
-            counts["invalid"] += 1
+            counts[Stat.INVALID_EXAMPLES] += 1
     return out
 
 
@@ -352,15 +352,20 @@ class StatsBatch(NamedTuple):
     final: bool = False
 
 
+Report = Callable[[StatsState, bool], None]  # (a partition's state after a batch, final): its counters
+
+
 class _WindowLogic(StatefulBatchLogic[StatsBatch, bytes, StatsState]):
-    def __init__(self, state: StatsState, clock: Callable[[], float]):
-        self.state, self.clock = state, clock
+    def __init__(self, state: StatsState, clock: Callable[[], float], report: Report | None):
+        self.state, self.clock, self.report = state, clock, report
 
     def on_batch(self, values: list[StatsBatch]) -> tuple[list[bytes], bool]:
         now, out = int(self.clock() * 1000), []
         for b in values:
             self.state.partition = b.partition
             out += self.state.step(list(b.values), now, final=b.final)
+        if self.report is not None:
+            self.report(self.state, any(b.final for b in values))
         return [schema.encode(r) for r in out], self.RETAIN
 
     def snapshot(self) -> StatsState:
@@ -388,16 +393,17 @@ def stats_topic(cfg: Config) -> str:
 
 
 def build_stats_flow(source, sink, *, partitions: int, window_ms: int = WINDOW_MS,
-                     clock: Callable[[], float] = time.time) -> Dataflow:
+                     clock: Callable[[], float] = time.time, report: Report | None = None) -> Dataflow:
     """``source`` yields :class:`StatsBatch`; ``sink`` receives encoded ``FeatureStats`` (key = partition key).
-    ``clock`` (seconds) stamps ``emitted_ts``."""
+    ``clock`` (seconds) stamps ``emitted_ts``; ``report`` sees each partition's state after every batch (the
+    service publishes its counters, ``streams.flows.connectors.StatsReporter``)."""
     flow = Dataflow("stats")
     keys = [part_key(p, partitions) for p in range(partitions)]
     batches = op.input("stats_input", flow, source)
     keyed = op.key_on("stats_key", batches, lambda b: keys[b.partition])
 
     def builder(snap: StatsState | None) -> _WindowLogic:
-        return _WindowLogic(restore(snap, window_ms), clock)
+        return _WindowLogic(restore(snap, window_ms), clock, report)
 
     windows = op.stateful_batch("stats_window", keyed, builder)
     op.output("stats_output", op.map("stats_value", windows, lambda kv: kv[1]), sink)
