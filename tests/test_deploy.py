@@ -38,8 +38,8 @@ def test_manifests_parse_and_cover_the_components():
     services = _compose()["services"]
     assert {"kafka", "clickhouse", "grafana", "labels", "stats", "trainer", "dashboard"} <= set(services)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in _k8s()}
-    assert {("StatefulSet", "streamrec-labels"), ("StatefulSet", "streamrec-stats"), ("StatefulSet", "streamrec-trainer"),
-            ("Service", "streamrec-dashboard")} <= kinds
+    assert {("StatefulSet", "streamrec-labels"), ("StatefulSet", "streamrec-stats"),
+            ("StatefulSet", "streamrec-trainer"), ("Service", "streamrec-dashboard")} <= kinds
 
 
 def test_every_process_of_the_local_stack_runs_in_compose_and_k8s():

@@ -269,7 +269,7 @@ def test_stats_flow_through_the_broker(cfg):
     run_labels(cfg, bounded=True)
     run_stats(cfg, bounded=True)
     recs = [(m.key(), schema.decode(m.value(), schema.FeatureStats)) for m in read_topics(cfg, stats_topic(cfg))]
-    assert all(not isinstance(r, schema.Invalid) for _, r in recs), [r for _, r in recs if isinstance(r, schema.Invalid)]
+    assert [r for _, r in recs if isinstance(r, schema.Invalid)] == []
     assert all(k.decode() == r.stats_id for k, r in recs)
     assert len({r.stats_id for _, r in recs}) == len(recs)
     assert sum(r.count for _, r in recs if r.feature == "count") == 3000
