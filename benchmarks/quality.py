@@ -25,6 +25,7 @@ Last line: value = unified model's mean per-domain click AUC (stationary), basel
 
     streamrec bench quality [--quick]     # full: 3M impressions in studies 1 and 4 (~7 min, 6 GB)
     streamrec bench quality --curve 300000,1000000,3000000   # study 1's gap to the oracle by stream length
+    streamrec bench quality --quick --seed 1   # the same studies on other generated traffic (seeds + 1)
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ ELAPSED_S = 3600.0
 TRUTH = TruthParams(base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
                     base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1})
 WORLD = {"n_users": 500, "n_ads": 100, "truth": TRUTH}
+# generator seed of each study; --seed S adds S to every one (0: the published numbers)
+SEEDS = {"stationary": 11, "drift": 12, "delay": 13, "users": 14}
 
 
 def _imp_index(example_id: str) -> int:
@@ -100,8 +103,8 @@ def _f(x: float) -> str:
     return f"{x:.4f}" if x == x else "nan"
 
 
-def study_stationary(n: int, rows: list, res: dict) -> tuple[object, dict, list]:
-    sim = simulate(GeneratorConfig(n_impressions=n, seed=11, **WORLD))
+def study_stationary(n: int, rows: list, res: dict, seed: int = 0) -> tuple[object, dict, list]:
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=SEEDS["stationary"] + seed, **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     second = truth["ts"] >= np.median(truth["ts"])
     model = metrics(truth, *run_stream(Learner(TC), exs, n, TC.batch_size), second)
@@ -115,8 +118,9 @@ def study_stationary(n: int, rows: list, res: dict) -> tuple[object, dict, list]
     return sim, truth, exs
 
 
-def study_drift(n: int, scenario: str, rows: list, res: dict) -> None:
-    sim = simulate(GeneratorConfig(n_impressions=n, seed=12, scenario=ScenarioConfig(name=scenario, at=0.5),
+def study_drift(n: int, scenario: str, rows: list, res: dict, seed: int = 0) -> None:
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=SEEDS["drift"] + seed,
+                                   scenario=ScenarioConfig(name=scenario, at=0.5),
                                    **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     after = truth["ts"] >= np.quantile(truth["ts"], 0.6)
@@ -133,9 +137,10 @@ def study_drift(n: int, scenario: str, rows: list, res: dict) -> None:
     rows.append((f"2 drift ({scenario})", "oracle", _f(o["auc_click"]), _f(o["auc_conv"]), _f(o["ne_click"])))
 
 
-def study_delay(n: int, rows: list, res: dict) -> None:
+def study_delay(n: int, rows: list, res: dict, seed: int = 0) -> None:
     # 16 h of event time: conversions (up to 6 h after the click, ~half after 1 h) straddle the elapsed time
-    sim = simulate(GeneratorConfig(n_impressions=n, seed=13, impressions_per_s=n / (16 * 3600), **WORLD))
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=SEEDS["delay"] + seed, impressions_per_s=n / (16 * 3600),
+                                   **WORLD))
     truth = truth_arrays(sim)
     second = truth["ts"] >= np.median(truth["ts"])
     variants = {"oracle labels (no delay)": ("oracle", True), "ES-DFM (elapsed + weights)": ("elapsed", True),
@@ -217,13 +222,14 @@ class TasteFeatures:
         pass
 
 
-def study_users(n: int, rows: list, res: dict) -> None:
+def study_users(n: int, rows: list, res: dict, seed: int = 0) -> None:
     """The ranker with the user model's vectors ``[u, u * v_ad]`` vs without, on ``interest-shift`` traffic
     (each user's taste jumps at their own moment: only recent engagements reveal the new one)."""
     from config import Config
     from trainer.users.features import user_worker
 
-    sim = simulate(GeneratorConfig(n_impressions=n, seed=14, scenario=ScenarioConfig(name="interest-shift"),
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=SEEDS["users"] + seed,
+                                   scenario=ScenarioConfig(name="interest-shift"),
                                    **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     second = truth["ts"] >= np.median(truth["ts"])
@@ -259,14 +265,14 @@ def gap_points(st: dict, who: str = "model") -> list[float]:
     return [100 * (oracle[d] - model[d]) for d in model]
 
 
-def learning_curve(sizes: list[int]) -> int:
+def learning_curve(sizes: list[int], seed: int = 0) -> int:
     """Study 1 alone at growing stream lengths: how the per-domain click AUC gap to the oracle closes."""
     rows: list[tuple[str, ...]] = []
     gaps, form_gaps = {}, {}
     for n in sizes:
         res: dict = {}
         t0 = time.perf_counter()
-        study_stationary(n, [], res)
+        study_stationary(n, [], res, seed)
         model, oracle = domain_click_aucs(res["stationary"])
         gap, form_gap = gap_points(res["stationary"]), gap_points(res["stationary"], "form")
         gaps[n], form_gaps[n] = round(max(gap), 2), round(max(form_gap), 2)
@@ -278,7 +284,7 @@ def learning_curve(sizes: list[int]) -> int:
     report("quality_curve", rows, ("impressions", "MDMO click AUC (per domain)", "oracle", "gap (points)",
                                    "generator's form: gap", "s"),
            value=gaps[last], unit="largest per-domain click AUC gap to the oracle (points)", baseline=1.0,
-           gaps={str(k): v for k, v in gaps.items()}, form_gaps={str(k): v for k, v in form_gaps.items()})
+           gaps={str(k): v for k, v in gaps.items()}, form_gaps={str(k): v for k, v in form_gaps.items()}, seed=seed)
     return 0
 
 
@@ -290,19 +296,22 @@ def main() -> int:
     p.add_argument("--drift", default="sudden", help="drift scenario of study 2 (streams.sources.scenarios)")
     p.add_argument("--curve", default=None, metavar="N,N,...",
                    help="only study 1, at these stream lengths (e.g. 300000,1000000,3000000: ~5 min, 5 GB)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="added to every study's generator seed: other traffic from the same world (default 0: the "
+                        "published numbers; seeds per study in SEEDS)")
     a = p.parse_args()
     if a.curve:
-        return learning_curve([int(x) for x in a.curve.split(",")])
+        return learning_curve([int(x) for x in a.curve.split(",")], a.seed)
     n = a.n or (30_000 if a.quick else 120_000)
     n_st = a.n_stationary or (30_000 if a.quick else 3_000_000)
     rows: list[tuple[str, ...]] = []
     res: dict = {}
     t0 = time.perf_counter()
-    sim, truth, exs = study_stationary(n_st, rows, res)
-    study_drift(n, a.drift, rows, res)
-    study_delay(n, rows, res)
+    sim, truth, exs = study_stationary(n_st, rows, res, a.seed)
+    study_drift(n, a.drift, rows, res, a.seed)
+    study_delay(n, rows, res, a.seed)
     study_unified(sim, truth, exs, rows, res)
-    study_users(n, rows, res)
+    study_users(n, rows, res, a.seed)
     print(f"{n_st} impressions in studies 1 and 4, {n} in 2 and 3, {WORLD['n_users']} users, "
           f"{WORLD['n_ads']} ads, batch {TC.batch_size}, progressive metrics on true labels; "
           f"{time.perf_counter() - t0:.0f} s")
@@ -325,7 +334,7 @@ def main() -> int:
            click_auc_with_user_model=round(res["users"]["MDMO + [u, u*v_ad] of the user model"]["auc_click"], 4),
            click_auc_without_user_model=round(res["users"]["MDMO without user vectors"]["auc_click"], 4),
            click_auc_true_taste=round(res["users"]["reference: the user's true current taste"]["auc_click"], 4), n=n,
-           n_stationary=n_st)
+           n_stationary=n_st, seed=a.seed)
     return 0
 
 

@@ -3,8 +3,10 @@ unified-alerting rules (``POST /api/v1/provisioning/alert-rules``).
 
 A rule's SQL (a :mod:`dashboards.queries` template) returns rows ``(series, value)`` - one per domain, step
 or whatever the rule splits by - and the rule fires for each row whose value crosses ``threshold``. The rule
-looks at its own window (``window_s``; drift rules against the window ``ref_shift_s`` earlier), not at the
-page's range, so the page and Grafana agree on what is firing.
+looks at its own window (``window_s``), not at the page's range, so the page and Grafana agree on what is
+firing. Drift rules compare the newer half of their window's data with the older half (``ref_shift_s`` 0,
+:func:`dashboards.queries.drift_windows`): over 20 min of data, the last 10 min against the 10 before; in a
+shorter run, the halves of what there is.
 
 >>> sorted(RULES)
 ['component_silent', 'crash_loop', 'dead_letter_rate', 'feature_drift', 'freshness_lag', 'prediction_drift', 'quality_drop']
@@ -34,7 +36,7 @@ class AlertRule:
     threshold: float
     op: str = ">"
     window_s: int = 600
-    ref_shift_s: int = 600
+    ref_shift_s: int = 0
     for_s: int = 120
     severity: str = "warning"
     summary: str = ""
@@ -58,6 +60,7 @@ class AlertRule:
 
 
 PSI_ALERT, FEATURE_PSI_ALERT = 0.2, 0.25  # PSI: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant shift
+_DRIFT_S = 1200  # drift rules: the last 20 min, halves compared
 
 _PRED_PSI = f"""
 SELECT domain AS series, psi AS value FROM ({q.PREDICTION_DRIFT}) WHERE objective = 'click'"""
@@ -67,13 +70,14 @@ SELECT domain AS series, max(psi) AS value FROM ({q.FEATURE_DRIFT}) GROUP BY dom
 _AUC_DROP = f"""
 SELECT c.series AS series, r.auc - c.auc AS value
 FROM (SELECT toString(domain) AS series, {q.R_AUC} AS auc FROM {{db}}.prediction_rollup FINAL
-      WHERE objective = 'click' AND $WINDOW(slot) AND $DOMAIN GROUP BY series) AS c
+      WHERE objective = 'click' AND $DRIFT_WINDOW(slot, {{db}}.prediction_rollup) AND $DOMAIN GROUP BY series) AS c
 INNER JOIN (SELECT toString(domain) AS series, {q.R_AUC} AS auc FROM {{db}}.prediction_rollup FINAL
-            WHERE objective = 'click' AND $REF_WINDOW(slot) AND $DOMAIN GROUP BY series) AS r
+            WHERE objective = 'click' AND $REF_WINDOW(slot, {{db}}.prediction_rollup) AND $DOMAIN GROUP BY series) AS r
     ON c.series = r.series"""
-# the trainer's own backlog: the labels dataflow's emission (wall clock) to trained. Event time to trained
-# also holds the label policy's wait (the whole click window under `window`: >= 15 min by design) and, in a
-# replay, the log's age; the freshness panel shows it, but an alert on it fired on every healthy run
+# the trainer's own backlog: the labels dataflow's emission (wall clock) to trained: pipeline latency. Event
+# time to trained also holds the label policy's wait (the whole click window under `window`: >= 15 min by
+# design) and, in a replay, the log's age; the log-age panel shows it, but an alert on it fired on every
+# healthy run
 _TRAINING_LAG = """
 SELECT toString(domain) AS series,
        quantile(0.5)((toUnixTimestamp64Milli(trained_ts) - toUnixTimestamp64Milli(emitted_ts)) / 1000.0) AS value
@@ -99,12 +103,14 @@ WHERE $WINDOW(ts)
 GROUP BY series"""
 
 RULES: dict[str, AlertRule] = {r.id: r for r in (
-    AlertRule("prediction_drift", "Prediction drift", _PRED_PSI, PSI_ALERT, panel="prediction_drift",
-              summary="PSI of the click-score distribution, last 10 min against the 10 min before"),
-    AlertRule("feature_drift", "Feature drift", _FEATURE_PSI, FEATURE_PSI_ALERT, panel="feature_drift",
-              summary="largest feature PSI per domain, last 10 min against the 10 min before"),
-    AlertRule("quality_drop", "Quality drop", _AUC_DROP, 0.05, severity="critical", panel="click_auc",
-              summary="click AUC fell by more than 0.05 against the 10 min before"),
+    AlertRule("prediction_drift", "Prediction drift", _PRED_PSI, PSI_ALERT, window_s=_DRIFT_S, panel="prediction_drift",
+              summary="PSI of the click-score distribution, newer half of the last 20 min against the older half"),
+    AlertRule("feature_drift", "Feature drift", _FEATURE_PSI, FEATURE_PSI_ALERT, window_s=_DRIFT_S,
+              panel="feature_drift",
+              summary="largest feature PSI per domain, newer half of the last 20 min against the older half"),
+    AlertRule("quality_drop", "Quality drop", _AUC_DROP, 0.05, window_s=_DRIFT_S, severity="critical",
+              panel="click_auc", summary="click AUC fell by more than 0.05, newer half of the last 20 min against "
+                                         "the older half"),
     AlertRule("freshness_lag", "Training lag", _TRAINING_LAG, 300.0, window_s=300, panel="freshness",
               summary="median labelled-to-trained latency above 5 min: the trainer falls behind the labels"),
     AlertRule("dead_letter_rate", "Dead-letter rate", _DEAD_RATE, 10.0, panel="dead_letters_rate",

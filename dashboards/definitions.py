@@ -23,6 +23,7 @@ CALIBRATED: Thresholds = ((None, "orange"), (0.9, "green"), (1.1, "orange"))
 FRESH_S: Thresholds = ((None, "green"), (60.0, "orange"), (600.0, "red"))
 NO_DEAD: Thresholds = ((None, "green"), (1.0, "orange"))
 PSI: Thresholds = ((None, "green"), (0.1, "orange"), (0.25, "red"))  # population stability index bands
+_REF = "by default the older half of the range's data; or the range shifted by the drift reference"
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,21 @@ OVERVIEW = Dashboard(
     uid="streamrec-overview",
     title="streamrec overview",
     description="Progressive-validation quality per domain and objective, drift, label delay, throughput, "
-                "freshness, lag, embedding memory, dead letters.",
+                "pipeline latency and log age, lag, embedding memory, dead letters.",
     panels=(
         Panel("stat_click_auc", "Click AUC", q.rollup_stat(q.R_AUC), "stat", "", GOOD_AUC,
-              "pooled over selected domains (score buckets)", 4),
+              "pooled over selected domains (score buckets)", 3),
         Panel("stat_cvr_auc", "Conversion AUC", q.rollup_stat(q.R_AUC, "conversion"), "stat", "", GOOD_AUC,
-              "pooled over selected domains (score buckets)", 4),
+              "pooled over selected domains (score buckets)", 3),
         Panel("stat_click_ne", "Click normalized entropy", q.rollup_stat(q.R_NE), "stat", "", GOOD_NE,
-              "log loss / entropy of the base rate; below 1 beats predicting the base rate", 4),
+              "log loss / entropy of the base rate; below 1 beats predicting the base rate", 3),
         Panel("stat_click_calibration", "Click calibration", q.rollup_stat(q.R_CALIBRATION), "stat", "", CALIBRATED,
               "predicted / observed clicks", 3),
         Panel("stat_examples", "Examples scored", q.EXAMPLES_SCORED, "stat", "short", (), "in the window", 3),
-        Panel("stat_freshness", "Freshness p50", q.FRESHNESS_P50, "stat", "s", FRESH_S,
-              "event time to training, median", 3),
+        Panel("stat_pipeline_latency", "Pipeline latency p50", q.PIPELINE_LATENCY_P50, "stat", "s", FRESH_S,
+              "labelled (labels flow) to stored (queryable here), median", 3),
+        Panel("stat_log_age", "Log age", q.LOG_AGE_NOW, "stat", "s", (),
+              "event time of the newest trained event to now (the input's age, not a delay of ours)", 3),
         Panel("stat_dead_letters", "Dead letters", q.DEAD_LETTERS_TOTAL, "stat", "short", NO_DEAD, "in the window", 3),
         Panel("click_auc", "Click AUC by domain", q.rollup_by_domain(q.R_AUC, "click"), thresholds=GOOD_AUC),
         Panel("cvr_auc", "Conversion AUC by domain", q.rollup_by_domain(q.R_AUC, "conversion"), thresholds=GOOD_AUC),
@@ -100,23 +103,30 @@ OVERVIEW = Dashboard(
         Panel("click_calibration", "Click calibration by domain", q.rollup_by_domain(q.R_CALIBRATION, "click"),
               thresholds=CALIBRATED, description="predicted / observed clicks"),
         Panel("prediction_drift", "Prediction drift (click-score PSI) by domain", q.prediction_drift_series(),
-              thresholds=PSI, description="each bucket's score distribution against the reference window"),
+              thresholds=PSI, description=f"each bucket's score distribution against the reference ({_REF})"),
         Panel("feature_drift", "Feature drift (largest PSI) by domain", q.FEATURE_DRIFT_SERIES, thresholds=PSI,
-              description="the most shifted feature per domain against the reference window"),
+              description=f"the most shifted dense feature per domain and bucket against the reference ({_REF})"),
         Panel("prediction_drift_table", "Prediction drift vs reference", q.PREDICTION_DRIFT, "table", width=10,
-              thresholds=PSI, description="PSI of score distributions, whole window against the reference window"),
+              thresholds=PSI, description=f"PSI of score distributions, current part against the reference "
+                                          f"({_REF}); ref_from, ref_s: where the reference starts, how long it spans"),
         Panel("feature_drift_table", "Most drifted features", q.FEATURE_DRIFT, "table", width=14, thresholds=PSI,
-              description="PSI per feature and domain against the reference window; mean now and then"),
+              description=f"PSI per dense feature and domain against the reference ({_REF}); exact mean and "
+                          "std now and then, from the stats flow"),
         Panel("throughput", "Throughput", q.THROUGHPUT, unit="ops",
               description="examples scored per second, and the rates each component reports"),
-        Panel("freshness", "Freshness", q.FRESHNESS, unit="s", thresholds=FRESH_S,
-              description="latency from event time (and from labelling) to training and to this dashboard"),
+        Panel("freshness", "Pipeline latency", q.PIPELINE_LATENCY, unit="s", thresholds=FRESH_S,
+              description="from the labels flow's emission to training and to this store, per training bucket"),
+        Panel("log_age", "Log age when trained", q.LOG_AGE, unit="s",
+              description="event time to training: the attribution window's wait plus the age of a replayed "
+                          "log; the input's property, so no thresholds"),
         Panel("lag", "Lag (messages behind)", q.LAG, unit="short",
               description="produced minus consumed, from the counters each component publishes"),
-        Panel("label_delay", "Label delay", q.LABEL_DELAY, "table",
-              description="impression to label reaching the trainer, examples and positives per delay bucket"),
-        Panel("embedding_bytes", "Embedding memory by pool", q.EMBEDDING_BYTES, unit="bytes",
-              description="FIITED size-class pools, as the trainer reports them"),
+        Panel("label_delay", "Label delay (feedback time minus impression time)", q.LABEL_DELAY, "table",
+              description="clicks and conversions per delay bucket with cumulative shares, from the stats flow's "
+                          "delay histograms of the examples whose windows closed in the range"),
+        Panel("embedding_bytes", "Embedding memory by row width", q.EMBEDDING_BYTES, unit="bytes",
+              description="bytes of embedding rows (weights and optimizer state) per row width, as the trainer "
+                          "reports them: one width for fixed tables, one per size-class pool for FIITED"),
         Panel("user_vectors", "User-vector freshness", q.USER_VECTORS, unit="ms",
               description="user-model thread: arrival of a user's event to the user's updated vector"),
         Panel("embedding_dims", "Embedding rows by dimension", q.EMBEDDING_DIMS, "table",

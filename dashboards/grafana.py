@@ -31,7 +31,8 @@ PLUGIN = "grafana-clickhouse-datasource"
 DATASOURCE_UID = "streamrec-clickhouse"
 DATASOURCE_NAME = "streamrec ClickHouse"
 FOLDER_UID, FOLDER_TITLE = "streamrec", "streamrec"
-REF_SHIFTS = (("1 h earlier", 3600), ("1 d earlier", 86400), ("7 d earlier", 604800))
+# drift reference (queries.drift_windows): 0 = the older half of the range's data; else the range shifted back
+REF_SHIFTS = (("older half of the range", 0), ("1 h earlier", 3600), ("1 d earlier", 86400), ("7 d earlier", 604800))
 # plugin query format: 0 = time series, 1 = table (src/types/queryBuilder.ts Format)
 _FORMAT = {"timeseries": 0, "stat": 1, "table": 1}
 _HEIGHT = {"stat": 4, "timeseries": 8, "table": 8}

@@ -3,7 +3,10 @@
 A template uses these macros, expanded by :func:`render`:
 
 * ``$WINDOW(col)``     - the time filter: the live page binds ``{window_s:UInt32}``, Grafana uses ``$__timeFilter``;
-* ``$REF_WINDOW(col)`` - the reference window for drift: as long as the window, ``ref_shift_s`` earlier;
+* ``$DRIFT_WINDOW(col[, split_col], table)`` / ``$REF_WINDOW(...)`` - the current and the reference part of a
+  drift comparison (:func:`drift_windows`): with a reference shift of 0 (the default) the older half (by
+  ``split_col``, default ``col``) of the data ``table`` holds inside the window is the reference and the newer
+  half is current; with a shift > 0 the reference is the whole window that much earlier;
 * ``$BUCKET(col)``     - the time bucket ``t``: unix seconds for the page, a DateTime for Grafana;
 * ``$BUCKET_S`` / ``$WINDOW_S`` - the bucket / window width in seconds (for rates);
 * ``$DOMAIN``          - the domain filter: ``{domain:String}`` (``''`` = all) or the Grafana variable ``${domain}``.
@@ -11,8 +14,9 @@ A template uses these macros, expanded by :func:`render`:
 Targets: ``live`` (the page; parameters from :func:`live_parameters`), ``grafana`` (dashboard panels, with the
 dashboard variables ``domain`` and ``ref_shift``) and ``alert`` (Grafana alert rules: no dashboard variables,
 every domain, the reference shift written in). ``{db}`` stays for :meth:`dashboards.store.Store.query` to fill
-in. Windows are on training time (wall clock when the example was scored), so replays of old logs show live.
-Only functions of ClickHouse 23.x are used (sumMap, arrayCumSum, window functions, lambdas).
+in. Windows are on wall-clock time (training time of predictions, emission time of feature statistics), so
+replays of old logs show live. Only functions of ClickHouse 23.x are used (sumMap, arrayCumSum, window
+functions, lambdas, scalar subqueries).
 
 Result shapes (what the page and Grafana expect):
 timeseries -> rows ``(t, series, value)`` (long format); stat -> one row ``(value)``; table -> any columns;
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import re
 
+from streams import schema
 from streams.names import Component as C
+from streams.names import Feature as F
 from streams.names import Stat as S
 
 BUCKETS_S = (10, 30, 60, 300, 600, 1800, 3600)  # bucket widths the page picks from
@@ -39,8 +45,9 @@ TARGETS = ("live", "grafana", "alert")
 _MACROS = {
     "live": {
         "WINDOW": r"\1 >= now64(3) - toIntervalSecond({window_s:UInt32})",
-        "REF_WINDOW": (r"\1 >= now64(3) - toIntervalSecond({window_s:UInt32} + {ref_shift_s:UInt32}) AND "
-                       r"\1 < now64(3) - toIntervalSecond({ref_shift_s:UInt32})"),
+        "SHIFT": "{ref_shift_s:UInt32}",
+        "SHIFTED": (r"\1 >= now64(3) - toIntervalSecond({window_s:UInt32} + {ref_shift_s:UInt32}) AND "
+                    r"\1 < now64(3) - toIntervalSecond({ref_shift_s:UInt32})"),
         "WINDOW_S": "{window_s:UInt32}",
         "BUCKET": r"toUnixTimestamp(toStartOfInterval(\1, toIntervalSecond({bucket_s:UInt32})))",
         "BUCKET_S": "{bucket_s:UInt32}",
@@ -48,45 +55,81 @@ _MACROS = {
     },
     "grafana": {
         "WINDOW": r"$__timeFilter(\1)",
-        "REF_WINDOW": (r"\1 >= $__fromTime - toIntervalSecond(${ref_shift}) AND "
-                       r"\1 < $__toTime - toIntervalSecond(${ref_shift})"),
+        "SHIFT": "${ref_shift}",
+        "SHIFTED": (r"\1 >= $__fromTime - toIntervalSecond(${ref_shift}) AND "
+                    r"\1 < $__toTime - toIntervalSecond(${ref_shift})"),
         "WINDOW_S": "greatest(dateDiff('second', $__fromTime, $__toTime), 1)",
         "BUCKET": r"toStartOfInterval(\1, toIntervalSecond(greatest($__interval_s, 10)))",
         "BUCKET_S": "greatest($__interval_s, 10)",
         "DOMAIN": "('${domain}' IN ('', 'all') OR domain = '${domain}')",
     },
 }
-_MACROS["alert"] = {**_MACROS["grafana"], "DOMAIN": "1 = 1",
-                    "REF_WINDOW": (r"\1 >= $__fromTime - toIntervalSecond(%(ref)d) AND "
-                                   r"\1 < $__toTime - toIntervalSecond(%(ref)d)")}
+_MACROS["alert"] = {**_MACROS["grafana"], "DOMAIN": "1 = 1", "SHIFT": "%(ref)d",
+                    "SHIFTED": (r"\1 >= $__fromTime - toIntervalSecond(%(ref)d) AND "
+                                r"\1 < $__toTime - toIntervalSecond(%(ref)d)")}
+_MS = "toUnixTimestamp64Milli(toDateTime64({}, 3))"
 
 
-def render(template: str, target: str, *, ref_shift_s: int = 3600) -> str:
+def drift_windows(col: str, table: str, target: str, ref_shift_s: int = 0, split_col: str = "") -> tuple[str, str]:
+    """The conditions selecting the current and the reference rows of a drift query on ``table``, whose rows are
+    in the range by ``col`` (wall clock) and ordered in time by ``split_col`` (default ``col``).
+
+    Reference shift 0: the reference is the older half of the time span ``split_col`` covers among the range's
+    rows (first to last, split at the midpoint), the current part the newer half. It exists as soon as the
+    range's data spans two distinct times, in a one-minute run as in a month-long one (there: the first half of
+    the range against the second; a 20 min alert window compares the last 10 min with the 10 before). Shift > 0
+    (seasonality, a known-good day): the whole range against the same range that much earlier. The ``alert``
+    target writes the shift in and keeps only its branch.
+    """
+    m = _MACROS[target]
+    window = m["WINDOW"].replace(r"\1", col)
+    ms = _MS.format(split_col or col)
+    split = f"(SELECT intDiv(min({ms}) + max({ms}), 2) FROM {table} WHERE {window})"
+    shifted = m["SHIFTED"].replace(r"\1", col)
+    if target == "alert":
+        shifted = shifted % {"ref": int(ref_shift_s)}
+        if ref_shift_s > 0:
+            return window, shifted
+        return f"{window} AND {ms} >= {split}", f"{window} AND {ms} < {split}"
+    shift = m["SHIFT"]
+    return (f"{window} AND ({shift} > 0 OR {ms} >= {split})",
+            f"(({shift} > 0 AND {shifted}) OR ({shift} = 0 AND {window} AND {ms} < {split}))")
+
+
+_DRIFT_ARGS = r"\((\w+), (?:(\w+), )?([\w.{}]+)\)"  # (range column[, split column], table)
+
+
+def render(template: str, target: str, *, ref_shift_s: int = 0) -> str:
     """Expand the macros of ``template`` for ``target`` ("live", "grafana" or "alert"); ``ref_shift_s`` is
-    written into the reference window of the ``alert`` target (the others take it as a parameter/variable)."""
+    written into the drift windows of the ``alert`` target (the others take it as a parameter/variable)."""
     if target not in _MACROS:
         raise ValueError(f"render: target must be one of {TARGETS}, got {target!r}")
     m = _MACROS[target]
-    ref = m["REF_WINDOW"] % {"ref": int(ref_shift_s)} if target == "alert" else m["REF_WINDOW"]
-    sql = re.sub(r"\$REF_WINDOW\((\w+)\)", ref, template)
-    sql = re.sub(r"\$WINDOW\((\w+)\)", m["WINDOW"], sql)
-    sql = re.sub(r"\$BUCKET\((\w+)\)", m["BUCKET"], sql)
+
+    def drift(which: int):
+        return lambda mt: drift_windows(mt.group(1), mt.group(3), target, ref_shift_s, mt.group(2) or "")[which]
+
+    sql = re.sub(r"\$DRIFT_WINDOW" + _DRIFT_ARGS, drift(0), template)
+    sql = re.sub(r"\$REF_WINDOW" + _DRIFT_ARGS, drift(1), sql)
+    sql = re.sub(r"\$WINDOW\((\w+)\)", lambda mt: m["WINDOW"].replace(r"\1", mt.group(1)), sql)
+    sql = re.sub(r"\$BUCKET\((\w+)\)", lambda mt: m["BUCKET"].replace(r"\1", mt.group(1)), sql)
     sql = sql.replace("$BUCKET_S", m["BUCKET_S"]).replace("$WINDOW_S", m["WINDOW_S"]).replace("$DOMAIN", m["DOMAIN"])
-    if "$WINDOW" in sql or "$BUCKET" in sql or "$REF_WINDOW" in sql:
+    if re.search(r"\$(WINDOW|BUCKET|REF_WINDOW|DRIFT_WINDOW)\b", sql):
         raise ValueError(f"render: unexpanded macro in {template!r}")
     return sql
 
 
 def live_parameters(minutes: float, domain: str = "", ref_minutes: float = 0) -> dict[str, object]:
     """Query parameters of the live page: a bounded window, a bucket giving <= ``MAX_POINTS`` points, and the
-    drift reference shift (``ref_minutes`` earlier; 0 = the window just before this one).
+    drift reference shift (``ref_minutes`` earlier; 0 = the older half of the window's data, see
+    :func:`drift_windows`).
 
     >>> live_parameters(60)
-    {'window_s': 3600, 'bucket_s': 30, 'domain': '', 'ref_shift_s': 3600}
+    {'window_s': 3600, 'bucket_s': 30, 'domain': '', 'ref_shift_s': 0}
     """
     window_s = int(min(max(minutes, 1), MAX_WINDOW_MIN) * 60)
     bucket_s = next((b for b in BUCKETS_S if window_s / b <= MAX_POINTS), BUCKETS_S[-1])
-    ref_shift_s = int(min(ref_minutes, MAX_WINDOW_MIN) * 60) if ref_minutes and ref_minutes > 0 else window_s
+    ref_shift_s = int(min(ref_minutes, MAX_WINDOW_MIN) * 60) if ref_minutes and ref_minutes > 0 else 0
     return {"window_s": window_s, "bucket_s": bucket_s, "domain": domain or "", "ref_shift_s": ref_shift_s}
 
 
@@ -143,22 +186,37 @@ LIMIT 50"""
 
 
 # ---- time series: (t, series, value) --------------------------------------------------------------------
-_LAT = "(toUnixTimestamp64Milli(trained_ts) - toUnixTimestamp64Milli({col})) / 1000.0"
-# event to dashboard: the sink stamps inserted_ts when the row becomes queryable
-_DASH_LAT = "(toUnixTimestamp64Milli(inserted_ts) - toUnixTimestamp64Milli(event_ts)) / 1000.0"
-FRESHNESS = f"""
+def _seconds(start: str, end: str) -> str:
+    return f"(toUnixTimestamp64Milli({end}) - toUnixTimestamp64Milli({start})) / 1000.0"
+
+
+_LABELLED = "toUnixTimestamp64Milli(emitted_ts) > 0"  # examples from an older labels flow carry no emission time
+# Freshness has two parts that mean different things. Pipeline latency: the labels flow emitted the example
+# (labelled), the trainer scored and trained it, the sink made its row queryable here (inserted_ts, stored):
+# the system's own delay, which the thresholds and the training-lag alert judge. Log age: event time to
+# training: the attribution window's wait (under the `window` policy the whole click window) plus, for a
+# replayed or generated log, how old the log is; a property of the input, shown without thresholds.
+PIPELINE_LATENCY = f"""
 SELECT t, kv.1 AS series, kv.2 AS value
 FROM (
     SELECT $BUCKET(trained_ts) AS t,
-           quantiles(0.5, 0.99)({_LAT.format(col="event_ts")}) AS ev,
-           quantilesIf(0.5, 0.99)({_LAT.format(col="emitted_ts")}, toUnixTimestamp64Milli(emitted_ts) > 0) AS em,
-           quantiles(0.5, 0.99)({_DASH_LAT}) AS da
+           quantiles(0.5, 0.99)({_seconds("emitted_ts", "trained_ts")}) AS lt,
+           quantiles(0.5, 0.99)({_seconds("emitted_ts", "inserted_ts")}) AS ls
+    FROM {_PRED}
+    WHERE objective = 'click' AND {_WHERE} AND {_LABELLED}
+    GROUP BY t)
+ARRAY JOIN [('labelled to trained p50', lt[1]), ('labelled to trained p99', lt[2]),
+            ('labelled to stored p50', ls[1]), ('labelled to stored p99', ls[2])] AS kv
+ORDER BY t, series"""
+
+LOG_AGE = f"""
+SELECT t, kv.1 AS series, kv.2 AS value
+FROM (
+    SELECT $BUCKET(trained_ts) AS t, quantiles(0.5, 0.99)({_seconds("event_ts", "trained_ts")}) AS age
     FROM {_PRED}
     WHERE objective = 'click' AND {_WHERE}
     GROUP BY t)
-ARRAY JOIN [('event to trained p50', ev[1]), ('event to trained p99', ev[2]),
-            ('labelled to trained p50', em[1]), ('labelled to trained p99', em[2]),
-            ('event to dashboard p50', da[1]), ('event to dashboard p99', da[2])] AS kv
+ARRAY JOIN [('event to trained p50', age[1]), ('event to trained p99', age[2])] AS kv
 ORDER BY t, series"""
 
 # examples scored per second from the predictions themselves, plus the rates each component reports
@@ -172,7 +230,8 @@ SELECT t, series, value FROM (
     SELECT t, series, sum(v) AS value FROM (
         SELECT $BUCKET(ts) AS t,
                multiIf(component = '{C.REPLAY}', 'events produced/s', component = '{C.LABELS}', 'labels events in/s',
-                       component = '{C.TRAINER}', 'trainer examples/s', concat(component, ' ', name)) AS series,
+                       component = '{C.TRAINER}', 'trainer examples/s', component = '{C.STATS}', 'stats examples in/s',
+                       concat(component, ' ', name)) AS series,
                instance, avg(value) AS v
         FROM {{db}}.service_stats FINAL
         WHERE $WINDOW(ts) AND name IN ('{S.EVENTS_PER_S}', '{S.EXAMPLES_PER_S}')
@@ -216,7 +275,10 @@ def stat(metric: str, objective: str = "click") -> str:
 
 
 EXAMPLES_SCORED = stat("count()")
-FRESHNESS_P50 = stat(f"quantile(0.5)({_LAT.format(col='event_ts')})")
+PIPELINE_LATENCY_P50 = (f"SELECT quantile(0.5)({_seconds('emitted_ts', 'inserted_ts')}) AS value FROM {_PRED} "
+                        f"WHERE objective = 'click' AND {_WHERE} AND {_LABELLED}")
+# the newest event trained in the window, against the wall clock: how old the model's data is
+LOG_AGE_NOW = stat("dateDiff('millisecond', max(event_ts), now64(3)) / 1000.0")
 # prediction rows stored since a time, whoever inserted them (a restarted sink counts only its own inserts)
 STORED_PREDICTIONS = ("SELECT count() AS value FROM {db}.predictions FINAL "
                       "WHERE trained_ts >= fromUnixTimestamp64Milli({since_ms:Int64})")
@@ -283,7 +345,7 @@ GROUP BY domain_, objective_
 ORDER BY domain_, objective_"""
 
 
-# ---- drift: PSI of a window against the reference window ------------------------------------------------
+# ---- drift: PSI of the current part of the window against the reference ($DRIFT_WINDOW / $REF_WINDOW) -----
 PSI_FLOOR = 1e-4  # a bin's share is at least this, so empty bins give a large but finite term
 
 
@@ -300,88 +362,132 @@ def psi_expr(cur: str, ref: str) -> str:
             f"arraySum(arrayMap((c, r) -> (c - r) * log(c / r), {shares(cur)}, {shares(ref)})))")
 
 
-_SCORE_BINS = (f"sumMap(arrayMap(b -> intDiv(b, {BUCKETS_PER_LOGIT // DRIFT_BINS_PER_LOGIT}), buckets), "
-               "arrayMap((p, q) -> p + q, pos, neg))")
+# Prediction drift reads the raw predictions, not the 10 s rollup: a short run trains all its examples within
+# one or two slots (20k examples in ~4 s), where a split of the rollup's slots finds no reference; trained_ts
+# has millisecond resolution. Bins are the rollup's score buckets merged DRIFT_BINS_PER_LOGIT per logit.
+_SCORE_BIN = f"intDiv({SCORE_BUCKET}, {BUCKETS_PER_LOGIT // DRIFT_BINS_PER_LOGIT})"
+_SCORE_HIST = f"sumMap([{_SCORE_BIN}], [toUInt64(1)])"
+_PRED_T = "{db}.predictions"
 
 
 def _score_hist(window: str, keys: str) -> str:
     return f"""
-    SELECT {keys}, {_SCORE_BINS} AS h, sum(n) AS cnt
-    FROM {_ROLL}
-    WHERE {window}(slot) AND $DOMAIN
+    SELECT {keys}, {_SCORE_HIST} AS h, count() AS cnt, min(trained_ts) AS t_from, max(trained_ts) AS t_to
+    FROM {_PRED}
+    WHERE {window}(trained_ts, {_PRED_T}) AND $DOMAIN
     GROUP BY {keys}"""
 
 
-# per domain and objective: the whole window against the reference window
+# per domain and objective: the current part of the window against the reference (where the reference starts
+# and how many seconds of training it spans)
 PREDICTION_DRIFT = f"""
-SELECT c.domain AS domain, c.objective AS objective, {psi_expr("c.h", "r.h")} AS psi, c.cnt AS n, r.cnt AS ref_n
-FROM ({_score_hist("$WINDOW", "domain, objective")}) AS c
+SELECT c.domain AS domain, c.objective AS objective, {psi_expr("c.h", "r.h")} AS psi, c.cnt AS n, r.cnt AS ref_n,
+       r.t_from AS ref_from, {_seconds("r.t_from", "r.t_to")} AS ref_s
+FROM ({_score_hist("$DRIFT_WINDOW", "domain, objective")}) AS c
 INNER JOIN ({_score_hist("$REF_WINDOW", "domain, objective")}) AS r
     ON c.domain = r.domain AND c.objective = r.objective
 ORDER BY psi DESC, domain, objective"""
 
 
 def prediction_drift_series(objective: str = "click") -> str:
-    """Each time bucket's score distribution against the whole reference window, per domain."""
+    """Each time bucket of the current part's score distribution against the whole reference, per domain."""
     return f"""
 SELECT c.t AS t, c.series AS series, {psi_expr("c.h", "r.h")} AS value
 FROM (
-    SELECT $BUCKET(slot) AS t, toString(domain) AS series, {_SCORE_BINS} AS h
-    FROM {_ROLL} WHERE objective = '{objective}' AND $WINDOW(slot) AND $DOMAIN GROUP BY t, series) AS c
+    SELECT $BUCKET(trained_ts) AS t, toString(domain) AS series, {_SCORE_HIST} AS h
+    FROM {_PRED} WHERE objective = '{objective}' AND $DRIFT_WINDOW(trained_ts, {_PRED_T}) AND $DOMAIN
+    GROUP BY t, series) AS c
 INNER JOIN (
-    SELECT toString(domain) AS series, {_SCORE_BINS} AS h
-    FROM {_ROLL} WHERE objective = '{objective}' AND $REF_WINDOW(slot) AND $DOMAIN GROUP BY series) AS r
+    SELECT toString(domain) AS series, {_SCORE_HIST} AS h
+    FROM {_PRED} WHERE objective = '{objective}' AND $REF_WINDOW(trained_ts, {_PRED_T}) AND $DOMAIN
+    GROUP BY series) AS r
     ON c.series = r.series
 ORDER BY t, series"""
 
 
+_FS, _FS_T = "{db}.feature_stats FINAL", "{db}.feature_stats"
+# the features whose distributions drift is judged on: the dense features' fixed-edge histograms
+_DRIFTING = f"kind = 'histogram' AND startsWith(feature, '{F.DENSE_PREFIX}')"
+# PSI of dense features compares shares in bins FEATURE_PSI_BIN wide (the flow's 0.25-wide buckets, whose
+# edges are multiples of it, merged): PSI of two samples from one distribution is about
+# (bins - 1) * (1/n + 1/n_ref), so the flow's 42 buckets made ~0.15 of pure noise for a few hundred values a
+# side (a stationary 10k-event run read "moderate drift"); 12 bins keep it near 0.05
+FEATURE_PSI_BIN = 1.0
+_FEATURE_BINS = f"arrayMap(b -> toString(floor(toFloat64OrZero(b) / {FEATURE_PSI_BIN}) * {FEATURE_PSI_BIN}), bins)"
+# moments of partial aggregates (per partition and window) combined exactly: std is the population std
+_MEAN = "if(sum(n) = 0, NULL, sum(mean * n) / sum(n))"
+_STD = f"if(sum(n) = 0, NULL, sqrt(greatest(sum(n * (std * std + mean * mean)) / sum(n) - pow({_MEAN}, 2), 0)))"
+
+
+# Feature statistics are in the range by emission time (wall clock) and split into reference and current by
+# event time (window_start): a replayed log's windows close in a burst within seconds, whose emission order
+# is the partitions' order, not the data's; in live traffic the two differ by the window and its lateness.
 def _feature_hist(window: str, keys: str) -> str:
     return f"""
-    SELECT {keys}, sumMap(bins, counts) AS h, sum(n) AS cnt, sum(mean * n) / greatest(sum(n), 1) AS avg_value
-    FROM {{db}}.feature_stats FINAL
-    WHERE {window}(window_end) AND $DOMAIN
+    SELECT {keys}, sumMap({_FEATURE_BINS}, counts) AS h, sum(n) AS cnt, {_MEAN} AS avg_value, {_STD} AS std_value
+    FROM {_FS}
+    WHERE {window}(emitted_ts, window_start, {_FS_T}) AND $DOMAIN AND {_DRIFTING}
     GROUP BY {keys}"""
 
 
 FEATURE_DRIFT = f"""
 SELECT toString(c.domain) AS domain, toString(c.feature) AS feature, {psi_expr("c.h", "r.h")} AS psi,
-       c.cnt AS n, r.cnt AS ref_n, c.avg_value AS mean, r.avg_value AS ref_mean
-FROM ({_feature_hist("$WINDOW", "domain, feature")}) AS c
+       c.cnt AS n, r.cnt AS ref_n, c.avg_value AS mean, r.avg_value AS ref_mean, c.std_value AS std,
+       r.std_value AS ref_std
+FROM ({_feature_hist("$DRIFT_WINDOW", "domain, feature")}) AS c
 INNER JOIN ({_feature_hist("$REF_WINDOW", "domain, feature")}) AS r
     ON c.domain = r.domain AND c.feature = r.feature
 ORDER BY psi DESC, domain, feature
 LIMIT 50"""
 
-# the most drifted feature per domain and time bucket (each bucket against the whole reference window)
+# the most drifted feature per domain and time bucket (each bucket of the current part against the reference)
 FEATURE_DRIFT_SERIES = f"""
 SELECT t, series, max(psi) AS value FROM (
     SELECT c.t AS t, toString(c.domain) AS series, {psi_expr("c.h", "r.h")} AS psi
     FROM (
-        SELECT $BUCKET(window_end) AS t, domain, feature, sumMap(bins, counts) AS h
-        FROM {{db}}.feature_stats FINAL WHERE $WINDOW(window_end) AND $DOMAIN GROUP BY t, domain, feature) AS c
+        SELECT $BUCKET(emitted_ts) AS t, domain, feature, sumMap({_FEATURE_BINS}, counts) AS h
+        FROM {_FS} WHERE $DRIFT_WINDOW(emitted_ts, window_start, {_FS_T}) AND $DOMAIN AND {_DRIFTING}
+        GROUP BY t, domain, feature) AS c
     INNER JOIN ({_feature_hist("$REF_WINDOW", "domain, feature")}) AS r
         ON c.domain = r.domain AND c.feature = r.feature)
 GROUP BY t, series
 ORDER BY t, series"""
 
 
-# ---- label delay: impression to the label reaching the trainer (emitted_ts - event_ts) -------------------
-DELAY_EDGES_S = (60, 300, 900, 3600, 6 * 3600, 24 * 3600, 7 * 24 * 3600)
-DELAY_LABELS = ("< 1 min", "1-5 min", "5-15 min", "15-60 min", "1-6 h", "6-24 h", "1-7 d", ">= 7 d")
-_EDGES = "[" + ", ".join(map(str, DELAY_EDGES_S)) + "]"
-_LABELS = "[" + ", ".join(f"'{x}'" for x in DELAY_LABELS) + "]"
+# ---- label delay: click / conversion time minus impression time (the stats flow's delay histograms) -------
+def _duration(s: float) -> str:
+    for unit, width in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= width:
+            return f"{s / width:g} {unit}"
+    return f"{s:g} s"
+
+
+DELAY_BINS = tuple(schema.bin_labels(schema.DELAY_EDGES_S))  # as the stats flow labels its buckets
+DELAY_LABELS = (f"< {_duration(schema.DELAY_EDGES_S[0])}",
+                *(f"{_duration(a)} - {_duration(b)}" for a, b in zip(schema.DELAY_EDGES_S, schema.DELAY_EDGES_S[1:])),
+                f">= {_duration(schema.DELAY_EDGES_S[-1])}")
+_DELAY_BINS_SQL = "[" + ", ".join(f"'{b}'" for b in DELAY_BINS) + "]"
+
+
+def _cum_share(col: str) -> str:
+    return (f"sum({col}) OVER (ORDER BY idx ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) "
+            f"/ greatest(sum({col}) OVER (), 1)")
+
+
+# every click and conversion of the examples whose windows closed in the range, by its delay bucket
 LABEL_DELAY = f"""
-SELECT {_LABELS}[idx + 1] AS delay, countIf(objective = 'click') AS examples,
-       countIf(objective = 'click' AND label = 1) AS clicks, countIf(objective = 'conversion' AND label = 1) AS conversions,
-       sum(conversions) OVER (ORDER BY idx ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
-           / greatest(sum(conversions) OVER (), 1) AS conversions_cum_share
+SELECT transform(delay_bin, {_DELAY_BINS_SQL}, [{", ".join(f"'{x}'" for x in DELAY_LABELS)}], delay_bin) AS delay,
+       clicks, {_cum_share("clicks")} AS clicks_cum_share,
+       conversions, {_cum_share("conversions")} AS conversions_cum_share
 FROM (
-    SELECT objective, label,
-           arrayCount(e -> (toUnixTimestamp64Milli(emitted_ts) - toUnixTimestamp64Milli(event_ts)) / 1000.0 >= e,
-                      {_EDGES}) AS idx
-    FROM {_PRED}
-    WHERE toUnixTimestamp64Milli(emitted_ts) > 0 AND {_WHERE})
-GROUP BY idx
+    SELECT delay_bin, indexOf({_DELAY_BINS_SQL}, delay_bin) AS idx,
+           sumIf(delay_n, feature = '{F.DELAY_CLICK}') AS clicks,
+           sumIf(delay_n, feature = '{F.DELAY_CONVERSION}') AS conversions
+    FROM {_FS}
+    ARRAY JOIN bins AS delay_bin, counts AS delay_n
+    WHERE $WINDOW(emitted_ts) AND $DOMAIN AND feature IN ('{F.DELAY_CLICK}', '{F.DELAY_CONVERSION}')
+    GROUP BY delay_bin)
+WHERE clicks + conversions > 0
 ORDER BY idx"""
 
 
@@ -418,10 +524,11 @@ FROM (
 ARRAY JOIN lags AS kv
 ORDER BY t, series"""
 
-# FIITED embedding memory reported by the trainer: fiited_pool_bytes_d<dim>, fiited_rows_d<dim> (embedding_store.fiited.memory_report)
+# embedding memory reported by the trainer, every backend (SparseEmbeddings.memory_report): bytes and rows per row
+# width, embedding_bytes_d<width> and embedding_rows_d<width> (fixed tables: one width; FIITED: one per pool)
 EMBEDDING_BYTES = f"""
-SELECT t, concat('pool ', replaceOne(name, '{S.FIITED_POOL_BYTES_PREFIX}', '')) AS series, sum(v) AS value
-FROM ({_latest(f"component = '{C.TRAINER}' AND name LIKE '{S.FIITED_POOL_BYTES_PREFIX}%'")})
+SELECT t, concat('rows of width ', replaceOne(name, '{S.EMBEDDING_BYTES_PREFIX}', '')) AS series, sum(v) AS value
+FROM ({_latest(f"component = '{C.TRAINER}' AND name LIKE '{S.EMBEDDING_BYTES_PREFIX}%'")})
 GROUP BY t, series
 ORDER BY t, series"""
 
@@ -433,14 +540,14 @@ ORDER BY t, series"""
 
 EMBEDDING_DIMS = f"""
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,
-       sumIf(v, name LIKE '{S.FIITED_ROWS_PREFIX}%') AS rows,
-       sumIf(v, name LIKE '{S.FIITED_POOL_BYTES_PREFIX}%') AS bytes,
+       sumIf(v, name LIKE '{S.EMBEDDING_ROWS_PREFIX}%') AS rows,
+       sumIf(v, name LIKE '{S.EMBEDDING_BYTES_PREFIX}%') AS bytes,
        rows / greatest(sum(rows) OVER (), 1) AS rows_share
 FROM (
     SELECT name, instance, argMax(value, ts) AS v
     FROM {{db}}.service_stats FINAL
     WHERE $WINDOW(ts) AND component = '{C.TRAINER}'
-          AND (name LIKE '{S.FIITED_ROWS_PREFIX}%' OR name LIKE '{S.FIITED_POOL_BYTES_PREFIX}%')
+          AND (name LIKE '{S.EMBEDDING_ROWS_PREFIX}%' OR name LIKE '{S.EMBEDDING_BYTES_PREFIX}%')
     GROUP BY name, instance)
 GROUP BY dim
 ORDER BY dim"""

@@ -6,7 +6,8 @@
 * ``/``                                  the page (static HTML + JS drawing with the vendored uPlot);
 * ``/api/dashboards``                    the dashboard definitions, refresh period, known domains;
 * ``/api/panels/{panel_id}?minutes=&domain=&ref=&dashboard=``  one panel's rows, as ``{"columns", "rows": [{...}]}``
-  (``ref``: minutes between the window and the drift reference window; 0 = the window just before);
+  (``ref``: minutes between the window and the drift reference window; 0 = the older half of the window's
+  data against the newer half, :func:`dashboards.queries.drift_windows`);
 * ``/api/alerts?domain=``                the alert rules' rows now, firing ones first;
 * ``/healthz``                           liveness plus the sink's counters.
 """

@@ -1,7 +1,9 @@
 """The metrics sink: Kafka topics -> ClickHouse tables, columnar and idempotent.
 
 It reads ``predictions`` (:class:`~streams.schema.PredictionBatch`), ``service_stats``, ``dead_letters`` and
-the feature statistics topic (:mod:`dashboards.feature_stats`; created here when missing) with ``assign()`` at the offsets it recorded in ``sink_offsets`` (or from the beginning), inserts each poll's
+``feature_stats`` (:class:`~streams.schema.FeatureStats`, rows by :mod:`dashboards.feature_stats`; the topic is
+created here when missing), each decoded with the schema, with ``assign()`` at the offsets it recorded in
+``sink_offsets`` (or from the beginning), inserts each poll's
 rows with one ``insert_arrow`` per table, and only then records the next offsets. A crash between the two
 re-inserts rows that the ReplacingMergeTree tables collapse, so the at-least-once window is harmless.
 Messages it cannot decode are counted, logged and stored as dead letters (step ``metrics_sink``); they never
@@ -118,7 +120,7 @@ class MetricsSink:
         t = cfg.topics
         self.feature_topic = feature_stats_topic(cfg)
         self.kinds = {t.predictions: schema.PredictionBatch, t.service_stats: schema.ServiceStats,
-                      t.dead_letters: schema.DeadLetter, self.feature_topic: None}  # None: raw bytes
+                      t.dead_letters: schema.DeadLetter, self.feature_topic: schema.FeatureStats}
         self.counters: dict[str, int] = defaultdict(int)
         self.consumer = None
         self._dirty: tuple[int, int] | None = None  # training-time range (ms) whose rollup slots are stale
@@ -132,7 +134,7 @@ class MetricsSink:
         md = self.consumer.list_topics(topic, timeout=10)
         meta = md.topics.get(topic)
         n = len(meta.partitions) if meta is not None and meta.error is None else 0
-        if not n and topic == self.feature_topic:  # not part of cfg.topics.all() yet: create it like the others
+        if not n and topic == self.feature_topic:  # the stats flow may start after the sink: create it here
             try:
                 kafka_io.ensure_topics(self.cfg.kafka.bootstrap_servers, [topic], self.cfg.topics.partitions,
                                        self.cfg.kafka.client)
@@ -185,9 +187,6 @@ class MetricsSink:
             self.last_message_at = time.monotonic()
             topic, raw = m.topic(), m.value() or b""
             offsets[(topic, m.partition())] = m.offset() + 1
-            if self.kinds[topic] is None:
-                good[topic].append(m)  # decoded (and dead-lettered) in _insert
-                continue
             ev = schema.decode(raw, self.kinds[topic])
             reason = ev.reason if isinstance(ev, schema.Invalid) else batch_problem(ev)
             if reason:
@@ -202,17 +201,6 @@ class MetricsSink:
         good[self.cfg.topics.dead_letters] += bad
         return good, offsets
 
-    def _feature_stats(self, msgs: list, now_ms: int) -> tuple[pa.Table, list[schema.DeadLetter]]:
-        table, problems = feature_stats_rows([m.value() or b"" for m in msgs], now_ms)
-        letters = []
-        for i, reason in problems:
-            m = msgs[i]
-            self.counters["bad_messages"] += 1
-            log.warning("metrics sink: bad feature stats %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)
-            letters.append(schema.dead_letter(reason, m.value() or b"", topic=m.topic(), partition=m.partition(),
-                                              offset=m.offset(), ts=now_ms, step=STEP))
-        return table, letters
-
     def _insert(self, good: dict[str, list]) -> int:
         t = self.cfg.topics
         now_ms = int(time.time() * 1000)
@@ -221,9 +209,8 @@ class MetricsSink:
         if batches:
             lo, hi = min(b.trained_ts for b in batches), max(b.trained_ts for b in batches)
             self._dirty = (min(lo, self._dirty[0]), max(hi, self._dirty[1])) if self._dirty else (lo, hi)
-        feats, bad = self._feature_stats(good.get(self.feature_topic, []), now_ms)
-        rows += self._count("feature_stats", self.store.insert("feature_stats", feats))
-        good[t.dead_letters] = good.get(t.dead_letters, []) + bad
+        rows += self._count("feature_stats", self.store.insert(
+            "feature_stats", feature_stats_rows(good.get(self.feature_topic, []), now_ms)))
         rows += self._count("service_stats", self.store.insert(
             "service_stats", stats_rows(good.get(t.service_stats, []))))
         letters = good.get(t.dead_letters, [])

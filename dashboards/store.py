@@ -97,27 +97,35 @@ CREATE TABLE IF NOT EXISTS {db}.prediction_rollup (
 ) ENGINE = ReplacingMergeTree(computed_ts)
 ORDER BY (objective, domain, slot)
 TTL slot + INTERVAL {ttl} DAY""",
-    # one row per (feature, domain, window, instance) from the stats dataflow; bins are labels that stay the
-    # same for a feature across windows (fixed edges or category ids), so PSI compares like with like
+    # one row per schema.FeatureStats record of the stats dataflow: (feature, domain, window, instance); bins are
+    # labels that stay the same for a feature across windows (fixed edges), so PSI compares like with like.
+    # emitted_ts (wall clock when the flow closed the window) is the time axis of the panels and of the TTL:
+    # a replayed log's event-time windows may be years old
     "feature_stats": """
 CREATE TABLE IF NOT EXISTS {db}.feature_stats (
     window_start DateTime64(3, 'UTC'),
     window_end DateTime64(3, 'UTC'),
+    emitted_ts DateTime64(3, 'UTC'),
     domain LowCardinality(String),
     feature LowCardinality(String),
+    kind LowCardinality(String),
     instance String,
-    n Float64,
-    n_missing Float64,
-    mean Float64,
-    std Float64,
-    min Float64,
-    max Float64,
+    n UInt64,
+    n_missing UInt64,
+    value Float64,
+    mean Nullable(Float64),
+    std Nullable(Float64),
+    min Nullable(Float64),
+    max Nullable(Float64),
+    quantiles Array(Float64),
     bins Array(String),
-    counts Array(Float64),
+    counts Array(UInt64),
+    items Array(UInt64),
+    item_counts Array(UInt64),
     inserted_ts DateTime64(3, 'UTC')
 ) ENGINE = ReplacingMergeTree(inserted_ts)
 ORDER BY (feature, domain, window_start, window_end, instance)
-TTL toDateTime(window_end) + INTERVAL {ttl} DAY""",
+TTL toDateTime(emitted_ts) + INTERVAL {ttl} DAY""",
     # the sink's own resume point; the largest next_offset wins
     "sink_offsets": """
 CREATE TABLE IF NOT EXISTS {db}.sink_offsets (
@@ -127,6 +135,24 @@ CREATE TABLE IF NOT EXISTS {db}.sink_offsets (
 ) ENGINE = ReplacingMergeTree(next_offset)
 ORDER BY (topic, partition)""",
 }
+
+
+# columns a rebuilt table gains, computed from an older table's rows (other new columns take their defaults)
+MIGRATION_FILL: dict[str, dict[str, str]] = {
+    # before emitted_ts existed the rows were read by window_end; when the sink stored them is the nearest
+    # wall-clock time; the tolerant parser's rows were histograms when they had bins
+    "feature_stats": {"emitted_ts": "inserted_ts", "kind": "if(empty(bins), 'count', 'histogram')"},
+}
+
+
+def ddl_columns(ddl: str) -> dict[str, str]:
+    """Column name -> type (with a ``MATERIALIZED`` clause, if any) of a ``CREATE TABLE`` statement of :data:`TABLES`.
+
+    >>> ddl_columns(TABLES["sink_offsets"])
+    {'topic': 'String', 'partition': 'Int32', 'next_offset': 'Int64'}
+    """
+    body = ddl[ddl.index("(") + 1:ddl.index("\n) ENGINE")]
+    return dict(re.fullmatch(r"\s*(\w+) (.+?),?", line).groups() for line in body.strip().splitlines())
 
 
 class StoreError(RuntimeError):
@@ -191,24 +217,46 @@ class Store:
                 self._migrate(name, ddl)
                 self.client.command(ddl.format(db=self.db, ttl=TTL_DAYS))
 
-    def _migrate(self, table: str, ddl: str) -> None:
+    def _migrate(self, table: str, ddl: str) -> bool:
         """Rebuild ``table`` when an older version of streamrec created it with another sorting key (the
-        ReplacingMergeTree's identity): rename it, create the new one, copy the rows over, drop the old."""
-        want = re.search(r"ORDER BY \((.*?)\)", ddl).group(1)
+        ReplacingMergeTree's identity) or other columns: rename it, create the new one, copy the rows over
+        (columns both have, converted; new ones from :data:`MIGRATION_FILL` or their defaults), drop the old.
+        Returns whether it rebuilt."""
+        want_key = re.search(r"ORDER BY \((.*?)\)", ddl).group(1)
+        want_cols = ddl_columns(ddl)
+        want_types = {n: t.split(" MATERIALIZED ")[0] for n, t in want_cols.items()}
         res = self.client.query("SELECT sorting_key FROM system.tables WHERE database = {d:String} AND "
                                 "name = {t:String}", parameters={"d": self.db, "t": table})
-        if not res.result_rows or res.result_rows[0][0] == want:
-            return
-        log.warning("store: rebuilding %s.%s (sorting key %s -> %s)", self.db, table, res.result_rows[0][0], want)
+        if not res.result_rows:
+            return False
+        have_key = res.result_rows[0][0]
+        have_cols = {n: (t, k) for n, t, k in self.client.query(
+            "SELECT name, type, default_kind FROM system.columns WHERE database = {d:String} AND table = {t:String}",
+            parameters={"d": self.db, "t": table}).result_rows}
+        if have_key == want_key and {n: t for n, (t, _) in have_cols.items()} == want_types:
+            return False
+        log.warning("store: rebuilding %s.%s (sorting key %s -> %s; columns %s -> %s)", self.db, table, have_key,
+                    want_key, sorted(have_cols), sorted(want_cols))
         old = f"{self.db}.{table}_before_migration"
         self.client.command(f"DROP TABLE IF EXISTS {old}")
         self.client.command(f"RENAME TABLE {self.db}.{table} TO {old}")
         self.client.command(ddl.format(db=self.db, ttl=TTL_DAYS))
-        cols = [r[0] for r in self.client.query("SELECT name FROM system.columns WHERE database = {d:String} AND "
-                                                "table = {t:String} AND default_kind != 'MATERIALIZED'",
-                                                parameters={"d": self.db, "t": table}).result_rows]
-        self.client.command(f"INSERT INTO {self.db}.{table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {old}")
+        fill = MIGRATION_FILL.get(table, {})
+        cols, exprs = [], []
+        for name, typ in want_cols.items():
+            if " MATERIALIZED " in f" {typ} ":
+                continue
+            if name in have_cols and have_cols[name][1] != "MATERIALIZED":
+                was = have_cols[name][0]
+                nan_to_null = typ.startswith("Nullable(Float") and not was.startswith("Nullable")
+                cols.append(name)
+                exprs.append(f"if(isNaN({name}), NULL, {name})" if nan_to_null else name)
+            elif name in fill:
+                cols.append(name)
+                exprs.append(fill[name])
+        self.client.command(f"INSERT INTO {self.db}.{table} ({', '.join(cols)}) SELECT {', '.join(exprs)} FROM {old}")
         self.client.command(f"DROP TABLE {old}")
+        return True
 
     def insert(self, table: str, data: pa.Table) -> int:
         """Columnar insert (``insert_arrow``) of ``data`` whose column names match the table's."""

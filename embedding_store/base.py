@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from streams.names import Stat
+
 
 class SparseEmbeddings(nn.Module):
     """Interface: ``forward(indices, offsets) -> (B, T*D)``; ``step()`` after backward; state export/import."""
@@ -22,6 +24,15 @@ class SparseEmbeddings(nn.Module):
 
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+    def memory_report(self) -> dict[str, float]:
+        """Gauges for ``ServiceStats.values`` (the trainer publishes them every second): bytes and rows per row
+        width, ``embedding_bytes_d<width>`` and ``embedding_rows_d<width>``. Fixed tables (fbgemm TBE, torch
+        EmbeddingBag) hold every row at ``dim``: float32 weights and one float32 row-wise Adagrad momentum per
+        row; a variable-width store overrides this with one entry per width (and its own details)."""
+        rows = self.num_tables * self.rows
+        return {f"{Stat.EMBEDDING_BYTES_PREFIX}{self.dim}": float(rows * 4 * (self.dim + 1)),
+                f"{Stat.EMBEDDING_ROWS_PREFIX}{self.dim}": float(rows)}
 
     @torch.no_grad()
     def serving_state(self) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from embedding_store.base import SparseEmbeddings
 from embedding_store.config import POOL_SHIFT, ROW_MASK, FiitedConfig, trainer_config, validate
 from embedding_store.ids import validate_batch
 from embedding_store.pools import SHARED, PoolSet
+from streams.names import Stat
 
 STATE_VERSION = 1
 COUNTERS = ("admitted", "evicted", "resized", "grown", "shrunk", "rebuilds", "maintenances")
@@ -400,6 +401,9 @@ class FiitedEmbeddings(SparseEmbeddings):
         for p, d in enumerate(self.dims):
             out[f"fiited_pool_bytes_d{d}"] = float(pool_bytes[p])
             out[f"fiited_rows_d{d}"] = float(per_pool[p])
+            # the names every backend reports (SparseEmbeddings.memory_report): the dashboards read these
+            out[f"{Stat.EMBEDDING_BYTES_PREFIX}{d}"] = float(pool_bytes[p])
+            out[f"{Stat.EMBEDDING_ROWS_PREFIX}{d}"] = float(per_pool[p])
         total = float(pool_bytes.sum() + meta)
         out.update({"fiited_shared_rows": float(self.num_tables), "fiited_meta_bytes": float(meta),
                     "fiited_total_bytes": total, "fiited_fixed_bytes": float(fixed),

@@ -1,5 +1,5 @@
-"""One namespace for the names components publish and dashboards read: components, dead-letter steps and
-the counters and gauges of ``ServiceStats``.
+"""One namespace for the names components publish and dashboards read: components, dead-letter steps, the
+counters and gauges of ``ServiceStats`` and the features of the stats flow's ``FeatureStats``.
 
 Producers write them, the SQL of :mod:`dashboards.queries` and :mod:`dashboards.alerts` reads them, tests
 check them; a name spelt differently in two places would be a panel that stays empty. Members are ``str``
@@ -52,6 +52,12 @@ class Stat(StrEnum):
     LATE_POSITIVES = "late_positives"
     PENDING_IMPRESSIONS = "pending_impressions"  # gauge
     DEAD_PREFIX = "dead."  # + the reason's category: dead letters of each kind
+    # stats flow
+    EXAMPLES_IN = "examples_in"
+    INVALID_EXAMPLES = "invalid"
+    TOO_LATE = "too_late"  # examples of windows already closed
+    RECORDS_OUT = "records_out"
+    OPEN_WINDOWS = "open_windows"  # gauge
     # trainer
     EXAMPLES_TRAINED = "examples_trained"
     STEPS = "steps"
@@ -65,6 +71,9 @@ class Stat(StrEnum):
     USER_FRESHNESS_P99_MS = "user_freshness_p99_ms"
     FIITED_POOL_BYTES_PREFIX = "fiited_pool_bytes_d"  # + the pool's width
     FIITED_ROWS_PREFIX = "fiited_rows_d"
+    # every embedding backend (SparseEmbeddings.memory_report): fixed tables report their one width
+    EMBEDDING_BYTES_PREFIX = "embedding_bytes_d"  # + the row width: bytes of rows of that width (+ optimizer state)
+    EMBEDDING_ROWS_PREFIX = "embedding_rows_d"  # + the row width: rows held at that width
     # shared
     DEAD_LETTERS = "dead_letters"
     EVENTS_PER_S = "events_per_s"
@@ -73,3 +82,16 @@ class Stat(StrEnum):
     UP = "up"
     RESTARTS = "restarts"
     CRASH_LOOPING = "crash_looping"
+
+
+class Feature(StrEnum):
+    """``FeatureStats.feature`` of the stats flow (streams/flows/stats.py), per window, domain and partition."""
+
+    COUNT = "count"  # examples in the window
+    LABEL_CLICK = "label.click"  # positives; value = rate
+    LABEL_CONVERSION = "label.conversion"
+    LATE_POSITIVE = "late_positive"  # ES-DFM corrections, in the window of their label's time
+    DELAY_CLICK = "delay.click"  # histogram of click time minus impression time, seconds
+    DELAY_CONVERSION = "delay.conversion"  # conversion time minus impression time
+    DENSE_PREFIX = "dense."  # + the dense feature's index: histogram, moments, quantiles
+    HH_PREFIX = "hh."  # + the sparse field: heavy hitters

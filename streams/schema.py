@@ -218,6 +218,8 @@ def check(ev: object) -> str | None:
             return _bad_token(ev, ("event_id", "impression_id"))
         if ev.impression_id == ev.event_id:
             return "feedback event refers to itself as its impression"
+    elif isinstance(ev, FeatureStats):
+        return _check_feature_stats(ev)
     elif isinstance(ev, Conversion):
         if not tokens_ok(ev.event_id + ev.impression_id + ev.kind):
             return _bad_token(ev, ("event_id", "impression_id", "kind"))
@@ -262,32 +264,92 @@ def user_key(ev: Impression | Click | Conversion) -> bytes:
     return str(ev.user_id).encode()
 
 
+FeatureKind = Literal["count", "histogram", "heavy_hitters"]
+FEATURE_QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99)  # the levels of FeatureStats.quantiles
+MAX_BINS = 512
+# label-delay histograms of the stats flow (delay.click, delay.conversion): inner bucket edges in seconds
+DELAY_EDGES_S: tuple[float, ...] = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600,
+                                    24 * 3600, 3 * 86400, 7 * 86400, 30 * 86400)
+Count = Annotated[int, msgspec.Meta(ge=0)]
+FeatureName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+def bin_labels(edges) -> list[str]:
+    """Histogram bucket labels: each bucket's lower edge (``-inf`` for the first), ``len(edges) + 1`` of them.
+
+    >>> bin_labels([1, 5.0, 2592000])
+    ['-inf', '1', '5', '2592000']
+    """
+    return ["-inf", *(f"{float(e):.12g}" for e in edges)]
+
+
 class FeatureStats(msgspec.Struct, frozen=True, tag="feature_stats", gc=False):
     """Statistics of one feature over one event-time window, domain and input partition (stats dataflow).
 
     ``stats_id`` = ``"<window_start>:<domain>:<feature>:p<partition>"`` is deterministic, so a replay after a
     crash rewrites the same rows (idempotent sink); ``instance`` = ``"p<partition>"``: partitions are partial
-    aggregates (sum counts and histograms, merge heavy hitters, over instances). ``kind``: ``count``
-    (``value`` = rate over the window's examples), ``histogram`` (``bins[i]`` labels bucket i by its lower edge,
-    ``"-inf"`` first; ``edges`` are the inner edges; ``mean``; ``quantiles`` = p50/p90/p99 estimated from the
-    buckets), ``heavy_hitters`` (Misra-Gries ``items`` / lower-bound ``item_counts``).
+    aggregates (sum counts and histograms, merge heavy hitters, over instances). ``emitted_ts``: wall-clock ms
+    when the flow closed the window (the dashboards' time axis, as training time is for predictions).
+
+    ``kind``:
+
+    * ``count``: ``count`` events, ``value`` = ``count`` over the window's examples (a label rate);
+    * ``histogram``: ``count`` values in buckets ``counts[i]`` labelled ``bins[i]`` by their lower edge
+      (``"-inf"`` first; ``edges`` are the inner edges, :func:`bin_labels`), ``missing`` examples without the
+      feature, exact ``mean``, ``std`` (population: partials combine exactly), ``min``, ``max``, and
+      ``quantiles`` at :data:`FEATURE_QUANTILES` interpolated inside their bucket;
+    * ``heavy_hitters``: Misra-Gries ``items`` with lower-bound ``item_counts`` (``count`` = their sum).
+
+    Validated by :func:`check` (finite numbers, matching lengths, counts summing to ``count``).
     """
 
-    stats_id: str
-    window_start: int  # ms, event time of the impressions
-    window_end: int
-    domain: str
-    feature: str
-    kind: str
-    partition: int
-    instance: str
-    count: int
+    stats_id: EventId
+    window_start: TsMs  # ms, event time of the impressions
+    window_end: TsMs
+    domain: ShortStr
+    feature: FeatureName
+    kind: FeatureKind
+    partition: Annotated[int, msgspec.Meta(ge=0)]
+    instance: ShortStr
+    count: Count
+    emitted_ts: TsMs
+    missing: Count = 0
     value: float = 0.0
     mean: float | None = None
-    bins: list[str] = []
-    edges: list[float] = []
-    counts: list[int] = []
-    quantiles: list[float] = []
-    items: list[int] = []
-    item_counts: list[int] = []
-    emitted_ts: int = 0
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
+    bins: Annotated[list[Annotated[str, msgspec.Meta(max_length=32)]], msgspec.Meta(max_length=MAX_BINS)] = []
+    edges: Annotated[list[float], msgspec.Meta(max_length=MAX_BINS)] = []
+    counts: Annotated[list[Count], msgspec.Meta(max_length=MAX_BINS)] = []
+    quantiles: Annotated[list[float], msgspec.Meta(max_length=len(FEATURE_QUANTILES))] = []
+    items: Annotated[list[Id], msgspec.Meta(max_length=MAX_BINS)] = []
+    item_counts: Annotated[list[Count], msgspec.Meta(max_length=MAX_BINS)] = []
+
+
+def _check_feature_stats(s: FeatureStats) -> str | None:
+    if s.domain not in DOMAIN_INDEX:
+        return f"unknown domain {s.domain!r} (known: {', '.join(DOMAINS)})"
+    if not tokens_ok(s.stats_id + s.feature + s.instance):
+        return _bad_token(s, ("stats_id", "feature", "instance"))
+    if s.window_start > s.window_end:
+        return f"window_start {s.window_start} is after window_end {s.window_end}"
+    numbers = [s.value, *s.edges, *s.quantiles, *(v for v in (s.mean, s.std, s.min, s.max) if v is not None)]
+    if not all(map(math.isfinite, numbers)):
+        return "a statistic is NaN or infinite"
+    if s.std is not None and s.std < 0:
+        return f"std {s.std} is negative"
+    if s.min is not None and s.max is not None and s.min > s.max:
+        return f"min {s.min} is above max {s.max}"
+    if len(s.bins) != len(s.counts) or (s.edges and len(s.edges) + 1 != len(s.bins)):
+        return (f"histogram: {len(s.bins)} bins, {len(s.counts)} counts and {len(s.edges)} edges "
+                "(expected equal bins and counts, edges one fewer)")
+    if any(a >= b for a, b in zip(s.edges, s.edges[1:])):
+        return "histogram: edges are not increasing"
+    if s.kind == "histogram" and sum(s.counts) != s.count:
+        return f"histogram: counts sum to {sum(s.counts)}, count is {s.count}"
+    if s.quantiles and len(s.quantiles) != len(FEATURE_QUANTILES):
+        return f"quantiles: expected {len(FEATURE_QUANTILES)} (at {FEATURE_QUANTILES}), got {len(s.quantiles)}"
+    if len(s.items) != len(s.item_counts):
+        return f"heavy hitters: {len(s.items)} items but {len(s.item_counts)} counts"
+    return None

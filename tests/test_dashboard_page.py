@@ -1,11 +1,17 @@
-"""The live dashboard in a real headless Chromium: metrics produced to Kafka, consumed by the dashboard's own
-sink into chDB, queried by the page and drawn with uPlot. Every panel must end up drawn with rows."""
+"""The live dashboard in a real headless Chromium, drawn with uPlot from chDB. Twice: on metrics produced to
+Kafka with a drift injected (consumed by the dashboard's own sink: alerts, badges, filters), and after a short
+real `streamrec up` (generator, broker, labels and stats flows, trainer, sink as processes): every panel must
+end up drawn with rows, drift, label delay, embedding memory and both halves of freshness included."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -13,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dashboards import queries as q
 from dashboards.definitions import DASHBOARDS
 from dashboards.feature_stats import feature_stats_topic
 from dashboards.server import DashboardServer
 import config as config_mod
 from streams import schema
 from streams.bus import kafka_io
+from streams.bus.processes import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -26,6 +34,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-b
 DOMAINS = ("feed", "stories", "video", "search")
 DRIFT_BATCHES = 16  # 8 minutes
 SCREENSHOT_COPY = Path(os.environ.get("STREAMREC_DASHBOARD_SCREENSHOT", "/tmp/streamrec-dashboard.png"))
+UP_EVENTS = 10_000  # 200 s of event time: three or more one-minute windows close in every partition
 
 
 def _get(url: str) -> dict:
@@ -65,19 +74,25 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
         items.append((t.service_stats, schema.ServiceStats("replay", trained, {"events_produced": done * 3.1})))
         items.append((t.service_stats, schema.ServiceStats("labels", trained, {"events_in": done * 3.0,
                                                                                "examples_out": done * 1.02}, "l-1")))
-        emb = {f"fiited_pool_bytes_d{d}": float(d * 4 * rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))}
-        emb.update({f"fiited_rows_d{d}": float(rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))})
+        widths = ((8, 70_000), (16, 20_000), (32, 7_000))
+        emb = {f"embedding_bytes_d{d}": float((d + 1) * 4 * rows) for d, rows in widths}
+        emb.update({f"embedding_rows_d{d}": float(rows) for d, rows in widths})
         emb.update({"user_freshness_p50_ms": float(900.0 + 50 * np.sin(i)), "user_freshness_p99_ms": 1800.0,
                     "user_backlog": float(i % 3)})
         items.append((t.service_stats, schema.ServiceStats("trainer", trained, {"examples_trained": done, **emb},
                                                            "trainer-1")))
         for d in DOMAINS:
             shift = 3 if drifted and d == "video" else 0
-            counts = np.bincount(np.clip(rng.poisson(4, 500) + shift, 0, 11), minlength=12).tolist()
-            items.append((feature_topic, {"type": "feature_stats", "window_start": trained - 30_000,
-                                          "window_end": trained, "domain": d, "instance": "stats-0",
-                                          "features": {"dense_0": {"count": 500, "mean": 4.0 + shift,
-                                                                   "bins": list(range(12)), "counts": counts}}}))
+            values = np.clip(rng.poisson(4, 500) + shift, 0, 11)  # dense.0 in buckets [k, k+1)
+            delays = np.array(schema.DELAY_EDGES_S)[rng.integers(0, 8, 30)]  # clicks' delays, on bucket edges
+            for feature, x, edges in (("dense.0", values, np.arange(1, 12)), ("delay.click", delays,
+                                                                              np.array(schema.DELAY_EDGES_S))):
+                counts = np.bincount(np.searchsorted(edges, x, "right"), minlength=len(edges) + 1)
+                items.append((feature_topic, schema.FeatureStats(
+                    stats_id=f"{trained - 60_000}:{d}:{feature}:p0", window_start=trained - 60_000,
+                    window_end=trained, domain=d, feature=feature, kind="histogram", partition=0, instance="p0",
+                    count=len(x), emitted_ts=trained, mean=float(x.mean()), std=float(x.std()), min=float(x.min()),
+                    max=float(x.max()), bins=schema.bin_labels(edges), edges=edges.tolist(), counts=counts.tolist())))
         if i % 3 == 0:
             reason = ("schema: Expected `int`, got `str` - at `$.user_id`", "unparseable: truncated JSON",
                       "invalid: unknown domain 'shop'")[i % 2 + (i % 9 == 0)]
@@ -85,7 +100,7 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
                                                              partition=0, offset=i, ts=trained, step="labels.join")))
     producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
     for topic, ev in items:
-        kafka_io.produce(producer, topic, json.dumps(ev).encode() if isinstance(ev, dict) else schema.encode(ev))
+        kafka_io.produce(producer, topic, schema.encode(ev))
     kafka_io.produce(producer, t.predictions, b"\x00garbage")  # must become a dead letter, not a crash
     assert producer.flush(30) == 0
     return len(items) + 1
@@ -197,3 +212,83 @@ def test_page_draws_every_panel(dashboard, tmp_path):
         shutil.copyfile(shot, SCREENSHOT_COPY)
     except OSError:
         pass
+
+
+# ---- after a real `streamrec up` ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def up_run(tmp_path_factory):
+    """`streamrec up --events UP_EVENTS --ephemeral --stay`: the URL of its dashboard once everything generated
+    is trained and stored; stopped with Ctrl-C (SIGINT) at the end of the module."""
+    data = tmp_path_factory.mktemp("up")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--events", str(UP_EVENTS), "--ephemeral",
+                             "--stay", "--port", str(port)], env={**os.environ, "STREAMREC_DATA_DIR": str(data)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    out: list[str] = []
+    threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 400
+        while not any("press Ctrl-C" in line for line in out):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(out)[-3000:]
+            time.sleep(0.2)
+        assert any(line.startswith("done:") for line in out), "".join(out)[-3000:]
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (Debian package chromium)")
+def test_every_panel_has_data_after_a_short_up(up_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    panels = DASHBOARDS["overview"].panels
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1300})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(up_run + "?minutes=15&refresh=1")
+            try:  # the page refreshes every second: statistics still on their way arrive
+                page.wait_for_function("[...document.querySelectorAll('.panel')].every(e => "
+                                       "e.dataset.state === 'drawn' && Number(e.dataset.rows) > 0)", timeout=60_000)
+            except Exception:  # noqa: BLE001 - name the panels without data
+                states = page.evaluate("[...document.querySelectorAll('.panel')].map(e => [e.dataset.panelId, "
+                                       "e.dataset.state, e.dataset.rows, e.querySelector('.note').textContent])")
+                pytest.fail(f"panels without data: {[s for s in states if s[1] != 'drawn' or s[2] == '0']}")
+            shot = tmp_path / "dashboard-up.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()
+    try:
+        shutil.copyfile(shot, SCREENSHOT_COPY.with_name(SCREENSHOT_COPY.stem + "-up.png"))
+    except OSError:
+        pass
+    # what the panels say is what their titles say
+    rows = lambda panel: _get(f"{up_run}api/panels/{panel}?minutes=15")["rows"]  # noqa: E731
+    delay = rows("label_delay")
+    assert sum(r["clicks"] for r in delay) > 100 and sum(r["conversions"] for r in delay) > 0
+    # generated click delays are at most 300 s (max_click_delay_s, clipped: 300 itself opens "5 min - 15 min")
+    upto_300_s = q.DELAY_LABELS[:q.DELAY_LABELS.index("5 min - 15 min") + 1]
+    assert {r["delay"] for r in delay if r["clicks"]} <= set(upto_300_s)
+    assert max(r["clicks_cum_share"] for r in delay) == pytest.approx(1.0)
+    drift = rows("prediction_drift_table")
+    assert {r["domain"] for r in drift} == {"feed", "stories", "video", "search"}  # display: no traffic by default
+    assert all(r["n"] > 0 and r["ref_n"] > 0 and r["ref_s"] >= 0 for r in drift)
+    features = rows("feature_drift_table")
+    assert all(r["feature"].startswith("dense.") and r["n"] > 0 and r["ref_n"] > 0 and r["std"] > 0 for r in features)
+    latency = {r["series"]: r["value"] for r in rows("freshness")}
+    assert set(latency) == {"labelled to trained p50", "labelled to trained p99", "labelled to stored p50",
+                            "labelled to stored p99"} and max(latency.values()) < 600
+    age = {r["series"]: r["value"] for r in rows("log_age")}
+    assert age["event to trained p50"] > 5 * 3600  # the generated log lies wholly in the past (conversions: 6 h)
+    assert rows("stat_pipeline_latency")[0]["value"] < 600 < rows("stat_log_age")[0]["value"]
+    dims = rows("embedding_dims")
+    assert len(dims) == 1 and dims[0]["rows"] > 0 and dims[0]["bytes"] == dims[0]["rows"] * 4 * (dims[0]["dim"] + 1)

@@ -36,9 +36,29 @@ def _streamrec_env_and_commands():
 
 def test_manifests_parse_and_cover_the_components():
     services = _compose()["services"]
-    assert {"kafka", "clickhouse", "grafana", "labels", "trainer", "dashboard"} <= set(services)
+    assert {"kafka", "clickhouse", "grafana", "labels", "stats", "trainer", "dashboard"} <= set(services)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in _k8s()}
-    assert ("StatefulSet", "streamrec-trainer") in kinds and ("Service", "streamrec-dashboard") in kinds
+    assert {("StatefulSet", "streamrec-labels"), ("StatefulSet", "streamrec-stats"),
+            ("StatefulSet", "streamrec-trainer"), ("Service", "streamrec-dashboard")} <= kinds
+
+
+def test_every_process_of_the_local_stack_runs_in_compose_and_k8s():
+    # `streamrec up` supervises these (deploy/stack.py); the manifests must run the same commands, so panels
+    # fed by one of them (feature drift and label delay by the stats flow) have data in every deployment
+    from deploy.stack import PROCESSES
+
+    commands = {where.split(":")[0]: set() for where, _, _ in _streamrec_env_and_commands()}
+    for where, command, _ in _streamrec_env_and_commands():
+        commands[where.split(":")[0]].add(command[0])
+    wanted = {"train" if p == "trainer" else p for p in PROCESSES} - {"storage", "broker"}
+    assert commands == {"compose": wanted | {"dashboards"}, "k8s": wanted}
+
+
+def test_the_stats_flow_keeps_its_recovery_on_the_volume():
+    compose = {w: c for w, c, _ in _streamrec_env_and_commands()}
+    for where in ("compose:stats", "k8s:streamrec-stats"):
+        args = build_parser().parse_args(compose[where])
+        assert args.recovery_dir and args.recovery_dir.startswith("/data/"), where
 
 
 @pytest.mark.parametrize("where,command,env", _streamrec_env_and_commands(), ids=lambda v: v if isinstance(v, str) else "")

@@ -258,6 +258,9 @@ def test_trainer_backend_fiited_trains_and_resumes_bit_exactly(tmp_path):
         assert np.array_equal(ra.p_click, rb.p_click) and ra.loss == rb.loss
     rep = a.model.emb.memory_report()
     assert rep["fiited_admitted"] > 0 and rep["fiited_memory_ratio"] < 1.0
+    for d in a.model.emb.dims:  # the names every backend reports, which the dashboards read
+        assert (rep[f"embedding_bytes_d{d}"], rep[f"embedding_rows_d{d}"]) == (rep[f"fiited_pool_bytes_d{d}"],
+                                                                             rep[f"fiited_rows_d{d}"])
     assert all(isinstance(v, float) for v in rep.values())  # ServiceStats.values-ready
 
 

@@ -179,7 +179,7 @@ def _expand_grafana_macros(sql: str, now_s: int) -> str:
     sql = re.sub(r"\$__timeFilter\((\w+)\)",
                  rf"\1 >= toDateTime({now_s - 3600}) AND \1 <= toDateTime({now_s})", sql)
     sql = sql.replace("$__fromTime", f"toDateTime({now_s - 3600})").replace("$__toTime", f"toDateTime({now_s})")
-    return sql.replace("$__interval_s", "30").replace("${domain}", "all").replace("${ref_shift}", "3600")
+    return sql.replace("$__interval_s", "30").replace("${domain}", "all").replace("${ref_shift}", "0")
 
 
 def test_grafana_sql_runs_on_clickhouse(tmp_path):

@@ -77,6 +77,17 @@ def test_forward_shapes(backend):
 
 
 @pytest.mark.skipif("fbgemm" not in BACKENDS, reason="fbgemm_gpu not importable")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_tables_report_the_memory_their_tensors_hold(backend):
+    # the embedding-memory panels read embedding_bytes_d<width> / embedding_rows_d<width> from every backend
+    emb = Learner(msgspec_replace(TC, backend=backend)).model.emb
+    held = ([emb.bag.weight, emb.momentum] if backend == "torch" else
+            [getattr(emb.tbe, f"{k}_{w}") for k in ("weights", "momentum1") for w in ("host", "dev", "uvm")])
+    d, rows = TC.embedding_dim, emb.num_tables * TC.hash_buckets
+    assert emb.memory_report() == {f"embedding_bytes_d{d}": float(sum(t.nbytes for t in held)),
+                                   f"embedding_rows_d{d}": float(rows)}
+
+
 def test_fbgemm_and_torch_backends_agree():
     fl = Learner(msgspec_replace(TC, backend="fbgemm"))
     tl = Learner(msgspec_replace(TC, backend="torch"))

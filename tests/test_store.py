@@ -16,7 +16,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from dashboards import queries as q
 from dashboards.definitions import DASHBOARDS
 from dashboards.sink import MetricsSink, dead_letter_rows, prediction_rows, stats_rows
-from dashboards.store import StoreError, open_client
+from dashboards.store import TABLES, StoreError, open_client
 from streams import schema
 from streams.bus import kafka_io
 
@@ -115,16 +115,20 @@ def test_every_panel_query_runs(store):
     store.insert("service_stats", stats_rows([
         schema.ServiceStats("replay", now, {"events_per_s": 5.0, "events_produced": 100.0}),
         schema.ServiceStats("labels", now, {"events_in": 90.0, "examples_out": 40.0}),
-        schema.ServiceStats("trainer", now, {"examples_trained": 30.0, "fiited_pool_bytes_d8": 4096.0,
-                                             "fiited_rows_d8": 128.0, "user_freshness_p50_ms": 800.0,
+        schema.ServiceStats("trainer", now, {"examples_trained": 30.0, "embedding_bytes_d8": 4096.0,
+                                             "embedding_rows_d8": 128.0, "user_freshness_p50_ms": 800.0,
                                              "user_freshness_p99_ms": 1500.0, "user_backlog": 0.0})]))
     store.insert("dead_letters", dead_letter_rows([schema.dead_letter("unparseable: x", b"x", ts=now)]))
     from dashboards.feature_stats import feature_stats_rows
-    recs = [f'{{"window_start": {end - 30_000}, "window_end": {end}, "domain": "feed", "features": '
-            f'{{"dense_0": {{"count": 10, "bins": ["a", "b"], "counts": [{a}, {10 - a}]}}}}}}'.encode()
-            for end, a in ((now - 30_000, 8), (now - 150_000, 3))]
-    rows, problems = feature_stats_rows(recs, now)
-    assert not problems and store.insert("feature_stats", rows) == 2
+    recs = []
+    for emitted, a in ((now - 30_000, 8), (now - 90_000, 3)):  # two emission times: the drift split has halves
+        start = emitted - 60_000
+        recs += [schema.FeatureStats(stats_id=f"{start}:feed:{f}:p0", window_start=start, window_end=emitted,
+                                     domain="feed", feature=f, kind="histogram", partition=0, instance="p0",
+                                     count=10, emitted_ts=emitted, mean=0.5, std=0.5, min=0.0, max=1.0,
+                                     bins=["-inf", "1"], edges=[1.0], counts=[a, 10 - a])
+                 for f in ("dense.0", "delay.click", "delay.conversion")]
+    assert store.insert("feature_stats", feature_stats_rows(recs, now)) == 6
     for panel in DASHBOARDS["overview"].panels:
         res = store.query(q.render(panel.sql, "live"), q.live_parameters(2, "feed"))
         assert res.rows, f"panel {panel.id}: no rows"
@@ -239,6 +243,37 @@ def test_an_older_dead_letters_table_is_rebuilt_with_its_rows(chdb_client):
         (i, f"reason {i}") for i in range(5)]
     s.ensure_schema()  # idempotent once migrated
     assert s.query("SELECT count() FROM {db}.dead_letters").rows == [(5,)]
+
+
+# the feature_stats table as the tolerant parser's version of streamrec created it
+OLD_FEATURE_STATS = """
+CREATE TABLE IF NOT EXISTS {db}.feature_stats (
+    window_start DateTime64(3, 'UTC'), window_end DateTime64(3, 'UTC'), domain LowCardinality(String),
+    feature LowCardinality(String), instance String, n Float64, n_missing Float64, mean Float64, std Float64,
+    min Float64, max Float64, bins Array(String), counts Array(Float64), inserted_ts DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(inserted_ts)
+ORDER BY (feature, domain, window_start, window_end, instance)
+TTL toDateTime(window_end) + INTERVAL {ttl} DAY"""
+
+
+def test_an_older_feature_stats_table_gains_its_columns_and_keeps_its_rows(chdb_client):
+    from dashboards.store import Store
+
+    db = "migrate_feature_stats"
+    chdb_client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+    chdb_client.command(OLD_FEATURE_STATS.format(db=db, ttl=30))
+    now = int(time.time() * 1000)
+    chdb_client.command(  # std, min, max arrived as NaN
+        f"INSERT INTO {db}.feature_stats VALUES (fromUnixTimestamp64Milli({now - 60_000}, 'UTC'), "
+        f"fromUnixTimestamp64Milli({now}, 'UTC'), 'feed', 'dense.0', 'p0', 10, 0, 0.5, nan, nan, nan, "
+        f"['-inf', '0'], [4, 6], fromUnixTimestamp64Milli({now - 5_000}, 'UTC'))")
+    s = Store(chdb_client, db)
+    s.ensure_schema()
+    rows = s.query("SELECT feature, kind, n, mean, std, min, max, counts, toUnixTimestamp64Milli(emitted_ts), items "
+                   "FROM {db}.feature_stats FINAL").rows
+    assert rows == [("dense.0", "histogram", 10, 0.5, None, None, None, [4, 6], now - 5_000, [])]
+    assert not any(s._migrate(t, ddl) for t, ddl in TABLES.items())  # idempotent once migrated
+    assert s.query(q.render(q.FEATURE_DRIFT_SERIES, "live"), q.live_parameters(5)).rows == []  # the SQL runs on it
 
 
 def test_the_sink_reports_the_bus_unreachable_while_the_broker_is_away(tmp_path, store):

@@ -35,6 +35,13 @@
     return a >= 100 ? v.toFixed(1) : v.toFixed(3);
   }
 
+  // ISO time -> "YYYY-MM-DD HH:MM:SS", with milliseconds when it has them (a short run's drift reference
+  // can span less than a second)
+  function when(v) {
+    const m = /^(\d{4}-\d\d-\d\d)T(\d\d:\d\d:\d\d)(\.\d{3})?/.exec(v);
+    return m[1] + " " + m[2] + (m[3] && m[3] !== ".000" ? m[3] : "");
+  }
+
   // thresholds: [[null, colour], [v1, colour], ...] -> colour class of the last step not above v
   function colour(v, thresholds) {
     if (typeof v !== "number" || !thresholds || !thresholds.length) return "";
@@ -90,7 +97,7 @@
     const trs = res.rows.map((r) => "<tr>" + res.columns.map((c) => {
       const v = r[c];
       const cls = typeof v === "number" ? colour(v, metricTh[c]) : "text";
-      const shown = typeof v === "string" && /^\d{4}-\d\d-\d\dT/.test(v) ? v.replace("T", " ").slice(0, 19) : fmt(v, "");
+      const shown = typeof v === "string" && /^\d{4}-\d\d-\d\dT/.test(v) ? when(v) : fmt(v, "");
       return `<td class="${cls}" title="${String(v).replace(/"/g, "&quot;")}">${shown}</td>`;
     }).join("") + "</tr>").join("");
     body.innerHTML = `<table><thead><tr>${th}</tr></thead><tbody>${trs}</tbody></table>`;

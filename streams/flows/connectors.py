@@ -12,6 +12,7 @@ labels::
 stats::
 
     KafkaExamplesSource: one source partition per examples-topic partition; StatsBatch(p, raw Examples)
+    StatsReporter: the flow's counters -> ServiceStats(component="stats") about every second
     FeatureStatsSink: encoded FeatureStats -> the feature_stats topic, key = stats_id
 
 Event-time pacing (labels): the source reads the ts of the last message per topic of each batch and pauses
@@ -296,7 +297,7 @@ class _Reader(StatefulSourcePartition[StatsBatch, int]):
                                                **{"enable.partition.eof": True, "fetch.wait.max.ms": 100})
         start = kafka_io.OFFSET_BEGINNING if offset is None else offset
         self.consumer.assign([kafka_io.TopicPartition(self.topic, p, start)])
-        self.done = False
+        self.done, self.last_emit = False, 0.0
 
     def next_batch(self) -> list[StatsBatch]:
         if self.done:
@@ -311,7 +312,11 @@ class _Reader(StatefulSourcePartition[StatsBatch, int]):
             else:
                 kafka_io.consumer_error(m.error(), f"stats source partition {self.p}", log)
         self.done = eof and self.bounded
-        return [StatsBatch(self.p, tuple(values), self.done)] if values or self.done else []
+        now = time.monotonic()
+        if not values and not self.done and now - self.last_emit < HEARTBEAT_S:
+            return []
+        self.last_emit = now  # an empty batch at least every HEARTBEAT_S: the flow reports while input is quiet
+        return [StatsBatch(self.p, tuple(values), self.done)]
 
     def snapshot(self) -> int | None:
         return self.next
@@ -330,6 +335,44 @@ class KafkaExamplesSource(FixedPartitionedSource[StatsBatch, int]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _Reader:
         return _Reader(self.cfg, self.keys[for_part], resume_state, self.bounded)
+
+
+class StatsReporter:
+    """The stats flow's counters over every partition of this process (examples in, invalid, too late, records
+    out, open windows), published as ``ServiceStats(component="stats")`` about once a second and at the end of
+    a bounded run; the source's heartbeat keeps it reporting while the examples topic is quiet, so the stack
+    health panel and the ``component_silent`` alert see the flow."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.lock = cfg, threading.Lock()
+        self.parts: dict[int, tuple[dict, int]] = {}
+        self.producer = None
+        self.last_t, self.last_in = 0.0, 0.0
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+
+    def __call__(self, state, final: bool) -> None:
+        with self.lock:  # worker threads report their partitions concurrently
+            self.parts[state.partition] = (dict(state.counts), len(state.open))
+            now = time.monotonic()
+            if not final and now - self.last_t < 1.0:
+                return
+            names = {k for c, _ in self.parts.values() for k in c}
+            values = {str(k): float(sum(c.get(k, 0) for c, _ in self.parts.values())) for k in sorted(names)}
+            values[Stat.OPEN_WINDOWS] = float(sum(n for _, n in self.parts.values()))
+            values[Stat.EXAMPLES_PER_S] = ((values[Stat.EXAMPLES_IN] - self.last_in) / (now - self.last_t)
+                                           if self.last_t else 0.0)
+            self.last_t, self.last_in = now, values[Stat.EXAMPLES_IN]
+            if self.producer is None:
+                self.producer = kafka_io.make_producer(self.cfg.kafka.bootstrap_servers, self.cfg.kafka.client)
+        st = schema.ServiceStats(component=Component.STATS, ts=int(time.time() * 1000), values=values,
+                                 instance=self.instance)
+        key = b"stats"
+        kafka_io.produce(self.producer, self.cfg.topics.service_stats, schema.encode(st), key=key,
+                         partition=kafka_io.partition_for(key, self.cfg.topics.partitions))
+        if final:
+            kafka_io.flush_all(self.producer, "stats reporter", log)
+        else:
+            self.producer.poll(0)
 
 
 # ---------------------------------------------------------------------------------------------- stats sink

@@ -18,7 +18,8 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from streams.bus import kafka_io
 from config import NO_BROKER, Config
 from streams.flows import join
-from streams.flows.connectors import FeatureStatsSink, KafkaExamplesSource, KafkaPartitionsSource, LabelsSink
+from streams.flows.connectors import (FeatureStatsSink, KafkaExamplesSource, KafkaPartitionsSource, LabelsSink,
+                                      StatsReporter)
 from streams.flows.labels import build_flow
 from streams.flows.stats import build_stats_flow, stats_topic
 
@@ -71,5 +72,6 @@ def run_stats(cfg: Config, *, bounded: bool, recovery_dir: str = "", **run) -> N
         raise ValueError(NO_BROKER)
     kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, [cfg.topics.examples, stats_topic(cfg)],
                            cfg.topics.partitions, cfg.kafka.client)
-    flow = build_stats_flow(KafkaExamplesSource(cfg, bounded), FeatureStatsSink(cfg), partitions=cfg.topics.partitions)
+    flow = build_stats_flow(KafkaExamplesSource(cfg, bounded), FeatureStatsSink(cfg), partitions=cfg.topics.partitions,
+                            report=StatsReporter(cfg))
     run_flow(flow, recovery_dir=recovery_dir, **run)
