@@ -262,6 +262,8 @@ def test_every_panel_has_data_after_a_short_up(up_run, tmp_path):
                 states = page.evaluate("[...document.querySelectorAll('.panel')].map(e => [e.dataset.panelId, "
                                        "e.dataset.state, e.dataset.rows, e.querySelector('.note').textContent])")
                 pytest.fail(f"panels without data: {[s for s in states if s[1] != 'drawn' or s[2] == '0']}")
+            drawn = page.evaluate("[...document.querySelectorAll('.panel')].map(e => e.dataset.panelId)")
+            assert sorted(drawn) == sorted(p.id for p in panels)  # every panel of the definition, each with data
             shot = tmp_path / "dashboard-up.png"
             page.screenshot(path=str(shot), full_page=True)
             assert not errors, errors
