@@ -8,7 +8,6 @@ trainer must checkpoint while the broker is still up).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from streams.bus.processes import die_with_parent
+from streams.bus.processes import start_child
 from streams.names import Stat
 
 log = logging.getLogger("streamrec.supervisor")
@@ -49,13 +48,7 @@ class Child:
         prog = self.program or [sys.executable, "-m", "deploy.cli", "--config", str(config_path)]
         cmd = [*prog, *args]
         self.log_path = log_dir / f"{self.name}.log"
-        out = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **self.env}, preexec_fn=die_with_parent,
-                                         start_new_session=True)
-        finally:
-            out.close()
+        self.proc = start_child(cmd, self.log_path, self.env)
         self.started_at, self.restart_at = time.monotonic(), None
         log.debug("started %s pid=%s: %s", self.name, self.proc.pid, " ".join(cmd))
 

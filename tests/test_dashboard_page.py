@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 import urllib.request
 from pathlib import Path
 
@@ -150,62 +151,70 @@ def test_api_serves_panels(dashboard):
         assert e.value.code in (400, 404)
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (Debian package chromium)")
-def test_page_draws_every_panel(dashboard, tmp_path):
-    from PIL import Image
+@contextmanager
+def browser_page():
+    """A page of a headless Chromium and the list its JavaScript errors go to."""
     from playwright.sync_api import sync_playwright
 
-    url, _ = dashboard
-    panels = DASHBOARDS["overview"].panels
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1300})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url)
-            page.wait_for_function(
-                f"document.querySelectorAll('.panel[data-state=\"drawn\"]').length === {len(panels)}", timeout=30_000)
-            page.wait_for_function("Number(document.body.dataset.refreshes) >= 2", timeout=15_000)  # auto-refresh
-            for p in panels:
-                el = page.locator(f"#panel-{p.id}")
-                assert int(el.get_attribute("data-rows")) > 0, p.id
-                if p.kind == "timeseries":
-                    assert el.locator("canvas").count() >= 1, p.id
-                elif p.kind == "stat":
-                    assert el.locator(".value").inner_text() not in ("", "–"), p.id
-                else:
-                    assert el.locator("tbody tr").count() > 0, p.id
-            # drift is visible: banner badges, and the drift panel carries the alert
-            assert int(page.locator("#alerts").get_attribute("data-firing")) >= 2
-            assert page.locator('#alerts .badge[data-rule="prediction_drift"]').inner_text().find("video") >= 0
-            assert "alerting" in page.locator("#panel-prediction_drift").get_attribute("class")
-            assert "video" in page.locator("#panel-feature_drift_table tbody tr").first.inner_text()
-            # y-axis labels fit their gutter (a fixed 60 px clipped "100.0k/s" to "00.0k/s")
-            page.select_option("#range", "60")
-            page.wait_for_function("document.querySelector('#panel-throughput').dataset.state === 'drawn'")
-            gutter, widest, labels = page.evaluate("""(() => {
-                const ax = streamrecDashboard.charts.throughput.axes[1];
-                const ctx = document.createElement('canvas').getContext('2d');
-                ctx.font = ax.font[0];
-                const w = Math.max(...ax._values.map(v => ctx.measureText(String(v)).width));
-                return [ax._size, w, ax._values]; })()""")
-            assert labels and gutter >= widest + 10, (gutter, widest, labels)
-            page.select_option("#range", "15")
-            page.wait_for_function("document.querySelector('#panel-prediction_drift').dataset.state === 'drawn'",
-                                   timeout=15_000)
-            # the domain filter narrows the table to one domain
-            page.select_option("#domain", "stories")
-            page.wait_for_function("document.querySelectorAll('#panel-quality tbody tr').length === 1",
-                                   timeout=15_000)
-            page.select_option("#domain", "")
-            page.wait_for_function("document.querySelectorAll('#panel-quality tbody tr').length === 4",
-                                   timeout=15_000)
-            shot = tmp_path / "dashboard.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert not errors, errors
+            yield page, errors
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (Debian package chromium)")
+def test_page_draws_every_panel(dashboard, tmp_path):
+    from PIL import Image
+
+    url, _ = dashboard
+    panels = DASHBOARDS["overview"].panels
+    with browser_page() as (page, errors):
+        page.goto(url)
+        page.wait_for_function(
+            f"document.querySelectorAll('.panel[data-state=\"drawn\"]').length === {len(panels)}", timeout=30_000)
+        page.wait_for_function("Number(document.body.dataset.refreshes) >= 2", timeout=15_000)  # auto-refresh
+        for p in panels:
+            el = page.locator(f"#panel-{p.id}")
+            assert int(el.get_attribute("data-rows")) > 0, p.id
+            if p.kind == "timeseries":
+                assert el.locator("canvas").count() >= 1, p.id
+            elif p.kind == "stat":
+                assert el.locator(".value").inner_text() not in ("", "–"), p.id
+            else:
+                assert el.locator("tbody tr").count() > 0, p.id
+        # drift is visible: banner badges, and the drift panel carries the alert
+        assert int(page.locator("#alerts").get_attribute("data-firing")) >= 2
+        assert page.locator('#alerts .badge[data-rule="prediction_drift"]').inner_text().find("video") >= 0
+        assert "alerting" in page.locator("#panel-prediction_drift").get_attribute("class")
+        assert "video" in page.locator("#panel-feature_drift_table tbody tr").first.inner_text()
+        # y-axis labels fit their gutter (a fixed 60 px clipped "100.0k/s" to "00.0k/s")
+        page.select_option("#range", "60")
+        page.wait_for_function("document.querySelector('#panel-throughput').dataset.state === 'drawn'")
+        gutter, widest, labels = page.evaluate("""(() => {
+            const ax = streamrecDashboard.charts.throughput.axes[1];
+            const ctx = document.createElement('canvas').getContext('2d');
+            ctx.font = ax.font[0];
+            const w = Math.max(...ax._values.map(v => ctx.measureText(String(v)).width));
+            return [ax._size, w, ax._values]; })()""")
+        assert labels and gutter >= widest + 10, (gutter, widest, labels)
+        page.select_option("#range", "15")
+        page.wait_for_function("document.querySelector('#panel-prediction_drift').dataset.state === 'drawn'",
+                               timeout=15_000)
+        # the domain filter narrows the table to one domain
+        page.select_option("#domain", "stories")
+        page.wait_for_function("document.querySelectorAll('#panel-quality tbody tr').length === 1",
+                               timeout=15_000)
+        page.select_option("#domain", "")
+        page.wait_for_function("document.querySelectorAll('#panel-quality tbody tr').length === 4",
+                               timeout=15_000)
+        shot = tmp_path / "dashboard.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert not errors, errors
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert img.shape[0] > 800 and img.std() > 10, f"screenshot looks blank (std {img.std():.1f})"
     try:
@@ -245,30 +254,21 @@ def up_run(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (Debian package chromium)")
 def test_every_panel_has_data_after_a_short_up(up_run, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     panels = DASHBOARDS["overview"].panels
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1300})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(up_run + "?minutes=15&refresh=1")
-            try:  # the page refreshes every second: statistics still on their way arrive
-                page.wait_for_function("[...document.querySelectorAll('.panel')].every(e => "
-                                       "e.dataset.state === 'drawn' && Number(e.dataset.rows) > 0)", timeout=60_000)
-            except Exception:  # noqa: BLE001 - name the panels without data
-                states = page.evaluate("[...document.querySelectorAll('.panel')].map(e => [e.dataset.panelId, "
-                                       "e.dataset.state, e.dataset.rows, e.querySelector('.note').textContent])")
-                pytest.fail(f"panels without data: {[s for s in states if s[1] != 'drawn' or s[2] == '0']}")
-            drawn = page.evaluate("[...document.querySelectorAll('.panel')].map(e => e.dataset.panelId)")
-            assert sorted(drawn) == sorted(p.id for p in panels)  # every panel of the definition, each with data
-            shot = tmp_path / "dashboard-up.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert not errors, errors
-        finally:
-            browser.close()
+    with browser_page() as (page, errors):
+        page.goto(up_run + "?minutes=15&refresh=1")
+        try:  # the page refreshes every second: statistics still on their way arrive
+            page.wait_for_function("[...document.querySelectorAll('.panel')].every(e => "
+                                   "e.dataset.state === 'drawn' && Number(e.dataset.rows) > 0)", timeout=60_000)
+        except Exception:  # noqa: BLE001 - name the panels without data
+            states = page.evaluate("[...document.querySelectorAll('.panel')].map(e => [e.dataset.panelId, "
+                                   "e.dataset.state, e.dataset.rows, e.querySelector('.note').textContent])")
+            pytest.fail(f"panels without data: {[s for s in states if s[1] != 'drawn' or s[2] == '0']}")
+        drawn = page.evaluate("[...document.querySelectorAll('.panel')].map(e => e.dataset.panelId)")
+        assert sorted(drawn) == sorted(p.id for p in panels)  # every panel of the definition, each with data
+        shot = tmp_path / "dashboard-up.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert not errors, errors
     try:
         shutil.copyfile(shot, SCREENSHOT_COPY.with_name(SCREENSHOT_COPY.stem + "-up.png"))
     except OSError:

@@ -18,12 +18,12 @@ import importlib.resources
 import os
 import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 from streams.bus import kafka_io, storage
-from streams.bus.processes import die_with_parent, free_port
+from streams.bus import processes
+from streams.bus.processes import free_port, start_child, stop_child
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be started or did not answer."""
@@ -39,20 +39,20 @@ def tansu_binary() -> Path:
     return path
 
 
+def answers(port: int) -> bool:
+    """Whether the broker on ``port`` answers a metadata request."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            pass
+        kafka_io.list_topics(f"127.0.0.1:{port}", timeout=2.0)
+        return True
+    except (OSError, kafka_io.KafkaError, kafka_io.KafkaException):
+        return False
+
+
 def wait_ready(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0) -> None:
-    """Wait until the broker on ``port`` answers a metadata request (or ``proc`` exits: :class:`BrokerError`)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise BrokerError(f"Tansu exited with code {proc.returncode} while starting")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                pass
-            kafka_io.list_topics(f"127.0.0.1:{port}", timeout=2.0)
-            return
-        except (OSError, kafka_io.KafkaError, kafka_io.KafkaException):
-            time.sleep(0.05)
-    raise BrokerError(f"Tansu did not answer on 127.0.0.1:{port} within {timeout:.0f}s")
+    """Wait until the broker on ``port`` answers (:class:`BrokerError` if ``proc`` exits first)."""
+    processes.wait_ready(lambda: answers(port), proc, timeout, f"Tansu on 127.0.0.1:{port}", BrokerError)
 
 
 class EmbeddedBroker:
@@ -90,14 +90,7 @@ class EmbeddedBroker:
         return storage.broker_env(self.storage_port) if self.durable else {}
 
     def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        try:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env={**os.environ, **self.env()},
-                                         preexec_fn=die_with_parent, start_new_session=True)
-        finally:
-            if log is not subprocess.DEVNULL:
-                log.close()
+        self.proc = start_child(self.command(), self.log_path, self.env())
         self._wait_ready(timeout)
         return self
 
@@ -113,15 +106,7 @@ class EmbeddedBroker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``. Close clients first: Tansu waits ~5 s for open ones."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc, timeout)
         self.proc = None
 
     def __enter__(self) -> "EmbeddedBroker":

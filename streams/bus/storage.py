@@ -21,12 +21,12 @@ import logging
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from streams.bus.processes import die_with_parent, free_port
+from streams.bus import processes
+from streams.bus.processes import free_port, start_child, stop_child
 
 BUCKET = "tansu"
 # Tansu's object store client needs credentials even for a server that ignores them (without, it asks a cloud
@@ -60,14 +60,8 @@ def ready(port: int, timeout: float = 0.5) -> bool:
 
 
 def wait_ready(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise StorageError(f"the storage server exited with code {proc.returncode} while starting")
-        if ready(port):
-            return
-        time.sleep(0.05)
-    raise StorageError(f"the storage server did not answer on 127.0.0.1:{port} within {timeout:.0f}s")
+    """Wait until the server on ``port`` has the bucket (:class:`StorageError` if ``proc`` exits first)."""
+    processes.wait_ready(lambda: ready(port), proc, timeout, f"the storage server on 127.0.0.1:{port}", StorageError)
 
 
 class StorageServer:
@@ -79,24 +73,12 @@ class StorageServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15.0) -> StorageServer:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        try:
-            self.proc = subprocess.Popen(command(self.root, self.port), stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=die_with_parent, start_new_session=True)
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
+        self.proc = start_child(command(self.root, self.port), self.log_path)
         wait_ready(self.port, self.proc, timeout)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc, timeout)
         self.proc = None
 
     def __enter__(self) -> StorageServer:
