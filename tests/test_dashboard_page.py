@@ -13,8 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
