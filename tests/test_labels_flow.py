@@ -8,6 +8,7 @@ import threading
 from collections import Counter
 
 import bytewax.operators as op
+import msgspec
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.run import cli_main
@@ -254,6 +255,56 @@ def test_source_pauses_topics_that_run_ahead_in_event_time(cfg):
 
     lead, pauses = max_lead(60)
     assert lead <= 60 + 10 * 20 and pauses > 0  # at most slack + one batch (10 clicks x 20 s) ahead
+
+
+def test_records_from_the_future_do_not_pause_their_topic(cfg):
+    """A record stamped after the wall clock's future tolerance (a malformed ts past 2100, a valid impression two
+    days ahead) is a dead letter for the join and no event time for the pacing either: the source once took its
+    ts as the topic's head, which only ever grows, so the topic-partition stayed paused while any other topic
+    had data (feedback then ran the whole log ahead of its impressions, into the orphan buffer)."""
+    import time
+
+    from streams.flows.connectors import _PartitionReader
+    from streams.sources.hostile import DEFECTS
+
+    future_ts = next(d for d in DEFECTS if d.topic_kind == "impression" and d.name == "future_ts")
+    producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    far = int(time.time() * 1000) + 2 * 86_400_000
+    for k in range(2000):  # impressions 1 s apart, a click per 20 of them; from the 1000th, 20 from the future
+        imp = schema.Impression(event_id=f"i{k}", ts=T0 + k * 1000, user_id=1, ad_id=1, campaign_id=1,
+                                advertiser_id=1, domain="feed")
+        kafka_io.produce(producer, cfg.topics.impressions, schema.encode(imp), partition=0)
+        if k == 1000:
+            for j in range(20):
+                fut = schema.encode(msgspec.structs.replace(imp, event_id=f"f{j}", ts=far))
+                bad = future_ts.damage(fut, msgspec.json.decode(fut), None)
+                kafka_io.produce(producer, cfg.topics.impressions, fut if j % 2 else bad, partition=0)
+        if k % 20 == 0:
+            c = schema.Click(event_id=f"c{k}", impression_id=imp.event_id, ts=imp.ts + 1000, user_id=1)
+            kafka_io.produce(producer, cfg.topics.clicks, schema.encode(c), partition=0)
+    assert producer.flush(30) == 0
+    del producer
+    small = {"max.partition.fetch.bytes": "4000", "fetch.max.bytes": "8000", "message.max.bytes": "8000"}
+    reader = _PartitionReader(replace(cfg, labels={"batch_size": 10}, kafka={"client": small}), 0, None,
+                              bounded=True)
+    head, lead = {}, 0
+    try:
+        while True:
+            try:
+                batches = reader.next_batch()
+            except StopIteration:
+                break
+            for b in batches:
+                for topic, _, _, v in b.msgs:
+                    ev = schema.decode(v)
+                    if not isinstance(ev, schema.Invalid) and ev.ts < far:
+                        head[topic] = max(head.get(topic, 0), ev.ts)
+            if len(head) == 2:
+                lead = max(lead, head[cfg.topics.clicks] - head[cfg.topics.impressions])
+    finally:
+        reader.close()
+    assert reader.next[cfg.topics.impressions] == 2020 and reader.next[cfg.topics.clicks] == 100
+    assert lead / 1000 <= 60 + 10 * 20  # as without them: at most slack + one batch of clicks ahead
 
 
 def test_the_flow_runs_on_bytewax_testing_source_and_sink():

@@ -88,7 +88,7 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
                 eof[m.topic()], eof_at[m.topic()] = True, len(msgs)
             else:
                 kafka_io.consumer_error(err, f"labels source partition {p}", log)
-        seen = set()
+        seen, latest = set(), int(time.time() * 1000) + join.FUTURE_TOLERANCE_MS
         for i in range(len(msgs) - 1, -1, -1):  # last message per topic: next offset; data after EOF: not caught up
             topic = msgs[i][0]
             if topic not in seen:
@@ -96,7 +96,7 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
                 self.next[topic] = msgs[i][2] + 1
                 if eof[topic] and eof_at.get(topic, -1) <= i:
                     eof[topic] = False
-                ts = _head_ts(msgs, i)
+                ts = _head_ts(msgs, i, latest)
                 if ts is not None and ts > self.head.get(topic, -1):
                     self.head[topic] = ts
         self._pace()
@@ -147,8 +147,12 @@ class _Ts(msgspec.Struct):
 _decode_ts = msgspec.json.Decoder(_Ts).decode
 
 
-def _head_ts(msgs: list[join.RawMsg], i: int) -> int | None:
-    """Event ts of message ``i`` or of the closest earlier decodable one of its topic (looks back <= 8)."""
+def _head_ts(msgs: list[join.RawMsg], i: int, latest: int) -> int | None:
+    """Event ts of message ``i`` or of the closest earlier one of its topic with a plausible ts (looks back <= 8).
+
+    Plausible: from :data:`schema.MIN_TS_MS` to ``latest`` (the wall clock plus the join's future tolerance).
+    A ts the join would refuse must not become the topic's head either: the head only grows, and one record
+    from the year 2100 would keep its topic-partition paused for as long as any other topic has data."""
     topic = msgs[i][0]
     for j in range(i, max(i - 8, -1), -1):
         if msgs[j][0] == topic:
@@ -156,7 +160,7 @@ def _head_ts(msgs: list[join.RawMsg], i: int) -> int | None:
                 ts = _decode_ts(msgs[j][3]).ts
             except schema.DECODE_ERRORS:  # a bad record: the join dead-letters it; try the one before
                 continue
-            if ts >= 0:
+            if schema.MIN_TS_MS <= ts <= latest:
                 return ts
     return None
 
