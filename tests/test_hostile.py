@@ -27,6 +27,7 @@ from streams.bus.processes import free_port
 from streams.config import Config, load_config, replace
 from streams.flows import join
 from streams.sources import hostile
+from streams.sources.logfile import BadRecord
 from streams.sources.scenarios import ScenarioConfig
 
 IMPRESSIONS = 3_000
@@ -49,31 +50,23 @@ class Item(NamedTuple):
 
 
 def hostile_log(n: int, seed: int, partitions: int, cfg: Config) -> tuple[list, list[Item]]:
-    """Good generated traffic with the whole corpus (once each) and ``UNJOINABLE`` unjoinable events mixed in.
-
-    Events go where the replay puts them (keyed by user, on the user's partition); malformed bytes raw on a
-    random partition. Each unjoinable event comes after the good event it refers to (a duplicate after its
-    original, feedback after its impression). Returns (good records, items in produce order)."""
+    """Good generated traffic with the whole corpus (once each) and ``UNJOINABLE`` unjoinable events mixed in
+    (:func:`hostile.interleave`). Events go where the replay puts them (keyed by user, on the user's
+    partition); malformed bytes raw on a random partition. Returns (good records, items in produce order)."""
     rng = np.random.default_rng(seed)
     good = generated_log(n, seed, 0.0, ScenarioConfig())
     malformed = hostile.corpus(good, rng)
     assert {(b.topic_kind, b.kind) for b in malformed} == {(d.topic_kind, d.name) for d in hostile.DEFECTS}
-    unjoinable = hostile.unjoinable(good, cfg.labels.click_window_s * 1000, int(time.time() * 1000), UNJOINABLE, rng)
-    at = {(type(r), r.event_id): i for i, r in enumerate(good)}
-    after: dict[int, list[Item]] = {}  # good index -> hostile items to produce right after it
-    for b in malformed:
-        item = Item(b.topic_kind, b.raw, None, int(rng.integers(partitions)), None, hostile.expected_reason(b),
-                    b.kind)
-        after.setdefault(int(rng.integers(len(good))), []).append(item)
-    for u in unjoinable:
-        ev = u.event
-        ref = at.get((type(ev), ev.event_id), at.get((schema.Impression, getattr(ev, "impression_id", ""))))
-        item = _event_item(ev, partitions, u.reason, u.kind)
-        after.setdefault(int(rng.integers(ref if ref is not None else 0, len(good))), []).append(item)
+    refused = hostile.unjoinable(good, cfg.labels.click_window_s * 1000, int(time.time() * 1000), UNJOINABLE, rng)
     items = []
-    for i, rec in enumerate(good):
-        items.append(_event_item(rec, partitions))
-        items += after.get(i, [])
+    for rec in hostile.interleave(good, malformed, refused, rng):
+        if isinstance(rec, BadRecord):
+            items.append(Item(rec.topic_kind, rec.raw, None, int(rng.integers(partitions)), None,
+                              hostile.expected_reason(rec), rec.kind))
+        elif isinstance(rec, hostile.Unjoinable):
+            items.append(_event_item(rec.event, partitions, rec.reason, rec.kind))
+        else:
+            items.append(_event_item(rec, partitions))
     return good, items
 
 

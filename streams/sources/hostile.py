@@ -250,3 +250,35 @@ def unjoinable(records: Sequence[Any], click_window_ms: int, now_ms: int, n: int
                                                     advertiser_id=imp.advertiser_id, domain=imp.domain),
                                   "far_future_impression", "future timestamp"))
     return out
+
+
+def interleave(good: Sequence[Any], malformed: Sequence[BadRecord], refused: Sequence[Unjoinable],
+               rng: np.random.Generator) -> list[Any]:
+    """``good`` records (in their order) with ``malformed`` ones at random places and each unjoinable event
+    somewhere after the good event it refers to (a duplicate after its original, feedback after its
+    impression), so that, produced in this order, each is refused for the reason it names.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> imps = [schema.Impression(event_id=f"i{k}", ts=1_767_225_600_000 + k, user_id=k, ad_id=1, campaign_id=1,
+    ...                           advertiser_id=1, domain="feed") for k in range(3)]
+    >>> mixed = interleave(imps, make_bad_records(imps, 2, rng), unjoinable(imps, 60_000, 0, 1, rng), rng)
+    >>> len(mixed), [r for r in mixed if isinstance(r, schema.Impression)] == imps
+    (6, True)
+    >>> dup = next(r for r in mixed if isinstance(r, Unjoinable))  # a duplicate impression: after its original
+    >>> mixed.index(dup) > mixed.index(dup.event)
+    True
+    """
+    at = {(type(r), r.event_id): i for i, r in enumerate(good) if hasattr(r, "event_id")}
+    after: dict[int, list[Any]] = {}  # good index -> what comes right after it
+    for b in malformed:
+        after.setdefault(int(rng.integers(len(good))), []).append(b)
+    for u in refused:
+        ev = u.event
+        ref = at.get((type(ev), ev.event_id), at.get((schema.Impression, getattr(ev, "impression_id", None)), 0))
+        after.setdefault(int(rng.integers(ref, len(good))), []).append(u)
+    out: list[Any] = []
+    for i, rec in enumerate(good):
+        out.append(rec)
+        out += after.get(i, ())
+    return out
