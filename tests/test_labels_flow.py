@@ -307,6 +307,33 @@ def test_records_from_the_future_do_not_pause_their_topic(cfg):
     assert lead / 1000 <= 60 + 10 * 20  # as without them: at most slack + one batch of clicks ahead
 
 
+def test_the_pacing_head_is_the_largest_valid_time_of_a_batch_end():
+    """The source's head of a topic comes from the last records of a batch: only from what the join would take
+    (a malformed record's ts may be any time of the log, a valid one from the future is refused), the largest
+    of them (a duplicate from an hour ago does not hold it back), and from watermarks whatever their time
+    (they reach all three topics alike: the end-of-log mark of a log that held a far-future event is beyond
+    the future tolerance, and skipping it left a topic paused at the end of every such bounded run)."""
+    from streams.flows.connectors import _head_ts
+
+    def imp(ts, ad_id=1):
+        return schema.encode(schema.Impression(event_id=f"i{ts}", ts=ts, user_id=1, ad_id=ad_id, campaign_id=1,
+                                               advertiser_id=1, domain="feed"))
+
+    latest = T0 + 10**9
+    bad = imp(T0 + 3_600_000).replace(b'"ad_id":1', b'"ad_id":-1')  # schema: negative id, a plausible ts
+    mark = schema.encode(schema.Watermark(ts=latest + 1, source=schema.END_OF_LOG))
+
+    def head(*values):
+        msgs = [("imp", 0, k, v) for k, v in enumerate(values)]
+        return _head_ts(msgs, len(msgs) - 1, latest)
+
+    assert head(imp(T0), bad) == T0
+    assert head(imp(T0 + 10), imp(T0)) == T0 + 10
+    assert head(imp(T0), imp(latest + 1)) == T0
+    assert head(imp(T0), mark) == latest + 1
+    assert head(bad, b"{") is None
+
+
 def test_the_flow_runs_on_bytewax_testing_source_and_sink():
     from streams.flows import join
     from streams.flows.labels import build_flow
