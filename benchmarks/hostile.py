@@ -3,10 +3,10 @@
 One embedded broker, two sets of input topics holding the same generated good events in the same order:
 - clean: the good events only;
 - hostile: the same with 5% of the input hostile (one bad record per 19 good ones), cycling through the
-  corpus of streams/sources/hostile.py: every malformed kind that travels in a log (50) and the 6 kinds of
+  corpus of streams/sources/hostile.py: every malformed kind that travels in a log (49) and the 6 kinds of
   valid events the join refuses (duplicates, orphans, feedback outside its window, far future), each kind
-  as often as the others, placed as :func:`streams.sources.hostile.interleave` places them; plus the 3 MB
-  record once.
+  as often as the others, placed as :func:`streams.sources.hostile.interleave` places them; one of them is
+  the 3 MB record.
 The labels flow runs on each in turn (clean, hostile, clean, ...: drift of a shared machine hits both), in a
 child process as ``streamrec bench labels`` runs it (bounded, 1 process, fresh output topics each run). Its
 rate is good events per second, steady, from its own ServiceStats (events in minus dead letters, first to

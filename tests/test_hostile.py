@@ -5,6 +5,11 @@ Each hostile record must become exactly one dead letter whose reason is the one 
 letter may exist, and every good impression must still become exactly one example with the labels its log
 implies: first through the pure join, then through a running stack (storage, broker, dashboard with the
 metrics sink, labels, stats, trainer), where no process may die and every example is trained exactly once.
+
+The 3 MB record travels: the embedded broker (Tansu) takes it, on memory and on S3 storage, once the producer's
+``message.max.bytes`` allows it; a producer left at librdkafka's default refuses it itself, with a
+``KafkaException(MSG_SIZE_TOO_LARGE)`` from ``produce`` (tested below). The join then dead-letters it, as
+anything over 64 KiB, as too large before parsing.
 """
 
 from __future__ import annotations
@@ -131,6 +136,24 @@ def test_every_hostile_kind_gets_its_reason_from_the_join():
     assert dead_letter_problems(items, where, dead) == []
     assert sorted(examples) == sorted((k, *v) for k, v in _expected_labels(good).items())
     assert set(examples.values()) == {1}
+
+
+# --------------------------------------------------------------------------------------- the heavy record
+
+def test_the_broker_takes_the_heavy_record_from_a_producer_that_allows_it(cfg):
+    heavy = next(d for d in hostile.DEFECTS if d.where == "heavy")
+    good = generated_log(100, 1, 0.0, ScenarioConfig())
+    raw = hostile.make_bad_records(good, 1, np.random.default_rng(0), where=("heavy",))[0].raw
+    assert len(raw) > 3_000_000 and heavy.reason == hostile.TOO_LARGE
+    topic = cfg.topics.impressions
+    with pytest.raises(kafka_io.KafkaException, match="MSG_SIZE_TOO_LARGE"):  # librdkafka's own limit: 1,000,000
+        kafka_io.make_producer(cfg.kafka.bootstrap_servers).produce(topic, raw, None, 0)
+    producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers, **{"message.max.bytes": MAX_MESSAGE_BYTES})
+    producer.produce(topic, raw, None, 0)
+    assert producer.flush(60) == 0 and producer.failed == 0
+    from conftest import read_topics
+
+    assert [m.value() for m in read_topics(cfg, topic)] == [raw]
 
 
 # ---------------------------------------------------------------------------------------- running stack
