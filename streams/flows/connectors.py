@@ -15,9 +15,10 @@ stats::
     StatsReporter: the flow's counters -> ServiceStats(component="stats") about every second
     FeatureStatsSink: encoded FeatureStats -> the feature_stats topic, key = stats_id
 
-Event-time pacing (labels): the source reads the ts of the last message per topic of each batch and pauses
-the topic-partitions more than ``labels.pace_slack_s`` ahead of the slowest live one, so feedback read before
-its impression (the join's orphan buffer) stays bounded.
+Event-time pacing (labels): the source takes the largest valid event time among the last messages per topic
+of each batch (malformed and far-future records do not count) and pauses the topic-partitions more than
+``labels.pace_slack_s`` ahead of the slowest live one, so feedback read before its impression (the join's
+orphan buffer) stays bounded.
 
 Delivery: every sink waits for its messages to be delivered before Bytewax snapshots the epoch's source
 offsets (at-least-once; the consumers of both topics are idempotent).
@@ -32,7 +33,6 @@ import socket
 import threading
 import time
 
-import msgspec
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
 
@@ -90,7 +90,7 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
                 eof[m.topic()], eof_at[m.topic()] = True, len(msgs)
             else:
                 kafka_io.consumer_error(err, f"labels source partition {p}", log)
-        seen = set()
+        seen, latest = set(), int(time.time() * 1000) + join.FUTURE_TOLERANCE_MS
         for i in range(len(msgs) - 1, -1, -1):  # last message per topic: next offset; data after EOF: not caught up
             topic = msgs[i][0]
             if topic not in seen:
@@ -98,7 +98,7 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
                 self.next[topic] = msgs[i][2] + 1
                 if eof[topic] and eof_at.get(topic, -1) <= i:
                     eof[topic] = False
-                ts = _head_ts(msgs, i)
+                ts = _head_ts(msgs, i, latest)
                 if ts is not None and ts > self.head.get(topic, -1):
                     self.head[topic] = ts
         self._pace()
@@ -142,25 +142,26 @@ class _PartitionReader(StatefulSourcePartition[join.SourceBatch, dict]):
         self.consumer.close()
 
 
-class _Ts(msgspec.Struct):
-    ts: int = -1
+def _head_ts(msgs: list[join.RawMsg], i: int, latest: int) -> int | None:
+    """The largest event time among message ``i`` and the valid records of its topic just before it (the
+    last 8 messages of the batch); None when none of them is valid.
 
-
-_decode_ts = msgspec.json.Decoder(_Ts).decode
-
-
-def _head_ts(msgs: list[join.RawMsg], i: int) -> int | None:
-    """Event ts of message ``i`` or of the closest earlier decodable one of its topic (looks back <= 8)."""
-    topic = msgs[i][0]
+    Valid: an event the join takes, with a ts no later than ``latest`` (the wall clock plus the join's future
+    tolerance), or a watermark (sent to all three topics alike, so it moves no topic ahead of the others).
+    Decoded and checked as the join does: a malformed record may carry any ts of the log (its damage is
+    elsewhere), and the head only grows while a topic whose head runs ahead is paused: one ts from the year
+    2100 paused its topic for as long as any other topic had data. The largest, not the last: a duplicate or
+    late feedback from an hour ago must not hold the head back. A few records a batch are decoded here:
+    nothing next to the join's decoding."""
+    topic, best = msgs[i][0], None
     for j in range(i, max(i - 8, -1), -1):
         if msgs[j][0] == topic:
-            try:
-                ts = _decode_ts(msgs[j][3]).ts
-            except schema.DECODE_ERRORS:  # a bad record: the join dead-letters it; try the one before
+            ev = schema.decode(msgs[j][3])
+            if isinstance(ev, schema.Invalid) or (ev.ts > latest and type(ev) is not schema.Watermark):
                 continue
-            if ts >= 0:
-                return ts
-    return None
+            if best is None or ev.ts > best:
+                best = ev.ts
+    return best
 
 
 class KafkaPartitionsSource(FixedPartitionedSource[join.SourceBatch, dict]):
