@@ -27,7 +27,7 @@ from benchmarks.labels import _labels, _topics
 from streams import schema
 from streams.bus import kafka_io
 from streams.bus.broker import EmbeddedBroker
-from streams.config import Config, load_config, replace
+from config import Config, load_config, replace
 from streams.sources import generate, hostile
 from streams.sources.replay import Publisher
 

@@ -29,7 +29,7 @@ from deploy.up import generated_log, stored_predictions
 from streams import schema
 from streams.bus import kafka_io
 from streams.bus.processes import free_port
-from streams.config import Config, load_config, replace
+from config import Config, load_config, replace
 from streams.flows import join
 from streams.sources import hostile
 from streams.sources.logfile import BadRecord
