@@ -39,7 +39,8 @@ import numpy as np
 from benchmarks._common import parser, report
 from benchmarks._form_fm import FormFM
 from config import TrainerConfig
-from streams.sources.generate import GeneratorConfig, TruthParams, hidden_tastes, normalized_entropy, roc_auc, simulate
+from streams.metrics import normalized_entropy, roc_auc
+from streams.sources.generate import GeneratorConfig, TruthParams, hidden_tastes, simulate
 from streams.sources.scenarios import ScenarioConfig
 from trainer.features import featurize
 from trainer.model import Learner, count_parameters

@@ -9,7 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 from deploy.cli import main
 from streams import schema
-from streams.sources.generate import GeneratorConfig, oracle_metrics, roc_auc, simulate
+from streams.metrics import roc_auc
+from streams.sources.generate import GeneratorConfig, oracle_metrics, simulate
 from streams.sources.logfile import BadRecord, count_lines, iter_jsonl, write_jsonl
 
 N = 20_000

@@ -10,7 +10,8 @@ import pytest
 
 from benchmarks._form_fm import FormFM
 from config import TrainerConfig
-from streams.sources.generate import GeneratorConfig, roc_auc, simulate
+from streams.metrics import roc_auc
+from streams.sources.generate import GeneratorConfig, simulate
 from trainer.features import featurize
 from benchmarks._online_lr import OnlineLR
 from benchmarks._simulated import example_stream, truth_arrays

@@ -9,7 +9,8 @@ from torch import nn
 
 from embedding_store.ann import AnnConfig
 from streams import schema
-from streams.sources.generate import GeneratorConfig, TruthParams, roc_auc, simulate
+from streams.metrics import roc_auc
+from streams.sources.generate import GeneratorConfig, TruthParams, simulate
 from trainer.features import hash_ids
 from trainer.users.history import CLICK, CONVERSION, IMPRESSION, PRIOR, HistoryConfig, UserHistory
 from trainer.users.model import UserModelConfig

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streams import schema
+from streams.metrics import normalized_entropy, roc_auc
 from config import NO_BROKER, Config
 from streams.sources import scenarios
 from streams.sources.hostile import make_bad_records
@@ -374,34 +375,6 @@ def simulate(g: GeneratorConfig) -> Simulation:
 
 
 # -- oracle metrics ---------------------------------------------------------------------------------------
-
-def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney, ties averaged); NaN when ``y`` has one class.
-
-    >>> roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
-    0.75
-    """
-    y = np.asarray(y).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inv, cnt = np.unique(np.asarray(p, dtype=np.float64), return_inverse=True, return_counts=True)
-    avg_rank = np.cumsum(cnt) - (cnt - 1) / 2.0  # 1-based average rank of each distinct score
-    rank_sum = avg_rank[inv][y].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def normalized_entropy(y: np.ndarray, p: np.ndarray, eps: float = 1e-12) -> float:
-    """Mean log loss divided by the entropy of the base rate (lower is better; 1.0 = predicting the mean);
-    NaN when ``y`` has one class (the base rate's entropy is 0)."""
-    y = np.asarray(y, dtype=np.float64)
-    if not len(y) or y.min() == y.max():
-        return float("nan")
-    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
-    base = float(np.clip(y.mean(), eps, 1 - eps)) if len(y) else 0.5
-    ll = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)) if len(y) else float("nan")
-    return float(ll / -(base * np.log(base) + (1 - base) * np.log(1 - base)))
-
 
 def oracle_metrics(truth: pa.Table) -> dict[str, dict[str, float]]:
     """Per domain (and ``"all"``): rates and the AUC/NE that the true probabilities reach.
