@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dashboards import queries as q
+from dashboards.alerts import BACKLOG_ALERT
 
 KINDS = ("timeseries", "stat", "table")
 Thresholds = tuple[tuple[float | None, str], ...]
@@ -113,6 +114,10 @@ OVERVIEW = Dashboard(
               description="latency from event time (and from labelling) to training and to this dashboard"),
         Panel("lag", "Lag (messages behind)", q.LAG, unit="short",
               description="produced minus consumed, from the counters each component publishes"),
+        Panel("training_backlog", "Training backlog", q.TRAINING_BACKLOG, unit="short",
+              thresholds=((None, "green"), (float(BACKLOG_ALERT), "red")),
+              description="examples the labels dataflow emitted that the trainer has not trained yet; the "
+                          f"training_backlog alert fires when it stays above {BACKLOG_ALERT:,} for a minute"),
         Panel("label_delay", "Label delay", q.LABEL_DELAY, "table",
               description="impression to label reaching the trainer, examples and positives per delay bucket"),
         Panel("embedding_bytes", "Embedding memory by pool", q.EMBEDDING_BYTES, unit="bytes",

@@ -18,22 +18,133 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import signal
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 
+import msgspec
 import numpy as np
 import pytest
+import yaml
 from clickhouse_connect.driver.exceptions import OperationalError
 
+from dashboards.alerts import BACKLOG_ALERT, RULES
 from dashboards.server import DashboardServer
 from dashboards.sink import MetricsSink
 from dashboards.store import Store
+from deploy.soak import process_usage
+from deploy.stack import LocalStack, StatsWatcher
+from deploy.up import generated_log, stored_predictions
 from streams import schema
 from streams.bus import kafka_io
 from streams.bus.processes import free_port
-from streams.config import replace
+from streams.config import load_config, replace
+from streams.sources.scenarios import ScenarioConfig
+
+
+# ---- a trainer slower than ingest -----------------------------------------------------------------------
+IMPRESSIONS = 25_000
+SLOW = 20.0  # examples per second: far behind what the labels dataflow emits
+
+
+def _backlog_alert(page: str) -> dict | None:
+    status, body = _get(page + "api/alerts")
+    return next((a for a in body.get("alerts", []) if a["rule"] == "training_backlog"), None) if status == 200 else None
+
+
+def _wait(cond, timeout: float, what: str, every=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        if every is not None:
+            every()
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_slow_trainer_builds_a_backlog_that_alerts_stays_bounded_and_loses_nothing(tmp_path):
+    assert IMPRESSIONS - SLOW * 120 > BACKLOG_ALERT  # still above the threshold two minutes on
+    # small batches: a throttled step every ~3 s, so the trainer works all through the backlog's minute
+    cfg = replace(load_config(env={}), data_dir=str(tmp_path),
+                  trainer={"max_examples_per_s": SLOW, "batch_size": 64, "checkpoint_every_s": 5.0})
+    stack = LocalStack(cfg, tmp_path / "runs" / "backpressure", fresh=True, port=free_port(),
+                       trainer_args=("--record-trained-ids",))
+    records = generated_log(IMPRESSIONS, 5, 0.0, ScenarioConfig())
+    expected = {r.event_id for r in records if isinstance(r, schema.Impression)}
+    samples: list[tuple[float, float, float, float]] = []  # (seconds, trainer RSS MB, backlog, trained)
+    try:
+        cfg = stack.start()
+        page = f"http://{cfg.dashboard.host}:{cfg.dashboard.port}/"
+        watcher = StatsWatcher(cfg)
+        trainer = stack.child("trainer")
+        t0 = time.monotonic()
+
+        def backlog() -> float:
+            watcher.poll()
+            return watcher.value("labels", "examples_out") - watcher.value("trainer", "examples_trained")
+
+        def sample() -> None:
+            b = backlog()
+            samples.append((time.monotonic() - t0, process_usage(trainer.proc.pid)[0], b,
+                            watcher.value("trainer", "examples_trained")))
+
+        _wait(lambda: watcher.poll().get("trainer"), 120, "the trainer's first report")
+        sample()  # before any input
+        from streams.sources.replay import produce
+
+        produce(cfg, records, progress=False)  # as fast as it goes, with the end-of-log mark: labelled at once
+        _wait(lambda: watcher.value("labels", "examples_out") >= IMPRESSIONS, 180, "every impression labelled",
+              sample)
+        labelled_at = len(samples)
+        # the backlog stays above the rule's threshold for its whole window: the alert fires, on its real rule
+        _wait(lambda: (_backlog_alert(page) or {}).get("firing"), 240, "the training_backlog alert", sample)
+        fired = _backlog_alert(page)
+        sample()
+        assert fired["value"] > BACKLOG_ALERT and fired["threshold"] == RULES["training_backlog"].threshold
+        held = samples[labelled_at:]
+        assert held[-1][0] - held[0][0] >= RULES["training_backlog"].window_s - 10, "fired before a minute was over"
+        assert min(b for _, _, b, _ in held) > BACKLOG_ALERT
+        assert watcher.value("trainer", "examples_trained") <= SLOW * (time.monotonic() - t0) + 2 * cfg.trainer.batch_size
+        # memory: the backlog waits in the broker. Over the second half of the minute (the first training steps
+        # are behind; the trainer keeps training) the trainer's RSS stays flat; in all, it grew by the warm-up of
+        # training and its fetch queue (librdkafka's queued.max.messages.kbytes: 64 MiB at most)
+        mid = (held[0][0] + held[-1][0]) / 2
+        late = [(m, n) for t, m, _, n in held if t >= mid]
+        assert late[-1][1] - late[0][1] >= 5 * cfg.trainer.batch_size, "the trainer stood still"
+        assert max(m for m, _ in late) - min(m for m, _ in late) < 16, samples
+        assert max(m for _, m, _, _ in held) - samples[0][1] < 256, samples
+
+        # lift the throttle as an operator would: new configuration, the trainer restarted (SIGTERM: it
+        # checkpoints; the supervisor starts it again with --resume)
+        unthrottled = replace(stack.cfg, trainer={"max_examples_per_s": 0.0})
+        stack.sup.config_path.write_text(yaml.safe_dump(msgspec.to_builtins(unthrottled), sort_keys=False))
+        old_pid = trainer.proc.pid
+        os.kill(old_pid, signal.SIGTERM)
+        _wait(lambda: trainer.alive() and trainer.proc.pid != old_pid, 120, "the trainer to come back")
+        _wait(lambda: watcher.value("trainer", "examples_trained") >= IMPRESSIONS
+              and stored_predictions(page, 0) >= 2 * IMPRESSIONS, 300, "every example trained and stored",
+              watcher.poll)
+        _wait(lambda: not (_backlog_alert(page) or {"firing": True})["firing"], 60, "the alert to clear")
+        watcher.close()
+    finally:
+        stack.stop()
+    from trainer import checkpoint
+
+    trained = Counter(checkpoint.load_latest(stack.dirs["checkpoints"])[1]["trained_ids"])
+    assert set(trained) == expected and max(trained.values()) == 1  # every example trained, exactly once
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
 
 
 # ---- the metrics store away or slow ---------------------------------------------------------------------
@@ -197,14 +308,6 @@ def dead_clickhouse(request):
     finally:
         stub.shutdown()
         stub.server_close()
-
-
-def _get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
 
 
 def test_an_unreachable_clickhouse_url_is_reported_and_retried(cfg, dead_clickhouse):

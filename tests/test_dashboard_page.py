@@ -64,7 +64,7 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
         done = (n - i) * 30 * 3000.0  # cumulative counters: lag = produced - consumed
         items.append((t.service_stats, schema.ServiceStats("replay", trained, {"events_produced": done * 3.1})))
         items.append((t.service_stats, schema.ServiceStats("labels", trained, {"events_in": done * 3.0,
-                                                                               "examples_out": done * 1.02}, "l-1")))
+                                                                               "examples_out": done + 4000.0}, "l-1")))
         emb = {f"fiited_pool_bytes_d{d}": float(d * 4 * rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))}
         emb.update({f"fiited_rows_d{d}": float(rows) for d, rows in ((8, 70_000), (16, 20_000), (32, 7_000))})
         emb.update({"user_freshness_p50_ms": float(900.0 + 50 * np.sin(i)), "user_freshness_p99_ms": 1800.0,
