@@ -53,7 +53,8 @@ def main() -> int:
     print(f"soak: {minutes:g} min at {a.rate:,.0f} impressions/s: {tot['impressions']:,.0f} impressions "
           f"({tot['events']:,.0f} events) produced, {tot['examples_out']:,.0f} examples labelled, "
           f"{tot['trained']:,.0f} trained, {tot['stored_rows']:,.0f} prediction rows stored; {len(res.t_s)} samples "
-          f"every {sample_s:g} s, warm-up = the first third; restarts: "
+          f"every {sample_s:g} s, warm-up = the first {res.t_s[res.warm()]:.0f} s (the first third, and 15 s of "
+          "training); restarts: "
           + (", ".join(f"{k} {v}" for k, v in res.restarts.items() if v) or "none"))
     print()
     lag_rows = [(stage, f"{v['max']:,.0f}", f"{v['p50_after_warmup']:,.0f}", f"{v['final']:,.0f}")
@@ -84,6 +85,9 @@ def main() -> int:
                      f"{v['slope_mb_per_10min']:+.1f}", f"{v['slope_pct_per_10min']:+.1f}%", f"{v['cpu_cores']:.2f}"))
     stack_slopes = [v["slope_mb_per_10min"] for k, v in procs.items() if not k.startswith("(")]
     max_lag = max((v["max"] for v in s["stages"].values() if not math.isnan(v["max"])), default=float("nan"))
+    if res.t_s[-1] - res.t_s[res.warm()] < 300:
+        print("(under 5 minutes after warm-up: the slopes below extrapolate seconds to 10 minutes; a trend needs a "
+              "longer run)")
     report("soak", rows, ("process (RSS MB, children summed)", "after warm-up", "end", "peak", "slope MB/10 min",
                           "relative", "CPU cores"),
            value=max(stack_slopes), unit="MB per 10 min (largest post-warm-up RSS slope of the stack's processes)",

@@ -18,9 +18,10 @@ and deletes nothing, and every fetch lists the objects of its partition), of chD
 the delivery latency of ``service_stats`` messages (wall clock on receipt minus the report's own timestamp): a
 fetch from a partition whose object count grows through the run, so it shows whether fetches get slower.
 
-The stack's labels windows are short (``--quick``-sized runs need examples within seconds): the generator's
-click and conversion delays are capped below them, so every example leaves one conversion window after its
-impression. Each generated chunk is a new world (users' and ads' hidden tastes drawn from its seed): the model's
+The stack's labels windows are short (5 s for clicks, 10 s for conversions: a ``--quick`` run needs examples
+within seconds); the generator's delays are capped below them, so every example leaves 10 s after its
+impression. Warm-up is the first third of the run, and lasts at least 15 s after the trainer's first example
+(its first steps allocate what training needs: ~200 MB). Each generated chunk is a new world (users' and ads' hidden tastes drawn from its seed): the model's
 quality is meaningless here, its resources are the point.
 """
 
@@ -46,6 +47,7 @@ from streams.config import Config, replace
 
 log = logging.getLogger("streamrec.soak")
 STAGES = ("replay -> labels", "labels -> trainer", "trainer -> store")
+WARM_S = 15.0  # warm-up lasts at least this long after the trainer's first example
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -250,12 +252,18 @@ class SoakResult:
     disk: dict[str, list[float]] = field(default_factory=dict)  # storage / chdb / state: bytes; objects: files
     delivery_p50_ms: list[float] = field(default_factory=list)
     trainer_p50_ms: list[float] = field(default_factory=list)  # labelled -> trained, as the trainer reports it
+    trained: list[float] = field(default_factory=list)  # the trainer's examples_trained, per sample
     totals: dict[str, float] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
 
     def warm(self) -> int:
-        """Index of the first sample after warm-up (the first third of the run)."""
-        return next((i for i, t in enumerate(self.t_s) if t >= self.t_s[-1] / 3), 0) if self.t_s else 0
+        """Index of the first sample after warm-up: the first third of the run, and at least :data:`WARM_S`
+        after the trainer's first example (its first steps allocate what training needs)."""
+        if not self.t_s:
+            return 0
+        first = next((t for t, n in zip(self.t_s, self.trained) if n > 0), self.t_s[-1])
+        start = max(self.t_s[-1] / 3, first + WARM_S)
+        return next((i for i, t in enumerate(self.t_s) if t >= start), len(self.t_s) - 1)
 
 
 def _sink_rows(url: str) -> float:
@@ -270,8 +278,8 @@ def run_soak(cfg: Config, data_dir: Path, *, minutes: float, rate: float, sample
              tick_s: float = 1.0, progress=print) -> SoakResult:
     """One soak run in a fresh durable stack under ``data_dir`` (see the module docstring)."""
     cfg = replace(cfg, data_dir=str(data_dir), kafka={"bootstrap_servers": ""},
-                  labels={"click_window_s": 10, "conversion_window_s": 20})
-    gen = {"max_click_delay_s": 8.0, "max_conversion_delay_s": 18.0, "bad_rate": 0.001}
+                  labels={"click_window_s": 5, "conversion_window_s": 10})
+    gen = {"max_click_delay_s": 4.0, "max_conversion_delay_s": 9.0, "bad_rate": 0.001}
     stack = LocalStack(cfg, data_dir / "runs" / "soak", fresh=True, port=free_port())
     res = SoakResult(minutes=minutes, rate=rate)
     stream = follower = None
@@ -346,6 +354,7 @@ def _sample(res: SoakResult, stack: LocalStack, follower: StatsFollower, url: st
     lat = follower.take_latencies()
     res.delivery_p50_ms.append(float(np.median(lat)) if lat else float("nan"))
     res.trainer_p50_ms.append(v("trainer", "emitted_to_trained_p50_ms") or float("nan"))
+    res.trained.append(v("trainer", "examples_trained"))
 
 
 def _progress_line(res: SoakResult) -> str:
