@@ -50,16 +50,22 @@ def main() -> int:
                        progress=lambda m: print(m, file=sys.stderr))
     s = summary(res)
     tot = res.totals
-    print(f"soak: {minutes:g} min at {a.rate:,.0f} impressions/s: {tot['impressions']:,.0f} impressions "
+    print(f"soak: {minutes:g} min at {a.rate:,.0f} impressions/s, as last reported: {tot['impressions']:,.0f} impressions "
           f"({tot['events']:,.0f} events) produced, {tot['examples_out']:,.0f} examples labelled, "
           f"{tot['trained']:,.0f} trained, {tot['stored_rows']:,.0f} prediction rows stored; {len(res.t_s)} samples "
           f"every {sample_s:g} s, warm-up = the first {res.t_s[res.warm()]:.0f} s (the first third, and 15 s of "
           "training); restarts: "
           + (", ".join(f"{k} {v}" for k, v in res.restarts.items() if v) or "none"))
     print()
-    lag_rows = [(stage, f"{v['max']:,.0f}", f"{v['p50_after_warmup']:,.0f}", f"{v['final']:,.0f}")
+    lag_rows = [(stage, f"{v['max']:,.0f}", f"{v['p50_after_warmup']:,.0f}", f"{v['final']:,.0f}",
+                 "no" if v["behind_since_s"] is None else f"from {v['behind_since_s'] / 60:.1f} min to the end")
                 for stage, v in s["stages"].items()]
-    _table(("stage lag (messages)", "max", "median after warm-up", "final"), lag_rows)
+    _table(("stage lag (messages)", "max", "median after warm-up", "final", "a minute of input behind"), lag_rows)
+    stalled = [(v["behind_since_s"], k) for k, v in s["stages"].items() if v["behind_since_s"] is not None]
+    if stalled:
+        t, k = min(stalled)
+        print(f"NOT KEEPING UP: {k} fell more than a minute of input behind at {t / 60:.1f} min and never caught up; "
+              "memory figures after that are those of a stack that is mostly waiting")
     print()
     disk, lat = s["disk"], s["latency"]
     disk_rows = [(name, _mb(v["warm"]), _mb(v["end"]), _mb(v["per_10min"]))
@@ -92,7 +98,8 @@ def main() -> int:
                           "relative", "CPU cores"),
            value=max(stack_slopes), unit="MB per 10 min (largest post-warm-up RSS slope of the stack's processes)",
            baseline=0, minutes=minutes, rate=a.rate, max_lag=_num(max_lag),
-           lag={k: {"max": _num(v["max"]), "final": _num(v["final"])} for k, v in s["stages"].items()},
+           lag={k: {"max": _num(v["max"]), "final": _num(v["final"]), "behind_since_s": v["behind_since_s"] and round(v["behind_since_s"])}
+                for k, v in s["stages"].items()},
            processes={k: {x: v[x] for x in ("rss_warm_mb", "rss_end_mb", "slope_mb_per_10min", "slope_pct_per_10min")}
                       for k, v in procs.items()},
            storage_mb_per_10min=round(disk["storage"]["per_10min"] / 2**20, 2),

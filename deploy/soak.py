@@ -384,9 +384,12 @@ def summary(res: SoakResult) -> dict:
     for k, v in res.lag.items():  # NaN: the dashboard did not answer that sample
         a = np.asarray(v, dtype=np.float64)
         fin = a[np.isfinite(a)]
+        behind = a > res.rate * 60  # more than a minute of input behind
+        tail = len(a) - int(np.argmin(behind[::-1])) if behind[-1] else None  # first sample of the final run
         stages[k] = {"max": float(fin.max()) if fin.size else float("nan"),
                      "final": float(fin[-1]) if fin.size else float("nan"),
-                     "p50_after_warmup": float(np.nanmedian(a[w:])) if np.isfinite(a[w:]).any() else float("nan")}
+                     "p50_after_warmup": float(np.nanmedian(a[w:])) if np.isfinite(a[w:]).any() else float("nan"),
+                     "behind_since_s": None if tail is None else (res.t_s[tail] if tail < len(a) else res.t_s[0])}
     disk = {k: {"warm": float(v[w]), "end": float(v[-1]), "per_10min": slope(t, v[w:])} for k, v in res.disk.items()}
     lat = np.asarray(res.delivery_p50_ms[w:], dtype=np.float64)
     tr = np.asarray(res.trainer_p50_ms[w:], dtype=np.float64)
