@@ -112,12 +112,13 @@ def test_a_slow_trainer_builds_a_backlog_that_alerts_stays_bounded_and_loses_not
         assert watcher.value("trainer", "examples_trained") <= SLOW * (time.monotonic() - t0) + 2 * cfg.trainer.batch_size
         # memory: the backlog waits in the broker. Over the second half of the minute (the first training steps
         # are behind; the trainer keeps training) the trainer's RSS stays flat; in all, it grew by the warm-up of
-        # training and its fetch queue (librdkafka's queued.max.messages.kbytes: 64 MiB at most)
+        # training (~200 MB: its first steps) and its fetch queue (librdkafka's queued.max.messages.kbytes: 64 MiB
+        # at most). Measured: 467 MB idle, 692-693 MB from 20 s on
         mid = (held[0][0] + held[-1][0]) / 2
         late = [(m, n) for t, m, _, n in held if t >= mid]
         assert late[-1][1] - late[0][1] >= 5 * cfg.trainer.batch_size, "the trainer stood still"
         assert max(m for m, _ in late) - min(m for m, _ in late) < 16, samples
-        assert max(m for _, m, _, _ in held) - samples[0][1] < 256, samples
+        assert max(m for _, m, _, _ in held) - samples[0][1] < 320, samples
 
         # lift the throttle as an operator would: new configuration, the trainer restarted (SIGTERM: it
         # checkpoints; the supervisor starts it again with --resume)
