@@ -154,6 +154,10 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     user_ttl_keep: int = 10_000
     export_dir: str = ""  # "" = no serving export; else a versioned export (trainer/export.py) per checkpoint
     export_keep: int = 5  # export versions kept
+    # 0 = as fast as it can; > 0 caps the examples trained per second (averaged from the trainer's start): a
+    # deliberately slow trainer, to see backpressure (lag grows, the training_backlog alert fires, memory stays
+    # bounded) or to leave cores to other work
+    max_examples_per_s: float = 0.0
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

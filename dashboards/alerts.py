@@ -9,7 +9,7 @@ firing. Drift rules compare the newer half of their window's data with the older
 shorter run, the halves of what there is.
 
 >>> sorted(RULES)
-['component_silent', 'crash_loop', 'dead_letter_rate', 'feature_drift', 'freshness_lag', 'prediction_drift', 'quality_drop']
+['component_silent', 'crash_loop', 'dead_letter_rate', 'feature_drift', 'freshness_lag', 'prediction_drift', 'quality_drop', 'training_backlog']
 >>> RULES["prediction_drift"].fires(0.3), RULES["quality_drop"].fires(0.01)
 (True, False)
 """
@@ -84,6 +84,14 @@ SELECT toString(domain) AS series,
 FROM {db}.predictions FINAL
 WHERE objective = 'click' AND $WINDOW(trained_ts) AND $DOMAIN AND toUnixTimestamp64Milli(emitted_ts) > 0
 GROUP BY series"""
+# the smallest backlog (examples labelled, not yet trained) over the window, from 10 s buckets: it fires once
+# the trainer stayed that far behind the whole window, not on the burst a finite log's end releases at once
+# (`up --events 100000` hands the trainer ~100k examples together; it works them off in ~15 s). A window with
+# fewer than 6 buckets (a stack younger than a minute) says 0
+_BACKLOG = f"""
+SELECT 'trainer' AS series, if(count() >= 6, min(backlog), 0) AS value
+FROM ({q.backlog("intDiv(toUnixTimestamp(ts), 10)")})"""
+BACKLOG_ALERT = 20_000  # examples; a healthy trainer's steady backlog is its rate x its latency (~2k/s x 0.2 s here)
 # long-running components silent for longer than the threshold: crashed, hung, or cut off from the broker
 # (with the broker away nothing reports at all); replay is finite and ends its reports by design
 _SILENT = f"""
@@ -113,6 +121,11 @@ RULES: dict[str, AlertRule] = {r.id: r for r in (
                                          "the older half"),
     AlertRule("freshness_lag", "Training lag", _TRAINING_LAG, 300.0, window_s=300, panel="freshness",
               summary="median labelled-to-trained latency above 5 min: the trainer falls behind the labels"),
+    AlertRule("training_backlog", "Training backlog", _BACKLOG, BACKLOG_ALERT, window_s=60, for_s=0,
+              panel="training_backlog",
+              summary=f"the trainer stayed more than {BACKLOG_ALERT:,} examples behind the labels dataflow for a "
+                      "whole minute (labels examples_out - trainer examples_trained): it trains slower than "
+                      "examples arrive"),
     AlertRule("dead_letter_rate", "Dead-letter rate", _DEAD_RATE, 10.0, panel="dead_letters_rate",
               summary="more than 10 dead letters per minute from one step"),
     AlertRule("component_silent", "Component silent", _SILENT, 30.0, window_s=600, for_s=30, severity="critical",

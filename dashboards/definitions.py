@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dashboards import queries as q
+from dashboards.alerts import BACKLOG_ALERT
 
 KINDS = ("timeseries", "stat", "table")
 Thresholds = tuple[tuple[float | None, str], ...]
@@ -121,6 +122,10 @@ OVERVIEW = Dashboard(
                           "log; the input's property, so no thresholds"),
         Panel("lag", "Lag (messages behind)", q.LAG, unit="short",
               description="produced minus consumed, from the counters each component publishes"),
+        Panel("training_backlog", "Training backlog", q.TRAINING_BACKLOG, unit="short",
+              thresholds=((None, "green"), (float(BACKLOG_ALERT), "red")),
+              description="examples the labels dataflow emitted that the trainer has not trained yet; the "
+                          f"training_backlog alert fires when it stays above {BACKLOG_ALERT:,} for a minute"),
         Panel("label_delay", "Label delay (feedback time minus impression time)", q.LABEL_DELAY, "table",
               description="clicks and conversions per delay bucket with cumulative shares, from the stats flow's "
                           "delay histograms of the examples whose windows closed in the range"),

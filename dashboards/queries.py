@@ -524,6 +524,30 @@ FROM (
 ARRAY JOIN lags AS kv
 ORDER BY t, series"""
 
+
+
+def backlog(bucket: str) -> str:
+    """Rows ``(b, backlog)``: the trainer's backlog in examples per time bucket ``bucket`` (an expression of
+    ``ts``), the smallest it can have been in the bucket: labels ``examples_out`` (its first count in the bucket,
+    summed over instances) minus trainer ``examples_trained`` (its last count, newest instance); only buckets
+    where both reported. Counters only grow, so a bucket above a threshold was above it all through."""
+    return f"""
+    SELECT b, greatest(sumIf(v, component = 'labels') - maxIf(v, component = 'trainer'), 0) AS backlog
+    FROM (
+        SELECT {bucket} AS b, component, instance, if(component = 'labels', min(value), max(value)) AS v
+        FROM {{db}}.service_stats FINAL
+        WHERE $WINDOW(ts) AND ((component = 'labels' AND name = 'examples_out')
+                               OR (component = 'trainer' AND name = 'examples_trained'))
+        GROUP BY b, component, instance)
+    GROUP BY b
+    HAVING countIf(component = 'labels') > 0 AND countIf(component = 'trainer') > 0"""
+
+
+TRAINING_BACKLOG = f"""
+SELECT b AS t, 'examples labelled, not yet trained' AS series, backlog AS value
+FROM ({backlog("$BUCKET(ts)")})
+ORDER BY t"""
+
 # embedding memory reported by the trainer, every backend (SparseEmbeddings.memory_report): bytes and rows per row
 # width, embedding_bytes_d<width> and embedding_rows_d<width> (fixed tables: one width; FIITED: one per pool)
 EMBEDDING_BYTES = f"""

@@ -8,8 +8,14 @@
 * ``/api/panels/{panel_id}?minutes=&domain=&ref=&dashboard=``  one panel's rows, as ``{"columns", "rows": [{...}]}``
   (``ref``: minutes between the window and the drift reference window; 0 = the older half of the window's
   data against the newer half, :func:`dashboards.queries.drift_windows`);
-* ``/api/alerts?domain=``                the alert rules' rows now, firing ones first;
-* ``/healthz``                           liveness plus the sink's counters.
+* ``/api/alerts?domain=``                the alert rules' rows now, firing ones first, and the state of the
+  message bus (``bus``) and of the metrics store (``store``) for the page's banner;
+* ``/healthz``                           the sink's counters, ``bus`` and ``store``; 503 while the store is
+  unreachable (a readiness answer: the process itself keeps serving and retrying, so do not restart it on this).
+
+A store that cannot be reached (a ClickHouse server down or answering 5xx) does not stop the process: the page
+is served, its banner says "metrics store unreachable", and the sink retries with a growing delay
+(:meth:`dashboards.sink.MetricsSink.run`), losing nothing.
 """
 
 from __future__ import annotations
@@ -113,12 +119,15 @@ def make_app(cfg: Config, store: Store, sink: MetricsSink | None = None) -> Star
         states = alerts.evaluate(store, str(domain))
         states.sort(key=lambda a: (not a["firing"], a["severity"] != "critical", a["rule"], str(a["series"])))
         bus = sink.bus_status() if sink is not None else None
-        return JSONResponse({"alerts": states, "firing": sum(a["firing"] for a in states), "bus": bus})
+        return JSONResponse({"alerts": states, "firing": sum(a["firing"] for a in states), "bus": bus,
+                             "store": store.status()})
 
     def healthz(request: Request):
         counters = dict(sink.counters) if sink is not None else {}
         body = {"ok": True, "sink": sink is not None, "counters": counters,
-                "bus": sink.bus_status() if sink is not None else None}
+                "bus": sink.bus_status() if sink is not None else None, "store": store.status()}
+        if not body["store"]["ok"]:
+            return JSONResponse({**body, "ok": False, "error": f"store: {body['store']['error']}"}, 503)
         since = request.query_params.get("since_ms")
         if since is not None:  # rows in the store, not only this process's inserts
             try:
@@ -153,8 +162,8 @@ class DashboardServer:
         self.url = ""
 
     def start(self) -> str:
-        if self.store is None:
-            self.store = Store.open(self.cfg.clickhouse_url(), self.cfg.metrics.database)
+        if self.store is None:  # an unreachable server is retried, not fatal (see the module docstring)
+            self.store = Store.open(self.cfg.clickhouse_url(), self.cfg.metrics.database, retry=True)
         else:
             self.store.ensure_schema()
         if self.with_sink:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from dashboards.feature_stats import feature_stats_rows, feature_stats_topic
-from dashboards.store import Store
+from dashboards.store import Store, StoreUnavailable
 from streams import schema
 from streams.bus import kafka_io
 from config import Config
@@ -123,6 +123,7 @@ class MetricsSink:
                       t.dead_letters: schema.DeadLetter, self.feature_topic: schema.FeatureStats}
         self.counters: dict[str, int] = defaultdict(int)
         self.consumer = None
+        self._rewind = False  # a batch failed: start again from the recorded offsets before consuming more
         self._dirty: tuple[int, int] | None = None  # training-time range (ms) whose rollup slots are stale
         self._last_rollup = 0.0
         # the bus as this sink sees it: the page says so when the broker is away instead of showing stale data
@@ -224,8 +225,9 @@ class MetricsSink:
 
     def poll_once(self) -> int:
         """Consume up to ``batch_messages`` messages, insert their rows, record offsets; returns rows inserted."""
-        if self.consumer is None:
+        if self.consumer is None or self._rewind:
             self._assign()
+            self._rewind = False
         msgs = self.consumer.consume(num_messages=self.batch_messages, timeout=self.poll_timeout_s)
         if not msgs:
             self.flush_rollup()
@@ -248,21 +250,23 @@ class MetricsSink:
             self.counters["rollup_refreshes"] += 1
 
     def run(self, stop_event: threading.Event) -> None:
-        """Poll until ``stop_event`` is set. A store or broker error rewinds to the recorded offsets and retries."""
+        """Poll until ``stop_event`` is set. A store or broker error waits (0.5 s, doubling to 30 s), rewinds to the
+        recorded offsets and retries: until a rewind has succeeded nothing new is consumed, so a store that stays
+        away through several tries loses nothing."""
         backoff = 0.5
         try:
             while not stop_event.is_set():
                 try:
                     self.poll_once()
                     backoff = 0.5
-                except Exception:  # noqa: BLE001 - the sink must outlive a store hiccup
+                except Exception as e:  # noqa: BLE001 - the sink must outlive a store hiccup
                     self.counters["store_errors"] += 1
-                    log.exception("metrics sink: batch failed; rewinding to recorded offsets in %.1fs", backoff)
+                    self._rewind = True
+                    if isinstance(e, StoreUnavailable):  # no traceback: it says what is wrong (and the page too)
+                        log.warning("metrics sink: %s; retrying from the recorded offsets in %.1fs", e, backoff)
+                    else:
+                        log.exception("metrics sink: batch failed; rewinding to recorded offsets in %.1fs", backoff)
                     stop_event.wait(backoff)
                     backoff = min(backoff * 2, 30.0)
-                    try:
-                        self._assign()
-                    except Exception:  # noqa: BLE001
-                        log.exception("metrics sink: reassign failed")
         finally:
             self.close()

@@ -6,6 +6,13 @@ or ``CLICKHOUSE_USER`` / ``CLICKHOUSE_PASSWORD`` in the environment). The DDL is
 is a ReplacingMergeTree keyed by the row's identity, so the sink's at-least-once writes are harmless when
 queries read with ``FINAL``.
 
+A server can be away (refused, timed out, answering 5xx): a call then raises :class:`StoreUnavailable`, the
+store reports itself down (:meth:`Store.status`) and, until its next retry time (0.5 s, doubling to 30 s),
+refuses further calls at once instead of queueing every page query behind a dead connection. The first call
+after that time tries again; one that succeeds clears it. ``Store.open(url, db, retry=True)`` returns a store
+not yet connected when the server cannot be reached at start: each call tries to connect (and create the
+schema) under the same rule.
+
 >>> sorted(TABLES)
 ['dead_letters', 'feature_stats', 'prediction_rollup', 'predictions', 'service_stats', 'sink_offsets']
 
@@ -24,6 +31,7 @@ import math
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -159,6 +167,32 @@ class StoreError(RuntimeError):
     """The metrics store refused a URL, a statement or a query."""
 
 
+class StoreUnavailable(StoreError):
+    """The metrics store did not answer (connection refused or lost, timeout, HTTP 5xx): retry later."""
+
+
+RETRY_S = (0.5, 30.0)  # while the store is down: first retry interval, doubling up to the second
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether ``e`` means the store could not be reached, as opposed to a statement it refused:
+    clickhouse-connect raises ``OperationalError`` for network errors and for 5xx answers it gave up retrying.
+
+    >>> from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+    >>> unreachable(OperationalError("HTTP 503")), unreachable(DatabaseError("Code: 62. Syntax error"))
+    (True, False)
+    """
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    return isinstance(e, (OperationalError, ConnectionError, TimeoutError, StoreUnavailable))
+
+
+def _where(url: str) -> str:
+    """A URL without its credentials, for messages."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}" if url else ""
+
+
 def open_client(url: str):
     """A clickhouse-connect client for ``chdb:///abs/path`` (directory created) or an ``http(s)://`` URL."""
     parts = urlsplit(url)
@@ -196,26 +230,87 @@ def _clean(v: Any) -> Any:
 
 class Store:
     """A client plus a lock: the sink thread writes while the web server reads (chDB clients are not
-    thread-safe). ``database`` is created with every table on :meth:`ensure_schema`."""
+    thread-safe). ``database`` is created with every table on :meth:`ensure_schema`. ``client`` may be None
+    with a ``url``: the first call connects (see the module docstring)."""
 
-    def __init__(self, client, database: str):
+    def __init__(self, client, database: str, url: str = ""):
         if not database.isidentifier():
             raise StoreError(f"metrics.database {database!r}: must be a plain identifier")
-        self.client, self.db = client, database
+        if client is None and not url:
+            raise StoreError("Store: give a client or a URL to connect to")
+        self.client, self.db, self.url = client, database, url
         self.lock = threading.Lock()
+        self._needs_schema = client is None  # a store that connects by itself creates its schema first
+        self._error, self._down_since, self._retry_at, self._retry_s = "", None, 0.0, RETRY_S[0]
 
     @classmethod
-    def open(cls, url: str, database: str) -> "Store":
-        store = cls(open_client(url), database)
-        store.ensure_schema()
+    def open(cls, url: str, database: str, *, retry: bool = False) -> "Store":
+        """Connect to ``url`` and create the schema. ``retry``: a server that cannot be reached now is not an
+        error: the store comes back unconnected, reports itself down and connects on a later call."""
+        store = cls(None, database, url)
+        try:
+            store.ensure_schema()
+        except StoreUnavailable as e:
+            if not retry:
+                raise
+            log.warning("%s; serving and retrying meanwhile", e)
         return store
 
     def ensure_schema(self) -> None:
+        self._needs_schema = True
+        self._call(lambda client: None)  # _call creates it first
+
+    def _create_schema(self, client) -> None:
+        client.command(f"CREATE DATABASE IF NOT EXISTS {self.db}")
+        for name, ddl in TABLES.items():
+            self._migrate(name, ddl)
+            client.command(ddl.format(db=self.db, ttl=TTL_DAYS))
+
+    # ---- every call goes through _call: connect when needed, notice a store that went away ----------------
+    def _call(self, fn):
+        """``fn(client)`` under the lock; an unreachable store raises :class:`StoreUnavailable` and is marked down."""
         with self.lock:
-            self.client.command(f"CREATE DATABASE IF NOT EXISTS {self.db}")
-            for name, ddl in TABLES.items():
-                self._migrate(name, ddl)
-                self.client.command(ddl.format(db=self.db, ttl=TTL_DAYS))
+            now = time.monotonic()
+            if self._down_since is not None and now < self._retry_at:
+                raise StoreUnavailable(self._down_message(now))
+            try:
+                if self.client is None:
+                    self.client = open_client(self.url)
+                if self._needs_schema:
+                    self._create_schema(self.client)
+                    self._needs_schema = False
+                out = fn(self.client)
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                self._mark_down(e, now)
+                raise StoreUnavailable(self._down_message(now)) from e
+            if self._down_since is not None:
+                log.warning("metrics store %s reachable again after %.0fs", _where(self.url), now - self._down_since)
+            self._error, self._down_since, self._retry_s = "", None, RETRY_S[0]
+            return out
+
+    def _mark_down(self, e: BaseException, now: float) -> None:
+        self._error = " ".join(str(e).split())[:300] or type(e).__name__
+        if self._down_since is None:
+            self._down_since, self._retry_s = now, RETRY_S[0]
+        else:
+            self._retry_s = min(self._retry_s * 2, RETRY_S[1])
+        self._retry_at = now + self._retry_s
+
+    def _down_message(self, now: float) -> str:
+        where = f" {_where(self.url)}" if self.url else ""
+        return (f"metrics store{where} unreachable for {now - self._down_since:.0f}s: {self._error} "
+                f"(next try in {max(self._retry_at - now, 0):.1f}s)")
+
+    def status(self) -> dict:
+        """``{"ok", "error", "down_s", "retry_in_s"}``: down since a call found the store unreachable, until
+        one succeeds (a store nobody calls keeps its last verdict)."""
+        now = time.monotonic()
+        if self._down_since is None:
+            return {"ok": True, "error": "", "down_s": 0.0, "retry_in_s": 0.0}
+        return {"ok": False, "error": self._error, "down_s": round(now - self._down_since, 1),
+                "retry_in_s": round(max(self._retry_at - now, 0.0), 1)}
 
     def _migrate(self, table: str, ddl: str) -> bool:
         """Rebuild ``table`` when an older version of streamrec created it with another sorting key (the
@@ -264,15 +359,13 @@ class Store:
             raise StoreError(f"insert: unknown table {table!r} (known: {', '.join(TABLES)})")
         if data.num_rows == 0:
             return 0
-        with self.lock:
-            self.client.insert_arrow(f"{self.db}.{table}", data)
+        self._call(lambda c: c.insert_arrow(f"{self.db}.{table}", data))
         return data.num_rows
 
     def query(self, sql: str, parameters: Mapping[str, Any] | None = None) -> QueryResult:
         """Run ``sql`` (``{db}`` replaced by the database; ``{name:Type}`` bound from ``parameters``)."""
         sql = sql.replace("{db}", self.db)
-        with self.lock:
-            res = self.client.query(sql, parameters=dict(parameters or {}))
+        res = self._call(lambda c: c.query(sql, parameters=dict(parameters or {})))
         rows = [tuple(_clean(v) for v in r) for r in res.result_rows]
         return QueryResult(list(res.column_names), rows)
 
@@ -282,9 +375,7 @@ class Store:
 
         lo = from_ms // 1000 // ROLLUP_SLOT_S * ROLLUP_SLOT_S
         hi = to_ms // 1000 // ROLLUP_SLOT_S * ROLLUP_SLOT_S + ROLLUP_SLOT_S
-        with self.lock:
-            self.client.command(ROLLUP_REFRESH.replace("{db}", self.db),
-                                parameters={"lo": lo, "hi": hi})
+        self._call(lambda c: c.command(ROLLUP_REFRESH.replace("{db}", self.db), parameters={"lo": lo, "hi": hi}))
 
     def sink_offsets(self) -> dict[tuple[str, int], int]:
         """(topic, partition) -> next offset to read, as last recorded by the sink."""
@@ -302,4 +393,5 @@ class Store:
 
     def close(self) -> None:
         with self.lock:
-            self.client.close()
+            if self.client is not None:
+                self.client.close()

@@ -103,6 +103,7 @@ class Trainer:
         elif resume:
             log.info("--resume: no checkpoint in %s yet; starting from the beginning", self.ckpt_dir)
         self._stop = False
+        self._pace_at = 0.0  # see _throttled
         self._last_ckpt_t = time.monotonic()
         self._last_ckpt_n = self.counters["examples_trained"]
         self._last_ckpt_offsets = dict(self.offsets)
@@ -221,11 +222,13 @@ class Trainer:
             torch.set_num_threads(max(1, threads // 2))
         try:
             while not self._stop:
-                msgs = consumer.consume(num_messages=tc.batch_size, timeout=0.2)
+                throttled = self._throttled()
+                msgs = [] if throttled else consumer.consume(num_messages=tc.batch_size, timeout=0.2)
                 now = time.monotonic()
-                if msgs:
+                if msgs or throttled:  # a throttled trainer is busy, not idle
                     last_msg = now
-                    self.process(msgs)
+                if msgs:
+                    self._pace(now, self.process(msgs))
                 self.producer.poll(0)
                 done = self.counters["examples_trained"] - start_n
                 if (self.counters["examples_trained"] - self._last_ckpt_n >= tc.checkpoint_every_examples
@@ -253,6 +256,18 @@ class Trainer:
                 self.users.close()
             torch.set_num_threads(threads)  # the process's setting again (in-process callers: tests, benchmarks)
         return dict(self.counters)
+
+    # trainer.max_examples_per_s > 0: after a batch of n examples that started at t, the next starts at
+    # t + n / rate at the earliest (no credit for idle time); meanwhile nothing new is taken
+    def _throttled(self) -> bool:
+        if self.tc.max_examples_per_s <= 0 or time.monotonic() >= self._pace_at:
+            return False
+        time.sleep(min(0.05, max(0.0, self._pace_at - time.monotonic())))
+        return True
+
+    def _pace(self, started: float, n: int) -> None:
+        if self.tc.max_examples_per_s > 0:
+            self._pace_at = max(self._pace_at, started) + n / self.tc.max_examples_per_s
 
     def _dirty(self) -> bool:
         return self.offsets != self._last_ckpt_offsets

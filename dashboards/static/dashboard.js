@@ -195,15 +195,19 @@
       state.alerts = res.alerts;
       const firing = res.alerts.filter((a) => a.firing);
       const busDown = res.bus && !res.bus.ok;
-      box.dataset.firing = String(firing.length + (busDown ? 1 : 0));
+      const storeDown = res.store && !res.store.ok;
+      box.dataset.firing = String(firing.length + (busDown ? 1 : 0) + (storeDown ? 1 : 0));
       box.dataset.state = "drawn";
       box.dataset.bus = busDown ? "down" : "ok";
+      box.dataset.store = storeDown ? "down" : "ok";
       const bus = busDown ? `<span class="badge critical" data-rule="bus"><b>Message bus unreachable</b>` +
         `${esc(res.bus.error)}; newest data ${fmt(res.bus.last_message_age_s, "s")} old</span>` : "";
-      box.innerHTML = bus + (firing.length ? firing.map((a) =>
+      const st = storeDown ? `<span class="badge critical" data-rule="store"><b>Metrics store unreachable</b>` +
+        `${esc(res.store.error)}; for ${fmt(res.store.down_s, "s")}, retrying</span>` : "";
+      box.innerHTML = st + bus + (firing.length ? firing.map((a) =>
         `<span class="badge ${a.severity}" data-rule="${esc(a.rule)}" title="${esc(a.summary)}"><b>${esc(a.title)}</b>` +
         `${esc(a.series)} ${fmt(a.value, "")} ${a.op} ${a.threshold}</span>`).join("")
-        : busDown ? "" : `<span class="ok">&#10003; no alerts firing</span><span class="muted">(${res.alerts.length} checks)</span>`);
+        : busDown || storeDown ? "" : `<span class="ok">&#10003; no alerts firing</span><span class="muted">(${res.alerts.length} checks)</span>`);
       for (const el of document.querySelectorAll(".panel")) {
         const mine = firing.filter((a) => a.panel === el.dataset.panelId);
         el.classList.toggle("alerting", mine.length > 0);
