@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks._common import parser, report
 from deploy.soak import run_soak, summary
-from streams.config import load_config
+from config import load_config
 
 
 def _mb(b: float) -> str:

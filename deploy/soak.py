@@ -43,7 +43,7 @@ from deploy.stack import LocalStack
 from streams import schema
 from streams.bus import kafka_io
 from streams.bus.processes import free_port
-from streams.config import Config, replace
+from config import Config, replace
 
 log = logging.getLogger("streamrec.soak")
 STAGES = ("replay -> labels", "labels -> trainer", "trainer -> store")

@@ -42,7 +42,7 @@ from deploy.up import generated_log, stored_predictions
 from streams import schema
 from streams.bus import kafka_io
 from streams.bus.processes import free_port
-from streams.config import load_config, replace
+from config import load_config, replace
 from streams.sources.scenarios import ScenarioConfig
 
 
