@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -69,3 +70,40 @@ def test_a_child_restarted_by_the_watch_thread_lives_until_stop_all(tmp_path):
     finally:
         sup.stop_all(timeout=5)
     assert not child.alive()
+
+
+def test_children_die_with_a_killed_supervisor_even_if_they_ignore_sigterm(tmp_path):
+    # a trainer stuck flushing to a broker that died with the same supervisor ignores SIGTERM in effect
+    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)")
+    parent_code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from deploy.supervisor import Child, Supervisor\n"
+        f"sup = Supervisor(Path({str(tmp_path)!r}) / 'config.yaml', Path({str(tmp_path)!r}))\n"
+        f"child = sup.start(Child('stubborn', [], program=[sys.executable, '-c', {stubborn!r}]))\n"
+        "sup.watch(interval=0.05)\n"
+        "print(child.proc.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child_pid = None
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert _alive(child_pid)
+        time.sleep(0.3)  # the child has installed its handler
+        parent.kill()
+        parent.wait()
+        assert _until(lambda: not _alive(child_pid), timeout=10), "the child outlived its SIGKILLed supervisor"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child_pid is not None and _alive(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, waiting for its reaper
+    except FileNotFoundError:
+        return False

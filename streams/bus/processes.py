@@ -20,9 +20,14 @@ def free_port() -> int:
 
 
 def die_with_parent() -> None:
-    """``preexec_fn`` for children that must not outlive this process (runs between fork and exec)."""
+    """``preexec_fn`` for children that must not outlive this process (runs between fork and exec).
+
+    SIGKILL, not SIGTERM: a parent that dies without stopping its children has already lost the orderly
+    shutdown, and a child's own SIGTERM path may wait on a peer that died too (a trainer flushing to a
+    broker that went with the same parent waits forever). Every child resumes from its checkpoint or
+    recovery store after a SIGKILL; the chaos tests prove it for each one."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
 
