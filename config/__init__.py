@@ -154,6 +154,17 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     user_ttl_keep: int = 10_000
     export_dir: str = ""  # "" = no serving export; else a versioned export (trainer/export.py) per checkpoint
     export_keep: int = 5  # export versions kept
+    # Continuous publishing for serving (trainer/publish.py): every publish_every_s a new model version under
+    # publish_dir ("" = none): a delta (embedding rows touched since the previous version + all dense
+    # parameters), a full snapshot every publish_full_every versions; publish_keep_full full chains kept
+    publish_dir: str = ""
+    publish_every_s: float = 5.0
+    publish_full_every: int = 20
+    publish_keep_full: int = 3
+    # Model variants (serving.arms): the arm this trainer is; its predictions carry it. learn_from: "all"
+    # logged traffic (every impression, whichever arm served it) or "own" (only impressions its arm served)
+    arm: str = "main"
+    learn_from: str = "all"
     # 0 = as fast as it can; > 0 caps the examples trained per second (averaged from the trainer's start): a
     # deliberately slow trainer, to see backpressure (lag grows, the training_backlog alert fires, memory stays
     # bounded) or to leave cores to other work
@@ -172,6 +183,31 @@ class DashboardConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     window_minutes: int = 60
 
 
+class ArmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One model variant: its own trainer (``trainer``: TrainerConfig overrides, e.g. ``{"lr_dense": 3e-3}``),
+    its own published versions (``<serving.models_dir>/<name>``), a share of users (hashed user id) or
+    ``shadow`` (scores every request, serves nothing), and which traffic it learns from (``all`` | ``own``)."""
+
+    name: str
+    share: float = 0.0
+    shadow: bool = False
+    learn_from: str = "all"
+    trainer: dict[str, Any] = {}
+
+
+class ServingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"  # the ranking service binds to localhost unless configured
+    port: int = 8060
+    models_dir: str = ""  # "" = <data_dir>/models; arm A publishes to <models_dir>/A
+    max_batch: int = 64  # requests scored in one forward pass at most
+    max_wait_ms: float = 2.0  # how long a request may wait for others to share its forward pass
+    max_candidates: int = 1000  # longer candidate lists are refused (413)
+    retrieve_k: int = 100  # candidates retrieved when a request names none
+    poll_s: float = 0.5  # how often the service looks for a newer published version
+    emit_impressions: bool = True  # every served ad becomes an impression event (closes the loop)
+    arms: tuple[ArmConfig, ...] = (ArmConfig(name="main", share=1.0),)
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     data_dir: str = "var"
     kafka: KafkaConfig = KafkaConfig()
@@ -180,6 +216,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     trainer: TrainerConfig = TrainerConfig()
     metrics: MetricsConfig = MetricsConfig()
     dashboard: DashboardConfig = DashboardConfig()
+    serving: ServingConfig = ServingConfig()
+
+    def models_dir(self) -> str:
+        return self.serving.models_dir or str(Path(self.data_dir, "models"))
 
     def chdb_path(self) -> str:
         return str(Path(self.data_dir, "chdb").resolve())

@@ -65,6 +65,10 @@ class Impression(msgspec.Struct, frozen=True, gc=False, tag="impression", forbid
     cat: Annotated[list[Id], msgspec.Meta(max_length=MAX_LIST)] = []
     dense: Annotated[list[float], msgspec.Meta(max_length=MAX_LIST)] = []
     history: Annotated[list[Id], msgspec.Meta(max_length=MAX_LIST)] = []
+    # set when streamrec's ranking service served it: the arm (model variant) and the model version that
+    # ranked it ("" / 0: logged traffic from elsewhere)
+    arm: ShortStr = ""
+    model_version: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Click(msgspec.Struct, frozen=True, gc=False, tag="click", forbid_unknown_fields=False):
@@ -144,6 +148,7 @@ class PredictionBatch(msgspec.Struct, frozen=True, gc=False, tag="predictions"):
     p_conversion: list[float]
     click: list[int]
     conversion: list[int]
+    arm: str = ""  # the trainer's arm (TrainerConfig.arm)
 
 
 class ServiceStats(msgspec.Struct, frozen=True, gc=False, tag="service_stats"):
@@ -209,8 +214,8 @@ def check(ev: object) -> str | None:
     if isinstance(ev, Impression):
         if ev.domain not in DOMAIN_INDEX:
             return f"unknown domain {ev.domain!r} (known: {', '.join(DOMAINS)})"
-        if not tokens_ok(ev.event_id + ev.device + ev.country):
-            return _bad_token(ev, ("event_id", "device", "country"))
+        if not tokens_ok(ev.event_id + ev.device + ev.country + ev.arm):
+            return _bad_token(ev, ("event_id", "device", "country", "arm"))
         if not all(map(math.isfinite, ev.dense)):
             return "dense feature is NaN or infinite"
     elif isinstance(ev, Click):
