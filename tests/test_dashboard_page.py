@@ -258,8 +258,10 @@ def test_every_panel_has_data_after_a_short_up(up_run, tmp_path):
     with browser_page() as (page, errors):
         page.goto(up_run + "?minutes=15&refresh=1")
         try:  # the page refreshes every second: statistics still on their way arrive
-            page.wait_for_function("[...document.querySelectorAll('.panel')].every(e => "
-                                   "e.dataset.state === 'drawn' && Number(e.dataset.rows) > 0)", timeout=60_000)
+            # the count first: `every` over a page whose panels are not laid out yet is vacuously true
+            page.wait_for_function("n => { const els = [...document.querySelectorAll('.panel')]; return els.length "
+                                   "=== n && els.every(e => e.dataset.state === 'drawn' && Number(e.dataset.rows) > 0)"
+                                   " }", arg=len(panels), timeout=60_000)
         except Exception:  # noqa: BLE001 - name the panels without data
             states = page.evaluate("[...document.querySelectorAll('.panel')].map(e => [e.dataset.panelId, "
                                    "e.dataset.state, e.dataset.rows, e.querySelector('.note').textContent])")
