@@ -100,7 +100,7 @@ OVERVIEW = Dashboard(
         Panel("arm_comparison", "Arms side by side", q.ARM_COMPARISON, "table", width=24,
               description="per arm, online: the traffic it served (impressions, CTR and conversions per impression "
                           "in %, Wilson 95% intervals); offline: its model's click predictions on every example it "
-                          "scored (AUC with a Hanley-McNeil 95% interval, normalized entropy with a delta-method "
+                          "scored (AUC with a DeLong 95% interval, normalized entropy with a delta-method "
                           f"95% interval). {q.LOGGED_ARM}: traffic streamrec did not serve"),
         Panel("click_auc", "Click AUC by domain", q.rollup_by_domain(q.R_AUC, "click"), thresholds=GOOD_AUC),
         Panel("cvr_auc", "Conversion AUC by domain", q.rollup_by_domain(q.R_AUC, "conversion"), thresholds=GOOD_AUC),

@@ -211,7 +211,7 @@ def ne_delta_se(n: str, mean_ll: str, base: str, var_ll: str, var_y: str, cov: s
 # positives above it) from running sums over the scores, AUC = their mean, Var = S10 / n1 + S01 / n0 (their
 # sample variances); and the per-example log loss, its moments and its covariance with the label for NE.
 # (DeLong, not Hanley-McNeil: Hanley-McNeil's exponential approximation overstated the AUC's standard error
-# by 10-40% against a bootstrap on binormal scores with AUC 0.8-0.96; DeLong was within 6%.)
+# by 11-39% against a bootstrap on binormal scores with AUC 0.76-0.96; DeLong was within 6%: docs/arms.md.)
 # Inner aliases differ from the columns (ClickHouse resolves an alias before a column of the same name).
 _ARM_SCORES = f"""
         SELECT toString(arm) AS a, score, toFloat64(countIf(label = 1)) AS np, toFloat64(countIf(label = 0)) AS nn,

@@ -6,6 +6,7 @@
   match numpy, scipy and scikit-learn on the same rows; the intervals' widths agree with a bootstrap.
 * A predictions table made before arms is rebuilt with its rows (arm ``main``, logged traffic) and keeps
   working beside a second arm's rows.
+* (The live page draws the comparison in Chromium: tests/test_dashboard_page.py.)
 * A real trainer with ``learn_from: own`` on a broker trains only the examples its arm served, scores and
   publishes the others (counted as ``examples_other_arm``), and reports under its arm's name.
 """
@@ -195,13 +196,20 @@ def test_an_older_predictions_table_gains_arms_and_keeps_its_rows(chdb_client):
         s.query(q.render(p.sql, "live"), q.live_parameters(5))
 
 
-def test_two_trainers_stats_keep_apart(store):
+def test_two_trainers_stats_keep_apart_and_the_backlog_follows_the_slowest(store):
     now = int(time.time() * 1000)
-    stats = [schema.ServiceStats("trainer", now, {"examples_trained": 100.0 * k}, arm)
-             for k, arm in enumerate(("a", "b"), 1)]
+    # arm a (learn_from own) trained 1000 and scored 2000 for the other arm; arm b trained 4000; labels emitted 6000
+    stats = [schema.ServiceStats("trainer", now, {"examples_trained": 1000.0, "examples_other_arm": 2000.0}, "a"),
+             schema.ServiceStats("trainer", now, {"examples_trained": 4000.0, "examples_other_arm": 0.0}, "b"),
+             schema.ServiceStats("labels", now - 1, {"examples_out": 6000.0}, "l-1")]
     store.insert("service_stats", stats_rows(stats))
-    assert store.query("SELECT instance, value FROM {db}.service_stats FINAL WHERE component = 'trainer' "
-                       "ORDER BY instance").rows == [("a", 100.0), ("b", 200.0)]
+    assert store.query("SELECT instance, value FROM {db}.service_stats FINAL WHERE component = 'trainer' AND "
+                       "name = 'examples_trained' ORDER BY instance").rows == [("a", 1000.0), ("b", 4000.0)]
+    # the slowest arm is a: it took 3000 examples (trained or scored), b 4000: 6000 - 3000 behind
+    params = q.live_parameters(10)
+    assert [r[2] for r in store.query(q.render(q.TRAINING_BACKLOG, "live"), params).rows] == [3000.0]
+    lag = {r[1]: r[2] for r in store.query(q.render(q.LAG, "live"), params).rows}
+    assert lag["trainer behind labels"] == 3000.0
 
 
 def _examples(n: int, seed: int = 3) -> list[schema.Example]:
@@ -259,3 +267,17 @@ def test_learn_from_own_trains_only_its_arms_examples(cfg):
     last = {s.instance: s.values for s in stats if s.component == "trainer"}
     assert set(last) == {"a", "b"}
     assert last["a"]["examples_other_arm"] == len(examples) - len(own)
+
+
+def test_train_names_an_unknown_arm(tmp_path, capsys):
+    import argparse
+
+    from config import load_config
+    from trainer.service import run as train_cli
+
+    cfg = load_config(env={}, kafka={"bootstrap_servers": "127.0.0.1:1"},
+                      trainer={"checkpoint_dir": str(tmp_path)})
+    args = argparse.Namespace(resume=False, fresh=False, max_examples=None, idle_exit=None, checkpoint_dir=None,
+                              record_trained_ids=False, arm="zz")
+    assert train_cli(args, cfg) == 2
+    assert "--arm: no arm 'zz' in serving.arms (known: main)" in capsys.readouterr().err
