@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, get_type_hints
@@ -30,6 +31,13 @@ NO_BROKER = "no broker configured: set STREAMREC_KAFKA__BOOTSTRAP_SERVERS or use
 
 class ConfigError(ValueError):
     """The configuration file or an environment variable has a bad value."""
+
+
+LEARN_FROM = ("all", "own")  # which logged traffic an arm's trainer learns from (docs/arms.md)
+# an arm's name is a token that is also a safe directory name (<models_dir>/<arm>, <checkpoint_dir>/<arm>)
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ARM_NAME_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+SHARE_TOLERANCE = 1e-6  # the non-shadow arms' shares must sum to 1 within this
 
 
 class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -170,6 +178,12 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # bounded) or to leave cores to other work
     max_examples_per_s: float = 0.0
 
+    def __post_init__(self):
+        if not ARM_NAME.fullmatch(self.arm):
+            raise ConfigError(f"trainer.arm {self.arm!r}: {ARM_NAME_RULE}")
+        if self.learn_from not in LEARN_FROM:
+            raise ConfigError(f"trainer.learn_from {self.learn_from!r}: must be one of {', '.join(LEARN_FROM)}")
+
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     clickhouse_url: str = ""  # empty: chDB under <data_dir>/chdb; or http://user:pass@host:8123
@@ -194,6 +208,30 @@ class ArmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     learn_from: str = "all"
     trainer: dict[str, Any] = {}
 
+    def __post_init__(self):
+        where = f"serving.arms: arm {self.name!r}"
+        if not ARM_NAME.fullmatch(self.name):
+            raise ConfigError(f"{where}: the name must be {ARM_NAME_RULE}")
+        if not 0.0 <= self.share <= 1.0:
+            raise ConfigError(f"{where}: share {self.share} must be in [0, 1]")
+        if self.learn_from not in LEARN_FROM:
+            raise ConfigError(f"{where}: learn_from {self.learn_from!r} must be one of {', '.join(LEARN_FROM)}")
+        if self.shadow and self.learn_from == "own":
+            raise ConfigError(f"{where}: a shadow arm serves nothing, so it has no traffic of its own to learn "
+                              "from: use learn_from all")
+        for field in ("arm", "learn_from"):
+            if field in self.trainer:
+                raise ConfigError(f"{where}: trainer.{field} is set by the arm (its name, its learn_from), "
+                                  "not by its trainer overrides")
+        for field in self.trainer:
+            if field not in TrainerConfig.__struct_fields__:
+                raise ConfigError(f"{where}: trainer.{field} is not a trainer setting (known: "
+                                  f"{', '.join(TrainerConfig.__struct_fields__)})")
+        try:
+            msgspec.convert(dict(self.trainer), TrainerConfig, strict=False)
+        except (msgspec.ValidationError, ConfigError) as e:
+            raise ConfigError(f"{where}: trainer overrides: {e}") from None
+
 
 class ServingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"  # the ranking service binds to localhost unless configured
@@ -206,6 +244,27 @@ class ServingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     poll_s: float = 0.5  # how often the service looks for a newer published version
     emit_impressions: bool = True  # every served ad becomes an impression event (closes the loop)
     arms: tuple[ArmConfig, ...] = (ArmConfig(name="main", share=1.0),)
+
+    def __post_init__(self):
+        if not self.arms:
+            raise ConfigError("serving.arms: at least one arm is needed")
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"serving.arms: arm names must be unique, {', '.join(map(repr, dup))} repeated")
+        live = [a for a in self.arms if not a.shadow]
+        total = sum(a.share for a in live)
+        if not live or abs(total - 1.0) > SHARE_TOLERANCE:
+            shares = ", ".join(f"{a.name}={a.share:g}" for a in live) or "none"
+            raise ConfigError(f"serving.arms: the shares of the arms that serve (not shadow) must sum to 1, "
+                              f"got {total:g} ({shares})")
+
+    def arm(self, name: str) -> ArmConfig:
+        """The arm called ``name`` (KeyError naming the known arms otherwise)."""
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(f"no arm {name!r} in serving.arms (known: {', '.join(a.name for a in self.arms)})")
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -277,6 +336,40 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
         return msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as e:
         raise ConfigError(f"configuration: {e}") from None
+
+
+def _is_default_single_arm(cfg: Config) -> bool:
+    return len(cfg.serving.arms) == 1 and cfg.serving.arms[0].name == TrainerConfig().arm
+
+
+def arm_trainer_config(cfg: Config, arm: ArmConfig | str) -> Config:
+    """``cfg`` as the trainer of ``arm`` (an :class:`ArmConfig` or the name of one in ``cfg.serving.arms``) runs
+    it: the base ``trainer`` section with the arm's overrides, ``trainer.arm`` = its name, its ``learn_from``,
+    its own checkpoints (``<trainer.checkpoint_dir>/<arm>``) and its own published versions
+    (``<models_dir>/<arm>``), so several trainers run side by side without sharing a file.
+
+    One arm called ``main`` (the default) keeps ``trainer.checkpoint_dir`` itself: checkpoints written before
+    arms existed resume. An arm's overrides may name ``checkpoint_dir`` or ``publish_dir``; they win.
+
+    >>> cfg = replace(Config(), serving={"arms": [{"name": "a", "share": 0.9},
+    ...                                           {"name": "b", "share": 0.1, "trainer": {"lr_dense": 0.01}}]})
+    >>> b = arm_trainer_config(cfg, "b").trainer
+    >>> b.arm, b.lr_dense, b.checkpoint_dir, b.publish_dir
+    ('b', 0.01, 'var/checkpoints/b', 'var/models/b')
+    >>> arm_trainer_config(Config(), "main").trainer.checkpoint_dir
+    'var/checkpoints'
+    """
+    if isinstance(arm, str):
+        arm = cfg.serving.arm(arm)
+    tc = msgspec.to_builtins(cfg.trainer)
+    ckpt = tc["checkpoint_dir"] if _is_default_single_arm(cfg) else str(Path(tc["checkpoint_dir"], arm.name))
+    tc.update(checkpoint_dir=ckpt, publish_dir=str(Path(cfg.models_dir(), arm.name)))
+    tc = _merge(tc, arm.trainer)
+    tc.update(arm=arm.name, learn_from=arm.learn_from)
+    try:
+        return replace(cfg, trainer=tc)
+    except ConfigError as e:
+        raise ConfigError(f"serving.arms: arm {arm.name!r}: {e}") from None
 
 
 def replace(cfg: Config, **sections: Mapping[str, Any] | Any) -> Config:

@@ -124,8 +124,8 @@ RULES: dict[str, AlertRule] = {r.id: r for r in (
     AlertRule("training_backlog", "Training backlog", _BACKLOG, BACKLOG_ALERT, window_s=60, for_s=0,
               panel="training_backlog",
               summary=f"the trainer stayed more than {BACKLOG_ALERT:,} examples behind the labels dataflow for a "
-                      "whole minute (labels examples_out - trainer examples_trained): it trains slower than "
-                      "examples arrive"),
+                      "whole minute (labels examples_out - the examples the slowest trainer took): it trains slower "
+                      "than examples arrive"),
     AlertRule("dead_letter_rate", "Dead-letter rate", _DEAD_RATE, 10.0, panel="dead_letters_rate",
               summary="more than 10 dead letters per minute from one step"),
     AlertRule("component_silent", "Component silent", _SILENT, 30.0, window_s=600, for_s=30, severity="critical",

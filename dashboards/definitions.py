@@ -80,8 +80,8 @@ class Dashboard:
 OVERVIEW = Dashboard(
     uid="streamrec-overview",
     title="streamrec overview",
-    description="Progressive-validation quality per domain and objective, drift, label delay, throughput, "
-                "pipeline latency and log age, lag, embedding memory, dead letters.",
+    description="Progressive-validation quality per domain and objective, arms side by side, drift, label delay, "
+                "throughput, pipeline latency and log age, lag, embedding memory, dead letters.",
     panels=(
         Panel("stat_click_auc", "Click AUC", q.rollup_stat(q.R_AUC), "stat", "", GOOD_AUC,
               "pooled over selected domains (score buckets)", 3),
@@ -97,6 +97,11 @@ OVERVIEW = Dashboard(
         Panel("stat_log_age", "Log age", q.LOG_AGE_NOW, "stat", "s", (),
               "event time of the newest trained event to now (the input's age, not a delay of ours)", 3),
         Panel("stat_dead_letters", "Dead letters", q.DEAD_LETTERS_TOTAL, "stat", "short", NO_DEAD, "in the window", 3),
+        Panel("arm_comparison", "Arms side by side", q.ARM_COMPARISON, "table", width=24,
+              description="per arm, online: the traffic it served (impressions, CTR and conversions per impression "
+                          "in %, Wilson 95% intervals); offline: its model's click predictions on every example it "
+                          "scored (AUC with a DeLong 95% interval, normalized entropy with a delta-method "
+                          f"95% interval). {q.LOGGED_ARM}: traffic streamrec did not serve"),
         Panel("click_auc", "Click AUC by domain", q.rollup_by_domain(q.R_AUC, "click"), thresholds=GOOD_AUC),
         Panel("cvr_auc", "Conversion AUC by domain", q.rollup_by_domain(q.R_AUC, "conversion"), thresholds=GOOD_AUC),
         Panel("click_ne", "Click normalized entropy by domain", q.rollup_by_domain(q.R_NE, "click"),

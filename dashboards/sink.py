@@ -26,7 +26,7 @@ from dashboards.feature_stats import feature_stats_rows, feature_stats_topic
 from dashboards.store import Store, StoreUnavailable
 from streams import schema
 from streams.bus import kafka_io
-from config import Config
+from config import Config, TrainerConfig
 from streams.names import Step
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 GROUP_ID = "streamrec-metrics-sink"  # never committed to: offsets live in the store
 STEP = Step.METRICS_SINK
 RAW_PREFIX = 256  # bytes of a dead letter's payload kept for the table
+DEFAULT_ARM = TrainerConfig().arm  # the arm of predictions from a trainer that did not name one (before arms)
 
 
 def _ts(ms) -> pa.Array:
@@ -49,18 +50,29 @@ def batch_problem(ev: object) -> str | None:
             len(ev.click), len(ev.conversion)}
     if lens - {n}:
         return f"invalid: PredictionBatch columns have lengths {sorted(lens)}, expected {n} (example_ids)"
+    served = {len(ev.served_arms), len(ev.served_versions)} - {0}
+    if served - {n}:
+        return (f"invalid: PredictionBatch served_arms / served_versions have lengths {len(ev.served_arms)} / "
+                f"{len(ev.served_versions)}, expected {n} (example_ids) or none")
     return None
 
 
 def prediction_rows(batches: list[schema.PredictionBatch], inserted_ms: int) -> pa.Table:
-    """Two rows per example (objective click and conversion), shape ``(2 * sum(len(batch)),)`` per column."""
+    """Two rows per example (objective click and conversion), shape ``(2 * sum(len(batch)),)`` per column, each
+    with the scoring model's arm (:data:`DEFAULT_ARM` when the batch names none) and the arm and version that
+    served the example ('' / 0 when logged)."""
     cols: dict[str, list] = defaultdict(list)
     for b in batches:
         problem = batch_problem(b)
         if problem:
             raise ValueError(f"prediction_rows: batch model_version={b.model_version}: {problem}")
         n = len(b.example_ids)
+        served_arms = b.served_arms or [""] * n
+        served_versions = b.served_versions or [0] * n
         for objective, scores, labels in (("click", b.p_click, b.click), ("conversion", b.p_conversion, b.conversion)):
+            cols["arm"] += [b.arm or DEFAULT_ARM] * n
+            cols["served_arm"] += served_arms
+            cols["served_version"] += served_versions
             cols["example_id"] += b.example_ids
             cols["objective"] += [objective] * n
             cols["domain"] += b.domains
@@ -72,6 +84,9 @@ def prediction_rows(batches: list[schema.PredictionBatch], inserted_ms: int) -> 
             cols["trained_ts"] += [b.trained_ts] * n
     total = len(cols["example_id"])
     return pa.table({
+        "arm": pa.array(cols["arm"], pa.string()),
+        "served_arm": pa.array(cols["served_arm"], pa.string()),
+        "served_version": pa.array(np.asarray(cols["served_version"], dtype=np.uint64)),
         "example_id": pa.array(cols["example_id"], pa.string()),
         "objective": pa.array(cols["objective"], pa.string()),
         "domain": pa.array(cols["domain"], pa.string()),

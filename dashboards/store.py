@@ -46,13 +46,19 @@ TTL_DAYS = 30  # predictions / stats / dead letters older than this are dropped 
 
 # {db} is replaced by the configured database. Valid on ClickHouse server 23+ and chDB 4.
 TABLES: dict[str, str] = {
-    # one row per (example, objective): a re-inserted example replaces its row (version = inserted_ts)
+    # one row per (arm, example, objective): a re-inserted example replaces its row (version = inserted_ts); arms
+    # scoring the same example keep a row each. arm: the arm of the model that scored it (its trainer's
+    # trainer.arm); served_arm / served_version: the arm and published version that served the impression
+    # ('' / 0: logged traffic, not served by streamrec)
     "predictions": """
 CREATE TABLE IF NOT EXISTS {db}.predictions (
+    arm LowCardinality(String),
     example_id String,
     objective LowCardinality(String),
     domain LowCardinality(String),
     model_version UInt64,
+    served_arm LowCardinality(String),
+    served_version UInt64,
     score Float32,
     label UInt8,
     event_ts DateTime64(3, 'UTC'),
@@ -60,7 +66,7 @@ CREATE TABLE IF NOT EXISTS {db}.predictions (
     trained_ts DateTime64(3, 'UTC'),
     inserted_ts DateTime64(3, 'UTC')
 ) ENGINE = ReplacingMergeTree(inserted_ts)
-ORDER BY (objective, domain, example_id)
+ORDER BY (arm, objective, domain, example_id)
 TTL toDateTime(trained_ts) + INTERVAL {ttl} DAY""",
     "service_stats": """
 CREATE TABLE IF NOT EXISTS {db}.service_stats (
@@ -150,6 +156,9 @@ MIGRATION_FILL: dict[str, dict[str, str]] = {
     # before emitted_ts existed the rows were read by window_end; when the sink stored them is the nearest
     # wall-clock time; the tolerant parser's rows were histograms when they had bins
     "feature_stats": {"emitted_ts": "inserted_ts", "kind": "if(empty(bins), 'count', 'histogram')"},
+    # before arms every prediction came from the one trainer there was: the default arm's (TrainerConfig.arm);
+    # served_arm / served_version take their defaults ('' / 0: logged traffic)
+    "predictions": {"arm": "'main'"},
 }
 
 

@@ -62,6 +62,7 @@ class Stat(StrEnum):
     EXAMPLES_TRAINED = "examples_trained"
     STEPS = "steps"
     DUPLICATES = "duplicates"
+    EXAMPLES_OTHER_ARM = "examples_other_arm"  # learn_from own: scored, not trained (another arm served them)
     CHECKPOINTS = "checkpoints"
     MODEL_VERSION = "model_version"
     LAG_MS = "lag_ms"

@@ -149,6 +149,10 @@ class PredictionBatch(msgspec.Struct, frozen=True, gc=False, tag="predictions"):
     click: list[int]
     conversion: list[int]
     arm: str = ""  # the trainer's arm (TrainerConfig.arm)
+    # per example: the arm that served its impression and the published version that ranked it
+    # (Impression.arm / .model_version; "" / 0 for logged traffic); empty lists: every example logged
+    served_arms: list[str] = []
+    served_versions: list[int] = []
 
 
 class ServiceStats(msgspec.Struct, frozen=True, gc=False, tag="service_stats"):

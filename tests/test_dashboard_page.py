@@ -1,7 +1,8 @@
-"""The live dashboard in a real headless Chromium, drawn with uPlot from chDB. Twice: on metrics produced to
-Kafka with a drift injected (consumed by the dashboard's own sink: alerts, badges, filters), and after a short
-real `streamrec up` (generator, broker, labels and stats flows, trainer, sink as processes): every panel must
-end up drawn with rows, drift, label delay, embedding memory and both halves of freshness included."""
+"""The live dashboard in a real headless Chromium, drawn with uPlot from chDB. Three times: on metrics produced
+to Kafka with a drift injected (consumed by the dashboard's own sink: alerts, badges, filters), on two arms'
+predictions (the arms comparison panel), and after a short real `streamrec up` (generator, broker, labels and
+stats flows, trainer, sink as processes): every panel must end up drawn with rows, drift, label delay,
+embedding memory and both halves of freshness included."""
 
 from __future__ import annotations
 
@@ -221,6 +222,52 @@ def test_page_draws_every_panel(dashboard, tmp_path):
         shutil.copyfile(shot, SCREENSHOT_COPY)
     except OSError:
         pass
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (Debian package chromium)")
+def test_the_live_page_draws_the_arms_side_by_side(cfg, tmp_path):
+    """Two arms' predictions (and a shadow arm's) through Kafka and the dashboard's own sink onto the live page:
+    one row per arm with its intervals in one cell, in a real headless Chromium."""
+    from test_arms import N, _traffic
+
+    now = int(time.time() * 1000)
+    served, _, _, _, batches = _traffic(np.random.default_rng(5), now)
+    prod = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    for b in batches.values():
+        kafka_io.produce(prod, cfg.topics.predictions, schema.encode(b))
+    assert prod.flush(30) == 0
+    server = DashboardServer(config_mod.replace(cfg, dashboard={"refresh_s": 1.0, "window_minutes": 15}), port=0,
+                             sink=True)
+    url = server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while server.sink.counters["messages"] < len(batches) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rows = {r["arm"]: r for r in _get(url + "api/panels/arm_comparison?minutes=15")["rows"]}
+        assert rows["a"]["served"] == int((served == "a").sum()) and rows["b"]["scored"] == N
+        with browser_page() as (page, errors):
+            page.goto(url + "?minutes=15")
+            page.wait_for_function("document.querySelector('#panel-arm_comparison').dataset.state === 'drawn'",
+                                   timeout=30_000)
+            panel = page.locator("#panel-arm_comparison")
+            assert panel.locator("tbody tr").count() == 4
+            head = panel.locator("thead").inner_text()
+            assert "ctr %" in head and "95% CI" in head and "auc_lo" not in head  # intervals merged into cells
+            first = [c.strip() for c in panel.locator("tbody tr").first.inner_text().split("\t")]
+            assert first[0] == "a" and first[1] == str(rows["a"]["served"])
+            lo, hi = rows["a"]["auc_lo"], rows["a"]["auc_hi"]
+            assert f"[{lo:.3f}, {hi:.3f}]" in panel.locator("tbody tr").first.inner_text()
+            assert "green" in panel.locator("tbody tr").first.locator("td").nth(5).get_attribute("class")  # auc
+            panel.scroll_into_view_if_needed()
+            shot = tmp_path / "arms.png"
+            panel.screenshot(path=str(shot))
+            assert not errors, errors
+        try:  # for a person to look at, beside the page's own screenshot
+            shutil.copyfile(shot, SCREENSHOT_COPY.with_name(SCREENSHOT_COPY.stem + "-arms.png"))
+        except OSError:
+            pass
+    finally:
+        server.stop()
 
 
 # ---- after a real `streamrec up` ---------------------------------------------------------------------------

@@ -203,6 +203,10 @@ def test_grafana_sql_runs_on_clickhouse(tmp_path):
             res = store.query(_expand_grafana_macros(p["targets"][0]["rawSql"], now_s))
             if p["title"] in ("Click AUC", "Click AUC by domain", "Quality by domain"):
                 assert res.rows and all(r[-1] is not None for r in res.rows if p["type"] != "table"), p["title"]
+            if p["title"] == "Arms side by side":  # the batch names no arm: the default arm's model, logged traffic
+                got = {r["arm"]: r for r in res.records()}
+                assert list(got) == ["main", "(logged)"] and got["main"]["scored"] == n == got["(logged)"]["served"]
+                assert got["main"]["auc_lo"] < got["main"]["auc"] < got["main"]["auc_hi"]
         for rule in grafana.alert_rules_json("streamrec"):  # the alert queries run too
             res = store.query(_expand_grafana_macros(rule["data"][0]["model"]["rawSql"], now_s))
             assert all(len(r) == 2 for r in res.rows), rule["title"]

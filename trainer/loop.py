@@ -10,6 +10,13 @@ the next offset of every partition together, atomically. After a crash ``--resum
 consistent point: messages after it are re-read and trained once (their predictions and dead letters are
 published again: at-least-once there, keyed by example id for idempotent sinks).
 
+Arms (``serving.arms``, docs/arms.md): the trainer is one arm's (``trainer.arm``; see
+:func:`config.arm_trainer_config`) and its predictions carry it, with each example's serving arm and version.
+``trainer.learn_from = "own"``: examples another arm served (``Impression.arm`` set and not this arm) are
+scored and published like the others (so every arm's model is evaluated offline on the same examples) but not
+trained on, nor fed to the user model; they are counted as ``examples_other_arm``. Logged traffic
+(``Impression.arm`` empty: nobody's arm) is not any arm's own either, so an ``own`` trainer skips it too.
+
 The process around it (command line, signals, malloc settings) is ``trainer/service.py``.
 """
 
@@ -90,7 +97,7 @@ class Trainer:
         self.offsets: dict[tuple[str, int], int] = {}
         # plain str keys (a Stat indexes them alike): checkpoints load with torch's weights_only unpickler
         self.counters = {k.value: 0 for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS,
-                                              Stat.CHECKPOINTS)}
+                                              Stat.CHECKPOINTS, Stat.EXAMPLES_OTHER_ARM)}
         self.dedup = Dedup()
         self.trained_ids: list[str] | None = [] if record_ids else None
         self.newest_event_ts = 0
@@ -165,19 +172,18 @@ class Trainer:
                 good.append(ex)
             else:
                 self.counters["duplicates"] += 1
+        if self.tc.learn_from == "own":  # another arm's traffic: scored and published, not trained on
+            other = [ex for ex in good if ex.impression.arm != self.tc.arm]
+            if other:
+                good = [ex for ex in good if ex.impression.arm == self.tc.arm]
+                self.counters[Stat.EXAMPLES_OTHER_ARM] += len(other)
+                ofb = featurize(other, self.tc, self.learner.user_view)
+                self._publish_predictions(ofb, other, *self.learner.score(ofb))
         if not good:
             return 0
         fb = featurize(good, self.tc, self.learner.user_view)
-
-        def publish(p_click: np.ndarray, p_conv: np.ndarray) -> None:
-            pb = schema.PredictionBatch(
-                model_version=self.learner.steps, trained_ts=int(time.time() * 1000), example_ids=fb.example_ids,
-                domains=fb.domains, event_ts=fb.event_ts.tolist(), emitted_ts=fb.emitted_ts.tolist(),
-                p_click=p_click.tolist(), p_conversion=p_conv.tolist(), click=fb.click.astype(int).tolist(),
-                conversion=fb.conversion.astype(int).tolist())
-            kafka_io.produce(self.producer, self.cfg.topics.predictions, schema.encode(pb))
-
-        self.learner.train_step(fb, before_update=publish)
+        self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
+            fb, good, p_click, p_conv))
         self.counters["steps"] = self.learner.steps
         self.counters["examples_trained"] += len(good)
         if self.trained_ids is not None:
@@ -187,6 +193,20 @@ class Trainer:
             self.users.submit(good)
         self._stats.add(fb.event_ts, int(time.time() * 1000), fb.emitted_ts)
         return len(good)
+
+    def _publish_predictions(self, fb, examples: list[schema.Example], p_click: np.ndarray,
+                             p_conv: np.ndarray) -> None:
+        """The batch's scores (before any update from it), with this trainer's arm and each example's serving
+        arm and version (all empty for logged traffic)."""
+        served = any(ex.impression.arm for ex in examples)
+        pb = schema.PredictionBatch(
+            model_version=self.learner.steps, trained_ts=int(time.time() * 1000), example_ids=fb.example_ids,
+            domains=fb.domains, event_ts=fb.event_ts.tolist(), emitted_ts=fb.emitted_ts.tolist(),
+            p_click=p_click.tolist(), p_conversion=p_conv.tolist(), click=fb.click.astype(int).tolist(),
+            conversion=fb.conversion.astype(int).tolist(), arm=self.tc.arm,
+            served_arms=[ex.impression.arm for ex in examples] if served else [],
+            served_versions=[ex.impression.model_version for ex in examples] if served else [])
+        kafka_io.produce(self.producer, self.cfg.topics.predictions, schema.encode(pb))
 
     def _dead_letter(self, reason: str, m, now_ms: int) -> None:
         self.counters["dead_letters"] += 1

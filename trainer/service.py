@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from config import NO_BROKER, Config, replace
+from config import NO_BROKER, Config, arm_trainer_config, replace
 
 log = logging.getLogger("streamrec.trainer")
 
@@ -65,6 +65,12 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     # only when launched as a command (`streamrec train` / `python -m deploy.cli train`), not called in-process
     if Path(sys.argv[0]).name in ("streamrec", "cli.py") and "train" in sys.argv[1:]:
         _reexec_with_malloc_env()
+    if getattr(args, "arm", None):  # one arm's trainer (serving.arms): its overrides, checkpoints, versions
+        try:
+            cfg = arm_trainer_config(cfg, args.arm)
+        except KeyError as e:
+            print(f"streamrec train: --arm: {e.args[0]}", file=sys.stderr)
+            return 2
     if args.checkpoint_dir:
         cfg = replace(cfg, trainer={"checkpoint_dir": args.checkpoint_dir})
     from trainer import checkpoint  # torch: only when training
@@ -95,6 +101,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--fresh", action="store_true", help="delete existing checkpoints and start from the beginning")
     p.add_argument("--max-examples", type=int, metavar="N", help="stop after training N examples")
     p.add_argument("--idle-exit", type=float, metavar="S", help="stop after S seconds without new examples")
+    p.add_argument("--arm", metavar="NAME",
+                   help="train the arm NAME of serving.arms: the trainer section with the arm's overrides, its "
+                        "learn_from, checkpoints in <trainer.checkpoint_dir>/NAME (the single default arm 'main': "
+                        "trainer.checkpoint_dir itself) and versions published to <models_dir>/NAME (docs/arms.md)")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint directory (default: trainer.checkpoint_dir)")
     p.add_argument("--export-dir", metavar="DIR",
                    help="also write a serving export (trainer/export.py) at every checkpoint, for `score --model`")

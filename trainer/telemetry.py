@@ -7,7 +7,6 @@ own delay); ``lag_ms``: now - emission time of the newest trained example (how f
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -55,7 +54,7 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
     now = int(time.time() * 1000)
     learner = trainer.learner
     values = {k: float(trainer.counters[k])
-              for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS)}
+              for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS, Stat.EXAMPLES_OTHER_ARM)}
     values.update(throughput.take(now))
     values[Stat.MODEL_VERSION] = float(learner.steps)
     for name, h in learner.delays.items():
@@ -69,4 +68,6 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
         values.update(report())
     if trainer.users is not None:
         values.update(trainer.users.stats())
-    return schema.ServiceStats(component=Component.TRAINER, ts=now, values=values, instance=f"pid{os.getpid()}")
+    # the instance is the trainer's arm: arms side by side report apart (the store keys rows by instance), and
+    # a restarted trainer continues its arm's series
+    return schema.ServiceStats(component=Component.TRAINER, ts=now, values=values, instance=trainer.tc.arm)

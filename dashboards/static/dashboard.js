@@ -84,21 +84,35 @@
     setState(el, res.rows.length ? "drawn" : "empty", res.rows.length, "");
   }
 
+  // a column X with columns X_lo and X_hi (a confidence interval) shows as one cell "X [lo, hi]"
+  function intervalColumns(columns) {
+    const has = new Set(columns);
+    const ci = new Set(columns.filter((c) => has.has(c + "_lo") && has.has(c + "_hi")));
+    return { ci, shown: columns.filter((c) => !(/_(lo|hi)$/.test(c) && ci.has(c.slice(0, -3)))) };
+  }
+
   function drawTable(el, p, res) {
     const body = el.querySelector(".body");
     if (!res.rows.length) { body.innerHTML = ""; setState(el, "empty", 0, "no data in this window"); return; }
-    const th = res.columns.map((c) => `<th class="${typeof res.rows[0][c] === "number" ? "" : "text"}">${c}</th>`)
-      .join("");
+    const { ci, shown: cols } = intervalColumns(res.columns);
+    const numeric = (c) => res.rows.some((r) => typeof r[c] === "number");
+    const th = cols.map((c) => `<th class="${numeric(c) ? "" : "text"}">${c.replace(/_pct$/, " %")}` +
+      (ci.has(c) ? ` <span class="ci">[95% CI]</span>` : "") + `</th>`).join("");
     const metricTh = { auc: [[null, "red"], [0.6, "orange"], [0.7, "green"]],
                        cvr_auc: [[null, "red"], [0.6, "orange"], [0.7, "green"]],
                        ne: [[null, "green"], [0.95, "orange"], [1.0, "red"]],
                        cvr_ne: [[null, "green"], [0.95, "orange"], [1.0, "red"]],
                        psi: p.thresholds && p.thresholds.length ? p.thresholds : null };
-    const trs = res.rows.map((r) => "<tr>" + res.columns.map((c) => {
+    const trs = res.rows.map((r) => "<tr>" + cols.map((c) => {
       const v = r[c];
-      const cls = typeof v === "number" ? colour(v, metricTh[c]) : "text";
-      const shown = typeof v === "string" && /^\d{4}-\d\d-\d\dT/.test(v) ? when(v) : fmt(v, "");
-      return `<td class="${cls}" title="${String(v).replace(/"/g, "&quot;")}">${shown}</td>`;
+      const cls = typeof v === "number" ? colour(v, metricTh[c]) : (numeric(c) ? "" : "text");
+      let shown = typeof v === "string" && /^\d{4}-\d\d-\d\dT/.test(v) ? when(v) : fmt(v, "");
+      let title = String(v);
+      if (ci.has(c) && typeof v === "number") {
+        shown += ` <span class="ci">[${fmt(r[c + "_lo"], "")}, ${fmt(r[c + "_hi"], "")}]</span>`;
+        title += ` (95% CI ${r[c + "_lo"]} to ${r[c + "_hi"]})`;
+      }
+      return `<td class="${cls}" title="${esc(title)}">${shown}</td>`;
     }).join("") + "</tr>").join("");
     body.innerHTML = `<table><thead><tr>${th}</tr></thead><tbody>${trs}</tbody></table>`;
     setState(el, "drawn", res.rows.length, "");
