@@ -1,0 +1,5 @@
+"""The ranking service (``streamrec serve``): HTTP API (:mod:`serving.api`), model slots and arms
+(:mod:`serving.models`), micro-batching (:mod:`serving.batcher`), candidates (:mod:`serving.catalogue`),
+served impressions and stats (:mod:`serving.emit`), the server and CLI (:mod:`serving.service`).
+
+Depends on trainer, streams, embedding_store and config; nothing below it imports serving."""
