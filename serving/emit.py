@@ -106,6 +106,7 @@ class Emitter:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.instance = f"pid{os.getpid()}"
+        self.flush_s = 10.0  # how long stop() waits for the broker to take what is pending
 
     def put(self, imps: list[schema.Impression]) -> None:
         if not self.emit_impressions or not imps:
@@ -177,7 +178,7 @@ class Emitter:
             self._wake.wait(0.05)
             self._wake.clear()
 
-    def stop(self, flush_s: float = 10.0) -> None:
+    def stop(self) -> None:
         """Produce what is pending and wait up to ``flush_s`` for delivery."""
         self._stop.set()
         self._wake.set()
@@ -185,7 +186,7 @@ class Emitter:
             self._thread.join(timeout=30)
             self._thread = None
         if self.producer is not None:
-            left = self.producer.flush(flush_s)
+            left = self.producer.flush(self.flush_s)
             if left or self.pending:
                 log.warning("serving: %d impressions not delivered at shutdown (broker away?)",
                             left + len(self.pending))
