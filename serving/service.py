@@ -370,8 +370,10 @@ class ServingServer:
 
 
 def run_serve(cfg: Config, *, host: str | None = None, port: int | None = None, catalogue_file: str | None = None,
-              stop_event: threading.Event | None = None) -> int:
-    """Serve until ``stop_event`` is set (default: until SIGTERM / SIGINT)."""
+              stop_event: threading.Event | None = None, stores: Mapping[str, Store] | None = None,
+              on_start=None) -> int:
+    """Serve until ``stop_event`` is set (default: until SIGTERM / SIGINT). ``stores``: see
+    :class:`RankingService`; ``on_start(server)``: called once it listens."""
     from trainer.embeddings import quiet_fbgemm_logs
 
     quiet_fbgemm_logs()
@@ -389,10 +391,20 @@ def run_serve(cfg: Config, *, host: str | None = None, port: int | None = None, 
             return 2
         print(f"serve: {n} ads from {catalogue_file}", flush=True)
     try:
-        svc = RankingService(cfg, catalogue=catalogue)
+        svc = RankingService(cfg, stores, catalogue=catalogue)
     except (ImportError, ValueError) as e:
         print(f"streamrec serve: {e}", file=sys.stderr)
         return 2
+    announced, waiting = [False], False
+
+    def announce_ready(slot, new) -> None:  # the poller thread at each swap, until every arm has a model
+        if waiting and not announced[0] and not svc.missing_arms():
+            announced[0] = True
+            print("serve: ready (" + ", ".join(f"{n} v{s.current.seq}" for n, s in svc.slots.items()
+                                             if s.current is not None) + ")", flush=True)
+
+    for slot in svc.slots.values():
+        slot.on_swap.append(announce_ready)
     server = ServingServer(cfg, svc, host=host, port=port)
     try:
         url = server.start()
@@ -412,13 +424,13 @@ def run_serve(cfg: Config, *, host: str | None = None, port: int | None = None, 
         print(f"serve: no model version yet for arm(s) {', '.join(missing)} under {cfg.models_dir()}: /readyz "
               "answers 503 and /rank 503 until the trainer publishes one (trainer.publish_dir); the first version "
               "is picked up as it appears", flush=True)
-    announced = not missing
+    waiting = bool(missing)
+    announce_ready(None, None)  # in case the first versions came while we printed
+    if on_start is not None:
+        on_start(server)
     try:
         while not stop_event.wait(0.5):
-            if not announced and not svc.missing_arms():
-                announced = True
-                print("serve: ready (" + ", ".join(f"{n} v{s.current.seq}" for n, s in svc.slots.items()
-                                                 if s.current is not None) + ")", flush=True)
+            pass
     finally:
         print("serve: stopping: answering the requests in flight", flush=True)
         server.stop()

@@ -502,3 +502,64 @@ def test_serve_command_waits_for_a_model_and_stops_on_sigterm(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+class _Gated(torch.nn.Module):
+    """A model whose forward waits for ``gate``: holds a request in flight for as long as a test needs."""
+
+    def __init__(self, inner, gate: threading.Event, entered: threading.Event):
+        super().__init__()
+        self.inner, self.gate, self.entered = inner, gate, entered
+        self.emb = inner.emb
+
+    def forward(self, b):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.inner(b)
+
+
+def test_stop_answers_the_requests_in_flight(tmp_path, capsys):
+    """run_serve: no model -> a clear message and 503; the first version is picked up; a stop (what SIGTERM
+    does) while a request is being scored still answers it, then the command exits 0."""
+    from serving.service import run_serve
+
+    root = tmp_path / "models" / "main"
+    gate, entered, stop = threading.Event(), threading.Event(), threading.Event()
+    cfg = serving_cfg(tmp_path, poll_s=0.05)
+    servers = []
+
+    class GatedStore(ExportStore):
+        def advance(self, current):
+            new = super().advance(current)
+            return None if new is None else StandIn(**{**new.__dict__, "model": _Gated(new.model, gate, entered)})
+
+    rc = []
+    t = threading.Thread(target=lambda: rc.append(run_serve(cfg, stop_event=stop, stores={"main": GatedStore(root)},
+                                                            on_start=servers.append)))
+    t.start()
+    try:
+        wait_for(lambda: servers, what="the server listening")
+        port = servers[0].port
+        with Client("127.0.0.1", port) as c:
+            assert c.request("GET", "/readyz")[0] == 503
+            export.export(learner(steps=2), root)
+            wait_for(lambda: c.request("GET", "/readyz")[0] == 200, what="readiness")
+        answer = []
+        slow = threading.Thread(target=lambda: answer.append(Client("127.0.0.1", port).rank(rank_body())))
+        slow.start()
+        assert entered.wait(20)  # the request is inside the forward pass
+        stop.set()
+        time.sleep(0.3)  # the server has stopped accepting meanwhile
+        gate.set()
+        slow.join(30)
+        t.join(60)
+        assert answer and answer[0][0] == 200 and answer[0][1]["model_version"] == 2
+        assert rc == [0]
+        with pytest.raises(OSError):
+            Client("127.0.0.1", port, timeout=2).request("GET", "/healthz")
+    finally:
+        gate.set()
+        stop.set()
+        t.join(60)
+    out = capsys.readouterr().out
+    assert "no model version yet for arm(s) main" in out and "serve: ready (main v2)" in out
