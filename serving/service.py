@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import itertools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -369,6 +370,17 @@ class ServingServer:
         self.stop()
 
 
+def set_torch_threads() -> int:
+    """Intra-op threads for the forward passes: every core but one, which the event loop needs (on 2 cores, 1:
+    two OpenMP threads on an oversubscribed pair of cores stall at their barriers for tens of ms, measured)."""
+    import torch
+
+    n = max(1, (os.cpu_count() or 1) - 1)
+    if torch.get_num_threads() > n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def run_serve(cfg: Config, *, host: str | None = None, port: int | None = None, catalogue_file: str | None = None,
               stop_event: threading.Event | None = None, stores: Mapping[str, Store] | None = None,
               on_start=None) -> int:
@@ -377,6 +389,7 @@ def run_serve(cfg: Config, *, host: str | None = None, port: int | None = None, 
     from trainer.embeddings import quiet_fbgemm_logs
 
     quiet_fbgemm_logs()
+    set_torch_threads()
     if stop_event is None:
         stop_event = threading.Event()
         if threading.current_thread() is threading.main_thread():
