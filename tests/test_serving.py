@@ -90,6 +90,20 @@ class ExportStore:
                        trained_ts=m.meta["exported_ts"], created_ts=m.meta["exported_ts"], user_view=m.user_view)
 
 
+class _Gated(torch.nn.Module):
+    """A model whose forward waits for ``gate``: holds a request in flight for as long as a test needs."""
+
+    def __init__(self, inner, gate: threading.Event, entered: threading.Event):
+        super().__init__()
+        self.inner, self.gate, self.entered = inner, gate, entered
+        self.emb = inner.emb
+
+    def forward(self, b):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.inner(b)
+
+
 def candidates(n: int, start: int = 0) -> list[dict]:
     return [{"ad_id": start + i, "campaign_id": (start + i) // 3, "advertiser_id": (start + i) // 7} for i in range(n)]
 
@@ -179,25 +193,31 @@ def test_batching_scores_concurrent_requests_in_one_forward(tmp_path):
 
 
 def test_concurrent_http_requests_share_batches(tmp_path):
-    cfg = serving_cfg(tmp_path, max_batch=64, max_wait_ms=50)
-    svc = RankingService(cfg, {"main": StaticStore(LocalModel.of(learner()))})
-    n, rounds, statuses = 8, 5, []
+    """Over HTTP: while one forward pass runs, the requests arriving meanwhile queue up and share the next."""
+    gate, entered = threading.Event(), threading.Event()
+    lm = LocalModel.of(learner())
+    gated = LocalModel(**{**lm.__dict__, "model": _Gated(lm.model, gate, entered)})
+    cfg = serving_cfg(tmp_path, max_batch=64, max_wait_ms=2)
+    svc = RankingService(cfg, {"main": StaticStore(gated)})
+    n, answers = 8, []
     with ServingServer(cfg, svc) as srv:
-        barrier = threading.Barrier(n)
-
         def client(u: int) -> None:
             with Client("127.0.0.1", srv.port) as c:
-                for r in range(rounds):
-                    barrier.wait()
-                    statuses.append(c.rank(rank_body(user=u, request_id=f"c{u}-{r}"))[0])
+                answers.append(c.rank(rank_body(user=u, request_id=f"c{u}")))
 
-        threads = [threading.Thread(target=client, args=(u,)) for u in range(n)]
-        for t in threads:
+        threads = [threading.Thread(target=client, args=(0,))]
+        threads[0].start()
+        assert entered.wait(20)  # request 0 is inside its forward pass
+        threads += [threading.Thread(target=client, args=(u,)) for u in range(1, n)]
+        for t in threads[1:]:
             t.start()
+        wait_for(lambda: svc.batcher.q.qsize() == n - 1, what="the other requests queued")
+        gate.set()
         for t in threads:
-            t.join()
-    assert statuses == [200] * (n * rounds)
-    assert svc.batcher.forwards < n * rounds  # requests arriving together were scored together
+            t.join(30)
+    assert sorted(a[1]["request_id"] for a in answers) == [f"c{u}" for u in range(n)]
+    assert all(status == 200 for status, _ in answers)
+    assert svc.batcher.forwards == 2 and svc.batcher.batches == 2  # 1 + the 7 that queued meanwhile
 
 
 # -- versions ------------------------------------------------------------------------------------------------
@@ -502,20 +522,6 @@ def test_serve_command_waits_for_a_model_and_stops_on_sigterm(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
-
-
-class _Gated(torch.nn.Module):
-    """A model whose forward waits for ``gate``: holds a request in flight for as long as a test needs."""
-
-    def __init__(self, inner, gate: threading.Event, entered: threading.Event):
-        super().__init__()
-        self.inner, self.gate, self.entered = inner, gate, entered
-        self.emb = inner.emb
-
-    def forward(self, b):
-        self.entered.set()
-        assert self.gate.wait(30)
-        return self.inner(b)
 
 
 def test_stop_answers_the_requests_in_flight(tmp_path, capsys):
