@@ -31,7 +31,7 @@ from streams import schema
 log = logging.getLogger(__name__)
 
 MAX_ADS = 200_000
-POPULAR_EVERY_S = 1.0  # how often the per-domain most-frequent lists are recomputed
+POPULAR_EVERY_S = 5.0  # how often the per-domain most-frequent lists are recomputed
 POPULAR_KEEP = 1000
 
 
@@ -120,12 +120,15 @@ class Catalogue:
 
     def refresh_popular(self) -> None:
         with self._lock:
-            items = list(self.ads.items())
+            ads = np.fromiter(self.ads.keys(), np.int64, len(self.ads))
+            infos = list(self.ads.values())
+        seen = np.fromiter((i.seen for i in infos), np.int64, len(infos))
+        bits = np.fromiter((i.domains for i in infos), np.int64, len(infos))
+        order = np.lexsort((ads, -seen))  # most seen first, ties by id
         popular = {}
         for i, d in enumerate(schema.DOMAINS):
-            on = [(info.seen, ad) for ad, info in items if info.domains >> i & 1]
-            on.sort(reverse=True)
-            popular[d] = [ad for _, ad in on[:POPULAR_KEEP]]
+            on = order[(bits[order] >> i & 1).astype(bool)]
+            popular[d] = ads[on[:POPULAR_KEEP]].tolist()
         self._popular = popular
         self._popular_at = time.monotonic()
 
@@ -194,7 +197,6 @@ class AdIndex:
 
     def __init__(self, published, catalogue: Catalogue, kind: str = "exact"):
         from embedding_store.ann import AnnConfig, make_index
-        from serving.models import table_rows
         from trainer.features import SINGLE_FIELDS
 
         self.seq = published.seq
@@ -202,11 +204,25 @@ class AdIndex:
         self.published = published
         self.ad_table = SINGLE_FIELDS.index("ad_id")
         self.user_table = SINGLE_FIELDS.index("user_id")
-        ids = catalogue.snapshot_ids()
         self.index = make_index(AnnConfig(dim=published.tcfg.embedding_dim, kind=kind, device="cpu"))
+        self.add(catalogue.snapshot_ids())
+
+    def add(self, ids: np.ndarray) -> None:
+        """Index these ads' vectors (replacing any already there)."""
+        from serving.models import table_rows
+
         for i in range(0, len(ids), 65536):
             chunk = ids[i:i + 65536]
-            self.index.upsert(chunk, table_rows(published, self.ad_table, chunk), 0)
+            self.index.upsert(chunk, table_rows(self.published, self.ad_table, chunk), 0)
+
+    def add_new(self, catalogue: Catalogue) -> int:
+        """Index the catalogue's ads this index does not hold yet (the same model version); returns how many."""
+        version = catalogue.version
+        ids = catalogue.snapshot_ids()
+        new = ids[~np.isin(ids, self.index.ids())]
+        self.add(new)
+        self.catalogue_version = version
+        return len(new)
 
     def __len__(self) -> int:
         return len(self.index)

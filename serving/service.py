@@ -128,18 +128,21 @@ class RankingService:
         return [n for n, s in self.slots.items() if not s.shadow and s.current is None]
 
     def refresh_indexes(self) -> None:
-        """(Re)build a serving arm's ANN index when its model version changed or the catalogue grew."""
+        """A serving arm's ANN index: built when there is none, rebuilt for a new model version, extended with
+        the catalogue's new ads; rebuilds and extensions at most every :data:`INDEX_REBUILD_S` per arm."""
         for name, slot in self.slots.items():
             pub = slot.current
             if slot.shadow or pub is None or not len(self.catalogue):
                 continue
             idx = self.indexes.get(name)
-            stale = idx is None or idx.seq != pub.seq or idx.published is not pub
-            grown = idx is not None and idx.catalogue_version != self.catalogue.version and \
-                time.monotonic() - self._index_built.get(name, 0.0) > INDEX_REBUILD_S
-            if stale or grown:
+            due = time.monotonic() - self._index_built.get(name, 0.0) > INDEX_REBUILD_S
+            if idx is None or (due and idx.published is not pub):
                 self.indexes[name] = AdIndex(pub, self.catalogue)
-                self._index_built[name] = time.monotonic()
+            elif due and idx.catalogue_version != self.catalogue.version:
+                idx.add_new(self.catalogue)
+            else:
+                continue
+            self._index_built[name] = time.monotonic()
 
     def retrieve(self, jobs: list[Job], current: Mapping[str, object]) -> None:
         """Fill ``imps`` of requests without candidates (batcher thread): one index search per arm."""

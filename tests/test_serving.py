@@ -458,6 +458,35 @@ def test_retrieval_from_a_catalogue_file(tmp_path):
         Catalogue().load_file(bad)
 
 
+def test_ad_indexes_follow_model_versions_and_new_ads(tmp_path, monkeypatch):
+    import serving.service as service_mod
+    from serving.models import table_rows
+
+    monkeypatch.setattr(service_mod, "INDEX_REBUILD_S", 0.0)
+    cat = Catalogue()
+    for a in range(10):
+        cat.add(a, a, a, ["feed"])
+    store = StaticStore(LocalModel.of(learner(0), seq=1))
+    svc = RankingService(serving_cfg(tmp_path), {"main": store}, catalogue=cat)
+    svc.poller.poll_once()
+    svc.refresh_indexes()
+    first = svc.indexes["main"]
+    assert first.seq == 1 and len(first) == 10
+    for a in range(10, 15):
+        cat.add(a, a, a, ["feed"])
+    svc.refresh_indexes()
+    assert svc.indexes["main"] is first and len(first) == 15  # new ads added to the same version's index
+    store.model = LocalModel.of(learner(1), seq=2)
+    svc.poller.poll_once()
+    svc.refresh_indexes()
+    second = svc.indexes["main"]
+    assert second.seq == 2 and len(second) == 15
+    ids = np.arange(15)
+    from embedding_store.ann import normalize
+
+    np.testing.assert_allclose(second.index.get(ids), normalize(table_rows(store.model, 1, ids)), atol=1e-6)
+
+
 # -- arms ----------------------------------------------------------------------------------------------------
 def test_arm_split_is_stable_and_follows_the_shares(tmp_path):
     arms = (ArmConfig(name="A", share=0.8), ArmConfig(name="B", share=0.2), ArmConfig(name="S", shadow=True))
