@@ -221,12 +221,46 @@ def test_concurrent_http_requests_share_batches(tmp_path):
 
 
 # -- versions ------------------------------------------------------------------------------------------------
-def test_hot_swap_under_load_fails_nothing(tmp_path):
-    root = tmp_path / "models" / "main"
-    lr = learner(steps=1)
-    export.export(lr, root)
+def train_a_step(lr, seed: int) -> None:
+    from trainer.features import featurize
+
+    rng = np.random.default_rng(seed)
+    exs = [schema.Example(example_id=f"x{seed}-{i}", click=int(rng.random() < 0.3), conversion=0,
+                          impression=schema.Impression(event_id=f"x{seed}-{i}", ts=TS, user_id=int(rng.integers(50)),
+                                                       ad_id=int(rng.integers(200)), campaign_id=1, advertiser_id=1,
+                                                       domain="feed"))
+           for i in range(64)]
+    lr.train_step(featurize(exs, lr.tcfg))
+
+
+class Versions:
+    """Writes model versions for a store kind: ``export`` (the stand-in) or ``publish`` (trainer.publish's
+    Publisher and VersionStore: full snapshots and deltas)."""
+
+    def __init__(self, kind: str, root):
+        self.kind, self.root = kind, root
+        if kind == "publish":
+            publish = pytest.importorskip("trainer.publish")
+            self.publisher = publish.Publisher(root, full_every=3)
+            self.store = publish.VersionStore(root, device="cpu")
+        else:
+            self.store = ExportStore(root)
+
+    def write(self, lr, seq: int) -> None:
+        if self.kind == "publish":
+            self.publisher.publish(lr)
+        else:
+            lr.steps = seq
+            export.export(lr, self.root)
+
+
+@pytest.mark.parametrize("kind", ["export", "publish"])
+def test_hot_swap_under_load_fails_nothing(tmp_path, kind):
+    lr = learner()
+    versions = Versions(kind, tmp_path / "models" / "main")
+    versions.write(lr, 1)
     cfg = serving_cfg(tmp_path, poll_s=0.02)
-    svc = RankingService(cfg, {"main": ExportStore(root)})
+    svc = RankingService(cfg, {"main": versions.store})
     seen: dict[int, list[int]] = {}
     failures: list = []
     stop = threading.Event()
@@ -243,21 +277,45 @@ def test_hot_swap_under_load_fails_nothing(tmp_path):
         threads = [threading.Thread(target=hammer, args=(u,)) for u in range(4)]
         for t in threads:
             t.start()
-        for step in range(2, 8):  # six new versions while the clients hammer
-            lr.steps = step
-            perturb(lr, step)
-            export.export(lr, root)
-            wait_for(lambda: svc.slots["main"].current.seq == step, what=f"version {step} served")
+        for seq in range(2, 8):  # six new versions while the clients hammer
+            train_a_step(lr, seq)
+            versions.write(lr, seq)
+            wait_for(lambda: svc.slots["main"].current.seq == seq, what=f"version {seq} served")
             time.sleep(0.05)
         stop.set()
         for t in threads:
             t.join()
     assert failures == []
-    assert svc.slots["main"].swaps == 7
-    for u, versions in seen.items():
-        assert versions == sorted(versions), f"client {u} saw a version go back: {versions}"
+    assert svc.slots["main"].swaps == 7 and svc.slots["main"].refused == 0
+    for u, vs in seen.items():
+        assert vs == sorted(vs), f"client {u} saw a version go back: {vs}"
     assert max(max(v) for v in seen.values()) == 7
     assert len({v for vs in seen.values() for v in vs}) >= 3  # requests were served across several versions
+
+
+def test_a_corrupt_version_is_refused_and_the_previous_keeps_serving(tmp_path):
+    lr = learner()
+    versions = Versions("publish", tmp_path / "models" / "main")
+    versions.write(lr, 1)
+    train_a_step(lr, 2)
+    versions.write(lr, 2)
+    cfg = serving_cfg(tmp_path, poll_s=0.02)
+    svc = RankingService(cfg, {"main": versions.store})
+    with ServingServer(cfg, svc) as srv, Client("127.0.0.1", srv.port) as c:
+        assert c.rank(rank_body())[1]["model_version"] == 2
+        train_a_step(lr, 3)
+        versions.write(lr, 3)
+        v3 = sorted(p for p in versions.root.iterdir() if p.name.startswith("v"))[-1]
+        damaged = next(f for f in sorted(v3.iterdir()) if f.suffix == ".pt")
+        damaged.write_bytes(b"\0" * 100)  # checksum no longer matches
+        wait_for(lambda: c.json("GET", "/models")[1]["arms"][0].get("versions_refused", 0) >= 1,
+                 what="the damaged version listed as refused")
+        for _ in range(20):
+            status, res = c.rank(rank_body())
+            assert status == 200 and res["model_version"] == 2
+        train_a_step(lr, 4)
+        versions.write(lr, 4)  # a good version after the bad one (a full snapshot: full_every=3) is served
+        wait_for(lambda: c.rank(rank_body())[1]["model_version"] == 4, what="version 4 served")
 
 
 def test_readiness_before_and_after_the_first_model(tmp_path):
