@@ -151,10 +151,12 @@ def main() -> None:
            batched_clients=b_step.get("clients"), batched_p99_ms=round(b_step.get("p99_ms", 0.0), 1),
            unbatched_clients=u_step.get("clients"), unbatched_p99_ms=round(u_step.get("p99_ms", 0.0), 1),
            candidates=args.candidates, device=args.device, torch_threads=threads,
-           # TODO(publish): fill from trainer.publish (the PUBLISH helper's API): delta_fraction = bytes of a
-           # steady-state delta version / bytes of a full snapshot (VersionStore.list() VersionInfo.bytes, kind
-           # delta vs full); publish_p99_s = p99 of (first /rank answer with model_version == seq) - that
-           # version's trained_ts (Published.trained_ts) over a run with the trainer publishing every few seconds.
+           # TODO(publish, after the merge): trainer.publish.Publisher(root).publish(learner) -> VersionInfo
+           # (.kind full|delta, .bytes, .trained_ts); VersionStore(root).list(). delta_fraction: bytes of a
+           # steady-state delta / bytes of the full it builds on (the trainer's Stat.DELTA_FRACTION, as
+           # benchmarks/publish.py measures it); publish_p99_s: p99 over versions of (wall time of the first /rank
+           # answer with model_version == seq) - VersionInfo.trained_ts, the trainer publishing every few seconds
+           # into the store this service polls.
            delta_fraction=None, publish_p99_s=None)
 
 
