@@ -25,11 +25,13 @@ import msgspec
 
 from streams import schema
 
+# Structs use gc=False (they never form cycles): a service at 1000 requests/s of 100 candidates would otherwise
+# hand the cyclic collector ~10^5 objects a second to track.
 MAX_REQUEST_ID = 64
 MAX_K = 1000
 
 
-class Context(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Context(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """The request's context features (every field optional); they become the served impressions' fields."""
 
     device: schema.ShortStr = "other"
@@ -39,7 +41,7 @@ class Context(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     history: Annotated[list[schema.Id], msgspec.Meta(max_length=schema.MAX_LIST)] = []
 
 
-class Candidate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Candidate(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """A candidate ad; a missing campaign or advertiser comes from the catalogue of live ads."""
 
     ad_id: schema.Id
@@ -47,7 +49,7 @@ class Candidate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     advertiser_id: schema.Id | None = None
 
 
-class RankRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class RankRequest(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """``POST /rank`` body. ``candidates``: objects or plain ad ids (metadata from the catalogue); absent:
     the service retrieves ``serving.retrieve_k``. ``ts``: event time in ms (default: now)."""
 
@@ -60,7 +62,7 @@ class RankRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ts: schema.TsMs | None = None
 
 
-class RankedAd(msgspec.Struct, frozen=True):
+class RankedAd(msgspec.Struct, frozen=True, gc=False):
     ad_id: int
     campaign_id: int
     advertiser_id: int
@@ -69,7 +71,7 @@ class RankedAd(msgspec.Struct, frozen=True):
     p_conversion: float
 
 
-class RankResponse(msgspec.Struct, frozen=True):
+class RankResponse(msgspec.Struct, frozen=True, gc=False):
     request_id: str
     arm: str
     model_version: int
