@@ -21,6 +21,7 @@ _COMMANDS = {
     "train": "trainer.service",
     "score": "trainer.score",
     "export": "trainer.score",
+    "serve": "serving.service",
     "dashboard": "dashboards.server",
     "dashboards": "dashboards.grafana",
     "users": "embedding_store.users",

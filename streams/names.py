@@ -24,6 +24,7 @@ class Component(StrEnum):
     STATS = "stats"
     TRAINER = "trainer"
     SUPERVISOR = "supervisor"
+    SERVING = "serving"  # streamrec serve (serving/)
 
 
 class Step(StrEnum):
@@ -75,6 +76,24 @@ class Stat(StrEnum):
     # every embedding backend (SparseEmbeddings.memory_report): fixed tables report their one width
     EMBEDDING_BYTES_PREFIX = "embedding_bytes_d"  # + the row width: bytes of rows of that width (+ optimizer state)
     EMBEDDING_ROWS_PREFIX = "embedding_rows_d"  # + the row width: rows held at that width
+    # serving (serving/emit.py)
+    REQUESTS = "requests"  # /rank requests answered, any status
+    ERRORS = "errors"  # of them answered 4xx/5xx
+    ERRORS_PREFIX = "errors."  # + the status: answers with that status
+    QPS = "qps"  # requests per second over the interval
+    LATENCY_P50_MS = "latency_p50_ms"  # of the interval's 200 answers, from the body read to the answer
+    LATENCY_P99_MS = "latency_p99_ms"
+    BATCHES = "batches"  # scoring batches run
+    BATCH_SIZE_MEAN = "batch_size_mean"  # requests per batch over the interval
+    BATCH_SIZE_MAX = "batch_size_max"
+    SHADOW_AGREEMENT_PREFIX = "shadow_agreement."  # + the shadow arm: its top-k overlap with the served top k
+    ARM_SEQ_PREFIX = "arm_seq."  # + the arm: the model version it serves
+    ARM_MODEL_AGE_PREFIX = "arm_model_age_s."  # + the arm: now - the served version's trained_ts
+    ARM_REFUSED_PREFIX = "arm_refused."  # + the arm: new versions refused (the previous one kept serving)
+    IMPRESSIONS_EMITTED = "impressions_emitted"
+    IMPRESSIONS_PENDING = "impressions_pending"  # handed over but not yet delivered to the broker
+    IMPRESSIONS_DROPPED = "impressions_dropped"  # over serving's in-memory bound while the broker was away
+    CATALOGUE_ADS = "catalogue_ads"
     # shared
     DEAD_LETTERS = "dead_letters"
     EVENTS_PER_S = "events_per_s"

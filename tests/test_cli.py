@@ -5,7 +5,7 @@ import pytest
 
 from deploy.cli import build_parser
 
-REQUIRED = ["up", "generate", "replay", "labels", "train", "score", "dashboard", "dashboards", "bench"]
+REQUIRED = ["up", "generate", "replay", "labels", "train", "score", "serve", "dashboard", "dashboards", "bench"]
 
 
 def test_every_subcommand_is_registered():
