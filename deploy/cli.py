@@ -21,6 +21,7 @@ _COMMANDS = {
     "train": "trainer.service",
     "score": "trainer.score",
     "export": "trainer.score",
+    "models": "trainer.models_cli",
     "dashboard": "dashboards.server",
     "dashboards": "dashboards.grafana",
     "users": "embedding_store.users",

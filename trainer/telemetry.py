@@ -69,4 +69,7 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
         values.update(report())
     if trainer.users is not None:
         values.update(trainer.users.stats())
+    publisher = getattr(trainer, "publisher", None)  # published_seq, publish_bytes, publish_s, delta_fraction
+    if publisher is not None:
+        values.update(publisher.stats())
     return schema.ServiceStats(component=Component.TRAINER, ts=now, values=values, instance=f"pid{os.getpid()}")
