@@ -353,3 +353,28 @@ def test_trainer_publishes_versions_while_it_trains(cfg, tmp_path):
     assert p.seq == infos[-1].seq and p.user_view is not None and p.arm == "main"
     values = service_stats(svc, Throughput()).values
     assert values["published_seq"] == p.seq and 0 < values["delta_fraction"] <= 1 and values["publish_bytes"] > 0
+
+
+def test_score_cli_reads_a_publish_root_and_a_version_dir(tmp_path, capsys):
+    import argparse
+
+    import msgspec
+
+    from config import load_config, replace
+    from trainer import score
+
+    root = tmp_path / "main"
+    _store_with_versions(root, 3)
+    imps = [e.impression for e in _examples(np.random.default_rng(5), 30)]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(b"\n".join(schema.encode(i) for i in imps) + b"\n")
+    cfg = replace(load_config(env={}), trainer={"device": "cpu"})
+    for model, seq in ((root, 3), (root / seq_name(2), 2)):
+        args = argparse.Namespace(model=str(model), checkpoint=None, input=str(src), out=str(out))
+        assert score.run(args, cfg) == 0
+        rows = [msgspec.json.decode(x) for x in out.read_bytes().splitlines()]
+        want = _scores(VersionStore(root).load(seq), imps)
+        assert [r["p_click"] for r in rows] == pytest.approx(want[0].tolist(), rel=1e-6)
+    _flip(root / seq_name(3) / "dense.pt")
+    args = argparse.Namespace(model=str(root / seq_name(3)), checkpoint=None, input=str(src), out=str(out))
+    assert score.run(args, cfg) == 2 and "sha256" in capsys.readouterr().err
