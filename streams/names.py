@@ -74,6 +74,11 @@ class Stat(StrEnum):
     # every embedding backend (SparseEmbeddings.memory_report): fixed tables report their one width
     EMBEDDING_BYTES_PREFIX = "embedding_bytes_d"  # + the row width: bytes of rows of that width (+ optimizer state)
     EMBEDDING_ROWS_PREFIX = "embedding_rows_d"  # + the row width: rows held at that width
+    # continuous publishing (trainer/publish.py), gauges of the newest version
+    PUBLISHED_SEQ = "published_seq"  # its seq
+    PUBLISH_BYTES = "publish_bytes"  # its size (all files)
+    PUBLISH_S = "publish_s"  # seconds to write it (the trainer pauses meanwhile)
+    DELTA_FRACTION = "delta_fraction"  # its size / the size of the full snapshot it builds on (1 for a full)
     # shared
     DEAD_LETTERS = "dead_letters"
     EVENTS_PER_S = "events_per_s"

@@ -75,6 +75,7 @@ import numpy as np
 import torch
 
 from config import TrainerConfig
+from streams.names import Stat
 from trainer.export import (
     config_bytes,
     dense_state,
@@ -287,16 +288,18 @@ class Publisher:
         if kind == FULL:
             self._base, self._full_bytes = seq, size
             self._retain()
-        self.last = {"published_seq": float(seq), "publish_bytes": float(size),
-                     "publish_s": time.perf_counter() - t0, "publish_full": float(kind == FULL),
-                     "delta_fraction": size / max(self._full_bytes, 1)}
-        log.debug("published %s (%s, %d bytes) in %.3fs", path, kind, size, self.last["publish_s"])
+        self.last = {Stat.PUBLISHED_SEQ: float(seq), Stat.PUBLISH_BYTES: float(size),
+                     Stat.PUBLISH_S: time.perf_counter() - t0, "publish_full": float(kind == FULL),
+                     Stat.DELTA_FRACTION: size / max(self._full_bytes, 1)}
+        log.debug("published %s (%s, %d bytes) in %.3fs", path, kind, size, self.last[Stat.PUBLISH_S])
         return VersionInfo(seq=seq, kind=kind, base=base, prev=prev, steps=manifest["steps"],
                            examples_trained=manifest["examples_trained"], trained_ts=manifest["trained_ts"],
                            created_ts=now, bytes=size, ok=True, reason="", pinned=False, path=str(path))
 
     def stats(self) -> dict[str, float]:
-        return dict(self.last)
+        """The newest version's gauges (``Stat.PUBLISHED_SEQ``, ``PUBLISH_BYTES``, ``PUBLISH_S``,
+        ``DELTA_FRACTION``, ``publish_full``) for the trainer's ServiceStats; empty before the first."""
+        return {str(k): v for k, v in self.last.items()}
 
     def _retain(self) -> None:
         """Keep the newest ``keep_full`` full chains and the pinned version's chain; delete the rest."""
