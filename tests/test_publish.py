@@ -117,6 +117,9 @@ def test_full_plus_deltas_rebuild_a_fresh_full_bit_for_bit(tmp_path, backend):
     learner = _learner(backend)
     pub = Publisher(tmp_path / "main", full_every=6, keep_full=10)
     store = VersionStore(tmp_path / "main")
+    full_loads = []
+    load_full = store._load_full
+    store._load_full = lambda seq, m: (full_loads.append(seq), load_full(seq, m))[1]
     served, before, n, kinds = None, None, 0, []
     probe = [e.impression for e in _examples(np.random.default_rng(99), 300)]
     for version in range(1, 15):
@@ -138,6 +141,7 @@ def test_full_plus_deltas_rebuild_a_fresh_full_bit_for_bit(tmp_path, backend):
         served, before = nxt, nxt.model.emb.export_state()["weights"].clone()
         assert store.advance(served) is None  # nothing newer
     assert kinds == ["full", *["delta"] * 5, "full", *["delta"] * 5, "full", "delta"]
+    assert full_loads == [1, 7, 13]  # every delta was applied to (a copy of) the served version
     sizes = {i.seq: i.bytes for i in store.list()}
     assert all(i.ok for i in store.list())
     assert max(sizes[s] for s in (2, 3, 4, 5, 6)) < sizes[1]

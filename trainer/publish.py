@@ -407,9 +407,12 @@ class VersionStore:
 
     def _scan(self) -> dict[int, dict | str]:
         seqs = _version_seqs(self.root)
-        for s in list(self._manifests):
-            if s not in seqs:
-                del self._manifests[s]
+        alive = set(seqs)
+        for cache in (self._manifests, self._refused):  # versions deleted by retention
+            for s in [s for s in cache if s not in alive]:
+                del cache[s]
+        for f in [f for f in self._verified if not f.parent.is_dir()]:
+            del self._verified[f]
         return {s: self._manifest(s) for s in seqs}
 
     def pinned(self) -> int | None:
@@ -579,7 +582,10 @@ class VersionStore:
 
     def _build(self, seq: int, found: dict[int, dict | str], start: Published | None = None) -> Published:
         chain = self._chain(seq, found)
-        if start is not None and start.seq in chain[:-1] and start.meta.get("base") == chain[0]:
+        # incremental only from the very version on disk (same seq and write time: not another root's or a
+        # rewritten one's)
+        if (start is not None and start.seq in chain[:-1] and start.meta.get("base") == chain[0]
+                and start.meta.get("created_ts") == found[start.seq].get("created_ts")):
             b, todo = self._copy(start), chain[chain.index(start.seq) + 1:]
         else:
             b, todo = self._load_full(chain[0], found[chain[0]]), chain[1:]
