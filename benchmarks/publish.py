@@ -35,6 +35,18 @@ def main() -> None:
     p.add_argument("--no-user-model", action="store_true", help="without the user model (no user vectors)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    rows, out = measure(backend=args.backend, rate=args.rate, interval=args.interval,
+                        deltas=2 if args.quick else args.deltas, warm=2 if args.quick else 4,
+                        user_model=not args.no_user_model)
+    report("publish", rows, ("version", "MB", "fraction", "rows", "users", "ad rows", "write s", "apply s", "train s"),
+           value=out["delta_fraction"], unit="delta bytes / full bytes", baseline=1.0, **out)
+
+
+def measure(*, backend: str = "auto", rate: float = 3000.0, interval: float = 5.0, deltas: int = 6, warm: int = 4,
+            user_model: bool = True) -> tuple[list[tuple[str, ...]], dict]:
+    """Train and publish as the module docstring says; ``(table rows, figures)``: ``delta_fraction`` (mean over
+    the measured deltas), ``delta_fraction_max``, ``full_mb``, ``full_write_s``, ``full_load_s``,
+    ``delta_write_s`` and ``delta_apply_s`` (medians), ``examples_per_version``, ``backend``."""
     import torch
 
     from benchmarks._simulated import example_stream
@@ -45,13 +57,12 @@ def main() -> None:
     from trainer.publish import Publisher, VersionStore
     from trainer.users.features import user_worker
 
-    per_version = int(args.rate * args.interval)
-    warm = 2 if args.quick else 4
-    n_deltas = 2 if args.quick else args.deltas
+    per_version = int(rate * interval)
+    n_deltas = deltas
     n = per_version * (warm + n_deltas + 1)
-    cfg = replace(Config(), trainer={"device": "cpu", "backend": args.backend, "user_model": not args.no_user_model,
+    cfg = replace(Config(), trainer={"device": "cpu", "backend": backend, "user_model": user_model,
                                      "publish_full_every": 1000})
-    sim = simulate(GeneratorConfig(n_impressions=n, seed=1, impressions_per_s=args.rate, n_users=50_000))
+    sim = simulate(GeneratorConfig(n_impressions=n, seed=1, impressions_per_s=rate, n_users=50_000))
     examples = example_stream(sim, "oracle", elapsed_s=60)
     learner = Learner(cfg.trainer)
     users = user_worker(cfg) if cfg.trainer.user_model else None
@@ -94,13 +105,12 @@ def main() -> None:
             users.close()
         shutil.rmtree(root, ignore_errors=True)
     frac = float(np.mean(fractions))
-    report("publish", rows, ("version", "MB", "fraction", "rows", "users", "ad rows", "write s", "apply s", "train s"),
-           value=frac, unit="delta bytes / full bytes", baseline=1.0, delta_fraction=round(frac, 4),
-           delta_fraction_max=round(float(np.max(fractions)), 4), full_mb=round(full_bytes / 1e6, 2),
-           full_write_s=round(full_write_s, 3), full_load_s=round(full_load_s, 3),
-           delta_write_s=round(float(np.median(writes)), 3), delta_apply_s=round(float(np.median(applies)), 3),
-           examples_per_version=per_version, backend=learner.backend, torch_threads=torch.get_num_threads(),
-           at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return rows, dict(
+        delta_fraction=round(frac, 4), delta_fraction_max=round(float(np.max(fractions)), 4),
+        full_mb=round(full_bytes / 1e6, 2), full_write_s=round(full_write_s, 3), full_load_s=round(full_load_s, 3),
+        delta_write_s=round(float(np.median(writes)), 3), delta_apply_s=round(float(np.median(applies)), 3),
+        examples_per_version=per_version, backend=learner.backend, torch_threads=torch.get_num_threads(),
+        at=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 if __name__ == "__main__":

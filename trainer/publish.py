@@ -639,6 +639,11 @@ class VersionStore:
                 ok=not reason, reason=reason, pinned=s == pin, path=str(self.root / seq_name(s))))
         return out
 
+    def refused(self) -> dict[int, str]:
+        """Versions this store refused when loading or advancing ({seq: reason}), without hashing anything
+        (cheap enough for a status page; :meth:`list` checks every version)."""
+        return {s: r for s, (_, r) in sorted(self._refused.items())}
+
     def load(self, seq: int | None = None) -> Published:
         """Version ``seq``; None: the pinned one (if it cannot load, the newest older one that can), else the
         newest that loads. VersionError when there is none."""
