@@ -226,9 +226,10 @@ class Publisher:
         emb = learner.model.emb
         seq = max(self.seq, *(_version_seqs(self.root)[-1:] or [0])) + 1
         changes = emb.take_changes() if self._base is not None else None
-        kind = FULL if (full or changes is None or seq - self._base >= self.full_every) else DELTA
         view = getattr(learner, "user_view", None)
         users = _user_snapshot(view) if view is not None else None
+        kind = FULL if (full or changes is None or seq - self._base >= self.full_every
+                        or (users is None) != (self._users is None)) else DELTA  # user vectors came or went
         if kind == FULL:
             emb.track_changes()  # from this state on (same thread: no step in between)
             sparse = emb.serving_state()
@@ -259,8 +260,6 @@ class Publisher:
             files = {"dense.pt": tensor_bytes(dense_state(learner.model)), "rows.pt": tensor_bytes(rows)}
             counts = {"rows": len(slots), "fill_tables": len(changes.shared_tables)}
             if users is not None:
-                if self._users is None:  # the user model appeared since the full: cannot diff, start over
-                    return self.publish(learner, examples_trained=examples_trained, trained_ts=trained_ts, full=True)
                 ud = user_delta(self._users, users)
                 files["users.pt"] = tensor_bytes(ud)
                 counts.update(users=len(ud["ids"]), users_deleted=len(ud["deleted"]), ad_rows=len(ud["ad_rows"]))
