@@ -202,6 +202,10 @@ def test_corrupt_truncated_or_missing_files_are_refused_and_the_previous_version
     with pytest.raises(VersionError, match="truncated"):
         store.load(5)
 
+    m6 = root / seq_name(6) / "manifest.json"  # an altered manifest (a field the files' checksums do not cover)
+    m6.write_text(m6.read_text().replace('"steps": 12', '"steps": 13'))
+    assert "manifest.json differs from its own sha256" in {i.seq: i for i in VersionStore(root).list()}[6].reason
+
     (root / seq_name(4) / "manifest.json").unlink()  # a missing manifest: 4 and every delta on it refused
     store = VersionStore(root)
     assert store.load().seq == 3

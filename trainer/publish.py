@@ -11,7 +11,7 @@ One publish root per arm (``<models_dir>/<arm>``, ``trainer.publish_dir``), one 
     ROOT/v000000000021/   full    (every ``publish_full_every`` versions, and the first of a trainer process)
     ROOT/PINNED           optional: a seq; readers serve that version (``streamrec models rollback``)
 
-``manifest.json``: ``format`` (1), ``seq`` (1, 2, 3, ... per root), ``kind`` (full | delta), ``base`` (the
+``manifest.json`` (``sha256``: of its canonical JSON without that field): ``format`` (1), ``seq`` (1, 2, 3, ... per root), ``kind`` (full | delta), ``base`` (the
 seq of the full snapshot the version builds on; a full's own seq), ``prev`` (the seq a delta applies to;
 null for a full), ``steps`` (the learner's steps), ``examples_trained``, ``trained_ts`` (wall ms of the
 newest training step included), ``created_ts`` (wall ms written), ``arm``, ``backend`` (the trainer's),
@@ -62,6 +62,7 @@ newer (``current`` is never mutated: a service keeps scoring with it during the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -274,6 +275,7 @@ class Publisher:
 
         def last(sums: dict) -> tuple[str, bytes]:
             manifest["files"] = sums
+            manifest["sha256"] = _manifest_sha256(manifest)
             return MANIFEST, json.dumps(manifest, indent=1).encode()
 
         try:
@@ -456,8 +458,6 @@ class VersionStore:
             raise VersionError(f"{where}: unreadable: {e}") from None
         if len(data) != want["bytes"]:
             raise VersionError(f"{where}: {len(data)} bytes, the manifest says {want['bytes']} (truncated?)")
-        import hashlib
-
         if hashlib.sha256(data).hexdigest() != want["sha256"]:
             raise VersionError(f"{where}: sha256 differs from the manifest (corrupt)")
         return data
@@ -678,10 +678,18 @@ class VersionStore:
         return None
 
 
+def _manifest_sha256(m: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``sha256`` field."""
+    body = json.dumps({k: v for k, v in m.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
 def _check_manifest(m: dict | None, seq: int, d: Path) -> dict | str:
     name = d.name
     if m is None:
         return f"{name}: {MANIFEST} is not a JSON object (damaged)"
+    if m.get("sha256") != _manifest_sha256(m):
+        return f"{name}: {MANIFEST} differs from its own sha256 (damaged)"
     if m.get("format") != FORMAT:
         return f"{name}: format {m.get('format')!r}, this code reads {FORMAT}"
     if m.get("seq") != seq:
