@@ -297,10 +297,11 @@ def test_a_writer_killed_mid_write_leaves_a_store_whose_newest_valid_version_loa
     print(f"kills that left a temporary directory: {leftovers} of 4")
 
 
-def _models(*args: str, root: Path) -> subprocess.CompletedProcess:
+def _models(*args: str, root: Path | None, **env_extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "deploy.cli", "models", *args, "--dir", str(root)],
+    env.update(PYTHONPATH=str(ROOT), **env_extra)
+    where = ["--dir", str(root)] if root is not None else []
+    return subprocess.run([sys.executable, "-m", "deploy.cli", "models", *args, *where],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
 
@@ -328,6 +329,9 @@ def test_models_list_and_rollback_cli(tmp_path):
     out = _models("rollback", "--latest", root=root)
     assert out.returncode == 0 and read_pin(root) is None and VersionStore(root).load().seq == 4
     assert _models("list", root=tmp_path / "nothing").returncode == 2
+    # without --dir: <serving.models_dir>/<arm>
+    out = _models("list", "--json", "--arm", "main", root=None, STREAMREC_SERVING__MODELS_DIR=str(tmp_path))
+    assert out.returncode == 0 and len(json.loads(out.stdout)) == 5, out.stderr
 
 
 def test_trainer_publishes_versions_while_it_trains(cfg, tmp_path):
