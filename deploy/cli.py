@@ -22,6 +22,7 @@ _COMMANDS = {
     "score": "trainer.score",
     "export": "trainer.score",
     "serve": "serving.service",
+    "models": "trainer.models_cli",
     "dashboard": "dashboards.server",
     "dashboards": "dashboards.grafana",
     "users": "embedding_store.users",

@@ -3,18 +3,101 @@ FIITED variable-dimension store (embedding_store/fiited.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
 from streams.names import Stat
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What may have changed in :meth:`SparseEmbeddings.serving_state` since the previous
+    :meth:`SparseEmbeddings.take_changes` (a superset: a listed slot may hold the same vector).
+
+    ``slots`` (K,) int64 sorted global slots ``t * rows + r`` whose vector or width may differ; ``shared_tables``
+    (S,) int64 tables whose *shared* row changed (a FIITED store: every slot that reads it changed with it, see
+    :meth:`SparseEmbeddings.serving_shared`); fixed-width tables have none."""
+
+    slots: np.ndarray
+    shared_tables: np.ndarray
+
+
 class SparseEmbeddings(nn.Module):
-    """Interface: ``forward(indices, offsets) -> (B, T*D)``; ``step()`` after backward; state export/import."""
+    """Interface: ``forward(indices, offsets) -> (B, T*D)``; ``step()`` after backward; state export/import.
+
+    Change tracking (continuous publishing, trainer/publish.py): after :meth:`track_changes`, every training
+    lookup (``forward`` with grad enabled) marks the slots it read in a bitmap of ``T * rows`` bits;
+    :meth:`take_changes` returns them and starts over. :meth:`import_state` makes every slot changed
+    (``take_changes`` returns None: publish a full snapshot)."""
 
     num_tables: int
     rows: int
     dim: int
+    _changed: torch.Tensor | None = None  # (T * rows,) bool on the lookups' device, while tracking
+    _changed_all = False
+
+    # -- change tracking -----------------------------------------------------------------------------
+    def track_changes(self) -> None:
+        """Start recording changed slots from now on (again: forget what was recorded)."""
+        self._changed = torch.zeros(self.num_tables * self.rows, dtype=torch.bool)
+        self._changed_all = False
+
+    def take_changes(self) -> Changes | None:
+        """The slots changed since :meth:`track_changes` or the previous call, and start over; None when not
+        tracking or when everything may have changed (a state import)."""
+        if self._changed is None or self._changed_all:
+            return None
+        slots = torch.nonzero(self._changed).view(-1).cpu().numpy().astype(np.int64)
+        self._changed.zero_()
+        return Changes(slots, np.zeros(0, dtype=np.int64))
+
+    def _note_slots(self, slots: torch.Tensor) -> None:
+        """Mark global ``slots`` (any int tensor) changed, when tracking."""
+        if self._changed is not None:
+            if self._changed.device != slots.device:
+                self._changed = self._changed.to(slots.device)
+            self._changed[slots] = True
+
+    def _note_lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> None:
+        """A training lookup of TBE input ``(indices, offsets)``: its slots may change in the update."""
+        if self._changed is None or not torch.is_grad_enabled():
+            return
+        tb = offsets.numel() - 1
+        table = torch.arange(tb, device=offsets.device) // max(tb // self.num_tables, 1)
+        shift = torch.repeat_interleave(table * self.rows, offsets.diff(), output_size=indices.numel())
+        self._note_slots(indices.long() + shift)
+
+    def _note_import(self) -> None:
+        if self._changed is not None:
+            self._changed_all = True
+
+    # -- serving layout ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def serving_rows(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The :meth:`serving_state` entries of global ``slots`` (K,): ``(vectors (K, D) float32, widths (K,)
+        int16)`` on the CPU (backends override this with a gather; this default copies every table)."""
+        w = self.export_state()["weights"].reshape(-1, self.dim)
+        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64))
+        return w[idx].clone(), torch.full((len(idx),), self.dim, dtype=torch.int16)
+
+    def serving_shared(self) -> np.ndarray | None:
+        """(T * rows,) bool: slots that read their table's shared row (a FIITED store's ids not admitted yet);
+        None for fixed-width tables (no shared rows)."""
+        return None
+
+    @torch.no_grad()
+    def shared_rows(self, tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(vectors (S, D), widths (S,))`` of the shared rows of ``tables`` (stores with shared rows)."""
+        raise NotImplementedError(f"{type(self).__name__} has no shared rows")
+
+    @torch.no_grad()
+    def write_rows(self, slots: np.ndarray, vectors: torch.Tensor) -> None:
+        """Overwrite the weights of global ``slots`` (K,) with ``vectors`` (K, D) (a serving copy receiving a
+        published delta; optimizer state untouched). Fixed-width backends only."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write rows in place")
 
     def step(self) -> None:
         """Apply the sparse optimizer after ``backward()`` (no-op where it is fused into backward)."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from embedding_store import admission, importance
-from embedding_store.base import SparseEmbeddings
+from embedding_store.base import Changes, SparseEmbeddings
 from embedding_store.config import POOL_SHIFT, ROW_MASK, FiitedConfig, trainer_config, validate
 from embedding_store.ids import validate_batch
 from embedding_store.pools import SHARED, PoolSet
@@ -145,6 +145,10 @@ class FiitedEmbeddings(SparseEmbeddings):
         if self._pending is None:
             return
         slots, self._pending = self._pending, None
+        if self._changed is not None:  # trained: private rows of these slots, shared rows of their tables
+            on_shared = self.code[slots] == 0
+            self._shared_changed[torch.unique(slots[on_shared] // self.rows)] = True
+            self._note_slots(slots[~on_shared])
         self.steps += 1
         self.hits.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
         self.last_seen[slots] = self.steps
@@ -251,6 +255,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         codes = self.code.numpy()[slots].astype(np.int64)
         self._free(slots, codes)
         idx = torch.from_numpy(slots)
+        self._note_slots(idx)  # back on the shared row
         for a in (self.code, self.hits, self.imp, self.snap):
             a[idx] = 0
         self.counters["evicted"] += len(slots)
@@ -284,6 +289,7 @@ class FiitedEmbeddings(SparseEmbeddings):
             self.snap[torch.from_numpy(slots[m])] = mom  # importance counts gradient energy from here on
         self._free(slots, codes)
         self.code[torch.from_numpy(slots)] = torch.from_numpy(new_codes.astype(np.int32))
+        self._note_slots(torch.from_numpy(slots))  # width changed (columns truncated or zero-extended)
 
     def _admit(self, slots: np.ndarray, pool: int = 0) -> None:
         """Private rows in ``pool`` for ``slots``: :func:`admission.init_rows` values, except that an id which
@@ -306,6 +312,7 @@ class FiitedEmbeddings(SparseEmbeddings):
             new_codes[m] = (pool << POOL_SHIFT) | rows.astype(np.int64)
         idx = torch.from_numpy(slots)
         self.code[idx] = torch.from_numpy(new_codes.astype(np.int32))
+        self._note_slots(idx)  # off the shared row, onto its own
         self.imp[idx] = 0.0
         self.snap[idx] = 0.0
         self.counters["admitted"] += len(slots)
@@ -351,6 +358,41 @@ class FiitedEmbeddings(SparseEmbeddings):
         c = int(self.code[t * self.rows + v])
         return float(self.pools.momentum(t, c >> POOL_SHIFT)[c & ROW_MASK])
 
+    # -- change tracking and the serving layout (trainer/publish.py) ----------------------------------
+    # A slot's serving vector changes when its private row trains, when it is admitted, evicted or resized,
+    # and, while it reads its table's shared row, whenever that row trains (any not-admitted id of the
+    # table in a batch). The store knows each of these events, so it reports them (Changes.slots and
+    # Changes.shared_tables) instead of a publisher diffing (T, R, D) serving states every version: a
+    # trained shared row then costs one vector per table in a delta, not every slot reading it. Pool
+    # rebuilds move rows but keep every slot's vector, so they are not changes.
+    def track_changes(self) -> None:
+        super().track_changes()
+        self._shared_changed = torch.zeros(self.num_tables, dtype=torch.bool)
+
+    def take_changes(self) -> Changes | None:
+        ch = super().take_changes()
+        if ch is None:
+            return None
+        shared = torch.nonzero(self._shared_changed).view(-1).numpy().astype(np.int64)
+        self._shared_changed.zero_()
+        return Changes(ch.slots, shared)
+
+    @torch.no_grad()
+    def serving_rows(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = np.asarray(slots, dtype=np.int64)
+        widths = np.asarray(self.dims, dtype=np.int16)[self.code.numpy()[slots] >> POOL_SHIFT]
+        return self.vectors(slots), torch.from_numpy(widths)
+
+    def serving_shared(self) -> np.ndarray:
+        return self.code.numpy() == 0
+
+    @torch.no_grad()
+    def shared_rows(self, tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.zeros(len(tables), self.dim)
+        for i, t in enumerate(np.asarray(tables, dtype=np.int64).tolist()):
+            out[i, : self.dims[0]] = self.pools.weights(t, 0)[0]  # row 0 of pool 0: the shared row
+        return out, torch.full((len(tables),), self.dims[0], dtype=torch.int16)
+
     # -- state ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def export_state(self) -> dict[str, torch.Tensor]:
@@ -388,6 +430,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         self.steps = int(state["steps"])
         self.counters = dict(zip(COUNTERS, state["counters"].tolist()))
         self._pending = None
+        self._note_import()
 
     def memory_report(self) -> dict[str, float]:
         """Gauges for ``ServiceStats.values``: bytes per pool, live rows per width, totals and counters (from the

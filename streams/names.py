@@ -94,6 +94,11 @@ class Stat(StrEnum):
     IMPRESSIONS_PENDING = "impressions_pending"  # handed over but not yet delivered to the broker
     IMPRESSIONS_DROPPED = "impressions_dropped"  # over serving's in-memory bound while the broker was away
     CATALOGUE_ADS = "catalogue_ads"
+    # continuous publishing (trainer/publish.py), gauges of the newest version
+    PUBLISHED_SEQ = "published_seq"  # its seq
+    PUBLISH_BYTES = "publish_bytes"  # its size (all files)
+    PUBLISH_S = "publish_s"  # seconds to write it (the trainer pauses meanwhile)
+    DELTA_FRACTION = "delta_fraction"  # its size / the size of the full snapshot it builds on (1 for a full)
     # shared
     DEAD_LETTERS = "dead_letters"
     EVENTS_PER_S = "events_per_s"

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -113,7 +114,30 @@ class FbgemmEmbeddings(SparseEmbeddings):
         self.tbe.init_embedding_weights_uniform(-INIT_RANGE, INIT_RANGE)
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        self._note_lookup(indices, offsets)
         return self.tbe(indices, offsets)
+
+    @torch.no_grad()
+    def serving_rows(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = np.asarray(slots, dtype=np.int64)
+        out = torch.empty(len(slots), self.dim)
+        tables = slots // self.rows
+        for t, w in enumerate(self.tbe.split_embedding_weights()):
+            m = np.flatnonzero(tables == t)
+            if len(m):
+                rows = torch.from_numpy(slots[m] - t * self.rows).to(w.device)
+                out[torch.from_numpy(m)] = w[rows].cpu()
+        return out, torch.full((len(slots),), self.dim, dtype=torch.int16)
+
+    @torch.no_grad()
+    def write_rows(self, slots: np.ndarray, vectors: torch.Tensor) -> None:
+        slots = np.asarray(slots, dtype=np.int64)
+        tables = slots // self.rows
+        for t, w in enumerate(self.tbe.split_embedding_weights()):
+            m = np.flatnonzero(tables == t)
+            if len(m):
+                rows = torch.from_numpy(slots[m] - t * self.rows).to(w.device)
+                w[rows] = vectors[torch.from_numpy(m)].to(w.device, w.dtype)
 
     @torch.no_grad()
     def export_state(self) -> dict[str, torch.Tensor]:
@@ -123,6 +147,7 @@ class FbgemmEmbeddings(SparseEmbeddings):
     @torch.no_grad()
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         self._check_state(state)
+        self._note_import()
         # split_* return views into the TBE's flat buffers, so copy_ writes the live weights
         for t, w in enumerate(self.tbe.split_embedding_weights()):
             w.copy_(state["weights"][t])
@@ -147,6 +172,8 @@ class TorchEmbeddings(SparseEmbeddings):
         # shift each id into its table's row range: table of bag i is i // B, repeated over the bag's length
         table = torch.arange(tb, device=offsets.device) // b
         shift = torch.repeat_interleave(table * self.rows, offsets.diff(), output_size=indices.numel())
+        if self._changed is not None and torch.is_grad_enabled():
+            self._note_slots(indices + shift)
         pooled = self.bag(indices + shift, offsets)  # (T*B, D), bag t*B+b
         return pooled.view(self.num_tables, b, self.dim).transpose(0, 1).reshape(b, self.num_tables * self.dim)
 
@@ -163,6 +190,16 @@ class TorchEmbeddings(SparseEmbeddings):
         self.bag.weight.grad = None
 
     @torch.no_grad()
+    def serving_rows(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.bag.weight.device)
+        return self.bag.weight[idx].cpu(), torch.full((len(idx),), self.dim, dtype=torch.int16)
+
+    @torch.no_grad()
+    def write_rows(self, slots: np.ndarray, vectors: torch.Tensor) -> None:
+        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.bag.weight.device)
+        self.bag.weight[idx] = vectors.to(self.bag.weight.device, self.bag.weight.dtype)
+
+    @torch.no_grad()
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"weights": self.bag.weight.detach().cpu().view(self.num_tables, self.rows, self.dim).clone(),
                 "momentum": self.momentum.detach().cpu().view(self.num_tables, self.rows).clone()}
@@ -170,6 +207,7 @@ class TorchEmbeddings(SparseEmbeddings):
     @torch.no_grad()
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         self._check_state(state)
+        self._note_import()
         self.bag.weight.copy_(state["weights"].reshape(-1, self.dim))
         self.momentum.copy_(state["momentum"].reshape(-1))
 

@@ -15,8 +15,9 @@ slot looks up, zero-padded to D, and the width of the row behind it; a FIITED st
 (and the shared rows of ids it has not admitted) are written that way, so any fixed-width backend scores
 with them.
 
-A version directory is written under a temporary name and renamed into place, so a reader never sees a
-partial one. :func:`load` checks the feature spec against this code (table order, domains and the hash of
+A version directory is written under a temporary name (every file fsynced) and renamed into place, so a
+reader never sees a partial one (:func:`write_dir_atomically`, shared with trainer/publish.py, whose
+continuous versions reuse this module's feature spec check and serving layout). :func:`load` checks the feature spec against this code (table order, domains and the hash of
 probe ids): a model whose features would be computed differently is refused instead of silently scoring
 garbage.
 
@@ -34,12 +35,14 @@ garbage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import numpy as np
@@ -74,35 +77,104 @@ def version_name(steps: int) -> str:
     return f"v{steps:012d}"
 
 
+def dense_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's parameters and buffers except the sparse embeddings (``emb.*``)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("emb.")}
+
+
+def tensor_bytes(obj) -> bytes:
+    """``torch.save`` of ``obj`` (tensors, dicts, lists, numbers) as bytes; read back with :func:`tensor_load`."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def tensor_load(data: bytes):
+    """The inverse of :func:`tensor_bytes`, with torch's ``weights_only`` unpickler (no code runs)."""
+    import io
+
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def config_bytes(tcfg: TrainerConfig) -> bytes:
+    return json.dumps(msgspec.to_builtins(tcfg), indent=1).encode()
+
+
+def features_bytes(tcfg: TrainerConfig) -> bytes:
+    return json.dumps(feature_spec(tcfg), indent=1).encode()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_dir_atomically(root: str | os.PathLike, name: str, files: dict[str, bytes], *,
+                         last: Callable[[dict[str, dict]], tuple[str, bytes]] | None = None,
+                         replace: bool = False) -> tuple[Path, dict[str, dict]]:
+    """Write ``files`` ({file name: content}) as the directory ``root/name``, all or nothing.
+
+    The files go into ``root/.<name>.<pid>.tmp`` (each fsynced); then ``last(checksums)`` may add one more file
+    written after all others (a manifest naming them: ``checksums`` = {file name: {"sha256", "bytes"}}); the
+    directory is fsynced, renamed to ``root/name`` and the rename fsynced. A crash leaves at most a temporary
+    directory (a dot name readers skip). ``replace``: an existing ``root/name`` is replaced (else
+    ``FileExistsError``). Returns ``(root/name, checksums)`` (``last``'s file not among them).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    if final.exists() and not replace:
+        raise FileExistsError(f"{final} exists")
+    tmp = root / f".{name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    sums: dict[str, dict] = {}
+
+    def put(fname: str, data: bytes) -> None:
+        with open(tmp / fname, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    try:
+        for fname, data in files.items():
+            put(fname, data)
+            sums[fname] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        if last is not None:
+            put(*last(sums))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final, sums
+
+
 def export(learner, root: str | os.PathLike, *, examples_trained: int = 0, keep: int = 5) -> Path:
     """Write ``learner``'s model as version ``steps`` under ``root``; returns the version directory.
 
     Re-exporting the same version replaces it. Only the newest ``keep`` versions are kept.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    view = getattr(learner, "user_view", None)  # the user vectors the ranker reads (trainer.users.model)
+    sparse = learner.model.emb.serving_state()
+    model_pt = tensor_bytes({"dense": dense_state(learner.model), "embeddings": sparse["weights"],
+                             "embedding_widths": sparse["widths"],
+                             **({"user_view": view.state()} if view is not None else {})})
+    version = json.dumps({
+        "format": EXPORT_FORMAT, "model_version": learner.steps, "exported_ts": int(time.time() * 1000),
+        "examples_trained": examples_trained, "backend": learner.backend, "torch": torch.__version__}, indent=1)
     name = version_name(learner.steps)
-    tmp = root / f".{name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        dense = {k: v.detach().cpu().clone() for k, v in learner.model.state_dict().items()
-                 if not k.startswith("emb.")}
-        view = getattr(learner, "user_view", None)  # the user vectors the ranker reads (trainer.users.model)
-        sparse = learner.model.emb.serving_state()
-        torch.save({"dense": dense, "embeddings": sparse["weights"], "embedding_widths": sparse["widths"],
-                    **({"user_view": view.state()} if view is not None else {})}, tmp / "model.pt")
-        (tmp / "config.json").write_text(json.dumps(msgspec.to_builtins(learner.tcfg), indent=1))
-        (tmp / "features.json").write_text(json.dumps(feature_spec(learner.tcfg), indent=1))
-        (tmp / "version.json").write_text(json.dumps({
-            "format": EXPORT_FORMAT, "model_version": learner.steps, "exported_ts": int(time.time() * 1000),
-            "examples_trained": examples_trained, "backend": learner.backend, "torch": torch.__version__}, indent=1))
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    final, _ = write_dir_atomically(root, name, {
+        "model.pt": model_pt, "config.json": config_bytes(learner.tcfg), "features.json": features_bytes(learner.tcfg),
+        "version.json": version.encode()}, replace=True)
     latest_tmp = root / f".{LATEST}.{os.getpid()}.tmp"
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, root / LATEST)
@@ -155,8 +227,6 @@ def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -
     ``backend=fiited`` (a config shared with a FIITED trainer) scores with the fixed-width backend ``auto``
     picks: the export holds fixed-width tables, which only those read, and scoring never trains a store.
     """
-    from trainer.embeddings import resolve_backend, resolve_device
-    from trainer.model import MDMOModel
 
     v = resolve(path)
     try:
@@ -167,27 +237,13 @@ def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -
         raise ExportError(f"model export {v}: unreadable metadata: {e}") from e
     if meta.get("format") != EXPORT_FORMAT:
         raise ExportError(f"model export {v}: expected format {EXPORT_FORMAT}, got {meta.get('format')!r}")
-    backend = "auto" if backend == "fiited" else backend
-    tcfg = msgspec.convert({**cfg, "device": device, "backend": backend}, TrainerConfig)
-    here = feature_spec(tcfg)
-    diff = sorted(k for k in here if spec.get(k) != here[k])
-    if diff:
-        raise ExportError(f"model export {v}: feature spec differs from this code in {diff} "
-                          f"(exported {[spec.get(k) for k in diff]}, here {[here[k] for k in diff]})")
-    dev = resolve_device(device)
-    model = MDMOModel(tcfg, resolve_backend(backend, dev), dev)
+    model, tcfg, dev = serving_model(cfg, spec, device, backend, f"model export {v}", ExportError)
     try:
         st = torch.load(v / "model.pt", map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(st["dense"], strict=False)
     except Exception as e:
         raise ExportError(f"model export {v}: cannot load model.pt: {e}") from e
-    missing = [k for k in missing if not k.startswith("emb.")]
-    if missing or unexpected:
-        raise ExportError(f"model export {v}: model.pt does not match the model: missing {missing}, "
-                          f"unexpected {unexpected}")
-    w = st["embeddings"]
-    model.emb.import_state({"weights": w, "momentum": torch.zeros(w.shape[:2])})
-    model.eval()
+    load_dense(model, st["dense"], f"model export {v}: model.pt", ExportError)
+    load_serving_weights(model, st["embeddings"])
     view = None
     if "user_view" in st:
         from trainer.users.features import UserVectors
@@ -195,3 +251,43 @@ def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -
         view = UserVectors.from_state(st["user_view"])
     return ExportedModel(model=model, tcfg=tcfg, device=dev, steps=int(meta["model_version"]), meta=meta, path=v,
                          user_view=view)
+
+
+def serving_model(cfg: dict, spec: dict, device: str, backend: str, where: str, error: type[Exception] = ExportError
+                  ) -> tuple[torch.nn.Module, TrainerConfig, torch.device]:
+    """A fresh scoring model (eval mode) for the TrainerConfig ``cfg`` (as config.json holds it), after checking
+    the saved feature spec ``spec`` against this code; ``(model, tcfg, device)``. ``backend=fiited`` (a config
+    shared with a FIITED trainer) scores with the fixed-width backend ``auto`` picks. Raises ``error``."""
+    from trainer.embeddings import resolve_backend, resolve_device
+    from trainer.model import MDMOModel
+
+    backend = "auto" if backend == "fiited" else backend
+    try:
+        tcfg = msgspec.convert({**cfg, "device": device, "backend": backend}, TrainerConfig)
+    except msgspec.ValidationError as e:
+        raise error(f"{where}: config.json is not a trainer config of this code: {e}") from e
+    here = feature_spec(tcfg)
+    diff = sorted(k for k in here if spec.get(k) != here[k])
+    if diff:
+        raise error(f"{where}: feature spec differs from this code in {diff} "
+                    f"(exported {[spec.get(k) for k in diff]}, here {[here[k] for k in diff]})")
+    dev = resolve_device(device)
+    model = MDMOModel(tcfg, resolve_backend(backend, dev), dev)
+    model.eval()
+    return model, tcfg, dev
+
+
+def load_dense(model: torch.nn.Module, dense: dict, where: str, error: type[Exception] = ExportError) -> None:
+    """Load the non-embedding state ``dense`` into ``model``; every such key must match (raises ``error``)."""
+    try:
+        missing, unexpected = model.load_state_dict(dense, strict=False)
+    except Exception as e:
+        raise error(f"{where}: cannot load the dense parameters: {e}") from e
+    missing = [k for k in missing if not k.startswith("emb.")]
+    if missing or unexpected:
+        raise error(f"{where} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def load_serving_weights(model: torch.nn.Module, weights: torch.Tensor) -> None:
+    """Put a serving layout's ``weights`` (T, R, D) into a fixed-width scoring model (optimizer state zero)."""
+    model.emb.import_state({"weights": weights, "momentum": torch.zeros(weights.shape[:2])})

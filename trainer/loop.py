@@ -17,6 +17,11 @@ scored and published like the others (so every arm's model is evaluated offline 
 trained on, nor fed to the user model; they are counted as ``examples_other_arm``. Logged traffic
 (``Impression.arm`` empty: nobody's arm) is not any arm's own either, so an ``own`` trainer skips it too.
 
+Publishing for serving (``trainer.publish_dir``): every ``publish_every_s`` seconds, when the model trained
+since the last version, and at shutdown, a new model version (a delta or a full snapshot,
+:mod:`trainer.publish`), written between batches; independent of the checkpoints (a version is never needed
+to resume, and a failed publish is logged and retried at the next interval without stopping training).
+
 The process around it (command line, signals, malloc settings) is ``trainer/service.py``.
 """
 
@@ -40,6 +45,7 @@ from trainer import checkpoint
 from trainer.export import export
 from trainer.features import featurize
 from trainer.model import Learner
+from trainer.publish import Publisher
 from trainer.telemetry import Throughput, service_stats
 from trainer.users.features import user_worker
 from trainer.users.service import write_index_file
@@ -81,9 +87,11 @@ class Dedup:
 class Trainer:
     """The continuous trainer of one process. ``run()`` until stopped, idle, or ``max_examples`` trained."""
 
-    def __init__(self, cfg: Config, *, resume: bool, record_ids: bool = False, export_dir: str | None = None):
+    def __init__(self, cfg: Config, *, resume: bool, record_ids: bool = False, export_dir: str | None = None,
+                 publish_dir: str | None = None):
         self.cfg, self.tc = cfg, cfg.trainer
         self.export_dir = export_dir or cfg.trainer.export_dir
+        self.publish_dir = publish_dir or cfg.trainer.publish_dir
         self.ckpt_dir = Path(self.tc.checkpoint_dir)
         found = checkpoint.latest(self.ckpt_dir)
         if found and not resume:
@@ -114,6 +122,10 @@ class Trainer:
         self._last_ckpt_t = time.monotonic()
         self._last_ckpt_n = self.counters["examples_trained"]
         self._last_ckpt_offsets = dict(self.offsets)
+        self.publisher = Publisher.for_trainer(self.publish_dir, self.tc) if self.publish_dir else None
+        self._last_pub_t = time.monotonic()
+        self._published_steps = -1  # learner.steps of the newest version (-1: none yet)
+        self._last_step_ms = 0  # wall ms of the newest training step (a version's trained_ts)
 
     # ---- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -154,6 +166,22 @@ class Trainer:
                    keep=self.tc.export_keep)
         return path
 
+    def publish(self) -> None:
+        """Write the next model version for serving (trainer/publish.py); a failure is logged, not raised."""
+        self._last_pub_t = time.monotonic()
+        try:
+            info = self.publisher.publish(self.learner, examples_trained=self.counters["examples_trained"],
+                                          trained_ts=self._last_step_ms or None)
+        except Exception:  # noqa: BLE001 - e.g. a full disk: serving keeps the previous version; training goes on
+            log.exception("publishing a model version to %s failed; retrying at the next interval", self.publish_dir)
+            return
+        self._published_steps = self.learner.steps
+        log.debug("published model version %d (%s, %d bytes, %d steps)", info.seq, info.kind, info.bytes, info.steps)
+
+    def _publish_due(self, now: float) -> bool:
+        return (self.publisher is not None and self.learner.steps != self._published_steps
+                and now - self._last_pub_t >= self.tc.publish_every_s)
+
     # ---- one batch -----------------------------------------------------------------------------
     def process(self, msgs: list) -> int:
         """Decode, dedup, score+publish, train; returns how many examples were trained."""
@@ -184,6 +212,7 @@ class Trainer:
         fb = featurize(good, self.tc, self.learner.user_view)
         self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
             fb, good, p_click, p_conv))
+        self._last_step_ms = int(time.time() * 1000)
         self.counters["steps"] = self.learner.steps
         self.counters["examples_trained"] += len(good)
         if self.trained_ids is not None:
@@ -254,6 +283,8 @@ class Trainer:
                 if (self.counters["examples_trained"] - self._last_ckpt_n >= tc.checkpoint_every_examples
                         or (now - self._last_ckpt_t >= tc.checkpoint_every_s and self._dirty())):
                     self.checkpoint()
+                if self._publish_due(now):
+                    self.publish()
                 if now - last_stats >= STATS_EVERY_S:
                     self._publish_stats()
                     last_stats = now
@@ -267,6 +298,8 @@ class Trainer:
                     log.info("no examples for %.1fs (--idle-exit); stopping", idle_exit_s)
                     break
             self.checkpoint()
+            if self._publish_due(float("inf")):  # the last steps reach serving too
+                self.publish()
             self._publish_stats()
             self._log_progress()
         finally:

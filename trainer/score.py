@@ -1,6 +1,7 @@
 """``streamrec score (--model EXPORT | --checkpoint DIR) INPUT.jsonl [--out FILE]``: score impressions.
 
 ``--model`` takes a serving export (:mod:`trainer.export`: the root, newest version, or one version
+directory) or a publish root (:mod:`trainer.publish`: the pinned or newest valid version, or one version
 directory); ``--checkpoint`` a training checkpoint directory or file. ``streamrec export --checkpoint DIR
 --out EXPORT`` turns the newest checkpoint into an export.
 
@@ -56,6 +57,20 @@ def load_learner(checkpoint_path: str | Path, device: str = "auto", backend: str
     return learner
 
 
+def load_model(path: str | Path, device: str = "auto", backend: str = "auto"):
+    """A scoring model from a serving export (trainer/export.py) or a publish root or version directory
+    (trainer/publish.py: ``vNNN/manifest.json``); raises ExportError / VersionError."""
+    from trainer.export import load as load_export
+    from trainer.publish import MANIFEST, VersionStore
+
+    p = Path(path)
+    if (p / MANIFEST).is_file() and p.name[1:].isdigit():  # one published version
+        return VersionStore(p.parent, device).load(int(p.name[1:]))
+    if p.is_dir() and any((d / MANIFEST).is_file() for d in p.glob("v*")):
+        return VersionStore(p, device).load()
+    return load_export(p, device, backend)
+
+
 def read_impressions(lines: Iterable[bytes], errors) -> Iterator[schema.Impression]:
     """Decoded impressions; bad lines go to ``errors(lineno, reason)``."""
     for n, line in enumerate(lines, 1):
@@ -107,14 +122,15 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         bad += 1
         print(f"{args.input}:{n}: skipped: {reason}", file=sys.stderr)
 
-    from trainer.export import ExportError, load as load_export
+    from trainer.export import ExportError
+    from trainer.publish import VersionError
 
     try:
         if getattr(args, "model", None):
-            learner = load_export(args.model, cfg.trainer.device, cfg.trainer.backend)
+            learner = load_model(args.model, cfg.trainer.device, cfg.trainer.backend)
         else:
             learner = load_learner(args.checkpoint, cfg.trainer.device, cfg.trainer.backend)
-    except (CheckpointError, ExportError, OSError, ValueError) as e:  # ValueError: other trainer settings
+    except (CheckpointError, ExportError, VersionError, OSError, ValueError) as e:  # ValueError: other settings
         print(f"streamrec score: {e}", file=sys.stderr)
         return 2
     try:
@@ -158,7 +174,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score impressions (JSONL) with an exported model or a checkpoint",
                        description="Read one Impression per line, write {event_id, p_click, p_conversion} JSONL.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="DIR", help="model export (root: the LATEST version; or a version dir)")
+    src.add_argument("--model", metavar="DIR", help="model export (root: the LATEST version; or a version dir), "
+                     "or a publish root (`train --publish-dir`: the pinned or newest valid version; or a version dir)")
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (newest used) or file")
     p.add_argument("input", metavar="INPUT.jsonl")
     p.add_argument("--out", metavar="FILE", help="output file (default: stdout)")

@@ -29,11 +29,12 @@ def malloc_env() -> dict[str, str]:
 
 
 def run_trainer(cfg: Config, *, resume: bool, max_examples: int | None = None, idle_exit_s: float | None = None,
-                record_ids: bool = False, export_dir: str | None = None) -> dict[str, int]:
+                record_ids: bool = False, export_dir: str | None = None, publish_dir: str | None = None
+                ) -> dict[str, int]:
     """Train until SIGTERM/SIGINT, ``max_examples`` or ``idle_exit_s`` idle seconds; returns the counters."""
     from trainer.loop import Trainer  # torch and the model: only when training
 
-    svc = Trainer(cfg, resume=resume, record_ids=record_ids, export_dir=export_dir)
+    svc = Trainer(cfg, resume=resume, record_ids=record_ids, export_dir=export_dir, publish_dir=publish_dir)
     old = {s: signal.signal(s, svc.stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return svc.run(max_examples=max_examples, idle_exit_s=idle_exit_s)
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             log.warning("--fresh: deleted %d checkpoint file(s) in %s", n, cfg.trainer.checkpoint_dir)
     try:
         run_trainer(cfg, resume=args.resume, max_examples=args.max_examples, idle_exit_s=args.idle_exit,
-                    record_ids=args.record_trained_ids, export_dir=getattr(args, "export_dir", None))
+                    record_ids=args.record_trained_ids, export_dir=getattr(args, "export_dir", None),
+                    publish_dir=getattr(args, "publish_dir", None))
     except (checkpoint.CheckpointError, ValueError) as e:  # ValueError: a trainer setting the model rejects
         print(f"streamrec train: {e}", file=sys.stderr)
         return 2
@@ -108,6 +110,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint directory (default: trainer.checkpoint_dir)")
     p.add_argument("--export-dir", metavar="DIR",
                    help="also write a serving export (trainer/export.py) at every checkpoint, for `score --model`")
+    p.add_argument("--publish-dir", metavar="DIR",
+                   help="publish model versions for serving here (trainer/publish.py: a delta every "
+                        "trainer.publish_every_s, a full snapshot every trainer.publish_full_every versions; "
+                        "default: trainer.publish_dir, '' = none); `streamrec serve` reads <serving.models_dir>/<arm>")
     p.add_argument("--record-trained-ids", action="store_true",
                    help="debug: keep every trained example id in the checkpoint (grows without bound)")
     p.set_defaults(func=run)

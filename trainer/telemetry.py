@@ -68,6 +68,9 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
         values.update(report())
     if trainer.users is not None:
         values.update(trainer.users.stats())
+    publisher = getattr(trainer, "publisher", None)  # published_seq, publish_bytes, publish_s, delta_fraction
+    if publisher is not None:
+        values.update(publisher.stats())
     # the instance is the trainer's arm: arms side by side report apart (the store keys rows by instance), and
     # a restarted trainer continues its arm's series
     return schema.ServiceStats(component=Component.TRAINER, ts=now, values=values, instance=trainer.tc.arm)
