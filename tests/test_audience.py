@@ -1,0 +1,174 @@
+"""The simulated audience (streams/sources/audience.py): the generator's world, its oracle and its users.
+
+Statistical checks use fixed seeds; bounds are |z| < 4 (a fair audience fails one with probability ~6e-5
+per check, and a fixed seed makes the outcome deterministic anyway)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from streams import schema
+from streams.sources import scenarios
+from streams.sources.audience import Audience
+from streams.sources.generate import GeneratorConfig, simulate
+
+T0 = 1_767_225_600_000
+
+
+def _z(observed: float, p: np.ndarray) -> float:
+    return (observed - p.sum()) / math.sqrt((p * (1 - p)).sum())
+
+
+@pytest.mark.parametrize("scenario", ["none", "gradual", "seasonal", "interest-shift"])
+def test_oracle_is_the_generators_truth(scenario):
+    """Replaying the generator's impressions as requests, the audience's oracle gives exactly the truth the
+    generator drew their clicks from (same world, same formulas, drift included)."""
+    g = GeneratorConfig(n_impressions=1500, seed=5, n_users=800, n_ads=300,
+                        scenario=scenarios.ScenarioConfig(name=scenario, period_s=20.0))
+    sim = simulate(g)
+    ts = sim.truth.column("ts").to_numpy()
+    aud = Audience(g, run_s=(ts[-1] - ts[0]) / 1000, start_ms=int(ts[0]))
+    imps = [r for r in sim.records if isinstance(r, schema.Impression)]
+    by_id = {f"imp-{g.seed}-{i}": i for i in range(len(imps))}
+    got = np.empty(len(imps))
+    for imp in imps:
+        req = aud.requests(1, ts=imp.ts)[0]
+        req = type(req)(request_id=req.request_id, ts=imp.ts, user_id=imp.user_id, domain=imp.domain,
+                        device=imp.device, country=imp.country, dense=imp.dense, cat=imp.cat, history=imp.history)
+        pc, _ = aud.truth(req, [imp.ad_id], [imp.position])
+        got[by_id[imp.event_id]] = pc[0]
+    np.testing.assert_allclose(got, sim.truth.column("p_click").to_numpy(), rtol=1e-12, atol=0)
+
+
+def test_requests_carry_the_users_own_context():
+    """Device, country and history of a request's user are the ones the generator's impressions carry."""
+    g = GeneratorConfig(n_impressions=3000, seed=2, n_users=300, n_ads=200)
+    seen = {r.user_id: (r.device, r.country, r.history) for r in simulate(g).records
+            if isinstance(r, schema.Impression)}
+    reqs = Audience(g).requests(2000, ts=T0)
+    common = [r for r in reqs if r.user_id in seen]
+    assert len(common) > 1000
+    assert all(seen[r.user_id] == (r.device, r.country, r.history) for r in common)
+    assert {r.domain for r in reqs} == set(g.domains)
+    assert all(len(r.dense) == g.dense_dim and len(r.cat) == g.cat_slots for r in reqs)
+    assert len({r.request_id for r in reqs}) == len(reqs)
+    assert all(schema.tokens_ok(r.request_id) and len(r.request_id) <= 64 for r in reqs)
+    # users by activity: the most active tenth of users sends most requests, as in the generator
+    counts = np.bincount([r.user_id - 1 for r in reqs], minlength=g.n_users)
+    top = np.argsort(-Audience(g).w.user_w)[: g.n_users // 10]
+    assert counts[top].sum() / len(reqs) > 0.5
+
+
+def test_clicks_and_conversions_follow_the_oracle():
+    """Served ads are clicked with the oracle's p_click (overall, per decile of p_click and per position) and
+    clicked ones convert with its p_conversion."""
+    g = GeneratorConfig(seed=11, n_users=3000, n_ads=600)
+    aud = Audience(g, time_scale=60.0)
+    pc, pv, click, conv, pos = [], [], [], [], []
+    for req in aud.requests(6000, ts=T0):
+        cands = aud.candidates(req, 10)
+        for o in aud.respond(req, [(a.ad_id, i) for i, a in enumerate(cands)]):
+            pc.append(o.p_click)
+            pv.append(o.p_conversion)
+            click.append(o.click_ts is not None)
+            conv.append(o.conversion_ts is not None)
+            pos.append(o.position)
+    pc, pv, click, conv, pos = map(np.asarray, (pc, pv, click, conv, pos))
+    assert len(pc) == 60_000 and not (conv & ~click).any()
+    z_all = _z(click.sum(), pc)
+    assert abs(z_all) < 4, z_all
+    edges = np.quantile(pc, np.linspace(0, 1, 11))
+    dec = np.clip(np.searchsorted(edges, pc, side="right") - 1, 0, 9)
+    z_dec = [_z(click[dec == d].sum(), pc[dec == d]) for d in range(10)]
+    assert max(map(abs, z_dec)) < 4, z_dec
+    ctr_low, ctr_high = click[dec == 0].mean(), click[dec == 9].mean()
+    assert ctr_high > 5 * ctr_low  # the oracle separates: the top decile is clicked far more
+    z_pos = [_z(click[pos == p].sum(), pc[pos == p]) for p in range(10)]
+    assert max(map(abs, z_pos)) < 4, z_pos
+    assert click[pos == 0].mean() > click[pos == 9].mean()  # the position effect is real
+    z_cvr = _z(conv.sum(), pv[click])
+    assert abs(z_cvr) < 4, z_cvr
+    print(f"clicks {click.sum()} vs expected {pc.sum():.1f} (z {z_all:.2f}); decile z {np.round(z_dec, 2)}; "
+          f"position z {np.round(z_pos, 2)}; conversions {conv.sum()} vs {pv[click].sum():.1f} (z {z_cvr:.2f})")
+
+
+def test_delays_are_the_generators_compressed():
+    g = GeneratorConfig(seed=4, n_users=1000, n_ads=300)
+    scale = 60.0
+    aud = Audience(g, time_scale=scale)
+    click_d, conv_d = [], []
+    for req in aud.requests(5000, ts=T0):
+        for o in aud.respond(req, [(a.ad_id, i) for i, a in enumerate(aud.candidates(req, 10))]):
+            if o.click_ts is not None:
+                click_d.append(o.click_ts - req.ts)
+            if o.conversion_ts is not None:
+                conv_d.append(o.conversion_ts - req.ts)
+                assert o.conversion_ts >= o.click_ts
+    click_d, conv_d = np.asarray(click_d), np.asarray(conv_d)
+    max_click, max_conv = aud.max_feedback_delay_ms()
+    assert click_d.min() >= 1 and click_d.max() <= max_click and conv_d.max() <= max_conv
+    # lognormal click delay with median click_delay_median_s (20 s), compressed 60x: ~333 ms
+    med = np.median(click_d) * scale / 1000
+    assert 16 < med < 25, med
+    # conversions: the short model (35% fast, mean 15 min; 65% slow, mean 4 h), capped at 6 h: median ~1.3 h
+    conv_med_h = np.median(conv_d) * scale / 3.6e6
+    assert 0.5 < conv_med_h < 2.5, conv_med_h
+
+
+def test_candidates_and_catalogue_are_live_ads_only():
+    g = GeneratorConfig(seed=9, n_users=500, n_ads=400, ad_churn=0.5,
+                        scenario=scenarios.ScenarioConfig(name="new-ad-surge", at=0.5, surge_share=0.5))
+    for progress in (0.2, 0.7, 1.0):
+        aud = Audience(g, progress=progress)
+        w = aud.w
+        alive = {i + 1 for i in range(len(w.ad_w)) if w.ad_birth[i] <= progress < w.ad_death[i]}
+        assert {a.ad_id for a in aud.catalogue(T0)} == alive
+        assert len(alive) < len(w.ad_w)  # churn: some ads are not (or no longer) alive
+        served = [a.ad_id for req in aud.requests(300, ts=T0) for a in aud.candidates(req, 30)]
+        assert set(served) <= alive
+        surge = np.mean([a > g.n_ads for a in served])
+        if progress < 0.5:
+            assert surge == 0
+        else:  # the surge ads take about surge_share of the traffic (fewer: 30 distinct candidates per request)
+            assert 0.2 < surge < 0.6, surge
+    # campaign and advertiser are the generator's
+    sim = simulate(GeneratorConfig(n_impressions=500, seed=9, n_users=500, n_ads=400, ad_churn=0.5))
+    aud = Audience(sim.config)
+    for r in sim.records:
+        if isinstance(r, schema.Impression):
+            a = aud.ad(r.ad_id)
+            assert (a.campaign_id, a.advertiser_id) == (r.campaign_id, r.advertiser_id)
+
+
+def test_a_timeline_plays_the_scenario_during_serving():
+    g = GeneratorConfig(seed=1, n_users=200, n_ads=200, ad_churn=0.5)
+    aud = Audience(g, run_s=100.0, start_ms=T0)
+    assert [aud.progress_at(T0 + s * 1000) for s in (-5, 0, 50, 100, 200)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    born_late = {i + 1 for i in np.flatnonzero(aud.w.ad_birth > 0.5)}
+    assert not born_late & {a.ad_id for a in aud.catalogue(T0 + 10_000)}
+    assert born_late & {a.ad_id for a in aud.catalogue(T0 + 99_000)}
+
+
+def test_feedback_events_and_determinism():
+    g = GeneratorConfig(seed=3, n_users=300, n_ads=200)
+    runs = []
+    for _ in range(2):
+        aud = Audience(g, time_scale=10.0, request_prefix="t-")
+        outs = []
+        for req in aud.requests(200, ts=T0):
+            outs += aud.respond(req, [(a.ad_id, i) for i, a in enumerate(aud.candidates(req, 5))])
+        runs.append(outs)
+    assert runs[0] == runs[1]
+    ev = [e for o in runs[0] for e in o.events()]
+    clicks = [e for e in ev if isinstance(e, schema.Click)]
+    assert clicks and all(e.event_id == f"clk-{e.impression_id}" for e in clicks)
+    assert all(e.impression_id.startswith("t-") and e.impression_id.rsplit(".", 1)[1].isdigit() for e in ev)
+    for e in ev:  # every event is valid on the wire
+        assert schema.decode(schema.encode(e), type(e)) == e
+    with pytest.raises(ValueError, match="unknown ad id"):
+        aud.truth(aud.requests(1, ts=T0)[0], [10_000], [0])
+    with pytest.raises(ValueError, match="time_scale"):
+        Audience(g, time_scale=0)
