@@ -172,3 +172,120 @@ def test_feedback_events_and_determinism():
         aud.truth(aud.requests(1, ts=T0)[0], [10_000], [0])
     with pytest.raises(ValueError, match="time_scale"):
         Audience(g, time_scale=0)
+
+
+# -- the driver (deploy/audience.py) against the real broker ---------------------------------------------------
+
+class _StandIn:
+    """A stand-in for `streamrec serve` speaking its HTTP API (POST /rank, GET /readyz), used only to test the
+    driver on its own: users with an even id go to arm "good", which ranks the candidates by the oracle's true
+    p_click, odd ones to "bad", which serves the worst. It remembers what it served."""
+
+    def __init__(self, aud: Audience):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from streams.sources.audience import Request
+
+        self.served: dict[str, tuple[int, int, str, list[int]]] = {}  # request id -> (user, ts, arm, ads by position)
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200 if self.path == "/readyz" else 404, {})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                c = body["context"]
+                req = Request(request_id=body["request_id"], ts=body["ts"], user_id=body["user_id"],
+                              domain=body["domain"], device=c["device"], country=c["country"], dense=c["dense"],
+                              cat=c["cat"], history=c["history"])
+                ids = [x["ad_id"] for x in body["candidates"]]
+                pc, _ = aud.truth(req, ids, [0] * len(ids))
+                arm = "good" if req.user_id % 2 == 0 else "bad"
+                order = np.argsort(-pc if arm == "good" else pc, kind="stable")[: body["k"]]
+                ads = [{"ad_id": ids[i], "campaign_id": body["candidates"][i]["campaign_id"],
+                        "advertiser_id": body["candidates"][i]["advertiser_id"], "position": pos,
+                        "p_click": float(pc[i]), "p_conversion": 0.0} for pos, i in enumerate(order.tolist())]
+                with lock:
+                    outer.served[req.request_id] = (req.user_id, req.ts, arm, [a["ad_id"] for a in ads])
+                self._send(200, {"request_id": req.request_id, "arm": arm, "model_version": 1, "model_steps": 1,
+                                 "ads": ads, "took_ms": 0.1})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_driver_produces_the_feedback_of_what_was_served(cfg, tmp_path):
+    import time
+
+    from deploy.audience import Driver, arms_from_values, table
+    from streams.bus.partition import partition_for
+    from tests.conftest import read_topics
+
+    g = GeneratorConfig(seed=21, n_users=2000, n_ads=500, max_click_delay_s=60.0, max_conversion_delay_s=120.0)
+    aud = Audience(g, time_scale=100.0)  # clicks within 0.6 s, conversions within 1.2 s
+    server = _StandIn(aud)
+    state = tmp_path / "audience-state.json"
+    try:
+        drv = Driver(cfg, aud, server.url, rate=60.0, concurrency=3, k=10, candidates=100,
+                     until_ms=int(time.time() * 1000) + 4000, state=state)
+        assert drv.wait_ready(10)
+        arms = drv.run(drain_s=3.0)
+    finally:
+        server.close()
+    print(table(arms))
+    assert set(arms) == {"good", "bad"}
+    good, bad = arms["good"], arms["bad"]
+    assert sum(a.requests for a in arms.values()) == len(server.served) >= 150
+    assert good.served == 10 * good.requests and bad.served == 10 * bad.requests
+    # everything decided was produced (the drain waited for it)
+    assert not drv.pending
+    assert (good.clicks, good.conversions) == (good.decided_clicks, good.decided_conversions)
+    # the oracle and the online CTR agree: the arm serving the truly best ads wins by far
+    assert good.true_p_click > 3 * bad.true_p_click
+    assert good.ctr > bad.ctr and good.clicks >= 20
+    msgs = read_topics(cfg, [cfg.topics.clicks, cfg.topics.conversions, cfg.topics.service_stats])
+    clicks = [(m, schema.decode(m.value(), schema.Click)) for m in msgs if m.topic() == cfg.topics.clicks]
+    convs = [(m, schema.decode(m.value(), schema.Conversion)) for m in msgs if m.topic() == cfg.topics.conversions]
+    assert len(clicks) == good.clicks + bad.clicks and len(convs) == good.conversions + bad.conversions
+    max_click, max_conv = aud.max_feedback_delay_ms()
+    for m, ev in clicks + convs:
+        rid, pos = ev.impression_id.rsplit(".", 1)
+        user, ts, arm, ads = server.served[rid]  # feedback only for a served ad, at a served position
+        assert ev.user_id == user and int(pos) < len(ads)
+        assert 1 <= ev.ts - ts <= (max_click if isinstance(ev, schema.Click) else max_conv)
+        assert m.partition() == partition_for(str(user).encode(), cfg.topics.partitions)
+        assert m.key() == str(user).encode()
+    assert all(ev.event_id == f"clk-{ev.impression_id}" for _, ev in clicks)
+    assert {ev.impression_id for _, ev in convs} <= {ev.impression_id for _, ev in clicks}
+    # the last report says the same as the table
+    reports = [schema.decode(m.value(), schema.ServiceStats) for m in msgs if m.topic() == cfg.topics.service_stats]
+    last = max((r for r in reports if r.component == "audience"), key=lambda r: r.ts)
+    again = arms_from_values(last.values)
+    assert {n: (a.requests, a.served, a.clicks, a.conversions) for n, a in again.items()} == \
+        {n: (a.requests, a.served, a.clicks, a.conversions) for n, a in arms.items()}
+    assert abs(again["good"].true_p_click - good.true_p_click) < 1e-9
+    # crash safety: a restarted driver resumes the counters (and the feedback still pending) from its state
+    resumed = Driver(cfg, aud, server.url, state=state)
+    assert {n: vars(a) for n, a in resumed.stats.arms.items()} == {n: vars(a) for n, a in arms.items()}

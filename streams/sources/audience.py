@@ -173,6 +173,10 @@ class Audience:
             raise ValueError(f"Audience: unknown ad id {ad_id} (the world has ads 1..{len(self._ads)})")
         return self._ads[ad_id - 1]
 
+    def knows(self, ad_id: int) -> bool:
+        """Whether ``ad_id`` is an ad of this world (alive or not)."""
+        return 1 <= ad_id <= len(self._ads)
+
     def candidates(self, request: Request, n: int) -> list[Ad]:
         """``n`` distinct ads alive at the request's time, drawn by popularity as the generator draws an
         impression's ad (fewer when fewer are alive)."""
