@@ -154,8 +154,8 @@ def table(arms: dict[str, ArmStats]) -> str:
              "oracle p_click  p_conv"]
     for name, a in sorted(arms.items()):
         lines.append(f"{name:<12} {a.requests:>10,} {a.served:>9,} {a.clicks:>8,} {a.conversions:>5,}   "
-                     f"{a.ctr:.4f} +- {a.ctr_ci():.4f}     {a.cvr:.4f}   {a.true_p_click:.4f}          "
-                     f"{a.true_p_conversion:.4f}")
+                     f"{a.ctr:6.4f} +- {a.ctr_ci():6.4f}    {a.cvr:6.4f}   {a.true_p_click:6.4f}          "
+                     f"{a.true_p_conversion:6.4f}")
     lines.append(verdict(arms))
     return "\n".join(lines)
 

@@ -37,10 +37,11 @@ from streams.names import Component
 
 log = logging.getLogger("streamrec.stack")
 
-# the processes of a stack, in start order (stopped in reverse); the embedded ones only when used; with serve,
-# "trainer" is one process per arm ("trainer-<arm>" when there are several), then the ranking service and the
-# simulated audience
-PROCESSES = ("storage", "broker", "dashboard", "labels", "stats", "trainer", "serve", "audience")
+# the processes of a stack, in start order (stopped in reverse); the embedded ones only when used
+PROCESSES = ("storage", "broker", "dashboard", "labels", "stats", "trainer")
+# with serve (`streamrec up --serve`) "trainer" is one process per arm ("trainer-<arm>" when there are several),
+# followed by the ranking service and, once the warm-up log is trained, the simulated audience
+SERVE_PROCESSES = ("serve", "audience")
 
 try:  # the arms branch's config.arm_trainer_config
     from config import arm_trainer_config

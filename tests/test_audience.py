@@ -181,7 +181,7 @@ class _StandIn:
     driver on its own: users with an even id go to arm "good", which ranks the candidates by the oracle's true
     p_click, odd ones to "bad", which serves the worst. It remembers what it served."""
 
-    def __init__(self, aud: Audience):
+    def __init__(self, aud: Audience, port: int = 0):
         import json
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -227,7 +227,7 @@ class _StandIn:
                 self._send(200, {"request_id": req.request_id, "arm": arm, "model_version": 1, "model_steps": 1,
                                  "ads": ads, "took_ms": 0.1})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
