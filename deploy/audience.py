@@ -104,7 +104,7 @@ class DriverStats:
         out: dict[str, float] = {}
         tot = ArmStats()
         for name, a in self.arms.items():
-            out[f"{Stat.REQUESTS}.{name}"] = float(a.requests)
+            out[f"{Stat.REQUESTS_SENT}.{name}"] = float(a.requests)
             out[f"{Stat.SERVED}.{name}"] = float(a.served)
             out[f"{Stat.CLICKS}.{name}"] = float(a.clicks)
             out[f"{Stat.CONVERSIONS}.{name}"] = float(a.conversions)
@@ -113,7 +113,7 @@ class DriverStats:
                 out[f"{Stat.TRUE_P_CONVERSION}.{name}"] = a.true_p_conversion
             for f in ("requests", "served", "clicks", "conversions", "p_click_sum", "p_conversion_sum"):
                 setattr(tot, f, getattr(tot, f) + getattr(a, f))
-        out.update({Stat.REQUESTS: float(tot.requests), Stat.SERVED: float(tot.served),
+        out.update({Stat.REQUESTS_SENT: float(tot.requests), Stat.SERVED: float(tot.served),
                     Stat.CLICKS: float(tot.clicks), Stat.CONVERSIONS: float(tot.conversions),
                     Stat.PENDING_FEEDBACK: float(pending),
                     Stat.REQUEST_ERRORS: float(sum(self.errors.values()))})
@@ -121,8 +121,8 @@ class DriverStats:
             out[f"{Stat.REQUEST_ERRORS}.{status}"] = float(n)
         if self.latencies_ms:
             lat = sorted(self.latencies_ms)
-            out[Stat.LATENCY_P50_MS] = lat[len(lat) // 2]
-            out[Stat.LATENCY_P99_MS] = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+            out[Stat.RESPONSE_P50_MS] = lat[len(lat) // 2]
+            out[Stat.RESPONSE_P99_MS] = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
         return out
 
 
@@ -131,7 +131,7 @@ def arms_from_values(values: dict[str, float]) -> dict[str, ArmStats]:
     arms: dict[str, ArmStats] = {}
     for key, v in values.items():
         stat, dot, arm = key.partition(".")
-        if not dot or stat not in (Stat.REQUESTS, Stat.SERVED, Stat.CLICKS, Stat.CONVERSIONS, Stat.TRUE_P_CLICK,
+        if not dot or stat not in (Stat.REQUESTS_SENT, Stat.SERVED, Stat.CLICKS, Stat.CONVERSIONS, Stat.TRUE_P_CLICK,
                                    Stat.TRUE_P_CONVERSION):
             continue
         a = arms.setdefault(arm, ArmStats())

@@ -84,14 +84,14 @@ class Stat(StrEnum):
     RESTARTS = "restarts"
     CRASH_LOOPING = "crash_looping"
     # audience (deploy/audience.py): totals, and per arm + "." + the arm (CLICKS and CONVERSIONS too)
-    REQUESTS = "requests"
+    REQUESTS_SENT = "requests"  # (the same name as the service's own count of requests)
     SERVED = "served"  # ads served (impressions)
     TRUE_P_CLICK = "true_p_click"  # the oracle: mean true p_click of the served ads (at their positions)
     TRUE_P_CONVERSION = "true_p_conversion"  # mean true post-click conversion probability of the served ads
     REQUEST_ERRORS = "request_errors"  # + "." + the HTTP status ("conn": no answer)
     PENDING_FEEDBACK = "pending_feedback"  # gauge: clicks and conversions not yet due
-    LATENCY_P50_MS = "latency_p50_ms"  # gauges over the last second's requests
-    LATENCY_P99_MS = "latency_p99_ms"
+    RESPONSE_P50_MS = "latency_p50_ms"  # gauges over the last second's requests, as the audience saw them
+    RESPONSE_P99_MS = "latency_p99_ms"
 
 
 class Feature(StrEnum):
