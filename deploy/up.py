@@ -232,6 +232,8 @@ def _serve(stack: LocalStack, watcher: StatsWatcher, cfg: Config, args, seed: in
     print(f"serving on {cfg.serving.host}:{cfg.serving.port}, arms {', '.join(arms)}; the audience sends "
           f"{args.serve_rate:g} requests/s " + (f"for {args.serve_seconds:g}s" if until else "until Ctrl-C"),
           file=sys.stderr)
+    watcher.poll()
+    trained0 = watcher.value("trainer", "examples_trained")
     child = stack.start_audience(aud_args)
     last_line = time.monotonic()
 
@@ -262,6 +264,9 @@ def _serve(stack: LocalStack, watcher: StatsWatcher, cfg: Config, args, seed: in
             break
         time.sleep(0.25)
     print(table(served), file=sys.stderr)
+    trained = watcher.value("trainer", "examples_trained") - trained0
+    print(f"closed loop: {int(trained):,} examples trained while the audience ran (the served impressions, "
+          f"labelled from its clicks; {sum(a.served for a in served.values()):,} served)", file=sys.stderr)
     if not served:
         print(f"the audience served nothing: see {child.log_path}", file=sys.stderr)
     return bool(sum(a.served for a in served.values()))
