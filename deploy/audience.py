@@ -12,8 +12,8 @@ emitted for that ad -- keyed and partitioned by user like every input record
 Per arm (the response's ``arm``) it counts requests, served ads, clicks and conversions (when produced) and
 the oracle: the mean true ``p_click`` / ``p_conversion`` of what the arm served. About once a second these go
 out as ``ServiceStats(component="audience")`` (``requests.<arm>``, ``served.<arm>``, ``clicks.<arm>``,
-``conversions.<arm>``, ``true_p_click.<arm>``, ``true_p_conversion.<arm>``, totals, errors per status,
-latency); a table is printed at the end (:func:`table`).
+``conversions.<arm>``, ``true_p_click.<arm>``, ``true_p_conversion.<arm>``, ``model_version.<arm>``, totals,
+errors per status, latency); a table is printed at the end (:func:`table`).
 
 Crash safety: at-least-once. Every second the driver writes its counters and the feedback not yet due to
 ``--state`` (atomically, after flushing the producer); a restarted driver resumes them. Feedback produced
@@ -94,6 +94,7 @@ class DriverStats:
     arms: dict[str, ArmStats] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)  # HTTP status (or "conn") -> count
     unknown_ads: int = 0  # served ads the audience's world does not have (the service retrieved them)
+    model_version: dict[str, int] = field(default_factory=dict)  # per arm: the newest version that served it
     latencies_ms: list[float] = field(default_factory=list)  # since the last report
 
     def arm(self, name: str) -> ArmStats:
@@ -119,6 +120,8 @@ class DriverStats:
                     Stat.REQUEST_ERRORS: float(sum(self.errors.values()))})
         for status, n in self.errors.items():
             out[f"{Stat.REQUEST_ERRORS}.{status}"] = float(n)
+        for name, v in self.model_version.items():
+            out[f"{Stat.MODEL_VERSION}.{name}"] = float(v)
         if self.latencies_ms:
             lat = sorted(self.latencies_ms)
             out[Stat.RESPONSE_P50_MS] = lat[len(lat) // 2]
@@ -269,6 +272,8 @@ class Driver:
             st = self.stats.arm(arm)
             st.requests += 1
             st.served += len(known)
+            version = int(resp.get("model_version", 0))
+            self.stats.model_version[arm] = max(version, self.stats.model_version.get(arm, 0))
             self.stats.unknown_ads += len(served) - len(known)
             self.stats.latencies_ms.append(latency_ms)
             for o in outcomes:

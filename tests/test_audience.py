@@ -286,6 +286,7 @@ def test_driver_produces_the_feedback_of_what_was_served(cfg, tmp_path):
     assert {n: (a.requests, a.served, a.clicks, a.conversions) for n, a in again.items()} == \
         {n: (a.requests, a.served, a.clicks, a.conversions) for n, a in arms.items()}
     assert abs(again["good"].true_p_click - good.true_p_click) < 1e-9
+    assert last.values["model_version.good"] == 1.0  # the version that served each arm
     # crash safety: a restarted driver resumes the counters (and the feedback still pending) from its state
     resumed = Driver(cfg, aud, server.url, state=state)
     assert {n: vars(a) for n, a in resumed.stats.arms.items()} == {n: vars(a) for n, a in arms.items()}
