@@ -14,6 +14,7 @@ from config import ConfigError, load_config
 # command being run is imported (a labels cluster process starts without torch), all of them for --help.
 _COMMANDS = {
     "up": "deploy.up",
+    "audience": "deploy.audience",
     "generate": "streams.sources.generate",
     "replay": "streams.sources.replay",
     "labels": "deploy.flows",

@@ -4,6 +4,8 @@
       -> broker (embedded Tansu)                       -- unless kafka.bootstrap_servers is set
       -> dashboard (metrics sink, sole owner of the chDB store, and the live page)
       -> labels dataflow -> stats dataflow -> trainer
+      -> with ``serve``: one trainer per arm of ``serving.arms`` (each publishing its model versions), the
+         ranking service (``streamrec serve``) and, once started, the simulated audience (``streamrec audience``)
 
 Durable by default. State that outlives a run is under ``<data_dir>/stack/`` (topics, dataflow recovery,
 trainer checkpoints, the broker's cluster id and ports) and ``<data_dir>/chdb`` (metrics), so a second
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -29,14 +32,16 @@ from streams import schema
 from streams.bus import kafka_io, storage
 from streams.bus.broker import EmbeddedBroker, wait_ready
 from streams.bus.processes import free_port
-from config import Config, replace
+from config import Config, arm_trainer_config, replace
 from streams.names import Component
 
 log = logging.getLogger("streamrec.stack")
 
 # the processes of a stack, in start order (stopped in reverse); the embedded ones only when used
 PROCESSES = ("storage", "broker", "dashboard", "labels", "stats", "trainer")
-
+# with serve (`streamrec up --serve`) "trainer" is one process per arm ("trainer-<arm>" when there are several),
+# followed by the ranking service and, once the warm-up log is trained, the simulated audience
+SERVE_PROCESSES = ("serve", "audience")
 
 class StackState:
     """What ``<data_dir>/stack/state.json`` remembers between runs of a durable stack: the broker's cluster
@@ -78,8 +83,9 @@ class LocalStack:
     is. ``start()`` returns the configuration every process runs with (the broker's address filled in)."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, ephemeral: bool = False, fresh: bool = False,
-                 port: int | None = None, trainer_args: tuple[str, ...] = (), labels_args: tuple[str, ...] = ()):
-        self.cfg, self.run_dir, self.ephemeral = cfg, run_dir, ephemeral
+                 port: int | None = None, trainer_args: tuple[str, ...] = (), labels_args: tuple[str, ...] = (),
+                 serve: bool = False):
+        self.cfg, self.run_dir, self.ephemeral, self.serve = cfg, run_dir, ephemeral, serve
         self.trainer_args, self.labels_args = list(trainer_args), list(labels_args)
         self.external = bool(cfg.kafka.bootstrap_servers)
         self.state_dir = Path(cfg.data_dir, "stack").resolve()
@@ -88,7 +94,8 @@ class LocalStack:
             log.warning("--fresh: deleted the stack's state in %s", self.state_dir)
         home = run_dir if ephemeral else self.state_dir
         self.dirs = {"topics": self.state_dir / "topics", "labels": home / "labels-recovery",
-                     "stats": home / "stats-recovery", "checkpoints": home / "checkpoints"}
+                     "stats": home / "stats-recovery", "checkpoints": home / "checkpoints",
+                     "models": home / "models"}
         self.state = StackState(self.state_dir)
         self.port = port or cfg.dashboard.port
         self.broker: EmbeddedBroker | None = None
@@ -127,6 +134,8 @@ class LocalStack:
         cfg = replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()),
                       trainer={"checkpoint_dir": str(self.dirs["checkpoints"])},
                       labels={"recovery_dir": str(self.dirs["labels"])}, dashboard={"port": self.port})
+        if self.serve and not cfg.serving.models_dir:  # published versions live with the checkpoints they follow
+            cfg = replace(cfg, serving={"models_dir": str(self.dirs["models"])})
         self.cfg = cfg
         config_path = self.run_dir / "config.yaml"
         config_path.write_text(yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False))
@@ -143,11 +152,39 @@ class LocalStack:
         self.sup.start(Child("dashboard", ["dashboard"]))
         self.sup.start(Child("labels", ["labels", *self.labels_args]))  # recovery: labels.recovery_dir, set above
         self.sup.start(Child("stats", ["stats", "--recovery-dir", str(self.dirs["stats"])]))
-        self.sup.start(Child("trainer", train + self.trainer_args,
-                             restart_args=["train", "--resume", *self.trainer_args]))
+        if not self.serve:
+            self.sup.start(Child("trainer", train + self.trainer_args,
+                                 restart_args=["train", "--resume", *self.trainer_args]))
+        else:
+            for name, path in self._arm_configs(cfg):
+                self.sup.start(Child(name, train + self.trainer_args, program=self._program(path),
+                                     restart_args=["train", "--resume", *self.trainer_args]))
+            self.sup.start(Child("serve", ["serve"]))
         self.status = StatusPublisher(cfg, self.sup)
         self.sup.watch(on_tick=self.status.maybe_publish)  # restarts whatever dies, from now on
         return cfg
+
+    def _arm_configs(self, cfg: Config) -> list[tuple[str, Path]]:
+        """(child name, config file) of each arm's trainer: ``trainer`` for a single arm, else
+        ``trainer-<arm>``; each config is :func:`arm_trainer_config` (its overrides, its checkpoints, its
+        published versions)."""
+        arms = cfg.serving.arms
+        out = []
+        for arm in arms:
+            path = self.run_dir / f"config-{arm.name}.yaml"
+            acfg = arm_trainer_config(cfg, arm)
+            path.write_text(yaml.safe_dump(msgspec.to_builtins(acfg), sort_keys=False))
+            out.append(("trainer" if len(arms) == 1 else f"trainer-{arm.name}", path))
+        return out
+
+    @staticmethod
+    def _program(config_path: Path) -> list[str]:
+        return [sys.executable, "-m", "deploy.cli", "--config", str(config_path)]
+
+    def start_audience(self, args: list[str]) -> Child:
+        """Start the simulated audience (``streamrec audience ARGS``): done when it exits with code 0, restarted
+        (resuming its state) if it crashes."""
+        return self.sup.start(Child("audience", ["audience", *args], once=True))
 
     def _broker_restarted(self, child: Child) -> None:
         """An ephemeral broker comes back empty: create the topics again (what they held is lost)."""

@@ -28,6 +28,8 @@ class Child:
     """One supervised ``streamrec`` subcommand (or, with ``program``, any command).
 
     ``restart_args`` replace ``args`` after a crash (e.g. ``train --resume`` instead of ``train --fresh``).
+    ``once``: a child with finite work (the simulated audience): exiting with code 0 means done, and it is not
+    restarted; any other exit is a crash as for every child.
     """
 
     name: str
@@ -36,6 +38,7 @@ class Child:
     program: list[str] | None = None  # run this instead of ``streamrec --config FILE``, followed by args
     on_restart: Callable[[Child], None] | None = None  # called after each restart (e.g. wait until ready)
     env: dict[str, str] = field(default_factory=dict)
+    once: bool = False
     proc: subprocess.Popen | None = None
     restarts: int = 0
     quick_crashes: int = 0  # consecutive exits within STABLE_S of their start: the backoff's exponent
@@ -54,6 +57,11 @@ class Child:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def finished(self) -> bool:
+        """A ``once`` child that exited with code 0: its work is done."""
+        return self.once and self.proc is not None and self.proc.poll() == 0
 
     @property
     def crash_looping(self) -> bool:
@@ -121,7 +129,7 @@ class Supervisor:
         now = time.monotonic()
         with self._lock:
             for c in self.children if not self._stopping else ():
-                if c.proc is None or c.alive():
+                if c.proc is None or c.alive() or c.finished:
                     continue
                 if c.restart_at is None:  # a new exit: schedule the restart
                     quick = now - c.started_at < STABLE_S

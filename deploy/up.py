@@ -1,5 +1,11 @@
 """``streamrec up``: the whole local stack as one supervised command, fed by the generator or a replayed log.
 
+With ``--serve`` the loop closes: one trainer per arm of ``serving.arms`` publishes model versions, ``streamrec
+serve`` ranks with them, and after the warm-up log is trained the simulated audience (:mod:`deploy.audience`)
+sends the generator's users to the service for ``--serve-seconds``; what it served is labelled from the
+audience's clicks and trained on. The summary compares the arms: online CTR and CVR, and the oracle's mean
+true p_click of what each served.
+
 Progress comes from the ``service_stats`` topic every component publishes to. Ctrl-C (or the end of the work
 when not attached to a terminal) stops producers first, then the trainer, the dataflows, the dashboard, the
 broker and its storage. Run again, a durable stack (the default) continues where it stopped.
@@ -10,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -20,7 +27,7 @@ from tqdm import tqdm
 
 from deploy.stack import LocalStack, StatsWatcher
 from deploy.supervisor import Supervisor
-from config import Config
+from config import Config, replace
 from streams.sources import scenarios
 
 log = logging.getLogger("streamrec.up")
@@ -31,32 +38,45 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def warmup_config(events: int, seed: int, bad_rate: float, scenario: scenarios.ScenarioConfig,
+                  now_ms: int | None = None):
+    """The generator's configuration of the warm-up log (see :func:`generated_log`); the simulated audience
+    draws its world from the same one."""
+    from streams.sources.generate import GeneratorConfig
+
+    g = GeneratorConfig()
+    span_ms = int(events / g.impressions_per_s * 1000) + int(g.max_conversion_delay_s * 1000)
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return GeneratorConfig(n_impressions=events, seed=seed, bad_rate=bad_rate, start_ts=now_ms - span_ms,
+                           scenario=scenario)
+
+
 def generated_log(events: int, seed: int, bad_rate: float, scenario: scenarios.ScenarioConfig,
                   now_ms: int | None = None) -> list:
     """A generated log whose every event, feedback included, lies in the past: its impressions end one
     longest feedback delay ago and its last conversions now (events stamped after the wall clock would be the
     stack's future)."""
-    from streams.sources.generate import GeneratorConfig, simulate
+    from streams.sources.generate import simulate
 
-    g = GeneratorConfig()
-    span_ms = int(events / g.impressions_per_s * 1000) + int(g.max_conversion_delay_s * 1000)
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    return simulate(GeneratorConfig(n_impressions=events, seed=seed, bad_rate=bad_rate, start_ts=now_ms - span_ms,
-                                    scenario=scenario)).records
+    return simulate(warmup_config(events, seed, bad_rate, scenario, now_ms)).records
 
 
-def _produce(cfg: Config, args, seed: int) -> tuple[int, int]:
-    """Generate or replay into the input topics. Returns (good impressions, bad records)."""
+def _produce(cfg: Config, args, seed: int) -> tuple[int, int, int]:
+    """Generate or replay into the input topics. Returns (good impressions, bad records, the generator's
+    start ts: the seasonal cycle's origin for the audience)."""
+    from streams.sources.generate import START_TS_MS
+
     if args.replay:
         from streams.sources.replay import replay_file
 
         stats = replay_file(cfg, args.replay, speed=args.speed, progress=True)
-        return stats.impressions, stats.dead_letters + stats.bad_records
+        return stats.impressions, stats.dead_letters + stats.bad_records, START_TS_MS
+    from streams.sources.generate import simulate
     from streams.sources.replay import produce
 
-    scenario = scenarios.parse_params(args.scenario, args.scenario_param)
-    stats = produce(cfg, generated_log(args.events, seed, args.bad_rate, scenario), progress=True)
-    return args.events, stats.bad_records
+    g = warmup_config(args.events, seed, args.bad_rate, scenarios.parse_params(args.scenario, args.scenario_param))
+    stats = produce(cfg, simulate(g).records, progress=True)
+    return args.events, stats.bad_records, g.start_ts
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -83,8 +103,25 @@ def up(args, cfg: Config) -> int:
     except ValueError as e:
         print(f"streamrec up: {e}", file=sys.stderr)
         return 2
+    if args.serve:
+        if args.serve_port:
+            cfg = replace(cfg, serving={"port": args.serve_port})
+        if not _port_free(cfg.serving.host, cfg.serving.port):
+            print(f"streamrec up: {cfg.serving.host}:{cfg.serving.port} (the ranking service) is in use; stop what "
+                  "holds it, or pass --serve-port", file=sys.stderr)
+            return 2
+        if not args.serve_rate > 0 or args.serve_seconds < 0 or not args.serve_time_scale > 0 \
+                or args.serve_label_after < 0:
+            print("streamrec up: --serve-rate and --serve-time-scale must be > 0, --serve-seconds and "
+                  "--serve-label-after >= 0", file=sys.stderr)
+            return 2
+        if args.serve_label_after > 0:  # served traffic is labelled (and trained on) while the audience runs
+            cfg = replace(cfg, labels={"policy": "elapsed", "elapsed_s": int(math.ceil(args.serve_label_after))})
+            print(f"labels: policy elapsed, {cfg.labels.elapsed_s}s after each impression (late clicks and "
+                  "conversions follow as corrections), so served traffic is trained on during the run "
+                  "(--serve-label-after 0 keeps the configured policy)", file=sys.stderr)
     run_dir = Path(cfg.data_dir, "runs", time.strftime("%Y%m%d-%H%M%S")).resolve()
-    stack = LocalStack(cfg, run_dir, ephemeral=args.ephemeral, fresh=args.fresh, port=port)
+    stack = LocalStack(cfg, run_dir, ephemeral=args.ephemeral, fresh=args.fresh, port=port, serve=args.serve)
     watcher = None
     started_ms = int(time.time() * 1000)
     # SIGTERM behaves like Ctrl-C so `kill` of the supervisor also stops everything in order. SIGINT gets the
@@ -103,11 +140,13 @@ def up(args, cfg: Config) -> int:
         if not args.replay:
             print(f"generating {args.events:,} impressions (seed {seed}, scenario {args.scenario})", file=sys.stderr)
         t0 = time.monotonic()
-        expected, bad = _produce(cfg, args, seed)
+        expected, bad, start_ts = _produce(cfg, args, seed)
         trained = _follow(sup, watcher, expected, args.timeout)
         ok = trained is not None and _ingested(sup, url, 2 * trained, started_ms)
         elapsed = time.monotonic() - t0
         _summary(watcher, sup, bad, elapsed, ok)
+        if args.serve and trained is not None:
+            ok = _serve(stack, watcher, cfg, args, seed, start_ts, run_dir) and ok
         print(f"dashboard: {url}", file=sys.stderr)
         stay = args.stay if args.stay is not None else sys.stdin.isatty()
         if stay:
@@ -176,6 +215,63 @@ def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: floa
     return trained
 
 
+def _serve(stack: LocalStack, watcher: StatsWatcher, cfg: Config, args, seed: int, start_ts: int,
+           run_dir: Path) -> bool:
+    """The closed loop's serving phase: the simulated audience drives the ranking service for
+    ``--serve-seconds`` (0: until Ctrl-C); then the per-arm table. True when something was served."""
+    from deploy.audience import arms_from_values, table
+
+    until = int(time.time() * 1000 + args.serve_seconds * 1000) if args.serve_seconds > 0 else None
+    aud_args = ["--seed", str(seed), "--scenario", args.scenario, "--start-ts", str(start_ts),
+                "--rate", f"{args.serve_rate:g}", "--time-scale", f"{args.serve_time_scale:g}",
+                "--state", str(run_dir / "audience-state.json"),
+                "--url", f"http://{cfg.serving.host}:{cfg.serving.port}"]
+    aud_args += [a for p in args.scenario_param for a in ("--scenario-param", p)]
+    aud_args += ["--until-ms", str(until)] if until is not None else ["--seconds", "0"]
+    arms = [a.name + (" (shadow)" if a.shadow else f" {a.share:.0%}") for a in cfg.serving.arms]
+    print(f"serving on {cfg.serving.host}:{cfg.serving.port}, arms {', '.join(arms)}; the audience sends "
+          f"{args.serve_rate:g} requests/s " + (f"for {args.serve_seconds:g}s" if until else "until Ctrl-C"),
+          file=sys.stderr)
+    watcher.poll()
+    trained0 = watcher.value("trainer", "examples_trained")
+    child = stack.start_audience(aud_args)
+    last_line = time.monotonic()
+
+    def finished() -> bool:
+        nonlocal last_line
+        values = watcher.poll().get("audience", {})
+        if time.monotonic() - last_line >= 10 and values:
+            last_line = time.monotonic()
+            per_arm = arms_from_values(values)
+            print("audience: " + "; ".join(f"{n} {a.requests:,} requests, {a.served:,} served, {a.clicks:,} clicks"
+                                            for n, a in sorted(per_arm.items())), file=sys.stderr)
+        return child.finished
+
+    # the audience first waits (up to its --ready-timeout, 300 s) for every arm's first published model
+    timeout = (args.serve_seconds if until else 10 ** 9) + 360
+    try:
+        done = stack.sup.wait_until(finished, timeout)
+    except KeyboardInterrupt:
+        child.stop()  # SIGTERM: it reports its counters and exits
+        done = True
+    if not done:
+        log.warning("the audience did not finish within %.0fs (see %s)", timeout, child.log_path)
+    served: dict = {}
+    deadline = time.monotonic() + 5.0  # wait for its last report (after the drain)
+    while time.monotonic() < deadline:
+        served = arms_from_values(watcher.poll().get("audience", {}))
+        if child.proc.poll() is not None and watcher.gauge("audience", "pending_feedback") == 0 and served:
+            break
+        time.sleep(0.25)
+    print(table(served), file=sys.stderr)
+    trained = watcher.value("trainer", "examples_trained") - trained0
+    print(f"closed loop: {int(trained):,} examples trained while the audience ran (the served impressions, "
+          f"labelled from its clicks; {sum(a.served for a in served.values()):,} served)", file=sys.stderr)
+    if not served:
+        print(f"the audience served nothing: see {child.log_path}", file=sys.stderr)
+    return bool(sum(a.served for a in served.values()))
+
+
 def stored_predictions(url: str, since_ms: int) -> int:
     """Prediction rows in the store trained since ``since_ms``, counted by the dashboard's store (so rows a
     sink stored before it was restarted count too); 0 while it does not answer."""
@@ -240,6 +336,22 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        help="keep topics in memory and state in the run's directory: nothing carries over")
     state.add_argument("--fresh", action="store_true",
                        help="delete the durable stack's state (topics, dataflow recovery, checkpoints) first")
+    serve = p.add_argument_group("closed loop (--serve)")
+    serve.add_argument("--serve", action="store_true",
+                       help="also run a trainer per arm of serving.arms publishing model versions, the ranking "
+                            "service (streamrec serve) and, after the warm-up log, the simulated audience; the "
+                            "summary compares the arms online and by the oracle")
+    serve.add_argument("--serve-seconds", type=float, default=60.0,
+                       help="how long the audience sends requests; 0: until Ctrl-C (default %(default)s)")
+    serve.add_argument("--serve-rate", type=float, default=20.0, help="requests per second (default %(default)s)")
+    serve.add_argument("--serve-time-scale", type=float, default=60.0,
+                       help="the audience's feedback delays are divided by this (default %(default)s)")
+    serve.add_argument("--serve-label-after", type=float, default=10.0, metavar="SECONDS",
+                       help="label impressions this long after they were served (labels.policy=elapsed), so the "
+                            "loop closes within the run; 0: keep the configured labels policy (the default window "
+                            "policy labels an impression after its 24 h conversion window) (default %(default)s)")
+    serve.add_argument("--serve-port", type=int, default=None,
+                       help="the ranking service's port (default from config: serving.port)")
     stay = p.add_mutually_exclusive_group()
     stay.add_argument("--stay", dest="stay", action="store_true", default=None,
                       help="keep running after the work is done until Ctrl-C (default when attached to a terminal)")

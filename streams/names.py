@@ -25,6 +25,7 @@ class Component(StrEnum):
     TRAINER = "trainer"
     SUPERVISOR = "supervisor"
     SERVING = "serving"  # streamrec serve (serving/)
+    AUDIENCE = "audience"  # the simulated audience's driver (deploy/audience.py)
 
 
 class Step(StrEnum):
@@ -107,6 +108,13 @@ class Stat(StrEnum):
     UP = "up"
     RESTARTS = "restarts"
     CRASH_LOOPING = "crash_looping"
+    # audience (deploy/audience.py): totals, and per arm + "." + the arm (CLICKS and CONVERSIONS too); it also
+    # reports REQUESTS and LATENCY_P50_MS / LATENCY_P99_MS as it saw them
+    SERVED = "served"  # ads served (impressions)
+    TRUE_P_CLICK = "true_p_click"  # the oracle: mean true p_click of the served ads (at their positions)
+    TRUE_P_CONVERSION = "true_p_conversion"  # mean true post-click conversion probability of the served ads
+    REQUEST_ERRORS = "request_errors"  # + "." + the HTTP status ("conn": no answer)
+    PENDING_FEEDBACK = "pending_feedback"  # gauge: clicks and conversions not yet due
 
 
 class Feature(StrEnum):

@@ -107,3 +107,16 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, waiting for its reaper
     except FileNotFoundError:
         return False
+
+
+def test_a_once_child_that_finishes_is_not_restarted_but_one_that_crashes_is(tmp_path):
+    sup = Supervisor(tmp_path / "config.yaml", tmp_path)
+    done = sup.start(Child("done", [], program=[sys.executable, "-c", "pass"], once=True))
+    crashing = sup.start(Child("crashing", [], program=CRASH, once=True))
+    sup.watch(interval=0.05)
+    try:
+        assert _until(lambda: crashing.restarts >= 1), "a once child that crashes is restarted"
+        time.sleep(0.3)
+        assert done.finished and done.restarts == 0 and sup.status()["up.done"] == 0.0
+    finally:
+        sup.stop_all(timeout=5)

@@ -266,18 +266,34 @@ def hidden_tastes(sim: Simulation) -> tuple[np.ndarray, np.ndarray]:
     return user_lat, ad_lat
 
 
-def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Column arrays of the impressions, true probabilities and realized outcomes (length n)."""
-    t, n, sc = g.truth, g.n_impressions, g.scenario
-    ts = g.start_ts + np.floor(np.cumsum(rng.exponential(1000.0 / g.impressions_per_s, n))).astype(np.int64)
-    progress = _progress(ts)
-    share = np.array([t.domain_share[d] for d in g.domains])
-    dom = rng.choice(len(g.domains), n, p=share / share.sum())
-    user = rng.choice(g.n_users, n, p=w.user_w)
-    ad = scenarios.sample_ads(progress, w.ad_w, w.ad_birth, w.ad_death, len(w.ad_w) - g.n_ads, sc.surge_share, rng)
-    pos = rng.integers(0, t.max_position, n)
-    dense = np.round(rng.normal(0, 1, (n, g.dense_dim)), 4)
-    cat = rng.choice(t.cat_vocab, (n, g.cat_slots), p=w.cat_w)
+def _draw_domains(g: GeneratorConfig, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Domain index (into ``g.domains``) of ``n`` impressions or requests, by ``domain_share``."""
+    share = np.array([g.truth.domain_share[d] for d in g.domains])
+    return rng.choice(len(g.domains), n, p=share / share.sum())
+
+
+def _draw_users(w: _World, n: int, rng: np.random.Generator) -> np.ndarray:
+    """User index of ``n`` impressions or requests, by the users' Zipf activity."""
+    return rng.choice(len(w.user_w), n, p=w.user_w)
+
+
+def _draw_dense(g: GeneratorConfig, n: int, rng: np.random.Generator) -> np.ndarray:
+    return np.round(rng.normal(0, 1, (n, g.dense_dim)), 4)
+
+
+def _draw_cat(g: GeneratorConfig, w: _World, n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.choice(g.truth.cat_vocab, (n, g.cat_slots), p=w.cat_w)
+
+
+def _truth(g: GeneratorConfig, w: _World, dom: np.ndarray, user: np.ndarray, ad: np.ndarray, pos: np.ndarray,
+           dense: np.ndarray, cat: np.ndarray, ts: np.ndarray, progress: np.ndarray, stale: bool = False
+           ) -> dict[str, np.ndarray]:
+    """The hidden model (module docstring): true ``p_click`` and ``p_cvr`` of impressions (index arrays of
+    length n; ``ts`` event time in ms, ``progress`` 0..1 of the run for the drift scenarios). With ``stale``
+    also ``p_click_t0``/``p_cvr_t0``: the truth as it was at the start, knowing only the ads alive then (no
+    drift, no season). The one implementation of the truth: :func:`simulate` and
+    :class:`streams.sources.audience.Audience` both call it."""
+    t, sc = g.truth, g.scenario
     user_lat, ad_lat, ad_bias = _tastes(sc, w, user, ad, progress)
     season = scenarios.season_logit(sc, (ts - g.start_ts) / 1000.0)
     affinity = np.einsum("nk,nk->n", user_lat, ad_lat)
@@ -289,12 +305,24 @@ def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dic
     p_click = _sigmoid(base_ctr + season + w.user_bias[user] + ad_bias + affinity + common)
     p_cvr = _sigmoid(base_cvr + season + w.user_cvr_bias[user] + w.ad_cvr_bias[ad] + cvr_scale * affinity
                      + dense @ w.w_cvr_dense)
-    # the stale oracle: the truth as it was at the start, knowing only the ads alive then (no drift, no season)
-    known = w.ad_birth[ad] == 0
-    aff0 = np.where(known, np.einsum("nk,nk->n", w.user_lat[user], w.ad_lat[ad]), 0.0)
-    p_click_t0 = _sigmoid(base_ctr + w.user_bias[user] + np.where(known, w.ad_bias[ad], 0.0) + aff0 + common)
-    p_cvr_t0 = _sigmoid(base_cvr + w.user_cvr_bias[user] + np.where(known, w.ad_cvr_bias[ad], 0.0)
-                        + cvr_scale * aff0 + dense @ w.w_cvr_dense)
+    out = {"p_click": p_click, "p_cvr": p_cvr}
+    if stale:
+        known = w.ad_birth[ad] == 0
+        aff0 = np.where(known, np.einsum("nk,nk->n", w.user_lat[user], w.ad_lat[ad]), 0.0)
+        out["p_click_t0"] = _sigmoid(base_ctr + w.user_bias[user] + np.where(known, w.ad_bias[ad], 0.0) + aff0
+                                     + common)
+        out["p_cvr_t0"] = _sigmoid(base_cvr + w.user_cvr_bias[user] + np.where(known, w.ad_cvr_bias[ad], 0.0)
+                                   + cvr_scale * aff0 + dense @ w.w_cvr_dense)
+    return out
+
+
+def _outcomes(g: GeneratorConfig, p_click: np.ndarray, p_cvr: np.ndarray, rng: np.random.Generator
+              ) -> dict[str, np.ndarray]:
+    """What users do with impressions of true ``p_click``/``p_cvr``: ``click``, ``conv`` (only after a click),
+    ``click_ms`` and ``conv_ms`` (delays from the impression, drawn for every impression: meaningful where
+    ``click`` / ``conv``), ``value`` of a conversion. The one implementation of outcomes and delays (the
+    generator and :class:`streams.sources.audience.Audience`)."""
+    t, n = g.truth, len(p_click)
     click = rng.random(n) < p_click
     conv = click & (rng.random(n) < p_cvr)
     max_click_ms = int(g.max_click_delay_s * 1000)
@@ -304,10 +332,27 @@ def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dic
                                                   t.conv_fast_mean_s, t.conv_slow_mean_s)
     after_click_ms = (1000 * after_click_s).astype(np.int64) + (1000 if g.delays == "short" else 0)
     conv_ms = np.maximum(np.minimum(click_ms + after_click_ms, int(g.max_conversion_delay_s * 1000)), click_ms + 1)
-    return {"dom": dom, "user": user, "ad": ad, "pos": pos, "dense": dense, "cat": cat, "ts": ts,
-            "p_click": p_click, "p_cvr": p_cvr, "p_click_t0": p_click_t0, "p_cvr_t0": p_cvr_t0, "click": click, "conv": conv,
-            "click_ms": np.where(click, click_ms, -1), "conv_ms": np.where(conv, conv_ms, -1),
+    return {"click": click, "conv": conv, "click_ms": click_ms, "conv_ms": conv_ms,
             "value": np.round(rng.lognormal(3.0, 1.0, n), 2)}
+
+
+def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Column arrays of the impressions, true probabilities and realized outcomes (length n)."""
+    t, n, sc = g.truth, g.n_impressions, g.scenario
+    ts = g.start_ts + np.floor(np.cumsum(rng.exponential(1000.0 / g.impressions_per_s, n))).astype(np.int64)
+    progress = _progress(ts)
+    dom = _draw_domains(g, n, rng)
+    user = _draw_users(w, n, rng)
+    ad = scenarios.sample_ads(progress, w.ad_w, w.ad_birth, w.ad_death, len(w.ad_w) - g.n_ads, sc.surge_share, rng)
+    pos = rng.integers(0, t.max_position, n)
+    dense = _draw_dense(g, n, rng)
+    cat = _draw_cat(g, w, n, rng)
+    p = _truth(g, w, dom, user, ad, pos, dense, cat, ts, progress, stale=True)
+    o = _outcomes(g, p["p_click"], p["p_cvr"], rng)
+    click, conv = o["click"], o["conv"]
+    return {"dom": dom, "user": user, "ad": ad, "pos": pos, "dense": dense, "cat": cat, "ts": ts, **p,
+            "click": click, "conv": conv, "click_ms": np.where(click, o["click_ms"], -1),
+            "conv_ms": np.where(conv, o["conv_ms"], -1), "value": o["value"]}
 
 
 def _events(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray]) -> list[Any]:

@@ -145,21 +145,29 @@ def sample_ads(t: np.ndarray, weights: np.ndarray, birth: np.ndarray, death: np.
     out = np.empty(len(t), np.int64)
     b = np.minimum((t * buckets).astype(np.int64), buckets - 1)
     starts = np.searchsorted(b, np.arange(buckets + 1))
-    n_reg = len(weights) - n_surge
     for i in range(buckets):
         lo, hi = starts[i], starts[i + 1]
         if lo == hi:
             continue
-        now = i / buckets
-        p = weights * ((birth <= now) & (death > now))
-        reg, new = p[:n_reg].sum(), p[n_reg:].sum()
-        if reg == 0:  # everything retired: fall back to the whole regular catalogue
-            p[:n_reg], reg = weights[:n_reg], weights[:n_reg].sum()
-        if new > 0:
-            p[:n_reg] *= (1 - surge_share) / reg
-            p[n_reg:] *= surge_share / new
+        p = ad_weights(i / buckets, weights, birth, death, n_surge, surge_share)
         out[lo:hi] = rng.choice(len(p), hi - lo, p=p / p.sum())
     return out
+
+
+def ad_weights(now: float, weights: np.ndarray, birth: np.ndarray, death: np.ndarray, n_surge: int,
+               surge_share: float) -> np.ndarray:
+    """Traffic weight of every ad at progress ``now`` (not normalised): its popularity if alive (born, not yet
+    retired), else 0; the last ``n_surge`` ads take ``surge_share`` once born. Used by :func:`sample_ads` and
+    by the simulated audience's candidates (:mod:`streams.sources.audience`)."""
+    n_reg = len(weights) - n_surge
+    p = weights * ((birth <= now) & (death > now))
+    reg, new = p[:n_reg].sum(), p[n_reg:].sum()
+    if reg == 0:  # everything retired: fall back to the whole regular catalogue
+        p[:n_reg], reg = weights[:n_reg], weights[:n_reg].sum()
+    if new > 0:
+        p[:n_reg] *= (1 - surge_share) / reg
+        p[n_reg:] *= surge_share / new
+    return p
 
 
 def conversion_delays_s(model: str, n: int, rng: np.random.Generator, max_s: float,
