@@ -11,7 +11,15 @@ also shows the service's own p99 (body read to answer ready): the rest is HTTP a
 
 ``value``: batched max QPS; ``baseline``: unbatched; ``ratio`` (goal >= 3).
 
-    streamrec bench serve [--quick] [--step-s S] [--max-clients C] [--candidates N]
+Then continuous publishing, end to end: a trainer thread trains the same model on a generated stream as fast as
+it can and publishes a version every ``--publish-every`` seconds (``trainer.publish_every_s``: a delta, the
+first a full snapshot) into a version store that the batched service polls (``serving.poll_s``), while a
+client sends a ranking request every 20 ms. ``publish_p99_s``: p99 over versions of (the first answer
+carrying that version - the wall time of the newest training step it includes; goal <= 10 s);
+``delta_fraction``: mean over the deltas of delta bytes / full bytes (goal <= 0.10; ``bench publish`` measures
+it at a fixed stream rate).
+
+    streamrec bench serve [--quick] [--step-s S] [--max-clients C] [--candidates N] [--publish-s S]
 """
 
 from __future__ import annotations
@@ -115,12 +123,88 @@ def max_qps(name: str, port: int, args, rows: list, svc) -> tuple[float, dict]:
     return best, best_step
 
 
+def publish_phase(cfg, learner, seconds: float, every_s: float, rows: list) -> dict:
+    """Train + publish in a thread, serve from the store, time each version's first answer (module docstring)."""
+    import shutil
+    import tempfile
+    import threading
+
+    from benchmarks._simulated import example_stream
+    from serving.client import Client
+    from serving.models import open_store
+    from serving.service import RankingService, ServingServer
+    from streams.sources.generate import GeneratorConfig, simulate
+    from trainer.features import featurize
+    from trainer.publish import Publisher
+
+    root = tempfile.mkdtemp(prefix="streamrec-bench-serve-")
+    sim = simulate(GeneratorConfig(n_impressions=200_000, seed=2, n_users=50_000))
+    examples = example_stream(sim, "oracle", elapsed_s=60)
+    pub = Publisher(root, full_every=10_000, keep_full=2)
+    published: dict[int, tuple[int, str, float]] = {}  # seq -> (trained_ts ms, kind, delta fraction)
+    stop = threading.Event()
+
+    def train() -> None:
+        bs, i, last = cfg.trainer.batch_size, 0, time.monotonic()
+        info = pub.publish(learner, examples_trained=0, full=True)
+        published[info.seq] = (info.trained_ts, info.kind, 1.0)
+        while not stop.is_set():
+            batch = examples[i % len(examples):i % len(examples) + bs] or examples[:bs]
+            learner.train_step(featurize(batch, cfg.trainer, learner.user_view))
+            trained_ms = int(time.time() * 1000)
+            i += bs
+            if time.monotonic() - last >= every_s:
+                info = pub.publish(learner, examples_trained=i, trained_ts=trained_ms)
+                published[info.seq] = (info.trained_ts, info.kind, pub.stats()["delta_fraction"])
+                last = time.monotonic()
+
+    first_seen: dict[int, float] = {}
+    body = _bodies(1, 100)[0]
+    try:
+        trainer = threading.Thread(target=train, daemon=True)
+        trainer.start()
+        while not published:
+            time.sleep(0.05)
+        svc = RankingService(cfg, {"main": open_store(root)}, emit=False, feed=False)
+        with ServingServer(cfg, svc) as srv:
+            client = Client("127.0.0.1", srv.port)
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                status, answer = client.request("POST", "/rank", body)
+                if status == 200:
+                    seq = json.loads(answer)["model_version"]
+                    first_seen.setdefault(seq, time.time())
+                time.sleep(0.02)
+            stop.set()
+            trainer.join()
+            client.close()
+    finally:
+        stop.set()
+        shutil.rmtree(root, ignore_errors=True)
+    delays = {seq: first_seen[seq] - published[seq][0] / 1000.0 for seq in first_seen if seq in published}
+    for seq in sorted(published):
+        ts, kind, frac = published[seq]
+        d = delays.get(seq)
+        rows.append(("publish", f"v{seq} {kind}", f"{frac:.4f}", "-" if d is None else f"{d:.2f}"))
+    fracs = [f for s_, (_, k, f) in published.items() if k == "delta"]
+    lat = sorted(delays.values())
+    return {"publish_p99_s": round(float(np.percentile(lat, 99)), 2) if lat else None,
+            "publish_p50_s": round(float(np.percentile(lat, 50)), 2) if lat else None,
+            "delta_fraction": round(float(np.mean(fracs)), 4) if fracs else None,
+            "versions_published": len(published), "versions_served": len(delays),
+            "versions_skipped": len(published) - len(delays)}
+
+
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--step-s", type=float, default=None, help="seconds per concurrency step (default 8; quick 1.5)")
     p.add_argument("--max-clients", type=int, default=None, help="highest concurrency tried (default 128; quick 64)")
     p.add_argument("--candidates", type=int, default=100, help="candidates per request (default 100)")
     p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    p.add_argument("--publish-s", type=float, default=None,
+                   help="seconds of the publishing phase (default 60; quick 20)")
+    p.add_argument("--publish-every", type=float, default=None,
+                   help="seconds between published versions (default: trainer.publish_every_s; quick 2)")
     args = p.parse_args()
     args.step_s = args.step_s or (1.5 if args.quick else 8.0)
     args.max_clients = args.max_clients or (64 if args.quick else 128)
@@ -144,20 +228,23 @@ def main() -> None:
         with ServingServer(cfg, svc) as srv:
             results[name] = max_qps(name, srv.port, args, rows, svc)
     (b_qps, b_step), (u_qps, u_step) = results["batched"], results["unbatched"]
+    every_s = args.publish_every or (2.0 if args.quick else base.trainer.publish_every_s)
+    pub_rows: list[tuple] = []
+    publishing = publish_phase(load_config(env={}, serving={"port": 0}), learner,
+                               args.publish_s or (20.0 if args.quick else 60.0), every_s, pub_rows)
+    print(f"publishing every {every_s:g} s into the store the batched service polls every "
+          f"{base.serving.poll_s:g} s:")
+    print(f"{'version':>16}  {'delta fraction':>14}  {'trained -> served s':>19}")
+    for _, version, frac, delay in pub_rows:
+        print(f"{version:>16}  {frac:>14}  {delay:>19}")
     report("serve", rows, ("service", "clients", "QPS", "p50 ms", "p99 ms", "server p99", "req/batch", "errors",
                  "p99<=50"),
            value=b_qps, unit=f"requests/s of {args.candidates} candidates at p99 <= {P99_BOUND_MS:g} ms",
            baseline=u_qps, max_batch=base.serving.max_batch, max_wait_ms=base.serving.max_wait_ms,
            batched_clients=b_step.get("clients"), batched_p99_ms=round(b_step.get("p99_ms", 0.0), 1),
            unbatched_clients=u_step.get("clients"), unbatched_p99_ms=round(u_step.get("p99_ms", 0.0), 1),
-           candidates=args.candidates, device=args.device, torch_threads=threads,
-           # TODO(publish, after the merge): trainer.publish.Publisher(root).publish(learner) -> VersionInfo
-           # (.kind full|delta, .bytes, .trained_ts); VersionStore(root).list(). delta_fraction: bytes of a
-           # steady-state delta / bytes of the full it builds on (the trainer's Stat.DELTA_FRACTION, as
-           # benchmarks/publish.py measures it); publish_p99_s: p99 over versions of (wall time of the first /rank
-           # answer with model_version == seq) - VersionInfo.trained_ts, the trainer publishing every few seconds
-           # into the store this service polls.
-           delta_fraction=None, publish_p99_s=None)
+           candidates=args.candidates, device=args.device, torch_threads=threads, publish_every_s=every_s,
+           **publishing)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ class Panel:
     thresholds: Thresholds = ()
     description: str = ""
     width: int = 12
+    # what must run for the panel to have data, said where it is empty (e.g. "streamrec up --serve")
+    needs: str = ""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -50,7 +52,7 @@ class Panel:
     def to_json(self) -> dict:
         return {"id": self.id, "title": self.title, "kind": self.kind, "unit": self.unit,
                 "thresholds": [list(t) for t in self.thresholds], "description": self.description,
-                "width": self.width}
+                "width": self.width, "needs": self.needs}
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,13 @@ OVERVIEW = Dashboard(
               description="click and conversion metrics per domain over the window (exact, from raw rows)"),
         Panel("dead_letters_rate", "Dead letters by reason", q.DEAD_LETTERS_RATE, unit="ops", width=8),
         Panel("dead_letters", "Dead letters (latest reasons)", q.DEAD_LETTERS_BY_REASON, "table", width=16),
+        Panel("serving", "Ranking service", q.SERVING, unit="short",
+              description="streamrec serve: requests answered per second and latency percentiles (ms, body read "
+                          "to answer ready), once a second", needs="streamrec up --serve"),
+        Panel("publishing", "Published models: age at serving and delta size", q.PUBLISHING, unit="short",
+              description="per arm: seconds since the newest training step of the version being served, and the "
+                          "newest published delta as a percentage of a full snapshot",
+              needs="streamrec up --serve (or trainer.publish_dir)"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

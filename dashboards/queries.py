@@ -662,6 +662,26 @@ FROM ({_latest(f"component = '{C.TRAINER}' AND name IN ('{S.USER_FRESHNESS_P50_M
 GROUP BY t, series
 ORDER BY t, series"""
 
+# the ranking service (serving/emit.py ServingStats, once a second): requests/s and latency percentiles
+SERVING = f"""
+SELECT t, multiIf(name = '{S.QPS}', 'requests/s', name = '{S.LATENCY_P50_MS}', 'latency p50 ms',
+                  'latency p99 ms') AS series, max(v) AS value
+FROM ({_latest(f"component = '{C.SERVING}' AND name IN ('{S.QPS}', '{S.LATENCY_P50_MS}', '{S.LATENCY_P99_MS}')")})
+GROUP BY t, series
+ORDER BY t, series"""
+
+# continuous publishing seen from both ends: per arm, the age of the version the service serves (now - the
+# newest training step it includes) and the trainer's newest delta as a fraction of a full snapshot (x 100)
+PUBLISHING = f"""
+SELECT t, series, max(v) AS value FROM (
+    SELECT t, concat('model age s, arm ', replaceOne(name, '{S.ARM_MODEL_AGE_PREFIX}', '')) AS series, v
+    FROM ({_latest(f"component = '{C.SERVING}' AND startsWith(name, '{S.ARM_MODEL_AGE_PREFIX}')")})
+    UNION ALL
+    SELECT t, concat('delta % of full, arm ', instance) AS series, 100 * v AS v
+    FROM ({_latest(f"component = '{C.TRAINER}' AND name = '{S.DELTA_FRACTION}'")}))
+GROUP BY t, series
+ORDER BY t, series"""
+
 EMBEDDING_DIMS = f"""
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,
        sumIf(v, name LIKE '{S.EMBEDDING_ROWS_PREFIX}%') AS rows,

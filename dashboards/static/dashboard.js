@@ -58,6 +58,10 @@
     n.style.display = note ? "flex" : "none";
   }
 
+  function emptyNote(p) {
+    return p.needs ? `no data: needs ${p.needs}` : "no data in this window";
+  }
+
   function buildGrid(dash) {
     const grid = $("#grid");
     grid.innerHTML = "";
@@ -67,6 +71,7 @@
       el.id = "panel-" + p.id;
       el.dataset.panelId = p.id;
       el.dataset.kind = p.kind;
+      el.dataset.needs = p.needs || "";
       el.style.gridColumn = "span " + p.width;
       const unit = p.unit && p.kind === "timeseries" ? `<span class="unit">(${p.unit === "ops" ? "per s" : p.unit})</span>` : "";
       el.innerHTML = `<h2 title="${p.description || ""}">${p.title}${unit}</h2>` +
@@ -93,7 +98,7 @@
 
   function drawTable(el, p, res) {
     const body = el.querySelector(".body");
-    if (!res.rows.length) { body.innerHTML = ""; setState(el, "empty", 0, "no data in this window"); return; }
+    if (!res.rows.length) { body.innerHTML = ""; setState(el, "empty", 0, emptyNote(p)); return; }
     const { ci, shown: cols } = intervalColumns(res.columns);
     const numeric = (c) => res.rows.some((r) => typeof r[c] === "number");
     const th = cols.map((c) => `<th class="${numeric(c) ? "" : "text"}">${c.replace(/_pct$/, " %")}` +
@@ -142,7 +147,7 @@
     const body = el.querySelector(".body");
     if (!res.rows.length) {
       if (state.charts[p.id]) { state.charts[p.id].destroy(); delete state.charts[p.id]; }
-      setState(el, "empty", 0, "no data in this window");
+      setState(el, "empty", 0, emptyNote(p));
       return;
     }
     const { names, data } = pivot(res.rows);
