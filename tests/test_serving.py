@@ -656,3 +656,62 @@ def test_stop_answers_the_requests_in_flight(tmp_path, capsys):
         t.join(60)
     out = capsys.readouterr().out
     assert "no model version yet for arm(s) main" in out and "serve: ready (main v2)" in out
+
+
+def _serve_process(tmp_path):
+    """`streamrec serve` on a free port over ``tmp_path``'s models (no broker): (process, port) once it listens."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "STREAMREC_DATA_DIR": str(tmp_path),
+           "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": "", "STREAMREC_SERVING__POLL_S": "0.05"}
+    p = subprocess.Popen([sys.executable, "-m", "deploy.cli", "serve", "--port", "0"], cwd=root, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    while not any(ln.startswith("serve: http") for ln in lines):
+        line = p.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    url = next(ln for ln in lines if ln.startswith("serve: http"))
+    threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()  # keep the pipe drained
+    return p, int(url.split()[1].rsplit(":", 1)[1].split("/")[0])
+
+
+def test_a_sigkilled_service_restarts_serving_the_newest_valid_version(tmp_path):
+    import signal
+
+    lr = learner()
+    versions = Versions("publish", tmp_path / "models" / "main")
+    for seq in (1, 2, 3):
+        train_a_step(lr, seq)
+        versions.write(lr, seq)
+    p, port = _serve_process(tmp_path)
+    try:
+        with Client("127.0.0.1", port) as c:
+            wait_for(lambda: c.request("GET", "/readyz")[0] == 200, what="ready")
+            assert c.rank(rank_body())[1]["model_version"] == 3
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+        # while it is down the trainer goes on: a good delta, then one that is damaged (its checksum fails)
+        train_a_step(lr, 4)
+        versions.write(lr, 4)
+        train_a_step(lr, 5)
+        versions.write(lr, 5)
+        v5 = sorted(d for d in versions.root.iterdir() if d.name.startswith("v"))[-1]
+        damaged = next(f for f in sorted(v5.iterdir()) if f.suffix == ".pt")
+        damaged.write_bytes(damaged.read_bytes()[:-7] + b"corrupt")
+        p, port = _serve_process(tmp_path)
+        with Client("127.0.0.1", port) as c:
+            wait_for(lambda: c.request("GET", "/readyz")[0] == 200, what="ready after the restart")
+            for _ in range(5):  # the newest *valid* version, every time
+                status, res = c.rank(rank_body())
+                assert status == 200 and res["model_version"] == 4, res
+            arm = c.json("GET", "/models")[1]["arms"][0]
+            assert arm.get("versions_refused", 0) >= 1, arm
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
