@@ -243,6 +243,11 @@ class ServingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retrieve_k: int = 100  # candidates retrieved when a request names none
     poll_s: float = 0.5  # how often the service looks for a newer published version
     emit_impressions: bool = True  # every served ad becomes an impression event (closes the loop)
+    # answer a request once the broker acknowledged its impressions: a SIGKILLed service then loses no impression
+    # of an answered request (costs the broker's acknowledgement, a few ms per batch). While the broker is away
+    # it answers after ack_timeout_ms, then at once until deliveries succeed again (impressions wait in memory)
+    ack_impressions: bool = True
+    ack_timeout_ms: float = 500.0
     arms: tuple[ArmConfig, ...] = (ArmConfig(name="main", share=1.0),)
 
     def __post_init__(self):

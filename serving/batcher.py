@@ -14,6 +14,8 @@ requests it serves, or all of them for a shadow arm) are concatenated into ONE
 :func:`trainer.features.featurize_impressions` batch and ONE forward pass, and the scores are split back per
 request and ranked by ``p_click``. Candidates are scored at position 0 (the ranker's position feature learns
 the bias of a slot; the ranking itself must not depend on it); the served impression records its real position.
+The served impressions go to the emitter, which answers the batch's requests once the broker acknowledged them
+(``serving.ack_impressions``; :mod:`serving.emit`), so the next batch is scored meanwhile.
 """
 
 from __future__ import annotations
@@ -138,15 +140,15 @@ class Batcher:
                     stopping = True
                     break
                 batch.append(nxt)
+            served: list = []
             try:
-                self.process(batch)
+                served = self.process(batch)
             except Exception as e:  # noqa: BLE001 - a scoring bug fails this batch's requests, not the service
                 log.exception("serving: scoring a batch of %d requests failed", len(batch))
                 for j in batch:
                     if j.result is None:
                         j.result = api.BadRequest(500, f"internal error while scoring: {type(e).__name__}: {e}")
-            for j in batch:
-                self._resolve(j)
+            self.service.emit(served, lambda batch=batch: [self._resolve(j) for j in batch])
 
     @staticmethod
     def _resolve(job: Job) -> None:
@@ -162,8 +164,9 @@ class Batcher:
         except RuntimeError:  # the loop closed (server shut down): nobody waits for the answer
             pass
 
-    def process(self, batch: list[Job]) -> None:
-        """Score ``batch`` in place (each job's ``result`` and ``served`` set); see the module docstring."""
+    def process(self, batch: list[Job]) -> list[schema.Impression]:
+        """Score ``batch`` in place (each job's ``result`` and ``served`` set); returns the served impressions
+        (the caller hands them to the emitter and answers the requests, see the module docstring)."""
         svc = self.service
         current = {name: slot.current for name, slot in svc.slots.items()}  # this batch's versions, read once
         live = []
@@ -181,7 +184,7 @@ class Batcher:
                                                    "live ads is empty (pass candidates, or --catalogue FILE)")
             live = [j for j in live if j.result is None]
         if not live:
-            return
+            return []
         self.batches += 1
         ranked: dict[str, dict[int, np.ndarray]] = {}
         for name, slot in svc.slots.items():
@@ -222,4 +225,4 @@ class Batcher:
                     if a is not None and b is not None and len(a):
                         svc.stats.shadow(name, len(np.intersect1d(a, b)) / len(a))
         svc.stats.batch(len(live))
-        svc.emit([imp for j in live for imp in j.served])
+        return [imp for j in live for imp in j.served]

@@ -6,7 +6,15 @@ producer of that topic (:func:`streams.bus.partition.partition_for` of :func:`st
 labels dataflow joins them with the clicks the user makes on them. While the broker is away the producer
 produces again what it failed to deliver (:class:`streams.bus.kafka_io.Producer`) and the hand-over queue
 absorbs the rest (``impressions_pending``); past :data:`MAX_PENDING` the oldest are dropped and counted
-(``impressions_dropped``): requests are never failed or slowed for the sake of logging.
+(``impressions_dropped``): requests are never failed for the sake of logging.
+
+Acknowledged impressions (``serving.ack_impressions``, the default): the batcher hands a batch's impressions
+over with a callback that answers its requests; the emitter thread produces them, flushes, and calls it once
+the broker has acknowledged them, so an answered request's impressions survive a SIGKILL of the service.
+The callbacks taken in one round are those whose impressions were queued before that round's produce, so a
+flush that returns with nothing left covers all of them. If the broker does not acknowledge within
+``serving.ack_timeout_ms`` the requests are answered anyway (``impressions_unacked``) and, until a flush
+empties the queue again, later ones are answered at once: a broker outage costs one wait, not one per request.
 
 :class:`ServingStats`: counters and this interval's samples; :meth:`ServingStats.take` makes the values of
 the ``ServiceStats(component="serving")`` published every second.
@@ -102,16 +110,29 @@ class Emitter:
         self.pending: deque[schema.Impression] = deque()
         self.emitted = 0
         self.dropped = 0
+        self.ack_timeout_s = cfg.serving.ack_timeout_ms / 1000.0
+        self.waiters: list = []  # callbacks to call once what was queued before them is acknowledged
+        self._waiters_lock = threading.Lock()
+        self.degraded = False  # the last acknowledgement timed out: answer at once until a flush empties
+        self.acked = 0  # impressions acknowledged before their requests were answered
+        self.unacked = 0  # impressions of requests answered without the broker's acknowledgement
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.instance = f"pid{os.getpid()}"
         self.flush_s = 10.0  # how long stop() waits for the broker to take what is pending
 
-    def put(self, imps: list[schema.Impression]) -> None:
+    def put(self, imps: list[schema.Impression], on_delivered=None) -> None:
+        """Queue ``imps``; ``on_delivered()`` (optional) is called from the emitter thread once the broker has
+        acknowledged them (or the wait timed out, see the module docstring)."""
         if not self.emit_impressions or not imps:
+            if on_delivered is not None:
+                on_delivered()
             return
         self.pending.extend(imps)
+        if on_delivered is not None:
+            with self._waiters_lock:
+                self.waiters.append((len(imps), on_delivered))
         over = len(self.pending) - MAX_PENDING
         for _ in range(max(over, 0)):
             try:
@@ -156,16 +177,45 @@ class Emitter:
         values[Stat.IMPRESSIONS_EMITTED] = float(self.emitted)
         values[Stat.IMPRESSIONS_PENDING] = float(self.pending_count())
         values[Stat.IMPRESSIONS_DROPPED] = float(self.dropped)
+        values[Stat.IMPRESSIONS_UNACKED] = float(self.unacked)
         st = schema.ServiceStats(component=Component.SERVING, ts=int(time.time() * 1000), values=values,
                                  instance=self.instance)
         self.producer.produce(self.cfg.topics.service_stats, value=schema.encode(st))
+
+    def _acknowledge(self, waiters: list) -> None:
+        """Wait (at most ack_timeout_s) until the broker acknowledged everything produced, then answer."""
+        if not waiters:
+            return
+        n = sum(k for k, _ in waiters)
+        left = 1
+        if not self.degraded:
+            deadline = time.monotonic() + self.ack_timeout_s
+            while left and time.monotonic() < deadline:
+                left = self.producer.flush(min(0.05, max(0.0, deadline - time.monotonic())))
+                left += len(getattr(self.producer, "redo", ()))
+            self.degraded = left > 0
+        if left:
+            self.unacked += n
+        else:
+            self.acked += n
+        for _, answer in waiters:
+            try:
+                answer()
+            except Exception:  # noqa: BLE001 - one callback's failure must not keep the others' requests waiting
+                log.exception("serving: answering acknowledged requests failed")
 
     def _run(self) -> None:
         next_stats = time.monotonic() + STATS_EVERY_S
         while True:
             stopping = self._stop.is_set()
+            with self._waiters_lock:  # their impressions are all in `pending` already: this round produces them
+                waiters, self.waiters = self.waiters, []
             try:
                 self._drain_once()
+                if self.degraded and self.producer.flush(0) == 0 and not getattr(self.producer, "redo", ()):
+                    self.degraded = False  # the broker takes messages again
+                self._acknowledge(waiters)
+                waiters = []
                 if time.monotonic() >= next_stats or stopping:
                     next_stats = time.monotonic() + STATS_EVERY_S
                     self.publish_stats()
@@ -173,6 +223,9 @@ class Emitter:
                 self.producer.poll(0.1)
             except Exception:  # noqa: BLE001 - logging problems never stop serving
                 log.exception("serving: producing impressions or stats failed")
+            if waiters:  # not produced this round (queue full, an error): answer them rather than hold them
+                self.degraded = True
+                self._acknowledge(waiters)
             if stopping:
                 return
             self._wake.wait(0.05)
@@ -185,6 +238,10 @@ class Emitter:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        with self._waiters_lock:  # handed over after the thread's last round: answer them too
+            waiters, self.waiters = self.waiters, []
+        for _, answer in waiters:
+            answer()
         if self.producer is not None:
             left = self.producer.flush(self.flush_s)
             if left or self.pending:

@@ -219,9 +219,15 @@ class RankingService:
         self.stats.request(res.status, 0.0)
         return res.status, api.encoder.encode(api.Error(res.reason))
 
-    def emit(self, imps) -> None:
+    def emit(self, imps, answer) -> None:
+        """Hand ``imps`` to the emitter and call ``answer()`` to answer their requests: once the broker
+        acknowledged them with ``serving.ack_impressions``, else at once."""
+        if self.emitter is not None and self.emit_on and self.cfg.serving.ack_impressions and imps:
+            self.emitter.put(imps, on_delivered=answer)
+            return
         if self.emitter is not None:
             self.emitter.put(imps)
+        answer()
 
     def values(self) -> dict[str, float]:
         """The ServiceStats values now (the emitter publishes them every second)."""

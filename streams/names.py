@@ -93,6 +93,7 @@ class Stat(StrEnum):
     ARM_REFUSED_PREFIX = "arm_refused."  # + the arm: new versions refused (the previous one kept serving)
     IMPRESSIONS_EMITTED = "impressions_emitted"
     IMPRESSIONS_PENDING = "impressions_pending"  # handed over but not yet delivered to the broker
+    IMPRESSIONS_UNACKED = "impressions_unacked"  # of requests answered before the broker acknowledged them
     IMPRESSIONS_DROPPED = "impressions_dropped"  # over serving's in-memory bound while the broker was away
     CATALOGUE_ADS = "catalogue_ads"
     # continuous publishing (trainer/publish.py), gauges of the newest version
