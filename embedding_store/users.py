@@ -94,7 +94,9 @@ def _table(rows: list[Neighbour], now_ms: int) -> str:
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("users", help="nearest users and lookalike audiences from the user-vector index",
                               description="Query a snapshot of the FAISS index of user-model vectors.")
-    p.add_argument("--index", metavar="PATH", help="index snapshot (default: <data_dir>/users/index)")
+    p.add_argument("--index", metavar="PATH", help="index snapshot (default: <data_dir>/users/index, or "
+                   "<data_dir>/users/<arm>/index with --arm)")
+    p.add_argument("--arm", default=None, help="the arm whose trainer wrote the index (default: trainer.arm, main)")
     p.add_argument("--kind", choices=("numpy", "exact", "ivf"), help="load the snapshot as this kind "
                    "(default: the kind it was saved as)")
     sub = p.add_subparsers(dest="users_command", metavar="QUERY", required=True)
@@ -108,13 +110,21 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def index_path(cfg) -> Path:
-    """The default snapshot: where the trainer writes the user-vector index at each checkpoint."""
-    return Path(cfg.data_dir, "users", "index")
+def index_path(cfg, arm: str | None = None) -> Path:
+    """The default snapshot: where the trainer writes the user-vector index at each checkpoint. Each arm's
+    trainer has its own user model (``<data_dir>/users/<arm>/index``), except the default arm ``main``, which
+    keeps ``<data_dir>/users/index``.
+
+    >>> from config import Config
+    >>> index_path(Config(data_dir="d")).as_posix(), index_path(Config(data_dir="d"), "B").as_posix()
+    ('d/users/index', 'd/users/B/index')
+    """
+    arm = cfg.trainer.arm if arm is None else arm
+    return Path(cfg.data_dir, "users", "index") if arm == "main" else Path(cfg.data_dir, "users", arm, "index")
 
 
 def run(args: argparse.Namespace, cfg) -> int:
-    path = Path(args.index) if args.index else index_path(cfg)
+    path = Path(args.index) if args.index else index_path(cfg, args.arm)
     if not path.exists():
         print(f"streamrec users: no index snapshot at {path} (the trainer writes it at every checkpoint: run `streamrec up` or `streamrec train`, or pass --index)",
               file=sys.stderr)

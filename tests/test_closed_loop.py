@@ -63,6 +63,8 @@ def test_the_oracle_better_arm_wins_online(tmp_path):
         out, _ = proc.communicate()
         pytest.fail(f"streamrec up --serve did not finish:\n{out[-4000:]}")
     assert proc.returncode == 0, out[-4000:]
+    # no process of the stack died on the way (two arms' trainers once raced on one user-index file)
+    assert "exited with code" not in out and "restarting" not in out, out[-4000:]
     a, b = _row(out, "A"), _row(out, "B")
     print(f"A {a}\nB {b}")
     # both arms served: users are split by hash, and the most active users (Zipf: the top one sends ~13% of the
