@@ -67,21 +67,13 @@ def score(published, imps: list[schema.Impression]) -> tuple[np.ndarray, np.ndar
     """(p_click, p_conversion) of ``imps`` with one version: exactly trainer.score.score_impressions' call."""
     import torch
 
-    from trainer.features import TorchBatch, featurize_impressions, user_features
+    from trainer.features import impression_batch
 
-    tcfg, dev = published.tcfg, published.device
     pcs, pvs = [], []
     for s in range(0, len(imps), SCORE_CHUNK):
         chunk = imps[s:s + SCORE_CHUNK]
-        idx, off, dense, dom = featurize_impressions(chunk, tcfg)
-        user = user_features(chunk, tcfg, published.user_view)
         with torch.no_grad():
-            zeros = torch.zeros(len(chunk), device=dev)
-            b = TorchBatch(indices=torch.from_numpy(idx).to(dev), offsets=torch.from_numpy(off).to(dev),
-                           dense=torch.from_numpy(dense).to(dev), domain=torch.from_numpy(dom).to(dev),
-                           click=zeros, conversion=zeros, weight=zeros, num_tables=0, batch_size=len(chunk),
-                           user=None if user is None else torch.from_numpy(user).to(dev))
-            pc, pv = published.model(b)
+            pc, pv = published.model(impression_batch(chunk, published.tcfg, published.device, published.user_view))
         pcs.append(pc.float().cpu().numpy())
         pvs.append(pv.float().cpu().numpy())
     if len(pcs) == 1:

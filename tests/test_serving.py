@@ -12,7 +12,6 @@ import json
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
@@ -53,23 +52,6 @@ def perturb(lr, seed: int) -> None:
         lr.model.emb.import_state(st)
 
 
-@dataclass(frozen=True)
-class StandIn:
-    """The attributes of trainer.publish.Published that serving reads."""
-
-    model: object
-    tcfg: object
-    device: object
-    seq: int
-    steps: int
-    examples_trained: int = 0
-    trained_ts: int = 0
-    created_ts: int = 0
-    arm: str = "main"
-    user_view: object = None
-    meta: dict = field(default_factory=dict)
-
-
 class ExportStore:
     """``advance(current)``: the newest export version (seq = its version number) when newer than current."""
 
@@ -86,7 +68,7 @@ class ExportStore:
             return None
         m = export.load(vs[-1], device="cpu")
         self.loads += 1
-        return StandIn(model=m.model, tcfg=m.tcfg, device=m.device, seq=seq, steps=m.steps,
+        return LocalModel(model=m.model, tcfg=m.tcfg, device=m.device, seq=seq, steps=m.steps,
                        trained_ts=m.meta["exported_ts"], created_ts=m.meta["exported_ts"], user_view=m.user_view)
 
 
@@ -624,7 +606,7 @@ def test_stop_answers_the_requests_in_flight(tmp_path, capsys):
     class GatedStore(ExportStore):
         def advance(self, current):
             new = super().advance(current)
-            return None if new is None else StandIn(**{**new.__dict__, "model": _Gated(new.model, gate, entered)})
+            return None if new is None else LocalModel(**{**new.__dict__, "model": _Gated(new.model, gate, entered)})
 
     rc = []
     t = threading.Thread(target=lambda: rc.append(run_serve(cfg, stop_event=stop, stores={"main": GatedStore(root)},

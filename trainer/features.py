@@ -192,6 +192,20 @@ def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig
     return indices, offsets, dense, domain
 
 
+def impression_batch(imps: Sequence[schema.Impression], tcfg: TrainerConfig, device, users=None) -> "TorchBatch":
+    """Impressions to score (no labels): the :class:`TorchBatch` a model's forward takes, on ``device``, with the
+    user-model input from ``users`` (:func:`user_features`). Labels and weights are zeros."""
+    import torch
+
+    idx, off, dense, dom = featurize_impressions(imps, tcfg)
+    user = user_features(imps, tcfg, users)
+    zeros = torch.zeros(len(imps), device=device)
+    return TorchBatch(indices=torch.from_numpy(idx).to(device), offsets=torch.from_numpy(off).to(device),
+                      dense=torch.from_numpy(dense).to(device), domain=torch.from_numpy(dom).to(device),
+                      click=zeros, conversion=zeros, weight=zeros, num_tables=0, batch_size=len(imps),
+                      user=None if user is None else torch.from_numpy(user).to(device))
+
+
 def _delays(fb_ts: Sequence[int | None], imp_ts: np.ndarray) -> np.ndarray:
     t = np.fromiter((-1 if x is None else x for x in fb_ts), dtype=np.int64, count=len(imp_ts))
     return np.where(t >= 0, np.maximum(t - imp_ts, 0), -1)

@@ -89,21 +89,13 @@ def score_impressions(learner, imps: list[schema.Impression]) -> list[ScoreRow]:
     """Score without changing the model; ``imps`` of any length (chunked)."""
     import torch
 
-    from trainer.features import TorchBatch, featurize_impressions, user_features
+    from trainer.features import impression_batch
 
     rows: list[ScoreRow] = []
     for i in range(0, len(imps), CHUNK):
         chunk = imps[i:i + CHUNK]
-        idx, off, dense, dom = featurize_impressions(chunk, learner.tcfg)
-        dev = learner.device
-        user = user_features(chunk, learner.tcfg, learner.user_view)
         with torch.no_grad():
-            zeros = torch.zeros(len(chunk), device=dev)
-            b = TorchBatch(indices=torch.from_numpy(idx).to(dev), offsets=torch.from_numpy(off).to(dev),
-                           dense=torch.from_numpy(dense).to(dev), domain=torch.from_numpy(dom).to(dev),
-                           click=zeros, conversion=zeros, weight=zeros, num_tables=0, batch_size=len(chunk),
-                           user=None if user is None else torch.from_numpy(user).to(dev))
-            pc, pv = learner.model(b)
+            pc, pv = learner.model(impression_batch(chunk, learner.tcfg, learner.device, learner.user_view))
         rows.extend(ScoreRow(im.event_id, float(a), float(c))
                     for im, a, c in zip(chunk, pc.cpu().tolist(), pv.cpu().tolist()))
     return rows
