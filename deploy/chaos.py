@@ -193,7 +193,7 @@ def run_chaos(cfg: Config, data_dir: Path, *, events: int, rate: float, rounds: 
         deadline = time.monotonic() + settle_timeout
         while time.monotonic() < deadline:  # settle: every example trained and stored
             watcher.poll()
-            if (watcher.value("trainer", "examples_trained") >= res.impressions
+            if (watcher.trained() >= res.impressions
                     and stored_predictions(url, 0) >= 2 * res.impressions):
                 res.settled = True
                 break

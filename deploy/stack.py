@@ -33,7 +33,7 @@ from streams.bus import kafka_io, storage
 from streams.bus.broker import EmbeddedBroker, wait_ready
 from streams.bus.processes import free_port
 from config import Config, arm_trainer_config, replace
-from streams.names import Component
+from streams.names import Component, Stat
 
 log = logging.getLogger("streamrec.stack")
 
@@ -220,7 +220,8 @@ class StatsWatcher:
 
     Reports from before ``since_ms`` (earlier runs of a durable stack) are the baseline: :meth:`value` counts
     from there, so progress is this run's. Reports land on any partition: per component the newest by its
-    timestamp wins, not the last read.
+    timestamp wins, not the last read. Trainers are also kept per instance (their arm): :meth:`trained` is the
+    slowest arm's progress.
     """
 
     def __init__(self, cfg: Config, since_ms: int = 0):
@@ -230,6 +231,9 @@ class StatsWatcher:
         self.latest: dict[str, dict[str, float]] = {}
         self.base: dict[str, dict[str, float]] = {}
         self._ts: dict[tuple[str, bool], int] = {}
+        # trainers per instance (= arm): (latest, base) values and the newest report's ts
+        self.arms: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
+        self._arm_ts: dict[tuple[str, bool], int] = {}
 
     def poll(self) -> dict[str, dict[str, float]]:
         for msg in self.consumer.consume(num_messages=10_000, timeout=0.05):
@@ -242,7 +246,21 @@ class StatsWatcher:
             if st.ts >= self._ts.get((st.component, old), 0):
                 self._ts[(st.component, old)] = st.ts
                 (self.base if old else self.latest).setdefault(st.component, {}).update(st.values)
+            if st.component == Component.TRAINER and st.ts >= self._arm_ts.get((st.instance, old), 0):
+                self._arm_ts[(st.instance, old)] = st.ts
+                self.arms.setdefault(st.instance, ({}, {}))[1 if old else 0].update(st.values)
         return self.latest
+
+    def trained(self) -> float:
+        """This run's examples taken by the slowest trainer (arm): trained, plus those it only scored because
+        another arm served them (``learn_from: own``): every example has then reached every arm."""
+        done = []
+        for latest, base in self.arms.values():
+            if not latest:
+                continue
+            done.append(sum(latest.get(k, base.get(k, 0.0)) - base.get(k, 0.0)
+                            for k in (Stat.EXAMPLES_TRAINED, Stat.EXAMPLES_OTHER_ARM)))
+        return min(done) if done else 0.0
 
     def value(self, component: str, name: str) -> float:
         """This run's value: the newest report minus the baseline (gauges, e.g. a lag, are not counters: see

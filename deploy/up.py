@@ -182,7 +182,7 @@ def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: floa
 
     def done() -> bool:
         watcher.poll()
-        labelled, trained = watcher.value("labels", "examples_out"), watcher.value("trainer", "examples_trained")
+        labelled, trained = watcher.value("labels", "examples_out"), watcher.trained()
         for name, n in (("labelled", labelled), ("trained", trained)):
             bar = bars[name]
             n = max(0, int(n))  # a restored counter can trail the last report until it has re-counted
@@ -208,7 +208,7 @@ def _follow(sup: Supervisor, watcher: StatsWatcher, expected: int, timeout: floa
     if not ok:
         log.warning("timed out after %.0fs waiting for %d examples to be trained", timeout, expected)
         return None
-    trained = int(watcher.value("trainer", "examples_trained"))
+    trained = int(watcher.trained())
     if trained < expected:
         log.warning("%d of %d impressions became no example: the labels dataflow dead-lettered them "
                     "(see the dashboard's dead letters)", expected - trained, expected)
@@ -233,7 +233,7 @@ def _serve(stack: LocalStack, watcher: StatsWatcher, cfg: Config, args, seed: in
           f"{args.serve_rate:g} requests/s " + (f"for {args.serve_seconds:g}s" if until else "until Ctrl-C"),
           file=sys.stderr)
     watcher.poll()
-    trained0 = watcher.value("trainer", "examples_trained")
+    trained0 = watcher.trained()
     child = stack.start_audience(aud_args)
     last_line = time.monotonic()
 
@@ -264,7 +264,7 @@ def _serve(stack: LocalStack, watcher: StatsWatcher, cfg: Config, args, seed: in
             break
         time.sleep(0.25)
     print(table(served), file=sys.stderr)
-    trained = watcher.value("trainer", "examples_trained") - trained0
+    trained = watcher.trained() - trained0
     print(f"closed loop: {int(trained):,} examples trained while the audience ran (the served impressions, "
           f"labelled from its clicks; {sum(a.served for a in served.values()):,} served)", file=sys.stderr)
     if not served:
@@ -292,7 +292,7 @@ def _ingested(sup: Supervisor, url: str, rows: int, since_ms: int, timeout: floa
 
 
 def _summary(watcher: StatsWatcher, sup: Supervisor, bad: int, elapsed: float, ok: bool) -> None:
-    trained = watcher.value("trainer", "examples_trained")
+    trained = watcher.trained()
     events = watcher.gauge("replay", "events_produced")  # the replay's counters are its own run's
     dead = {"replay": int(watcher.gauge("replay", "dead_letters")),
             **{step: int(watcher.value(step, "dead_letters")) for step in ("labels", "trainer")}}

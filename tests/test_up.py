@@ -135,3 +135,31 @@ def test_up_refuses_a_dashboard_port_in_use(tmp_path):
                            timeout=120)
     assert r.returncode == 2 and f"127.0.0.1:{port} is in use" in r.stderr and "--port" in r.stderr, r.stderr
     assert not list(tmp_path.glob("runs/*")), "nothing may start"
+
+
+def test_progress_is_the_slowest_arms(cfg):
+    """Several trainers (arms) report as component trainer, one instance each: progress is the slowest arm's
+    examples taken (trained + scored-only for another arm's traffic), counted from this run's start."""
+    from deploy.stack import StatsWatcher
+    from streams import schema
+    from streams.bus import kafka_io
+
+    producer = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    now = int(time.time() * 1000)
+    reports = [("A", now - 60_000, {"examples_trained": 500.0}),  # an earlier run: the baseline
+               ("A", now + 1, {"examples_trained": 1500.0, "examples_other_arm": 0.0}),
+               ("B", now + 2, {"examples_trained": 200.0, "examples_other_arm": 700.0}),  # learn_from: own
+               ("A", now - 1, {"examples_trained": 1200.0})]  # an older report of A read last does not win
+    for arm, ts, values in reports:
+        st = schema.ServiceStats(component="trainer", ts=ts, values=values, instance=arm)
+        kafka_io.produce(producer, cfg.topics.service_stats, schema.encode(st), partition=0)
+    assert producer.flush(30) == 0
+    watcher = StatsWatcher(cfg, since_ms=now - 30_000)
+    try:
+        deadline = time.monotonic() + 30
+        while watcher.trained() != 900.0 and time.monotonic() < deadline:
+            watcher.poll()
+        # A: 1500 - 500 = 1000 this run; B: 200 + 700 = 900 -> the slowest, B
+        assert watcher.trained() == 900.0
+    finally:
+        watcher.close()
