@@ -55,6 +55,11 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     predictions: str = "predictions"
     service_stats: str = "service_stats"
     feature_stats: str = "feature_stats"
+    # foundation-model transfer (docs/transfer.md): the FM's predictions for every example it scores, the
+    # examples joined with them for the vertical models, and the FM's intermediate embeddings (LoopFM)
+    teacher_predictions: str = "teacher_predictions"
+    examples_distilled: str = "examples_distilled"
+    fm_embeddings: str = "fm_embeddings"
     partitions: int = 4  # impressions, clicks and conversions must share this count
 
     def input_topics(self) -> tuple[str, str, str]:
@@ -62,7 +67,8 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def all(self) -> tuple[str, ...]:
         return (self.impressions, self.clicks, self.conversions, self.examples, self.dead_letters,
-                self.predictions, self.service_stats, self.feature_stats)
+                self.predictions, self.service_stats, self.feature_stats, self.teacher_predictions,
+                self.examples_distilled, self.fm_embeddings)
 
 
 class LabelsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -173,6 +179,19 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # logged traffic (every impression, whichever arm served it) or "own" (only impressions its arm served)
     arm: str = "main"
     learn_from: str = "all"
+    # Foundation-model transfer (docs/transfer.md). role: "ranker" (today's single model), "fm" (the large
+    # teacher: publishes its predictions to topics.teacher_predictions and its embeddings to topics.fm_embeddings)
+    # or "vm" (a small vertical student reading topics.examples_distilled). vm_domains: the domains a VM serves
+    # (empty: all). teacher_weight > 0: distill from the FM's predictions, through an auxiliary head
+    # (aux_head; False: on the serving head itself) and a student adapter (student_adapter). loopfm: the FM's
+    # user/ad embeddings (no older than loopfm_max_age_s) as input features.
+    role: str = "ranker"
+    vm_domains: tuple[str, ...] = ()
+    teacher_weight: float = 0.0
+    aux_head: bool = True
+    student_adapter: bool = True
+    loopfm: bool = False
+    loopfm_max_age_s: float = 3600.0
     # 0 = as fast as it can; > 0 caps the examples trained per second (averaged from the trainer's start): a
     # deliberately slow trainer, to see backpressure (lag grows, the training_backlog alert fires, memory stays
     # bounded) or to leave cores to other work
@@ -183,6 +202,15 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"trainer.arm {self.arm!r}: {ARM_NAME_RULE}")
         if self.learn_from not in LEARN_FROM:
             raise ConfigError(f"trainer.learn_from {self.learn_from!r}: must be one of {', '.join(LEARN_FROM)}")
+
+
+class DistillConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The teacher join (streams/flows/distill.py): examples wait for the FM's prediction at most
+    ``teacher_wait_s`` (wall clock) and go on without one past it (counted); at most ``max_pending`` wait."""
+
+    teacher_wait_s: float = 30.0
+    max_pending: int = 1_000_000
+    recovery_dir: str = ""
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -281,6 +309,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics: MetricsConfig = MetricsConfig()
     dashboard: DashboardConfig = DashboardConfig()
     serving: ServingConfig = ServingConfig()
+    distill: DistillConfig = DistillConfig()
 
     def models_dir(self) -> str:
         return self.serving.models_dir or str(Path(self.data_dir, "models"))

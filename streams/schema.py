@@ -106,7 +106,16 @@ class Watermark(msgspec.Struct, frozen=True, gc=False, tag="watermark"):
 LabelDecision = Literal["window_closed", "end_of_stream", "elapsed", "late_positive"]
 
 
-class Example(msgspec.Struct, frozen=True, gc=False, tag="example"):
+class Teacher(msgspec.Struct, frozen=True, gc=False):
+    """The foundation model's prediction for one example, as the teacher join attached it."""
+
+    p_click: float
+    p_conversion: float
+    model_version: int = 0  # the FM's training steps when it scored the example
+    scored_ts: int = 0  # wall-clock ms when the FM scored it (its age at training time is the staleness)
+
+
+class Example(msgspec.Struct, frozen=True, gc=False, tag="example", omit_defaults=True):
     """A labelled training example: an impression with its labels per objective."""
 
     example_id: str
@@ -118,6 +127,7 @@ class Example(msgspec.Struct, frozen=True, gc=False, tag="example"):
     decided: LabelDecision = "window_closed"
     weight: float = 1.0
     emitted_ts: int = 0  # wall-clock ms when the labels dataflow emitted it
+    teacher: Teacher | None = None  # the FM's prediction (examples_distilled only; None: none arrived in time)
 
 
 class DeadLetter(msgspec.Struct, frozen=True, gc=False, tag="dead_letter"):
@@ -153,6 +163,29 @@ class PredictionBatch(msgspec.Struct, frozen=True, gc=False, tag="predictions"):
     # (Impression.arm / .model_version; "" / 0 for logged traffic); empty lists: every example logged
     served_arms: list[str] = []
     served_versions: list[int] = []
+
+
+class TeacherBatch(msgspec.Struct, frozen=True, gc=False, tag="teacher"):
+    """The FM's predictions for one of its micro-batches (topics.teacher_predictions), column-oriented; scores
+    made before the FM trained on these examples, like every PredictionBatch."""
+
+    model_version: int
+    scored_ts: int
+    example_ids: list[str]
+    p_click: list[float]
+    p_conversion: list[float]
+
+
+class FMEmbeddings(msgspec.Struct, frozen=True, gc=False, tag="fm_embeddings"):
+    """The FM's intermediate embeddings of some ids (LoopFM), ``kind`` user | ad | pair, one row per id
+    (``vectors`` is ``len(ids) x dim``, flattened row-major); pairs are keyed ``user_id * 2**32 + ad_id``."""
+
+    kind: ShortStr
+    model_version: int
+    ts: int  # wall-clock ms when the FM computed them
+    dim: int
+    ids: list[int]
+    vectors: list[float]
 
 
 class ServiceStats(msgspec.Struct, frozen=True, gc=False, tag="service_stats"):
