@@ -52,6 +52,7 @@ def main() -> int:
            value=lost + doubled + served_lost, unit="records", baseline=0, lost=lost, doubled=doubled,
            served_lost=served_lost, served_requests=sum(r.served_requests for r in results),
            served_impressions=sum(r.served_impressions for r in results),
+           served_trained=sum(r.served_trained for r in results),
            requests_failed=sum(r.requests_failed for r in results),
            kills=sum(len(r.kills) for r in results), runs=runs, ok=all(r.ok for r in results))
     return 0 if all(r.ok for r in results) else 1
