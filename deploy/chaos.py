@@ -1,21 +1,35 @@
 """``streamrec chaos``: SIGKILL every process of a running stack in turn under a sustained stream, then prove
 that nothing was lost and nothing applied twice.
 
-A fresh durable stack (:class:`deploy.stack.LocalStack`) gets a generated log produced at a steady rate (good
-events plus malformed ones). Meanwhile each process is killed with SIGKILL in turn (storage, broker, labels and
-stats dataflows, trainer with its user-model thread, dashboard with the metrics sink) and the supervisor brings
-it back. Once the log's end is through, the run waits for the stack to settle and checks, from what the
-processes left behind rather than from their counters:
+A fresh durable stack (:class:`deploy.stack.LocalStack`) runs with the ranking service (``serve=True``: the
+trainer publishes a model version every 2 s, ``streamrec serve`` ranks with the newest). It gets a generated
+log produced at a steady rate (good events plus malformed ones) and, beside it, a small steady stream of
+ranking requests (:class:`_Requests`, 20/s, :data:`SERVED_PREFIX` request ids, candidates from the log's ads;
+each answered ad is an impression the service put on the impressions topic). Meanwhile each process is killed
+with SIGKILL in turn (:data:`KILL_ORDER`: labels and stats dataflows, trainer with its user-model thread, the
+ranking service, storage, dashboard with the metrics sink, broker) and the supervisor brings it back. The
+service is killed only once it has answered a request (so a model version was published and served), and the
+run goes on until the restarted service answered again. Once the log's end is through, the run waits for the
+stack to settle and checks, from what the processes left behind rather than from their counters:
 
-* **labelled**: distinct example ids on the examples topic, and their labels against the log's own feedback;
+* **labelled**: distinct example ids of the log on the examples topic, and their labels against the log's own
+  feedback;
 * **trained**: the ids in the trainer's final checkpoint (kept with ``--record-trained-ids``): the examples
   whose updates the saved weights hold; an id listed twice was applied twice;
-* **stored**: prediction rows in ClickHouse (one per example and objective);
-* **dead letters**: stored dead letters, which must be exactly the malformed records produced.
+* **stored**: prediction rows in ClickHouse of the log's examples (one per example and objective);
+* **dead letters**: stored dead letters, which must be exactly the malformed records produced (a served
+  impression refused by the labels join would show up here too);
+* **served**: the impressions topic, read through the restarted broker, holds every impression of every
+  answered request (``serving.ack_impressions``: the service answers once the broker acknowledged them).
 
-``lost`` is expected examples missing from the checkpoint, ``doubled`` ids applied more than once; both must
-be 0. The verdict never depends on when a kill lands: the run waits for completion, however long recovery
-takes, up to a timeout that fails the run.
+``lost`` is the log's examples missing from the checkpoint, ``doubled`` ids (the log's or served) applied more
+than once, ``served_lost`` impressions of answered requests missing from the topic; all must be 0. The counts
+above are the log's alone, so they stay exact whatever the served traffic: served impressions are labelled
+only if they reach the topic before the log's end-of-log mark (it closes their windows too), and their ids
+(the request id, then ``.position``) never collide with the log's. A request the service could not answer
+(it was down, had no model yet, or died mid-request) is counted in ``requests_failed`` and makes no claim.
+The verdict never depends on when a kill lands: the run waits for completion, however long recovery takes,
+up to a timeout that fails the run.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import signal
 import sys
 import tempfile
@@ -33,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.stack import LocalStack, StatsWatcher
+from serving.client import Client
 from deploy.up import generated_log, stored_predictions
 from streams import schema
 from streams.bus import kafka_io
@@ -44,9 +60,18 @@ from streams.sources.scenarios import ScenarioConfig
 log = logging.getLogger("streamrec.chaos")
 
 # the order processes are killed in; the user-model worker is a thread of the trainer, the metrics sink a
-# thread of the dashboard process: they die and come back with them
-KILL_ORDER = ("labels", "trainer", "storage", "dashboard", "stats", "broker")
-WHAT_DIES = {"trainer": "trainer + user-model thread", "dashboard": "dashboard + metrics sink"}
+# thread of the dashboard process: they die and come back with them. The ranking service is killed once it
+# has answered (the trainer published a version and the service loaded it), then the trainer under it
+# (the restarted service serves the versions already published, then the resumed trainer's), both before the
+# storage and broker outages
+KILL_ORDER = ("labels", "serve", "trainer", "storage", "dashboard", "stats", "broker")
+WHAT_DIES = {"trainer": "trainer + user-model thread", "dashboard": "dashboard + metrics sink",
+             "serve": "ranking service"}
+# request ids of the served traffic start with this (the generator's impression ids start with "imp-"), so a
+# served impression's id f"{request_id}.{position}" tells it from the log's
+SERVED_PREFIX = "chaos-"
+REQUEST_RATE = 20.0  # ranking requests per second
+REQUEST_CANDIDATES, REQUEST_K = 10, 3  # candidates per request, ads served per answer
 
 
 @dataclass
@@ -62,6 +87,12 @@ class ChaosResult:
     stored_rows: int = 0
     dead_letters: int = 0
     unexpected_dead: dict[str, int] = field(default_factory=dict)
+    served_requests: int = 0  # ranking requests answered (200)
+    served_impressions: int = 0  # the ads of those answers: impressions the topic must hold
+    served_lost: int = 0  # of those, missing from the impressions topic
+    served_trained: int = 0  # served impressions labelled and trained within the run (informative)
+    requests_failed: int = 0  # requests not answered: service down, no model yet, died mid-request
+    request_errors: dict[str, int] = field(default_factory=dict)  # why, by status or exception
     kills: list[tuple[str, float]] = field(default_factory=list)  # (process, seconds it took to come back)
     restarts: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
@@ -71,7 +102,8 @@ class ChaosResult:
     def ok(self) -> bool:
         return (self.settled and self.lost == 0 and self.doubled == 0 and self.wrong_labels == 0
                 and self.labelled == self.impressions and self.stored_rows == 2 * self.impressions
-                and self.dead_letters == self.bad_records and not self.unexpected_dead)
+                and self.dead_letters == self.bad_records and not self.unexpected_dead
+                and self.served_requests > 0 and self.served_lost == 0)
 
 
 class _Producer(threading.Thread):
@@ -82,6 +114,8 @@ class _Producer(threading.Thread):
         self.cfg, self.records, self.rate = cfg, records, rate
         self.error: BaseException | None = None
         self.done = threading.Event()
+        # the event time the log has reached (the newest ts sent): served impressions are stamped with it
+        self.ts = next((r.ts for r in records if hasattr(r, "ts")), int(time.time() * 1000))
 
     def run(self) -> None:
         from streams.sources.replay import Publisher
@@ -91,6 +125,9 @@ class _Producer(threading.Thread):
                 t0 = time.monotonic()
                 for i, rec in enumerate(self.records):
                     pub.send(rec)
+                    ts = getattr(rec, "ts", None)
+                    if ts is not None and ts > self.ts:
+                        self.ts = ts
                     if i % 256 == 255:
                         ahead = (i + 1) / self.rate - (time.monotonic() - t0)
                         if ahead > 0:
@@ -100,6 +137,126 @@ class _Producer(threading.Thread):
             self.error = e
         finally:
             self.done.set()
+
+
+class _Requests(threading.Thread):
+    """Sends ranking requests to the service at ``rate`` per second until stopped, and remembers what it was
+    answered.
+
+    Each request: a user, domain and context of one of the log's impressions, :data:`REQUEST_CANDIDATES` of
+    the log's ads as explicit candidates, ``k`` = :data:`REQUEST_K`, a request id unique per attempt
+    (``f"{prefix}{i}"``, never retried under the same id) and ``ts`` = the event time the log's producer has
+    reached (``event_ts()``): the log lies in the past, and an impression stamped with the wall clock would
+    run the impressions topic far ahead of the clicks in event time, which makes the labels dataflow pause it
+    (``labels.pace_slack_s``). Every answered ad is recorded as the impression id the service emitted for it
+    (``f"{request_id}.{position}"``); a connection error, a timeout or an error status (503 while no model is
+    loaded) counts as failed, and the next request goes on at the same rate.
+    """
+
+    def __init__(self, host: str, port: int, records: list, *, prefix: str, event_ts, rate: float = REQUEST_RATE,
+                 seed: int = 0):
+        super().__init__(name="chaos-requests", daemon=True)
+        self.host, self.port, self.prefix, self.event_ts, self.rate = host, port, prefix, event_ts, rate
+        self.imps = [r for r in records if isinstance(r, schema.Impression)]
+        ads = {}
+        for imp in self.imps:
+            ads.setdefault(imp.ad_id, {"ad_id": imp.ad_id, "campaign_id": imp.campaign_id,
+                                       "advertiser_id": imp.advertiser_id})
+        self.ads = [ads[a] for a in sorted(ads)]
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.served: set[str] = set()  # impression ids of answered requests
+        self.answered = 0
+        self.failed = 0
+        self.errors: Counter = Counter()
+        self._stop_ev = threading.Event()
+
+    def request(self, i: int) -> dict:
+        imp = self.rng.choice(self.imps)
+        return {"request_id": f"{self.prefix}{i}", "user_id": imp.user_id, "domain": imp.domain, "k": REQUEST_K,
+                "context": {"device": imp.device, "country": imp.country, "dense": imp.dense, "cat": imp.cat,
+                            "history": imp.history},
+                "candidates": self.rng.sample(self.ads, min(REQUEST_CANDIDATES, len(self.ads))),
+                "ts": int(self.event_ts())}
+
+    def run(self) -> None:
+        client = Client(self.host, self.port, timeout=10.0)
+        t0, i = time.monotonic(), 0
+        try:
+            while not self._stop_ev.is_set():
+                req = self.request(i)
+                i += 1
+                try:
+                    status, res = client.rank(req)
+                    why = None if status == 200 and res.get("request_id") == req["request_id"] else str(status)
+                except (OSError, ValueError) as e:  # refused, reset, timed out (the service is down), bad body
+                    client.close()
+                    status, res, why = 0, None, type(e).__name__
+                with self.lock:
+                    if why is None:
+                        self.answered += 1
+                        self.served.update(f"{req['request_id']}.{ad['position']}" for ad in res["ads"])
+                    else:
+                        self.failed += 1
+                        self.errors[why] += 1
+                ahead = i / self.rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    self._stop_ev.wait(ahead)
+        finally:
+            client.close()
+
+    def wait_answered(self, n: int, timeout: float, what: str) -> None:
+        """Wait until ``n`` requests were answered in all; RuntimeError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.answered < n:
+            if time.monotonic() >= deadline or not self.is_alive():
+                raise RuntimeError(f"chaos: {what}: the ranking service answered {self.answered} of {n} requests "
+                                   f"within {timeout:.0f}s ({self.failed} failed: {dict(self.errors)})")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop_ev.set()
+        self.join(timeout=30)
+
+
+class _ExampleTail:
+    """The distinct example ids on the examples topic so far, the log's and the served ones apart: what the
+    trainer can have trained at most (it trains only what it read there), so the run knows when every example
+    of the log was trained and stored however many served impressions were labelled too."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "chaos-settle", cfg.kafka.client)
+        self.tps = kafka_io.topic_partitions([cfg.topics.examples], cfg.topics.partitions)
+        self.consumer.assign(self.tps)
+        self.log_ids: set[str] = set()
+        self.served_ids: set[str] = set()
+
+    def catch_up(self, timeout: float = 10.0) -> bool:
+        """Read up to each partition's end as of now; False if that took longer than ``timeout``."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        try:
+            ends = {tp.partition: self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
+                                                                       timeout=5, cached=False)[1]
+                    for tp in self.tps}
+        except KafkaException:
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pos = {tp.partition: tp.offset for tp in self.consumer.position(self.tps)}
+            if all(pos[p] >= end or end <= 0 for p, end in ends.items()):
+                return True
+            for m in self.consumer.consume(num_messages=10_000, timeout=0.2):
+                if m.error() is None:
+                    ex = schema.decode(m.value(), schema.Example)
+                    if isinstance(ex, schema.Example):
+                        (self.served_ids if ex.example_id.startswith(SERVED_PREFIX) else self.log_ids).add(
+                            ex.example_id)
+        return False
+
+    def close(self) -> None:
+        self.consumer.close()
 
 
 def _kill(stack: LocalStack, name: str, timeout: float = 60.0) -> float:
@@ -128,33 +285,39 @@ def _expected_labels(records: list) -> dict[str, tuple[int, int]]:
     return {k: (c, v) for k, (c, v) in out.items()}
 
 
-def _read_examples(cfg: Config) -> list[schema.Example]:
+def _read_topics(cfg: Config, kinds: dict[str, type]) -> dict[str, list]:
+    """Per topic of ``kinds`` (topic -> record type), every record of that type from the beginning to the end of
+    each partition, read by one consumer (records of another type, e.g. watermarks and malformed records on an
+    input topic, are skipped)."""
     consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "chaos-check", cfg.kafka.client,
                                       **{"enable.partition.eof": True})
-    consumer.assign(kafka_io.topic_partitions([cfg.topics.examples], cfg.topics.partitions))
-    out, eof, deadline = [], set(), time.monotonic() + 120
+    consumer.assign(kafka_io.topic_partitions(list(kinds), cfg.topics.partitions))
+    out: dict[str, list] = {t: [] for t in kinds}
+    eof, deadline = set(), time.monotonic() + 120
     try:
-        while len(eof) < cfg.topics.partitions and time.monotonic() < deadline:
+        while len(eof) < len(kinds) * cfg.topics.partitions and time.monotonic() < deadline:
             for m in consumer.consume(num_messages=10_000, timeout=0.5):
                 if m.error() is None:
-                    ex = schema.decode(m.value(), schema.Example)
-                    if isinstance(ex, schema.Example):
-                        out.append(ex)
+                    kind = kinds[m.topic()]
+                    rec = schema.decode(m.value(), kind)
+                    if isinstance(rec, kind):
+                        out[m.topic()].append(rec)
                 elif m.error().code() == kafka_io.KafkaError._PARTITION_EOF:
-                    eof.add(m.partition())
+                    eof.add((m.topic(), m.partition()))
     finally:
         consumer.close()
     return out
 
 
 def _store_counts(cfg: Config) -> tuple[int, dict[str, int]]:
-    """(prediction rows, dead letters by reason category) from the store, opened once the dashboard process
-    has released it."""
+    """(prediction rows of the log's examples, dead letters by reason category) from the store, opened once
+    the dashboard process has released it."""
     from dashboards.store import Store
 
     store = Store.open(cfg.clickhouse_url(), cfg.metrics.database)
     try:
-        rows = store.query("SELECT count() FROM (SELECT example_id, objective FROM {db}.predictions FINAL)").rows
+        rows = store.query("SELECT count() FROM (SELECT example_id, objective FROM {db}.predictions FINAL "
+                           f"WHERE NOT startsWith(example_id, '{SERVED_PREFIX}'))").rows
         dead = store.query("SELECT splitByChar(':', reason)[1] AS why, count() FROM {db}.dead_letters FINAL "
                            "GROUP BY why").rows
         return int(rows[0][0]), {str(k): int(v) for k, v in dead}
@@ -163,50 +326,82 @@ def _store_counts(cfg: Config) -> tuple[int, dict[str, int]]:
 
 
 def run_chaos(cfg: Config, data_dir: Path, *, events: int, rate: float, rounds: int = 1, bad_rate: float = 0.01,
-              seed: int = 7, settle_timeout: float = 300.0, progress=print) -> ChaosResult:
-    """One chaos run in a fresh durable stack under ``data_dir``; see the module docstring."""
+              seed: int = 7, settle_timeout: float = 300.0, serve_timeout: float = 180.0,
+              progress=print) -> ChaosResult:
+    """One chaos run in a fresh durable stack under ``data_dir``; see the module docstring. ``serve_timeout``:
+    how long the run waits for the ranking service to answer (before it is killed: the trainer's first version
+    published and loaded; after: the restarted service), else RuntimeError."""
     t_start = time.monotonic()
     cfg = replace(cfg, data_dir=str(data_dir), kafka={"bootstrap_servers": ""},
-                  trainer={"checkpoint_every_s": 5.0})
-    stack = LocalStack(cfg, data_dir / "runs" / "chaos", fresh=True, port=free_port(),
+                  trainer={"checkpoint_every_s": 5.0, "publish_every_s": 2.0},
+                  serving={"port": free_port(), "arms": [{"name": "main", "share": 1.0}]})
+    stack = LocalStack(cfg, data_dir / "runs" / "chaos", fresh=True, port=free_port(), serve=True,
                        trainer_args=("--record-trained-ids",), labels_args=("--epoch-s", "2"))
     res = ChaosResult()
     records = generated_log(events, seed, bad_rate, ScenarioConfig())
     res.impressions = sum(isinstance(r, schema.Impression) for r in records)
     res.bad_records = sum(isinstance(r, BadRecord) for r in records)
+    requests: _Requests | None = None
+    tail: _ExampleTail | None = None
     try:
         cfg = stack.start()
         watcher = StatsWatcher(cfg)
         producer = _Producer(cfg, records, rate)
+        requests = _Requests(cfg.serving.host, cfg.serving.port, records, prefix=f"{SERVED_PREFIX}{seed}-",
+                             event_ts=lambda: producer.ts, seed=seed)
         producer.start()
+        requests.start()
         schedule = [name for _ in range(rounds) for name in KILL_ORDER]
         interval = len(records) / rate / (len(schedule) + 1)
+        answered_at_kill = 0  # requests answered when the service was last killed
         for name in schedule:  # spread over the production, then one after the other if recovery is slower
             time.sleep(interval)
+            if name == "serve":  # kill a service that serves: it has answered (again, after the last kill)
+                requests.wait_answered(answered_at_kill + 1, serve_timeout,
+                                       f"before killing it (see {stack.child('serve').log_path})")
             took = _kill(stack, name)
+            if name == "serve":  # the old process is gone: answers counted from now on are the new one's
+                answered_at_kill = requests.answered
             res.kills.append((name, took))
             progress(f"killed {WHAT_DIES.get(name, name)}: back in {took:.1f}s")
         producer.done.wait()
         if producer.error is not None:
             raise RuntimeError(f"chaos: the producer failed: {producer.error}") from producer.error
+        requests.wait_answered(answered_at_kill + 1, serve_timeout,
+                               f"after its restart (see {stack.child('serve').log_path})")
+        # the impressions of what it was answered are on the topic (or, answered while the broker was away, in the
+        # service's memory until delivered); the settle below counts those that were labelled
+        requests.stop()
+        progress(f"log produced, the ranking service answered again after its restart "
+                 f"({requests.answered} answered, {requests.failed} failed); settling")
         url = f"http://{cfg.dashboard.host}:{cfg.dashboard.port}/"
+        tail = _ExampleTail(cfg)
         deadline = time.monotonic() + settle_timeout
-        while time.monotonic() < deadline:  # settle: every example trained and stored
-            watcher.poll()
-            if (watcher.trained() >= res.impressions
-                    and stored_predictions(url, 0) >= 2 * res.impressions):
-                res.settled = True
-                break
+        while time.monotonic() < deadline:  # settle: every example of the log trained and stored
+            watcher.poll()  # the trainer's count first, the examples topic after: trained <= what the tail saw
+            trained, stored = watcher.trained(), stored_predictions(url, 0)
+            if tail.catch_up() and len(tail.log_ids) >= res.impressions:
+                # the trainer trained at most the served examples the tail saw: the rest are the log's
+                everything = res.impressions + len(tail.served_ids)
+                if trained >= everything and stored >= 2 * everything:
+                    res.settled = True
+                    break
             time.sleep(0.5)
         time.sleep(3.0)  # dead letters and the last service stats reach the store
         watcher.close()
     finally:
+        if requests is not None and requests.is_alive():
+            requests.stop()
+        if tail is not None:
+            tail.close()
         stack.stop()
         res.restarts = {c.name: c.restarts for c in stack.sup.children} if stack.sup else {}
     # -- verify from what the processes left behind
     from trainer import checkpoint
 
-    examples = _read_with_broker(stack, cfg)
+    topics = _read_with_broker(stack, cfg, {cfg.topics.examples: schema.Example,
+                                            cfg.topics.impressions: schema.Impression})
+    examples, impressions = topics[cfg.topics.examples], topics[cfg.topics.impressions]
     expected = _expected_labels(records)
     res.labelled_messages = len(examples)
     labels = {e.example_id: (e.click, e.conversion) for e in examples}
@@ -215,31 +410,39 @@ def run_chaos(cfg: Config, data_dir: Path, *, events: int, rate: float, rounds: 
     found = checkpoint.load_latest(stack.dirs["checkpoints"])
     trained = list(found[1]["trained_ids"]) if found else []
     counts = Counter(trained)
-    res.trained = len(counts)
-    res.doubled = sum(n - 1 for n in counts.values())
+    res.trained = len(set(counts) & set(expected))
+    res.served_trained = sum(k.startswith(SERVED_PREFIX) for k in counts)
+    res.doubled = sum(n - 1 for n in counts.values())  # any id, the log's or served, applied twice
     res.lost = len(set(expected) - set(counts))
     res.stored_rows, dead = _store_counts(cfg)
     res.dead_letters = sum(dead.values())
     res.unexpected_dead = {k: v for k, v in dead.items() if k not in ("unparseable", "schema", "invalid", "too large")}
+    on_topic = {imp.event_id for imp in impressions if imp.event_id.startswith(SERVED_PREFIX)}
+    res.served_requests, res.served_impressions = requests.answered, len(requests.served)
+    res.served_lost = len(requests.served - on_topic)
+    res.requests_failed, res.request_errors = requests.failed, dict(requests.errors)
     res.elapsed_s = time.monotonic() - t_start
     return res
 
 
-def _read_with_broker(stack: LocalStack, cfg: Config) -> list[schema.Example]:
-    """The examples topic, read through a broker started again on the stack's storage (the stack is stopped)."""
+def _read_with_broker(stack: LocalStack, cfg: Config, kinds: dict[str, type]) -> dict[str, list]:
+    """:func:`_read_topics` through a broker started again on the stack's storage (the stack is stopped)."""
     from streams.bus.broker import EmbeddedBroker
     from streams.bus.storage import StorageServer
 
     with StorageServer(stack.dirs["topics"]) as s3:
         with EmbeddedBroker(storage_port=s3.port, cluster_id=stack.broker.cluster_id) as broker:
-            return _read_examples(replace(cfg, kafka={"bootstrap_servers": broker.bootstrap_servers}))
+            bcfg = replace(cfg, kafka={"bootstrap_servers": broker.bootstrap_servers})
+            return _read_topics(bcfg, kinds)
 
 
 def table(results: list[ChaosResult]) -> tuple[tuple[str, ...], list[tuple]]:
     header = ("run", "impressions", "labelled", "trained", "prediction rows", "dead letters", "lost", "doubled",
-              "wrong labels", "kills", "s")
+              "wrong labels", "requests answered", "served impressions", "served lost", "requests failed", "kills",
+              "s")
     rows = [(i + 1, f"{r.impressions:,}", f"{r.labelled:,}", f"{r.trained:,}", f"{r.stored_rows:,}",
-             f"{r.dead_letters:,} of {r.bad_records:,}", r.lost, r.doubled, r.wrong_labels, len(r.kills),
+             f"{r.dead_letters:,} of {r.bad_records:,}", r.lost, r.doubled, r.wrong_labels, f"{r.served_requests:,}",
+             f"{r.served_impressions:,}", r.served_lost, f"{r.requests_failed:,}", len(r.kills),
              f"{r.elapsed_s:.0f}") for i, r in enumerate(results)]
     return header, rows
 
@@ -254,7 +457,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             results.append(r)
             verdict = "OK" if r.ok else "FAILED"
             print(f"run {i + 1}: {verdict}: lost {r.lost}, doubled {r.doubled}, wrong labels {r.wrong_labels}, "
-                  f"unexpected dead letters {r.unexpected_dead or 0}, settled {r.settled}", file=sys.stderr)
+                  f"served lost {r.served_lost} of {r.served_impressions} (requests failed: "
+                  f"{r.request_errors or 0}), unexpected dead letters {r.unexpected_dead or 0}, settled {r.settled}",
+                  file=sys.stderr)
     header, rows = table(results)
     _print_table(header, rows)
     return 0 if all(r.ok for r in results) else 1
@@ -268,11 +473,14 @@ def _print_table(header, rows) -> None:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chaos", help="SIGKILL each process of a running stack in turn; check nothing is lost",
-                       description="Start a fresh durable stack, produce a generated log at a steady rate, SIGKILL "
-                                   f"each process in turn ({', '.join(KILL_ORDER)}) and let the supervisor bring "
-                                   "it back, then check from the topics, the trainer's checkpoint and the store "
-                                   "that every example was labelled, trained exactly once and stored, and that "
-                                   "only the malformed records became dead letters. Exits 1 if not.")
+                       description="Start a fresh durable stack with the ranking service (its trainer publishing "
+                                   "a model version every 2 s), produce a generated log at a steady rate and send "
+                                   f"{REQUEST_RATE:g} ranking requests/s, SIGKILL each process in turn "
+                                   f"({', '.join(KILL_ORDER)}) and let the supervisor bring it back, then check "
+                                   "from the topics, the trainer's checkpoint and the store that every example "
+                                   "was labelled, trained exactly once and stored, that only the malformed "
+                                   "records became dead letters, and that every impression of every answered "
+                                   "ranking request is on the impressions topic. Exits 1 if not.")
     p.add_argument("--events", type=int, default=20_000, help="impressions in the log (default 20000)")
     p.add_argument("--rate", type=float, default=1_000.0, help="records produced per second (default 1000)")
     p.add_argument("--rounds", type=int, default=1, help="times each process is killed (default 1)")

@@ -294,4 +294,8 @@ class StatusPublisher:
         self.producer.poll(0)
 
     def close(self) -> None:
+        """Deliver what is pending (5 s at most), then close the producer: the broker stops only once its
+        clients are gone (Tansu waits ~5 s for an open connection), and a producer's delivery callback keeps it
+        alive until the garbage collector runs."""
         self.producer.flush(5)
+        self.producer.close()
