@@ -160,3 +160,200 @@ def test_bad_teacher_records_are_dead_letters_with_reasons():
         assert by_raw[raw].topic == TP
     assert by_raw[b"{broken"].reason.startswith("example: unparseable") and by_raw[b"{broken"].topic == EX
     assert c["dead.teacher"] == 6 and c["dead.example"] == 1
+
+
+# ----------------------------------------------------------------------------------------- on the broker
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import msgspec  # noqa: E402
+import yaml  # noqa: E402
+
+from streams.bus import kafka_io  # noqa: E402
+from config import replace  # noqa: E402
+from tests.conftest import read_topics  # noqa: E402
+from tests.test_trainer_service import make_examples  # noqa: E402
+from trainer import checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER = {"batch_size": 256, "hash_buckets": 20_000, "device": "cpu", "user_model": False,
+           "checkpoint_every_examples": 1024, "checkpoint_every_s": 60}
+
+
+def _config(cfg, tmp_path: Path, name: str, **trainer) -> Path:
+    c = replace(cfg, trainer={**TRAINER, "checkpoint_dir": str(tmp_path / f"ckpt-{name}"), **trainer})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(msgspec.to_builtins(c)))
+    return path
+
+
+def _spawn(config: Path, log: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMREC_", "MALLOC_"))}
+    return subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(config), *args], cwd=ROOT, env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def _wait(cond, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out: {what}" + (f"\n{log.read_text()[-3000:]}" if log else ""))
+        time.sleep(0.05)
+
+
+def _produce_examples(cfg, exs, pace_s: float = 0.0) -> None:
+    prod = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    for i, e in enumerate(exs):
+        kafka_io.produce(prod, cfg.topics.examples, schema.encode(e), key=schema.user_key(e.impression))
+        if pace_s and i % 500 == 499:
+            prod.flush(30)
+            time.sleep(pace_s)
+    assert prod.flush(30) == 0
+
+
+def _trained(ckpt: Path) -> Counter:
+    _, st = checkpoint.load_latest(ckpt)
+    return Counter(st["trained_ids"])
+
+
+def _distill_stats(cfg) -> dict[str, float]:
+    stats = [schema.decode(m.value(), schema.ServiceStats) for m in read_topics(cfg, cfg.topics.service_stats)]
+    ours = sorted((s for s in stats if s.component == "distill"), key=lambda s: s.ts)
+    assert ours, "the flow reports"
+    return dict(ours[-1].values)
+
+
+class _Tail:
+    """Counts the messages of a topic as they arrive (a consumer of its own, polled on ``count()``)."""
+
+    def __init__(self, cfg, topic: str):
+        self.c = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "test-tail", **{"fetch.wait.max.ms": 20})
+        self.c.assign(kafka_io.topic_partitions([topic], cfg.topics.partitions))
+        self.n = 0
+
+    def count(self) -> int:
+        self.n += sum(m.error() is None for m in self.c.consume(num_messages=10_000, timeout=0.1))
+        return self.n
+
+    def close(self) -> None:
+        self.c.close()
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:  # ours, by pid
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_fm_killed_mid_stream_vm_keeps_training_every_example_once_per_model(cfg, tmp_path):
+    n = 6000
+    cfg = replace(cfg, distill={"teacher_wait_s": 3.0})
+    exs = make_examples(n, seed=3)
+    fm = _config(cfg, tmp_path, "fm", role="fm", arm="fm")
+    vm = _config(cfg, tmp_path, "vm", role="vm", arm="vm")
+    flow_cfg = _config(cfg, tmp_path, "flow")
+    log = tmp_path / "procs.log"
+    procs = [_spawn(flow_cfg, log, "distill", "--recovery-dir", str(tmp_path / "rec"), "--epoch-s", "1"),
+             _spawn(fm, log, "train", "--record-trained-ids"),
+             _spawn(vm, log, "train", "--record-trained-ids", "--max-examples", str(n))]
+    producer = threading.Thread(target=_produce_examples, args=(cfg, exs, 0.25))  # a live stream, ~2k/s
+    try:
+        _wait(lambda: log.read_text().count("training on") == 2, 60, "both trainers up", log)
+        producer.start()
+        _wait(lambda: checkpoint.latest(tmp_path / "ckpt-fm") is not None, 60, "the FM's first checkpoint", log)
+        procs[1].send_signal(signal.SIGKILL)
+        assert procs[1].wait(10) == -signal.SIGKILL
+        killed_at = sum(_trained(tmp_path / "ckpt-fm").values())
+        assert 0 < killed_at < n, "the kill must land mid-stream"
+        # with the FM down the VM trains everything: examples go on without teacher after the wait
+        assert procs[2].wait(60) == 0, log.read_text()[-3000:]
+        producer.join(10)
+        vm_ids = _trained(tmp_path / "ckpt-vm")
+        assert len(vm_ids) == n and set(vm_ids.values()) == {1}
+        assert set(vm_ids) == {e.example_id for e in exs}
+        # the FM comes back, resumes from its checkpoint and trains the rest once; its re-scored teachers are late
+        procs.append(_spawn(fm, log, "train", "--resume", "--record-trained-ids", "--idle-exit", "2"))
+        assert procs[-1].wait(90) == 0, log.read_text()[-3000:]
+        fm_ids = _trained(tmp_path / "ckpt-fm")
+        assert len(fm_ids) == n and set(fm_ids.values()) == {1}
+        time.sleep(1.5)  # the flow's next report
+    finally:
+        _stop(procs)
+    distilled = [schema.decode(m.value(), schema.Example) for m in read_topics(cfg, cfg.topics.examples_distilled)]
+    ids = Counter(e.example_id for e in distilled)
+    assert set(ids) == {e.example_id for e in exs} and set(ids.values()) == {1}  # no crash of the flow: once each
+    with_t = [e for e in distilled if e.teacher is not None]
+    assert killed_at // 2 < len(with_t) < n, "teachers before the kill, none while the FM was down"
+    assert all(0 <= e.teacher.p_click <= 1 and e.teacher.model_version >= 0 for e in with_t)
+    s = _distill_stats(cfg)
+    assert s[Stat.EXAMPLES_OUT] == n and s[Stat.EXAMPLES_WITH_TEACHER] == len(with_t)
+    assert s[Stat.EXAMPLES_WITHOUT_TEACHER] == n - len(with_t)
+    assert s[Stat.TEACHERS_LATE] >= n - killed_at  # every teacher the resumed FM published came too late
+    assert s[Stat.TEACHER_COVERAGE] == len(with_t) / n
+    print(f"coverage {s[Stat.TEACHER_COVERAGE]:.3f} teachers_late {s[Stat.TEACHERS_LATE]:.0f} "
+          f"fm killed at {killed_at}/{n}")
+
+
+def test_distill_flow_killed_and_recovered_loses_nothing_vm_trains_each_once(cfg, tmp_path):
+    n = 12_000
+    exs = make_examples(n, seed=5)
+    part = {e.example_id: kafka_io.partition_for(schema.user_key(e.impression), cfg.topics.partitions) for e in exs}
+
+    def produce():  # examples and, right behind them, their teachers (to the example's partition number)
+        prod = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+        for k in range(0, n, 400):
+            chunk = exs[k:k + 400]
+            for e in chunk:
+                kafka_io.produce(prod, cfg.topics.examples, schema.encode(e), key=schema.user_key(e.impression))
+            for p in range(cfg.topics.partitions):
+                ids = [e.example_id for e in chunk if part[e.example_id] == p]
+                tb = schema.TeacherBatch(model_version=k, scored_ts=int(time.time() * 1000), example_ids=ids,
+                                         p_click=[0.3] * len(ids), p_conversion=[0.03] * len(ids))
+                kafka_io.produce(prod, cfg.topics.teacher_predictions, schema.encode(tb), partition=p)
+            prod.flush(30)
+            time.sleep(0.25)
+        assert prod.flush(30) == 0
+
+    flow_cfg = _config(cfg, tmp_path, "flow")
+    vm = _config(cfg, tmp_path, "vm", role="vm", arm="vm")
+    log = tmp_path / "procs.log"
+    rec = str(tmp_path / "rec")
+    flow = ["distill", "--recovery-dir", rec, "--epoch-s", "0.5"]
+    producer = threading.Thread(target=produce)
+    procs = [_spawn(flow_cfg, log, *flow), _spawn(vm, log, "train", "--record-trained-ids", "--max-examples", str(n))]
+    try:
+        producer.start()
+
+        tail = _Tail(cfg, cfg.topics.examples_distilled)
+        distilled = tail.count
+        _wait(lambda: distilled() > n // 2, 60, "half of the examples distilled", log)
+        procs[0].send_signal(signal.SIGKILL)
+        assert procs[0].wait(10) == -signal.SIGKILL
+        at_kill = distilled()
+        tail.close()
+        assert at_kill < n, "the kill must land mid-stream"
+        procs.append(_spawn(flow_cfg, log, *flow))  # recovers from its snapshot
+        producer.join(60)
+        assert procs[1].wait(90) == 0, log.read_text()[-3000:]
+        vm_ids = _trained(tmp_path / "ckpt-vm")
+        _, vm_state = checkpoint.load_latest(tmp_path / "ckpt-vm")
+    finally:
+        _stop(procs)
+    assert len(vm_ids) == n and set(vm_ids.values()) == {1}  # nothing lost, nothing trained twice
+    assert set(vm_ids) == {e.example_id for e in exs}
+    distilled_exs = [schema.decode(m.value(), schema.Example) for m in read_topics(cfg, cfg.topics.examples_distilled)]
+    out = Counter(e.example_id for e in distilled_exs)
+    # the state survived the crash: every example met its teacher (30 s wait), before and after the kill
+    assert all(e.teacher is not None and e.teacher.p_click == 0.3 for e in distilled_exs)
+    assert set(out) == set(vm_ids)
+    replayed = sum(out.values()) - n  # re-emitted after the recovery: the VM's dedup dropped them
+    assert vm_state["counters"]["duplicates"] == replayed
+    assert replayed < at_kill, "the flow resumed from a snapshot, not from the beginning"
+    print(f"flow killed at {at_kill}/{n} distilled; {replayed} re-emitted after recovery, dropped by the VM")
