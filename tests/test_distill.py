@@ -7,8 +7,10 @@ recovery of the flow (nothing lost, nothing trained twice)."""
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
+import pytest
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from streams import schema
@@ -357,3 +359,25 @@ def test_distill_flow_killed_and_recovered_loses_nothing_vm_trains_each_once(cfg
     assert vm_state["counters"]["duplicates"] == replayed
     assert replayed < at_kill, "the flow resumed from a snapshot, not from the beginning"
     print(f"flow killed at {at_kill}/{n} distilled; {replayed} re-emitted after recovery, dropped by the VM")
+
+
+@pytest.mark.slow
+def test_up_with_fm_trains_the_fm_and_a_vm_per_domain_group(tmp_path):
+    """`streamrec up --with-fm`: FM, teacher join and two vertical models as supervised children; each model
+    reports its examples and the join its coverage."""
+    from streams.bus.processes import free_port
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}, "STREAMREC_DATA_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "deploy.cli", "up", "--with-fm", "--events", "3000", "--ephemeral",
+                           "--exit-when-done", "--port", str(free_port()), "--vm-domains", "feed,stories",
+                           "--vm-domains", "video,search,display"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    m = {arm: int(n.replace(",", "")) for arm, n in re.findall(r"^  (\S+): ([\d,]+) examples trained", out, re.M)}
+    assert set(m) == {"fm", "vm-feed-stories", "vm-video-search-display"}, out[-3000:]
+    assert m["fm"] == 3000 and m["vm-feed-stories"] + m["vm-video-search-display"] == 3000
+    cov = re.search(r"teacher join: ([\d,]+) examples out, ([\d,]+) with a teacher", out)
+    assert cov and int(cov.group(1).replace(",", "")) == 3000 and int(cov.group(2).replace(",", "")) > 0
+    print(out[out.index("models:"):])
+    assert not subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).stdout, "a process outlived up"
