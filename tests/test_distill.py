@@ -131,6 +131,21 @@ def test_partitions_keep_their_own_state_and_outputs_keep_their_partition():
     assert sorted((p, ex.example_id, ex.teacher is not None) for p, ex in recs) == [(0, "e1", True), (1, "e2", True)]
 
 
+def test_state_survives_a_snapshot_round_trip():
+    """What Bytewax recovery stores (pickled) restores waiting examples, orphan teachers and the ids that left."""
+    import pickle
+
+    cfg = DistillConfig(EX, TP, 1000, 10)
+    st = distill.DistillState(cfg)
+    distill.step(st, ((EX, 0, 0, example(1)), (TP, 0, 0, teacher([2], version=9)), (EX, 0, 1, example(3)),
+                      (TP, 0, 1, teacher([3]))), T0)
+    back = distill.DistillState.restore(cfg, pickle.loads(pickle.dumps(st.snapshot())))
+    out = distill.step(back, ((EX, 0, 2, example(2)), (TP, 0, 2, teacher([1, 3]))), T0 + 10)
+    got = [schema.decode(raw, schema.Example) for _, _, _, raw in out]
+    assert [(e.example_id, e.teacher.model_version) for e in got] == [("e2", 9), ("e1", 3)]
+    assert back.counts[Stat.TEACHERS_LATE] == 1 and back.counts[Stat.EXAMPLES_OUT] == 3 and back.clock == T0 + 10
+
+
 def test_bad_teacher_records_are_dead_letters_with_reasons():
     nan = schema.encode(schema.TeacherBatch(model_version=1, scored_ts=T0, example_ids=["e1"], p_click=[math.nan],
                                             p_conversion=[0.1]))
