@@ -121,12 +121,16 @@ def test_bounded_end_of_input_lets_every_waiting_example_out():
     assert c[Stat.TEACHERS_EXPIRED] == 1
 
 
-def test_partitions_keep_their_own_state_and_outputs_keep_their_partition():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_partitions_keep_their_own_state_and_outputs_keep_their_partition(workers):
+    from bytewax.testing import cluster_main
+
     flow_out: list = []
     batches = [batch(T0, (EX, example(1, 0)), partition=0), batch(T0, (EX, example(2, 1)), partition=1),
                batch(T0 + 5, (TP, teacher([2])), partition=1), batch(T0 + 5, (TP, teacher([1])), partition=0)]
-    run_main(build_flow(DistillConfig(EX, TP, 1000, 10), TestingSource(batches), TestingSink(flow_out),
-                        partitions=2, bounded=False, clock=None))
+    flow = build_flow(DistillConfig(EX, TP, 1000, 10), TestingSource(batches), TestingSink(flow_out),
+                      partitions=2, bounded=False, clock=None)
+    cluster_main(flow, [], 0, worker_count_per_proc=workers)
     recs = [(p, schema.decode(raw, schema.Example)) for _, o in flow_out for kind, _, p, raw in o.records]
     assert sorted((p, ex.example_id, ex.teacher is not None) for p, ex in recs) == [(0, "e1", True), (1, "e2", True)]
 
