@@ -59,7 +59,8 @@ def _run(command: str, runner, args: argparse.Namespace, cfg: Config) -> int:
         if args.local_processes:
             child = ["--workers", str(args.workers)] + (["--bounded"] if args.bounded else [])
             child += ["--epoch-s", str(args.epoch_s)] if args.epoch_s is not None else []
-            child += ["--teacher-wait-s", str(args.teacher_wait_s)] if getattr(args, "teacher_wait_s", None) is not None else []
+            wait = getattr(args, "teacher_wait_s", None)  # distill's
+            child += ["--teacher-wait-s", str(wait)] if wait is not None else []
             codes = local_cluster(cfg, command, args.local_processes, child)
             if any(codes):
                 print(f"streamrec {command}: process exit codes {codes}", file=sys.stderr)
