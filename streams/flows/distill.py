@@ -20,12 +20,12 @@ The join (pure, :func:`step` / :func:`expire` / :func:`flush`, ``now_ms`` passed
 
 - an example waits for its teacher at most ``teacher_wait_s`` of wall clock from its arrival at the join;
   it leaves as soon as the teacher is there (in either order of arrival), or without one at the deadline
-  (``examples_without_teacher``). ``max_pending`` bounds the waiting examples: past it the oldest leave
-  without teacher at once (``pending_evicted``).
+  (``examples_without_teacher``). ``max_pending`` bounds the waiting examples of each partition number (and,
+  apart, its orphan teachers): past it the oldest leave without teacher at once (``pending_evicted``).
 - a teacher that arrives first waits (as an orphan) for its example, as long and as bounded; one whose
   example already left is dropped (``teachers_late``) and never applied: each example leaves exactly once
-  per join state. Ids of examples that left are remembered (``max_pending`` of them, oldest forgotten first)
-  to tell a late teacher and a duplicate example (``duplicates``, dropped) from new ones; a teacher whose id
+  per join state. Ids of examples that left are remembered (:data:`LEFT_CAPACITY` of them, oldest forgotten
+  first) to tell a late teacher and a duplicate example (``duplicates``, dropped) from new ones; a teacher whose id
   was forgotten waits as an orphan and expires (``teachers_expired``), still never applied.
 - bad teacher records go to dead letters with step ``distill.join`` (:data:`streams.names.Step.DISTILL_JOIN`)
   and a reason: too large, unparseable / schema (a NaN probability is JSON ``null``: schema), ``teacher:``
@@ -82,6 +82,7 @@ Output = tuple[int, bytes | None, int, bytes]  # (EXAMPLE | DEAD, key, partition
 EXAMPLE, DEAD = 0, 1
 MAX_MSG_BYTES = 4 * 1024 * 1024  # a TeacherBatch of a large FM batch is big; anything larger is refused
 FUTURE_TOLERANCE_MS = 5 * 60 * 1000  # a teacher scored this far past the join's wall clock: dead letter
+LEFT_CAPACITY = 100_000  # ids of examples that left, remembered per partition (a snapshot copies them each epoch)
 AGE_SAMPLES = 256  # teacher ages / waits kept per output batch for the p50s of the service stats
 _TEACHER_FIELD = b'"teacher"'
 
@@ -215,7 +216,7 @@ def _with_teacher(raw: bytes, t: schema.Teacher) -> bytes:
 def _leave(st: DistillState, eid: str, w: Waiting, t: schema.Teacher | None, now_ms: int, out: list) -> None:
     arrived, p, key, raw = w
     st.left[eid] = None
-    if len(st.left) > st.cfg.max_pending:
+    if len(st.left) > min(st.cfg.max_pending, LEFT_CAPACITY):
         st.left.popitem(last=False)
     st.count(Stat.EXAMPLES_OUT)
     if len(st.waits) < AGE_SAMPLES:
