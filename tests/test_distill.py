@@ -275,7 +275,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 def test_fm_killed_mid_stream_vm_keeps_training_every_example_once_per_model(cfg, tmp_path):
     n = 6000
-    cfg = replace(cfg, distill={"teacher_wait_s": 3.0})
+    cfg = replace(cfg, distill={"teacher_wait_s": 5.0})
     exs = make_examples(n, seed=3)
     fm = _config(cfg, tmp_path, "fm", role="fm", arm="fm")
     vm = _config(cfg, tmp_path, "vm", role="vm", arm="vm")
@@ -311,7 +311,7 @@ def test_fm_killed_mid_stream_vm_keeps_training_every_example_once_per_model(cfg
     ids = Counter(e.example_id for e in distilled)
     assert set(ids) == {e.example_id for e in exs} and set(ids.values()) == {1}  # no crash of the flow: once each
     with_t = [e for e in distilled if e.teacher is not None]
-    assert killed_at // 2 < len(with_t) < n, "teachers before the kill, none while the FM was down"
+    assert killed_at // 4 < len(with_t) < n, "teachers before the kill, none while the FM was down"
     assert all(0 <= e.teacher.p_click <= 1 and e.teacher.model_version >= 0 for e in with_t)
     s = _distill_stats(cfg)
     assert s[Stat.EXAMPLES_OUT] == n and s[Stat.EXAMPLES_WITH_TEACHER] == len(with_t)
