@@ -19,6 +19,7 @@ _COMMANDS = {
     "replay": "streams.sources.replay",
     "labels": "deploy.flows",
     "stats": "deploy.flows",
+    "distill": "deploy.flows",
     "train": "trainer.service",
     "score": "trainer.score",
     "export": "trainer.score",

@@ -1,4 +1,4 @@
-"""``streamrec labels`` and ``streamrec stats``: the dataflows as commands, alone or as a local Bytewax cluster.
+"""``streamrec labels``, ``streamrec stats`` and ``streamrec distill``: the dataflows as commands, alone or as a local Bytewax cluster.
 
 A cluster on one machine (``--local-processes N``) is N processes of ``streamrec labels --process-id i
 --addresses ...`` on free local ports; across hosts, run one such process per host with the same
@@ -21,7 +21,7 @@ import yaml
 
 from streams.bus.processes import free_port
 from config import NO_BROKER, Config, replace
-from streams.flows.service import run_labels, run_stats
+from streams.flows.service import run_distill, run_labels, run_stats
 
 log = logging.getLogger("streamrec.flows")
 
@@ -59,6 +59,8 @@ def _run(command: str, runner, args: argparse.Namespace, cfg: Config) -> int:
         if args.local_processes:
             child = ["--workers", str(args.workers)] + (["--bounded"] if args.bounded else [])
             child += ["--epoch-s", str(args.epoch_s)] if args.epoch_s is not None else []
+            wait = getattr(args, "teacher_wait_s", None)  # distill's
+            child += ["--teacher-wait-s", str(wait)] if wait is not None else []
             codes = local_cluster(cfg, command, args.local_processes, child)
             if any(codes):
                 print(f"streamrec {command}: process exit codes {codes}", file=sys.stderr)
@@ -86,8 +88,15 @@ def _stats(cfg: Config, args: argparse.Namespace, **run) -> None:
     run_stats(cfg, bounded=args.bounded, recovery_dir=args.recovery_dir or "", **run)
 
 
+def _distill(cfg: Config, args: argparse.Namespace, **run) -> None:
+    upd = {"recovery_dir": args.recovery_dir} if args.recovery_dir else {}
+    if args.teacher_wait_s is not None:
+        upd["teacher_wait_s"] = args.teacher_wait_s
+    run_distill(replace(cfg, distill=upd) if upd else cfg, bounded=args.bounded, **run)
+
+
 def _add_flow(sub: argparse._SubParsersAction, command: str, runner, help: str, description: str,
-              recovery_help: str) -> None:
+              recovery_help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(command, help=help, description=description)
     p.add_argument("--bounded", action="store_true",
                    help="stop once every input partition is read to its end (default: keep tailing)")
@@ -103,6 +112,7 @@ def _add_flow(sub: argparse._SubParsersAction, command: str, runner, help: str, 
     g.add_argument("--local-processes", type=int, default=0, metavar="N",
                    help="launch an N-process cluster on this machine (free local ports) and wait for it")
     p.set_defaults(func=lambda args, cfg: _run(command, runner, args, cfg))
+    return p
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -115,3 +125,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
               "Read the examples topic and publish per-window, per-domain feature and label statistics "
               "(histograms, quantiles, heavy hitters, label rates and delays) to the feature_stats topic with "
               "deterministic ids.", "Bytewax recovery directory (created and initialised if empty)")
+    p = _add_flow(sub, "distill", _distill, "run the teacher-join dataflow (examples + FM predictions -> VMs)",
+                  "Run the Bytewax distill dataflow (ExFM's data augmentation): read the examples and the "
+                  "teacher_predictions topics partition by partition, attach to each example the foundation "
+                  "model's prediction for it, and write it to the examples_distilled topic that vertical models "
+                  "(trainer.role vm) train on. An example waits for its teacher at most distill.teacher_wait_s "
+                  "and goes on without one past it (counted); late teachers are dropped, never applied twice; bad "
+                  "teacher records become dead letters with a reason.",
+                  "Bytewax recovery directory (created and initialised if empty); overrides distill.recovery_dir")
+    p.add_argument("--teacher-wait-s", type=float, default=None, metavar="S",
+                   help="longest wall-clock wait of an example for its teacher (overrides distill.teacher_wait_s)")

@@ -4,6 +4,10 @@
       -> broker (embedded Tansu)                       -- unless kafka.bootstrap_servers is set
       -> dashboard (metrics sink, sole owner of the chDB store, and the live page)
       -> labels dataflow -> stats dataflow -> trainer
+      -> with ``with_fm`` (``streamrec up --with-fm``), instead of the trainer: the foundation model's trainer
+         (``trainer-fm``: role fm, arm "fm"), the teacher join (``distill``) and the vertical models' trainers
+         (``trainer-vm``, or ``trainer-vm-<d1>-<d2>`` per ``vm_groups`` entry: role vm, arm "vm[-<d1>-<d2>...]"),
+         each trainer with its own checkpoints under ``checkpoints/<arm>``
       -> with ``serve``: one trainer per arm of ``serving.arms`` (each publishing its model versions), the
          ranking service (``streamrec serve``) and, once started, the simulated audience (``streamrec audience``)
 
@@ -84,8 +88,11 @@ class LocalStack:
 
     def __init__(self, cfg: Config, run_dir: Path, *, ephemeral: bool = False, fresh: bool = False,
                  port: int | None = None, trainer_args: tuple[str, ...] = (), labels_args: tuple[str, ...] = (),
-                 serve: bool = False):
+                 serve: bool = False, with_fm: bool = False, vm_groups: tuple[tuple[str, ...], ...] = ((),)):
+        if with_fm and serve:
+            raise ValueError("--with-fm and --serve do not combine yet: serving arms of vertical models is to come")
         self.cfg, self.run_dir, self.ephemeral, self.serve = cfg, run_dir, ephemeral, serve
+        self.with_fm, self.vm_groups = with_fm, tuple(vm_groups) or ((),)
         self.trainer_args, self.labels_args = list(trainer_args), list(labels_args)
         self.external = bool(cfg.kafka.bootstrap_servers)
         self.state_dir = Path(cfg.data_dir, "stack").resolve()
@@ -95,6 +102,7 @@ class LocalStack:
         home = run_dir if ephemeral else self.state_dir
         self.dirs = {"topics": self.state_dir / "topics", "labels": home / "labels-recovery",
                      "stats": home / "stats-recovery", "checkpoints": home / "checkpoints",
+                     "distill": home / "distill-recovery",
                      "models": home / "models"}
         self.state = StackState(self.state_dir)
         self.port = port or cfg.dashboard.port
@@ -133,7 +141,8 @@ class LocalStack:
             cfg = replace(cfg, kafka={"bootstrap_servers": self.broker.bootstrap_servers})
         cfg = replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()),
                       trainer={"checkpoint_dir": str(self.dirs["checkpoints"])},
-                      labels={"recovery_dir": str(self.dirs["labels"])}, dashboard={"port": self.port})
+                      labels={"recovery_dir": str(self.dirs["labels"])}, dashboard={"port": self.port},
+                      distill={"recovery_dir": str(self.dirs["distill"])})
         if self.serve and not cfg.serving.models_dir:  # published versions live with the checkpoints they follow
             cfg = replace(cfg, serving={"models_dir": str(self.dirs["models"])})
         self.cfg = cfg
@@ -152,7 +161,12 @@ class LocalStack:
         self.sup.start(Child("dashboard", ["dashboard"]))
         self.sup.start(Child("labels", ["labels", *self.labels_args]))  # recovery: labels.recovery_dir, set above
         self.sup.start(Child("stats", ["stats", "--recovery-dir", str(self.dirs["stats"])]))
-        if not self.serve:
+        if self.with_fm:
+            self.sup.start(Child("distill", ["distill"]))  # recovery: distill.recovery_dir, set above
+            for name, path in self._fm_configs(cfg):
+                self.sup.start(Child(name, train + self.trainer_args, program=self._program(path),
+                                     restart_args=["train", "--resume", *self.trainer_args]))
+        elif not self.serve:
             self.sup.start(Child("trainer", train + self.trainer_args,
                                  restart_args=["train", "--resume", *self.trainer_args]))
         else:
@@ -175,6 +189,21 @@ class LocalStack:
             acfg = arm_trainer_config(cfg, arm)
             path.write_text(yaml.safe_dump(msgspec.to_builtins(acfg), sort_keys=False))
             out.append(("trainer" if len(arms) == 1 else f"trainer-{arm.name}", path))
+        return out
+
+    def _fm_configs(self, cfg: Config) -> list[tuple[str, Path]]:
+        """(child name, config file) of the FM's trainer and each vertical model's: role, arm (their metrics
+        and stats apart) and checkpoints of their own; a VM per ``vm_groups`` entry (its domains; empty: all)."""
+        roles = [("fm", {"role": "fm", "arm": "fm", "vm_domains": []})]
+        for group in self.vm_groups:
+            arm = "vm" if not group else "vm-" + "-".join(group)
+            roles.append((arm, {"role": "vm", "arm": arm, "vm_domains": list(group)}))
+        out = []
+        for arm, trainer in roles:
+            path = self.run_dir / f"config-{arm}.yaml"
+            rcfg = replace(cfg, trainer={**trainer, "checkpoint_dir": str(self.dirs["checkpoints"] / arm)})
+            path.write_text(yaml.safe_dump(msgspec.to_builtins(rcfg), sort_keys=False))
+            out.append((f"trainer-{arm}", path))
         return out
 
     @staticmethod
@@ -253,14 +282,20 @@ class StatsWatcher:
 
     def trained(self) -> float:
         """This run's examples taken by the slowest trainer (arm): trained, plus those it only scored because
-        another arm served them (``learn_from: own``): every example has then reached every arm."""
+        another arm served them (``learn_from: own``) and those outside a vertical model's domains: every
+        example has then reached every arm."""
         done = []
         for latest, base in self.arms.values():
             if not latest:
                 continue
             done.append(sum(latest.get(k, base.get(k, 0.0)) - base.get(k, 0.0)
-                            for k in (Stat.EXAMPLES_TRAINED, Stat.EXAMPLES_OTHER_ARM)))
+                            for k in (Stat.EXAMPLES_TRAINED, Stat.EXAMPLES_OTHER_ARM, Stat.EXAMPLES_OTHER_DOMAIN)))
         return min(done) if done else 0.0
+
+    def arm_value(self, arm: str, name: str) -> float:
+        """This run's value of one trainer (arm), like :meth:`value`."""
+        latest, base = self.arms.get(arm, ({}, {}))
+        return latest.get(name, base.get(name, 0.0)) - base.get(name, 0.0)
 
     def value(self, component: str, name: str) -> float:
         """This run's value: the newest report minus the baseline (gauges, e.g. a lag, are not counters: see

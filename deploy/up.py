@@ -6,6 +6,11 @@ sends the generator's users to the service for ``--serve-seconds``; what it serv
 audience's clicks and trained on. The summary compares the arms: online CTR and CVR, and the oracle's mean
 true p_click of what each served.
 
+With ``--with-fm`` the stack trains a foundation model and its students (docs/transfer.md): the FM's trainer
+publishes its predictions as teacher predictions, the ``distill`` dataflow joins them to the examples, and one
+vertical model (or one per ``--vm-domains`` group) trains on the distilled examples. The summary gives each
+model's examples trained and the join's teacher coverage and teacher age.
+
 Progress comes from the ``service_stats`` topic every component publishes to. Ctrl-C (or the end of the work
 when not attached to a terminal) stops producers first, then the trainer, the dataflows, the dashboard, the
 broker and its storage. Run again, a durable stack (the default) continues where it stopped.
@@ -120,8 +125,18 @@ def up(args, cfg: Config) -> int:
             print(f"labels: policy elapsed, {cfg.labels.elapsed_s}s after each impression (late clicks and "
                   "conversions follow as corrections), so served traffic is trained on during the run "
                   "(--serve-label-after 0 keeps the configured policy)", file=sys.stderr)
+    try:
+        groups = vm_groups(args.vm_domains)
+    except ValueError as e:
+        print(f"streamrec up: {e}", file=sys.stderr)
+        return 2
+    if (groups != ((),) or args.with_fm) and (args.serve or not args.with_fm):
+        print("streamrec up: " + ("--with-fm and --serve do not combine yet" if args.serve
+                                  else "--vm-domains needs --with-fm"), file=sys.stderr)
+        return 2
     run_dir = Path(cfg.data_dir, "runs", time.strftime("%Y%m%d-%H%M%S")).resolve()
-    stack = LocalStack(cfg, run_dir, ephemeral=args.ephemeral, fresh=args.fresh, port=port, serve=args.serve)
+    stack = LocalStack(cfg, run_dir, ephemeral=args.ephemeral, fresh=args.fresh, port=port, serve=args.serve,
+                       with_fm=args.with_fm, vm_groups=groups)
     watcher = None
     started_ms = int(time.time() * 1000)
     # SIGTERM behaves like Ctrl-C so `kill` of the supervisor also stops everything in order. SIGINT gets the
@@ -145,6 +160,8 @@ def up(args, cfg: Config) -> int:
         ok = trained is not None and _ingested(sup, url, 2 * trained, started_ms)
         elapsed = time.monotonic() - t0
         _summary(watcher, sup, bad, elapsed, ok)
+        if args.with_fm:
+            print(fm_summary(watcher), file=sys.stderr)
         if args.serve and trained is not None:
             ok = _serve(stack, watcher, cfg, args, seed, start_ts, run_dir) and ok
         print(f"dashboard: {url}", file=sys.stderr)
@@ -311,6 +328,44 @@ def _summary(watcher: StatsWatcher, sup: Supervisor, bad: int, elapsed: float, o
               file=sys.stderr)
 
 
+def vm_groups(specs: list[str]) -> tuple[tuple[str, ...], ...]:
+    """``--vm-domains`` values (comma-separated domains, one vertical model each) -> domain groups; none given:
+    one VM of every domain. A domain may belong to one group only."""
+    from streams.schema import DOMAINS
+
+    groups, seen = [], set()
+    for spec in specs:
+        group = tuple(d.strip() for d in spec.split(",") if d.strip())
+        unknown = [d for d in group if d not in DOMAINS]
+        if not group or unknown:
+            raise ValueError(f"--vm-domains {spec!r}: expected comma-separated domains of {', '.join(DOMAINS)}")
+        if seen & set(group):
+            raise ValueError(f"--vm-domains: {', '.join(sorted(seen & set(group)))} in two groups")
+        seen.update(group)
+        groups.append(group)
+    return tuple(groups) or ((),)
+
+
+def fm_summary(watcher: StatsWatcher) -> str:
+    """Per model (arm) the examples trained (a VM also those outside its domains), and the teacher join's
+    coverage, teacher age and wait."""
+    watcher.poll()
+    lines = []
+    for arm in sorted(watcher.arms, key=lambda a: (a != "fm", a)):
+        other = watcher.arm_value(arm, "examples_other_domain")
+        lines.append(f"  {arm}: {int(watcher.arm_value(arm, 'examples_trained')):,} examples trained"
+                     + (f" ({int(other):,} of other domains skipped)" if other else "")
+                     + (f", {int(watcher.arm_value(arm, 'teachers_published')):,} teacher predictions published"
+                        if arm == "fm" else ""))
+    out = watcher.value("distill", "examples_out")
+    with_t = watcher.value("distill", "examples_with_teacher")
+    lines.append(f"  teacher join: {int(out):,} examples out, {int(with_t):,} with a teacher "
+                 f"({with_t / out if out else 0:.1%} coverage), {int(watcher.value('distill', 'teachers_late')):,} "
+                 f"late teachers dropped, teacher age p50 {watcher.gauge('distill', 'teacher_age_p50_ms') / 1000:.1f}s,"
+                 f" wait p50 {watcher.gauge('distill', 'teacher_wait_p50_ms') / 1000:.2f}s")
+    return "models:\n" + "\n".join(lines)
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run the whole local stack: broker, dataflows, trainer, dashboard",
                        description="Start the embedded broker and its storage (unless kafka.bootstrap_servers is "
@@ -352,6 +407,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                             "policy labels an impression after its 24 h conversion window) (default %(default)s)")
     serve.add_argument("--serve-port", type=int, default=None,
                        help="the ranking service's port (default from config: serving.port)")
+    fm = p.add_argument_group("foundation model and its students (--with-fm, docs/transfer.md)")
+    fm.add_argument("--with-fm", action="store_true",
+                    help="instead of the single trainer: a foundation model's trainer (role fm) publishing teacher "
+                         "predictions, the teacher-join dataflow (streamrec distill) and vertical models' trainers "
+                         "(role vm) learning from the distilled examples; the summary gives each model's examples "
+                         "trained and the teacher coverage")
+    fm.add_argument("--vm-domains", action="append", default=[], metavar="D1,D2",
+                    help="one vertical model for these domains, repeatable (default: one VM of every domain)")
     stay = p.add_mutually_exclusive_group()
     stay.add_argument("--stay", dest="stay", action="store_true", default=None,
                       help="keep running after the work is done until Ctrl-C (default when attached to a terminal)")

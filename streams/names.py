@@ -26,6 +26,7 @@ class Component(StrEnum):
     SUPERVISOR = "supervisor"
     SERVING = "serving"  # streamrec serve (serving/)
     AUDIENCE = "audience"  # the simulated audience's driver (deploy/audience.py)
+    DISTILL = "distill"  # the teacher join (streams/flows/distill.py)
 
 
 class Step(StrEnum):
@@ -34,6 +35,7 @@ class Step(StrEnum):
     REPLAY = "replay"  # a log line that is no record
     LABELS_JOIN = "labels.join"  # everything the labels flow refuses (the reason's category says why)
     TRAINER_DECODE = "trainer.decode"
+    DISTILL_JOIN = "distill.join"  # bad teacher records and undecodable examples (the reason says which)
     METRICS_SINK = "metrics_sink"
 
 
@@ -60,11 +62,26 @@ class Stat(StrEnum):
     TOO_LATE = "too_late"  # examples of windows already closed
     RECORDS_OUT = "records_out"
     OPEN_WINDOWS = "open_windows"  # gauge
+    # distill flow (the teacher join; examples_in, examples_out, duplicates, dead_letters as above)
+    EXAMPLES_WITH_TEACHER = "examples_with_teacher"
+    EXAMPLES_WITHOUT_TEACHER = "examples_without_teacher"  # left at the deadline, the bound or end of input
+    TEACHER_COVERAGE = "teacher_coverage"  # with / out, over the flow's life
+    TEACHER_AGE_P50_MS = "teacher_age_p50_ms"  # of the interval: leaving time - the teacher's scored_ts
+    TEACHER_WAIT_P50_MS = "teacher_wait_p50_ms"  # of the interval: how long examples waited at the join
+    TEACHERS_IN = "teachers_in"  # rows of valid TeacherBatch records
+    TEACHERS_LATE = "teachers_late"  # their example had left: dropped, never applied
+    TEACHERS_DUPLICATE = "teachers_duplicate"  # a second copy while the first waited
+    TEACHERS_EXPIRED = "teachers_expired"  # waited for their example past the wait or the bound
+    PENDING_EVICTED = "pending_evicted"  # examples sent on without teacher by distill.max_pending
+    PENDING_EXAMPLES = "pending_examples"  # gauge: examples waiting for their teacher
+    PENDING_TEACHERS = "pending_teachers"  # gauge: teachers waiting for their example
     # trainer
+    TEACHERS_PUBLISHED = "teachers_published"  # an FM's: predictions published to topics.teacher_predictions
     EXAMPLES_TRAINED = "examples_trained"
     STEPS = "steps"
     DUPLICATES = "duplicates"
     EXAMPLES_OTHER_ARM = "examples_other_arm"  # learn_from own: scored, not trained (another arm served them)
+    EXAMPLES_OTHER_DOMAIN = "examples_other_domain"  # a VM's: examples outside trainer.vm_domains, skipped
     CHECKPOINTS = "checkpoints"
     MODEL_VERSION = "model_version"
     LAG_MS = "lag_ms"

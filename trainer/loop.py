@@ -22,6 +22,16 @@ since the last version, and at shutdown, a new model version (a delta or a full 
 :mod:`trainer.publish`), written between batches; independent of the checkpoints (a version is never needed
 to resume, and a failed publish is logged and retried at the next interval without stopping training).
 
+Roles (``trainer.role``, docs/transfer.md). A ``ranker`` trains on ``topics.examples`` as above. An ``fm``
+(the foundation model, the teacher) does too, and also publishes the scores it makes before each update (the
+same ones as its predictions) to ``topics.teacher_predictions``: one :class:`~streams.schema.TeacherBatch` per
+examples-topic partition of the micro-batch, to that SAME partition number, so the teacher join
+(``streams/flows/distill.py``) finds an example and its teacher in one partition's state. A ``vm`` (a vertical
+student) trains on ``topics.examples_distilled``, the examples with the teacher attached, and with
+``trainer.vm_domains`` set only on examples of those domains (the others are skipped, counted as
+``examples_other_domain``); offsets, checkpoints and the dedup by example id are the same, so a VM trains each
+example once whatever the join re-emits after a crash, and a teacher is never applied twice.
+
 The process around it (command line, signals, malloc settings) is ``trainer/service.py``.
 """
 
@@ -106,6 +116,10 @@ class Trainer:
         # plain str keys (a Stat indexes them alike): checkpoints load with torch's weights_only unpickler
         self.counters = {k.value: 0 for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS,
                                               Stat.CHECKPOINTS, Stat.EXAMPLES_OTHER_ARM)}
+        if self.tc.role == "fm":
+            self.counters[Stat.TEACHERS_PUBLISHED.value] = 0
+        if self.tc.role == "vm" and self.tc.vm_domains:
+            self.counters[Stat.EXAMPLES_OTHER_DOMAIN.value] = 0
         self.dedup = Dedup()
         self.trained_ids: list[str] | None = [] if record_ids else None
         self.newest_event_ts = 0
@@ -187,6 +201,7 @@ class Trainer:
         """Decode, dedup, score+publish, train; returns how many examples were trained."""
         now_ms = int(time.time() * 1000)
         good: list[schema.Example] = []
+        src: dict[str, int] = {}  # example id -> its partition (an FM's teacher batches go to that number)
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -196,8 +211,11 @@ class Trainer:
             ex = schema.decode(m.value() or b"", schema.Example)
             if isinstance(ex, schema.Invalid):
                 self._dead_letter(ex.reason, m, now_ms)
+            elif self.tc.vm_domains and self.tc.role == "vm" and ex.impression.domain not in self.tc.vm_domains:
+                self.counters[Stat.EXAMPLES_OTHER_DOMAIN] += 1  # another VM's domain: neither trained nor deduped
             elif self.dedup.add(ex.example_id):
                 good.append(ex)
+                src[ex.example_id] = m.partition()
             else:
                 self.counters["duplicates"] += 1
         if self.tc.learn_from == "own":  # another arm's traffic: scored and published, not trained on
@@ -206,12 +224,12 @@ class Trainer:
                 good = [ex for ex in good if ex.impression.arm == self.tc.arm]
                 self.counters[Stat.EXAMPLES_OTHER_ARM] += len(other)
                 ofb = featurize(other, self.tc, self.learner.user_view)
-                self._publish_predictions(ofb, other, *self.learner.score(ofb))
+                self._publish_predictions(ofb, other, *self.learner.score(ofb), src)
         if not good:
             return 0
         fb = featurize(good, self.tc, self.learner.user_view)
         self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
-            fb, good, p_click, p_conv))
+            fb, good, p_click, p_conv, src))
         self._last_step_ms = int(time.time() * 1000)
         self.counters["steps"] = self.learner.steps
         self.counters["examples_trained"] += len(good)
@@ -224,9 +242,9 @@ class Trainer:
         return len(good)
 
     def _publish_predictions(self, fb, examples: list[schema.Example], p_click: np.ndarray,
-                             p_conv: np.ndarray) -> None:
+                             p_conv: np.ndarray, src: dict[str, int] | None = None) -> None:
         """The batch's scores (before any update from it), with this trainer's arm and each example's serving
-        arm and version (all empty for logged traffic)."""
+        arm and version (all empty for logged traffic); an FM's also as teacher predictions."""
         served = any(ex.impression.arm for ex in examples)
         pb = schema.PredictionBatch(
             model_version=self.learner.steps, trained_ts=int(time.time() * 1000), example_ids=fb.example_ids,
@@ -236,6 +254,25 @@ class Trainer:
             served_arms=[ex.impression.arm for ex in examples] if served else [],
             served_versions=[ex.impression.model_version for ex in examples] if served else [])
         kafka_io.produce(self.producer, self.cfg.topics.predictions, schema.encode(pb))
+        if self.tc.role == "fm" and src is not None:
+            self._publish_teachers(fb.example_ids, p_click, p_conv, src, pb.trained_ts)
+
+    def _publish_teachers(self, ids: list[str], p_click: np.ndarray, p_conv: np.ndarray, src: dict[str, int],
+                          scored_ts: int) -> None:
+        """One TeacherBatch per source partition, to that partition number of topics.teacher_predictions (key
+        ``p<n>``): the teacher join runs one state per partition number (streams/flows/distill.py)."""
+        by_part: dict[int, list[int]] = {}
+        for i, eid in enumerate(ids):
+            by_part.setdefault(src[eid], []).append(i)
+        pc, pv = np.asarray(p_click, dtype=np.float64), np.asarray(p_conv, dtype=np.float64)
+        n = self.cfg.topics.partitions
+        for p, rows in sorted(by_part.items()):
+            tb = schema.TeacherBatch(model_version=self.learner.steps, scored_ts=scored_ts,
+                                     example_ids=[ids[i] for i in rows], p_click=pc[rows].tolist(),
+                                     p_conversion=pv[rows].tolist())
+            kafka_io.produce(self.producer, self.cfg.topics.teacher_predictions, schema.encode(tb),
+                             key=f"p{p}".encode(), partition=p % n)
+        self.counters[Stat.TEACHERS_PUBLISHED] += len(ids)
 
     def _dead_letter(self, reason: str, m, now_ms: int) -> None:
         self.counters["dead_letters"] += 1
@@ -248,6 +285,10 @@ class Trainer:
         kafka_io.produce(self.producer, self.cfg.topics.service_stats, schema.encode(st))
 
     # ---- loop ----------------------------------------------------------------------------------
+    def input_topic(self) -> str:
+        """What this trainer reads: a VM the distilled examples (with their teachers), others the examples."""
+        return self.cfg.topics.examples_distilled if self.tc.role == "vm" else self.cfg.topics.examples
+
     def stop(self, *_args) -> None:
         """Finish the current batch, checkpoint and return from :meth:`run` (signal-safe)."""
         self._stop = True
@@ -257,10 +298,11 @@ class Trainer:
         bs = cfg.kafka.bootstrap_servers
         self.producer = kafka_io.make_producer(bs, cfg.kafka.client)
         consumer = kafka_io.make_consumer(bs, _GROUP, cfg.kafka.client)
-        consumer.assign(kafka_io.topic_partitions([cfg.topics.examples], cfg.topics.partitions, self.offsets))
+        topic = self.input_topic()
+        consumer.assign(kafka_io.topic_partitions([topic], cfg.topics.partitions, self.offsets))
         self._stats = Throughput()
-        log.info("training on %s (%d partitions), backend=%s device=%s batch=%d, checkpoints in %s",
-                 cfg.topics.examples, cfg.topics.partitions, self.learner.backend, self.learner.device,
+        log.info("training on %s (%d partitions, role %s), backend=%s device=%s batch=%d, checkpoints in %s",
+                 topic, cfg.topics.partitions, tc.role, self.learner.backend, self.learner.device,
                  tc.batch_size, self.ckpt_dir)
         start_n = self.counters["examples_trained"]
         last_msg = last_stats = last_log = time.monotonic()

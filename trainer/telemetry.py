@@ -55,6 +55,8 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
     learner = trainer.learner
     values = {k: float(trainer.counters[k])
               for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS, Stat.EXAMPLES_OTHER_ARM)}
+    values.update({k: float(trainer.counters[k]) for k in (Stat.TEACHERS_PUBLISHED, Stat.EXAMPLES_OTHER_DOMAIN)
+                   if k in trainer.counters})  # an FM's / a VM's (trainer/loop.py, roles)
     values.update(throughput.take(now))
     values[Stat.MODEL_VERSION] = float(learner.steps)
     for name, h in learner.delays.items():

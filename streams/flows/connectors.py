@@ -15,6 +15,13 @@ stats::
     StatsReporter: the flow's counters -> ServiceStats(component="stats") about every second
     FeatureStatsSink: encoded FeatureStats -> the feature_stats topic, key = stats_id
 
+distill::
+
+    KafkaDistillSource: one source partition per partition number p, one consumer assigned to (examples, p)
+      and (teacher_predictions, p); DistillBatch(p, raw messages, wall ms); snapshot = next offset per topic
+    DistillSink: examples (with or without teacher) -> topics.examples_distilled partition p (key user id),
+      dead letters -> topics.dead_letters; ServiceStats(component="distill") about every second
+
 Event-time pacing (labels): the source takes the largest valid event time among the last messages per topic
 of each batch (malformed and far-future records do not count) and pauses the topic-partitions more than
 ``labels.pace_slack_s`` ahead of the slowest live one, so feedback read before its impression (the join's
@@ -39,7 +46,8 @@ from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkParti
 from streams import schema
 from streams.bus import kafka_io
 from config import Config
-from streams.flows import join
+from streams.flows import distill, join
+from streams.flows.distill import DistillBatch, DistillOut
 from streams.flows.join import OutBatch
 from streams.flows.routing import part_key
 from streams.flows.stats import StatsBatch, stats_topic
@@ -400,3 +408,186 @@ class _Writer(StatelessSinkPartition[bytes]):
 
     def close(self) -> None:
         kafka_io.flush_all(self.producer, "stats sink", log)
+
+
+# ------------------------------------------------------------------------------------------------ distill
+
+class _DistillReader(StatefulSourcePartition[DistillBatch, dict]):
+    """One consumer on (examples, p) and (teacher_predictions, p); snapshot = next offset per topic.
+
+    No event-time pacing: the join waits by wall clock, not event time. A teacher batch covers many examples
+    in few bytes, so while catching up a backlog the teachers run ahead of their examples; they wait as
+    orphans (as long as ``teacher_wait_s``, at most ``max_pending``)."""
+
+    def __init__(self, cfg: Config, p: int, offsets: dict[str, int] | None, bounded: bool):
+        self.topics = (cfg.topics.examples, cfg.topics.teacher_predictions)
+        self.p, self.bounded, self.batch_size = p, bounded, cfg.labels.batch_size
+        self.next = dict(offsets or {})
+        self.eof = {t: False for t in self.topics}
+        self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "streamrec-distill", cfg.kafka.client,
+                                               **{"enable.partition.eof": True, "fetch.wait.max.ms": 100})
+        self.consumer.assign([kafka_io.TopicPartition(t, p, self.next.get(t, kafka_io.OFFSET_BEGINNING))
+                              for t in self.topics])
+        self.last_emit = 0.0
+
+    def next_batch(self) -> list[DistillBatch]:
+        if self.bounded and all(self.eof.values()):
+            raise StopIteration()
+        msgs, p = [], self.p
+        for m in self.consumer.consume(num_messages=self.batch_size, timeout=0.05):
+            err = m.error()
+            if err is None:
+                msgs.append((m.topic(), p, m.offset(), m.value() or b""))
+                self.next[m.topic()] = m.offset() + 1
+                self.eof[m.topic()] = False
+            elif err.code() == kafka_io.KafkaError._PARTITION_EOF:
+                self.eof[m.topic()] = True
+            else:
+                kafka_io.consumer_error(err, f"distill source partition {p}", log)
+        now = time.monotonic()
+        if not msgs and now - self.last_emit < HEARTBEAT_S:
+            return []
+        self.last_emit = now  # an empty batch at least every HEARTBEAT_S: stats while the input is quiet
+        return [DistillBatch(p, tuple(msgs), int(time.time() * 1000))]
+
+    def snapshot(self) -> dict:
+        return dict(self.next)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class KafkaDistillSource(FixedPartitionedSource[DistillBatch, dict]):
+    """One source partition per partition number of the examples and teacher-predictions topics."""
+
+    def __init__(self, cfg: Config, bounded: bool):
+        self.cfg, self.bounded = cfg, bounded
+        self.keys = {part_key(p, cfg.topics.partitions): p for p in range(cfg.topics.partitions)}
+
+    def list_parts(self) -> list[str]:
+        return list(self.keys)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: dict | None) -> _DistillReader:
+        return _DistillReader(self.cfg, self.keys[for_part], resume_state, self.bounded)
+
+
+def _p50(xs: list[int]) -> float:
+    return float(sorted(xs)[len(xs) // 2]) if xs else 0.0
+
+
+class _DistillStats:
+    """Process-wide totals of every partition, published as ``ServiceStats(component="distill")`` about once a
+    second: counters summed, coverage = with / out, the interval's p50 teacher age and wait."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.lock = cfg, threading.Lock()
+        self.parts: dict[str, tuple[dict, int, int]] = {}
+        self.ages: list[int] = []
+        self.waits: list[int] = []
+        self.last_t, self.last_in = time.monotonic(), 0.0
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+
+    def update(self, key: str, b: DistillOut) -> None:
+        with self.lock:
+            self.parts[key] = (b.counts, b.pending, b.orphans)
+            if len(self.ages) < 4096:
+                self.ages.extend(b.ages_ms)
+            if len(self.waits) < 4096:
+                self.waits.extend(b.waits_ms)
+
+    def values(self) -> dict[str, float]:
+        """The current totals (and the interval's p50s, which this resets)."""
+        with self.lock:
+            names = {k for c, _, _ in self.parts.values() for k in c}
+            names.update((Stat.EXAMPLES_IN, Stat.EXAMPLES_OUT, Stat.EXAMPLES_WITH_TEACHER,
+                          Stat.EXAMPLES_WITHOUT_TEACHER, Stat.TEACHERS_IN, Stat.TEACHERS_LATE, Stat.DEAD_LETTERS))
+            v = {str(k): float(sum(c.get(k, 0) for c, _, _ in self.parts.values())) for k in sorted(names)}
+            v[Stat.PENDING_EXAMPLES] = float(sum(p for _, p, _ in self.parts.values()))
+            v[Stat.PENDING_TEACHERS] = float(sum(o for _, _, o in self.parts.values()))
+            out = v[Stat.EXAMPLES_OUT]
+            v[Stat.TEACHER_COVERAGE] = v[Stat.EXAMPLES_WITH_TEACHER] / out if out else 0.0
+            if self.ages:
+                v[Stat.TEACHER_AGE_P50_MS] = _p50(self.ages)
+            if self.waits:
+                v[Stat.TEACHER_WAIT_P50_MS] = _p50(self.waits)
+            self.ages, self.waits = [], []
+            now = time.monotonic()
+            v[Stat.EXAMPLES_PER_S] = (v[Stat.EXAMPLES_IN] - self.last_in) / max(now - self.last_t, 1e-6)
+            self.last_t, self.last_in = now, v[Stat.EXAMPLES_IN]
+            return v
+
+    def maybe_publish(self, producer, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_t < 1.0:
+            return
+        st = schema.ServiceStats(component=Component.DISTILL, ts=int(time.time() * 1000), values=self.values(),
+                                 instance=self.instance)
+        key = b"distill"
+        kafka_io.produce(producer, self.cfg.topics.service_stats, schema.encode(st), key=key,
+                         partition=kafka_io.partition_for(key, self.cfg.topics.partitions))
+
+
+class _DistillWriter(StatefulSinkPartition[DistillOut, None]):
+    def __init__(self, cfg: Config, key: str, sink: DistillSink):
+        self.cfg, self.key, self.sink = cfg, key, sink
+        self.producer = sink.acquire()
+        self.last_flush = time.monotonic()
+
+    def write_batch(self, values: list[DistillOut]) -> None:
+        t, n, produce = self.cfg.topics, self.cfg.topics.partitions, self.producer.produce
+        for batch in values:
+            for kind, key, p, value in batch.records:
+                topic = t.examples_distilled if kind == distill.EXAMPLE else t.dead_letters
+                try:
+                    produce(topic, value, key, p % n)  # the example's partition number: user-id partitioning kept
+                except BufferError:
+                    kafka_io.produce(self.producer, topic, value, key=key, partition=p % n)
+            self.sink.stats.update(self.key, batch)
+        self.producer.poll(0)
+        with self.sink.lock:
+            self.sink.stats.maybe_publish(self.producer)
+        if time.monotonic() - self.last_flush > 1.0:
+            self.producer.flush(30)
+            self.last_flush = time.monotonic()
+
+    def snapshot(self) -> None:
+        # everything before this epoch's source offsets is delivered before they are saved: at-least-once
+        kafka_io.flush_all(self.producer, f"distill sink {self.key}", log)
+
+    def close(self) -> None:
+        with self.sink.lock:
+            self.sink.stats.maybe_publish(self.producer, force=True)
+        kafka_io.flush_all(self.producer, f"distill sink {self.key}", log)
+        self.producer = None
+        self.sink.release()
+
+
+class DistillSink(FixedPartitionedSink[DistillOut, None]):
+    """examples_distilled (each example to its input partition number, key user id), dead letters, and the
+    flow's ServiceStats; one writer per partition key, one producer per process."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.stats = cfg, _DistillStats(cfg)
+        self.producer, self.users, self.lock = None, 0, threading.Lock()
+        self.keys = [part_key(p, cfg.topics.partitions) for p in range(cfg.topics.partitions)]
+
+    def acquire(self):
+        with self.lock:
+            if self.producer is None:
+                self.producer = kafka_io.make_producer(self.cfg.kafka.bootstrap_servers, self.cfg.kafka.client)
+            self.users += 1
+            return self.producer
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                self.producer = None
+
+    def list_parts(self) -> list[str]:
+        return list(self.keys)
+
+    def part_fn(self, item_key: str) -> int:
+        return sorted(self.keys).index(item_key)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _DistillWriter:
+        return _DistillWriter(self.cfg, for_part, self)

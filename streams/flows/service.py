@@ -1,10 +1,10 @@
 """The dataflows as services: on Kafka, in this process, with Bytewax recovery.
 
-``run_labels`` and ``run_stats`` wire each flow to its Kafka connectors (``streams/flows/connectors.py``)
+``run_labels``, ``run_stats`` and ``run_distill`` wire each flow to its Kafka connectors (``streams/flows/connectors.py``)
 and run it with ``workers`` threads, or as one process of a Bytewax cluster (``process_id``/``addresses``:
 every process runs the same call with its own id; ``addresses[i]`` is ``host:port`` of process ``i``).
 ``epoch_s`` is the snapshot interval (Bytewax's default 10 s): what a crash replays. The commands that start
-them (``streamrec labels``, ``streamrec stats``, and local clusters) are in ``deploy/flows.py``.
+them (``streamrec labels``, ``streamrec stats``, ``streamrec distill``, and local clusters) are in ``deploy/flows.py``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from streams.bus import kafka_io
 from config import NO_BROKER, Config
 from streams.flows import join
-from streams.flows.connectors import (FeatureStatsSink, KafkaExamplesSource, KafkaPartitionsSource, LabelsSink,
-                                      StatsReporter)
+from streams.flows import distill
+from streams.flows.connectors import (DistillSink, FeatureStatsSink, KafkaDistillSource, KafkaExamplesSource,
+                                      KafkaPartitionsSource, LabelsSink, StatsReporter)
 from streams.flows.labels import build_flow
 from streams.flows.stats import build_stats_flow, stats_topic
 
@@ -75,3 +76,18 @@ def run_stats(cfg: Config, *, bounded: bool, recovery_dir: str = "", **run) -> N
     flow = build_stats_flow(KafkaExamplesSource(cfg, bounded), FeatureStatsSink(cfg), partitions=cfg.topics.partitions,
                             report=StatsReporter(cfg))
     run_flow(flow, recovery_dir=recovery_dir, **run)
+
+
+def run_distill(cfg: Config, *, bounded: bool, **run) -> None:
+    """The teacher join (streams/flows/distill.py): ``topics.examples`` + ``topics.teacher_predictions`` ->
+    ``topics.examples_distilled`` (recovery in ``distill.recovery_dir``); ``run``: see :func:`run_flow`."""
+    if not cfg.kafka.bootstrap_servers:
+        raise ValueError(NO_BROKER)
+    dcfg = distill.DistillConfig.from_config(cfg)  # validates the bounds before anything starts
+    t = cfg.topics
+    kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, [t.examples, t.teacher_predictions, t.examples_distilled,
+                                                         t.dead_letters, t.service_stats], t.partitions,
+                           cfg.kafka.client)
+    flow = distill.build_flow(dcfg, KafkaDistillSource(cfg, bounded), DistillSink(cfg), partitions=t.partitions,
+                              bounded=bounded)
+    run_flow(flow, recovery_dir=cfg.distill.recovery_dir, **run)
