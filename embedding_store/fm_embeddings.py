@@ -54,6 +54,7 @@ DEFAULT_CAPACITY = {"user": 200_000, "ad": 50_000}
 FUTURE_SLACK_MS = 300_000  # clocks of the FM's and the VM's machines may differ this much
 AGE_WINDOW = 10_000  # ages of the most recent hits kept for the p50
 _ID_MAX = 2 ** 63
+RMS_ALPHA = 0.05  # weight of a record in the running mean square of the coordinates
 
 
 class FMEmbeddingTable:
@@ -131,6 +132,7 @@ class FMEmbeddingStore:
         self.counters = {"records": 0, "ids_stored": 0, "older_ignored": 0, "expired_on_arrival": 0,
                          "dead_letters": 0, "lookups": 0, "misses": 0, "stale": 0}
         self.newest_version = -1
+        self._ms = {k: None for k in KINDS}  # running mean square per coordinate (see rms())
         self._ages_ms: deque[np.ndarray] = deque()
         self._ages_n = 0
 
@@ -167,6 +169,9 @@ class FMEmbeddingStore:
                 self.counters["expired_on_arrival"] += len(rec.ids)
                 return None
             vecs = np.asarray(rec.vectors, np.float32).reshape(len(rec.ids), self.dim)
+            if len(vecs):
+                ms, old = (vecs.astype(np.float64) ** 2).mean(0), self._ms[rec.kind]
+                self._ms[rec.kind] = ms if old is None else (1 - RMS_ALPHA) * old + RMS_ALPHA * ms
             stored, ignored = self.tables[rec.kind].put(rec.ids, vecs, rec.model_version, rec.ts, stale_before)
             self.counters["ids_stored"] += stored
             self.counters["older_ignored"] += ignored
@@ -200,6 +205,13 @@ class FMEmbeddingStore:
                     self._ages_n -= len(self._ages_ms.popleft())
         vecs[~fresh] = 0.0
         return vecs, fresh
+
+    def rms(self, kind: str) -> np.ndarray | None:
+        """(dim,) the running root mean square of each coordinate of the ``kind`` vectors received (an
+        exponential average over records, weight :data:`RMS_ALPHA`); None before the first."""
+        with self._lock:
+            ms = self._ms[kind]
+        return None if ms is None else np.sqrt(ms).astype(np.float32)
 
     def stats(self) -> dict[str, float]:
         """Counters (since start) and gauges, named ``loopfm_*``; ``age_p50_s`` over the most recent
