@@ -88,27 +88,30 @@ def run_lift(stream: list[schema.Example], fm_tc: TrainerConfig, vm_tc: TrainerC
 
 def main() -> int:
     p = _common.parser("LoopFM lift: a small VM with and without the FM's user/ad vectors as input features")
-    p.add_argument("--n", type=int, default=0, help="impressions (default 60k, --quick 30k)")
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--n", type=int, default=0, help="impressions (default 150k; --quick 60k)")
+    p.add_argument("--domains", default="", help="the VMs' domains, comma-separated, one VM each "
+                                                 "(default feed,stories; --quick feed)")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    n = args.n or (30_000 if args.quick else 60_000)
+    n = args.n or (60_000 if args.quick else 150_000)
+    domains = [d for d in (args.domains or ("feed" if args.quick else "feed,stories")).split(",") if d]
     common = {"device": "cpu", "backend": "torch", "user_model": False, "seed": 0}
     fm_tc = TrainerConfig(**common, embedding_dim=16, hash_buckets=50_000, batch_size=256)
     vm_tc = TrainerConfig(**common, embedding_dim=4, hash_buckets=2_000, batch_size=128)
-    rows = []
-    res = []
-    for seed in range(args.seeds):
+    stream = examples(n, seed=args.seed)
+    rows, res = [], []
+    for dom in domains:
         with _common.timer() as t:
-            r = run_lift(examples(n, seed=seed), fm_tc, vm_tc, ("stories",))
+            r = run_lift(stream, fm_tc, vm_tc, (dom,))
         res.append(r)
-        rows.append((str(seed), f"{r['alone']:.4f}", f"{r['loopfm']:.4f}", f"{r['fm']:.4f}", f"{r['lift_ratio']:.2f}",
-                     f"{r['loopfm_misses'] / max(r['loopfm_lookups'], 1):.2%}", f"{t['s']:.0f}"))
-    lift = float(np.mean([r["lift_ratio"] for r in res]))
-    _common.report("loopfm", rows, ("seed", "VM alone", "VM + LoopFM", "FM", "ratio", "miss", "s"),
-                   value=lift, unit="transfer ratio", baseline=0.0,
-                   vm_auc=float(np.mean([r["alone"] for r in res])),
-                   vm_loopfm_auc=float(np.mean([r["loopfm"] for r in res])),
-                   fm_auc=float(np.mean([r["fm"] for r in res])))
+        rows.append((dom, f"{r['examples']:.0f}", f"{r['alone']:.4f}", f"{r['loopfm']:.4f}", f"{r['fm']:.4f}",
+                     f"{r['lift_ratio']:.2f}", f"{r['loopfm_misses'] / max(r['loopfm_lookups'], 1):.1%}",
+                     f"{t['s']:.0f}"))
+    _common.report("loopfm", rows, ("VM domain", "scored", "VM alone", "VM + LoopFM", "FM", "ratio", "miss", "s"),
+                   value=float(np.mean([r["lift_ratio"] for r in res])), unit="transfer ratio", baseline=0.0,
+                   n=n, seed=args.seed, vm_auc={d: round(r["alone"], 4) for d, r in zip(domains, res)},
+                   vm_loopfm_auc={d: round(r["loopfm"], 4) for d, r in zip(domains, res)},
+                   fm_auc={d: round(r["fm"], 4) for d, r in zip(domains, res)})
     return 0
 
 

@@ -188,7 +188,7 @@ def test_features_of_shapes_and_the_present_flag():
     st.apply(_rec(kind="ad", dim=3, ids=[11], ts=NOW - 59_000, vectors=[1, 1, 1]), NOW)
     imp = make_examples(1)[0].impression
     imps = [msgspec.structs.replace(imp, user_id=u, ad_id=a) for u, a in ((1, 10), (2, 10), (3, 10), (1, 12), (1, 11))]
-    f = FMEmbeddingView(st, standardize=False).features_of(imps, now_ms=NOW + 2000)
+    f = FMEmbeddingView(st).features_of(imps, now_ms=NOW + 2000)
     assert f.shape == (5, 10) and f.dtype == np.float32
     assert f[0].tolist() == [1, 2, 3, 1, 0, 2, 1, 0, 6, 1]
     assert f[1].tolist() == [4, 5, 6, 1, 0, 2, 4, 0, 12, 1]
@@ -292,10 +292,9 @@ def test_vm_looks_up_what_the_fm_published(cfg, tmp_path):
                 if r.model_version >= last.get(j, (-1,))[0]:
                     last[j] = (r.model_version, r.vectors[i * 16:(i + 1) * 16])
     u = exs[0].impression.user_id
-    got = FMEmbeddingView(store, standardize=False).features_of([exs[0].impression])[0, :16]
-    np.testing.assert_allclose(got, last[u][1], rtol=1e-6)
-    # what the VM's model reads: each coordinate over its running RMS
-    np.testing.assert_allclose(vm.learner.loopfm_view.features_of([exs[0].impression])[0, :16],
+    np.testing.assert_allclose(vm.learner.loopfm_view.features_of([exs[0].impression])[0, :16], last[u][1], rtol=1e-6)
+    # standardized: each coordinate over its running RMS
+    np.testing.assert_allclose(FMEmbeddingView(store, standardize=True).features_of([exs[0].impression])[0, :16],
                                np.asarray(last[u][1]) / store.rms("user"), rtol=1e-5)
 
 

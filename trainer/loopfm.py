@@ -183,24 +183,24 @@ class FMEmbeddingView:
     ``features_of(imps) -> (B, 3*dim + 1)`` float32 ``[u_fm, a_fm, u_fm * a_fm, present]``, zeros and
     present 0 where a side is missing or stale; ``stats()``: the store's counters and ``loopfm_age_p50_s``.
 
-    ``standardize`` (default): each coordinate of ``u_fm`` and ``a_fm`` is divided by its running RMS over the
-    vectors the FM published (:meth:`FMEmbeddingStore.rms`) before the product. The first-order coordinates are
-    ~50x the FM factors (measured: mean |x| 0.9-2.0 against 0.02-0.05): unscaled, the VM's layers (Adam,
-    initialised for unit inputs) barely used the factors or their products (``benchmarks/loopfm.py --quick``:
-    transfer ratio 0.08 unscaled, 0.18 standardized).
+    ``standardize``: divide each coordinate of ``u_fm`` and ``a_fm`` by its running RMS over the vectors the FM
+    published (:meth:`FMEmbeddingStore.rms`) before the product. Off by default: the first-order coordinates are
+    ~50x the FM factors (mean |x| 0.9-2.0 against 0.02-0.05), which looked like it would starve the factors, but
+    the raw vectors gave the VM the higher AUC in 6 of 7 runs of ``benchmarks/loopfm.py`` (e.g. feed, 60k:
+    0.6829 raw, 0.6805 standardized, 0.6690 alone): the running scale moves under the VM's weights.
 
     >>> from embedding_store.fm_embeddings import FMEmbeddingStore
     >>> st = FMEmbeddingStore(dim=2, max_age_s=60)
     >>> st.apply(schema.FMEmbeddings(kind="user", model_version=1, ts=1000, dim=2, ids=[7], vectors=[1.0, 2.0]), 1000)
     >>> st.apply(schema.FMEmbeddings(kind="ad", model_version=1, ts=1000, dim=2, ids=[3], vectors=[3.0, 0.5]), 1000)
     >>> imp = schema.Impression(event_id="i", ts=1, user_id=7, ad_id=3, campaign_id=1, advertiser_id=1, domain="feed")
-    >>> FMEmbeddingView(st, standardize=False).features_of([imp], now_ms=2000).tolist()   # [u, a, u * a, present]
+    >>> FMEmbeddingView(st).features_of([imp], now_ms=2000).tolist()   # [u, a, u * a, present]
     [[1.0, 2.0, 3.0, 0.5, 3.0, 1.0, 1.0]]
-    >>> FMEmbeddingView(st).features_of([imp], now_ms=2000).tolist()   # one vector each: every coordinate's RMS
+    >>> FMEmbeddingView(st, standardize=True).features_of([imp], now_ms=2000).tolist()   # one vector each: its RMS
     [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]
     """
 
-    def __init__(self, store, standardize: bool = True):
+    def __init__(self, store, standardize: bool = False):
         self.store = store
         self.dim = store.dim
         self.standardize = standardize
