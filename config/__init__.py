@@ -192,6 +192,11 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     student_adapter: bool = True
     loopfm: bool = False
     loopfm_max_age_s: float = 3600.0
+    # LoopFM (trainer/loopfm.py): the width of the FM's published vectors (an FM publishes embedding_dim +
+    # user_dim with its user model on, embedding_dim without; a VM refuses records of another width), and how
+    # often an FM publishes the users and ads it trained on since (0: after every batch)
+    loopfm_dim: int = 48
+    loopfm_publish_every_s: float = 1.0
     # 0 = as fast as it can; > 0 caps the examples trained per second (averaged from the trainer's start): a
     # deliberately slow trainer, to see backpressure (lag grows, the training_backlog alert fires, memory stays
     # bounded) or to leave cores to other work

@@ -266,6 +266,10 @@ def serving_model(cfg: dict, spec: dict, device: str, backend: str, where: str, 
         tcfg = msgspec.convert({**cfg, "device": device, "backend": backend}, TrainerConfig)
     except msgspec.ValidationError as e:
         raise error(f"{where}: config.json is not a trainer config of this code: {e}") from e
+    if tcfg.loopfm:  # its input holds the FM's vectors (trainer/loopfm.py), which serving does not read
+        raise error(f"{where}: the model was trained with trainer.loopfm (the FM's user/ad vectors as input); "
+                    "serving and offline scoring do not read the FM embedding store: serve a model trained "
+                    "with trainer.loopfm off")
     here = feature_spec(tcfg)
     diff = sorted(k for k in here if spec.get(k) != here[k])
     if diff:

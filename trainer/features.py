@@ -97,6 +97,7 @@ class FeatureBatch:
     click_delay_ms: np.ndarray | None = None
     conversion_delay_ms: np.ndarray | None = None
     user: np.ndarray | None = None  # (B, 2 * user_dim) float32 user-model features (trainer/users/features.py)
+    loopfm: np.ndarray | None = None  # (B, 3 * loopfm_dim + 1) float32 the FM's vectors (trainer/loopfm.py)
 
     @property
     def batch_size(self) -> int:
@@ -111,7 +112,8 @@ class FeatureBatch:
         return TorchBatch(indices=t(self.indices), offsets=t(self.offsets), dense=t(self.dense),
                           domain=t(self.domain), click=t(self.click), conversion=t(self.conversion),
                           weight=t(self.weight), num_tables=self.num_tables, batch_size=self.batch_size,
-                          user=None if self.user is None else t(self.user))
+                          user=None if self.user is None else t(self.user),
+                          loopfm=None if self.loopfm is None else t(self.loopfm))
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class TorchBatch:
     num_tables: int
     batch_size: int
     user: object = None
+    loopfm: object = None
 
 
 DENSE_LINEAR_RANGE = 3.0
@@ -192,18 +195,26 @@ def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig
     return indices, offsets, dense, domain
 
 
-def impression_batch(imps: Sequence[schema.Impression], tcfg: TrainerConfig, device, users=None) -> "TorchBatch":
+def impression_batch(imps: Sequence[schema.Impression], tcfg: TrainerConfig, device, users=None,
+                     loopfm=None) -> "TorchBatch":
     """Impressions to score (no labels): the :class:`TorchBatch` a model's forward takes, on ``device``, with the
-    user-model input from ``users`` (:func:`user_features`). Labels and weights are zeros."""
+    user-model input from ``users`` (:func:`user_features`) and the LoopFM input from ``loopfm``
+    (:func:`loopfm_features`; required when ``tcfg.loopfm``: ValueError without). Labels and weights are zeros."""
     import torch
 
+    if tcfg.loopfm and loopfm is None:
+        raise ValueError("this model reads LoopFM features (trainer.loopfm: the FM's user and ad vectors), which "
+                         "need the FM embedding store; scoring it without one (serving, offline scoring) is not "
+                         "supported: serve a model trained with trainer.loopfm off")
     idx, off, dense, dom = featurize_impressions(imps, tcfg)
     user = user_features(imps, tcfg, users)
+    lf = loopfm_features(imps, tcfg, loopfm)
     zeros = torch.zeros(len(imps), device=device)
     return TorchBatch(indices=torch.from_numpy(idx).to(device), offsets=torch.from_numpy(off).to(device),
                       dense=torch.from_numpy(dense).to(device), domain=torch.from_numpy(dom).to(device),
                       click=zeros, conversion=zeros, weight=zeros, num_tables=0, batch_size=len(imps),
-                      user=None if user is None else torch.from_numpy(user).to(device))
+                      user=None if user is None else torch.from_numpy(user).to(device),
+                      loopfm=None if lf is None else torch.from_numpy(lf).to(device))
 
 
 def _delays(fb_ts: Sequence[int | None], imp_ts: np.ndarray) -> np.ndarray:
@@ -221,9 +232,19 @@ def user_features(imps: Sequence[schema.Impression], tcfg: TrainerConfig, users=
     return users.features_of(imps)
 
 
-def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=None) -> FeatureBatch:
+def loopfm_features(imps: Sequence[schema.Impression], tcfg: TrainerConfig, view=None) -> np.ndarray | None:
+    """A VM's LoopFM input (B, 3 * loopfm_dim + 1): from ``view`` (a :class:`trainer.loopfm.FMEmbeddingView`),
+    zeros (present = 0) without one; None when ``tcfg.loopfm`` is off."""
+    if not tcfg.loopfm:
+        return None
+    if view is None:
+        return np.zeros((len(imps), 3 * tcfg.loopfm_dim + 1), np.float32)
+    return view.features_of(imps)
+
+
+def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=None, loopfm=None) -> FeatureBatch:
     """Examples -> :class:`FeatureBatch` (domains must be known: ``schema.decode`` guarantees it);
-    ``users``: see :func:`user_features`."""
+    ``users``: see :func:`user_features`; ``loopfm``: see :func:`loopfm_features`."""
     from trainer.delay import DECIDED_INDEX, late_kind
 
     imps = [e.impression for e in examples]
@@ -244,4 +265,4 @@ def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=Non
         late=np.fromiter(map(late_kind, ids), dtype=np.int8, count=b),
         click_delay_ms=_delays([e.click_ts for e in examples], event_ts),
         conversion_delay_ms=_delays([e.conversion_ts for e in examples], event_ts),
-        user=user_features(imps, tcfg, users))
+        user=user_features(imps, tcfg, users), loopfm=loopfm_features(imps, tcfg, loopfm))

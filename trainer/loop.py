@@ -54,6 +54,7 @@ from streams.names import Stat, Step
 from trainer import checkpoint
 from trainer.export import export
 from trainer.features import featurize
+from trainer.loopfm import LoopFM
 from trainer.model import Learner
 from trainer.publish import Publisher
 from trainer.telemetry import Throughput, service_stats
@@ -112,6 +113,8 @@ class Trainer:
         self.users = user_worker(cfg) if self.tc.user_model else None
         if self.users is not None:
             self.learner.user_view = self.users.view
+        # FM: publishes its user/ad vectors; loopfm on: reads them (learner.loopfm_view); trainer/loopfm.py
+        self.loopfm = LoopFM.for_trainer(cfg, self.learner)
         self.offsets: dict[tuple[str, int], int] = {}
         # plain str keys (a Stat indexes them alike): checkpoints load with torch's weights_only unpickler
         self.counters = {k.value: 0 for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS,
@@ -223,11 +226,11 @@ class Trainer:
             if other:
                 good = [ex for ex in good if ex.impression.arm == self.tc.arm]
                 self.counters[Stat.EXAMPLES_OTHER_ARM] += len(other)
-                ofb = featurize(other, self.tc, self.learner.user_view)
+                ofb = featurize(other, self.tc, self.learner.user_view, self.learner.loopfm_view)
                 self._publish_predictions(ofb, other, *self.learner.score(ofb), src)
         if not good:
             return 0
-        fb = featurize(good, self.tc, self.learner.user_view)
+        fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view)
         self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
             fb, good, p_click, p_conv, src))
         self._last_step_ms = int(time.time() * 1000)
@@ -238,6 +241,8 @@ class Trainer:
         self.newest_event_ts = max(self.newest_event_ts, int(fb.event_ts.max()))
         if self.users is not None:  # the user model learns from the batch after the ranker did
             self.users.submit(good)
+        if self.loopfm is not None:  # an FM: the batch's users and ads as it sees them after the update
+            self.loopfm.after_step([ex.impression for ex in good])
         self._stats.add(fb.event_ts, int(time.time() * 1000), fb.emitted_ts)
         return len(good)
 
@@ -300,6 +305,8 @@ class Trainer:
         consumer = kafka_io.make_consumer(bs, _GROUP, cfg.kafka.client)
         topic = self.input_topic()
         consumer.assign(kafka_io.topic_partitions([topic], cfg.topics.partitions, self.offsets))
+        if self.loopfm is not None:
+            self.loopfm.start(self.producer)
         self._stats = Throughput()
         log.info("training on %s (%d partitions, role %s), backend=%s device=%s batch=%d, checkpoints in %s",
                  topic, cfg.topics.partitions, tc.role, self.learner.backend, self.learner.device,
@@ -321,6 +328,8 @@ class Trainer:
                 if msgs:
                     self._pace(now, self.process(msgs))
                 self.producer.poll(0)
+                if self.loopfm is not None:
+                    self.loopfm.tick()
                 done = self.counters["examples_trained"] - start_n
                 if (self.counters["examples_trained"] - self._last_ckpt_n >= tc.checkpoint_every_examples
                         or (now - self._last_ckpt_t >= tc.checkpoint_every_s and self._dirty())):
@@ -339,6 +348,8 @@ class Trainer:
                 if idle_exit_s is not None and now - last_msg >= idle_exit_s:
                     log.info("no examples for %.1fs (--idle-exit); stopping", idle_exit_s)
                     break
+            if self.loopfm is not None:
+                self.loopfm.tick(force=True)
             self.checkpoint()
             if self._publish_due(float("inf")):  # the last steps reach serving too
                 self.publish()
@@ -349,6 +360,8 @@ class Trainer:
             kafka_io.flush_all(self.producer, "trainer", log)
             if self.users is not None:
                 self.users.close()
+            if self.loopfm is not None:
+                self.loopfm.close()
             torch.set_num_threads(threads)  # the process's setting again (in-process callers: tests, benchmarks)
         return dict(self.counters)
 

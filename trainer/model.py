@@ -7,6 +7,7 @@ Architecture (B examples, T tables of D dims, ``dense_dim`` dense values, ``N_DO
     dense      --------------------> (B, dd)  -+-- concat x0 (B, F)
     domain     --nn.Embedding------> (B, 8)   -+
     user model --[u, u * v_ad]-----> (B, 2du) -+   (when trainer.users.model; trainer/users/features.py)
+    LoopFM --[u, a, u * a, present]> (B, 3d+1) -+  (when trainer.loopfm: the FM's vectors; trainer/loopfm.py)
     x_{l+1} = x0 * (W_l x_l + b_l) + x_l, l < N_CROSS       DCNv2 cross layers (full rank), shared
     h  = relu(bottom(x)) (B, 128)                           shared bottom
     e  = relu(experts(h)) (B, E, 64)                        shared experts (MMoE)
@@ -71,7 +72,8 @@ class MDMOModel(nn.Module):
                                    tcfg.lr_sparse, device, fiited=tcfg.fiited)
         self.domain_emb = nn.Embedding(self.n_dom, DOMAIN_DIM, device=device)
         self.user_in = 2 * tcfg.user_dim if tcfg.user_model else 0  # [u, u * v_ad] (trainer/users/features.py)
-        f = self.num_tables * tcfg.embedding_dim + tcfg.dense_dim + DOMAIN_DIM + self.user_in
+        self.loopfm_in = 3 * tcfg.loopfm_dim + 1 if tcfg.loopfm else 0  # [u_fm, a_fm, u_fm * a_fm, present]
+        f = self.num_tables * tcfg.embedding_dim + tcfg.dense_dim + DOMAIN_DIM + self.user_in + self.loopfm_in
         self.cross = nn.ModuleList(nn.Linear(f, f, device=device) for _ in range(N_CROSS))
         self.bottom = nn.Linear(f, BOTTOM, device=device)
         self.experts = nn.Linear(BOTTOM, N_EXPERTS * EXPERT_DIM, device=device)
@@ -96,6 +98,8 @@ class MDMOModel(nn.Module):
         parts = [self.emb(b.indices, b.offsets), b.dense, self.domain_emb(b.domain)]
         if self.user_in:
             parts.append(b.user if b.user is not None else b.dense.new_zeros(b.dense.shape[0], self.user_in))
+        if self.loopfm_in:
+            parts.append(b.loopfm if b.loopfm is not None else b.dense.new_zeros(b.dense.shape[0], self.loopfm_in))
         x0 = torch.cat(parts, dim=1)
         x = x0
         for c in self.cross:
@@ -191,6 +195,8 @@ class Learner:
         self.delays = {"click": delay.DelayHistogram(), "conversion": delay.DelayHistogram()}
         # the user model's vectors the ranker reads (trainer/users/features.UserVectors), when tcfg.user_model
         self.user_view = None
+        # the FM's user/ad vectors a VM reads (trainer/loopfm.FMEmbeddingView), when tcfg.loopfm
+        self.loopfm_view = None
 
     def loss_weights(self, fb: FeatureBatch, p_click: np.ndarray, p_ctcvr: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray | None]:

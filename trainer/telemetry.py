@@ -70,6 +70,9 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
         values.update(report())
     if trainer.users is not None:
         values.update(trainer.users.stats())
+    loopfm = getattr(trainer, "loopfm", None)  # LoopFM: an FM's published ids; a VM's lookups, misses, stale, age
+    if loopfm is not None:
+        values.update(loopfm.stats())
     publisher = getattr(trainer, "publisher", None)  # published_seq, publish_bytes, publish_s, delta_fraction
     if publisher is not None:
         values.update(publisher.stats())
