@@ -33,7 +33,8 @@ AUC; per domain and pooled (all VMs' predictions together). Last line: ``value``
 best combination available (aux head + adapter), stationary; ``kd_ratio`` beside it; after the drift
 ``drift_adapter_minus_kd`` (click AUC points); ``loopfm_vs_kd`` and ``solaris_hit_rate`` null until those exist.
 
-    streamrec bench transfer [--quick] [--n 300000] [--lag 4096] [--teacher-weight 1.0] [--seed 0]
+    streamrec bench transfer [--quick] [--n 200000] [--lag 4096] [--teacher-weight 1.0] [--seed 0]
+    streamrec bench transfer --quick --runs stationary,sudden-levels
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ TRUTH = TruthParams(base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "sear
                     base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1},
                     domain_share={"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05})
 WORLD = {"n_users": 3000, "n_ads": 300, "truth": TRUTH, "domains": DOMAINS}
-SEEDS = {"stationary": 21, "sudden": 22}
+SEEDS = {"stationary": 21, "sudden": 22, "sudden-levels": 23}
 # the FM: the whole stream, bigger tables, every feature (trainer.roles' fm preset, scaled to a CPU minute)
 FM = TrainerConfig(role="fm", batch_size=BATCH, device="cpu", user_model=False, hash_buckets=50_000,
                    embedding_dim=16, history_len=8, cat_slots=4)
@@ -145,7 +146,7 @@ def ratio(v: float, alone: float, fm: float) -> float:
 
 
 def run(name: str, n: int, lag: int, teacher_weight: float, seed: int, log: Callable[[str], None]) -> dict:
-    sc = ScenarioConfig(name="sudden", at=0.5) if name == "sudden" else ScenarioConfig()
+    sc = ScenarioConfig(name=name, at=0.5) if name != "stationary" else ScenarioConfig()
     sim = simulate(GeneratorConfig(n_impressions=n, seed=SEEDS[name] + seed, scenario=sc, **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     mask = truth["ts"] >= np.median(truth["ts"])  # second half: after the drift in `sudden`
@@ -180,19 +181,24 @@ def table(name: str, res: dict, rows: list) -> dict[str, dict[str, float]]:
 
 def main() -> int:
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=None, help="impressions per run (default 300000, quick 60000)")
+    p.add_argument("--n", type=int, default=None, help="impressions per run (default 200000, quick 20000)")
     p.add_argument("--lag", type=int, default=None,
-                   help="examples the FM trails the stream by (default 4096, quick 2048; rounded to batches)")
+                   help="examples the FM trails the stream by (default 4096, quick 1024; rounded to batches)")
     p.add_argument("--teacher-weight", type=float, default=1.0, help="weight of the distillation loss (default 1)")
     p.add_argument("--seed", type=int, default=0, help="added to each run's generator seed (default 0)")
-    p.add_argument("--runs", default="stationary,sudden", help="which runs (default stationary,sudden)")
+    p.add_argument("--runs", default="stationary,sudden",
+                   help="which runs, of stationary, sudden, sudden-levels (default stationary,sudden)")
     a = p.parse_args()
-    n = a.n or (60_000 if a.quick else 300_000)
-    lag = a.lag if a.lag is not None else (2048 if a.quick else 4096)
+    n = a.n or (20_000 if a.quick else 200_000)
+    lag = a.lag if a.lag is not None else (1024 if a.quick else 4096)
+    runs = a.runs.split(",")
+    unknown = [r for r in runs if r not in SEEDS]
+    if unknown:
+        p.error(f"--runs: unknown {', '.join(unknown)} (known: {', '.join(SEEDS)})")
     t0 = time.perf_counter()
     rows: list[tuple[str, ...]] = []
     out: dict = {}
-    for name in a.runs.split(","):
+    for name in runs:
         res = run(name, n, lag, a.teacher_weight, a.seed, lambda s: print(s, file=sys.stderr, flush=True))
         out[name] = (res, table(name, res, rows))
     print(f"{n} impressions per run, {WORLD['n_users']} users, {WORLD['n_ads']} ads, FM lag {lag} examples, "
@@ -211,12 +217,16 @@ def main() -> int:
     st = "stationary" if "stationary" in out else next(iter(out))
     value = r(st, ALL_TOGETHER)
     kd = r(st, "+ plain KD")
-    drift = (None if "sudden" not in out else
-             round(100 * (auc("sudden", ALL_TOGETHER) - auc("sudden", "+ plain KD")), 2))
+    drift_run = next((x for x in ("sudden", "sudden-levels") if x in out), None)
+    drift = (None if drift_run is None else
+             round(100 * (auc(drift_run, ALL_TOGETHER) - auc(drift_run, "+ plain KD")), 2))
     report("transfer", rows, ("run", "domain", "model", "AUC click", "vs VM alone (pts)", "transfer ratio"),
-           value=value if value is not None else float("nan"), unit="transfer ratio (pooled click AUC)",
+           # value 0 with value_defined false where the FM gained nothing over the VM (no ratio; JSON has no NaN)
+           value=value if value is not None else 0.0, value_defined=value is not None,
+           unit="transfer ratio (pooled click AUC)",
            baseline=0.5, kd_ratio=kd, aux_ratio=r(st, "+ aux head"),
-           drift_ratio_all=r("sudden", ALL_TOGETHER), drift_ratio_kd=r("sudden", "+ plain KD"),
+           drift_run=drift_run, drift_ratio_all=r(drift_run, ALL_TOGETHER) if drift_run else None,
+           drift_ratio_kd=r(drift_run, "+ plain KD") if drift_run else None,
            drift_adapter_minus_kd=drift, fm_auc=auc(st, "FM itself"), vm_alone_auc=auc(st, "VM alone"),
            loopfm_vs_kd=None, solaris_hit_rate=None, n=n, lag=lag, teacher_weight=a.teacher_weight, seed=a.seed)
     return 0

@@ -84,7 +84,13 @@ STALE_SCALE = 8.0  # staleness features: log1p(age s) / 8, log1p(version gap) / 
 
 class AuxHead(nn.Module):
     """The auxiliary (distillation) head: per-objective weights over the shared towers, a bias and per-domain
-    biases, like the serving head's but its own. Trained only by the distillation loss."""
+    biases, like the serving head's but its own, plus the shared shortcut terms (wide + FM off the embeddings,
+    the dense linear term). Trained only by the distillation loss.
+
+    The shortcuts are where this model learns most at small data, so they are where the teacher's knowledge
+    reaches the serving head: with them detached from the auxiliary head (the teacher shaping only the deep
+    towers) ``bench transfer`` measured no transfer at all (pooled ratio -0.04 against +0.13 with them).
+    """
 
     def __init__(self, n_dom: int, device: torch.device):
         super().__init__()
