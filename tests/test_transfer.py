@@ -195,3 +195,34 @@ def test_role_presets_and_vm_domains():
     assert {e.impression.domain for e in kept_exs} == {"search"} and skipped == 50 - len(kept_exs) > 0
     assert vm_filter(fm, exs) == (exs, 0) and serves(fm, "feed") and not serves(vm, "feed")
     Learner(msgspec.structs.replace(vm, device="cpu", hash_buckets=1000))  # the preset builds a model
+
+
+def test_sudden_levels_is_sudden_plus_per_domain_level_jumps():
+    from streams.sources.generate import GeneratorConfig, simulate
+    from streams.sources.scenarios import ScenarioConfig
+
+    def logits(name):
+        sim = simulate(GeneratorConfig(n_impressions=3000, seed=4, scenario=ScenarioConfig(name=name, at=0.5)))
+        p = sim.truth.column("p_click").to_numpy()
+        return np.log(p / (1 - p)), sim
+
+    base, sim = logits("sudden")
+    lev, sim2 = logits("sudden-levels")
+    assert sim.truth.column("impression_id").to_pylist() == sim2.truth.column("impression_id").to_pylist()
+    dom = np.array([sim.config.domains.index(d) for d in sim.truth.column("domain").to_pylist()])
+    ts = sim.truth.column("ts").to_numpy()
+    after = (ts - ts[0]) / (ts[-1] - ts[0]) >= 0.5
+    want = np.where(after, 0.7 * np.where(dom % 2 == 0, 1.0, -1.0), 0.0)
+    np.testing.assert_allclose(lev - base, want, atol=1e-6)
+
+
+def test_bench_transfer_runs_end_to_end_on_a_tiny_stream():
+    from benchmarks import transfer
+
+    res = transfer.run("stationary", 2000, 256, 1.0, 0, lambda s: None)
+    assert {"FM itself", "VM alone", "+ plain KD", transfer.ALL_TOGETHER} <= set(res)
+    assert all(0.3 < res[m]["pooled"] < 1.0 for m in res)
+    rows: list = []
+    ratios = transfer.table("stationary", res, rows)
+    assert len(rows) == len(res) * 6 and set(ratios["+ plain KD"]) == {"pooled", *transfer.DOMAINS}
+    assert transfer.loopfm_variant() is None  # the LoopFM hook, filled on branch fm-loop
