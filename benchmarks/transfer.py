@@ -29,7 +29,8 @@ by all domains, so the FM learns each user from all of their traffic while a VM 
 history). The oracle is the generator's true probability of each impression.
 
 Headline: the **transfer ratio** of a VM variant = (its AUC - VM alone's) / (the FM's AUC - VM alone's), click
-AUC; per domain and pooled (all VMs' predictions together). Last line: ``value`` = pooled transfer ratio of the
+AUC; per domain and pooled (all VMs' predictions together). Click NE beside it (calibration counts there: what
+ExFM's auxiliary head protects). Last line: ``value`` = pooled transfer ratio of the
 best combination available (aux head + adapter), stationary; ``kd_ratio`` beside it; after the drift
 ``drift_adapter_minus_kd`` (click AUC points); ``loopfm_vs_kd`` and ``solaris_hit_rate`` null until those exist.
 
@@ -50,7 +51,7 @@ from benchmarks._common import parser, report
 from benchmarks._simulated import example_stream, truth_arrays
 from config import TrainerConfig
 from streams import schema
-from streams.metrics import roc_auc
+from streams.metrics import normalized_entropy, roc_auc
 from streams.sources.generate import GeneratorConfig, TruthParams, simulate
 from streams.sources.scenarios import ScenarioConfig
 from trainer.features import featurize
@@ -133,10 +134,13 @@ def vm_pass(taught: list[schema.Example], n: int, overrides: dict, teacher_weigh
 
 
 def aucs(truth: dict, p: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    out = {"pooled": roc_auc(truth["click"][mask], p[mask])}
+    """Click AUC under ``"pooled"`` and each domain's name, click NE under ``"ne_" + the same``."""
+    out = {"pooled": roc_auc(truth["click"][mask], p[mask]),
+           "ne_pooled": normalized_entropy(truth["click"][mask], p[mask])}
     for d in DOMAINS:
         m = mask & (truth["domain"] == d)
         out[d] = roc_auc(truth["click"][m], p[m])
+        out["ne_" + d] = normalized_entropy(truth["click"][m], p[m])
     return out
 
 
@@ -172,10 +176,10 @@ def table(name: str, res: dict, rows: list) -> dict[str, dict[str, float]]:
     ratios: dict[str, dict[str, float]] = {}
     for model, a in res.items():
         is_vm = model.startswith("+")
-        ratios[model] = {d: ratio(a[d], alone[d], fm[d]) for d in a} if is_vm else {}
+        ratios[model] = {d: ratio(a[d], alone[d], fm[d]) for d in ("pooled", *DOMAINS)} if is_vm else {}
         for d in ("pooled", *DOMAINS):
             r = f"{ratios[model][d]:.2f}" if is_vm and ratios[model][d] == ratios[model][d] else ""
-            rows.append((name, d, model, f"{a[d]:.4f}", f"{100 * (a[d] - alone[d]):+.2f}", r))
+            rows.append((name, d, model, f"{a[d]:.4f}", f"{100 * (a[d] - alone[d]):+.2f}", r, f"{a['ne_' + d]:.4f}"))
     return ratios
 
 
@@ -220,14 +224,21 @@ def main() -> int:
     drift_run = next((x for x in ("sudden", "sudden-levels") if x in out), None)
     drift = (None if drift_run is None else
              round(100 * (auc(drift_run, ALL_TOGETHER) - auc(drift_run, "+ plain KD")), 2))
-    report("transfer", rows, ("run", "domain", "model", "AUC click", "vs VM alone (pts)", "transfer ratio"),
+    def ne(run_name: str, variant: str) -> float | None:
+        return round(out[run_name][0][variant]["ne_pooled"], 4) if run_name in out else None
+
+    report("transfer", rows, ("run", "domain", "model", "AUC click", "vs VM alone (pts)", "transfer ratio",
+                              "NE click"),
            # value 0 with value_defined false where the FM gained nothing over the VM (no ratio; JSON has no NaN)
            value=value if value is not None else 0.0, value_defined=value is not None,
            unit="transfer ratio (pooled click AUC)",
            baseline=0.5, kd_ratio=kd, aux_ratio=r(st, "+ aux head"),
            drift_run=drift_run, drift_ratio_all=r(drift_run, ALL_TOGETHER) if drift_run else None,
            drift_ratio_kd=r(drift_run, "+ plain KD") if drift_run else None,
-           drift_adapter_minus_kd=drift, fm_auc=auc(st, "FM itself"), vm_alone_auc=auc(st, "VM alone"),
+           drift_adapter_minus_kd=drift,
+           drift_ne_kd=ne(drift_run, "+ plain KD") if drift_run else None,
+           drift_ne_all=ne(drift_run, ALL_TOGETHER) if drift_run else None,
+           drift_ne_alone=ne(drift_run, "VM alone") if drift_run else None, fm_auc=auc(st, "FM itself"), vm_alone_auc=auc(st, "VM alone"),
            loopfm_vs_kd=None, solaris_hit_rate=None, n=n, lag=lag, teacher_weight=a.teacher_weight, seed=a.seed)
     return 0
 
