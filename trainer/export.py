@@ -78,8 +78,9 @@ def version_name(steps: int) -> str:
 
 
 def dense_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the model's parameters and buffers except the sparse embeddings (``emb.*``)."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("emb.")}
+    """A CPU copy of the model's parameters and buffers except the sparse embeddings (``emb.*``) and the
+    training-only auxiliary distillation head (``aux.*``, trainer/model.py): what serving loads."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(("emb.", "aux."))}
 
 
 def tensor_bytes(obj) -> bytes:

@@ -78,6 +78,12 @@ class FeatureBatch:
     click / conversion / weight (B,) float32, event_ts / emitted_ts (B,) int64, example_ids / domains: lists;
     decided (B,) int8 (:data:`trainer.delay.DECIDED` code), late (B,) int8 (:func:`trainer.delay.late_kind`),
     click_delay_ms / conversion_delay_ms (B,) int64: feedback ts - impression ts, -1 where absent.
+
+    Teacher columns (foundation-model distillation, docs/transfer.md), None when no example of the batch has a
+    teacher (:attr:`~streams.schema.Example.teacher`): ``has_teacher`` (B,) float32 1/0, ``teacher_p_click`` and
+    ``teacher_p_conversion`` (B,) float32 (0 where absent), ``teacher_age_s`` (B,) float32: how far apart the
+    FM's scoring and the example's emission are, ``|scored_ts - emitted_ts|`` in seconds (the FM's lag behind the
+    stream; 0 where absent), ``teacher_version`` (B,) int64: the FM's ``model_version`` (-1 where absent).
     """
 
     indices: np.ndarray
@@ -98,6 +104,11 @@ class FeatureBatch:
     conversion_delay_ms: np.ndarray | None = None
     user: np.ndarray | None = None  # (B, 2 * user_dim) float32 user-model features (trainer/users/features.py)
     loopfm: np.ndarray | None = None  # (B, 3 * loopfm_dim + 1) float32 the FM's vectors (trainer/loopfm.py)
+    has_teacher: np.ndarray | None = None
+    teacher_p_click: np.ndarray | None = None
+    teacher_p_conversion: np.ndarray | None = None
+    teacher_age_s: np.ndarray | None = None
+    teacher_version: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -113,7 +124,11 @@ class FeatureBatch:
                           domain=t(self.domain), click=t(self.click), conversion=t(self.conversion),
                           weight=t(self.weight), num_tables=self.num_tables, batch_size=self.batch_size,
                           user=None if self.user is None else t(self.user),
-                          loopfm=None if self.loopfm is None else t(self.loopfm))
+                          loopfm=None if self.loopfm is None else t(self.loopfm),
+                          **({} if self.has_teacher is None else {
+                              "has_teacher": t(self.has_teacher), "teacher_p_click": t(self.teacher_p_click),
+                              "teacher_p_conversion": t(self.teacher_p_conversion),
+                              "teacher_age_s": t(self.teacher_age_s)}))
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,10 @@ class TorchBatch:
     batch_size: int
     user: object = None
     loopfm: object = None
+    has_teacher: object = None  # the teacher columns of the FeatureBatch (B,) float32, None when it has none
+    teacher_p_click: object = None
+    teacher_p_conversion: object = None
+    teacher_age_s: object = None
 
 
 DENSE_LINEAR_RANGE = 3.0
@@ -265,4 +284,31 @@ def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=Non
         late=np.fromiter(map(late_kind, ids), dtype=np.int8, count=b),
         click_delay_ms=_delays([e.click_ts for e in examples], event_ts),
         conversion_delay_ms=_delays([e.conversion_ts for e in examples], event_ts),
-        user=user_features(imps, tcfg, users), loopfm=loopfm_features(imps, tcfg, loopfm))
+        user=user_features(imps, tcfg, users), loopfm=loopfm_features(imps, tcfg, loopfm),
+        **teacher_columns(examples))
+
+
+def teacher_columns(examples: Sequence[schema.Example]) -> dict[str, np.ndarray]:
+    """The :class:`FeatureBatch` teacher columns of ``examples`` (empty when none has a teacher).
+
+    >>> from streams import schema
+    >>> imp = schema.Impression(event_id="i1", ts=1, user_id=1, ad_id=1, campaign_id=1, advertiser_id=1, domain="feed")
+    >>> t = schema.Teacher(p_click=0.2, p_conversion=0.05, model_version=7, scored_ts=4000)
+    >>> cols = teacher_columns([schema.Example("a", imp, 0, 0, emitted_ts=1000, teacher=t), schema.Example("b", imp, 1, 0)])
+    >>> cols["has_teacher"].tolist(), cols["teacher_age_s"].tolist(), cols["teacher_version"].tolist()
+    ([1.0, 0.0], [3.0, 0.0], [7, -1])
+    >>> teacher_columns([schema.Example("b", imp, 1, 0)])
+    {}
+    """
+    ts = [e.teacher for e in examples]
+    if all(t is None for t in ts):
+        return {}
+    b = len(examples)
+    has = np.fromiter((t is not None for t in ts), dtype=np.float32, count=b)
+    pc = np.fromiter((0.0 if t is None else t.p_click for t in ts), dtype=np.float32, count=b)
+    pv = np.fromiter((0.0 if t is None else t.p_conversion for t in ts), dtype=np.float32, count=b)
+    age = np.fromiter((0.0 if t is None else abs(t.scored_ts - e.emitted_ts) / 1000.0
+                       for t, e in zip(ts, examples)), dtype=np.float32, count=b)
+    ver = np.fromiter((-1 if t is None else t.model_version for t in ts), dtype=np.int64, count=b)
+    return {"has_teacher": has, "teacher_p_click": pc, "teacher_p_conversion": pv, "teacher_age_s": age,
+            "teacher_version": ver}

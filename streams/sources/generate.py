@@ -296,6 +296,8 @@ def _truth(g: GeneratorConfig, w: _World, dom: np.ndarray, user: np.ndarray, ad:
     t, sc = g.truth, g.scenario
     user_lat, ad_lat, ad_bias = _tastes(sc, w, user, ad, progress)
     season = scenarios.season_logit(sc, (ts - g.start_ts) / 1000.0)
+    if sc.name == "sudden-levels":  # per-domain level jumps (zero for every other scenario: left out of them)
+        season = season + scenarios.level_logit(sc, progress, dom)
     affinity = np.einsum("nk,nk->n", user_lat, ad_lat)
     base_ctr = np.array([_logit(t.base_ctr[d]) for d in g.domains])[dom]
     base_cvr = np.array([_logit(t.base_cvr[d]) for d in g.domains])[dom]

@@ -14,6 +14,11 @@ seasonal        click and conversion log-odds follow ``amplitude * sin(2 pi * el
                 cycle by default; shorten ``period_s`` to see several cycles in a short run)
 new-ad-surge    at progress ``at`` a batch of ``surge_ads`` x n_ads new ads is born, takes ``surge_share`` of
                 the traffic from then on, and is ``surge_bias`` log-odds more clickable (cold start)
+sudden-levels   ``sudden``'s rotation at ``at``, and at the same moment every domain's click and conversion log-odds
+                jump by ``level_shift`` times +1, -1, +1, ... (domains in the run's order): a change of the
+                surfaces' levels (a redesign, a policy change) on top of the change of tastes; a model trained
+                before it is miscalibrated per domain as well as mis-ranked (bench transfer: what the student
+                adapter can correct in a stale teacher)
 interest-shift  each user's taste vector jumps to a fresh one at the user's own moment (uniform in 10-90% of
                 the run): per-user drift that only the user's recent engagements reveal (the impressions'
                 ``history`` field stays the old taste's)
@@ -45,7 +50,8 @@ import math
 import msgspec
 import numpy as np
 
-SCENARIOS: tuple[str, ...] = ("none", "gradual", "sudden", "seasonal", "new-ad-surge", "interest-shift")
+SCENARIOS: tuple[str, ...] = ("none", "gradual", "sudden", "seasonal", "new-ad-surge", "interest-shift",
+                              "sudden-levels")
 DELAY_MODELS: tuple[str, ...] = ("short", "calibrated")
 DAY_S = 86_400.0
 MAX_DELAY_S = 30 * DAY_S  # Criteo's 30-day attribution window (Chapelle 2014)
@@ -59,13 +65,14 @@ class ScenarioConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A drift scenario and its parameters (each used only by the scenarios named in its comment)."""
 
     name: str = "none"
-    angle: float = math.pi / 2  # gradual, sudden: rotation of the ad taste vectors (radians)
-    at: float = 0.5  # sudden, new-ad-surge: progress of the run (0..1) when it happens
+    angle: float = math.pi / 2  # gradual, sudden, sudden-levels: rotation of the ad taste vectors (radians)
+    at: float = 0.5  # sudden, sudden-levels, new-ad-surge: progress of the run (0..1) when it happens
     amplitude: float = 0.6  # seasonal: log-odds amplitude
     period_s: float = DAY_S  # seasonal: cycle length in event-time seconds
     surge_ads: float = 0.1  # new-ad-surge: new ads, as a fraction of n_ads
     surge_share: float = 0.5  # new-ad-surge: share of the traffic the new ads take
     surge_bias: float = 0.5  # new-ad-surge: extra click log-odds of the new ads
+    level_shift: float = 0.7  # sudden-levels: the jump of each domain's log-odds (alternating signs)
 
     def __post_init__(self) -> None:
         if self.name not in SCENARIOS:
@@ -111,9 +118,23 @@ def taste_angle(sc: ScenarioConfig, t: np.ndarray) -> np.ndarray:
     """Rotation (radians) of the ad taste vectors at progress ``t``; shape (n,)."""
     if sc.name == "gradual":
         return sc.angle * t
-    if sc.name == "sudden":
+    if sc.name in ("sudden", "sudden-levels"):
         return np.where(t >= sc.at, sc.angle, 0.0)
     return np.zeros_like(t)
+
+
+def level_logit(sc: ScenarioConfig, t: np.ndarray, domain: np.ndarray) -> np.ndarray:
+    """Additive log-odds of ``sudden-levels`` at progress ``t`` for domain indices ``domain`` (the run's domain
+    order): ``level_shift * (+1, -1, +1, ...)[domain]`` from ``at`` on, else 0; shape (n,).
+
+    >>> level_logit(ScenarioConfig(name="sudden-levels", level_shift=0.5), np.array([0.2, 0.6, 0.6]),
+    ...             np.array([0, 0, 1])).tolist()
+    [0.0, 0.5, -0.5]
+    """
+    if sc.name != "sudden-levels":
+        return np.zeros_like(t, dtype=np.float64)
+    sign = np.where(domain % 2 == 0, 1.0, -1.0)
+    return np.where(t >= sc.at, sc.level_shift * sign, 0.0)
 
 
 def season_logit(sc: ScenarioConfig, elapsed_s: np.ndarray) -> np.ndarray:
