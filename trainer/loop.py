@@ -46,7 +46,7 @@ import msgspec
 import numpy as np
 import torch
 
-from config import Config
+from config import Config, replace
 from embedding_store.users import index_path
 from streams import schema
 from streams.bus import kafka_io
@@ -56,6 +56,7 @@ from trainer.export import export
 from trainer.features import featurize
 from trainer.loopfm import LoopFM
 from trainer.model import Learner
+from trainer.roles import role_config, serves
 from trainer.publish import Publisher
 from trainer.telemetry import Throughput, service_stats
 from trainer.users.features import user_worker
@@ -100,6 +101,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, resume: bool, record_ids: bool = False, export_dir: str | None = None,
                  publish_dir: str | None = None):
+        # a role's preset (an FM's larger tables, a VM's smaller ones and distillation: trainer/roles.py)
+        cfg = replace(cfg, trainer=msgspec.to_builtins(role_config(cfg.trainer)))
         self.cfg, self.tc = cfg, cfg.trainer
         self.export_dir = export_dir or cfg.trainer.export_dir
         self.publish_dir = publish_dir or cfg.trainer.publish_dir
@@ -214,7 +217,7 @@ class Trainer:
             ex = schema.decode(m.value() or b"", schema.Example)
             if isinstance(ex, schema.Invalid):
                 self._dead_letter(ex.reason, m, now_ms)
-            elif self.tc.vm_domains and self.tc.role == "vm" and ex.impression.domain not in self.tc.vm_domains:
+            elif not serves(self.tc, ex.impression.domain):
                 self.counters[Stat.EXAMPLES_OTHER_DOMAIN] += 1  # another VM's domain: neither trained nor deduped
             elif self.dedup.add(ex.example_id):
                 good.append(ex)

@@ -15,8 +15,8 @@ user_model            True                 True (the LLaTTE    False (no FM-size
 teacher_weight        0                    0                   1.0 (distil from the FM's predictions)
 ====================  ===================  ==================  =================================================
 
-A VM trains only the examples of its ``vm_domains`` (empty: all): :func:`vm_filter` keeps those and counts the
-rest as skipped. The FM trains everything.
+A VM trains only the examples of its ``vm_domains`` (empty: all, :func:`serves`); the trainer counts the rest as
+``examples_other_domain``. The FM trains everything.
 
 Fields set explicitly are left alone. A frozen config cannot tell "set to the default" from "not set", so a
 field still equal to the :class:`~config.TrainerConfig` default takes the preset, and any other value is kept;
@@ -35,7 +35,7 @@ True
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import msgspec
 
@@ -66,21 +66,3 @@ def role_config(tcfg: TrainerConfig, explicit: Iterable[str] = ()) -> TrainerCon
 def serves(tcfg: TrainerConfig, domain: str) -> bool:
     """Whether a trainer of ``tcfg`` trains examples of ``domain`` (a VM: its ``vm_domains``, empty = all)."""
     return tcfg.role != "vm" or not tcfg.vm_domains or domain in tcfg.vm_domains
-
-
-def vm_filter(tcfg: TrainerConfig, examples: Sequence) -> tuple[list, int]:
-    """``(the examples this trainer trains, how many it skipped)``: a VM keeps its ``vm_domains``' examples.
-
-    >>> from streams import schema
-    >>> imp = lambda d: schema.Impression(event_id="i", ts=1, user_id=1, ad_id=1, campaign_id=1, advertiser_id=1,
-    ...                                   domain=d)
-    >>> exs = [schema.Example("a", imp("feed"), 0, 0), schema.Example("b", imp("search"), 0, 0)]
-    >>> kept, skipped = vm_filter(TrainerConfig(role="vm", vm_domains=("search",)), exs)
-    >>> [e.example_id for e in kept], skipped
-    (['b'], 1)
-    """
-    if tcfg.role != "vm" or not tcfg.vm_domains:
-        return list(examples), 0
-    doms = set(tcfg.vm_domains)
-    kept = [e for e in examples if e.impression.domain in doms]
-    return kept, len(examples) - len(kept)
