@@ -31,7 +31,8 @@ history). The oracle is the generator's true probability of each impression.
 Headline: the **transfer ratio** of a VM variant = (its AUC - VM alone's) / (the FM's AUC - VM alone's), click
 AUC; per domain and pooled (all VMs' predictions together). Click NE beside it (calibration counts there: what
 ExFM's auxiliary head protects). Last line: ``value`` = pooled transfer ratio of the
-best combination available (aux head + adapter), stationary; ``kd_ratio`` beside it; after the drift
+best combination available (aux head + adapter), stationary; ``baseline`` = plain distillation's ratio in the
+same run (so ``ratio`` > 1 means the combination transfers more than plain KD), ``goal`` 0.5; after the drift
 ``drift_adapter_minus_kd`` (click AUC points); ``loopfm_vs_kd`` and ``solaris_hit_rate`` null until those exist.
 
     streamrec bench transfer [--quick] [--n 200000] [--lag 4096] [--teacher-weight 1.0] [--seed 0]
@@ -232,7 +233,8 @@ def main() -> int:
            # value 0 with value_defined false where the FM gained nothing over the VM (no ratio; JSON has no NaN)
            value=value if value is not None else 0.0, value_defined=value is not None,
            unit="transfer ratio (pooled click AUC)",
-           baseline=0.5, kd_ratio=kd, aux_ratio=r(st, "+ aux head"),
+           # the baseline measured in the same run: plain distillation's ratio (the ratio column: all / plain KD)
+           baseline=kd if kd is not None else 0.0, goal=0.5, kd_ratio=kd, aux_ratio=r(st, "+ aux head"),
            drift_run=drift_run, drift_ratio_all=r(drift_run, ALL_TOGETHER) if drift_run else None,
            drift_ratio_kd=r(drift_run, "+ plain KD") if drift_run else None,
            drift_adapter_minus_kd=drift,
