@@ -314,3 +314,24 @@ def test_a_change_within_the_clock_tick_of_a_read_is_listed_once_the_directory_i
     os.utime(d, ns=(tick, tick))  # changed again within the same tick: the mtime says nothing
     time.sleep(max(0.0, (tick + listing.RACY_NS - time.time_ns()) / 1e9) + 0.01)
     assert _keys(port, "r/") == ["r/0", "r/1"]
+
+
+def test_fragments_are_rendered_when_first_listed_and_a_file_gone_meanwhile_is_skipped(tmp_path):
+    d = tmp_path / "r"
+    d.mkdir()
+    for i in range(5):
+        (d / str(i)).write_bytes(b"x" * i)
+    (d / "link").symlink_to(d / "4")  # a symlink to a file is an object (os.walk's file), a dangling one is not
+    (d / "nowhere").symlink_to(d / "missing")
+    os.utime(d, ns=(1, 10**18))
+    index = ListingIndex(tmp_path)
+    assert [k for k, _ in index.page("r/", "", "", False, 2)[0]] == ["r/0", "r/1"]
+    assert [k for k, f in index.fragments.items() if f is not None] == ["r/0", "r/1"]  # read, not yet stat'ed
+    os.unlink(d / "3")
+    os.utime(d, ns=(1, 10**18))  # as if within the same clock tick: the index cannot know
+    contents, _, truncated, last = index.page("r/", "", "r/1", False, 2)
+    assert [k for k, _ in contents] == ["r/2", "r/4"] and truncated and last == "K:r/4"
+    assert [k for k, _ in index.page("r/", "", "r/4", False, 2)[0]] == ["r/link"]
+    want = localbucket.S3Handler._list_entries(None, tmp_path, "r/", "", "", False, 1000)[0]
+    assert [k for k, _ in index.page("r/", "", "", False, 1000)[0]] == [k for k, _ in want if k != "r/nowhere"]
+    assert b"<Size>4</Size>" in dict(index.page("r/", "", "", False, 1000)[0])["r/link"]

@@ -76,7 +76,7 @@ class ListingIndex:
         self.root = str(bucket_dir)
         self.lock = threading.Lock()
         self.keys: list[str] = []  # every indexed key, sorted
-        self.fragments: dict[str, bytes] = {}  # key -> <Contents>...</Contents>
+        self.fragments: dict[str, bytes | None] = {}  # key -> <Contents>...</Contents> (None: not rendered yet)
         self.dirs: dict[str, _Dir] = {}  # indexed directory ("" the bucket's, else "a/b") -> its state
         self.scans = 0  # directories read (tests and the benchmark check that current ones are not)
 
@@ -85,43 +85,61 @@ class ListingIndex:
              ) -> tuple[list[tuple[str, bytes]], list[str], bool, str]:
         """localbucket's ``_list_entries``: (contents as (key, fragment), common prefixes, truncated, last entry)."""
         top = prefix.rpartition("/")[0]
-        contents: list[tuple[str, bytes]] = []
-        common_prefixes: list[str] = []
-        last_entry, truncated = "", False
         if not _plain(top):  # e.g. "a//b", "a/../b": no key starts with it
-            return contents, common_prefixes, truncated, last_entry
+            return [], [], False, ""
         with self.lock:
             self._validate(top)
-            keys, fragments = self.keys, self.fragments
-            i = bisect.bisect_left(keys, prefix)
-            if marker:
-                i = max(i, bisect.bisect_right(keys, marker))
-                if marker_is_prefix:
-                    end = _prefix_end(marker)
-                    i = max(i, len(keys) if end is None else bisect.bisect_left(keys, end))
-            n = len(keys)
-            while i < n:
-                key = keys[i]
-                if not key.startswith(prefix):
-                    break
-                common = ""
-                if delimiter:
-                    at = key.find(delimiter, len(prefix))
-                    if at >= 0:
-                        common = key[: at + len(delimiter)]
-                if len(contents) + len(common_prefixes) >= max_keys:
-                    truncated = max_keys > 0
-                    break
-                if common:
-                    common_prefixes.append(common)
-                    last_entry = "P:" + common
-                    end = _prefix_end(common)  # the keys starting with it are contiguous: skip them all
-                    i = n if end is None else bisect.bisect_left(keys, end, i + 1)
-                else:
-                    contents.append((key, fragments[key]))
-                    last_entry = "K:" + key
-                    i += 1
-        return contents, common_prefixes, truncated, last_entry
+            while True:
+                listed, common_prefixes, truncated, last_entry = self._entries(
+                    prefix, delimiter, marker, marker_is_prefix, max_keys)
+                contents, gone = [], []
+                for key in listed:  # fragments are rendered when first listed
+                    fragment = self.fragments[key]
+                    if fragment is None:
+                        try:
+                            fragment = self.fragments[key] = self._fragment(key, self._path(key))
+                        except OSError:  # deleted beside the server since its directory was read
+                            gone.append(key)
+                    contents.append((key, fragment))
+                if not gone:
+                    return contents, common_prefixes, truncated, last_entry
+                for key in gone:  # its directory's mtime has changed too: it is read again next time
+                    self._drop(key)
+
+    def _entries(self, prefix: str, delimiter: str, marker: str, marker_is_prefix: bool, max_keys: int
+                 ) -> tuple[list[str], list[str], bool, str]:
+        """The keys and common prefixes of a page, localbucket's way, from the sorted keys."""
+        keys = self.keys
+        i = bisect.bisect_left(keys, prefix)
+        if marker:
+            i = max(i, bisect.bisect_right(keys, marker))
+            if marker_is_prefix:
+                end = _prefix_end(marker)
+                i = max(i, len(keys) if end is None else bisect.bisect_left(keys, end))
+        end = _prefix_end(prefix)
+        n = len(keys) if end is None else bisect.bisect_left(keys, end, i)  # keys[i:n] start with the prefix
+        if not delimiter:  # Tansu's listings: a slice
+            listed = keys[i:min(n, i + max_keys)]
+            truncated = max_keys > 0 and i + max_keys < n
+            return listed, [], truncated, "K:" + listed[-1] if listed else ""
+        listed, common_prefixes, last_entry, truncated = [], [], "", False
+        while i < n:
+            key = keys[i]
+            at = key.find(delimiter, len(prefix))
+            if len(listed) + len(common_prefixes) >= max_keys:
+                truncated = max_keys > 0
+                break
+            if at >= 0:
+                common = key[: at + len(delimiter)]
+                common_prefixes.append(common)
+                last_entry = "P:" + common
+                end = _prefix_end(common)  # the keys starting with it are contiguous: skip them all
+                i = n if end is None else bisect.bisect_left(keys, end, i + 1, n)
+            else:
+                listed.append(key)
+                last_entry = "K:" + key
+                i += 1
+        return listed, common_prefixes, truncated, last_entry
 
     @staticmethod
     def render(contents: list[tuple[str, bytes]], common_prefixes: list[str], url: bool = False) -> bytes:
@@ -182,8 +200,7 @@ class ListingIndex:
         if before is None:
             d.mtime_ns = _UNTRUSTED
             return
-        if self.fragments.pop(key, None) is not None:
-            del self.keys[bisect.bisect_left(self.keys, key)]
+        self._drop(key)
         d.mtime_ns = mtime
 
     def changed(self, key: str) -> None:
@@ -226,8 +243,9 @@ class ListingIndex:
             stack.extend(f"{rel}/{s}" if rel else s for s in d.subdirs)
 
     def _scan(self, rel: str, st: os.stat_result) -> _Dir:
-        """Read directory ``rel`` (whose ``lstat`` is ``st``) into the index: its files, and which subdirectories
-        it still has (the keys and state of vanished ones are dropped)."""
+        """Read directory ``rel`` (whose ``lstat`` is ``st``) into the index: its files (their fragments rendered
+        again when next listed: any may have been replaced), and which subdirectories it still has (the keys and
+        state of vanished ones are dropped). One ``scandir``, no ``stat`` per file."""
         self.scans += 1
         started = time.time_ns()
         base = self._path(rel)
@@ -245,16 +263,13 @@ class ListingIndex:
                         if not entry.is_symlink():
                             subdirs.append(entry.name)
                     elif not entry.name.startswith(localbucket.TEMP_PREFIX):
+                        if entry.is_symlink() and not os.path.exists(entry.path):
+                            continue  # dangling: not an object (localbucket would fail the listing)
                         files.append(entry.name)
         except OSError:  # os.walk skips what it cannot read; read it again next time
             readable = False
         slash = f"{rel}/" if rel else ""
-        new: dict[str, bytes] = {}
-        for name in files:
-            try:
-                new[slash + name] = self._fragment(slash + name, f"{base}/{name}")
-            except OSError:  # a dangling symlink, or deleted meanwhile (then the mtime has changed)
-                pass
+        new: dict[str, bytes | None] = dict.fromkeys(slash + name for name in files)  # rendered when listed
         keep = set(subdirs)
         lo, hi = self._block(rel)
         kept = []
@@ -272,6 +287,11 @@ class ListingIndex:
         d = self.dirs[rel] = _Dir(st.st_mtime_ns if readable else _UNTRUSTED, subdirs,
                                   racy=started <= st.st_mtime_ns + RACY_NS)
         return d
+
+    def _drop(self, key: str) -> None:
+        if key in self.fragments:
+            del self.fragments[key]
+            del self.keys[bisect.bisect_left(self.keys, key)]
 
     def _forget(self, rel: str) -> None:
         """Drop directory ``rel`` and everything under it."""
