@@ -1,5 +1,7 @@
-"""The broker's storage server: listing requests/s of one partition holding N batch objects, from the listing
-index (streams/bus/listing.py) vs walking the prefix's directory for every page (the previous handler).
+"""The broker's storage server: listing requests/s of one partition of N objects, index vs prefix walk.
+
+The listing index (streams/bus/listing.py, the server's default) against walking the prefix's directory and
+stat'ing every listed key for every page (the previous handler, ``--listing prefix-walk``), at each N.
 
 Listed the way Tansu 0.6 lists a partition on every fetch of a tailing consumer (logged from a real embedded
 broker): ``GET /tansu?list-type=2&prefix=<partition>/records/``, then the same with each page's
@@ -121,8 +123,8 @@ def make_partition(root: Path, n: int) -> None:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--n", default="1000,5000,20000", help="objects in the partition, comma-separated")
-    p.add_argument("--seconds", type=float, default=None, help="seconds per measurement (default 5, quick 1.5)")
+    p.add_argument("--n", default="1000,5000,20000", help="objects in the partition, comma-separated (default 1000,5000,20000, also with --quick)")
+    p.add_argument("--seconds", type=float, default=None, help="seconds of listing per configuration (default 5, quick 1.5)")
     args = p.parse_args()
     sizes = sorted(int(x) for x in args.n.split(","))
     seconds = args.seconds or (1.5 if args.quick else 5.0)
