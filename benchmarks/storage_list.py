@@ -8,7 +8,8 @@ broker): ``GET /tansu?list-type=2&prefix=<partition>/records/``, then the same w
 ``continuation-token`` until the last; 1,000 keys a page (no max-keys: the default), one kept-alive
 connection. The server is the real process (``python -m streams.bus.storage --listing ...``) on a tree of N
 objects written beforehand (a restart on an existing partition: the index reads it on the first listing).
-Each full listing is checked to hold all N keys. The "while writing" rows add a writer putting 50 new batch
+Each full listing is checked to hold all N keys. On shared cores compare the server's CPU per request (from
+/proc) as well as the rates. The "while writing" rows add a writer putting 50 new batch
 objects a second into the same partition (through the server, on its own connection) during the measurement,
 as Tansu does while consumers tail.
 
@@ -109,7 +110,8 @@ def measure(root: Path, n: int, listing: str, seconds: float, write_per_s: float
     for i in range(n, n + extra):
         (root / BUCKET / PARTITION / f"{i:020d}.batch").unlink()
     return {"requests_per_s": requests / wall, "listing_ms": wall / listings * 1e3, "pages": pages,
-            "first_ms": first_ms, "server_cores": cores, "writes": extra}
+            "first_ms": first_ms, "server_cores": cores, "server_cpu_ms_per_request": cores * wall / requests * 1e3,
+            "writes": extra}
 
 
 def make_partition(root: Path, n: int) -> None:
@@ -143,14 +145,16 @@ def main() -> None:
                 results[f"{n}/{name}"] = {k: round(v, 2) for k, v in r.items()}
                 rows.append((f"{n:,}", name + (f" ({r['writes']} puts)" if wps else ""), str(r["pages"]),
                              f"{r['requests_per_s']:,.1f}", f"{r['listing_ms']:,.1f}", f"{r['first_ms']:,.0f}",
-                             f"{r['server_cores']:.2f}"))
+                             f"{r['server_cpu_ms_per_request']:,.2f}", f"{r['server_cores']:.2f}"))
     for n in sizes:
         a, b = results[f"{n}/index"], results[f"{n}/prefix-walk"]
         rows.append((f"{n:,}", "index / prefix-walk", "", f"{a['requests_per_s'] / b['requests_per_s']:.1f}x",
-                     f"{b['listing_ms'] / a['listing_ms']:.1f}x", "", ""))
+                     f"{b['listing_ms'] / a['listing_ms']:.1f}x", "",
+                     f"{b['server_cpu_ms_per_request'] / a['server_cpu_ms_per_request']:.1f}x", ""))
     top = sizes[-1]
     report("storage-list", rows,
-           ("objects", "listing", "pages", "requests/s", "ms per full listing", "first listing ms", "server cores"),
+           ("objects", "listing", "pages", "requests/s", "ms per full listing", "first listing ms",
+            "server CPU ms/request", "server cores"),
            value=results[f"{top}/index"]["requests_per_s"], unit=f"listing requests/s, one partition of {top:,} objects",
            baseline=results[f"{top}/prefix-walk"]["requests_per_s"], seconds=seconds, results=results)
 
