@@ -13,10 +13,12 @@ objects wait on Nagle's algorithm: 17x slower) and without a log line per reques
 Run as ``python -m streams.bus.storage DIR --port PORT``; it serves bucket :data:`BUCKET` (a folder of DIR)
 on 127.0.0.1 only: it has no authentication.
 
-Listings walk only the directory their prefix names (:class:`ScopedHandler`): localbucket 1.2.1 walks and sorts
-the whole bucket for every listing, and Tansu lists a partition's batch objects on every fetch, so every fetch
-cost grew with every object of every topic; under a steady stream the server saturated within minutes
-(``streamrec bench soak``, README).
+Listings come from an index in memory (:mod:`streams.bus.listing`: each bucket's keys sorted, each with its
+rendered XML, updated by the server's own writes and checked against directory mtimes): Tansu lists all of a
+partition's batch objects on every fetch of a tailing consumer, and localbucket 1.2.1 walks and sorts the whole
+bucket and stats every listed key for every page, so under a steady stream the server saturated within
+minutes (``streamrec bench soak``, README). ``--listing`` serves the earlier ways instead, for comparison
+(``streamrec bench storage-list``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -37,6 +40,9 @@ BUCKET = "tansu"
 # Tansu's object store client needs credentials even for a server that ignores them (without, it asks a cloud
 # metadata address for some); these are the ones s3rver expects, harmless anywhere else.
 _KEY = "S3RVER"
+# how the server answers listings: from its index (the default); walking the prefix's directory (the previous
+# way); walking the whole bucket (localbucket's own)
+LISTINGS = ("index", "prefix-walk", "bucket-walk")
 
 
 class StorageError(RuntimeError):
@@ -49,9 +55,10 @@ def broker_env(port: int) -> dict[str, str]:
             "AWS_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true"}
 
 
-def command(root: str | os.PathLike, port: int) -> list[str]:
-    """The command line of a server keeping its objects under ``root``."""
-    return [sys.executable, "-m", "streams.bus.storage", str(Path(root).resolve()), "--port", str(port)]
+def command(root: str | os.PathLike, port: int, listing: str = "index") -> list[str]:
+    """The command line of a server keeping its objects under ``root`` (``listing``: one of :data:`LISTINGS`)."""
+    return [sys.executable, "-m", "streams.bus.storage", str(Path(root).resolve()), "--port", str(port),
+            *(["--listing", listing] if listing != "index" else [])]
 
 
 def ready(port: int, timeout: float = 0.5) -> bool:
@@ -72,13 +79,14 @@ def wait_ready(port: int, proc: subprocess.Popen | None = None, timeout: float =
 class StorageServer:
     """Start/stop one storage server process (``up`` supervises the same command instead)."""
 
-    def __init__(self, root: str | os.PathLike, port: int | None = None, log_path: str | os.PathLike | None = None):
-        self.root, self.port = Path(root), port or free_port()
+    def __init__(self, root: str | os.PathLike, port: int | None = None, log_path: str | os.PathLike | None = None,
+                 listing: str = "index"):
+        self.root, self.port, self.listing = Path(root), port or free_port(), listing
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15.0) -> StorageServer:
-        self.proc = start_child(command(self.root, self.port), self.log_path)
+        self.proc = start_child(command(self.root, self.port, self.listing), self.log_path)
         wait_ready(self.port, self.proc, timeout)
         return self
 
@@ -97,7 +105,9 @@ def _scoped_handler():
     import localbucket
 
     class ScopedHandler(localbucket.S3Handler):
-        """localbucket's handler, listing from the directory a prefix names instead of the bucket's root.
+        """localbucket's handler, listing from the directory a prefix names instead of the bucket's root (the
+        previous way, ``--listing prefix-walk``: every page still walks and sorts that directory and stats each
+        listed key; :func:`_indexed_handler` replaced it).
 
         Keys are paths: every key that starts with ``a/b/c`` lies under ``a/b/``, so walking that directory
         finds the same keys as walking the whole bucket (tests/test_storage.py compares the two on the same tree
@@ -152,14 +162,107 @@ def _scoped_handler():
     return ScopedHandler
 
 
-def serve(root: Path, port: int, host: str = "127.0.0.1") -> None:
+def _indexed_handler():
+    import xml.etree.ElementTree as ET
+    from http import HTTPStatus
+
+    import localbucket
+
+    from streams.bus.listing import ListingIndex
+
+    class IndexedHandler(localbucket.S3Handler):
+        """localbucket's handler, answering listings from a :class:`~streams.bus.listing.ListingIndex` per
+        bucket, which its own writes and deletes keep current under the index's lock (so a listing after an
+        acknowledged write has it). The rest of each response is localbucket's own: its header elements, then
+        the page's prerendered fragments joined in before the closing tag."""
+
+        indexes: dict[str, ListingIndex] = {}
+        indexes_lock = threading.Lock()
+
+        def _index(self, bucket_dir: Path) -> ListingIndex:
+            with self.indexes_lock:
+                index = self.indexes.get(str(bucket_dir))
+                if index is None:
+                    index = self.indexes[str(bucket_dir)] = ListingIndex(bucket_dir)
+                return index
+
+        def _list_entries(self, bucket_dir: Path, prefix: str, delimiter: str, marker: str, marker_is_prefix: bool,
+                          max_keys: int):
+            return self._index(bucket_dir).page(prefix, delimiter, marker, marker_is_prefix, max_keys)
+
+        def _add_list_entries(self, root, contents, common_prefixes, encode):
+            self._entries = ListingIndex.render(contents, common_prefixes, self.query.get("encoding-type") == "url")
+
+        def _send_xml(self, root):
+            entries, self._entries = getattr(self, "_entries", None), None
+            if entries is None:
+                return super()._send_xml(root)
+            head = ET.tostring(root, encoding="UTF-8", xml_declaration=True)
+            close = f"</{root.tag}>".encode()
+            self._send(HTTPStatus.OK, head[: -len(close)] + entries + close, {"Content-Type": "application/xml"})
+
+        def _write_object(self, bucket: str, key: str, write) -> str:
+            return self._change(bucket, key, lambda: super(IndexedHandler, self)._write_object(bucket, key, write),
+                                ListingIndex.after_write)
+
+        def _delete_object(self, bucket: str, key: str):
+            return self._change(bucket, key, lambda: super(IndexedHandler, self)._delete_object(bucket, key),
+                                ListingIndex.after_delete)
+
+        def _change(self, bucket: str, key: str, change, update):
+            """Run the write or delete ``change`` of ``key`` and ``update`` the index, both under its lock."""
+            target = self._object_path(bucket, key)  # S3Error for a bad key or bucket, before anything changes
+            bucket_dir = self._bucket_dir(bucket)
+            index = self._index(bucket_dir)
+            with index.lock:
+                before = index.before_change(key)
+                try:
+                    result = change()
+                except BaseException:
+                    index.changed(key)
+                    raise
+                if target != bucket_dir.resolve().joinpath(*key.split("/")):  # through a symlink: not worth it
+                    index.clear()
+                else:
+                    update(index, key, before)
+                return result
+
+        def _create_bucket(self, bucket: str):
+            self._forget_bucket(bucket)
+            super()._create_bucket(bucket)
+
+        def _delete_bucket(self, bucket: str):
+            super()._delete_bucket(bucket)
+            self._forget_bucket(bucket)
+
+        def _forget_bucket(self, bucket: str) -> None:
+            with self.indexes_lock:
+                index = self.indexes.pop(str(self.data_root / bucket), None)
+            if index is not None:
+                with index.lock:
+                    index.clear()
+
+    return IndexedHandler
+
+
+def handler_class(listing: str = "index"):
+    """The request handler class serving listings the ``listing`` way (one of :data:`LISTINGS`)."""
+    import localbucket
+
+    if listing not in LISTINGS:
+        raise ValueError(f"unknown listing {listing!r}: one of {', '.join(LISTINGS)}")
+    return {"index": _indexed_handler, "prefix-walk": _scoped_handler,
+            "bucket-walk": lambda: type("BucketWalkHandler", (localbucket.S3Handler,), {})}[listing]()
+
+
+def serve(root: Path, port: int, host: str = "127.0.0.1", listing: str = "index") -> None:
     """Serve ``root`` (buckets are its folders) until interrupted."""
     from http.server import ThreadingHTTPServer
 
     import localbucket
 
     (root / BUCKET).mkdir(parents=True, exist_ok=True)
-    handler = _scoped_handler()
+    handler = handler_class(listing)
     handler.data_root = root.resolve()
     handler.disable_nagle_algorithm = True
     localbucket.logger.setLevel(logging.WARNING)
@@ -178,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                                 description="The embedded broker's local S3 server (127.0.0.1 only).")
     p.add_argument("root", type=Path, help="directory holding the buckets")
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--listing", choices=LISTINGS, default="index",
+                   help="how listings are answered: from an index in memory (default); walking the directory the "
+                        "prefix names, or the whole bucket, for every page (the earlier ways, for comparison)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(args.root, args.port)
+    serve(args.root, args.port, listing=args.listing)
     return 0
 
 
