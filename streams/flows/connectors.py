@@ -172,8 +172,12 @@ def _head_ts(msgs: list[join.RawMsg], i: int, latest: int) -> int | None:
     return best
 
 
-class KafkaPartitionsSource(FixedPartitionedSource[join.SourceBatch, dict]):
-    """One source partition per Kafka partition number of the three input topics."""
+class _PerPartitionSource(FixedPartitionedSource):
+    """One source partition per Kafka partition number of a flow's input topics (keyed by :func:`part_key`, so
+    each lands on the worker the flow's state for it lives on); ``reader(cfg, partition, resume_state,
+    bounded)`` reads one."""
+
+    reader: type
 
     def __init__(self, cfg: Config, bounded: bool):
         self.cfg, self.bounded = cfg, bounded
@@ -183,8 +187,14 @@ class KafkaPartitionsSource(FixedPartitionedSource[join.SourceBatch, dict]):
     def list_parts(self) -> list[str]:
         return list(self.keys)
 
-    def build_part(self, step_id: str, for_part: str, resume_state: dict | None) -> _PartitionReader:
-        return _PartitionReader(self.cfg, self.keys[for_part], resume_state, self.bounded)
+    def build_part(self, step_id: str, for_part: str, resume_state):
+        return self.reader(self.cfg, self.keys[for_part], resume_state, self.bounded)
+
+
+class KafkaPartitionsSource(_PerPartitionSource):
+    """The labels flow's input: the three input topics, per partition number."""
+
+    reader = _PartitionReader
 
 
 # --------------------------------------------------------------------------------------------- labels sink
@@ -334,16 +344,10 @@ class _Reader(StatefulSourcePartition[StatsBatch, int]):
         self.consumer.close()
 
 
-class KafkaExamplesSource(FixedPartitionedSource[StatsBatch, int]):
-    def __init__(self, cfg: Config, bounded: bool):
-        self.cfg, self.bounded = cfg, bounded
-        self.keys = {part_key(p, cfg.topics.partitions): p for p in range(cfg.topics.partitions)}
+class KafkaExamplesSource(_PerPartitionSource):
+    """The stats flow's input: the examples topic, per partition."""
 
-    def list_parts(self) -> list[str]:
-        return list(self.keys)
-
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _Reader:
-        return _Reader(self.cfg, self.keys[for_part], resume_state, self.bounded)
+    reader = _Reader
 
 
 class StatsReporter:
@@ -457,18 +461,10 @@ class _DistillReader(StatefulSourcePartition[DistillBatch, dict]):
         self.consumer.close()
 
 
-class KafkaDistillSource(FixedPartitionedSource[DistillBatch, dict]):
-    """One source partition per partition number of the examples and teacher-predictions topics."""
+class KafkaDistillSource(_PerPartitionSource):
+    """The teacher join's input: the examples and teacher-predictions topics, per partition number."""
 
-    def __init__(self, cfg: Config, bounded: bool):
-        self.cfg, self.bounded = cfg, bounded
-        self.keys = {part_key(p, cfg.topics.partitions): p for p in range(cfg.topics.partitions)}
-
-    def list_parts(self) -> list[str]:
-        return list(self.keys)
-
-    def build_part(self, step_id: str, for_part: str, resume_state: dict | None) -> _DistillReader:
-        return _DistillReader(self.cfg, self.keys[for_part], resume_state, self.bounded)
+    reader = _DistillReader
 
 
 def _p50(xs: list[int]) -> float:
