@@ -154,6 +154,10 @@ OVERVIEW = Dashboard(
               description="per arm: seconds since the newest training step of the version being served, and the "
                           "newest published delta as a percentage of a full snapshot",
               needs="streamrec up --serve (or trainer.publish_dir)"),
+        Panel("transfer", "Foundation model: teacher coverage and age", q.TRANSFER, unit="short",
+              description="the teacher join: share of examples that reached the VMs with the FM's prediction, and "
+                          "that prediction's age when they left; per VM the age of the FM vectors it read (LoopFM)",
+              needs="streamrec up --with-fm"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

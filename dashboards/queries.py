@@ -682,6 +682,21 @@ SELECT t, series, max(v) AS value FROM (
 GROUP BY t, series
 ORDER BY t, series"""
 
+# foundation-model transfer: the teacher join's coverage and teacher age (component distill), and per VM the
+# median age of the FM vectors its LoopFM store served
+TRANSFER = f"""
+SELECT t, series, max(v) AS value FROM (
+    SELECT t, 'teacher coverage %' AS series, 100 * v AS v
+    FROM ({_latest(f"component = '{C.DISTILL}' AND name = '{S.TEACHER_COVERAGE}'")})
+    UNION ALL
+    SELECT t, 'teacher age p50 s' AS series, v / 1000 AS v
+    FROM ({_latest(f"component = '{C.DISTILL}' AND name = '{S.TEACHER_AGE_P50_MS}'")})
+    UNION ALL
+    SELECT t, concat('FM embedding age p50 s, ', instance) AS series, v
+    FROM ({_latest(f"component = '{C.TRAINER}' AND name = '{S.LOOPFM_AGE_P50_S}'")}))
+GROUP BY t, series
+ORDER BY t, series"""
+
 EMBEDDING_DIMS = f"""
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,
        sumIf(v, name LIKE '{S.EMBEDDING_ROWS_PREFIX}%') AS rows,

@@ -66,6 +66,7 @@ class Stat(StrEnum):
     EXAMPLES_WITH_TEACHER = "examples_with_teacher"
     EXAMPLES_WITHOUT_TEACHER = "examples_without_teacher"  # left at the deadline, the bound or end of input
     TEACHER_COVERAGE = "teacher_coverage"  # with / out, over the flow's life
+    LOOPFM_AGE_P50_S = "loopfm_age_p50_s"  # a VM's LoopFM store: median age of the FM vectors it read (hits)
     TEACHER_AGE_P50_MS = "teacher_age_p50_ms"  # of the interval: leaving time - the teacher's scored_ts
     TEACHER_WAIT_P50_MS = "teacher_wait_p50_ms"  # of the interval: how long examples waited at the join
     TEACHERS_IN = "teachers_in"  # rows of valid TeacherBatch records

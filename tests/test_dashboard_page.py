@@ -84,6 +84,9 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
         emb["delta_fraction"] = float(0.026 + 0.002 * np.sin(i))
         items.append((t.service_stats, schema.ServiceStats("trainer", trained, {"examples_trained": done, **emb},
                                                            "main")))
+        items.append((t.service_stats, schema.ServiceStats("distill", trained, {
+            "teacher_coverage": 0.97, "teacher_age_p50_ms": float(400 + 100 * (i % 4))}, "d-1")))
+        items.append((t.service_stats, schema.ServiceStats("trainer", trained, {"loopfm_age_p50_s": 2.5}, "vm")))
         items.append((t.service_stats, schema.ServiceStats("serving", trained, {
             "qps": float(400.0 + 50 * np.sin(i)), "latency_p50_ms": 4.0, "latency_p99_ms": float(12.0 + np.sin(i)),
             "arm_model_age_s.main": 3.0 + (i % 3)}, "serve-1")))
