@@ -16,9 +16,11 @@ scored before the model trains on it) on the impressions' true labels, per domai
   - ``VM alone`` (``teacher_weight = 0``),
   - ``+ plain KD`` (``aux_head = False``: distillation on the serving head, raw teacher as target),
   - ``+ aux head`` (distillation on the auxiliary head, raw teacher as target),
-  - ``+ aux head + adapter`` (the student adapter's corrected teacher as the auxiliary head's target; the
-    "all together" row until LoopFM and SOLARIS join it),
-  - ``+ LoopFM``: the hook :func:`loopfm_variant` (branch fm-loop fills it; None here).
+  - ``+ aux head + adapter`` (the student adapter's corrected teacher as the auxiliary head's target),
+  - ``+ LoopFM`` (no distillation: the FM's user and ad vectors as input features, :mod:`trainer.loopfm`; after
+    each FM training step the FM publishes its batch's users and ads, and a VM batch reads the store as it
+    stood when the FM had trained what the teacher of that batch knew),
+  - ``all together`` (aux head + adapter + LoopFM; SOLARIS is not built yet).
 
 Two runs: ``stationary`` (scenario ``none``; metrics on the second half) and ``sudden`` (the ads' taste vectors
 turn at 50%: the teacher stays on the old world for ``lag`` examples, then catches up; metrics after the drift).
@@ -56,6 +58,8 @@ from streams.metrics import normalized_entropy, roc_auc
 from streams.sources.generate import GeneratorConfig, TruthParams, simulate
 from streams.sources.scenarios import ScenarioConfig
 from trainer.features import featurize
+from embedding_store.fm_embeddings import FMEmbeddingStore
+from trainer.loopfm import FMEmbeddingView, fm_embeddings, representation_dim
 from trainer.model import Learner
 
 BATCH = 256
@@ -80,29 +84,29 @@ VARIANTS: dict[str, dict] = {
     "+ aux head": {"aux_head": True, "student_adapter": False},
     "+ aux head + adapter": {"aux_head": True, "student_adapter": True},
 }
-ALL_TOGETHER = "+ aux head + adapter"  # the best combination available on this branch
-
-
-def loopfm_variant() -> tuple[str, dict] | None:
-    """LoopFM hook (branch fm-loop): ``(row name, VM config overrides)`` of the VM reading the FM's embeddings,
-    or None while LoopFM is not here. The FM's embeddings would be published by the FM pass of :func:`run` and
-    looked up by the VM pass (``learner.loopfm_view``); :data:`ALL_TOGETHER` then becomes that combination."""
-    return None
+ALL_TOGETHER = "all together"
+LOOPFM = "+ LoopFM"
+VARIANTS[LOOPFM] = {"teacher_weight": 0.0, "loopfm": True, "loopfm_dim": representation_dim(FM)}
+VARIANTS[ALL_TOGETHER] = {"aux_head": True, "student_adapter": True, "loopfm": True,
+                          "loopfm_dim": representation_dim(FM)}
 
 
 def _imp_index(example_id: str) -> int:
     return int(example_id.rsplit("-", 1)[1])
 
 
-def fm_pass(exs: list[schema.Example], n: int, lag: int) -> tuple[list[schema.Example], np.ndarray]:
+def fm_pass(exs: list[schema.Example], n: int, lag: int
+            ) -> tuple[list[schema.Example], np.ndarray, list[list[bytes]]]:
     """Train the FM on every example; returns (the examples with their teacher attached, the FM's own
-    progressive p_click per impression). The FM trains ``lag // BATCH`` batches behind the batch it scores: the
-    teacher of batch k is the FM trained through batch ``k - L - 1``."""
+    progressive p_click per impression, what the FM published after training each batch: LoopFM's records).
+    The FM trains ``lag // BATCH`` batches behind the batch it scores: the teacher of batch k is the FM trained
+    through batch ``k - L - 1``."""
     fm = Learner(FM)
     batches = [exs[i:i + BATCH] for i in range(0, len(exs), BATCH)]
     L = max(lag // BATCH, 0)
     own = np.full(n, np.nan)
     taught: list[schema.Example] = []
+    published: list[list[bytes]] = []  # [j]: the FM's LoopFM records after training batch j, as on the topic
     for k in range(len(batches) + L):
         if k < len(batches):
             chunk = batches[k]
@@ -116,20 +120,35 @@ def fm_pass(exs: list[schema.Example], n: int, lag: int) -> tuple[list[schema.Ex
             chunk = batches[k - L]
             r = fm.train_step(featurize(chunk, FM))
             own[[_imp_index(e.example_id) for e in chunk]] = r.p_click
-    return taught, own
+            published.append([schema.encode(x) for x in fm_embeddings(fm, [e.impression for e in chunk])])
+    return taught, own, published
 
 
-def vm_pass(taught: list[schema.Example], n: int, overrides: dict, teacher_weight: float) -> np.ndarray:
-    """Every VM group of one variant over its domains' examples; progressive p_click per impression."""
+def vm_pass(taught: list[schema.Example], n: int, overrides: dict, teacher_weight: float,
+            published: list[list[bytes]], lag: int) -> np.ndarray:
+    """Every VM group of one variant over its domains' examples; progressive p_click per impression. A LoopFM
+    VM reads a store fed with what the FM had published when the teacher of its batch was made."""
     out = np.full(n, np.nan)
+    L = max(lag // BATCH, 0)
     for group in VM_GROUPS:
         kw = {"teacher_weight": teacher_weight, **overrides, "vm_domains": group}
         tc = msgspec.structs.replace(VM, **kw)
         vm = Learner(tc)
+        store = view = None
+        applied = 0
+        if tc.loopfm:
+            store = FMEmbeddingStore(tc.loopfm_dim, max_age_s=365 * 86_400.0)  # age plays no part in-process
+            view = vm.loopfm_view = FMEmbeddingView(store)
         mine = [e for e in taught if e.impression.domain in group]
         for i in range(0, len(mine), BATCH):
             chunk = mine[i:i + BATCH]
-            r = vm.train_step(featurize(chunk, tc))
+            if store is not None:  # the FM had trained through batch k - L - 1 when batch k was scored
+                known = max(_imp_index(e.example_id) for e in chunk) // BATCH - L
+                while applied < min(known, len(published)):
+                    for raw in published[applied]:
+                        store.apply_raw(raw)
+                    applied += 1
+            r = vm.train_step(featurize(chunk, tc, None, view))
             out[[_imp_index(e.example_id) for e in chunk]] = r.p_click
     return out
 
@@ -156,18 +175,14 @@ def run(name: str, n: int, lag: int, teacher_weight: float, seed: int, log: Call
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     mask = truth["ts"] >= np.median(truth["ts"])  # second half: after the drift in `sudden`
     t0 = time.perf_counter()
-    taught, fm_own = fm_pass(exs, n, lag)
+    taught, fm_own, published = fm_pass(exs, n, lag)
     teacher = np.array([e.teacher.p_click for e in taught])[np.argsort([_imp_index(e.example_id) for e in taught])]
     res = {"FM itself": aucs(truth, fm_own, mask), f"FM as teacher (lag {lag})": aucs(truth, teacher, mask),
            "oracle": aucs(truth, truth["p_click"], mask)}
     log(f"  {name}: FM pass {time.perf_counter() - t0:.1f} s")
-    variants = dict(VARIANTS)
-    hook = loopfm_variant()
-    if hook is not None:
-        variants[hook[0]] = hook[1]
-    for vname, ov in variants.items():
+    for vname, ov in VARIANTS.items():
         t0 = time.perf_counter()
-        res[vname] = aucs(truth, vm_pass(taught, n, ov, teacher_weight), mask)
+        res[vname] = aucs(truth, vm_pass(taught, n, ov, teacher_weight, published, lag), mask)
         log(f"  {name}: {vname} {time.perf_counter() - t0:.1f} s")
     return res
 
@@ -176,7 +191,7 @@ def table(name: str, res: dict, rows: list) -> dict[str, dict[str, float]]:
     alone, fm = res["VM alone"], res["FM itself"]
     ratios: dict[str, dict[str, float]] = {}
     for model, a in res.items():
-        is_vm = model.startswith("+")
+        is_vm = model.startswith("+") or model == ALL_TOGETHER
         ratios[model] = {d: ratio(a[d], alone[d], fm[d]) for d in ("pooled", *DOMAINS)} if is_vm else {}
         for d in ("pooled", *DOMAINS):
             r = f"{ratios[model][d]:.2f}" if is_vm and ratios[model][d] == ratios[model][d] else ""
@@ -241,7 +256,9 @@ def main() -> int:
            drift_ne_kd=ne(drift_run, "+ plain KD") if drift_run else None,
            drift_ne_all=ne(drift_run, ALL_TOGETHER) if drift_run else None,
            drift_ne_alone=ne(drift_run, "VM alone") if drift_run else None, fm_auc=auc(st, "FM itself"), vm_alone_auc=auc(st, "VM alone"),
-           loopfm_vs_kd=None, solaris_hit_rate=None, n=n, lag=lag, teacher_weight=a.teacher_weight, seed=a.seed)
+           loopfm_ratio=r(st, LOOPFM), loopfm_vs_kd=(round(r(st, LOOPFM) / kd, 2) if kd and r(st, LOOPFM) is not None
+                                                    else None),
+           adapter_ratio=r(st, "+ aux head + adapter"), solaris_hit_rate=None, n=n, lag=lag, teacher_weight=a.teacher_weight, seed=a.seed)
     return 0
 
 

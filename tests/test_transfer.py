@@ -223,4 +223,4 @@ def test_bench_transfer_runs_end_to_end_on_a_tiny_stream():
     rows: list = []
     ratios = transfer.table("stationary", res, rows)
     assert len(rows) == len(res) * 6 and set(ratios["+ plain KD"]) == {"pooled", *transfer.DOMAINS}
-    assert transfer.loopfm_variant() is None  # the LoopFM hook, filled on branch fm-loop
+    assert {transfer.LOOPFM, transfer.ALL_TOGETHER} <= set(ratios)  # LoopFM and everything together are rows
