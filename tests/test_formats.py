@@ -149,7 +149,9 @@ def test_tab_separated_criteo_without_header_is_detected(tmp_path):
 
 
 def test_criteo_attribution_holds_late_conversions_back(tmp_path):
-    head = "\t".join(formats.criteo_attribution.COLUMNS)
+    from streams.sources.formats import criteo_attribution  # imported here: no earlier test may have (no data)
+
+    head = "\t".join(criteo_attribution.COLUMNS)
 
     def row(ts, uid, conv_ts, attributed, click):
         return "\t".join(map(str, [ts, uid, 7, int(conv_ts >= 0), conv_ts, 1 if conv_ts >= 0 else -1, attributed,

@@ -49,7 +49,7 @@ def parquet_schema() -> pa.Schema:
                       ("campaign_id", i64), ("advertiser_id", i64), ("domain", s), ("position", pa.int32()),
                       ("device", s), ("country", s), ("cat", pa.list_(i64)), ("dense", pa.list_(pa.float64())),
                       ("history", pa.list_(i64)), ("impression_id", s), ("kind", s), ("value", pa.float64()),
-                      ("source", s), ("raw", pa.binary())])
+                      ("source", s), ("arm", s), ("model_version", i64), ("raw", pa.binary())])
 
 
 def _table(records: list) -> pa.Table:
@@ -60,7 +60,7 @@ def _table(records: list) -> pa.Table:
             cols["raw"][i] = rec.raw
             continue
         cols["type"][i] = _TYPES[type(rec)]
-        for f in rec.__struct_fields__:
+        for f in rec.__struct_fields__:  # every field of every record type has its column (test_formats)
             cols[f][i] = getattr(rec, f)
     return pa.table(cols, schema=parquet_schema())
 
