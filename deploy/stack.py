@@ -37,6 +37,7 @@ from streams.bus import kafka_io, storage
 from streams.bus.broker import EmbeddedBroker, wait_ready
 from streams.bus.processes import free_port
 from config import Config, arm_trainer_config, replace
+from trainer.roles import role_config
 from streams.names import Component, Stat
 
 log = logging.getLogger("streamrec.stack")
@@ -202,6 +203,8 @@ class LocalStack:
         for arm, trainer in roles:
             path = self.run_dir / f"config-{arm}.yaml"
             rcfg = replace(cfg, trainer={**trainer, "checkpoint_dir": str(self.dirs["checkpoints"] / arm)})
+            # the role's preset (an FM's larger tables, a VM's smaller ones with distillation), written out
+            rcfg = replace(rcfg, trainer=msgspec.to_builtins(role_config(rcfg.trainer)))
             path.write_text(yaml.safe_dump(msgspec.to_builtins(rcfg), sort_keys=False))
             out.append((f"trainer-{arm}", path))
         return out

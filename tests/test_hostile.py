@@ -248,7 +248,8 @@ def test_hostile_input_into_a_running_stack_is_dead_lettered_and_nothing_else_ch
     # -- from what the processes left: the store, the examples topic, the trainer's last checkpoint
     assert dead_letter_problems(items, where, _stored_dead_letters(cfg)) == []
     expected = _expected_labels(good)
-    examples = Counter((e.example_id, e.click, e.conversion) for e in _read_with_broker(stack, cfg))
+    read = _read_with_broker(stack, cfg, {cfg.topics.examples: schema.Example})[cfg.topics.examples]
+    examples = Counter((e.example_id, e.click, e.conversion) for e in read)
     assert sorted(examples) == sorted((k, *v) for k, v in expected.items())
     assert set(examples.values()) == {1}
     found = checkpoint.load_latest(stack.dirs["checkpoints"])

@@ -116,7 +116,11 @@ def test_every_panel_query_runs(store):
         schema.ServiceStats("labels", now, {"events_in": 90.0, "examples_out": 40.0}),
         schema.ServiceStats("trainer", now, {"examples_trained": 30.0, "embedding_bytes_d8": 4096.0,
                                              "embedding_rows_d8": 128.0, "user_freshness_p50_ms": 800.0,
-                                             "user_freshness_p99_ms": 1500.0, "user_backlog": 0.0})]))
+                                             "user_freshness_p99_ms": 1500.0, "user_backlog": 0.0,
+                                             "delta_fraction": 0.03, "loopfm_age_p50_s": 2.0}),
+        schema.ServiceStats("serving", now, {"qps": 400.0, "latency_p50_ms": 3.0, "latency_p99_ms": 9.0,
+                                             "arm_model_age_s.main": 4.0}),
+        schema.ServiceStats("distill", now, {"teacher_coverage": 0.98, "teacher_age_p50_ms": 300.0})]))
     store.insert("dead_letters", dead_letter_rows([schema.dead_letter("unparseable: x", b"x", ts=now)]))
     from dashboards.feature_stats import feature_stats_rows
     recs = []

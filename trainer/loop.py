@@ -46,7 +46,7 @@ import msgspec
 import numpy as np
 import torch
 
-from config import Config, replace
+from config import Config
 from embedding_store.users import index_path
 from streams import schema
 from streams.bus import kafka_io
@@ -56,7 +56,7 @@ from trainer.export import export
 from trainer.features import featurize
 from trainer.loopfm import LoopFM
 from trainer.model import Learner
-from trainer.roles import role_config, serves
+from trainer.roles import serves
 from trainer.publish import Publisher
 from trainer.telemetry import Throughput, service_stats
 from trainer.users.features import user_worker
@@ -101,8 +101,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, resume: bool, record_ids: bool = False, export_dir: str | None = None,
                  publish_dir: str | None = None):
-        # a role's preset (an FM's larger tables, a VM's smaller ones and distillation: trainer/roles.py)
-        cfg = replace(cfg, trainer=msgspec.to_builtins(role_config(cfg.trainer)))
         self.cfg, self.tc = cfg, cfg.trainer
         self.export_dir = export_dir or cfg.trainer.export_dir
         self.publish_dir = publish_dir or cfg.trainer.publish_dir

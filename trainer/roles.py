@@ -6,8 +6,8 @@
 ====================  ===================  ==================  =================================================
 field                 TrainerConfig        fm                  vm
 ====================  ===================  ==================  =================================================
-hash_buckets          100,000              400,000             25,000 (smaller tables)
-embedding_dim         16                   32                  8
+hash_buckets          100,000              200,000             25,000 (smaller tables)
+embedding_dim         16                   24                  8
 history_len           8                    32 (longest)        4 (shorter histories)
 cat_slots             4                    4                   2 (fewer features)
 user_model            True                 True (the LLaTTE    False (no FM-sized user side on a VM's serving
@@ -45,7 +45,9 @@ ROLES = ("ranker", "fm", "vm")
 
 PRESETS: dict[str, dict[str, object]] = {
     "ranker": {},
-    "fm": {"hash_buckets": 400_000, "embedding_dim": 32, "history_len": 32, "cat_slots": 4, "user_model": True},
+    # 12 tables x 200k rows x 24 dims: 230 MB of weights (the ranker's default: 77 MB), so that an FM, its
+    # checkpoints and VMs still fit a laptop beside the rest of the stack
+    "fm": {"hash_buckets": 200_000, "embedding_dim": 24, "history_len": 32, "cat_slots": 4, "user_model": True},
     "vm": {"hash_buckets": 25_000, "embedding_dim": 8, "history_len": 4, "cat_slots": 2, "user_model": False,
            "teacher_weight": 1.0},
 }
