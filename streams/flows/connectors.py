@@ -271,11 +271,12 @@ class _PartitionWriter(StatefulSinkPartition[OutBatch, None]):
         self.sink.release()
 
 
-class LabelsSink(FixedPartitionedSink[OutBatch, None]):
-    """One writer per partition key, one producer per process; items stay on the worker that joined them."""
+class _PerPartitionSink(FixedPartitionedSink):
+    """One writer per partition key (items stay on the worker whose state made them), one producer per process
+    shared by its writers: :meth:`acquire` when a writer is built, :meth:`release` when it closes."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.stats = cfg, _Stats(cfg)
+        self.cfg = cfg
         self.producer, self.users, self.lock = None, 0, threading.Lock()
         n = cfg.topics.partitions
         self.keys = [part_key(p, n) for p in range(n)]
@@ -298,6 +299,14 @@ class LabelsSink(FixedPartitionedSink[OutBatch, None]):
 
     def part_fn(self, item_key: str) -> int:
         return sorted(self.keys).index(item_key)
+
+
+class LabelsSink(_PerPartitionSink):
+    """The labels flow's output: examples, dead letters and its ServiceStats."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.stats = _Stats(cfg)
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _PartitionWriter:
         return _PartitionWriter(self.cfg, for_part, self.keys.index(for_part), self.stats, self)
@@ -557,33 +566,13 @@ class _DistillWriter(StatefulSinkPartition[DistillOut, None]):
         self.sink.release()
 
 
-class DistillSink(FixedPartitionedSink[DistillOut, None]):
+class DistillSink(_PerPartitionSink):
     """examples_distilled (each example to its input partition number, key user id), dead letters, and the
-    flow's ServiceStats; one writer per partition key, one producer per process."""
+    flow's ServiceStats."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.stats = cfg, _DistillStats(cfg)
-        self.producer, self.users, self.lock = None, 0, threading.Lock()
-        self.keys = [part_key(p, cfg.topics.partitions) for p in range(cfg.topics.partitions)]
-
-    def acquire(self):
-        with self.lock:
-            if self.producer is None:
-                self.producer = kafka_io.make_producer(self.cfg.kafka.bootstrap_servers, self.cfg.kafka.client)
-            self.users += 1
-            return self.producer
-
-    def release(self) -> None:
-        with self.lock:
-            self.users -= 1
-            if self.users == 0:
-                self.producer = None
-
-    def list_parts(self) -> list[str]:
-        return list(self.keys)
-
-    def part_fn(self, item_key: str) -> int:
-        return sorted(self.keys).index(item_key)
+        super().__init__(cfg)
+        self.stats = _DistillStats(cfg)
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _DistillWriter:
         return _DistillWriter(self.cfg, for_part, self)
