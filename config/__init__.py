@@ -60,6 +60,10 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     teacher_predictions: str = "teacher_predictions"
     examples_distilled: str = "examples_distilled"
     fm_embeddings: str = "fm_embeddings"
+    # SOLARIS (trainer/solaris.py): the precompute service's FM pair predictions, keyed by user id
+    solaris_pairs: str = "solaris_pairs"
+    # ad creatives (issue 18): one AdCreative record per ad at its birth (content embedding, category path)
+    ads: str = "ads"
     partitions: int = 4  # impressions, clicks and conversions must share this count
 
     def input_topics(self) -> tuple[str, str, str]:
@@ -68,7 +72,7 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def all(self) -> tuple[str, ...]:
         return (self.impressions, self.clicks, self.conversions, self.examples, self.dead_letters,
                 self.predictions, self.service_stats, self.feature_stats, self.teacher_predictions,
-                self.examples_distilled, self.fm_embeddings)
+                self.examples_distilled, self.fm_embeddings, self.solaris_pairs, self.ads)
 
 
 class LabelsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -197,6 +201,10 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # often an FM publishes the users and ads it trained on since (0: after every batch)
     loopfm_dim: int = 48
     loopfm_publish_every_s: float = 1.0
+    # SOLARIS (trainer/solaris.py): a VM reads the precompute service's cached FM pair predictions (user, ad)
+    # as input features; a cached entry older than solaris_max_age_s counts as a miss
+    solaris: bool = False
+    solaris_max_age_s: float = 600.0
     # 0 = as fast as it can; > 0 caps the examples trained per second (averaged from the trainer's start): a
     # deliberately slow trainer, to see backpressure (lag grows, the training_backlog alert fires, memory stays
     # bounded) or to leave cores to other work
@@ -216,6 +224,19 @@ class DistillConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     teacher_wait_s: float = 30.0
     max_pending: int = 1_000_000
     recovery_dir: str = ""
+
+
+class SolarisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The SOLARIS precompute service (trainer/solaris.py, ``streamrec precompute``): which (user, ad) pairs it
+    predicts will be requested soon, how many it may compute per request seen (``budget``), how long a cached
+    pair lives (``ttl_s``)."""
+
+    ttl_s: float = 600.0
+    budget: float = 2.0  # pairs precomputed per request (impression) seen, at most
+    recent_ads: int = 8  # per user: the ads of their latest impressions
+    neighbours: int = 4  # per user: nearest users in the FAISS user index whose recent ads are candidates
+    domain_candidates: int = 8  # per user: the most shown ads of the user's domains
+    max_entries: int = 2_000_000  # cache bound (least recently written leave first)
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -315,6 +336,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dashboard: DashboardConfig = DashboardConfig()
     serving: ServingConfig = ServingConfig()
     distill: DistillConfig = DistillConfig()
+    solaris: SolarisConfig = SolarisConfig()
 
     def models_dir(self) -> str:
         return self.serving.models_dir or str(Path(self.data_dir, "models"))
