@@ -156,8 +156,13 @@ OVERVIEW = Dashboard(
               needs="streamrec up --serve (or trainer.publish_dir)"),
         Panel("transfer", "Foundation model: teacher coverage and age", q.TRANSFER, unit="short",
               description="the teacher join: share of examples that reached the VMs with the FM's prediction, and "
-                          "that prediction's age when they left; per VM the age of the FM vectors it read (LoopFM)",
+                          "that prediction's age when they left; per VM the age of the FM vectors it read and the "
+                          "share of its lookups that missed (LoopFM); how far the FM and each VM trail the stream",
               needs="streamrec up --with-fm"),
+        Panel("model_quality", "Models by domain", q.MODEL_QUALITY, "table", width=24,
+              description="per model (the FM, each vertical model, each serving arm: the arm that scored) and "
+                          "domain: progressive click AUC, NE and calibration (predicted / observed), conversion "
+                          "AUC and NE"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

@@ -682,8 +682,10 @@ SELECT t, series, max(v) AS value FROM (
 GROUP BY t, series
 ORDER BY t, series"""
 
+_FM_OR_VM = "(instance = 'fm' OR startsWith(instance, 'vm'))"  # the trainers of streamrec up --with-fm (arms)
 # foundation-model transfer: the teacher join's coverage and teacher age (component distill), and per VM the
-# median age of the FM vectors its LoopFM store served
+# median age of the FM vectors its LoopFM store served and the share of its lookups that missed (absent or stale);
+# how far each model trails the stream (newest event trained, against now)
 TRANSFER = f"""
 SELECT t, series, max(v) AS value FROM (
     SELECT t, 'teacher coverage %' AS series, 100 * v AS v
@@ -693,9 +695,39 @@ SELECT t, series, max(v) AS value FROM (
     FROM ({_latest(f"component = '{C.DISTILL}' AND name = '{S.TEACHER_AGE_P50_MS}'")})
     UNION ALL
     SELECT t, concat('FM embedding age p50 s, ', instance) AS series, v
-    FROM ({_latest(f"component = '{C.TRAINER}' AND name = '{S.LOOPFM_AGE_P50_S}'")}))
+    FROM ({_latest(f"component = '{C.TRAINER}' AND name = '{S.LOOPFM_AGE_P50_S}'")})
+    UNION ALL
+    SELECT t, concat('behind the stream s, ', instance) AS series, v / 1000 AS v
+    FROM ({_latest(f"component = '{C.TRAINER}' AND name = '{S.FRESHNESS_MS}' AND {_FM_OR_VM}")})
+    UNION ALL
+    SELECT t, series, miss_pct AS v FROM (
+        SELECT t, concat('LoopFM misses %, ', instance) AS series,
+               100 * (sumIf(v, name = 'loopfm_misses') + sumIf(v, name = 'loopfm_stale'))
+                   / sumIf(v, name = 'loopfm_lookups') AS miss_pct
+        FROM ({_latest(f"component = '{C.TRAINER}' AND name IN ('loopfm_lookups', 'loopfm_misses', 'loopfm_stale')")})
+        GROUP BY t, instance
+        HAVING sumIf(v, name = 'loopfm_lookups') > 0))
 GROUP BY t, series
 ORDER BY t, series"""
+
+# per model (the arm that scored: the FM, each VM, each serving arm) and domain: click AUC, NE and calibration,
+# conversion AUC and NE; inner aliases differ from the outer ones (see QUALITY)
+MODEL_QUALITY = f"""
+SELECT m AS model, domain,
+       anyIf(o_n, objective = 'click') AS n,
+       anyIf(o_auc, objective = 'click') AS auc,
+       anyIf(o_ne, objective = 'click') AS ne,
+       anyIf(o_cal, objective = 'click') AS calibration,
+       anyIf(o_auc, objective = 'conversion') AS cvr_auc,
+       anyIf(o_ne, objective = 'conversion') AS cvr_ne
+FROM (
+    SELECT toString(arm) AS m, domain, objective, count() AS o_n, {AUC} AS o_auc, {NE} AS o_ne,
+           {CALIBRATION} AS o_cal
+    FROM {_PRED}
+    WHERE {_WHERE}
+    GROUP BY m, domain, objective)
+GROUP BY m, domain
+ORDER BY m, domain"""
 
 EMBEDDING_DIMS = f"""
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,

@@ -107,6 +107,40 @@ def test_reinserting_a_batch_changes_nothing(store):
     assert store.query(q.render(q.EXAMPLES_SCORED, "live"), params).rows == [(2 * 1500,)]
 
 
+def test_two_models_scoring_the_same_examples_keep_their_own_rows_and_metrics(store):
+    import msgspec
+
+    fm = random_batches(np.random.default_rng(6), n_batches=2)
+    noise = np.random.default_rng(7)  # the VM: same examples and labels, noisier scores
+    vm = [msgspec.structs.replace(b, arm="vm-feed", p_click=np.clip(np.array(b.p_click) + noise.normal(0, 0.3, len(
+        b.p_click)), 0.01, 0.99).tolist()) for b in fm]
+    fm = [msgspec.structs.replace(b, arm="fm") for b in fm]
+    store.insert("predictions", prediction_rows(fm, 0))
+    store.insert("predictions", prediction_rows(vm, 0))
+    rows = store.query(q.render(q.MODEL_QUALITY, "live"), q.live_parameters(60)).records()
+    got = {(r["model"], r["domain"]): r for r in rows}
+    assert {m for m, _ in got} == {"fm", "vm-feed"}
+    for model, batches in (("fm", fm), ("vm-feed", vm)):
+        for d, (n, _, auc, ne, cal) in reference(batches, "click").items():
+            row = got[(model, d)]
+            assert row["n"] == n and row["auc"] == pytest.approx(auc, abs=1e-9), (model, d)
+            assert row["ne"] == pytest.approx(ne, rel=1e-6) and row["calibration"] == pytest.approx(cal, rel=1e-6)
+    assert all(got[("fm", d)]["auc"] > got[("vm-feed", d)]["auc"] for d in DOMAINS)
+
+
+def test_transfer_panel_shows_loopfm_misses_and_how_far_each_model_trails(store):
+    now = int(time.time() * 1000)
+    store.insert("service_stats", stats_rows([
+        schema.ServiceStats("trainer", now, {"freshness_ms": 90_000.0}, "fm"),
+        schema.ServiceStats("trainer", now, {"freshness_ms": 4_000.0, "loopfm_lookups": 200.0, "loopfm_misses": 30.0,
+                                             "loopfm_stale": 20.0}, "vm-feed"),
+        schema.ServiceStats("trainer", now, {"freshness_ms": 1_000.0}, "main")]))  # not an FM or a VM: left out
+    res = store.query(q.render(q.TRANSFER, "live"), q.live_parameters(2)).records()
+    got = {r["series"]: r["value"] for r in res}
+    assert got == {"behind the stream s, fm": 90.0, "behind the stream s, vm-feed": 4.0,
+                   "LoopFM misses %, vm-feed": 25.0}
+
+
 def test_every_panel_query_runs(store):
     store.insert("predictions", prediction_rows(random_batches(np.random.default_rng(4), n_batches=4), 0))
     now = int(time.time() * 1000)
