@@ -273,7 +273,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def test_fm_killed_mid_stream_vm_keeps_training_every_example_once_per_model(cfg, tmp_path):
+def test_fm_and_vm_killed_mid_stream_vm_keeps_training_every_example_once_per_model(cfg, tmp_path):
     n = 6000
     cfg = replace(cfg, distill={"teacher_wait_s": 5.0})
     exs = make_examples(n, seed=3)
@@ -293,8 +293,15 @@ def test_fm_killed_mid_stream_vm_keeps_training_every_example_once_per_model(cfg
         assert procs[1].wait(10) == -signal.SIGKILL
         killed_at = sum(_trained(tmp_path / "ckpt-fm").values())
         assert 0 < killed_at < n, "the kill must land mid-stream"
+        # the VM is killed too, and resumes from its checkpoint while the FM is down
+        _wait(lambda: checkpoint.latest(tmp_path / "ckpt-vm") is not None, 60, "the VM's first checkpoint", log)
+        procs[2].send_signal(signal.SIGKILL)
+        assert procs[2].wait(10) == -signal.SIGKILL
+        vm_at = sum(_trained(tmp_path / "ckpt-vm").values())
+        assert 0 < vm_at < n, "the VM's kill must land mid-stream"
+        procs.append(_spawn(vm, log, "train", "--resume", "--record-trained-ids", "--max-examples", str(n - vm_at)))
         # with the FM down the VM trains everything: examples go on without teacher after the wait
-        assert procs[2].wait(60) == 0, log.read_text()[-3000:]
+        assert procs[-1].wait(60) == 0, log.read_text()[-3000:]
         producer.join(10)
         vm_ids = _trained(tmp_path / "ckpt-vm")
         assert len(vm_ids) == n and set(vm_ids.values()) == {1}
