@@ -30,6 +30,12 @@ only if they reach the topic before the log's end-of-log mark (it closes their w
 (it was down, had no model yet, or died mid-request) is counted in ``requests_failed`` and makes no claim.
 The verdict never depends on when a kill lands: the run waits for completion, however long recovery takes,
 up to a timeout that fails the run.
+
+``--with-fm`` runs the foundation-model stack instead (``streamrec up --with-fm``, no ranking service: the two do
+not combine yet): the FM, one vertical model per :data:`FM_VM_GROUPS` entry and the teacher-join flow, killed in
+turn with the rest (:data:`FM_KILL_ORDER`). Every model is checked on its own: the FM must hold every example of
+the log once, each VM every example of its domains once (``models`` in the result: trained, lost, doubled per
+model; ``lost`` and ``doubled`` are their sums), and the store one row per model, example and objective.
 """
 
 from __future__ import annotations
@@ -65,8 +71,15 @@ log = logging.getLogger("streamrec.chaos")
 # (the restarted service serves the versions already published, then the resumed trainer's), both before the
 # storage and broker outages
 KILL_ORDER = ("labels", "serve", "trainer", "storage", "dashboard", "stats", "broker")
+# --with-fm: the vertical models' domain groups (covering the generator's domains), and the kill order: the FM
+# first (the VMs go on without teachers, then with them again), then a VM while the FM runs
+FM_VM_GROUPS = (("feed", "stories"), ("video", "search"))
+FM_KILL_ORDER = ("labels", "trainer-fm", "distill", "trainer-vm-feed-stories", "storage", "dashboard", "stats",
+                 "trainer-vm-video-search", "broker")
 WHAT_DIES = {"trainer": "trainer + user-model thread", "dashboard": "dashboard + metrics sink",
-             "serve": "ranking service"}
+             "serve": "ranking service", "trainer-fm": "foundation model (trainer + user-model thread)",
+             "distill": "teacher-join dataflow", "trainer-vm-feed-stories": "vertical model feed+stories",
+             "trainer-vm-video-search": "vertical model video+search"}
 # request ids of the served traffic start with this (the generator's impression ids start with "imp-"), so a
 # served impression's id f"{request_id}.{position}" tells it from the log's
 SERVED_PREFIX = "chaos-"
@@ -97,13 +110,24 @@ class ChaosResult:
     restarts: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     settled: bool = False
+    # --with-fm: per model (arm): (examples it must hold, trained, lost, doubled)
+    models: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+
+    @property
+    def with_fm(self) -> bool:
+        return bool(self.models)
+
+    @property
+    def expected_rows(self) -> int:
+        """Prediction rows the store must hold: per example and objective, once per model that trains it."""
+        return 2 * (sum(m[0] for m in self.models.values()) if self.models else self.impressions)
 
     @property
     def ok(self) -> bool:
+        served = self.with_fm or (self.served_requests > 0 and self.served_lost == 0)
         return (self.settled and self.lost == 0 and self.doubled == 0 and self.wrong_labels == 0
-                and self.labelled == self.impressions and self.stored_rows == 2 * self.impressions
-                and self.dead_letters == self.bad_records and not self.unexpected_dead
-                and self.served_requests > 0 and self.served_lost == 0)
+                and self.labelled == self.impressions and self.stored_rows == self.expected_rows
+                and self.dead_letters == self.bad_records and not self.unexpected_dead and served)
 
 
 class _Producer(threading.Thread):
@@ -326,32 +350,39 @@ def _store_counts(cfg: Config) -> tuple[int, dict[str, int]]:
 
 
 def run_chaos(cfg: Config, data_dir: Path, *, events: int, rate: float, rounds: int = 1, bad_rate: float = 0.01,
-              seed: int = 7, settle_timeout: float = 300.0, serve_timeout: float = 180.0,
+              seed: int = 7, settle_timeout: float = 300.0, serve_timeout: float = 180.0, with_fm: bool = False,
               progress=print) -> ChaosResult:
     """One chaos run in a fresh durable stack under ``data_dir``; see the module docstring. ``serve_timeout``:
     how long the run waits for the ranking service to answer (before it is killed: the trainer's first version
-    published and loaded; after: the restarted service), else RuntimeError."""
+    published and loaded; after: the restarted service), else RuntimeError. ``with_fm``: the foundation-model
+    stack (FM, vertical models, teacher join) instead of the ranking service."""
     t_start = time.monotonic()
     cfg = replace(cfg, data_dir=str(data_dir), kafka={"bootstrap_servers": ""},
                   trainer={"checkpoint_every_s": 5.0, "publish_every_s": 2.0},
                   serving={"port": free_port(), "arms": [{"name": "main", "share": 1.0}]})
-    stack = LocalStack(cfg, data_dir / "runs" / "chaos", fresh=True, port=free_port(), serve=True,
+    if with_fm:  # a VM waits for its teacher at most 5 s: the run does not crawl while the FM is down
+        cfg = replace(cfg, distill={"teacher_wait_s": 5.0})
+    stack = LocalStack(cfg, data_dir / "runs" / "chaos", fresh=True, port=free_port(), serve=not with_fm,
+                       with_fm=with_fm, vm_groups=FM_VM_GROUPS if with_fm else ((),),
                        trainer_args=("--record-trained-ids",), labels_args=("--epoch-s", "2"))
     res = ChaosResult()
     records = generated_log(events, seed, bad_rate, ScenarioConfig())
     res.impressions = sum(isinstance(r, schema.Impression) for r in records)
     res.bad_records = sum(isinstance(r, BadRecord) for r in records)
+    if with_fm:
+        res.models = {arm: (n, 0, 0, 0) for arm, n in _fm_expected(records).items()}
     requests: _Requests | None = None
     tail: _ExampleTail | None = None
     try:
         cfg = stack.start()
         watcher = StatsWatcher(cfg)
         producer = _Producer(cfg, records, rate)
-        requests = _Requests(cfg.serving.host, cfg.serving.port, records, prefix=f"{SERVED_PREFIX}{seed}-",
-                             event_ts=lambda: producer.ts, seed=seed)
         producer.start()
-        requests.start()
-        schedule = [name for _ in range(rounds) for name in KILL_ORDER]
+        if not with_fm:
+            requests = _Requests(cfg.serving.host, cfg.serving.port, records, prefix=f"{SERVED_PREFIX}{seed}-",
+                                 event_ts=lambda: producer.ts, seed=seed)
+            requests.start()
+        schedule = [name for _ in range(rounds) for name in (FM_KILL_ORDER if with_fm else KILL_ORDER)]
         interval = len(records) / rate / (len(schedule) + 1)
         answered_at_kill = 0  # requests answered when the service was last killed
         for name in schedule:  # spread over the production, then one after the other if recovery is slower
@@ -367,13 +398,16 @@ def run_chaos(cfg: Config, data_dir: Path, *, events: int, rate: float, rounds: 
         producer.done.wait()
         if producer.error is not None:
             raise RuntimeError(f"chaos: the producer failed: {producer.error}") from producer.error
-        requests.wait_answered(answered_at_kill + 1, serve_timeout,
-                               f"after its restart (see {stack.child('serve').log_path})")
-        # the impressions of what it was answered are on the topic (or, answered while the broker was away, in the
-        # service's memory until delivered); the settle below counts those that were labelled
-        requests.stop()
-        progress(f"log produced, the ranking service answered again after its restart "
-                 f"({requests.answered} answered, {requests.failed} failed); settling")
+        if requests is not None:
+            requests.wait_answered(answered_at_kill + 1, serve_timeout,
+                                   f"after its restart (see {stack.child('serve').log_path})")
+            # the impressions of what it was answered are on the topic (or, answered while the broker was away, in
+            # the service's memory until delivered); the settle below counts those that were labelled
+            requests.stop()
+            progress(f"log produced, the ranking service answered again after its restart "
+                     f"({requests.answered} answered, {requests.failed} failed); settling")
+        else:
+            progress("log produced; settling")
         url = f"http://{cfg.dashboard.host}:{cfg.dashboard.port}/"
         tail = _ExampleTail(cfg)
         deadline = time.monotonic() + settle_timeout
@@ -383,7 +417,8 @@ def run_chaos(cfg: Config, data_dir: Path, *, events: int, rate: float, rounds: 
             if tail.catch_up() and len(tail.log_ids) >= res.impressions:
                 # the trainer trained at most the served examples the tail saw: the rest are the log's
                 everything = res.impressions + len(tail.served_ids)
-                if trained >= everything and stored >= 2 * everything:
+                rows = res.expected_rows if with_fm else 2 * everything
+                if trained >= everything and stored >= rows:
                     res.settled = True
                     break
             time.sleep(0.5)
@@ -407,22 +442,50 @@ def run_chaos(cfg: Config, data_dir: Path, *, events: int, rate: float, rounds: 
     labels = {e.example_id: (e.click, e.conversion) for e in examples}
     res.labelled = len(set(labels) & set(expected))
     res.wrong_labels = sum(labels.get(k) != v for k, v in expected.items() if k in labels)
-    found = checkpoint.load_latest(stack.dirs["checkpoints"])
-    trained = list(found[1]["trained_ids"]) if found else []
-    counts = Counter(trained)
-    res.trained = len(set(counts) & set(expected))
-    res.served_trained = sum(k.startswith(SERVED_PREFIX) for k in counts)
-    res.doubled = sum(n - 1 for n in counts.values())  # any id, the log's or served, applied twice
-    res.lost = len(set(expected) - set(counts))
+    if with_fm:
+        domain = {r.event_id: r.domain for r in records if isinstance(r, schema.Impression)}
+        for arm, (n, _, _, _) in res.models.items():
+            found = checkpoint.load_latest(stack.dirs["checkpoints"] / arm)
+            counts = Counter(found[1]["trained_ids"] if found else [])
+            mine = {k for k in expected if _fm_trains(arm, domain.get(k, ""))}
+            res.models[arm] = (n, len(set(counts) & mine), len(mine - set(counts)),
+                               sum(c - 1 for c in counts.values()))
+        res.trained = res.models["fm"][1]  # the FM trains every example
+        res.lost = sum(m[2] for m in res.models.values())
+        res.doubled = sum(m[3] for m in res.models.values())
+    else:
+        found = checkpoint.load_latest(stack.dirs["checkpoints"])
+        trained = list(found[1]["trained_ids"]) if found else []
+        counts = Counter(trained)
+        res.trained = len(set(counts) & set(expected))
+        res.served_trained = sum(k.startswith(SERVED_PREFIX) for k in counts)
+        res.doubled = sum(n - 1 for n in counts.values())  # any id, the log's or served, applied twice
+        res.lost = len(set(expected) - set(counts))
     res.stored_rows, dead = _store_counts(cfg)
     res.dead_letters = sum(dead.values())
     res.unexpected_dead = {k: v for k, v in dead.items() if k not in ("unparseable", "schema", "invalid", "too large")}
-    on_topic = {imp.event_id for imp in impressions if imp.event_id.startswith(SERVED_PREFIX)}
-    res.served_requests, res.served_impressions = requests.answered, len(requests.served)
-    res.served_lost = len(requests.served - on_topic)
-    res.requests_failed, res.request_errors = requests.failed, dict(requests.errors)
+    if requests is not None:
+        on_topic = {imp.event_id for imp in impressions if imp.event_id.startswith(SERVED_PREFIX)}
+        res.served_requests, res.served_impressions = requests.answered, len(requests.served)
+        res.served_lost = len(requests.served - on_topic)
+        res.requests_failed, res.request_errors = requests.failed, dict(requests.errors)
     res.elapsed_s = time.monotonic() - t_start
     return res
+
+
+def _fm_arm(group: tuple[str, ...]) -> str:
+    return "vm" if not group else "vm-" + "-".join(group)  # as deploy.stack.LocalStack._fm_configs names them
+
+
+def _fm_trains(arm: str, domain: str) -> bool:
+    """Whether model ``arm`` of a ``--with-fm`` run trains an example of ``domain``."""
+    return arm == "fm" or any(_fm_arm(g) == arm and domain in g for g in FM_VM_GROUPS)
+
+
+def _fm_expected(records: list) -> dict[str, int]:
+    """Per model of a ``--with-fm`` run, the examples of the log it must train."""
+    doms = [r.domain for r in records if isinstance(r, schema.Impression)]
+    return {arm: sum(_fm_trains(arm, d) for d in doms) for arm in ("fm", *map(_fm_arm, FM_VM_GROUPS))}
 
 
 def _read_with_broker(stack: LocalStack, cfg: Config, kinds: dict[str, type]) -> dict[str, list]:
@@ -434,6 +497,14 @@ def _read_with_broker(stack: LocalStack, cfg: Config, kinds: dict[str, type]) ->
         with EmbeddedBroker(storage_port=s3.port, cluster_id=stack.broker.cluster_id) as broker:
             bcfg = replace(cfg, kafka={"bootstrap_servers": broker.bootstrap_servers})
             return _read_topics(bcfg, kinds)
+
+
+def model_table(results: list[ChaosResult]) -> tuple[tuple[str, ...], list[tuple]]:
+    """``--with-fm``: one row per run and model."""
+    header = ("run", "model", "examples", "trained", "lost", "doubled")
+    rows = [(i + 1, arm, f"{n:,}", f"{t:,}", lost, dbl) for i, r in enumerate(results)
+            for arm, (n, t, lost, dbl) in r.models.items()]
+    return header, rows
 
 
 def table(results: list[ChaosResult]) -> tuple[tuple[str, ...], list[tuple]]:
@@ -453,7 +524,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         with tempfile.TemporaryDirectory(prefix="streamrec-chaos-") as tmp:
             d = Path(args.data_dir).resolve() / f"chaos-{i}" if args.data_dir else Path(tmp)
             r = run_chaos(cfg, d, events=args.events, rate=args.rate, rounds=args.rounds, seed=args.seed + i,
-                          progress=lambda m: print(m, file=sys.stderr))
+                          with_fm=args.with_fm, progress=lambda m: print(m, file=sys.stderr))
             results.append(r)
             verdict = "OK" if r.ok else "FAILED"
             print(f"run {i + 1}: {verdict}: lost {r.lost}, doubled {r.doubled}, wrong labels {r.wrong_labels}, "
@@ -462,6 +533,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                   file=sys.stderr)
     header, rows = table(results)
     _print_table(header, rows)
+    if args.with_fm:
+        print()
+        _print_table(*model_table(results))
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -487,4 +561,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=1, help="chaos runs in a row, each in a fresh stack (default 1)")
     p.add_argument("--seed", type=int, default=7, help="generator seed of the first run")
     p.add_argument("--data-dir", default=None, help="keep each run's stack here (default: a temporary directory)")
+    p.add_argument("--with-fm", action="store_true",
+                   help="the foundation-model stack instead of the ranking service: the FM, a vertical model per "
+                        f"domain group ({'; '.join('+'.join(g) for g in FM_VM_GROUPS)}) and the teacher join, "
+                        f"killed in turn with the rest ({', '.join(FM_KILL_ORDER)}); every model must hold each "
+                        "of its examples exactly once")
     p.set_defaults(func=run)
