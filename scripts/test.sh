@@ -13,4 +13,4 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
 fi
 cd "$root"
-exec "$root/.venv/bin/python" -m pytest --doctest-modules config streams trainer embedding_store dashboards deploy tests "$@"
+exec "$root/.venv/bin/python" -m pytest --durations=25 --doctest-modules config streams trainer embedding_store dashboards deploy tests "$@"
