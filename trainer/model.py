@@ -163,7 +163,7 @@ class MDMOModel(nn.Module):
         self.user_in = 2 * tcfg.user_dim if tcfg.user_model else 0  # [u, u * v_ad] (trainer/users/features.py)
         self.loopfm_in = 3 * tcfg.loopfm_dim + 1 if tcfg.loopfm else 0  # [u_fm, a_fm, u_fm * a_fm, present]
         if self.loopfm_in:  # the FM's partial logit read off its vectors (see _loopfm_shortcut), per objective
-            self.loopfm_first = nn.Parameter(torch.ones(N_OBJ, device=device))
+            self.loopfm_first = nn.Parameter(torch.full((N_OBJ,), LOOPFM_FIRST_INIT, device=device))
             self.loopfm_inter = nn.Parameter(torch.ones(N_OBJ, device=device))
             # running means of the two terms over rows with vectors (first-order per objective, interaction)
             self.register_buffer("loopfm_mean", torch.zeros(N_OBJ + 1, device=device))
@@ -220,8 +220,8 @@ class MDMOModel(nn.Module):
         side are the FM's first-order weights, the rest its factors (and, with its user model, the user
         model's vectors), so ``u_fm[:N_OBJ] + a_fm[:N_OBJ] + sum(u_fm * a_fm)[N_OBJ:]`` is the part of the
         FM's shortcut logit (:func:`_shortcuts`) that the user and the ad carry. Scaled per objective by
-        ``loopfm_first`` and ``loopfm_inter`` (both start at 1: the VM starts from the FM's reading of the pair
-        and learns how far to trust it), each centred on its running mean over the rows that had vectors (the
+        ``loopfm_first`` and ``loopfm_inter`` (the VM starts from the FM's reading of the pair and learns how far
+        to trust it: the interaction at 1, the first-order weights at :data:`LOOPFM_FIRST_INIT`), each centred on its running mean over the rows that had vectors (the
         FM's intercepts live in its head and domain biases, not in the vectors: uncentred, the VM's NE went
         from 0.965 to 0.984 while its own biases caught up at the dense learning rate); zero where a side is
         missing or stale.
@@ -269,6 +269,12 @@ class MDMOModel(nn.Module):
 
 
 LOOPFM_MEAN_MOMENTUM = 0.01  # the running means' weight of a batch, once past the first 1 / 0.01 batches
+# the starting weight of the FM's first-order terms in the LoopFM readout (the interaction's is 1). Measured on
+# bench transfer --quick's stationary run (LoopFM ratio, pooled NE; VM alone NE 0.9651): first / interaction
+# 1 / 1: 0.14, NE 0.977; 1 / 0: -0.05, NE 0.985; 0 / 1: 0.19, NE 0.958; 0 / 2: 0.22; 0.5 / 0.5: 0.17;
+# 0.25 / 1: 0.25, NE 0.957. The FM's per-id weights are large (|x| ~1-2 against ~0.03 for its factors) and a
+# VM trusting them fully is overconfident until its dense learning rate has scaled them down.
+LOOPFM_FIRST_INIT = 0.25
 
 
 def _shortcuts(e: torch.Tensor, user_side: torch.Tensor) -> torch.Tensor:
