@@ -228,3 +228,44 @@ def test_bench_cascade_on_a_tiny_stream():
     assert 0 <= res["value"] <= 1 and 0 <= res["baseline"] <= 1 and res["value"] == res["multi_task_recall"]
     assert res["cost_ratio"] > 0 and res["final_us_per_candidate"] > 0
     assert any(line.startswith("early stage, multi-task") for line in lines)
+
+
+# -- beside the final ranker in the trainer loop (the real broker) -----------------------------------------------
+def test_trainer_loop_trains_checkpoints_and_publishes_the_early_stage(cfg, tmp_path):
+    from config import replace
+    from streams.bus import kafka_io
+    from tests.test_trainer_service import make_examples
+    from trainer import checkpoint
+    from trainer.loop import Trainer
+    from trainer.publish import VersionStore
+    from trainer.telemetry import Throughput, service_stats
+
+    exs = make_examples(2000)
+    prod = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    for ex in exs:
+        kafka_io.produce(prod, cfg.topics.examples, schema.encode(ex), key=schema.user_key(ex.impression))
+    assert prod.flush(30) == 0
+    del prod
+    root = tmp_path / "models" / "main"
+    cfg = replace(cfg, trainer={"device": "cpu", "batch_size": 256, "hash_buckets": 5000, "user_model": False,
+                                "early_stage": True, "early_stage_buckets": 1000, "publish_every_s": 1.0,
+                                "checkpoint_dir": str(tmp_path / "ckpt")})
+    svc = Trainer(cfg, resume=False, publish_dir=str(root))
+    assert svc.run(idle_exit_s=1.0)["examples_trained"] == 2000
+    es = svc.early
+    assert es.stats["rows"] == 2000 and es.steps == svc.learner.steps and len(es.pool) > 100
+    values = service_stats(svc, Throughput()).values
+    assert values["early_stage_rows"] == 2000 and values["early_stage_pair_rows"] == 4 * 2000
+    cands = [msgspec.structs.replace(exs[0].impression, ad_id=a, campaign_id=a // 3, advertiser_id=a // 15)
+             for a in range(300)]
+    want = rank_impressions(es.model, cfg.trainer, cands)
+    # the newest published version (the shutdown one) serves exactly the trainer's early stage
+    p = VersionStore(root).load()
+    assert p.steps == svc.learner.steps and p.early_stage is not None
+    np.testing.assert_array_equal(rank_impressions(p.early_stage, p.tcfg, cands), want)
+    # the checkpoint holds it; a resumed trainer continues from it
+    _, st = checkpoint.load_latest(tmp_path / "ckpt")
+    assert st["early_stage"]["steps"] == svc.learner.steps
+    again = Trainer(cfg, resume=True, publish_dir=str(root))
+    assert again.early.steps == es.steps and again.early.pool == es.pool
+    np.testing.assert_array_equal(rank_impressions(again.early.model, cfg.trainer, cands), want)
