@@ -16,8 +16,8 @@ advertiser as the stream had them). The exact reference is the final ranker over
 the early stage keeps in its top ``--keep`` (100), averaged over requests (a random cut keeps keep/candidates).
 Recall at other cuts (50, 200) and the mean overlap of the whole cascade's answer with the exact one beside it.
 
-**Cost per candidate**: the wall time of scoring one request's candidates, divided by their number, median
-over requests, one thread: the final = features of every candidate (:func:`trainer.features.impression_batch`)
+**Cost per candidate**: the wall time of scoring one request's candidates (the fastest of 3 runs: on shared
+cores the rest is other processes' time), divided by their number, median over requests, one thread: the final = features of every candidate (:func:`trainer.features.impression_batch`)
 + its forward, exactly what the service pays per candidate; the early stage = the ad ids off the impressions,
 the user tower once, the ad tower and a dot product per candidate
 (:func:`trainer.early_stage.rank_impressions`, what the cascade pays). ``cost_ratio`` = early / final (goal
@@ -57,6 +57,7 @@ WORLD = {"n_users": 3000, "n_ads": 2000, "truth": TRUTH, "domains": DOMAINS, "se
 FINAL = TrainerConfig(batch_size=BATCH, device="cpu", user_model=False, hash_buckets=50_000, embedding_dim=16,
                       early_stage=True)
 CUTS = (50, 100, 200)
+TIMING_REPEATS = 3
 
 
 def train(exs, tc: TrainerConfig, log) -> tuple[Learner, dict[str, EarlyStage]]:
@@ -106,30 +107,39 @@ def final_scores(final: Learner, tc: TrainerConfig, cands) -> np.ndarray:
     return pc.numpy()
 
 
-def evaluate(final: Learner, early: dict[str, EarlyStage], tc: TrainerConfig, reqs, keep: int, top: int) -> dict:
-    """Recall per early stage and cut; per-candidate wall times (median over requests) of each stage."""
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    """The fastest of ``repeats`` calls of ``fn`` (seconds) and its result: on shared cores the minimum is the
+    stage's own cost, the rest is other processes' time."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def evaluate(final: Learner, early: dict[str, EarlyStage], tc: TrainerConfig, reqs, keep: int, top: int,
+             repeats: int = TIMING_REPEATS) -> dict:
+    """Recall per early stage and cut; per-candidate wall times (the fastest of ``repeats`` runs per request,
+    median over requests) of each stage, and of the whole cascade per request."""
     rec = {name: {c: [] for c in (*CUTS, keep)} for name in early}
     answer = {name: [] for name in early}
     times: dict[str, list[float]] = {"final": [], **{name: [] for name in early}}
     cascade_t = {name: [] for name in early}
     for cands in reqs:
         n = len(cands)
-        t = time.perf_counter()
-        pf = final_scores(final, tc, cands)
-        times["final"].append((time.perf_counter() - t) / n)
+        dt, pf = best_of(lambda: final_scores(final, tc, cands), repeats)
+        times["final"].append(dt / n)
         ref = np.argsort(-pf, kind="stable")[:top]
         for name, es in early.items():
-            t = time.perf_counter()
-            le = rank_impressions(es.model, tc, cands)
-            dt = time.perf_counter() - t
+            dt, le = best_of(lambda: rank_impressions(es.model, tc, cands), repeats)
             times[name].append(dt / n)
             order = np.argsort(-le, kind="stable")
             for c in rec[name]:
                 rec[name][c].append(cascade_recall(pf, le, top, c))
             kept = order[:keep]
-            t = time.perf_counter()
-            pk = final_scores(final, tc, [cands[i] for i in kept.tolist()])
-            cascade_t[name].append(dt + time.perf_counter() - t)
+            dk, pk = best_of(lambda: final_scores(final, tc, [cands[i] for i in kept.tolist()]), repeats)
+            cascade_t[name].append(dt + dk)
             got = kept[np.argsort(-pk, kind="stable")[:top]]
             answer[name].append(len(np.intersect1d(ref, got)) / top)
     med = {k: float(np.median(v)) for k, v in times.items()}
@@ -144,15 +154,15 @@ def n_params(m: torch.nn.Module) -> int:
 
 def main() -> int:
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=None, help="impressions in the stream (default 300000, quick 60000)")
-    p.add_argument("--requests", type=int, default=None, help="ranking requests evaluated (default 300, quick 60)")
+    p.add_argument("--n", type=int, default=None, help="impressions in the stream (default 300000, quick 80000)")
+    p.add_argument("--requests", type=int, default=None, help="ranking requests evaluated (default 300, quick 100)")
     p.add_argument("--candidates", type=int, default=1000, help="candidates per request (default 1000)")
     p.add_argument("--keep", type=int, default=100, help="the early stage's cut: candidates passed on (default 100)")
     p.add_argument("--top", type=int, default=10, help="the final ranker's answer (default 10)")
     p.add_argument("--seed", type=int, default=0, help="added to the generator's and the requests' seed")
     a = p.parse_args()
-    n = a.n or (60_000 if a.quick else 300_000)
-    n_req = a.requests or (60 if a.quick else 300)
+    n = a.n or (80_000 if a.quick else 300_000)
+    n_req = a.requests or (100 if a.quick else 300)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     torch.set_num_threads(1)  # both stages timed alike, on one core
     t0 = time.perf_counter()
