@@ -158,6 +158,10 @@ OVERVIEW = Dashboard(
               description="the teacher join: share of examples that reached the VMs with the FM's prediction, and "
                           "that prediction's age when they left; per VM the age of the FM vectors it read (LoopFM)",
               needs="streamrec up --with-fm"),
+        Panel("early_stage", "Early-stage ranker: losses", q.EARLY_STAGE, unit="short",
+              description="the cascade's early stage, trained beside each arm's ranker: its mean loss on the "
+                          "labels and on the ranker's own scores (what keeps the ranker's best ads in its top K)",
+              needs="trainer.early_stage: true"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

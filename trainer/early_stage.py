@@ -65,6 +65,7 @@ from torch import nn
 
 from config import TrainerConfig
 from streams import schema
+from streams.names import Stat
 from trainer.embeddings import TorchEmbeddings, resolve_device
 from trainer.features import FeatureBatch, hash_ids, table_names
 from trainer.model import DOMAIN_DIM, esmm_loss, teacher_logits
@@ -331,12 +332,12 @@ class EarlyStage:
         since the previous call (absent when nothing was trained since)."""
         st, last = self.stats, getattr(self, "_last_stats", {"rows": 0, "label_loss_sum": 0.0,
                                                                   "distill_loss_sum": 0.0})
-        out = {"early_stage_rows": float(st["rows"]), "early_stage_pair_rows": float(st["pair_rows"])}
+        out = {Stat.EARLY_STAGE_ROWS.value: float(st["rows"]), Stat.EARLY_STAGE_PAIR_ROWS.value: float(st["pair_rows"])}
         n = st["rows"] - last["rows"]
         if n > 0:
-            out["early_stage_label_loss"] = (st["label_loss_sum"] - last["label_loss_sum"]) / n
+            out[Stat.EARLY_STAGE_LABEL_LOSS.value] = (st["label_loss_sum"] - last["label_loss_sum"]) / n
             if self.tasks == "multi":
-                out["early_stage_distill_loss"] = (st["distill_loss_sum"] - last["distill_loss_sum"]) / n
+                out[Stat.EARLY_STAGE_DISTILL_LOSS.value] = (st["distill_loss_sum"] - last["distill_loss_sum"]) / n
         self._last_stats = dict(st)
         return out
 
