@@ -118,6 +118,25 @@ def test_rank_scores_a_request_like_the_batch_path(trained):
     np.testing.assert_allclose(fast, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_candidate_pairs_from_the_feature_arrays_equal_featurized_impressions(trained):
+    """The fast path of step_beside (pairs built from the batch's arrays) equals featurizing the pairs."""
+    from trainer.early_stage import pair_tables
+    from trainer.features import featurize_impressions
+
+    sim, _, multi, _ = trained
+    chunk = example_stream(simulate(GeneratorConfig(n_impressions=40, seed=11, n_users=300, n_ads=300,
+                                                    truth=TRUTH, history_len=3)), "oracle", elapsed_s=0)
+    imps = [e.impression for e in chunk]
+    fb = featurize(chunk, TC)
+    k = TC.early_stage_pairs
+    ads = multi.sample_ads(len(imps) * k)
+    fast = pair_tables(fb, TC, k, *ads)
+    slow = featurize_impressions(multi.pair_impressions(imps, ads), TC)
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+    assert len(fast[3]) == len(imps) * k and len(set(ads[0].tolist())) > 10
+
+
 # -- checkpoints and published versions -------------------------------------------------------------------------
 def test_checkpoint_round_trip_continues_exactly(trained, tmp_path):
     from trainer import checkpoint

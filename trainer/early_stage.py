@@ -190,6 +190,35 @@ def ad_inputs(ad_ids: np.ndarray, campaign_ids: np.ndarray, advertiser_ids: np.n
     return hash_ids(ids, tables, tcfg.hash_buckets) % buckets, np.arange(3 * n + 1, dtype=np.int64)
 
 
+def pair_tables(fb: FeatureBatch, tcfg: TrainerConfig, k: int, ad_ids: np.ndarray, campaign_ids: np.ndarray,
+                advertiser_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``(indices, offsets, dense, domain)`` of ``k`` candidate pairs per row of ``fb`` (row ``n*k + j``:
+    row ``n``'s user and context with ad ``n*k + j``; position 0), built from ``fb``'s arrays: every bag
+    but the ad tables' and the position's repeated ``k`` times. Equal to featurizing the pairs as impressions
+    (:meth:`EarlyStage.pair_impressions`; tests/test_cascade.py checks it)."""
+    names = table_names(tcfg)
+    b, t_all = fb.batch_size, len(names)
+    n = b * k
+    ad_t = {names.index(x): ids for x, ids in zip(AD_TABLES, (ad_ids, campaign_ids, advertiser_ids))}
+    pos_t = names.index("position")
+    segs, lens = [], []
+    for t in range(t_all):
+        if t in ad_t or t == pos_t:
+            raw = ad_t[t] if t in ad_t else np.zeros(n, np.uint64)
+            segs.append(hash_ids(np.asarray(raw, dtype=np.uint64), np.full(n, t), tcfg.hash_buckets))
+            lens.append(np.ones(n, np.int64))
+            continue
+        lo = fb.offsets[t * b:(t + 1) * b]
+        rl = np.repeat(np.diff(fb.offsets[t * b:(t + 1) * b + 1]), k)
+        excl = np.cumsum(rl) - rl
+        segs.append(fb.indices[np.repeat(np.repeat(lo, k) - excl, rl) + np.arange(int(rl.sum()))])
+        lens.append(rl)
+    offsets = np.zeros(t_all * n + 1, np.int64)
+    np.cumsum(np.concatenate(lens), out=offsets[1:])
+    return (np.concatenate(segs).astype(np.int64), offsets, np.repeat(fb.dense, k, axis=0),
+            np.repeat(fb.domain, k))
+
+
 class EarlyBatch:
     """The early stage's inputs of B rows on a device (user/context TBE input, dense, domain, ad TBE input)."""
 
@@ -239,23 +268,33 @@ class EarlyStage:
         while len(pool) > cap:
             pool.popitem(last=False)
 
-    def pairs(self, imps: list[schema.Impression]) -> list[schema.Impression]:
-        """``early_stage_pairs`` candidate pairs per impression: its user and context with ads drawn uniformly
-        from the pool of recent ads (what retrieval would hand the cascade), at position 0."""
+    def sample_ads(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``n`` ads drawn uniformly from the pool of recent ads (what retrieval would hand the cascade):
+        (ad ids, campaign ids, advertiser ids) uint64, or None while the pool is empty."""
+        if not self.pool:
+            return None
+        m = len(self.pool)
+        ads = np.fromiter(self.pool.keys(), dtype=np.uint64, count=m)
+        meta = np.array(list(self.pool.values()), dtype=np.uint64).reshape(m, 2)
+        pick = self.rng.integers(0, m, n)
+        return ads[pick], meta[pick, 0], meta[pick, 1]
+
+    def pair_impressions(self, imps: list[schema.Impression], ads) -> list[schema.Impression]:
+        """The candidate pairs as impressions: impression ``n``'s user and context with ads ``n*k .. n*k+k-1`` of
+        ``ads`` (:meth:`sample_ads`), at position 0 (the slow path of :meth:`step_beside`; what
+        :func:`pair_tables` builds from the feature arrays directly)."""
         k = self.tcfg.early_stage_pairs
-        if k <= 0 or not self.pool:
-            return []
-        ads = list(self.pool.items())
-        pick = self.rng.integers(0, len(ads), len(imps) * k).tolist()
+        a, c, v = (x.tolist() for x in ads)
         rep = msgspec.structs.replace
-        return [rep(imp, ad_id=ads[j][0], campaign_id=ads[j][1][0], advertiser_id=ads[j][1][1], position=0)
-                for n, imp in enumerate(imps) for j in pick[n * k:(n + 1) * k]]
+        return [rep(imp, ad_id=a[j], campaign_id=c[j], advertiser_id=v[j], position=0)
+                for n, imp in enumerate(imps) for j in range(n * k, (n + 1) * k)]
 
     def train_step(self, fb: FeatureBatch, final_p_click: np.ndarray | None = None,
                    final_p_conversion: np.ndarray | None = None, pairs: tuple | None = None) -> float:
         """Learn from ``fb`` (its labels; with ``multi``, also the final ranker's probabilities on the same rows,
         before the final's update: required). ``pairs``: ``(impressions, final p_click, final p_conversion)`` of
-        candidate pairs (:meth:`pairs`) the final scored: more rows for the distillation loss (no labels).
+        candidate pairs the final scored (``parts``: their ``(indices, offsets, dense, domain)`` feature arrays,
+        ``early_stage_pairs`` rows per example, example-major): more rows for the distillation loss (no labels).
         Returns the batch loss."""
         eb = self.batch(fb)
         lg = self.model.logits(eb)
@@ -273,12 +312,9 @@ class EarlyStage:
             target = teacher_logits(torch.from_numpy(np.asarray(final_p_click, np.float32)).to(self.device),
                                     torch.from_numpy(np.asarray(final_p_conversion, np.float32)).to(self.device))
             distill = ((lg[:, 2:4] - target).pow(2).sum(1) * w).mean()
-            if pairs is not None and len(pairs[0]):
-                from trainer.features import featurize_impressions
-
-                p_imps, p_pc, p_pv = pairs
-                pl = self.model.logits(EarlyBatch(featurize_impressions(p_imps, self.tcfg), self.tcfg,
-                                                  self.model.buckets, self.device))
+            if pairs is not None and len(pairs[1]):
+                parts, p_pc, p_pv = pairs
+                pl = self.model.logits(EarlyBatch(parts, self.tcfg, self.model.buckets, self.device))
                 p_t = teacher_logits(torch.from_numpy(np.asarray(p_pc, np.float32)).to(self.device),
                                      torch.from_numpy(np.asarray(p_pv, np.float32)).to(self.device))
                 k = self.tcfg.early_stage_pairs
@@ -293,7 +329,7 @@ class EarlyStage:
                 tau = gt_dev.std(dim=(0, 1), keepdim=True).clamp_min(0.05)
                 gw = 0.5 + 0.5 * (k + 1) * torch.softmax(gt / tau, dim=1)
                 distill = distill + GROUP_WEIGHT * ((dev.pow(2) * gw).sum((1, 2)) * w).mean()
-                self.stats["pair_rows"] += len(p_imps)
+                self.stats["pair_rows"] += len(p_pc)
         loss = label if distill is None else label + self.tcfg.early_stage_distill * distill
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -311,20 +347,41 @@ class EarlyStage:
     def step_beside(self, final, fb: FeatureBatch, imps: list[schema.Impression], final_p_click: np.ndarray,
                     final_p_conversion: np.ndarray) -> float:
         """One step beside the final ranker ``final`` (a :class:`trainer.model.Learner` that just trained on
-        ``fb``, whose scores before that update are ``final_p_*``): the multi-task stage also learns the final's
-        scores on candidate pairs (:meth:`pairs`, scored by the final as it is now)."""
+        ``fb``, the features of ``imps``, whose scores before that update are ``final_p_*``): the multi-task
+        stage also learns the final's scores on candidate pairs (each impression's user and context with
+        ``early_stage_pairs`` ads of :meth:`sample_ads`, scored by the final as it is now)."""
         if self.tasks == "click":
             return self.train_step(fb)
         self.remember_ads(imps)
-        pair_imps = self.pairs(imps)
+        k = self.tcfg.early_stage_pairs
+        ads = self.sample_ads(len(imps) * k) if k > 0 else None
         pairs = None
-        if pair_imps:
-            from trainer.features import impression_batch
+        if ads is not None:
+            from trainer.features import TorchBatch, impression_batch
 
+            tc = final.tcfg
+            if tc.loopfm or getattr(tc, "solaris", False):  # pair features only the impression path computes
+                p_imps = self.pair_impressions(imps, ads)
+                from trainer.features import featurize_impressions
+
+                parts = featurize_impressions(p_imps, tc)
+                tb = impression_batch(p_imps, tc, final.device, final.user_view, final.loopfm_view)
+            else:  # straight from the batch's feature arrays: no impressions built, no hashing of user fields
+                parts = pair_tables(fb, tc, k, *ads)
+                user = None
+                if tc.user_model:
+                    users = np.repeat(np.fromiter((i.user_id for i in imps), np.int64, len(imps)), k)
+                    user = (final.user_view.features(users, ads[0].astype(np.int64)) if final.user_view is not None
+                            else np.zeros((len(users), 2 * tc.user_dim), np.float32))
+                dev = final.device
+                to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+                zeros = torch.zeros(len(parts[3]), device=dev)
+                tb = TorchBatch(indices=to(parts[0]), offsets=to(parts[1]), dense=to(parts[2]), domain=to(parts[3]),
+                                click=zeros, conversion=zeros, weight=zeros, num_tables=0, batch_size=len(parts[3]),
+                                user=None if user is None else to(user.astype(np.float32)))
             with torch.no_grad():
-                pc, pv = final.model(impression_batch(pair_imps, final.tcfg, final.device, final.user_view,
-                                                      final.loopfm_view))
-            pairs = (pair_imps, pc.float().cpu().numpy(), pv.float().cpu().numpy())
+                pc, pv = final.model(tb)
+            pairs = (parts, pc.float().cpu().numpy(), pv.float().cpu().numpy())
         return self.train_step(fb, final_p_click, final_p_conversion, pairs)
 
     def take_stats(self) -> dict[str, float]:
