@@ -135,6 +135,20 @@ def test_candidate_pairs_from_the_feature_arrays_equal_featurized_impressions(tr
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a, b)
     assert len(fast[3]) == len(imps) * k and len(set(ads[0].tolist())) > 10
+    # and the final ranker's scores of them, with the user model's features (per user and ad) read alike
+    from trainer.users.vectors import UserVectors
+
+    tc = msgspec.structs.replace(TC, user_model=True, user_dim=4)
+    final = Learner(tc)
+    rng = np.random.default_rng(2)
+    final.user_view = UserVectors(4, torch.from_numpy(rng.normal(size=(301, 4)).astype(np.float32)))
+    final.user_view.update(np.arange(1, 301), rng.normal(size=(300, 4)).astype(np.float32))
+    fb = featurize(chunk, tc, final.user_view)
+    f_parts, f_pc, f_pv = multi.score_pairs(final, fb, imps, ads)
+    s_parts, s_pc, s_pv = multi.score_pairs(final, fb, imps, ads, fast=False)
+    np.testing.assert_array_equal(f_pc, s_pc)
+    np.testing.assert_array_equal(f_pv, s_pv)
+    assert f_pc.std() > 0
 
 
 # -- checkpoints and published versions -------------------------------------------------------------------------

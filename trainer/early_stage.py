@@ -355,34 +355,38 @@ class EarlyStage:
         self.remember_ads(imps)
         k = self.tcfg.early_stage_pairs
         ads = self.sample_ads(len(imps) * k) if k > 0 else None
-        pairs = None
-        if ads is not None:
-            from trainer.features import TorchBatch, impression_batch
-
-            tc = final.tcfg
-            if tc.loopfm or getattr(tc, "solaris", False):  # pair features only the impression path computes
-                p_imps = self.pair_impressions(imps, ads)
-                from trainer.features import featurize_impressions
-
-                parts = featurize_impressions(p_imps, tc)
-                tb = impression_batch(p_imps, tc, final.device, final.user_view, final.loopfm_view)
-            else:  # straight from the batch's feature arrays: no impressions built, no hashing of user fields
-                parts = pair_tables(fb, tc, k, *ads)
-                user = None
-                if tc.user_model:
-                    users = np.repeat(np.fromiter((i.user_id for i in imps), np.int64, len(imps)), k)
-                    user = (final.user_view.features(users, ads[0].astype(np.int64)) if final.user_view is not None
-                            else np.zeros((len(users), 2 * tc.user_dim), np.float32))
-                dev = final.device
-                to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-                zeros = torch.zeros(len(parts[3]), device=dev)
-                tb = TorchBatch(indices=to(parts[0]), offsets=to(parts[1]), dense=to(parts[2]), domain=to(parts[3]),
-                                click=zeros, conversion=zeros, weight=zeros, num_tables=0, batch_size=len(parts[3]),
-                                user=None if user is None else to(user.astype(np.float32)))
-            with torch.no_grad():
-                pc, pv = final.model(tb)
-            pairs = (parts, pc.float().cpu().numpy(), pv.float().cpu().numpy())
+        pairs = None if ads is None else self.score_pairs(final, fb, imps, ads)
         return self.train_step(fb, final_p_click, final_p_conversion, pairs)
+
+    def score_pairs(self, final, fb: FeatureBatch, imps: list[schema.Impression], ads, fast: bool = True
+                    ) -> tuple[tuple, np.ndarray, np.ndarray]:
+        """The candidate pairs of ``imps`` (``fb`` their features) with ``ads`` (:meth:`sample_ads`), and the
+        final ranker's scores of them: ``((indices, offsets, dense, domain), p_click, p_conversion)``. ``fast``:
+        from ``fb``'s arrays (:func:`pair_tables`), unless the final reads LoopFM or SOLARIS inputs, which only
+        the impression path computes; else through impressions (:meth:`pair_impressions`)."""
+        from trainer.features import TorchBatch, featurize_impressions, impression_batch
+
+        tc, k = final.tcfg, self.tcfg.early_stage_pairs
+        if not fast or tc.loopfm or getattr(tc, "solaris", False):
+            p_imps = self.pair_impressions(imps, ads)
+            parts = featurize_impressions(p_imps, tc)
+            tb = impression_batch(p_imps, tc, final.device, final.user_view, final.loopfm_view)
+        else:  # straight from the batch's feature arrays: no impressions built, no hashing of user fields
+            parts = pair_tables(fb, tc, k, *ads)
+            user = None
+            if tc.user_model:
+                users = np.repeat(np.fromiter((i.user_id for i in imps), np.int64, len(imps)), k)
+                user = (final.user_view.features(users, ads[0].astype(np.int64)) if final.user_view is not None
+                        else np.zeros((len(users), 2 * tc.user_dim), np.float32))
+            dev = final.device
+            to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+            zeros = torch.zeros(len(parts[3]), device=dev)
+            tb = TorchBatch(indices=to(parts[0]), offsets=to(parts[1]), dense=to(parts[2]), domain=to(parts[3]),
+                            click=zeros, conversion=zeros, weight=zeros, num_tables=0, batch_size=len(parts[3]),
+                            user=None if user is None else to(user.astype(np.float32)))
+        with torch.no_grad():
+            pc, pv = final.model(tb)
+        return parts, pc.float().cpu().numpy(), pv.float().cpu().numpy()
 
     def take_stats(self) -> dict[str, float]:
         """For the trainer's ServiceStats: ``early_stage_rows`` (total), the mean label and distillation losses
