@@ -20,8 +20,8 @@ The towers never see each other's inputs, so at serving the user tower runs once
 ad tower and a dot product run per candidate (:meth:`EarlyStageModel.rank`): the early stage's cost per
 candidate is a small MLP over 3 embedding rows, against the final's cross layers, experts and gates over
 every table. Position is not a feature (candidates are scored at position 0; the ranking must not depend on
-it). The embeddings are their own (``early_stage_buckets`` rows per table, row-wise Adagrad,
-:class:`trainer.embeddings.TorchEmbeddings`): ids are hashed exactly as the final's features
+it). The embeddings are their own (``early_stage_buckets`` rows per table, row-wise Adagrad at
+``early_stage_lr_sparse``, :class:`trainer.embeddings.TorchEmbeddings`): ids are hashed exactly as the final's features
 (:func:`trainer.features.hash_ids`), then taken modulo ``early_stage_buckets``.
 
 Heads and losses (``tasks``):
@@ -124,8 +124,9 @@ class EarlyStageModel(nn.Module):
         self.user_idx, self.ad_idx = user_tables(tcfg), ad_tables(tcfg)
         self.buckets, e, h = tcfg.early_stage_buckets, tcfg.early_stage_emb_dim, tcfg.early_stage_hidden
         self.n_dom = len(schema.DOMAINS)
-        self.user_emb = TorchEmbeddings(len(self.user_idx), self.buckets, e, tcfg.lr_sparse, device)
-        self.ad_emb = TorchEmbeddings(len(self.ad_idx), self.buckets, e, tcfg.lr_sparse, device)
+        lr = tcfg.early_stage_lr_sparse
+        self.user_emb = TorchEmbeddings(len(self.user_idx), self.buckets, e, lr, device)
+        self.ad_emb = TorchEmbeddings(len(self.ad_idx), self.buckets, e, lr, device)
         self.domain_emb = nn.Embedding(self.n_dom, DOMAIN_DIM, device=device)
         out = self.k * (self.d + 1)
         self.user_tower = nn.Sequential(nn.Linear(len(self.user_idx) * e + tcfg.dense_dim + DOMAIN_DIM, h,
