@@ -163,6 +163,10 @@ OVERVIEW = Dashboard(
               description="per model (the FM, each vertical model, each serving arm: the arm that scored) and "
                           "domain: progressive click AUC, NE and calibration (predicted / observed), conversion "
                           "AUC and NE"),
+        Panel("early_stage", "Early-stage ranker: losses", q.EARLY_STAGE, unit="short",
+              description="the cascade's early stage, trained beside each arm's ranker: its mean loss on the "
+                          "labels and on the ranker's own scores (what keeps the ranker's best ads in its top K)",
+              needs="trainer.early_stage: true"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

@@ -729,6 +729,15 @@ FROM (
 GROUP BY m, domain
 ORDER BY m, domain"""
 
+# the early-stage ranker (trainer/early_stage.py, trainer.early_stage): per arm, its mean losses since the trainer's
+# previous report: on the labels (ESMM) and on the final ranker's scores (the cascade's consistency)
+EARLY_STAGE = f"""
+SELECT t, concat(if(name = '{S.EARLY_STAGE_DISTILL_LOSS}', 'loss on the final ranker scores',
+                    'label loss'), ', arm ', instance) AS series, max(v) AS value
+FROM ({_latest(f"component = '{C.TRAINER}' AND name IN ('{S.EARLY_STAGE_LABEL_LOSS}', '{S.EARLY_STAGE_DISTILL_LOSS}')")})
+GROUP BY t, series
+ORDER BY t, series"""
+
 EMBEDDING_DIMS = f"""
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,
        sumIf(v, name LIKE '{S.EMBEDDING_ROWS_PREFIX}%') AS rows,

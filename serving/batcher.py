@@ -7,6 +7,9 @@ never runs model code, and while the worker scores one batch the next one forms 
 batches grow by themselves. The worker stops waiting early when every request the server is receiving is
 already in the batch (``service.inflight``): a lone request is scored at once, not after ``max_wait_ms``.
 
+With ``serving.cascade_k`` > 0 a request's candidates first go through the early-stage ranker published with
+its arm's version, and only its top ``cascade_k`` are scored by the final ranker (:meth:`Batcher._cascade`).
+
 Scoring a batch (:meth:`Batcher.process`): the arms' current versions are read once (a version swapped in
 meanwhile serves the next batch); requests without candidates get theirs from the catalogue and their arm's
 ANN index (one search for all of them); then per arm, the candidates of every request that arm scores (the
@@ -85,8 +88,11 @@ class Batcher:
     """The queue and its worker thread (see the module docstring). ``service`` provides ``slots`` (name ->
     :class:`serving.models.ModelSlot`), ``retrieve(jobs, published)``, ``stats`` and ``emit(impressions)``."""
 
-    def __init__(self, service, max_batch: int, max_wait_ms: float):
+    def __init__(self, service, max_batch: int, max_wait_ms: float, cascade_k: int = 0):
         self.service = service
+        self.cascade_k = max(0, int(cascade_k))  # serving.cascade_k (see _cascade)
+        self.cascaded = 0  # requests whose candidates the early stage cut
+        self.cascade_cut = 0  # candidates it cut (never scored by the final ranker)
         self.max_batch = max(1, int(max_batch))
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
         self.q: queue.Queue[Job | None] = queue.Queue()
@@ -156,6 +162,23 @@ class Batcher:
         except RuntimeError:  # the loop closed (server shut down): nobody waits for the answer
             pass
 
+    def _cascade(self, job: Job, pub) -> None:
+        """The cascade (``serving.cascade_k``, trainer/early_stage.py): the early stage published with the
+        request's arm's version ranks the request's candidates, and only its top ``max(cascade_k, k)`` go on to
+        the final ranker (every arm, shadows too, scores those). A version without an early stage, or a request
+        with no more candidates than that, is scored whole."""
+        es = getattr(pub, "early_stage", None)
+        keep = max(self.cascade_k, job.req.k)
+        if es is None or len(job.imps) <= keep:
+            return
+        from trainer.early_stage import rank_impressions
+
+        logits = rank_impressions(es, pub.tcfg, job.imps)
+        top = np.argsort(-logits, kind="stable")[:keep]
+        self.cascade_cut += len(job.imps) - keep
+        job.imps = [job.imps[i] for i in top.tolist()]
+        self.cascaded += 1
+
     def process(self, batch: list[Job]) -> list[schema.Impression]:
         """Score ``batch`` in place (each job's ``result`` and ``served`` set); returns the served impressions
         (the caller hands them to the emitter and answers the requests, see the module docstring)."""
@@ -177,6 +200,9 @@ class Batcher:
             live = [j for j in live if j.result is None]
         if not live:
             return []
+        if self.cascade_k:
+            for j in live:
+                self._cascade(j, current[j.arm])
         self.batches += 1
         ranked: dict[str, dict[int, np.ndarray]] = {}
         for name, slot in svc.slots.items():

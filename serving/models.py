@@ -101,14 +101,20 @@ class LocalModel:
     arm: str = "main"
     user_view: object = None
     meta: dict = field(default_factory=dict)
+    early_stage: object = None  # trainer.early_stage.EarlyStageModel, for the cascade (serving.cascade_k)
 
     @classmethod
     def of(cls, learner, seq: int = 1, arm: str = "main") -> "LocalModel":
         """From a :class:`trainer.model.Learner` or a :class:`trainer.export.ExportedModel` (put in eval mode)."""
         learner.model.eval()
         now = int(time.time() * 1000)
+        es = getattr(learner, "early_stage", None)  # an EarlyStage (its .model) or a model already
+        es = getattr(es, "model", es)
+        if es is not None:
+            es.eval()
         return cls(model=learner.model, tcfg=learner.tcfg, device=learner.device, seq=seq, steps=learner.steps,
-                   trained_ts=now, created_ts=now, arm=arm, user_view=getattr(learner, "user_view", None))
+                   trained_ts=now, created_ts=now, arm=arm, user_view=getattr(learner, "user_view", None),
+                   early_stage=es)
 
 
 class StaticStore:

@@ -86,7 +86,7 @@ class RankingService:
         # the poller thread also rebuilds the ANN indexes after swaps (off the request path)
         self.poller = Poller(list(self.slots.values()), sc.poll_s, hooks=[self.refresh_indexes])
         self.stats = ServingStats()
-        self.batcher = Batcher(self, sc.max_batch, sc.max_wait_ms)
+        self.batcher = Batcher(self, sc.max_batch, sc.max_wait_ms, cascade_k=sc.cascade_k)
         self.catalogue = catalogue if catalogue is not None else Catalogue()
         self.indexes: dict[str, AdIndex] = {}
         self._index_built: dict[str, float] = {}
@@ -248,7 +248,8 @@ class RankingService:
                 "catalogue_ads": len(self.catalogue),
                 "indexes": {n: {"seq": i.seq, "ads": len(i)} for n, i in self.indexes.items()},
                 "batcher": {"max_batch": self.batcher.max_batch, "batches": self.batcher.batches,
-                            "forwards": self.batcher.forwards}}
+                            "forwards": self.batcher.forwards, "cascade_k": self.batcher.cascade_k,
+                            "cascaded": self.batcher.cascaded, "cascade_cut": self.batcher.cascade_cut}}
 
 
 def _json(status: int, body: bytes) -> Response:

@@ -119,6 +119,11 @@ class Stat(StrEnum):
     PUBLISH_BYTES = "publish_bytes"  # its size (all files)
     PUBLISH_S = "publish_s"  # seconds to write it (the trainer pauses meanwhile)
     DELTA_FRACTION = "delta_fraction"  # its size / the size of the full snapshot it builds on (1 for a full)
+    # the early-stage ranker trained beside the trainer's model (trainer/early_stage.py, trainer.early_stage)
+    EARLY_STAGE_ROWS = "early_stage_rows"  # examples it trained on (total)
+    EARLY_STAGE_PAIR_ROWS = "early_stage_pair_rows"  # candidate pairs the final scored for it (total)
+    EARLY_STAGE_LABEL_LOSS = "early_stage_label_loss"  # mean label loss since the previous report
+    EARLY_STAGE_DISTILL_LOSS = "early_stage_distill_loss"  # mean loss on the final's scores since then
     # shared
     DEAD_LETTERS = "dead_letters"
     EVENTS_PER_S = "events_per_s"

@@ -22,6 +22,11 @@ since the last version, and at shutdown, a new model version (a delta or a full 
 :mod:`trainer.publish`), written between batches; independent of the checkpoints (a version is never needed
 to resume, and a failed publish is logged and retried at the next interval without stopping training).
 
+Early stage (``trainer.early_stage``, :mod:`trainer.early_stage`): after each step of this model, the light
+early-stage ranker learns from the same batch (labels and this model's scores before its update, and this
+model's scores of candidate pairs); it is checkpointed with the model (exactly-once alike) and published with
+every model version, for the serving cascade (``serving.cascade_k``).
+
 Roles (``trainer.role``, docs/transfer.md). A ``ranker`` trains on ``topics.examples`` as above. An ``fm``
 (the foundation model, the teacher) does too, and also publishes the scores it makes before each update (the
 same ones as its predictions) to ``topics.teacher_predictions``: one :class:`~streams.schema.TeacherBatch` per
@@ -52,6 +57,7 @@ from streams import schema
 from streams.bus import kafka_io
 from streams.names import Stat, Step
 from trainer import checkpoint
+from trainer.early_stage import EarlyStage
 from trainer.export import export
 from trainer.features import featurize
 from trainer.loopfm import LoopFM
@@ -116,6 +122,10 @@ class Trainer:
             self.learner.user_view = self.users.view
         # FM: publishes its user/ad vectors; loopfm on: reads them (learner.loopfm_view); trainer/loopfm.py
         self.loopfm = LoopFM.for_trainer(cfg, self.learner)
+        # the multi-task early-stage ranker (trainer/early_stage.py), trained beside this model on the same
+        # batches; on the learner so that trainer/publish.py publishes it with every version
+        self.early = EarlyStage(self.tc, device=self.learner.device) if self.tc.early_stage else None
+        self.learner.early_stage = self.early
         self.offsets: dict[tuple[str, int], int] = {}
         # plain str keys (a Stat indexes them alike): checkpoints load with torch's weights_only unpickler
         self.counters = {k.value: 0 for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS,
@@ -153,6 +163,7 @@ class Trainer:
                 "trained_ids": None if self.trained_ids is None else list(self.trained_ids),
                 "newest_event_ts": self.newest_event_ts,
                 **({"users": self.users.state()} if self.users is not None else {}),
+                **({"early_stage": self.early.state()} if self.early is not None else {}),
                 "config": msgspec.to_builtins(self.cfg), "written_ts": int(time.time() * 1000)}
 
     def restore(self, st: dict) -> None:
@@ -163,6 +174,8 @@ class Trainer:
         if st.get("trained_ids") is not None:
             self.trained_ids = list(st["trained_ids"])
         self.newest_event_ts = int(st.get("newest_event_ts", 0))
+        if self.early is not None and "early_stage" in st:  # a checkpoint from before: a fresh early stage
+            self.early.load_state(st["early_stage"])
         if self.users is not None and "users" in st:
             self.users.load_state(st["users"])
             self.learner.user_view = self.users.view  # the live table, not the checkpoint's frozen copy
@@ -232,8 +245,10 @@ class Trainer:
         if not good:
             return 0
         fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view)
-        self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
+        res = self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
             fb, good, p_click, p_conv, src))
+        if self.early is not None:  # the early stage learns the final's pre-update scores of this batch
+            self.early.step_beside(self.learner, fb, [ex.impression for ex in good], res.p_click, res.p_conversion)
         self._last_step_ms = int(time.time() * 1000)
         self.counters["steps"] = self.learner.steps
         self.counters["examples_trained"] += len(good)

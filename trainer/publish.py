@@ -30,6 +30,9 @@ of every other file. The ``.pt`` files are ``torch.save`` dicts of tensors (read
 * ``users.pt`` (when the ranker reads user-model vectors): full: ``ids`` (N,), ``vectors`` (N, d),
   ``ad_table`` (A, d); delta: the users whose vector changed (``ids``, ``vectors``), ``deleted`` ids, and
   the changed ad rows (``ad_rows``, ``ad_vectors``).
+* ``early_stage.pt`` (when the trainer trains the early-stage ranker, ``trainer.early_stage``): its dense
+  weights, and its embedding rows: all of them in a full (or when its changes are unknown), the rows it trained
+  since the previous version in a delta (:func:`trainer.early_stage.serving_state`); ``Published.early_stage``.
 * ``config.json`` / ``features.json`` (full): the TrainerConfig and the feature spec
   (:func:`trainer.export.feature_spec`), checked against this code on load: a model whose features this code
   would compute differently is refused.
@@ -144,6 +147,9 @@ class Published:
     # shared row (T * R,) bool: what the next delta needs besides the model (see the module docstring)
     embedding_widths: torch.Tensor | None = None
     shared_slots: np.ndarray | None = None
+    # the early-stage ranker published with the version (trainer/early_stage.py EarlyStageModel, eval mode), for
+    # the serving cascade; None when the trainer has none (trainer.early_stage off)
+    early_stage: object | None = None
 
 
 # ---- the writer ---------------------------------------------------------------------------------------
@@ -265,6 +271,11 @@ class Publisher:
                 files["users.pt"] = tensor_bytes(ud)
                 counts.update(users=len(ud["ids"]), users_deleted=len(ud["deleted"]), ad_rows=len(ud["ad_rows"]))
             base, prev = self._base, self.seq
+        early = getattr(learner, "early_stage", None)  # trainer.early_stage: its weights ride along
+        if early is not None:
+            from trainer.early_stage import serving_state
+
+            files["early_stage.pt"] = tensor_bytes(serving_state(early, full=kind == FULL))
         now = int(time.time() * 1000)
         manifest = {"format": FORMAT, "seq": seq, "kind": kind, "base": base, "prev": prev,
                     "steps": int(learner.steps), "examples_trained": int(examples_trained),
@@ -359,6 +370,8 @@ def write_pin(root: str | os.PathLike, seq: int | None) -> None:
 class _Building:
     """A model version being built: a full snapshot's state, then deltas applied in place."""
 
+    early_stage = None  # the early-stage ranker (trainer/early_stage.py), when the version has one
+
     def __init__(self, model, tcfg, device, widths, shared, user_view):
         self.model, self.tcfg, self.device = model, tcfg, device
         self.widths, self.shared, self.user_view = widths, shared, user_view
@@ -368,7 +381,7 @@ class _Building:
         p = Published(model=self.model, tcfg=self.tcfg, device=self.device, seq=int(m["seq"]), steps=int(m["steps"]),
                       examples_trained=int(m["examples_trained"]), trained_ts=int(m["trained_ts"]),
                       created_ts=int(m["created_ts"]), arm=str(m.get("arm", "")), user_view=self.user_view,
-                      meta=m, embedding_widths=self.widths, shared_slots=self.shared)
+                      meta=m, embedding_widths=self.widths, shared_slots=self.shared, early_stage=self.early_stage)
         self.model = None  # handed over: nothing here touches it again
         return p
 
@@ -512,7 +525,15 @@ class VersionStore:
 
             u = self._tensors(seq, m, "users.pt")
             view = UserVectors.from_state({"ids": u["ids"], "vectors": u["vectors"], "ad_table": u["ad_table"]})
-        return _Building(model, tcfg, dev, widths, shared, view)
+        b = _Building(model, tcfg, dev, widths, shared, view)
+        if "early_stage.pt" in m["files"]:
+            from trainer.early_stage import load_serving
+
+            try:
+                b.early_stage = load_serving(self._tensors(seq, m, "early_stage.pt"), tcfg, dev)
+            except (ValueError, KeyError, IndexError) as e:
+                raise VersionError(f"{where}/early_stage.pt: {e}") from e
+        return b
 
     def _copy(self, cur: Published) -> _Building:
         """A private copy of ``cur`` to apply deltas to (``cur`` keeps serving meanwhile)."""
@@ -535,7 +556,10 @@ class VersionStore:
             view = UserVectors.from_state(cur.user_view.state())
         widths = cur.embedding_widths.clone() if cur.embedding_widths is not None else None
         shared = cur.shared_slots.copy() if cur.shared_slots is not None else None
-        return _Building(model, cur.tcfg, cur.device, widths, shared, view)
+        b = _Building(model, cur.tcfg, cur.device, widths, shared, view)
+        if getattr(cur, "early_stage", None) is not None:
+            b.early_stage = copy.deepcopy(cur.early_stage)
+        return b
 
     def _apply(self, b: _Building, seq: int, m: dict) -> None:
         """Apply delta ``seq`` to ``b`` in place (every file read and checked before anything changes)."""
@@ -543,6 +567,7 @@ class VersionStore:
         dense = self._tensors(seq, m, "dense.pt")
         rows = self._tensors(seq, m, "rows.pt")
         users = self._tensors(seq, m, "users.pt") if "users.pt" in m["files"] else None
+        early = self._tensors(seq, m, "early_stage.pt") if "early_stage.pt" in m["files"] else None
         emb = b.model.emb
         n = emb.num_tables * emb.rows
         try:
@@ -557,6 +582,8 @@ class VersionStore:
             raise VersionError(f"{where}/rows.pt: rows do not fit the model ({emb.num_tables} x {emb.rows} x {emb.dim})")
         if (users is None) != (b.user_view is None):
             raise VersionError(f"{where}: user vectors {'missing' if users is None else 'unexpected'} in the delta")
+        if early is not None and b.early_stage is None and "user_emb_weights" not in early:
+            raise VersionError(f"{where}/early_stage.pt: a delta of an early stage the full snapshot does not have")
         load_dense(b.model, dense, f"{where}/dense.pt", VersionError)
         emb.write_rows(slots, vecs)
         if b.widths is not None:
@@ -570,6 +597,16 @@ class VersionStore:
             emb.write_rows(idx, vec.expand(len(idx), -1))
             if b.widths is not None:
                 b.widths[torch.from_numpy(idx)] = int(w)
+        if early is not None:
+            from trainer.early_stage import apply_serving, load_serving
+
+            try:
+                if b.early_stage is None or "user_emb_weights" in early:
+                    b.early_stage = load_serving(early, b.tcfg, b.device)
+                else:
+                    apply_serving(b.early_stage, early)
+            except (ValueError, KeyError, IndexError) as e:
+                raise VersionError(f"{where}/early_stage.pt: {e}") from e
         if users is not None:
             v = b.user_view
             with torch.no_grad():

@@ -73,6 +73,9 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
     loopfm = getattr(trainer, "loopfm", None)  # LoopFM: an FM's published ids; a VM's lookups, misses, stale, age
     if loopfm is not None:
         values.update(loopfm.stats())
+    early = getattr(trainer, "early", None)  # the early-stage ranker's rows and mean losses since the last report
+    if early is not None:
+        values.update(early.take_stats())
     publisher = getattr(trainer, "publisher", None)  # published_seq, publish_bytes, publish_s, delta_fraction
     if publisher is not None:
         values.update(publisher.stats())
