@@ -227,11 +227,12 @@ class Trainer:
             if other:
                 good = [ex for ex in good if ex.impression.arm == self.tc.arm]
                 self.counters[Stat.EXAMPLES_OTHER_ARM] += len(other)
-                ofb = featurize(other, self.tc, self.learner.user_view, self.learner.loopfm_view)
+                ofb = featurize(other, self.tc, self.learner.user_view, self.learner.loopfm_view,
+                                sids=self.learner.semantic_ids)
                 self._publish_predictions(ofb, other, *self.learner.score(ofb), src)
         if not good:
             return 0
-        fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view)
+        fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view, sids=self.learner.semantic_ids)
         self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
             fb, good, p_click, p_conv, src))
         self._last_step_ms = int(time.time() * 1000)
