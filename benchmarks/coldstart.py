@@ -102,6 +102,8 @@ def train(variant: str, exs: list, content, n: int, log) -> tuple[np.ndarray, di
             if upto > nxt:
                 born = pending[nxt:upto]
                 sids.add(content.ad_ids[born], content.content[born])
+                if not sids.fitted:  # the first codebook: the catalogue alive at the start
+                    sids.fit()
                 nxt = upto
         r = lr.train_step(featurize(chunk, tc, sids=sids))
         out[[int(e.example_id.rsplit("-", 1)[1]) for e in chunk]] = r.p_click

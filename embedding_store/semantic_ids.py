@@ -31,8 +31,11 @@ rows. So a refresh
    that code's reconstruction error is below ``(1 - keep_margin)`` times the error of its old code under the
    new centroids. New ads are coded with the new centroids.
 
-``changed`` after a refresh counts the ads whose code moved (the test asserts it stays small when the catalogue
-has not changed and only a few percent when it grew).
+``changed`` after a refresh counts the ads whose code moved. Measured (tests/test_semantic_ids.py, 400 ads,
+3 levels x 8 codes): a refresh on the same catalogue changes no code; after the catalogue grew by a fifth (the
+new-ad surge) 13 of 400 ads changed code with ``keep_margin = 0.5`` (the default: a new code must halve the
+ad's error), 89 with 0.25 -- each level's k-means moves, and the residual levels below a moved centroid move
+with it.
 
 Tokens (:meth:`SemanticIds.tokens`): the prefix of length ``j`` (1-based) is the integer
 ``(j << 56) | (c_1 k^(j-1) + ... + c_j)``, so prefixes of different lengths never collide and no token collides
@@ -56,6 +59,7 @@ it and published versions carry it (serving codes the request's ads with the cod
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import msgspec
@@ -77,7 +81,7 @@ class SemanticIdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     codes: int = 16
     fit_min_ads: int = 256
     refresh_growth: float = 0.5
-    keep_margin: float = 0.25
+    keep_margin: float = 0.5
     niter: int = 20
     seed: int = 0
 
@@ -109,9 +113,24 @@ def _kmeans(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | Non
     if len(x) < k:
         reps = np.resize(np.arange(len(x)), k)
         return x[reps].copy() if len(x) else np.zeros((k, x.shape[1]), np.float32)
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, spherical=False)
-    km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1)
+    with one_faiss_thread():
+        km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
     return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
+
+
+@contextlib.contextmanager
+def one_faiss_thread():
+    """FAISS on one OpenMP thread for the duration: a codebook is small (thousands of ads x k centroids), and
+    OpenMP's spinning threads made one k-means take 1.5 s instead of 0.02 s on two busy cores."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _match(new: np.ndarray, old: np.ndarray) -> np.ndarray:

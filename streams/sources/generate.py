@@ -307,9 +307,12 @@ def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
         return np.arange(len(x), dtype=np.int64)
     import faiss
 
-    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, verbose=False)
+    from embedding_store.semantic_ids import one_faiss_thread
+
+    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, verbose=False, min_points_per_centroid=1)
     x32 = np.ascontiguousarray(x, dtype=np.float32)
-    km.train(x32)
+    with one_faiss_thread():  # deterministic, and fast on busy cores
+        km.train(x32)
     return km.index.search(x32, 1)[1][:, 0].astype(np.int64)
 
 
