@@ -101,6 +101,7 @@ class LocalModel:
     arm: str = "main"
     user_view: object = None
     meta: dict = field(default_factory=dict)
+    semantic_ids: object = None  # embedding_store.semantic_ids.SemanticIds when the model reads semantic IDs
 
     @classmethod
     def of(cls, learner, seq: int = 1, arm: str = "main") -> "LocalModel":
@@ -108,7 +109,8 @@ class LocalModel:
         learner.model.eval()
         now = int(time.time() * 1000)
         return cls(model=learner.model, tcfg=learner.tcfg, device=learner.device, seq=seq, steps=learner.steps,
-                   trained_ts=now, created_ts=now, arm=arm, user_view=getattr(learner, "user_view", None))
+                   trained_ts=now, created_ts=now, arm=arm, user_view=getattr(learner, "user_view", None),
+                   semantic_ids=getattr(learner, "semantic_ids", None))
 
 
 class StaticStore:

@@ -197,3 +197,34 @@ def test_bench_coldstart_on_a_tiny_stream(monkeypatch):
     assert res["value"] == pytest.approx(100 * (res["new_auc"]["sid_ngram"] - res["new_auc"]["hash"]), abs=0.01)
     assert res["sid_coded_at_birth"] > 0  # ads born during the run were coded from their content
     assert any(line.startswith("sid_ngram") and "new ads" in line for line in lines)
+
+
+def test_published_versions_carry_the_codebook(content, tmp_path):
+    """Full and delta versions carry the semantic IDs; serving scores with the codes the trainer used."""
+    from serving.batcher import score
+    from trainer.model import Learner
+    from trainer.publish import Publisher, VersionStore
+
+    _, c = content
+    tc = TrainerConfig(cat_slots=1, dense_dim=2, history_len=2, hash_buckets=500, embedding_dim=4, device="cpu",
+                       backend="torch", user_model=False, ad_id_features="hash+sid_ngram", sid_levels=2, sid_codes=8)
+    lr = Learner(tc)
+    lr.semantic_ids.add(c.ad_ids[:300], c.content[:300])
+    lr.train_step(featurize(_examples(c.ad_ids[:64]), tc, sids=lr.semantic_ids))
+    pub = Publisher(tmp_path, full_every=10)
+    pub.publish(lr)
+    store = VersionStore(tmp_path)
+    v1 = store.load()
+    assert np.array_equal(v1.semantic_ids.codes_of(c.ad_ids[:300])[0], lr.semantic_ids.codes_of(c.ad_ids[:300])[0])
+    lr.train_step(featurize(_examples(c.ad_ids[64:128]), tc, sids=lr.semantic_ids))
+    pub.publish(lr)  # a delta, the codebook unchanged: no semantic_ids.pt, the previous one carries on
+    assert not (tmp_path / "v000000000002" / "semantic_ids.pt").exists()
+    lr.semantic_ids.add(c.ad_ids[400:420], c.content[400:420])  # new ads born, coded
+    pub.publish(lr)  # a delta with the new codes
+    v3 = store.advance(v1)
+    assert v3.seq == 3 and v3.semantic_ids.codes_of(c.ad_ids[400:420])[1].all()
+    assert not v1.semantic_ids.codes_of(c.ad_ids[400:420])[1].any()  # the served version was not mutated
+    imps = [e.impression for e in _examples(c.ad_ids[400:420])]
+    served = score(v3, imps)[0]
+    assert np.allclose(served, lr.score(featurize(_examples(c.ad_ids[400:420]), tc, sids=lr.semantic_ids))[0],
+                       atol=1e-6)
