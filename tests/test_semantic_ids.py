@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import sys
+import time
 
 import msgspec
 import numpy as np
@@ -228,3 +229,54 @@ def test_published_versions_carry_the_codebook(content, tmp_path):
     served = score(v3, imps)[0]
     assert np.allclose(served, lr.score(featurize(_examples(c.ad_ids[400:420]), tc, sids=lr.semantic_ids))[0],
                        atol=1e-6)
+
+
+def test_trainer_codes_ads_from_the_ads_topic(cfg, tmp_path):
+    """The live path: the generator's creatives on topics.ads, a trainer with sid_ngram codes every ad from them
+    (bad records -> dead letters), trains on the examples, checkpoints the codes and gets them back on resume."""
+    from benchmarks._simulated import example_stream
+    from config import replace
+    from streams.bus import kafka_io
+    from streams.sources.replay import produce
+    from tests.conftest import read_topics
+    from trainer.creatives import STEP
+    from trainer.loop import Trainer
+    from trainer.telemetry import service_stats
+
+    cfg = replace(cfg, topics={"ads": cfg.topics.examples + "_ads"},
+                  trainer={"device": "cpu", "backend": "torch", "hash_buckets": 2000, "cat_slots": 1, "dense_dim": 2,
+                           "history_len": 2, "embedding_dim": 4, "user_model": False, "batch_size": 128,
+                           "checkpoint_every_s": 3600.0, "ad_id_features": "sid_ngram", "sid_levels": 2,
+                           "sid_codes": 8})
+    kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions)
+    sim = simulate(GeneratorConfig(n_impressions=600, seed=5, n_ads=300, n_users=100, emit_creatives=True))
+    creatives = [r for r in sim.records if isinstance(r, schema.AdCreative)]
+    assert len(creatives) == sim.counts()["creative"] == 300
+    bad = schema.AdCreative(ad_id=12345, ts=1, content=[])  # no content: refused with a reason
+    produce(cfg, [*creatives, bad], progress=False, watermark=False)
+    prod = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    exs = example_stream(sim, "oracle", elapsed_s=0)
+    for ex in exs:
+        kafka_io.produce(prod, cfg.topics.examples, schema.encode(ex), key=schema.user_key(ex.impression))
+    prod.flush()
+
+    tr = Trainer(cfg, resume=False)
+    feed = tr.creatives.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and feed.counts["creatives_read"] + feed.counts["creatives_refused"] < 301:
+        time.sleep(0.05)
+    assert feed.counts == {"creatives_read": 300, "creatives_refused": 1, "creatives_applied": 0}
+    assert tr.run(idle_exit_s=1.0)["examples_trained"] == 600
+    sids = tr.learner.semantic_ids
+    codes, known = sids.codes_of(np.array([c.ad_id for c in creatives]), count=False)
+    assert known.all() and sids.version == 1  # one codebook, fitted once 256 ads had content
+    assert np.array_equal(codes, sids.assign(np.array([c.content for c in creatives], np.float32)))
+    values = service_stats(tr, tr._stats).values
+    assert values["creatives_applied"] == 300 and values["semantic_ids_ads"] == 300
+    assert values["semantic_ids_unknown_lookups"] == 0  # every ad had its code before its impressions
+    dls = [schema.decode(m.value(), schema.DeadLetter) for m in read_topics(cfg, cfg.topics.dead_letters)]
+    mine = [d for d in dls if d.step == STEP]
+    assert len(mine) == 1 and "content: 0 values" in mine[0].reason and mine[0].topic == cfg.topics.ads
+
+    again = Trainer(cfg, resume=True)  # the checkpoint written at the end of run() holds the codes
+    assert np.array_equal(again.learner.semantic_ids.codes_of(np.array([c.ad_id for c in creatives]))[0], codes)

@@ -55,6 +55,7 @@ from trainer import checkpoint
 from trainer.export import export
 from trainer.features import featurize
 from trainer.loopfm import LoopFM
+from trainer.creatives import AdCreativeFeed
 from trainer.model import Learner
 from trainer.roles import serves
 from trainer.publish import Publisher
@@ -116,6 +117,8 @@ class Trainer:
             self.learner.user_view = self.users.view
         # FM: publishes its user/ad vectors; loopfm on: reads them (learner.loopfm_view); trainer/loopfm.py
         self.loopfm = LoopFM.for_trainer(cfg, self.learner)
+        # semantic IDs (trainer.ad_id_features): ads' creatives from topics.ads, coded between batches
+        self.creatives = AdCreativeFeed.for_trainer(cfg, self.learner)
         self.offsets: dict[tuple[str, int], int] = {}
         # plain str keys (a Stat indexes them alike): checkpoints load with torch's weights_only unpickler
         self.counters = {k.value: 0 for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS,
@@ -232,6 +235,8 @@ class Trainer:
                 self._publish_predictions(ofb, other, *self.learner.score(ofb), src)
         if not good:
             return 0
+        if self.creatives is not None:  # the ads born since the last batch get their codes before it is featurized
+            self.creatives.apply(self.learner.semantic_ids)
         fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view, sids=self.learner.semantic_ids)
         self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
             fb, good, p_click, p_conv, src))
@@ -309,6 +314,8 @@ class Trainer:
         consumer.assign(kafka_io.topic_partitions([topic], cfg.topics.partitions, self.offsets))
         if self.loopfm is not None:
             self.loopfm.start(self.producer)
+        if self.creatives is not None:
+            self.creatives.start()
         self._stats = Throughput()
         log.info("training on %s (%d partitions, role %s), backend=%s device=%s batch=%d, checkpoints in %s",
                  topic, cfg.topics.partitions, tc.role, self.learner.backend, self.learner.device,
@@ -364,6 +371,8 @@ class Trainer:
                 self.users.close()
             if self.loopfm is not None:
                 self.loopfm.close()
+            if self.creatives is not None:
+                self.creatives.close()
             torch.set_num_threads(threads)  # the process's setting again (in-process callers: tests, benchmarks)
         return dict(self.counters)
 

@@ -73,6 +73,9 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
     loopfm = getattr(trainer, "loopfm", None)  # LoopFM: an FM's published ids; a VM's lookups, misses, stale, age
     if loopfm is not None:
         values.update(loopfm.stats())
+    creatives = getattr(trainer, "creatives", None)  # semantic IDs: creatives read/applied, ads coded, refreshes
+    if creatives is not None:
+        values.update(creatives.stats(learner.semantic_ids))
     publisher = getattr(trainer, "publisher", None)  # published_seq, publish_bytes, publish_s, delta_fraction
     if publisher is not None:
         values.update(publisher.stats())

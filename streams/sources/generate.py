@@ -141,9 +141,10 @@ class Simulation(msgspec.Struct, frozen=True):
     def counts(self) -> dict[str, int]:
         out = {"impression": 0, "click": 0, "conversion": 0, "bad": 0}
         names = {schema.Impression: "impression", schema.Click: "click", schema.Conversion: "conversion",
-                 BadRecord: "bad"}
+                 BadRecord: "bad", schema.AdCreative: "creative"}
         for r in self.records:
-            out[names[type(r)]] += 1
+            k = names[type(r)]
+            out[k] = out.get(k, 0) + 1  # "creative" only with emit_creatives
         return out
 
 
@@ -490,6 +491,29 @@ def _events(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray]) -> list[Any
     return out
 
 
+def _with_creatives(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray], records: list[Any]) -> list[Any]:
+    """``records`` with an :class:`~streams.schema.AdCreative` for every ad at its birth (ads alive from the
+    start: at ``start_ts``), placed before the events of the same ms (emit_creatives; topics.ads)."""
+    ts = c["ts"]
+    content = _ad_content(g, w, int(ts[0]) if len(ts) else g.start_ts, int(ts[-1]) if len(ts) else g.start_ts)
+    last = int(ts[-1]) if len(ts) else g.start_ts
+    order = np.argsort(content.birth_ts, kind="stable")
+    order = order[content.birth_ts[order] <= last]  # ads born after the last impression: never seen
+    vals = np.round(content.content.astype(np.float64), 5)
+    creatives = [schema.AdCreative(ad_id=int(content.ad_ids[i]), ts=int(content.birth_ts[i]), content=vals[i].tolist(),
+                                   category=content.category[i].tolist()) for i in order.tolist()]
+    out: list[Any] = []
+    j = 0
+    for r in records:
+        t = getattr(r, "ts", None)  # a BadRecord has none: it stays where it is
+        while t is not None and j < len(creatives) and creatives[j].ts <= t:
+            out.append(creatives[j])
+            j += 1
+        out.append(r)
+    out.extend(creatives[j:])
+    return out
+
+
 def simulate(g: GeneratorConfig) -> Simulation:
     """Generate traffic for ``g``: records in event-time order (plus BadRecords when ``bad_rate > 0``)."""
     validate(g)
@@ -509,6 +533,8 @@ def simulate(g: GeneratorConfig) -> Simulation:
             prev = pos
         merged.extend(records[prev:])
         records = merged
+    if g.emit_creatives:
+        records = _with_creatives(g, w, c, records)
     n = g.n_impressions
     truth = pa.table({
         "impression_id": [f"imp-{g.seed}-{i}" for i in range(n)],
@@ -628,6 +654,9 @@ def add_cli(subparsers) -> None:
                    help="impressions per second of event time (default %(default)s)")
     p.add_argument("--oracle-window", metavar="DURATION", default=None,
                    help="window of the per-window oracle metrics (default: a tenth of the run)")
+    p.add_argument("--creatives", action="store_true",
+                   help="also an AdCreative record (content embedding, category path) at each ad's birth, to "
+                        "topics.ads: the content trainer.ad_id_features codes semantic IDs from (broker only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -658,7 +687,7 @@ def _config_from_args(args: argparse.Namespace) -> GeneratorConfig:
                         domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()),
                         scenario=scenarios.parse_params(args.scenario, args.scenario_param),
                         delays=args.delays, max_conversion_delay_s=max_conv, ad_churn=args.ad_churn,
-                        impressions_per_s=args.rate)
+                        impressions_per_s=args.rate, emit_creatives=bool(getattr(args, "creatives", False)))
     validate(g)
     return g
 
@@ -672,6 +701,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     if not args.out and not cfg.kafka.bootstrap_servers:
         print(f"streamrec generate: {NO_BROKER}", file=sys.stderr)
+        return 2
+    if args.out and g.emit_creatives:
+        print("streamrec generate: --creatives go to the broker's ads topic; a log (--out) holds input events only",
+              file=sys.stderr)
         return 2
     lab = cfg.labels
     if g.max_click_delay_s >= lab.click_window_s or g.max_conversion_delay_s >= lab.conversion_window_s:
