@@ -158,6 +158,11 @@ OVERVIEW = Dashboard(
               description="the teacher join: share of examples that reached the VMs with the FM's prediction, and "
                           "that prediction's age when they left; per VM the age of the FM vectors it read (LoopFM)",
               needs="streamrec up --with-fm"),
+        Panel("semantic_ids", "Semantic IDs: ads coded, cold lookups", q.SEMANTIC_IDS, unit="short",
+              description="per trainer reading semantic IDs (docs/coldstart.md): ads its codebook codes, of them "
+                          "coded at birth from their creative, codebook refreshes, and the share of ad lookups "
+                          "that found no code yet (the ad scored by its hashed raw id)",
+              needs="trainer.ad_id_features sid/sid_ngram and AdCreative records (generate --creatives)"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

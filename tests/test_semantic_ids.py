@@ -280,3 +280,47 @@ def test_trainer_codes_ads_from_the_ads_topic(cfg, tmp_path):
 
     again = Trainer(cfg, resume=True)  # the checkpoint written at the end of run() holds the codes
     assert np.array_equal(again.learner.semantic_ids.codes_of(np.array([c.ad_id for c in creatives]))[0], codes)
+
+
+@pytest.mark.parametrize("backend, mode", [("fiited", "hash+sid_ngram"), ("fbgemm", "sid_ngram")])
+def test_prefix_tables_on_the_fbgemm_backends(content, backend, mode):
+    """The ad_sid table and the variable-length ad_id bags go through fbgemm's TBE and the FIITED store."""
+    from trainer.embeddings import fbgemm_available
+    from trainer.model import Learner
+
+    if not fbgemm_available("cpu"):
+        pytest.skip("fbgemm_gpu does not load here")
+    _, c = content
+    tc = TrainerConfig(cat_slots=1, dense_dim=2, history_len=2, hash_buckets=500, embedding_dim=8, device="cpu",
+                       backend=backend, user_model=False, ad_id_features=mode, sid_levels=2, sid_codes=8)
+    lr = Learner(tc)
+    lr.semantic_ids.add(c.ad_ids[:300], c.content[:300])
+    exs = _examples(c.ad_ids[:64])
+    fb = featurize(exs, tc, sids=lr.semantic_ids)
+    before = lr.score(fb)[0]
+    for _ in range(3):
+        lr.train_step(fb)
+    after = lr.score(fb)[0]
+    assert lr.model.num_tables == len(table_names(tc)) and np.isfinite(after).all()
+    assert not np.allclose(before, after)  # it learned through the prefix rows
+
+
+def test_semantic_ids_panel(store):
+    from dashboards import queries as q
+    from dashboards.definitions import DASHBOARDS
+    from dashboards.sink import stats_rows
+
+    assert "semantic_ids" in {p.id for p in DASHBOARDS["overview"].panels}
+    now = int(time.time() * 1000)
+    store.insert("service_stats", stats_rows([
+        schema.ServiceStats("trainer", now - 3_000, {"semantic_ids_ads": 100.0, "semantic_ids_lookups": 400.0,
+                                                     "semantic_ids_unknown_lookups": 40.0}, "main"),
+        schema.ServiceStats("trainer", now - 1_000, {"semantic_ids_ads": 120.0, "semantic_ids_coded_at_birth": 20.0,
+                                                     "semantic_ids_refreshes": 0.0, "semantic_ids_lookups": 800.0,
+                                                     "semantic_ids_unknown_lookups": 60.0}, "main")]))
+    rows = store.query(q.render(q.SEMANTIC_IDS, "live"), q.live_parameters(10)).rows
+    last = {}
+    for t, series, v in rows:
+        last[series] = v  # ordered by time: the newest bucket wins
+    assert last["ads coded, main"] == 120 and last["coded at birth, main"] == 20
+    assert last["uncoded lookups %, main"] == pytest.approx(7.5)
