@@ -216,6 +216,10 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ad_id_features: str = "hash"
     sid_levels: int = 3
     sid_codes: int = 16
+    # or the ad's semantic ID is a category path the impressions carry (public formats without creatives),
+    # coarse to fine, by feature name: Taobao ("cat_1", "cat_2") = (cate_id, brand); Ali-CCP ("cat_0",
+    # "campaign_id") = (category 206, brand 216). Empty: codes from content (topics.ads)
+    sid_path: tuple[str, ...] = ()
     # 0 = as fast as it can; > 0 caps the examples trained per second (averaged from the trainer's start): a
     # deliberately slow trainer, to see backpressure (lag grows, the training_backlog alert fires, memory stays
     # bounded) or to leave cores to other work

@@ -324,3 +324,34 @@ def test_semantic_ids_panel(store):
         last[series] = v  # ordered by time: the newest bucket wins
     assert last["ads coded, main"] == 120 and last["coded at birth, main"] == 20
     assert last["uncoded lookups %, main"] == pytest.approx(7.5)
+
+
+def test_category_path_of_public_formats(tmp_path):
+    """trainer.sid_path: the ad's semantic ID is the category path its impressions carry (Taobao: cate_id,
+    brand in cat_1, cat_2), no codebook; prefix tokens shared by ads of one category, and one brand in it."""
+    from trainer.model import Learner
+    from trainer.publish import Publisher, VersionStore
+
+    tc = TrainerConfig(cat_slots=3, dense_dim=1, history_len=0, hash_buckets=1000, embedding_dim=4, device="cpu",
+                       backend="torch", user_model=False, ad_id_features="sid_ngram", sid_path=("cat_1", "cat_2"))
+    paths = {1: [9, 70, 500], 2: [9, 70, 500], 3: [9, 70, 501], 4: [9, 71, 500]}  # ad -> (pid, cate_id, brand)
+    exs = []
+    for a, cat in paths.items():
+        imp = schema.Impression(event_id=f"i{a}", ts=1_700_000_000_000, user_id=1, ad_id=a, campaign_id=1,
+                                advertiser_id=1, domain="display", cat=cat, dense=[0.0])
+        exs.append(schema.Example(example_id=f"e{a}", impression=imp, click=a % 2, conversion=0))
+    fb = featurize(exs, tc)
+    o, b = fb.offsets, 4
+    bag = [fb.indices[o[b + i]:o[b + i + 1]].tolist() for i in range(4)]  # the ad_id table's bags
+    assert all(len(x) == 2 for x in bag)
+    assert bag[0] == bag[1]  # same category and brand: the same rows, whatever the ad id
+    assert bag[0][0] == bag[2][0] and bag[0][1] != bag[2][1]  # same category, another brand
+    assert bag[0][0] != bag[3][0]  # another category
+    lr = Learner(tc)
+    assert lr.semantic_ids is None  # nothing to code: the impressions carry it
+    lr.train_step(fb)
+    Publisher(tmp_path).publish(lr)  # no semantic_ids.pt needed
+    v = VersionStore(tmp_path).load()
+    assert v.semantic_ids is None and v.tcfg.sid_path == ("cat_1", "cat_2")
+    with pytest.raises(ValueError, match="sid_path: unknown"):
+        featurize(exs, msgspec.structs.replace(tc, sid_path=("brand",)))

@@ -259,7 +259,7 @@ def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -
         from embedding_store.semantic_ids import SemanticIds
 
         sids = SemanticIds.from_state(st["semantic_ids"])
-    elif tcfg.ad_id_features != "hash":
+    elif tcfg.ad_id_features != "hash" and not tcfg.sid_path:  # sid_path: codes in the impressions
         raise ExportError(f"model export {v}: the model reads semantic IDs ({tcfg.ad_id_features}) but model.pt "
                           "has none")
     return ExportedModel(model=model, tcfg=tcfg, device=dev, steps=int(meta["model_version"]), meta=meta, path=v,

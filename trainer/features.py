@@ -209,7 +209,8 @@ def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig
     tables = np.concatenate([single_tables[present], np.full(int(hmask.sum()), n_single)])
     lengths = np.concatenate([present.ravel().astype(np.int64), hmask.sum(axis=1)])
     if tcfg.ad_id_features != "hash":
-        ids, tables, lengths = semantic_id_bags(ids, tables, lengths, single[1], b, tcfg, sids)
+        path = path_tokens(single, present, tcfg) if tcfg.sid_path else None
+        ids, tables, lengths = semantic_id_bags(ids, tables, lengths, single[1], b, tcfg, sids, path)
     indices = hash_ids(ids, tables, tcfg.hash_buckets)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -221,8 +222,30 @@ def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig
 
 # -- semantic IDs (trainer.ad_id_features; embedding_store/semantic_ids.py) -----------------------------------
 
+def path_tokens(single: np.ndarray, present: np.ndarray, tcfg: TrainerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix tokens (B, L) uint64 of the category path ``tcfg.sid_path`` (feature names, coarse to fine) read
+    off the impressions' single-valued fields ``single`` (7 + cat_slots, B), and known (B,): the path's first
+    field is present. The prefix of length ``j`` is ``(j << 56) | h_j`` with ``h_j`` a 56-bit hash of the
+    first ``j`` values (as :mod:`embedding_store.semantic_ids` lays out k-means codes)."""
+    names = [*SINGLE_FIELDS, *(f"cat_{i}" for i in range(tcfg.cat_slots))]
+    unknown = [f for f in tcfg.sid_path if f not in names]
+    if unknown:
+        raise ValueError(f"trainer.sid_path: unknown {unknown} (features: {', '.join(names)})")
+    rows = [names.index(f) for f in tcfg.sid_path]
+    b = single.shape[1]
+    out = np.empty((b, len(rows)), np.uint64)
+    h = np.zeros(b, np.uint64)
+    mask56 = np.uint64((1 << 56) - 1)
+    for j, r in enumerate(rows):
+        v = np.where(present[r], single[r], np.uint64(0))
+        h = splitmix64(h ^ splitmix64(v + np.uint64(j + 1)))
+        out[:, j] = (np.uint64(j + 1) << np.uint64(56)) | (h & mask56)
+    return out, present[rows[0]].copy()
+
+
 def semantic_id_bags(ids: np.ndarray, tables: np.ndarray, lengths: np.ndarray, ad_ids: np.ndarray, b: int,
-                     tcfg: TrainerConfig, sids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     tcfg: TrainerConfig, sids=None, path: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The hashed-id layout (raw ``ids``, their ``tables``, bag ``lengths`` (T*B,)) with the ad id's bags
     rewritten for ``tcfg.ad_id_features``; ``ad_ids`` (B,) uint64 the batch's raw ad ids; ``sids`` codes them
     (:meth:`~embedding_store.semantic_ids.SemanticIds.ad_tokens`; None: no ad is known).
@@ -246,17 +269,20 @@ def semantic_id_bags(ids: np.ndarray, tables: np.ndarray, lengths: np.ndarray, a
     ([1, 1, 2, 1], [0, 0, 1, 1, 1], 1, 2, 99)
     """
     mode = tcfg.ad_id_features
-    if sids is not None:
+    levels = len(tcfg.sid_path) or tcfg.sid_levels
+    if path is not None:  # trainer.sid_path: the impressions' own category path (:func:`path_tokens`)
+        tok, known = path
+    elif sids is not None:
         tok, known = sids.ad_tokens(ad_ids.astype(np.int64))
     else:
-        tok, known = np.zeros((b, tcfg.sid_levels), np.uint64), np.zeros(b, bool)
-    if tok.shape[1] != tcfg.sid_levels:
-        raise ValueError(f"semantic ids have {tok.shape[1]} levels, trainer.sid_levels is {tcfg.sid_levels}")
+        tok, known = np.zeros((b, levels), np.uint64), np.zeros(b, bool)
+    if tok.shape[1] != levels:
+        raise ValueError(f"semantic ids have {tok.shape[1]} levels, trainer.sid_levels is {levels}")
     ad_t = SINGLE_FIELDS.index("ad_id")
     lo = int(lengths[:ad_t * b].sum())  # the ad_id bags are one id each: ids[lo:lo + b]
     if mode == "hash+sid_ngram":
         new_ids = tok[known].ravel()
-        extra_len = np.where(known, tcfg.sid_levels, 0).astype(np.int64)
+        extra_len = np.where(known, levels, 0).astype(np.int64)
         return (np.concatenate([ids, new_ids]),
                 np.concatenate([tables, np.full(len(new_ids), len(table_names(tcfg)) - 1)]),
                 np.concatenate([lengths, extra_len]))
@@ -267,10 +293,10 @@ def semantic_id_bags(ids: np.ndarray, tables: np.ndarray, lengths: np.ndarray, a
         return out_ids, tables, lengths
     if mode != "sid_ngram":
         raise ValueError(f"trainer.ad_id_features: unknown {mode!r}")
-    per = np.where(known, tcfg.sid_levels, 1).astype(np.int64)
-    bag = np.where(known[:, None], tok, np.concatenate([ad_ids[:, None], np.zeros((b, tcfg.sid_levels - 1),
-                                                                                   np.uint64)], axis=1))
-    mask = np.arange(tcfg.sid_levels)[None, :] < per[:, None]
+    per = np.where(known, levels, 1).astype(np.int64)
+    bag = np.where(known[:, None], tok, np.concatenate([ad_ids[:, None], np.zeros((b, levels - 1), np.uint64)],
+                                                       axis=1))
+    mask = np.arange(levels)[None, :] < per[:, None]
     new_ids = bag[mask]
     out_len = lengths.copy()
     out_len[ad_t * b:(ad_t + 1) * b] = per

@@ -325,7 +325,7 @@ class Learner:
         # the ads' semantic IDs (embedding_store/semantic_ids.py) the features read, when tcfg.ad_id_features
         # is not "hash": codes assigned at each ad's birth from its creative; checkpointed with the model
         self.semantic_ids = None
-        if tcfg.ad_id_features != "hash":
+        if tcfg.ad_id_features != "hash" and not tcfg.sid_path:  # sid_path: codes read off the impressions
             from embedding_store.semantic_ids import SemanticIdConfig, SemanticIds
 
             self.semantic_ids = SemanticIds(SemanticIdConfig(levels=tcfg.sid_levels, codes=tcfg.sid_codes,

@@ -541,7 +541,7 @@ class VersionStore:
     def _semantic_ids(self, seq: int, m: dict, tcfg, current=None):
         """The version's semantic IDs (``semantic_ids.pt``), else ``current`` (a delta without a change)."""
         if "semantic_ids.pt" not in m["files"]:
-            if current is None and tcfg.ad_id_features != "hash" and m.get("kind") == FULL:
+            if current is None and tcfg.ad_id_features != "hash" and not tcfg.sid_path and m.get("kind") == FULL:
                 raise VersionError(f"{seq_name(seq)}: the model reads semantic IDs ({tcfg.ad_id_features}) but "
                                    "the version has no semantic_ids.pt")
             return current
