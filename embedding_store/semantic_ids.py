@@ -155,6 +155,8 @@ class SemanticIds:
         self._codes = np.zeros((0, cfg.levels), np.int32)  # -1: buffered, not coded yet
         self._content = np.zeros((0, dim or 0), np.float32)
         self.n = 0
+        self._sorted_n = -1  # the lookup index (:meth:`_rows_of`) is of this many ads
+        self._order = self._sorted = np.zeros(0, np.int64)
         self.version = 0  # fits so far (0: no codebook yet)
         self.fitted_at = 0  # ads known at the last fit
         self.stats = {"coded_at_birth": 0, "refreshes": 0, "changed_last_refresh": 0, "lookups": 0,
@@ -219,13 +221,25 @@ class SemanticIds:
     def codes_of(self, ad_ids: np.ndarray, count: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(codes (n, levels) int32, known (n,) bool) of ``ad_ids``; -1 codes where not known (or not coded)."""
         ad_ids = np.asarray(ad_ids, dtype=np.int64).ravel()
-        rows = np.fromiter((self._row.get(a, -1) for a in ad_ids.tolist()), dtype=np.int64, count=len(ad_ids))
+        rows = self._rows_of(ad_ids)
         codes = np.where((rows >= 0)[:, None], self._codes[np.maximum(rows, 0)] if self.n else -1, -1)
         known = codes[:, 0] >= 0 if len(codes) else np.zeros(0, bool)
         if count:
             self.stats["lookups"] += len(ad_ids)
             self.stats["unknown_lookups"] += int((~known).sum())
         return codes.astype(np.int32), known
+
+    def _rows_of(self, ad_ids: np.ndarray) -> np.ndarray:
+        """Row of each id (-1: unknown), vectorised: a sorted copy of the ids, rebuilt after ads were added
+        (adds come in batches between training steps; lookups come with every batch)."""
+        if self._sorted_n != self.n:
+            self._order = np.argsort(self._ids[:self.n], kind="stable")
+            self._sorted = self._ids[:self.n][self._order]
+            self._sorted_n = self.n
+        if not self.n:
+            return np.full(len(ad_ids), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted, ad_ids), self.n - 1)
+        return np.where(self._sorted[pos] == ad_ids, self._order[pos], -1)
 
     def tokens(self, codes: np.ndarray) -> np.ndarray:
         """Prefix n-gram tokens (n, levels) uint64 of ``codes`` (n, levels): column ``j`` is the prefix of
