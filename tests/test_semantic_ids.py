@@ -185,13 +185,13 @@ def test_bench_coldstart_on_a_tiny_stream(monkeypatch):
     from benchmarks import coldstart
 
     out = io.StringIO()
-    monkeypatch.setattr(sys, "argv", ["coldstart.py", "--n", "2000", "--ads", "120", "--variants",
+    monkeypatch.setattr(sys, "argv", ["coldstart.py", "--n", "1200", "--ads", "100", "--variants",
                                       "hash,sid_ngram", "--max-imps", "20"])
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         assert coldstart.main() == 0
     lines = out.getvalue().strip().splitlines()
     res = json.loads(lines[-1])
-    assert res["bench"] == "coldstart" and res["variant"] == "sid_ngram" and res["n"] == 2000
+    assert res["bench"] == "coldstart" and res["variant"] == "sid_ngram" and res["n"] == 1200
     assert res["new_impressions"] > 0 and res["warm_impressions"] > 0
     assert set(res["new_auc"]) == {"oracle", "hash", "sid_ngram"}
     assert 0.5 < res["new_auc"]["oracle"] <= 1.0
