@@ -144,6 +144,9 @@ FiitedOverrides = msgspec.defstruct(
     frozen=True, forbid_unknown_fields=True, omit_defaults=True, module=__name__)
 
 
+AD_ID_FEATURES = ("hash", "sid", "sid_ngram", "hash+sid_ngram")  # TrainerConfig.ad_id_features
+
+
 class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batch_size: int = 512
     lr_dense: float = 1e-3
@@ -225,6 +228,18 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # cascade --quick, seeds 0/1: multi-task recall 0.916/0.892 at lr_sparse's 0.05, 0.961/0.936 at 0.15; the
     # single-task baseline 0.595/0.770 and 0.741/0.769; 0.5 lifted multi-task further but cost single-task)
     early_stage_lr_sparse: float = 0.15
+    # Semantic IDs (embedding_store/semantic_ids.py, docs/coldstart.md): how the ad id becomes sparse features.
+    # "hash": the raw id, randomly hashed; "sid": the ad's full semantic ID (one token); "sid_ngram": its prefix
+    # n-gram tokens (sid_levels of them, in the ad_id bag); "hash+sid_ngram": the raw id and, in a table of its
+    # own (ad_sid), the prefix tokens. Codes: sid_levels levels of sid_codes k-means centroids over the ads'
+    # content (topics.ads AdCreative records); an ad without content yet falls back to its hashed raw id
+    ad_id_features: str = "hash"
+    sid_levels: int = 3
+    sid_codes: int = 16
+    # or the ad's semantic ID is a category path the impressions carry (public formats without creatives),
+    # coarse to fine, by feature name: Taobao ("cat_1", "cat_2") = (cate_id, brand); Ali-CCP ("cat_0",
+    # "campaign_id") = (category 206, brand 216). Empty: codes from content (topics.ads)
+    sid_path: tuple[str, ...] = ()
     # 0 = as fast as it can; > 0 caps the examples trained per second (averaged from the trainer's start): a
     # deliberately slow trainer, to see backpressure (lag grows, the training_backlog alert fires, memory stays
     # bounded) or to leave cores to other work
@@ -237,6 +252,12 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"trainer.learn_from {self.learn_from!r}: must be one of {', '.join(LEARN_FROM)}")
         if self.early_stage_tasks not in ("multi", "click"):
             raise ConfigError(f"trainer.early_stage_tasks {self.early_stage_tasks!r}: must be multi or click")
+        if self.ad_id_features not in AD_ID_FEATURES:
+            raise ConfigError(f"trainer.ad_id_features {self.ad_id_features!r}: must be one of "
+                              f"{', '.join(AD_ID_FEATURES)}")
+        if not (1 <= self.sid_levels <= 4 and 2 <= self.sid_codes <= 4096):
+            raise ConfigError(f"trainer.sid_levels {self.sid_levels} / sid_codes {self.sid_codes}: levels 1-4, "
+                              "codes 2-4096")
 
 
 class DistillConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -167,6 +167,11 @@ OVERVIEW = Dashboard(
               description="the cascade's early stage, trained beside each arm's ranker: its mean loss on the "
                           "labels and on the ranker's own scores (what keeps the ranker's best ads in its top K)",
               needs="trainer.early_stage: true"),
+        Panel("semantic_ids", "Semantic IDs: ads coded, cold lookups", q.SEMANTIC_IDS, unit="short",
+              description="per trainer reading semantic IDs (docs/coldstart.md): ads its codebook codes, of them "
+                          "coded at birth from their creative, codebook refreshes, and the share of ad lookups "
+                          "that found no code yet (the ad scored by its hashed raw id)",
+              needs="trainer.ad_id_features sid/sid_ngram and AdCreative records (generate --creatives)"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

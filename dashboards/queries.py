@@ -738,6 +738,23 @@ FROM ({_latest(f"component = '{C.TRAINER}' AND name IN ('{S.EARLY_STAGE_LABEL_LO
 GROUP BY t, series
 ORDER BY t, series"""
 
+# semantic IDs (trainer.ad_id_features; trainer/creatives.py): per trainer (instance = arm) the ads its codebook
+# codes, the impressions of ads without a code yet (hashed raw id, cold) as a share of the lookups, and refreshes
+SEMANTIC_IDS = f"""
+SELECT t, series, max(v) AS value FROM (
+    SELECT t, concat(multiIf(name = 'semantic_ids_ads', 'ads coded', name = 'semantic_ids_coded_at_birth',
+                             'coded at birth', 'codebook refreshes'), ', ', instance) AS series, v
+    FROM ({_latest(f"component = '{C.TRAINER}' AND name IN ('semantic_ids_ads', 'semantic_ids_coded_at_birth', "
+                   "'semantic_ids_refreshes')")})
+    UNION ALL
+    SELECT t, concat('uncoded lookups %, ', instance) AS series,
+           100 * sumIf(v, name = 'semantic_ids_unknown_lookups') / greatest(sumIf(v, name = 'semantic_ids_lookups'), 1)
+    FROM ({_latest(f"component = '{C.TRAINER}' AND name IN ('semantic_ids_unknown_lookups', "
+                   "'semantic_ids_lookups')")})
+    GROUP BY t, instance)
+GROUP BY t, series
+ORDER BY t, series"""
+
 EMBEDDING_DIMS = f"""
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,
        sumIf(v, name LIKE '{S.EMBEDDING_ROWS_PREFIX}%') AS rows,

@@ -76,7 +76,8 @@ def score(published, imps: list[schema.Impression]) -> tuple[np.ndarray, np.ndar
     for s in range(0, len(imps), SCORE_CHUNK):
         chunk = imps[s:s + SCORE_CHUNK]
         with torch.no_grad():
-            pc, pv = published.model(impression_batch(chunk, published.tcfg, published.device, published.user_view))
+            pc, pv = published.model(impression_batch(chunk, published.tcfg, published.device, published.user_view,
+                                                      sids=getattr(published, "semantic_ids", None)))
         pcs.append(pc.float().cpu().numpy())
         pvs.append(pv.float().cpu().numpy())
     if len(pcs) == 1:

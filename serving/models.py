@@ -102,6 +102,7 @@ class LocalModel:
     user_view: object = None
     meta: dict = field(default_factory=dict)
     early_stage: object = None  # trainer.early_stage.EarlyStageModel, for the cascade (serving.cascade_k)
+    semantic_ids: object = None  # embedding_store.semantic_ids.SemanticIds when the model reads semantic IDs
 
     @classmethod
     def of(cls, learner, seq: int = 1, arm: str = "main") -> "LocalModel":
@@ -114,7 +115,8 @@ class LocalModel:
             es.eval()
         return cls(model=learner.model, tcfg=learner.tcfg, device=learner.device, seq=seq, steps=learner.steps,
                    trained_ts=now, created_ts=now, arm=arm, user_view=getattr(learner, "user_view", None),
-                   early_stage=es)
+                   early_stage=es,
+                   semantic_ids=getattr(learner, "semantic_ids", None))
 
 
 class StaticStore:

@@ -188,6 +188,17 @@ class FMEmbeddings(msgspec.Struct, frozen=True, gc=False, tag="fm_embeddings"):
     vectors: list[float]
 
 
+class AdCreative(msgspec.Struct, frozen=True, gc=False, tag="ad_creative"):
+    """An ad's creative at its birth (``topics.ads``, keyed by ad id): ``content``, the embedding a text/image
+    encoder gives it, and its ``category`` path (coarse to fine). The trainer codes the ad's semantic ID from it
+    (embedding_store/semantic_ids.py) before its impressions arrive."""
+
+    ad_id: int
+    ts: int  # event-time ms of the ad's birth
+    content: list[float]
+    category: list[int] = []
+
+
 class ServiceStats(msgspec.Struct, frozen=True, gc=False, tag="service_stats"):
     """A component's counters and gauges at one moment (``values`` name -> number)."""
 
@@ -262,6 +273,13 @@ def check(ev: object) -> str | None:
             return "feedback event refers to itself as its impression"
     elif isinstance(ev, FeatureStats):
         return _check_feature_stats(ev)
+    elif isinstance(ev, AdCreative):
+        if not 0 <= ev.ad_id < 2 ** 63:
+            return f"ad_id {ev.ad_id} outside [0, 2**63)"
+        if not ev.content or len(ev.content) > MAX_LIST:
+            return f"content: {len(ev.content)} values (1..{MAX_LIST})"
+        if not all(map(math.isfinite, ev.content)):
+            return "content is NaN or infinite"
     elif isinstance(ev, Conversion):
         if not tokens_ok(ev.event_id + ev.impression_id + ev.kind):
             return _bad_token(ev, ("event_id", "impression_id", "kind"))

@@ -364,15 +364,17 @@ class EarlyStage:
                     ) -> tuple[tuple, np.ndarray, np.ndarray]:
         """The candidate pairs of ``imps`` (``fb`` their features) with ``ads`` (:meth:`sample_ads`), and the
         final ranker's scores of them: ``((indices, offsets, dense, domain), p_click, p_conversion)``. ``fast``:
-        from ``fb``'s arrays (:func:`pair_tables`), unless the final reads LoopFM or SOLARIS inputs, which only
+        from ``fb``'s arrays (:func:`pair_tables`), unless the final reads LoopFM or SOLARIS inputs or semantic IDs, which only
         the impression path computes; else through impressions (:meth:`pair_impressions`)."""
         from trainer.features import TorchBatch, featurize_impressions, impression_batch
 
         tc, k = final.tcfg, self.tcfg.early_stage_pairs
-        if not fast or tc.loopfm or getattr(tc, "solaris", False):
+        sids = getattr(final, "semantic_ids", None)
+        if not fast or tc.loopfm or getattr(tc, "solaris", False) or tc.ad_id_features != "hash":
+            # the impression path: LoopFM / SOLARIS inputs, and candidate ads coded by their semantic IDs
             p_imps = self.pair_impressions(imps, ads)
-            parts = featurize_impressions(p_imps, tc)
-            tb = impression_batch(p_imps, tc, final.device, final.user_view, final.loopfm_view)
+            parts = featurize_impressions(p_imps, tc, sids=sids)
+            tb = impression_batch(p_imps, tc, final.device, final.user_view, final.loopfm_view, sids=sids)
         else:  # straight from the batch's feature arrays: no impressions built, no hashing of user fields
             parts = pair_tables(fb, tc, k, *ads)
             user = None

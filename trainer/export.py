@@ -168,7 +168,10 @@ def export(learner, root: str | os.PathLike, *, examples_trained: int = 0, keep:
     sparse = learner.model.emb.serving_state()
     model_pt = tensor_bytes({"dense": dense_state(learner.model), "embeddings": sparse["weights"],
                              "embedding_widths": sparse["widths"],
-                             **({"user_view": view.state()} if view is not None else {})})
+                             **({"user_view": view.state()} if view is not None else {}),
+                             # the ads' semantic IDs (trainer.ad_id_features): codes and codebook, no contents
+                             **({"semantic_ids": learner.semantic_ids.state(with_content=False)}
+                                if getattr(learner, "semantic_ids", None) is not None else {})})
     version = json.dumps({
         "format": EXPORT_FORMAT, "model_version": learner.steps, "exported_ts": int(time.time() * 1000),
         "examples_trained": examples_trained, "backend": learner.backend, "torch": torch.__version__}, indent=1)
@@ -220,6 +223,7 @@ class ExportedModel:
     meta: dict
     path: Path
     user_view: object = None  # trainer.users.features.UserVectors when the model reads user-model features
+    semantic_ids: object = None  # embedding_store.semantic_ids.SemanticIds when ad_id_features reads them
 
 
 def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -> ExportedModel:
@@ -250,8 +254,16 @@ def load(path: str | os.PathLike, device: str = "auto", backend: str = "auto") -
         from trainer.users.features import UserVectors
 
         view = UserVectors.from_state(st["user_view"])
+    sids = None
+    if "semantic_ids" in st:
+        from embedding_store.semantic_ids import SemanticIds
+
+        sids = SemanticIds.from_state(st["semantic_ids"])
+    elif tcfg.ad_id_features != "hash" and not tcfg.sid_path:  # sid_path: codes in the impressions
+        raise ExportError(f"model export {v}: the model reads semantic IDs ({tcfg.ad_id_features}) but model.pt "
+                          "has none")
     return ExportedModel(model=model, tcfg=tcfg, device=dev, steps=int(meta["model_version"]), meta=meta, path=v,
-                         user_view=view)
+                         user_view=view, semantic_ids=sids)
 
 
 def serving_model(cfg: dict, spec: dict, device: str, backend: str, where: str, error: type[Exception] = ExportError

@@ -42,8 +42,9 @@ _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def table_names(tcfg: TrainerConfig) -> list[str]:
-    """Names of the embedding tables in TBE order."""
-    return [*SINGLE_FIELDS, *(f"cat_{i}" for i in range(tcfg.cat_slots)), "history"]
+    """Names of the embedding tables in TBE order (``ad_sid`` last, with ``ad_id_features = hash+sid_ngram``)."""
+    return [*SINGLE_FIELDS, *(f"cat_{i}" for i in range(tcfg.cat_slots)), "history",
+            *(["ad_sid"] if tcfg.ad_id_features == "hash+sid_ngram" else [])]
 
 
 _str_ids: dict[str, int] = {}
@@ -180,9 +181,11 @@ def _ragged(lists: Sequence[Sequence], width: int, dtype, tail: bool = False) ->
     return out, mask
 
 
-def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig
+def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig, sids=None
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Impressions -> (indices, offsets, dense, domain); see the module docstring for the layout."""
+    """Impressions -> (indices, offsets, dense, domain); see the module docstring for the layout, and
+    :func:`semantic_id_bags` for the ad id's bags when ``tcfg.ad_id_features`` is not ``hash`` (``sids``: the
+    :class:`embedding_store.semantic_ids.SemanticIds` that codes the ads)."""
     b = len(imps)
     k, hl = tcfg.cat_slots, tcfg.history_len
     single = np.empty((7 + k, b), dtype=np.uint64)
@@ -204,8 +207,11 @@ def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig
     single_tables = np.broadcast_to(np.arange(n_single)[:, None], (n_single, b))
     ids = np.concatenate([single[present], hist[hmask]])
     tables = np.concatenate([single_tables[present], np.full(int(hmask.sum()), n_single)])
-    indices = hash_ids(ids, tables, tcfg.hash_buckets)
     lengths = np.concatenate([present.ravel().astype(np.int64), hmask.sum(axis=1)])
+    if tcfg.ad_id_features != "hash":
+        path = path_tokens(single, present, tcfg) if tcfg.sid_path else None
+        ids, tables, lengths = semantic_id_bags(ids, tables, lengths, single[1], b, tcfg, sids, path)
+    indices = hash_ids(ids, tables, tcfg.hash_buckets)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     dense, _ = _ragged([i.dense for i in imps], tcfg.dense_dim, np.float64)
@@ -214,8 +220,92 @@ def featurize_impressions(imps: Sequence[schema.Impression], tcfg: TrainerConfig
     return indices, offsets, dense, domain
 
 
+# -- semantic IDs (trainer.ad_id_features; embedding_store/semantic_ids.py) -----------------------------------
+
+def path_tokens(single: np.ndarray, present: np.ndarray, tcfg: TrainerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix tokens (B, L) uint64 of the category path ``tcfg.sid_path`` (feature names, coarse to fine) read
+    off the impressions' single-valued fields ``single`` (7 + cat_slots, B), and known (B,): the path's first
+    field is present. The prefix of length ``j`` is ``(j << 56) | h_j`` with ``h_j`` a 56-bit hash of the
+    first ``j`` values (as :mod:`embedding_store.semantic_ids` lays out k-means codes)."""
+    names = [*SINGLE_FIELDS, *(f"cat_{i}" for i in range(tcfg.cat_slots))]
+    unknown = [f for f in tcfg.sid_path if f not in names]
+    if unknown:
+        raise ValueError(f"trainer.sid_path: unknown {unknown} (features: {', '.join(names)})")
+    rows = [names.index(f) for f in tcfg.sid_path]
+    b = single.shape[1]
+    out = np.empty((b, len(rows)), np.uint64)
+    h = np.zeros(b, np.uint64)
+    mask56 = np.uint64((1 << 56) - 1)
+    for j, r in enumerate(rows):
+        v = np.where(present[r], single[r], np.uint64(0))
+        h = splitmix64(h ^ splitmix64(v + np.uint64(j + 1)))
+        out[:, j] = (np.uint64(j + 1) << np.uint64(56)) | (h & mask56)
+    return out, present[rows[0]].copy()
+
+
+def semantic_id_bags(ids: np.ndarray, tables: np.ndarray, lengths: np.ndarray, ad_ids: np.ndarray, b: int,
+                     tcfg: TrainerConfig, sids=None, path: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The hashed-id layout (raw ``ids``, their ``tables``, bag ``lengths`` (T*B,)) with the ad id's bags
+    rewritten for ``tcfg.ad_id_features``; ``ad_ids`` (B,) uint64 the batch's raw ad ids; ``sids`` codes them
+    (:meth:`~embedding_store.semantic_ids.SemanticIds.ad_tokens`; None: no ad is known).
+
+    * ``sid``: the ad_id bag holds the full code's token (the last prefix) instead of the raw id;
+    * ``sid_ngram``: the ad_id bag holds the ``sid_levels`` prefix tokens (sum-pooled);
+    * ``hash+sid_ngram``: the ad_id bag keeps the raw id; the prefix tokens fill a last table, ``ad_sid``.
+
+    An ad without a code (no content seen yet, or no codebook yet) keeps its raw id in the ad_id bag and has an
+    empty ``ad_sid`` bag: it is hashed as before until its creative arrives.
+
+    >>> from config import TrainerConfig
+    >>> from embedding_store.semantic_ids import SemanticIdConfig, SemanticIds
+    >>> s = SemanticIds(SemanticIdConfig(levels=2, codes=2, fit_min_ads=2), dim=1)
+    >>> _ = s.add(np.array([10, 20]), np.array([[0.0], [5.0]], np.float32))
+    >>> tc = TrainerConfig(cat_slots=0, history_len=0, ad_id_features="sid_ngram", sid_levels=2, sid_codes=2)
+    >>> raw = np.array([1, 2, 10, 99], np.uint64)  # user_id and ad_id of two examples, table-major
+    >>> ids, tables, lengths = semantic_id_bags(raw, np.array([0, 0, 1, 1]), np.ones(4, np.int64),
+    ...                                          np.array([10, 99], np.uint64), 2, tc, s)
+    >>> lengths.tolist(), tables.tolist(), int(ids[2] >> 56), int(ids[3] >> 56), int(ids[4])
+    ([1, 1, 2, 1], [0, 0, 1, 1, 1], 1, 2, 99)
+    """
+    mode = tcfg.ad_id_features
+    levels = len(tcfg.sid_path) or tcfg.sid_levels
+    if path is not None:  # trainer.sid_path: the impressions' own category path (:func:`path_tokens`)
+        tok, known = path
+    elif sids is not None:
+        tok, known = sids.ad_tokens(ad_ids.astype(np.int64))
+    else:
+        tok, known = np.zeros((b, levels), np.uint64), np.zeros(b, bool)
+    if tok.shape[1] != levels:
+        raise ValueError(f"semantic ids have {tok.shape[1]} levels, trainer.sid_levels is {levels}")
+    ad_t = SINGLE_FIELDS.index("ad_id")
+    lo = int(lengths[:ad_t * b].sum())  # the ad_id bags are one id each: ids[lo:lo + b]
+    if mode == "hash+sid_ngram":
+        new_ids = tok[known].ravel()
+        extra_len = np.where(known, levels, 0).astype(np.int64)
+        return (np.concatenate([ids, new_ids]),
+                np.concatenate([tables, np.full(len(new_ids), len(table_names(tcfg)) - 1)]),
+                np.concatenate([lengths, extra_len]))
+    if mode == "sid":
+        bag_ids = np.where(known, tok[:, -1], ad_ids)
+        out_ids = ids.copy()
+        out_ids[lo:lo + b] = bag_ids
+        return out_ids, tables, lengths
+    if mode != "sid_ngram":
+        raise ValueError(f"trainer.ad_id_features: unknown {mode!r}")
+    per = np.where(known, levels, 1).astype(np.int64)
+    bag = np.where(known[:, None], tok, np.concatenate([ad_ids[:, None], np.zeros((b, levels - 1), np.uint64)],
+                                                       axis=1))
+    mask = np.arange(levels)[None, :] < per[:, None]
+    new_ids = bag[mask]
+    out_len = lengths.copy()
+    out_len[ad_t * b:(ad_t + 1) * b] = per
+    return (np.concatenate([ids[:lo], new_ids, ids[lo + b:]]),
+            np.concatenate([tables[:lo], np.full(len(new_ids), ad_t), tables[lo + b:]]), out_len)
+
+
 def impression_batch(imps: Sequence[schema.Impression], tcfg: TrainerConfig, device, users=None,
-                     loopfm=None) -> "TorchBatch":
+                     loopfm=None, sids=None) -> "TorchBatch":
     """Impressions to score (no labels): the :class:`TorchBatch` a model's forward takes, on ``device``, with the
     user-model input from ``users`` (:func:`user_features`) and the LoopFM input from ``loopfm``
     (:func:`loopfm_features`; required when ``tcfg.loopfm``: ValueError without). Labels and weights are zeros."""
@@ -225,7 +315,7 @@ def impression_batch(imps: Sequence[schema.Impression], tcfg: TrainerConfig, dev
         raise ValueError("this model reads LoopFM features (trainer.loopfm: the FM's user and ad vectors), which "
                          "need the FM embedding store; scoring it without one (serving, offline scoring) is not "
                          "supported: serve a model trained with trainer.loopfm off")
-    idx, off, dense, dom = featurize_impressions(imps, tcfg)
+    idx, off, dense, dom = featurize_impressions(imps, tcfg, sids)
     user = user_features(imps, tcfg, users)
     lf = loopfm_features(imps, tcfg, loopfm)
     zeros = torch.zeros(len(imps), device=device)
@@ -261,14 +351,16 @@ def loopfm_features(imps: Sequence[schema.Impression], tcfg: TrainerConfig, view
     return view.features_of(imps)
 
 
-def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=None, loopfm=None) -> FeatureBatch:
+def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=None, loopfm=None, sids=None
+              ) -> FeatureBatch:
     """Examples -> :class:`FeatureBatch` (domains must be known: ``schema.decode`` guarantees it);
-    ``users``: see :func:`user_features`; ``loopfm``: see :func:`loopfm_features`."""
+    ``users``: see :func:`user_features`; ``loopfm``: see :func:`loopfm_features`; ``sids``: see
+    :func:`semantic_id_bags`."""
     from trainer.delay import DECIDED_INDEX, late_kind
 
     imps = [e.impression for e in examples]
     b = len(examples)
-    indices, offsets, dense, domain = featurize_impressions(imps, tcfg)
+    indices, offsets, dense, domain = featurize_impressions(imps, tcfg, sids)
     event_ts = np.fromiter((i.ts for i in imps), dtype=np.int64, count=b)
     ids = [e.example_id for e in examples]
     return FeatureBatch(
@@ -279,7 +371,7 @@ def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=Non
         event_ts=event_ts,
         emitted_ts=np.fromiter((e.emitted_ts for e in examples), dtype=np.int64, count=b),
         example_ids=ids, domains=[i.domain for i in imps],
-        num_tables=8 + tcfg.cat_slots,
+        num_tables=len(table_names(tcfg)),
         decided=np.fromiter((DECIDED_INDEX[e.decided] for e in examples), dtype=np.int8, count=b),
         late=np.fromiter(map(late_kind, ids), dtype=np.int8, count=b),
         click_delay_ms=_delays([e.click_ts for e in examples], event_ts),

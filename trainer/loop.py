@@ -61,6 +61,7 @@ from trainer.early_stage import EarlyStage
 from trainer.export import export
 from trainer.features import featurize
 from trainer.loopfm import LoopFM
+from trainer.creatives import AdCreativeFeed
 from trainer.model import Learner
 from trainer.roles import serves
 from trainer.publish import Publisher
@@ -126,6 +127,8 @@ class Trainer:
         # batches; on the learner so that trainer/publish.py publishes it with every version
         self.early = EarlyStage(self.tc, device=self.learner.device) if self.tc.early_stage else None
         self.learner.early_stage = self.early
+        # semantic IDs (trainer.ad_id_features): ads' creatives from topics.ads, coded between batches
+        self.creatives = AdCreativeFeed.for_trainer(cfg, self.learner)
         self.offsets: dict[tuple[str, int], int] = {}
         # plain str keys (a Stat indexes them alike): checkpoints load with torch's weights_only unpickler
         self.counters = {k.value: 0 for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS,
@@ -240,11 +243,14 @@ class Trainer:
             if other:
                 good = [ex for ex in good if ex.impression.arm == self.tc.arm]
                 self.counters[Stat.EXAMPLES_OTHER_ARM] += len(other)
-                ofb = featurize(other, self.tc, self.learner.user_view, self.learner.loopfm_view)
+                ofb = featurize(other, self.tc, self.learner.user_view, self.learner.loopfm_view,
+                                sids=self.learner.semantic_ids)
                 self._publish_predictions(ofb, other, *self.learner.score(ofb), src)
         if not good:
             return 0
-        fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view)
+        if self.creatives is not None:  # the ads born since the last batch get their codes before it is featurized
+            self.creatives.apply(self.learner.semantic_ids)
+        fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view, sids=self.learner.semantic_ids)
         res = self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
             fb, good, p_click, p_conv, src))
         if self.early is not None:  # the early stage learns the final's pre-update scores of this batch
@@ -323,6 +329,8 @@ class Trainer:
         consumer.assign(kafka_io.topic_partitions([topic], cfg.topics.partitions, self.offsets))
         if self.loopfm is not None:
             self.loopfm.start(self.producer)
+        if self.creatives is not None:
+            self.creatives.start()
         self._stats = Throughput()
         log.info("training on %s (%d partitions, role %s), backend=%s device=%s batch=%d, checkpoints in %s",
                  topic, cfg.topics.partitions, tc.role, self.learner.backend, self.learner.device,
@@ -378,6 +386,8 @@ class Trainer:
                 self.users.close()
             if self.loopfm is not None:
                 self.loopfm.close()
+            if self.creatives is not None:
+                self.creatives.close()
             torch.set_num_threads(threads)  # the process's setting again (in-process callers: tests, benchmarks)
         return dict(self.counters)
 

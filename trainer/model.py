@@ -367,6 +367,14 @@ class Learner:
         self.user_view = None
         # the FM's user/ad vectors a VM reads (trainer/loopfm.FMEmbeddingView), when tcfg.loopfm
         self.loopfm_view = None
+        # the ads' semantic IDs (embedding_store/semantic_ids.py) the features read, when tcfg.ad_id_features
+        # is not "hash": codes assigned at each ad's birth from its creative; checkpointed with the model
+        self.semantic_ids = None
+        if tcfg.ad_id_features != "hash" and not tcfg.sid_path:  # sid_path: codes read off the impressions
+            from embedding_store.semantic_ids import SemanticIdConfig, SemanticIds
+
+            self.semantic_ids = SemanticIds(SemanticIdConfig(levels=tcfg.sid_levels, codes=tcfg.sid_codes,
+                                                             seed=tcfg.seed))
 
     def loss_weights(self, fb: FeatureBatch, p_click: np.ndarray, p_ctcvr: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -502,6 +510,7 @@ class Learner:
                 "steps": self.steps, "rng": rng, "backend": self.backend, "model_version": MODEL_VERSION,
                 "delays": {k: h.state() for k, h in self.delays.items()},
                 **({"user_view": self.user_view.state()} if self.user_view is not None else {}),
+                **({"semantic_ids": self.semantic_ids.state()} if self.semantic_ids is not None else {}),
                 **({"adapter": _to_cpu(self.adapter.state_dict()), "adapter_opt": _to_cpu(self.adapter_opt.state_dict()),
                     "teacher_version_seen": self.teacher_version_seen} if self.adapter is not None else {})}
 
@@ -533,6 +542,10 @@ class Learner:
             from trainer.users.features import UserVectors
 
             self.user_view = UserVectors.from_state(st["user_view"])
+        if self.semantic_ids is not None and "semantic_ids" in st:
+            from embedding_store.semantic_ids import SemanticIds
+
+            self.semantic_ids = SemanticIds.from_state(st["semantic_ids"])
         torch.set_rng_state(st["rng"]["cpu"])
         if self.device.type == "cuda" and "cuda" in st["rng"]:
             torch.cuda.set_rng_state(st["rng"]["cuda"], self.device)

@@ -33,6 +33,11 @@ of every other file. The ``.pt`` files are ``torch.save`` dicts of tensors (read
 * ``early_stage.pt`` (when the trainer trains the early-stage ranker, ``trainer.early_stage``): its dense
   weights, and its embedding rows: all of them in a full (or when its changes are unknown), the rows it trained
   since the previous version in a delta (:func:`trainer.early_stage.serving_state`); ``Published.early_stage``.
+* ``semantic_ids.pt`` (when ``trainer.ad_id_features`` reads semantic IDs; in a full, and in a delta when the
+  codebook or the coded ads changed since the previous version): the ads' codes and the codebook
+  (:meth:`embedding_store.semantic_ids.SemanticIds.state` without the contents); a version without it keeps the
+  previous one's. Serving codes a request's ads with it; an ad born after the version was written scores by its
+  hashed raw id until the next version.
 * ``config.json`` / ``features.json`` (full): the TrainerConfig and the feature spec
   (:func:`trainer.export.feature_spec`), checked against this code on load: a model whose features this code
   would compute differently is refused.
@@ -150,6 +155,7 @@ class Published:
     # the early-stage ranker published with the version (trainer/early_stage.py EarlyStageModel, eval mode), for
     # the serving cascade; None when the trainer has none (trainer.early_stage off)
     early_stage: object | None = None
+    semantic_ids: object | None = None  # embedding_store.semantic_ids.SemanticIds when ad_id_features reads them
 
 
 # ---- the writer ---------------------------------------------------------------------------------------
@@ -219,6 +225,7 @@ class Publisher:
         self.seq = seqs[-1] if seqs else 0  # the newest version on disk (ours or an earlier writer's)
         self._base: int | None = None  # the full our change tracking builds on (None: next one is a full)
         self._users = None  # the user snapshot published last
+        self._sids_key: tuple | None = None  # (codebook version, ads coded) of the semantic ids published last
         self._full_bytes = 0
         self.last: dict[str, float] = {}
 
@@ -249,6 +256,7 @@ class Publisher:
                 ids, vecs, ad = users
                 files["users.pt"] = tensor_bytes({"ids": torch.from_numpy(ids), "vectors": torch.from_numpy(vecs),
                                                   "ad_table": torch.from_numpy(ad)})
+            _semantic_ids_file(learner, files, None)
             files["config.json"] = config_bytes(learner.tcfg)
             files["features.json"] = features_bytes(learner.tcfg)
             counts = {"rows": emb.num_tables * emb.rows}
@@ -270,6 +278,7 @@ class Publisher:
                 ud = user_delta(self._users, users)
                 files["users.pt"] = tensor_bytes(ud)
                 counts.update(users=len(ud["ids"]), users_deleted=len(ud["deleted"]), ad_rows=len(ud["ad_rows"]))
+            _semantic_ids_file(learner, files, self._sids_key)
             base, prev = self._base, self.seq
         early = getattr(learner, "early_stage", None)  # trainer.early_stage: its weights ride along
         if early is not None:
@@ -297,6 +306,7 @@ class Publisher:
         size = sum(s["bytes"] for s in sums.values())
         self.seq = seq
         self._users = users
+        self._sids_key = _sids_key(learner)
         if kind == FULL:
             self._base, self._full_bytes = seq, size
             self._retain()
@@ -333,6 +343,19 @@ class Publisher:
                 except OSError:
                     continue
                 shutil.rmtree(gone, ignore_errors=True)
+
+
+def _sids_key(learner) -> tuple | None:
+    s = getattr(learner, "semantic_ids", None)
+    return None if s is None else (s.version, len(s), int(s.stats.get("coded_at_birth", 0)))
+
+
+def _semantic_ids_file(learner, files: dict, published: tuple | None) -> None:
+    """Add ``semantic_ids.pt`` to a version's ``files`` when the learner has semantic IDs that differ from the
+    ones ``published`` last (None: always, as in a full snapshot)."""
+    key = _sids_key(learner)
+    if key is not None and (published is None or key != published):
+        files["semantic_ids.pt"] = tensor_bytes(learner.semantic_ids.state(with_content=False))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -372,16 +395,18 @@ class _Building:
 
     early_stage = None  # the early-stage ranker (trainer/early_stage.py), when the version has one
 
-    def __init__(self, model, tcfg, device, widths, shared, user_view):
+    def __init__(self, model, tcfg, device, widths, shared, user_view, semantic_ids=None):
         self.model, self.tcfg, self.device = model, tcfg, device
         self.widths, self.shared, self.user_view = widths, shared, user_view
+        self.semantic_ids = semantic_ids  # read-only once loaded: versions may share it
 
     def published(self, manifest: dict) -> Published:
         m = manifest
         p = Published(model=self.model, tcfg=self.tcfg, device=self.device, seq=int(m["seq"]), steps=int(m["steps"]),
                       examples_trained=int(m["examples_trained"]), trained_ts=int(m["trained_ts"]),
                       created_ts=int(m["created_ts"]), arm=str(m.get("arm", "")), user_view=self.user_view,
-                      meta=m, embedding_widths=self.widths, shared_slots=self.shared, early_stage=self.early_stage)
+                      meta=m, embedding_widths=self.widths, shared_slots=self.shared, early_stage=self.early_stage,
+                      semantic_ids=self.semantic_ids)
         self.model = None  # handed over: nothing here touches it again
         return p
 
@@ -525,7 +550,7 @@ class VersionStore:
 
             u = self._tensors(seq, m, "users.pt")
             view = UserVectors.from_state({"ids": u["ids"], "vectors": u["vectors"], "ad_table": u["ad_table"]})
-        b = _Building(model, tcfg, dev, widths, shared, view)
+        b = _Building(model, tcfg, dev, widths, shared, view, self._semantic_ids(seq, m, tcfg))
         if "early_stage.pt" in m["files"]:
             from trainer.early_stage import load_serving
 
@@ -534,6 +559,20 @@ class VersionStore:
             except (ValueError, KeyError, IndexError) as e:
                 raise VersionError(f"{where}/early_stage.pt: {e}") from e
         return b
+
+    def _semantic_ids(self, seq: int, m: dict, tcfg, current=None):
+        """The version's semantic IDs (``semantic_ids.pt``), else ``current`` (a delta without a change)."""
+        if "semantic_ids.pt" not in m["files"]:
+            if current is None and tcfg.ad_id_features != "hash" and not tcfg.sid_path and m.get("kind") == FULL:
+                raise VersionError(f"{seq_name(seq)}: the model reads semantic IDs ({tcfg.ad_id_features}) but "
+                                   "the version has no semantic_ids.pt")
+            return current
+        from embedding_store.semantic_ids import SemanticIds
+
+        try:
+            return SemanticIds.from_state(self._tensors(seq, m, "semantic_ids.pt"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise VersionError(f"{seq_name(seq)}/semantic_ids.pt: malformed: {e}") from e
 
     def _copy(self, cur: Published) -> _Building:
         """A private copy of ``cur`` to apply deltas to (``cur`` keeps serving meanwhile)."""
@@ -556,7 +595,7 @@ class VersionStore:
             view = UserVectors.from_state(cur.user_view.state())
         widths = cur.embedding_widths.clone() if cur.embedding_widths is not None else None
         shared = cur.shared_slots.copy() if cur.shared_slots is not None else None
-        b = _Building(model, cur.tcfg, cur.device, widths, shared, view)
+        b = _Building(model, cur.tcfg, cur.device, widths, shared, view, cur.semantic_ids)
         if getattr(cur, "early_stage", None) is not None:
             b.early_stage = copy.deepcopy(cur.early_stage)
         return b
@@ -584,7 +623,9 @@ class VersionStore:
             raise VersionError(f"{where}: user vectors {'missing' if users is None else 'unexpected'} in the delta")
         if early is not None and b.early_stage is None and "user_emb_weights" not in early:
             raise VersionError(f"{where}/early_stage.pt: a delta of an early stage the full snapshot does not have")
+        sids = self._semantic_ids(seq, m, b.tcfg, b.semantic_ids)
         load_dense(b.model, dense, f"{where}/dense.pt", VersionError)
+        b.semantic_ids = sids
         emb.write_rows(slots, vecs)
         if b.widths is not None:
             b.widths[torch.from_numpy(slots)] = widths.to(b.widths.dtype)

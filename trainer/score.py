@@ -95,7 +95,8 @@ def score_impressions(learner, imps: list[schema.Impression]) -> list[ScoreRow]:
     for i in range(0, len(imps), CHUNK):
         chunk = imps[i:i + CHUNK]
         with torch.no_grad():
-            pc, pv = learner.model(impression_batch(chunk, learner.tcfg, learner.device, learner.user_view))
+            pc, pv = learner.model(impression_batch(chunk, learner.tcfg, learner.device, learner.user_view,
+                                                    sids=getattr(learner, "semantic_ids", None)))
         rows.extend(ScoreRow(im.event_id, float(a), float(c))
                     for im, a, c in zip(chunk, pc.cpu().tolist(), pv.cpu().tolist()))
     return rows

@@ -76,6 +76,9 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
     early = getattr(trainer, "early", None)  # the early-stage ranker's rows and mean losses since the last report
     if early is not None:
         values.update(early.take_stats())
+    creatives = getattr(trainer, "creatives", None)  # semantic IDs: creatives read/applied, ads coded, refreshes
+    if creatives is not None:
+        values.update(creatives.stats(learner.semantic_ids))
     publisher = getattr(trainer, "publisher", None)  # published_seq, publish_bytes, publish_s, delta_fraction
     if publisher is not None:
         values.update(publisher.stats())

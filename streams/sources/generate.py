@@ -97,6 +97,13 @@ class GeneratorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scenario: scenarios.ScenarioConfig = scenarios.ScenarioConfig()
     ad_churn: float = 0.2  # fraction of ads born during the run (and, separately, retired)
     delays: str = "short"  # short | calibrated (see streams.sources.scenarios)
+    # Ad content (cold start, docs/generator.md "Ad content"): each ad's creative embedding (content_dim values,
+    # content_noise: noise std relative to the signal's) and category path (one k-means level per entry of
+    # category_levels); emit_creatives: an AdCreative record at each ad's birth (topics.ads), off by default
+    content_dim: int = 32
+    content_noise: float = 0.5
+    category_levels: tuple[int, ...] = (8, 4)
+    emit_creatives: bool = False
 
 
 def validate(g: GeneratorConfig) -> None:
@@ -115,7 +122,9 @@ def validate(g: GeneratorConfig) -> None:
               ("ad_churn", 0 <= g.ad_churn <= 1), ("delays", g.delays in scenarios.DELAY_MODELS),
               ("start_ts", schema.MIN_TS_MS <= g.start_ts <= schema.MAX_TS_MS - 10**11),
               ("history_len", 0 <= g.history_len <= schema.MAX_LIST),
-              ("cat_slots", 0 <= g.cat_slots <= schema.MAX_LIST), ("dense_dim", 0 <= g.dense_dim <= schema.MAX_LIST)]
+              ("cat_slots", 0 <= g.cat_slots <= schema.MAX_LIST), ("dense_dim", 0 <= g.dense_dim <= schema.MAX_LIST),
+              ("content_dim", 1 <= g.content_dim <= schema.MAX_LIST), ("content_noise", g.content_noise >= 0),
+              ("category_levels", 1 <= len(g.category_levels) <= 3 and all(k >= 1 for k in g.category_levels))]
     for name, ok in checks:
         if not ok:
             raise ValueError(f"GeneratorConfig.{name}: bad value {getattr(g, name)!r}")
@@ -132,9 +141,10 @@ class Simulation(msgspec.Struct, frozen=True):
     def counts(self) -> dict[str, int]:
         out = {"impression": 0, "click": 0, "conversion": 0, "bad": 0}
         names = {schema.Impression: "impression", schema.Click: "click", schema.Conversion: "conversion",
-                 BadRecord: "bad"}
+                 BadRecord: "bad", schema.AdCreative: "creative"}
         for r in self.records:
-            out[names[type(r)]] += 1
+            k = names[type(r)]
+            out[k] = out.get(k, 0) + 1  # "creative" only with emit_creatives
         return out
 
 
@@ -266,6 +276,96 @@ def hidden_tastes(sim: Simulation) -> tuple[np.ndarray, np.ndarray]:
     return user_lat, ad_lat
 
 
+class AdContent(msgspec.Struct, frozen=True):
+    """What an ad's creative says about it, per ad (index ``i`` is ad id ``ad_ids[i] = i + 1``): ``content``
+    (n, content_dim) float32, the embedding a text/image encoder would give the creative; ``category``
+    (n, levels) int64, the category path (level ``l``'s id is global: ``category[:, l]`` tells the parent too);
+    ``birth_ts`` / ``death_ts`` (n,) int64 event-time ms (``start_ts`` for the ads alive from the start,
+    ``MAX_TS_MS`` for ads never retired); ``surge`` (n,) bool: the new-ad-surge batch."""
+
+    ad_ids: np.ndarray
+    content: np.ndarray
+    category: np.ndarray
+    birth_ts: np.ndarray
+    death_ts: np.ndarray
+    surge: np.ndarray
+
+
+def _ad_signal(g: GeneratorConfig, w: _World) -> np.ndarray:
+    """(n_ads, k + 1): what makes the hidden world treat ads alike: the taste vector (unit variance per
+    coordinate) and the click bias, weighted by their shares of the click logit's variance (the bias carries
+    ``ad_bias_std^2 / latent_scale^2`` of the taste's, so its column gets that share of the k taste columns)."""
+    t, k = g.truth, g.truth.latent_dim
+    lat_std = (t.latent_scale ** 2 / k) ** 0.25
+    bias_w = math.sqrt(k) * t.ad_bias_std / max(t.latent_scale, 1e-9)
+    return np.concatenate([w.ad_lat / lat_std, (w.ad_bias / max(t.ad_bias_std, 1e-9) * bias_w)[:, None]], axis=1)
+
+
+def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Nearest-centroid label of every row of ``x`` after FAISS k-means with ``k`` centroids (fewer rows than
+    ``k``: each row its own label)."""
+    if len(x) <= k:
+        return np.arange(len(x), dtype=np.int64)
+    import faiss
+
+    from embedding_store.semantic_ids import one_faiss_thread
+
+    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, verbose=False, min_points_per_centroid=1)
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    with one_faiss_thread():  # deterministic, and fast on busy cores
+        km.train(x32)
+    return km.index.search(x32, 1)[1][:, 0].astype(np.int64)
+
+
+def _ad_content(g: GeneratorConfig, w: _World, ts0: int, ts1: int) -> AdContent:
+    """Content embeddings and category paths of every ad of world ``w`` (a run spanning ``ts0..ts1`` ms).
+
+    ``content = signal @ P + content_noise * s * N(0, 1)``: ``signal`` from :func:`_ad_signal`, ``P`` a fixed
+    random projection to ``content_dim`` (an encoder that mixes the hidden causes), ``s`` the signal's standard
+    deviation per content coordinate. The category path clusters the noise-free signal (k-means per level,
+    nested: level ``l + 1`` splits each level-``l`` category into ``category_levels[l + 1]``), as a catalogue's
+    taxonomy groups ads that appeal to the same people. Own random stream: the traffic of a seed does not
+    change."""
+    rng = np.random.default_rng([g.seed, 0xC0DE])
+    z = _ad_signal(g, w)
+    proj = rng.normal(0, 1.0 / math.sqrt(z.shape[1]), (z.shape[1], g.content_dim))
+    sig = z @ proj
+    s = float(sig.std()) or 1.0
+    content = (sig + g.content_noise * s * rng.normal(0, 1, sig.shape)).astype(np.float32)
+    n = len(z)
+    cat = np.zeros((n, len(g.category_levels)), np.int64)
+    parent = np.zeros(n, np.int64)
+    for lvl, k in enumerate(g.category_levels):
+        for p in np.unique(parent).tolist():
+            m = np.flatnonzero(parent == p)
+            cat[m, lvl] = p * k + _kmeans_labels(z[m], k, g.seed + 7919 * lvl + p)
+        parent = cat[:, lvl]
+    span = max(ts1 - ts0, 1)
+    birth = np.where(w.ad_birth > 0, ts0 + np.round(w.ad_birth * span), g.start_ts).astype(np.int64)
+    death = np.where(np.isfinite(w.ad_death), ts0 + np.round(np.minimum(w.ad_death, 1.0) * span),
+                     schema.MAX_TS_MS).astype(np.int64)
+    surge = np.zeros(n, bool)
+    surge[g.n_ads:] = True
+    return AdContent(ad_ids=np.arange(1, n + 1, dtype=np.int64), content=content, category=cat, birth_ts=birth,
+                     death_ts=death, surge=surge)
+
+
+def ad_content(sim: Simulation) -> AdContent:
+    """Every ad's creative content of ``sim``'s world (:class:`AdContent`), drawn again from the seed like
+    :func:`hidden_tastes`: what a creative encoder and a catalogue would know about each ad at its birth.
+
+    >>> sim = simulate(GeneratorConfig(n_impressions=50, seed=3, n_ads=40, content_dim=6))
+    >>> c = ad_content(sim)
+    >>> c.content.shape, c.category.shape, int(c.category[:, 0].max()) < 8, bool((c.category[:, 1] // 4 == c.category[:, 0]).all())
+    ((40, 6), (40, 2), True, True)
+    """
+    g = sim.config
+    w = _world(g, np.random.default_rng(g.seed))
+    ts = sim.truth.column("ts").to_numpy()
+    ts0, ts1 = (int(ts[0]), int(ts[-1])) if len(ts) else (g.start_ts, g.start_ts)
+    return _ad_content(g, w, ts0, ts1)
+
+
 def _draw_domains(g: GeneratorConfig, n: int, rng: np.random.Generator) -> np.ndarray:
     """Domain index (into ``g.domains``) of ``n`` impressions or requests, by ``domain_share``."""
     share = np.array([g.truth.domain_share[d] for d in g.domains])
@@ -391,6 +491,29 @@ def _events(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray]) -> list[Any
     return out
 
 
+def _with_creatives(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray], records: list[Any]) -> list[Any]:
+    """``records`` with an :class:`~streams.schema.AdCreative` for every ad at its birth (ads alive from the
+    start: at ``start_ts``), placed before the events of the same ms (emit_creatives; topics.ads)."""
+    ts = c["ts"]
+    content = _ad_content(g, w, int(ts[0]) if len(ts) else g.start_ts, int(ts[-1]) if len(ts) else g.start_ts)
+    last = int(ts[-1]) if len(ts) else g.start_ts
+    order = np.argsort(content.birth_ts, kind="stable")
+    order = order[content.birth_ts[order] <= last]  # ads born after the last impression: never seen
+    vals = np.round(content.content.astype(np.float64), 5)
+    creatives = [schema.AdCreative(ad_id=int(content.ad_ids[i]), ts=int(content.birth_ts[i]), content=vals[i].tolist(),
+                                   category=content.category[i].tolist()) for i in order.tolist()]
+    out: list[Any] = []
+    j = 0
+    for r in records:
+        t = getattr(r, "ts", None)  # a BadRecord has none: it stays where it is
+        while t is not None and j < len(creatives) and creatives[j].ts <= t:
+            out.append(creatives[j])
+            j += 1
+        out.append(r)
+    out.extend(creatives[j:])
+    return out
+
+
 def simulate(g: GeneratorConfig) -> Simulation:
     """Generate traffic for ``g``: records in event-time order (plus BadRecords when ``bad_rate > 0``)."""
     validate(g)
@@ -410,6 +533,8 @@ def simulate(g: GeneratorConfig) -> Simulation:
             prev = pos
         merged.extend(records[prev:])
         records = merged
+    if g.emit_creatives:
+        records = _with_creatives(g, w, c, records)
     n = g.n_impressions
     truth = pa.table({
         "impression_id": [f"imp-{g.seed}-{i}" for i in range(n)],
@@ -529,6 +654,9 @@ def add_cli(subparsers) -> None:
                    help="impressions per second of event time (default %(default)s)")
     p.add_argument("--oracle-window", metavar="DURATION", default=None,
                    help="window of the per-window oracle metrics (default: a tenth of the run)")
+    p.add_argument("--creatives", action="store_true",
+                   help="also an AdCreative record (content embedding, category path) at each ad's birth, to "
+                        "topics.ads: the content trainer.ad_id_features codes semantic IDs from (broker only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -559,7 +687,7 @@ def _config_from_args(args: argparse.Namespace) -> GeneratorConfig:
                         domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()),
                         scenario=scenarios.parse_params(args.scenario, args.scenario_param),
                         delays=args.delays, max_conversion_delay_s=max_conv, ad_churn=args.ad_churn,
-                        impressions_per_s=args.rate)
+                        impressions_per_s=args.rate, emit_creatives=bool(getattr(args, "creatives", False)))
     validate(g)
     return g
 
@@ -573,6 +701,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     if not args.out and not cfg.kafka.bootstrap_servers:
         print(f"streamrec generate: {NO_BROKER}", file=sys.stderr)
+        return 2
+    if args.out and g.emit_creatives:
+        print("streamrec generate: --creatives go to the broker's ads topic; a log (--out) holds input events only",
+              file=sys.stderr)
         return 2
     lab = cfg.labels
     if g.max_click_delay_s >= lab.click_window_s or g.max_conversion_delay_s >= lab.conversion_window_s:

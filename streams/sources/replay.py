@@ -113,6 +113,7 @@ class Publisher:
                          mininterval=0.5, smoothing=0.1)
         self._shown = 0  # records already counted on the progress bar
         self.bad_records = self.watermarks = self.dead_letters = 0
+        self.creatives = 0  # AdCreative records sent to topics.ads
         self.last_ts = 0
         self._max_wm = 0
         self._final_wm = 0
@@ -145,9 +146,13 @@ class Publisher:
             self._broadcast(rec)
             self.watermarks += 1
             self._max_wm = max(self._max_wm, rec.ts)
+        elif isinstance(rec, schema.AdCreative):  # an ad's birth (semantic IDs): topics.ads, keyed by ad id
+            kafka_io.produce(self._producer, self.cfg.topics.ads, value or self._encode(rec),
+                             key=str(rec.ad_id).encode())
+            self.creatives += 1
         else:
-            raise TypeError(f"Publisher.send: expected Impression, Click, Conversion, Watermark or BadRecord, "
-                            f"got {type(rec).__name__}")
+            raise TypeError(f"Publisher.send: expected Impression, Click, Conversion, Watermark, AdCreative or "
+                            f"BadRecord, got {type(rec).__name__}")
         self._n += 1
         if self._n & 1023 == 0:
             self.heartbeat()
