@@ -152,7 +152,8 @@ def test_every_panel_query_runs(store):
                                              "embedding_rows_d8": 128.0, "user_freshness_p50_ms": 800.0,
                                              "user_freshness_p99_ms": 1500.0, "user_backlog": 0.0,
                                              "delta_fraction": 0.03, "loopfm_age_p50_s": 2.0,
-                                             "early_stage_label_loss": 0.4, "early_stage_distill_loss": 0.1}),
+                                             "early_stage_label_loss": 0.4, "early_stage_distill_loss": 0.1,
+                                             "semantic_ids_ads": 10.0}),
         schema.ServiceStats("serving", now, {"qps": 400.0, "latency_p50_ms": 3.0, "latency_p99_ms": 9.0,
                                              "arm_model_age_s.main": 4.0}),
         schema.ServiceStats("distill", now, {"teacher_coverage": 0.98, "teacher_age_p50_ms": 300.0})]))
