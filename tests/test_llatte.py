@@ -39,11 +39,12 @@ def test_off_by_default_and_refused_with_interest_shift():
     with pytest.raises(ValueError, match="interest-shift"):
         from streams.sources.scenarios import ScenarioConfig
 
-        simulate(GeneratorConfig(n_impressions=10, sessions=SESSIONS, scenario=ScenarioConfig(name="interest-shift")))
+        simulate(GeneratorConfig(n_impressions=10, n_users=50, n_ads=20, sessions=SESSIONS,
+                                 scenario=ScenarioConfig(name="interest-shift")))
     with pytest.raises(ValueError, match="intent_drift"):
         SessionsConfig(n_interests=2, intent_drift=1.5)
     with pytest.raises(ValueError, match="not of the sessions world"):
-        session_tastes(simulate(GeneratorConfig(n_impressions=10)))
+        session_tastes(simulate(GeneratorConfig(n_impressions=10, n_users=50, n_ads=20)))
 
 
 def _schedule(cfg: SessionsConfig, n: int = 4000, users: int = 50):
@@ -127,19 +128,23 @@ def test_generate_cli_world_sessions(tmp_path, capsys, monkeypatch):
 def test_bench_llatte_tiny(monkeypatch, capsys, one_thread):
     from benchmarks import llatte
 
+    # small tables: the test is about the plumbing, not the numbers
+    monkeypatch.setattr(llatte, "FM", msgspec.structs.replace(llatte.FM, hash_buckets=2000))
+    monkeypatch.setattr(llatte, "VM", msgspec.structs.replace(llatte.VM, hash_buckets=1000))
+    monkeypatch.setattr(llatte, "AD_BUCKETS", 1009)
     # the user model feeds the FM and what the FM publishes: the LoopFM path carries the user model's vectors
-    g = GeneratorConfig(n_impressions=1200, seed=3, **{**llatte.WORLD, "n_users": 200})
+    g = GeneratorConfig(n_impressions=800, seed=3, **{**llatte.WORLD, "n_users": 200})
     from benchmarks._simulated import example_stream
 
     sim = simulate(g)
     exs = example_stream(sim, "oracle", elapsed_s=0)
-    run = llatte.fm_run(exs, 1200, llatte.FM, (8, 1, 4), publish=True)
+    run = llatte.fm_run(exs, 800, llatte.FM, (8, 1, 4), publish=True)
     assert run.params > 0 and not np.isnan(run.p_fm).any() and not np.isnan(run.p_user).any()
     last = [schema.decode(r, schema.FMEmbeddings) for r in run.published[-1]]
     users = [m for m in last if m.kind == "user"]
     v = np.array(users[0].vectors).reshape(len(users[0].ids), users[0].dim)
     assert users[0].dim == llatte.FM.embedding_dim + 8 and np.abs(v[:, -8:]).sum() > 0
-    monkeypatch.setattr(sys, "argv", ["llatte", "--n", "1200", "--lengths", "2,4", "--sizes", "8x1,8x2", "--dim", "8"])
+    monkeypatch.setattr(sys, "argv", ["llatte", "--n", "800", "--lengths", "2,4", "--sizes", "8x1,8x2", "--dim", "8"])
     monkeypatch.setattr(llatte, "WORLD", {**llatte.WORLD, "n_users": 200})
     assert llatte.main() == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -11,9 +11,10 @@ A world whose sequences carry what a single id embedding cannot (issue 17, LLaTT
 * **sessions**: users arrive in sessions. Session requests come as a Poisson process (``impressions_per_s /
   session_len`` per second), each for a user drawn by the usual Zipf activity; a session holds
   ``Geometric(1 / session_len)`` impressions ``Exp(event_gap_s)`` apart. A user is in at most one session at a
-  time and sessions of a user are at least ``session_gap_s`` apart: a request for a user still in a session or
-  within the gap is dropped (the heaviest users' activity is capped by that, so the realised rate is somewhat
-  below ``impressions_per_s``);
+  time and sessions of a user are at least ``session_gap_s`` apart: a request drawn for a user still in a
+  session or within the gap goes to another user drawn the same way (up to :data:`TRIES` draws, then it is
+  dropped). The heaviest users' activity is capped by that (about one session per ``session_gap_s``), the
+  others take their share, and the realised rate stays near ``impressions_per_s`` unless most users are busy;
 * **intent**: a session picks one interest ``k ~ pi[u]``; its intent at the session's j-th impression is::
 
       intent_j = (I[u, k] + session_intent_scale * std * e_j) / sqrt(1 + session_intent_scale^2)
@@ -44,6 +45,7 @@ import msgspec
 import numpy as np
 
 SEED_INTERESTS, SEED_SCHEDULE = 0x5E55, 0x5E56  # the world's own generators: the default draws stay the same
+TRIES = 8  # users drawn per session request: the first one free takes it (none free: the request is dropped)
 
 
 class SessionsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,10 +53,10 @@ class SessionsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     n_interests: int = 0  # K long-term interests per user (0: the default world)
     interest_concentration: float = 1.0  # Dirichlet alpha of each user's interest weights
-    session_intent_scale: float = 0.5  # std of the intent's deviation from its interest (x the interests' std)
+    session_intent_scale: float = 0.3  # std of the intent's deviation from its interest (x the interests' std)
     intent_drift: float = 0.3  # share of the deviation renewed per impression within a session (0: fixed)
     session_gap_s: float = 1800.0  # least event time between two sessions of a user
-    session_len: float = 12.0  # mean impressions per session (geometric)
+    session_len: float = 30.0  # mean impressions per session (geometric)
     event_gap_s: float = 20.0  # mean event time between impressions of a session
 
     @property
@@ -113,7 +115,8 @@ def schedule(cfg: SessionsConfig, n: int, rate: float, user_w: np.ndarray, it: I
     block = max(16, int(np.ceil(1.2 * n / m)))
     while have < n:
         req = t_req + np.cumsum(rng.exponential(m / rate, block))
-        users = rng.choice(len(user_w), block, p=user_w)
+        cands = rng.choice(len(user_w), (block, TRIES), p=user_w)
+        users = cands[:, 0].copy()
         lens = rng.geometric(1.0 / m, block)
         within = rng.exponential(cfg.event_gap_s, lens.sum())
         first = np.concatenate([[0], np.cumsum(lens)[:-1]])
@@ -122,10 +125,12 @@ def schedule(cfg: SessionsConfig, n: int, rate: float, user_w: np.ndarray, it: I
         offs -= np.repeat(offs[first], lens)  # seconds from the session's start
         dur = offs[first + lens - 1]
         keep = np.zeros(block, bool)
-        for j, (u, r) in enumerate(zip(users.tolist(), req.tolist())):  # sequential: a user's sessions never overlap
-            if r >= busy[u]:
-                keep[j] = True
-                busy[u] = r + dur[j] + gap
+        for j, (row, r) in enumerate(zip(cands.tolist(), req.tolist())):  # sequential: a user's sessions never overlap
+            for u in row:  # the first free candidate takes the session
+                if r >= busy[u]:
+                    keep[j], users[j] = True, u
+                    busy[u] = r + dur[j] + gap
+                    break
         ev = np.repeat(keep, lens)
         sid = np.repeat(n_sess + np.arange(block), lens)[ev]
         parts.append((np.repeat(users, lens)[ev], np.repeat(req, lens)[ev] + offs[ev], sid,
