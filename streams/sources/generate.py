@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from streams import schema
 from streams.metrics import normalized_entropy, roc_auc
 from config import NO_BROKER, Config
-from streams.sources import scenarios
+from streams.sources import scenarios, sessions
 from streams.sources.hostile import make_bad_records
 from streams.sources.logfile import BadRecord, write_jsonl
 from streams.sources.replay import ProduceStats, produce, summary  # noqa: F401  (re-exported)
@@ -104,6 +104,8 @@ class GeneratorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     content_noise: float = 0.5
     category_levels: tuple[int, ...] = (8, 4)
     emit_creatives: bool = False
+    # the sessions world (streams.sources.sessions; n_interests 0: off): interests, sessions, evolving intents
+    sessions: sessions.SessionsConfig = sessions.SessionsConfig()
 
 
 def validate(g: GeneratorConfig) -> None:
@@ -128,6 +130,9 @@ def validate(g: GeneratorConfig) -> None:
     for name, ok in checks:
         if not ok:
             raise ValueError(f"GeneratorConfig.{name}: bad value {getattr(g, name)!r}")
+    if g.sessions.on and g.scenario.name == "interest-shift":
+        raise ValueError("GeneratorConfig.sessions: the sessions world has its own user dynamics; "
+                         "it does not combine with the interest-shift scenario")
 
 
 class Simulation(msgspec.Struct, frozen=True):
@@ -203,6 +208,8 @@ def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
     n_ads = g.n_ads + n_surge
     lat_std = (t.latent_scale ** 2 / k) ** 0.25  # var(<U,A>) = k * std^4 = latent_scale^2
     user_lat = rng.normal(0, lat_std, (g.n_users, k))
+    if g.sessions.on:  # the sessions world: a user's taste is the mean of its interests (own generator)
+        user_lat = sessions.interests(g.sessions, g.n_users, k, lat_std, g.seed).average()
     ad_lat = rng.normal(0, lat_std, (n_ads, k))
     ad_w = _zipf_weights(n_ads, t.zipf_ads, rng)
     n_campaigns = max(1, n_ads // 8)
@@ -257,6 +264,27 @@ def _tastes(sc: scenarios.ScenarioConfig, w: _World, user: np.ndarray, ad: np.nd
     return user_lat, ad_lat, ad_bias
 
 
+def _session_schedule(g: GeneratorConfig, w: _World) -> sessions.Schedule:
+    """The sessions world's users, times and intents of the ``n_impressions`` impressions (own generators)."""
+    k = g.truth.latent_dim
+    lat_std = (g.truth.latent_scale ** 2 / k) ** 0.25
+    it = sessions.interests(g.sessions, g.n_users, k, lat_std, g.seed)
+    return sessions.schedule(g.sessions, g.n_impressions, g.impressions_per_s, w.user_w, it, lat_std, g.seed)
+
+
+def session_tastes(sim: Simulation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sessions world's (intent (n, k), the user's average taste (n, k), ad taste (n, k)) behind each
+    impression of ``sim.truth``; ``<intent, ad>`` is the click logit's affinity term."""
+    g = sim.config
+    if not g.sessions.on:
+        raise ValueError("session_tastes: this simulation is not of the sessions world (sessions.n_interests = 0)")
+    w = _world(g, np.random.default_rng(g.seed))
+    t = sim.truth
+    user, ad = t.column("user_id").to_numpy() - 1, t.column("ad_id").to_numpy() - 1
+    _, ad_lat, _ = _tastes(g.scenario, w, user, ad, _progress(t.column("ts").to_numpy()))
+    return _session_schedule(g, w).intent, w.user_lat[user], ad_lat
+
+
 def hidden_tastes(sim: Simulation) -> tuple[np.ndarray, np.ndarray]:
     """(user taste (n, k), ad taste (n, k)) behind each impression of ``sim.truth``, for oracle *features*
     in quality studies (what a perfect user model could know). The hidden world is drawn again from the
@@ -268,6 +296,9 @@ def hidden_tastes(sim: Simulation) -> tuple[np.ndarray, np.ndarray]:
     ((50, 8), (50, 8))
     """
     g = sim.config
+    if g.sessions.on:  # the current intent is the user's taste of the moment
+        intent, _, ad_lat = session_tastes(sim)
+        return intent, ad_lat
     w = _world(g, np.random.default_rng(g.seed))  # simulate()'s first draws
     t = sim.truth
     user = t.column("user_id").to_numpy() - 1
@@ -386,15 +417,18 @@ def _draw_cat(g: GeneratorConfig, w: _World, n: int, rng: np.random.Generator) -
 
 
 def _truth(g: GeneratorConfig, w: _World, dom: np.ndarray, user: np.ndarray, ad: np.ndarray, pos: np.ndarray,
-           dense: np.ndarray, cat: np.ndarray, ts: np.ndarray, progress: np.ndarray, stale: bool = False
-           ) -> dict[str, np.ndarray]:
+           dense: np.ndarray, cat: np.ndarray, ts: np.ndarray, progress: np.ndarray, stale: bool = False,
+           intent: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The hidden model (module docstring): true ``p_click`` and ``p_cvr`` of impressions (index arrays of
     length n; ``ts`` event time in ms, ``progress`` 0..1 of the run for the drift scenarios). With ``stale``
     also ``p_click_t0``/``p_cvr_t0``: the truth as it was at the start, knowing only the ads alive then (no
     drift, no season). The one implementation of the truth: :func:`simulate` and
-    :class:`streams.sources.audience.Audience` both call it."""
+    :class:`streams.sources.audience.Audience` both call it. ``intent`` (n, k): the sessions world's current
+    intent of each impression, in the user's taste's place."""
     t, sc = g.truth, g.scenario
     user_lat, ad_lat, ad_bias = _tastes(sc, w, user, ad, progress)
+    if intent is not None:
+        user_lat = intent
     season = scenarios.season_logit(sc, (ts - g.start_ts) / 1000.0)
     if sc.name == "sudden-levels":  # per-domain level jumps (zero for every other scenario: left out of them)
         season = season + scenarios.level_logit(sc, progress, dom)
@@ -445,13 +479,20 @@ def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dic
     progress = _progress(ts)
     dom = _draw_domains(g, n, rng)
     user = _draw_users(w, n, rng)
+    intent = None
+    if g.sessions.on:  # the sessions world: its own users and times (the draws above keep the rest the same)
+        sch = _session_schedule(g, w)
+        ts = g.start_ts + np.floor(sch.t_s * 1000).astype(np.int64)
+        progress, user, intent = _progress(ts), sch.user, sch.intent
     ad = scenarios.sample_ads(progress, w.ad_w, w.ad_birth, w.ad_death, len(w.ad_w) - g.n_ads, sc.surge_share, rng)
     pos = rng.integers(0, t.max_position, n)
     dense = _draw_dense(g, n, rng)
     cat = _draw_cat(g, w, n, rng)
-    p = _truth(g, w, dom, user, ad, pos, dense, cat, ts, progress, stale=True)
+    p = _truth(g, w, dom, user, ad, pos, dense, cat, ts, progress, stale=True, intent=intent)
     o = _outcomes(g, p["p_click"], p["p_cvr"], rng)
     click, conv = o["click"], o["conv"]
+    if g.sessions.on:  # history = the user's latest clicked ads, as of each impression
+        p["history"] = sessions.click_histories(user, ts, ad, click, o["click_ms"], w.user_hist, g.history_len)
     return {"dom": dom, "user": user, "ad": ad, "pos": pos, "dense": dense, "cat": cat, "ts": ts, **p,
             "click": click, "conv": conv, "click_ms": np.where(click, o["click_ms"], -1),
             "conv_ms": np.where(conv, o["conv_ms"], -1), "value": o["value"]}
@@ -474,7 +515,8 @@ def _events(g: GeneratorConfig, w: _World, c: dict[str, np.ndarray]) -> list[Any
     dev = [schema.DEVICES[d] for d in w.user_device[c["user"]].tolist()]
     ctry = [_COUNTRIES[x] for x in w.user_country[c["user"]].tolist()]
     cat, dense = c["cat"].tolist(), c["dense"].tolist()
-    hist = (w.user_hist[c["user"]] + 1).tolist()
+    hist = ([[a + 1 for a in h] for h in c["history"]] if "history" in c
+            else (w.user_hist[c["user"]] + 1).tolist())
     values = c["value"].tolist()
     out: list[Any] = []
     Imp, Clk, Cnv = schema.Impression, schema.Click, schema.Conversion
@@ -642,6 +684,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--scenario-param", action="append", default=[], metavar="KEY=VALUE",
                    help="scenario parameter, repeatable: angle, at, amplitude, period_s, surge_ads, surge_share, "
                         "surge_bias")
+    p.add_argument("--world", default="default", choices=tuple(sessions.WORLDS),
+                   help="default, or sessions: users with several long-term interests who arrive in sessions whose "
+                        "intent evolves; history = the latest clicked ads (streams/sources/sessions.py)")
     p.add_argument("--delays", default="short", choices=scenarios.DELAY_MODELS,
                    help="conversion delays: short (default, <= 6 h) or calibrated (Chapelle 2014: ~35%% < 1 h, "
                         "~50%% < 24 h, 30-day tail)")
@@ -687,7 +732,8 @@ def _config_from_args(args: argparse.Namespace) -> GeneratorConfig:
                         domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()),
                         scenario=scenarios.parse_params(args.scenario, args.scenario_param),
                         delays=args.delays, max_conversion_delay_s=max_conv, ad_churn=args.ad_churn,
-                        impressions_per_s=args.rate, emit_creatives=bool(getattr(args, "creatives", False)))
+                        impressions_per_s=args.rate, emit_creatives=bool(getattr(args, "creatives", False)),
+                        sessions=sessions.WORLDS[args.world])
     validate(g)
     return g
 
