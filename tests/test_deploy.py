@@ -38,7 +38,10 @@ def _torchrun(argv: list[str]):
     """torchrun's own parse of ``argv`` (its flags after ``python -m torch.distributed.run``)."""
     from torch.distributed.run import get_args_parser
 
-    return get_args_parser().parse_args(argv)
+    try:
+        return get_args_parser().parse_args(argv)
+    except SystemExit:  # argparse printed why; say which manifest line it was
+        raise ValueError(f"torchrun refuses the arguments {argv}") from None
 
 
 def _streamrec_argv(command: list[str] | None, args: list[str]) -> list[str]:
