@@ -285,6 +285,9 @@ class SolarisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     clickhouse_url: str = ""  # empty: chDB under <data_dir>/chdb; or http://user:pass@host:8123
     database: str = "streamrec"
+    # a ClickHouse cluster's name (remote_servers): Replicated*MergeTree + Distributed tables ON CLUSTER
+    # (dashboards/store.py); "" = one node
+    cluster: str = ""
 
 
 class DashboardConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -163,7 +163,8 @@ class DashboardServer:
 
     def start(self) -> str:
         if self.store is None:  # an unreachable server is retried, not fatal (see the module docstring)
-            self.store = Store.open(self.cfg.clickhouse_url(), self.cfg.metrics.database, retry=True)
+            self.store = Store.open(self.cfg.clickhouse_url(), self.cfg.metrics.database, retry=True,
+                                    cluster=self.cfg.metrics.cluster)
         else:
             self.store.ensure_schema()
         if self.with_sink:

@@ -22,6 +22,19 @@ prediction drift. It is not an incremental materialized view, because an MV adds
 again; the sink recomputes the slots it touched from ``predictions FINAL`` (:data:`queries.ROLLUP_REFRESH`)
 and the newest computation replaces the older (ReplacingMergeTree on ``computed_ts``), so it stays exact and
 idempotent. (On ClickHouse 24+ a refreshable materialized view could run the same SELECT.)
+
+A ClickHouse cluster (``metrics.cluster``, the name of a cluster in the servers' ``remote_servers``; "" = one
+node, the default): each table becomes a local ``<table>_local`` on every node, in the replicated form of its
+engine (``ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/<db>/<table>_local', '{replica}', ...)``,
+the ``{shard}`` / ``{replica}`` macros from each server's config), and a ``Distributed`` table under the name
+the queries use today, all created ``ON CLUSTER`` (:func:`schema_statements`). Rows are sharded by a hash of the
+table's sorting key (its ReplacingMergeTree identity), so every copy of a row lands on the same shard and
+``FINAL`` (applied by each shard) still keeps one. The cluster must replicate inside a shard through the
+replicated tables (``<internal_replication>true</internal_replication>``), which needs ClickHouse Keeper.
+Inserts wait until every shard has its rows (``insert_distributed_sync``: the rollup refresh that follows a
+write reads them), and queries run with ``distributed_product_mode = 'global'`` so a subquery over another
+Distributed table in a JOIN or ``IN`` reads the whole cluster once; Grafana's user needs the same setting in
+its profile. Cluster tables are never rebuilt in place: a schema change is reported with what to do.
 """
 
 from __future__ import annotations
@@ -162,6 +175,56 @@ MIGRATION_FILL: dict[str, dict[str, str]] = {
 }
 
 
+def sorting_key(ddl: str) -> list[str]:
+    """The columns of a :data:`TABLES` statement's ``ORDER BY``: a row's identity, and its shard's in a cluster.
+
+    >>> sorting_key(TABLES["sink_offsets"])
+    ['topic', 'partition']
+    """
+    return [c.strip() for c in re.search(r"ORDER BY \((.*?)\)", ddl).group(1).split(",")]
+
+
+def schema_statements(database: str, cluster: str = "", *, replicated: bool = True) -> list[tuple[str, str]]:
+    """``(table, statement)`` in order, creating ``database`` and every table of :data:`TABLES` (table "" for the
+    database itself). One node (``cluster`` ""): the statements of :data:`TABLES`. A cluster: per table a
+    ``<table>_local`` in the replicated form of its engine and a ``Distributed`` table under the table's own
+    name, sharded by ``cityHash64`` of its sorting key, each ``ON CLUSTER`` (see the module docstring).
+    ``replicated=False`` keeps the plain engines and leaves out ``ON CLUSTER``: shards without replicas on
+    nodes without Keeper, where the statements are run on every node (and chDB in the tests: it has neither
+    Keeper nor a distributed DDL queue).
+
+    >>> [t for t, _ in schema_statements("db", "c")][:3]
+    ['', 'predictions_local', 'predictions']
+    >>> print(schema_statements("db", "c")[-1][1])
+    CREATE TABLE IF NOT EXISTS db.sink_offsets ON CLUSTER c AS db.sink_offsets_local
+    ENGINE = Distributed(c, db, sink_offsets_local, cityHash64(topic, partition))
+    """
+    if not database.isidentifier():
+        raise StoreError(f"metrics.database {database!r}: must be a plain identifier")
+    if not cluster:
+        return [("", f"CREATE DATABASE IF NOT EXISTS {database}")] + [
+            (name, ddl.format(db=database, ttl=TTL_DAYS)) for name, ddl in TABLES.items()]
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", cluster):
+        raise StoreError(f"metrics.cluster {cluster!r}: must be a cluster name of the servers' remote_servers")
+    quoted = f"`{cluster}`" if "-" in cluster else cluster
+    on = f" ON CLUSTER {quoted}" if replicated else ""
+    out = [("", f"CREATE DATABASE IF NOT EXISTS {database}{on}")]
+    for name, ddl in TABLES.items():
+        local = f"{name}_local"
+        text = ddl.format(db=database, ttl=TTL_DAYS).replace(
+            f"CREATE TABLE IF NOT EXISTS {database}.{name} (", f"CREATE TABLE IF NOT EXISTS {database}.{local}{on} (")
+        if replicated:
+            def engine(m: re.Match) -> str:
+                args = [f"'/clickhouse/tables/{{shard}}/{database}/{local}'", "'{replica}'"] + (
+                    [m.group(2)] if m.group(2) else [])
+                return f"ENGINE = Replicated{m.group(1)}MergeTree({', '.join(args)})"
+            text = re.sub(r"ENGINE = (\w*)MergeTree(?:\((.*?)\))?(?=\n)", engine, text)
+        keys = [k for k in sorting_key(ddl) if " MATERIALIZED " not in f" {ddl_columns(ddl)[k]} "]
+        out += [(local, text), (name, f"CREATE TABLE IF NOT EXISTS {database}.{name}{on} AS {database}.{local}\n"
+                                      f"ENGINE = Distributed({quoted}, {database}, {local}, cityHash64({', '.join(keys)}))")]
+    return out
+
+
 def ddl_columns(ddl: str) -> dict[str, str]:
     """Column name -> type (with a ``MATERIALIZED`` clause, if any) of a ``CREATE TABLE`` statement of :data:`TABLES`.
 
@@ -203,12 +266,16 @@ def _where(url: str) -> str:
 
 
 def open_client(url: str):
-    """A clickhouse-connect client for ``chdb:///abs/path`` (directory created) or an ``http(s)://`` URL."""
+    """A clickhouse-connect client for ``chdb:///abs/path`` (directory created) or an ``http(s)://`` URL.
+    A chDB URL's query goes to the engine as its options, e.g. ``chdb:///abs/path?config-file=/abs/config.xml``
+    (a server-style config: ``remote_servers``, ``macros``; how the tests give chDB a cluster)."""
     parts = urlsplit(url)
     if parts.scheme == "chdb":
         if parts.netloc or not parts.path.startswith("/"):
             raise StoreError(f"metrics.clickhouse_url {url!r}: expected chdb:///absolute/path (three slashes)")
         Path(parts.path).mkdir(parents=True, exist_ok=True)
+        if parts.query:  # clickhouse-connect's DSN parser would keep only the options it knows
+            return clickhouse_connect.get_client(interface="chdb", path=f"{parts.path}?{parts.query}")
         return clickhouse_connect.get_client(dsn=url)
     if parts.scheme in ("http", "https"):
         kw: dict[str, Any] = {}
@@ -242,21 +309,28 @@ class Store:
     thread-safe). ``database`` is created with every table on :meth:`ensure_schema`. ``client`` may be None
     with a ``url``: the first call connects (see the module docstring)."""
 
-    def __init__(self, client, database: str, url: str = ""):
+    def __init__(self, client, database: str, url: str = "", *, cluster: str = "", replicated: bool = True):
         if not database.isidentifier():
             raise StoreError(f"metrics.database {database!r}: must be a plain identifier")
         if client is None and not url:
             raise StoreError("Store: give a client or a URL to connect to")
+        schema_statements(database, cluster)  # validates the cluster name before anything connects
         self.client, self.db, self.url = client, database, url
+        self.cluster, self.replicated = cluster, replicated
+        # a cluster: inserts reach every shard before they return; subqueries over Distributed tables read once
+        self.insert_settings = {"insert_distributed_sync": 1} if cluster else {}
+        self.query_settings = {"distributed_product_mode": "global"} if cluster else {}
         self.lock = threading.Lock()
         self._needs_schema = client is None  # a store that connects by itself creates its schema first
         self._error, self._down_since, self._retry_at, self._retry_s = "", None, 0.0, RETRY_S[0]
 
     @classmethod
-    def open(cls, url: str, database: str, *, retry: bool = False) -> "Store":
-        """Connect to ``url`` and create the schema. ``retry``: a server that cannot be reached now is not an
-        error: the store comes back unconnected, reports itself down and connects on a later call."""
-        store = cls(None, database, url)
+    def open(cls, url: str, database: str, *, retry: bool = False, cluster: str = "",
+             replicated: bool = True) -> "Store":
+        """Connect to ``url`` and create the schema (on ``cluster``, if given: see the module docstring).
+        ``retry``: a server that cannot be reached now is not an error: the store comes back unconnected,
+        reports itself down and connects on a later call."""
+        store = cls(None, database, url, cluster=cluster, replicated=replicated)
         try:
             store.ensure_schema()
         except StoreUnavailable as e:
@@ -270,10 +344,48 @@ class Store:
         self._call(lambda client: None)  # _call creates it first
 
     def _create_schema(self, client) -> None:
-        client.command(f"CREATE DATABASE IF NOT EXISTS {self.db}")
-        for name, ddl in TABLES.items():
-            self._migrate(name, ddl)
-            client.command(ddl.format(db=self.db, ttl=TTL_DAYS))
+        for table in TABLES:  # before creating anything: tables of the other mode, a cluster's older tables
+            self._check_engine(table)
+            if self.cluster:
+                self._check_local(table)  # compared, never rebuilt
+        for table, statement in schema_statements(self.db, self.cluster, replicated=self.replicated):
+            if table in TABLES and not self.cluster:
+                self._migrate(table, TABLES[table])
+            client.command(statement)
+
+    def _engine(self, table: str) -> str | None:
+        rows = self.client.query("SELECT engine FROM system.tables WHERE database = {d:String} AND name = {t:String}",
+                                 parameters={"d": self.db, "t": table}).result_rows
+        return rows[0][0] if rows else None
+
+    def _check_engine(self, table: str) -> None:
+        """A table created for the other mode (one node / a cluster) is an error that says what to do."""
+        engine = self._engine(table)
+        if engine is None or (engine == "Distributed") == bool(self.cluster):
+            return
+        if self.cluster:
+            raise StoreError(f"metrics.cluster is {self.cluster!r} but {self.db}.{table} is a {engine} table of a "
+                             f"single node: move its rows to the cluster (INSERT INTO the new Distributed table "
+                             f"SELECT FROM it) under another database, or drop it")
+        raise StoreError(f"{self.db}.{table} is a Distributed table (a ClickHouse cluster's) but metrics.cluster "
+                         f"is empty: set metrics.cluster to the cluster's name")
+
+    def _check_local(self, table: str) -> None:
+        """A cluster's ``<table>_local`` with another sorting key or other columns than this version's."""
+        local, ddl = f"{table}_local", TABLES[table]
+        have = self.client.query("SELECT sorting_key FROM system.tables WHERE database = {d:String} AND "
+                                 "name = {t:String}", parameters={"d": self.db, "t": local}).result_rows
+        if not have:
+            return
+        cols = dict(self.client.query("SELECT name, type FROM system.columns WHERE database = {d:String} AND "
+                                      "table = {t:String}", parameters={"d": self.db, "t": local}).result_rows)
+        want = {n: t.split(" MATERIALIZED ")[0] for n, t in ddl_columns(ddl).items()}
+        if have[0][0] == ", ".join(sorting_key(ddl)) and cols == want:
+            return
+        raise StoreError(f"{self.db}.{local} on cluster {self.cluster!r} has sorting key {have[0][0]!r} and columns "
+                         f"{sorted(cols)}, this version wants {', '.join(sorting_key(ddl))!r} and {sorted(want)}: "
+                         f"cluster tables are not rebuilt automatically; ALTER them ON CLUSTER (new columns: "
+                         f"ALTER TABLE ... ADD COLUMN on {local} and {table}) or recreate them")
 
     # ---- every call goes through _call: connect when needed, notice a store that went away ----------------
     def _call(self, fn):
@@ -368,13 +480,14 @@ class Store:
             raise StoreError(f"insert: unknown table {table!r} (known: {', '.join(TABLES)})")
         if data.num_rows == 0:
             return 0
-        self._call(lambda c: c.insert_arrow(f"{self.db}.{table}", data))
+        self._call(lambda c: c.insert_arrow(f"{self.db}.{table}", data, settings=self.insert_settings))
         return data.num_rows
 
     def query(self, sql: str, parameters: Mapping[str, Any] | None = None) -> QueryResult:
         """Run ``sql`` (``{db}`` replaced by the database; ``{name:Type}`` bound from ``parameters``)."""
         sql = sql.replace("{db}", self.db)
-        res = self._call(lambda c: c.query(sql, parameters=dict(parameters or {})))
+        res = self._call(lambda c: c.query(sql, parameters=dict(parameters or {}),
+                                           settings=self.query_settings))
         rows = [tuple(_clean(v) for v in r) for r in res.result_rows]
         return QueryResult(list(res.column_names), rows)
 
@@ -384,7 +497,8 @@ class Store:
 
         lo = from_ms // 1000 // ROLLUP_SLOT_S * ROLLUP_SLOT_S
         hi = to_ms // 1000 // ROLLUP_SLOT_S * ROLLUP_SLOT_S + ROLLUP_SLOT_S
-        self._call(lambda c: c.command(ROLLUP_REFRESH.replace("{db}", self.db), parameters={"lo": lo, "hi": hi}))
+        self._call(lambda c: c.command(ROLLUP_REFRESH.replace("{db}", self.db), parameters={"lo": lo, "hi": hi},
+                                       settings={**self.insert_settings, **self.query_settings}))
 
     def sink_offsets(self) -> dict[tuple[str, int], int]:
         """(topic, partition) -> next offset to read, as last recorded by the sink."""

@@ -338,7 +338,7 @@ def _store_counts(cfg: Config) -> tuple[int, dict[str, int]]:
     the dashboard process has released it."""
     from dashboards.store import Store
 
-    store = Store.open(cfg.clickhouse_url(), cfg.metrics.database)
+    store = Store.open(cfg.clickhouse_url(), cfg.metrics.database, cluster=cfg.metrics.cluster)
     try:
         rows = store.query("SELECT count() FROM (SELECT example_id, objective FROM {db}.predictions FINAL "
                            f"WHERE NOT startsWith(example_id, '{SERVED_PREFIX}'))").rows

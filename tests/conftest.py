@@ -35,7 +35,8 @@ def make_config(data_dir: Path, bootstrap: str, partitions: int = 2, **sections)
     prefix = f"t{os.getpid()}_{n}_"
     topics = {name: prefix + name for name in ("impressions", "clicks", "conversions", "examples",
                                                 "dead_letters", "predictions", "service_stats", "feature_stats",
-                                                "teacher_predictions", "examples_distilled", "fm_embeddings")}
+                                                "teacher_predictions", "examples_distilled", "fm_embeddings",
+                                                "solaris_pairs", "ads")}
     topics["partitions"] = partitions
     base = {"data_dir": str(data_dir), "kafka": {"bootstrap_servers": bootstrap}, "topics": topics,
             "trainer": {"checkpoint_dir": str(data_dir / "checkpoints")}}

@@ -9,6 +9,8 @@ them (``streamrec labels``, ``streamrec stats``, ``streamrec distill``, and loca
 
 from __future__ import annotations
 
+import os
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,14 +27,23 @@ from streams.flows.labels import build_flow
 from streams.flows.stats import build_stats_flow, stats_topic
 
 
-def recovery_config(directory: str) -> RecoveryConfig | None:
-    """Bytewax recovery in ``directory`` (created and initialised with one partition when empty); None for ""."""
+def recovery_config(directory: str, process_id: int = 0, processes: int = 1) -> RecoveryConfig | None:
+    """Bytewax recovery in ``directory``; None for "". A cluster of ``processes`` holds ``processes`` recovery
+    partitions, each exactly once: process ``i`` adds partition ``i`` (of ``processes``) to its directory when
+    the directory lacks it. So each process may have a directory of its own (a StatefulSet pod's volume: Bytewax
+    routes snapshots to whichever process holds their partition), or all may share one (one host). A single
+    process has partition 0 of 1 (`python -m bytewax.recovery DIR 1`). The partition count is fixed when the
+    directories are first initialised: a cluster of another size needs new directories (Bytewax refuses
+    partitions of different counts)."""
     if not directory:
         return None
     d = Path(directory)
-    if not d.exists() or not any(d.iterdir()):
+    part = d / f"part-{process_id}.sqlite3"
+    if not part.exists():
         d.mkdir(parents=True, exist_ok=True)
-        init_db_dir(d, 1)  # `python -m bytewax.recovery DIR 1`
+        with tempfile.TemporaryDirectory(prefix=".init-", dir=d) as tmp:  # every partition, keep this process's
+            init_db_dir(Path(tmp), processes)
+            os.replace(Path(tmp, part.name), part)  # atomic: processes sharing the directory never see half a file
     return RecoveryConfig(str(d))
 
 
@@ -44,7 +55,8 @@ def run_flow(flow: Dataflow, *, recovery_dir: str = "", workers: int = 1, epoch_
     if addresses is not None and not (process_id is not None and 0 <= process_id < len(addresses)):
         raise ValueError(f"{flow.flow_id}: process id must be in [0, {len(addresses)}) for {len(addresses)} "
                          f"addresses, got {process_id}")
-    epoch, rec = None if epoch_s is None else timedelta(seconds=epoch_s), recovery_config(recovery_dir)
+    epoch = None if epoch_s is None else timedelta(seconds=epoch_s)
+    rec = recovery_config(recovery_dir, process_id or 0, len(addresses) if addresses else 1)
     if workers == 1 and addresses is None:
         from bytewax.testing import run_main
 
