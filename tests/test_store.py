@@ -141,11 +141,9 @@ def test_transfer_panel_shows_loopfm_misses_and_how_far_each_model_trails(store)
                    "LoopFM misses %, vm-feed": 25.0}
 
 
-def test_every_panel_query_runs(store):
-    store.insert("predictions", prediction_rows(random_batches(np.random.default_rng(4), n_batches=4), 0))
-    now = int(time.time() * 1000)
-    store.refresh_rollup(now - 10 * 60_000, now)
-    store.insert("service_stats", stats_rows([
+def panel_stats(now: int) -> list[schema.ServiceStats]:
+    """Service statistics that give every panel of the overview rows (a new panel adds its own here)."""
+    return [
         schema.ServiceStats("replay", now, {"events_per_s": 5.0, "events_produced": 100.0}),
         schema.ServiceStats("labels", now, {"events_in": 90.0, "examples_out": 40.0}),
         schema.ServiceStats("trainer", now, {"examples_trained": 30.0, "embedding_bytes_d8": 4096.0,
@@ -156,18 +154,31 @@ def test_every_panel_query_runs(store):
                                              "semantic_ids_ads": 10.0}),
         schema.ServiceStats("serving", now, {"qps": 400.0, "latency_p50_ms": 3.0, "latency_p99_ms": 9.0,
                                              "arm_model_age_s.main": 4.0}),
-        schema.ServiceStats("distill", now, {"teacher_coverage": 0.98, "teacher_age_p50_ms": 300.0})]))
-    store.insert("dead_letters", dead_letter_rows([schema.dead_letter("unparseable: x", b"x", ts=now)]))
-    from dashboards.feature_stats import feature_stats_rows
+        schema.ServiceStats("distill", now, {"teacher_coverage": 0.98, "teacher_age_p50_ms": 300.0})]
+
+
+def panel_feature_stats(now: int) -> list[schema.FeatureStats]:
+    """Feature histograms at two emission times (the drift split has halves)."""
     recs = []
-    for emitted, a in ((now - 30_000, 8), (now - 90_000, 3)):  # two emission times: the drift split has halves
+    for emitted, a in ((now - 30_000, 8), (now - 90_000, 3)):
         start = emitted - 60_000
         recs += [schema.FeatureStats(stats_id=f"{start}:feed:{f}:p0", window_start=start, window_end=emitted,
                                      domain="feed", feature=f, kind="histogram", partition=0, instance="p0",
                                      count=10, emitted_ts=emitted, mean=0.5, std=0.5, min=0.0, max=1.0,
                                      bins=["-inf", "1"], edges=[1.0], counts=[a, 10 - a])
                  for f in ("dense.0", "delay.click", "delay.conversion")]
-    assert store.insert("feature_stats", feature_stats_rows(recs, now)) == 6
+    return recs
+
+
+def test_every_panel_query_runs(store):
+    from dashboards.feature_stats import feature_stats_rows
+
+    store.insert("predictions", prediction_rows(random_batches(np.random.default_rng(4), n_batches=4), 0))
+    now = int(time.time() * 1000)
+    store.refresh_rollup(now - 10 * 60_000, now)
+    store.insert("service_stats", stats_rows(panel_stats(now)))
+    store.insert("dead_letters", dead_letter_rows([schema.dead_letter("unparseable: x", b"x", ts=now)]))
+    assert store.insert("feature_stats", feature_stats_rows(panel_feature_stats(now), now)) == 6
     for panel in DASHBOARDS["overview"].panels:
         res = store.query(q.render(panel.sql, "live"), q.live_parameters(2, "feed"))
         assert res.rows, f"panel {panel.id}: no rows"

@@ -21,7 +21,7 @@ from dashboards.definitions import DASHBOARDS
 from dashboards.sink import dead_letter_rows, prediction_rows, stats_rows
 from dashboards.store import TABLES, Store, StoreError, open_client, schema_statements, sorting_key
 from streams import schema
-from tests.test_store import random_batches
+from tests.test_store import panel_feature_stats, panel_stats, random_batches
 
 CLUSTER = "streamrec"
 CONFIG = f"""<clickhouse>
@@ -91,27 +91,9 @@ def _fill(store: Store, now: int) -> None:
     store.insert("predictions", prediction_rows(batches, 0))
     store.insert("predictions", prediction_rows(batches[:1], 0))  # redelivered: FINAL keeps one of each
     store.refresh_rollup(now - 10 * 60_000, now)
-    store.insert("service_stats", stats_rows([
-        schema.ServiceStats("replay", now, {"events_per_s": 5.0, "events_produced": 100.0}),
-        schema.ServiceStats("labels", now, {"events_in": 90.0, "examples_out": 40.0}),
-        schema.ServiceStats("trainer", now, {"examples_trained": 30.0, "embedding_bytes_d8": 4096.0,
-                                             "embedding_rows_d8": 128.0, "user_freshness_p50_ms": 800.0,
-                                             "user_freshness_p99_ms": 1500.0, "user_backlog": 0.0,
-                                             "delta_fraction": 0.03, "loopfm_age_p50_s": 2.0,
-                                             "early_stage_label_loss": 0.4, "early_stage_distill_loss": 0.1}),
-        schema.ServiceStats("serving", now, {"qps": 400.0, "latency_p50_ms": 3.0, "latency_p99_ms": 9.0,
-                                             "arm_model_age_s.main": 4.0}),
-        schema.ServiceStats("distill", now, {"teacher_coverage": 0.98, "teacher_age_p50_ms": 300.0})]))
+    store.insert("service_stats", stats_rows(panel_stats(now)))
     store.insert("dead_letters", dead_letter_rows([schema.dead_letter("unparseable: x", b"x", ts=now)]))
-    recs = []
-    for emitted, a in ((now - 30_000, 8), (now - 90_000, 3)):
-        start = emitted - 60_000
-        recs += [schema.FeatureStats(stats_id=f"{start}:feed:{f}:p0", window_start=start, window_end=emitted,
-                                     domain="feed", feature=f, kind="histogram", partition=0, instance="p0",
-                                     count=10, emitted_ts=emitted, mean=0.5, std=0.5, min=0.0, max=1.0,
-                                     bins=["-inf", "1"], edges=[1.0], counts=[a, 10 - a])
-                 for f in ("dense.0", "delay.click", "delay.conversion")]
-    store.insert("feature_stats", feature_stats_rows(recs, now))
+    store.insert("feature_stats", feature_stats_rows(panel_feature_stats(now), now))
     store.record_offsets({("predictions", 0): 7})
 
 
