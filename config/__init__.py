@@ -205,6 +205,12 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # as input features; a cached entry older than solaris_max_age_s counts as a miss
     solaris: bool = False
     solaris_max_age_s: float = 600.0
+    # C2AL (trainer/cohorts.py): cohort-contrastive auxiliary heads on the shared representation, one per
+    # targeted cohort pattern over "domain/activity/country" (e.g. "*/*/br", "display/new/*"); each learns the
+    # label "clicked and in the cohort" at weight c2al_weight. Training only: exports never hold them
+    c2al: bool = False
+    c2al_cohorts: tuple[str, ...] = ()
+    c2al_weight: float = 0.1
     # 0 = as fast as it can; > 0 caps the examples trained per second (averaged from the trainer's start): a
     # deliberately slow trainer, to see backpressure (lag grows, the training_backlog alert fires, memory stays
     # bounded) or to leave cores to other work
@@ -215,6 +221,10 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"trainer.arm {self.arm!r}: {ARM_NAME_RULE}")
         if self.learn_from not in LEARN_FROM:
             raise ConfigError(f"trainer.learn_from {self.learn_from!r}: must be one of {', '.join(LEARN_FROM)}")
+        if self.c2al and not self.c2al_cohorts:
+            raise ConfigError("trainer.c2al: name the targeted cohorts in trainer.c2al_cohorts (patterns over "
+                              "domain/activity/country, e.g. ['*/*/br']; `streamrec bench cohorts` shows how to "
+                              "pick them)")
 
 
 class DistillConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

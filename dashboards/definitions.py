@@ -158,6 +158,10 @@ OVERVIEW = Dashboard(
               description="the teacher join: share of examples that reached the VMs with the FM's prediction, and "
                           "that prediction's age when they left; per VM the age of the FM vectors it read (LoopFM)",
               needs="streamrec up --with-fm"),
+        Panel("cohorts", "Cohorts", q.COHORTS, "table", width=16, thresholds=GOOD_NE,
+              description="click quality per cohort (domain/activity/country, trainer/cohorts.py) and arm, worst "
+                          "normalized entropy first: the minority cohorts a global model neglects; C2AL "
+                          "(trainer.c2al, docs/cohorts.md) targets them with training-only auxiliary heads"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),
