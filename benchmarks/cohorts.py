@@ -16,7 +16,8 @@ Metrics on the second half of each stream: click NE and AUC overall, on the targ
 each, and on every country and activity cohort. Headline ``value``: the relative click NE gain of C2AL on the
 targeted cohorts together, ``100 * (NE_base - NE_c2al) / NE_base`` in percent, averaged over the seeds (the
 paper's goal: >= 0.3%, with overall NE not worse: ``overall_gain_pct`` >= 0). The per-seed gains are in the JSON
-(``gains_pct``) to judge the noise.
+(``gains_pct``) to judge the noise; ``--noise`` also trains the baseline from another initialisation (no
+C2AL): the NE change that alone gives (``noise_pct``), the floor a C2AL gain must clear.
 
     streamrec bench cohorts [--quick] [--n 60000] [--seeds 3] [--weight 0.1] [--targets 2]
 """
@@ -71,7 +72,7 @@ def ne_auc(click: np.ndarray, p: np.ndarray) -> tuple[float, float]:
 
 
 def run(seed: int, n: int, warmup: float, weight: float, n_targets: int, log, *, model: TrainerConfig = MODEL,
-        min_clicks: int = 20) -> dict:
+        min_clicks: int = 20, noise: bool = False) -> dict:
     """One stream: baseline, targets from its warm-up, C2AL; the metrics of both (see the module docstring)."""
     sim = simulate(GeneratorConfig(n_impressions=n, seed=100 + seed, **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
@@ -107,11 +108,36 @@ def run(seed: int, n: int, warmup: float, weight: float, n_targets: int, log, *,
                             if pattern(a, v) not in targets]
     mb, mc = cohort_metrics(ek, c, pb, pats), cohort_metrics(ek, c, pc, pats)
     res["cohorts"] = {p_: (mb[p_], mc[p_]) for p_ in pats}
+    if noise:  # the noise floor: the baseline again from another initialisation, no C2AL
+        t0 = time.perf_counter()
+        other, _ = progressive(msgspec.structs.replace(tc, seed=seed + 1000), exs, n)
+        log(f"  seed {seed}: baseline, other init {time.perf_counter() - t0:.1f} s")
+        po = other[ev]
+        res["noise"] = (ne_auc(c, po), ne_auc(c[in_t], po[in_t]))
     return res
 
 
 def gain(b: float, c: float) -> float:
     return 100.0 * (b - c) / b
+
+
+def table_rows(seed: int, r: dict) -> list[tuple[str, ...]]:
+    """The table's rows of one :func:`run`: overall, targeted together, each cohort; with the noise floor's
+    rows when it ran (the other initialisation's NE in the C2AL column)."""
+    rows = []
+    if "noise" in r:
+        for name, base, (ne_o, auc_o) in (("overall: other init", r["overall"][0], r["noise"][0]),
+                                          ("targeted: other init", r["targeted"][0], r["noise"][1])):
+            rows.append((str(seed), name, "", f"{base[0]:.4f}", f"{ne_o:.4f}", f"{gain(base[0], ne_o):+.3f}",
+                         f"{base[1]:.4f}", f"{auc_o:.4f}"))
+    for name, ((nb, ab), (nc, ac)) in (("overall", r["overall"]), ("targeted together", r["targeted"])):
+        rows.append((str(seed), name, "", f"{nb:.4f}", f"{nc:.4f}", f"{gain(nb, nc):+.3f}", f"{ab:.4f}",
+                     f"{ac:.4f}"))
+    for pat, (mb, mc) in r["cohorts"].items():
+        tag = "target" if pat in r["targets"] else ""
+        rows.append((str(seed), pat, tag, f"{mb['ne']:.4f}", f"{mc['ne']:.4f}", f"{gain(mb['ne'], mc['ne']):+.3f}",
+                     f"{mb['auc']:.4f}", f"{mc['auc']:.4f}"))
+    return rows
 
 
 def main() -> int:
@@ -121,6 +147,8 @@ def main() -> int:
     p.add_argument("--weight", type=float, default=0.1, help="C2AL loss weight (trainer.c2al_weight, default 0.1)")
     p.add_argument("--targets", type=int, default=2, help="targeted cohorts found in the warm-up (default 2)")
     p.add_argument("--warmup", type=float, default=0.25, help="share of the stream the targets come from (0.25)")
+    p.add_argument("--noise", action="store_true",
+                   help="also train the baseline from another initialisation: how much NE moves without C2AL")
     a = p.parse_args()
     n = a.n or (20_000 if a.quick else 60_000)
     seeds = a.seeds or (1 if a.quick else 3)
@@ -128,15 +156,10 @@ def main() -> int:
     rows: list[tuple[str, ...]] = []
     runs = []
     for s in range(seeds):
-        r = run(s, n, a.warmup, a.weight, a.targets, lambda m: print(m, file=sys.stderr, flush=True))
+        r = run(s, n, a.warmup, a.weight, a.targets, lambda m: print(m, file=sys.stderr, flush=True),
+                noise=a.noise)
         runs.append(r)
-        for name, ((nb, ab), (nc, ac)) in (("overall", r["overall"]), ("targeted together", r["targeted"])):
-            rows.append((str(s), name, "", f"{nb:.4f}", f"{nc:.4f}", f"{gain(nb, nc):+.3f}", f"{ab:.4f}",
-                         f"{ac:.4f}"))
-        for pat, (mb, mc) in r["cohorts"].items():
-            tag = "target" if pat in r["targets"] else ""
-            rows.append((str(s), pat, tag, f"{mb['ne']:.4f}", f"{mc['ne']:.4f}", f"{gain(mb['ne'], mc['ne']):+.3f}",
-                         f"{mb['auc']:.4f}", f"{mc['auc']:.4f}"))
+        rows += table_rows(s, r)
     print(f"{n} impressions per seed, {seeds} seed(s), {WORLD['n_users']} users ({WORLD['minority_share']:.0%} in "
           f"minority countries, contrast {WORLD['minority_contrast']}), C2AL weight {a.weight}; progressive click "
           f"NE/AUC on the second half; {time.perf_counter() - t0:.0f} s")
@@ -149,6 +172,7 @@ def main() -> int:
            targets=[r["targets"] for r in runs], share_targeted=[round(r["share_targeted"], 3) for r in runs],
            ne_base_targeted=[round(r["targeted"][0][0], 4) for r in runs],
            ne_oracle_targeted=[round(r["oracle"]["targeted"][0], 4) for r in runs],
+           noise_pct=[round(gain(r["targeted"][0][0], r["noise"][1][0]), 3) for r in runs] if a.noise else None,
            weight=a.weight, n=n, seeds=seeds)
     return 0
 

@@ -182,7 +182,7 @@ def test_cohorts_reach_the_store_and_the_panel(store):
 def test_bench_cohorts_on_a_tiny_stream():
     from benchmarks import cohorts as bench
 
-    res = bench.run(0, 2000, 0.5, 0.3, 2, lambda s: None, model=TC, min_clicks=3)
+    res = bench.run(0, 2000, 0.5, 0.3, 2, lambda s: None, model=TC, min_clicks=3, noise=True)
     assert 1 <= len(res["targets"]) <= 2 and all(t.count("/") == 2 for t in res["targets"])
     (ne_b, auc_b), (ne_c, auc_c) = res["overall"]
     assert 0.8 < ne_b < 1.1 and 0.8 < ne_c < 1.1 and auc_b > 0.5 and auc_c > 0.5 and ne_b != ne_c
@@ -191,3 +191,7 @@ def test_bench_cohorts_on_a_tiny_stream():
     assert set(res["targets"]) <= set(res["cohorts"])
     if len(res["targets"]) == 1:  # one target: "targeted together" is that cohort's row
         assert res["cohorts"][res["targets"][0]][0]["ne"] == pytest.approx(res["targeted"][0][0])
+    # the noise floor: the baseline from another initialisation, on the same examples
+    assert res["noise"][0][0] != ne_b and abs(res["noise"][0][0] - ne_b) < 0.05
+    rows = bench.table_rows(0, res)
+    assert len(rows) == 4 + len(res["cohorts"]) and all(len(r) == 8 for r in rows)
