@@ -5,6 +5,7 @@ from every serving export and published version), target finding, per-cohort met
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import msgspec
 import numpy as np
@@ -195,3 +196,43 @@ def test_bench_cohorts_on_a_tiny_stream():
     assert res["noise"][0][0] != ne_b and abs(res["noise"][0][0] - ne_b) < 0.05
     rows = bench.table_rows(0, res)
     assert len(rows) == 4 + len(res["cohorts"]) and all(len(r) == 8 for r in rows)
+
+
+def test_a_c2al_trainer_on_the_broker_names_every_prediction_s_cohort(cfg):
+    # the real stack's one test here: `streamrec train` (in process) with trainer.c2al over the examples topic
+    from config import replace
+    from streams.bus import kafka_io
+    from trainer.loop import Trainer
+
+    exs = _examples(600, seed=4)
+    prod = kafka_io.make_producer(cfg.kafka.bootstrap_servers)
+    for ex in exs:
+        kafka_io.produce(prod, cfg.topics.examples, schema.encode(ex), key=schema.user_key(ex.impression))
+    prod.flush(30)
+    svc = Trainer(replace(cfg, trainer={"device": "cpu", "batch_size": 128, "user_model": False, "c2al": True,
+                                        "c2al_cohorts": ["*/*/br"], "hash_buckets": 1000}), resume=False)
+    assert svc.run(idle_exit_s=1.0)["examples_trained"] == 600
+    assert svc.learner.model.c2al is not None
+    c = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "c2al-reader")
+    c.assign(kafka_io.topic_partitions([cfg.topics.predictions], cfg.topics.partitions))
+    named: dict[str, str] = {}
+    deadline = time.monotonic() + 20
+    try:
+        while len(named) < 600 and time.monotonic() < deadline:
+            for m in c.consume(num_messages=1000, timeout=0.5):
+                if m.error() is None:
+                    pb = schema.decode(m.value(), schema.PredictionBatch)
+                    assert len(pb.cohorts) == len(pb.example_ids)
+                    named.update(zip(pb.example_ids, pb.cohorts))
+    finally:
+        c.close()
+    assert len(named) == 600
+    # exactly each example's domain, country and activity: its user's earlier impressions (a user's examples
+    # share a partition, so the trainer reads them in order whatever the interleaving across partitions)
+    seen: Counter = Counter()
+    for e in exs:
+        imp = e.impression
+        act = "new" if seen[imp.user_id] < 3 else "casual" if seen[imp.user_id] < 30 else "heavy"
+        seen[imp.user_id] += 1
+        assert named[e.example_id] == f"{imp.domain}/{act}/{imp.country}", e.example_id
+    assert {k.split("/")[1] for k in named.values()} == {"new", "casual", "heavy"}
