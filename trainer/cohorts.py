@@ -98,12 +98,17 @@ class CohortAssigner:
         return [cohort_key(i.domain, ACTIVITY[b], i.country) for i, b in zip(imps, bucket.tolist())]
 
     def state(self) -> dict:
-        return {"counts": self.counts.copy()}
+        """For checkpoints: a torch tensor (checkpoints load with torch's weights-only unpickler, no numpy)."""
+        import torch
+
+        return {"counts": torch.from_numpy(self.counts.astype(np.int64))}
 
     @classmethod
     def from_state(cls, st: dict) -> "CohortAssigner":
-        a = cls(len(st["counts"]))
-        a.counts[:] = st["counts"]
+        counts = st["counts"]
+        counts = counts.numpy() if hasattr(counts, "numpy") else np.asarray(counts)
+        a = cls(len(counts))
+        a.counts[:] = counts
         return a
 
 
