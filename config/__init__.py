@@ -240,6 +240,12 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # coarse to fine, by feature name: Taobao ("cat_1", "cat_2") = (cate_id, brand); Ali-CCP ("cat_0",
     # "campaign_id") = (category 206, brand 216). Empty: codes from content (topics.ads)
     sid_path: tuple[str, ...] = ()
+    # C2AL (trainer/cohorts.py): cohort-contrastive auxiliary heads on the shared representation, one per
+    # targeted cohort pattern over "domain/activity/country" (e.g. "*/*/br", "display/new/*"); each learns the
+    # label "clicked and in the cohort" at weight c2al_weight. Training only: exports never hold them
+    c2al: bool = False
+    c2al_cohorts: tuple[str, ...] = ()
+    c2al_weight: float = 0.1
     # 0 = as fast as it can; > 0 caps the examples trained per second (averaged from the trainer's start): a
     # deliberately slow trainer, to see backpressure (lag grows, the training_backlog alert fires, memory stays
     # bounded) or to leave cores to other work
@@ -258,6 +264,10 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if not (1 <= self.sid_levels <= 4 and 2 <= self.sid_codes <= 4096):
             raise ConfigError(f"trainer.sid_levels {self.sid_levels} / sid_codes {self.sid_codes}: levels 1-4, "
                               "codes 2-4096")
+        if self.c2al and not self.c2al_cohorts:
+            raise ConfigError("trainer.c2al: name the targeted cohorts in trainer.c2al_cohorts (patterns over "
+                              "domain/activity/country, e.g. ['*/*/br']; `streamrec bench cohorts` shows how to "
+                              "pick them)")
 
 
 class DistillConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -172,6 +172,10 @@ OVERVIEW = Dashboard(
                           "coded at birth from their creative, codebook refreshes, and the share of ad lookups "
                           "that found no code yet (the ad scored by its hashed raw id)",
               needs="trainer.ad_id_features sid/sid_ngram and AdCreative records (generate --creatives)"),
+        Panel("cohorts", "Cohorts", q.COHORTS, "table", width=16, thresholds=GOOD_NE,
+              description="click quality per cohort (domain/activity/country, trainer/cohorts.py) and arm, worst "
+                          "normalized entropy first: the minority cohorts a global model neglects; C2AL "
+                          "(trainer.c2al, docs/cohorts.md) targets them with training-only auxiliary heads"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

@@ -755,6 +755,17 @@ SELECT t, series, max(v) AS value FROM (
 GROUP BY t, series
 ORDER BY t, series"""
 
+# per-cohort click quality (trainer/cohorts.py: "domain/activity/country"), per arm: where the model is worst;
+# rows from predictions of trainers that named cohorts (cohort != '')
+COHORTS = f"""
+SELECT arm, cohort, count() AS n, sum(label) AS clicks, avg(label) AS ctr, {AUC} AS auc, {NE} AS ne,
+       {CALIBRATION} AS calibration
+FROM {_PRED}
+WHERE {_WHERE} AND objective = 'click' AND cohort != ''
+GROUP BY arm, cohort
+ORDER BY ne DESC NULLS LAST, n DESC
+LIMIT 60"""
+
 EMBEDDING_DIMS = f"""
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,
        sumIf(v, name LIKE '{S.EMBEDDING_ROWS_PREFIX}%') AS rows,

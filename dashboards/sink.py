@@ -54,13 +54,15 @@ def batch_problem(ev: object) -> str | None:
     if served - {n}:
         return (f"invalid: PredictionBatch served_arms / served_versions have lengths {len(ev.served_arms)} / "
                 f"{len(ev.served_versions)}, expected {n} (example_ids) or none")
+    if len(ev.cohorts) not in (0, n):
+        return f"invalid: PredictionBatch cohorts has length {len(ev.cohorts)}, expected {n} (example_ids) or none"
     return None
 
 
 def prediction_rows(batches: list[schema.PredictionBatch], inserted_ms: int) -> pa.Table:
     """Two rows per example (objective click and conversion), shape ``(2 * sum(len(batch)),)`` per column, each
     with the scoring model's arm (:data:`DEFAULT_ARM` when the batch names none) and the arm and version that
-    served the example ('' / 0 when logged)."""
+    served the example ('' / 0 when logged), and the example's cohort ('' when the batch names none)."""
     cols: dict[str, list] = defaultdict(list)
     for b in batches:
         problem = batch_problem(b)
@@ -69,10 +71,12 @@ def prediction_rows(batches: list[schema.PredictionBatch], inserted_ms: int) -> 
         n = len(b.example_ids)
         served_arms = b.served_arms or [""] * n
         served_versions = b.served_versions or [0] * n
+        cohorts = b.cohorts or [""] * n
         for objective, scores, labels in (("click", b.p_click, b.click), ("conversion", b.p_conversion, b.conversion)):
             cols["arm"] += [b.arm or DEFAULT_ARM] * n
             cols["served_arm"] += served_arms
             cols["served_version"] += served_versions
+            cols["cohort"] += cohorts
             cols["example_id"] += b.example_ids
             cols["objective"] += [objective] * n
             cols["domain"] += b.domains
@@ -87,6 +91,7 @@ def prediction_rows(batches: list[schema.PredictionBatch], inserted_ms: int) -> 
         "arm": pa.array(cols["arm"], pa.string()),
         "served_arm": pa.array(cols["served_arm"], pa.string()),
         "served_version": pa.array(np.asarray(cols["served_version"], dtype=np.uint64)),
+        "cohort": pa.array(cols["cohort"], pa.string()),
         "example_id": pa.array(cols["example_id"], pa.string()),
         "objective": pa.array(cols["objective"], pa.string()),
         "domain": pa.array(cols["domain"], pa.string()),

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS {db}.predictions (
     model_version UInt64,
     served_arm LowCardinality(String),
     served_version UInt64,
+    cohort LowCardinality(String),
     score Float32,
     label UInt8,
     event_ts DateTime64(3, 'UTC'),

@@ -163,6 +163,8 @@ class PredictionBatch(msgspec.Struct, frozen=True, gc=False, tag="predictions"):
     # (Impression.arm / .model_version; "" / 0 for logged traffic); empty lists: every example logged
     served_arms: list[str] = []
     served_versions: list[int] = []
+    # per example: its cohort "domain/activity/country" (trainer/cohorts.py); empty list: none named
+    cohorts: list[str] = []
 
 
 class TeacherBatch(msgspec.Struct, frozen=True, gc=False, tag="teacher"):

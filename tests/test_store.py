@@ -34,11 +34,13 @@ def random_batches(rng, n_batches=4, n=1500, now_ms=None, id_prefix="e"):
         p_click = np.clip(0.3 + 0.25 * (click - 0.3) + rng.normal(0, 0.2, n), 0.01, 0.99)
         p_conv = np.clip(0.06 + 0.1 * (conv - 0.06) + rng.normal(0, 0.05, n), 0.005, 0.99)
         event_ts = now_ms - 60_000 * (b + 1) - rng.integers(0, 30_000, n)
+        domains = [DOMAINS[i] for i in rng.integers(0, len(DOMAINS), n)]
         out.append(schema.PredictionBatch(
             model_version=b, trained_ts=now_ms - 60_000 * b, example_ids=[f"{id_prefix}{k + i}" for i in range(n)],
-            domains=[DOMAINS[i] for i in rng.integers(0, len(DOMAINS), n)], event_ts=event_ts.tolist(),
+            domains=domains, event_ts=event_ts.tolist(),
             emitted_ts=(event_ts + 5000).tolist(), p_click=p_click.tolist(), p_conversion=p_conv.tolist(),
-            click=click.astype(int).tolist(), conversion=conv.astype(int).tolist()))
+            click=click.astype(int).tolist(), conversion=conv.astype(int).tolist(),
+            cohorts=[f"{d}/casual/us" for d in domains]))  # trainer/cohorts.py names (the Cohorts panel)
         k += n
     return out
 

@@ -79,8 +79,10 @@ def version_name(steps: int) -> str:
 
 def dense_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of the model's parameters and buffers except the sparse embeddings (``emb.*``) and the
-    training-only auxiliary distillation head (``aux.*``, trainer/model.py): what serving loads."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(("emb.", "aux."))}
+    training-only heads, the auxiliary distillation head (``aux.*``) and C2AL's cohort heads (``c2al.*``,
+    trainer/model.py): what serving loads."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if not k.startswith(("emb.", "aux.", "c2al."))}
 
 
 def tensor_bytes(obj) -> bytes:

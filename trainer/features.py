@@ -110,6 +110,7 @@ class FeatureBatch:
     teacher_p_conversion: np.ndarray | None = None
     teacher_age_s: np.ndarray | None = None
     teacher_version: np.ndarray | None = None
+    cohort: list[str] | None = None  # each example's cohort "domain/activity/country" (trainer/cohorts.py)
 
     @property
     def batch_size(self) -> int:
@@ -351,11 +352,12 @@ def loopfm_features(imps: Sequence[schema.Impression], tcfg: TrainerConfig, view
     return view.features_of(imps)
 
 
-def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=None, loopfm=None, sids=None
-              ) -> FeatureBatch:
+def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=None, loopfm=None, sids=None,
+              cohorts=None) -> FeatureBatch:
     """Examples -> :class:`FeatureBatch` (domains must be known: ``schema.decode`` guarantees it);
     ``users``: see :func:`user_features`; ``loopfm``: see :func:`loopfm_features`; ``sids``: see
-    :func:`semantic_id_bags`."""
+    :func:`semantic_id_bags`; ``cohorts``: a :class:`trainer.cohorts.CohortAssigner` names each example's
+    cohort (and counts it), None: no cohorts."""
     from trainer.delay import DECIDED_INDEX, late_kind
 
     imps = [e.impression for e in examples]
@@ -377,6 +379,7 @@ def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=Non
         click_delay_ms=_delays([e.click_ts for e in examples], event_ts),
         conversion_delay_ms=_delays([e.conversion_ts for e in examples], event_ts),
         user=user_features(imps, tcfg, users), loopfm=loopfm_features(imps, tcfg, loopfm),
+        cohort=None if cohorts is None else cohorts.assign(imps),
         **teacher_columns(examples))
 
 

@@ -244,13 +244,14 @@ class Trainer:
                 good = [ex for ex in good if ex.impression.arm == self.tc.arm]
                 self.counters[Stat.EXAMPLES_OTHER_ARM] += len(other)
                 ofb = featurize(other, self.tc, self.learner.user_view, self.learner.loopfm_view,
-                                sids=self.learner.semantic_ids)
+                                sids=self.learner.semantic_ids, cohorts=self.learner.cohorts)
                 self._publish_predictions(ofb, other, *self.learner.score(ofb), src)
         if not good:
             return 0
         if self.creatives is not None:  # the ads born since the last batch get their codes before it is featurized
             self.creatives.apply(self.learner.semantic_ids)
-        fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view, sids=self.learner.semantic_ids)
+        fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view,
+                       sids=self.learner.semantic_ids, cohorts=self.learner.cohorts)
         res = self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
             fb, good, p_click, p_conv, src))
         if self.early is not None:  # the early stage learns the final's pre-update scores of this batch
@@ -279,7 +280,8 @@ class Trainer:
             p_click=p_click.tolist(), p_conversion=p_conv.tolist(), click=fb.click.astype(int).tolist(),
             conversion=fb.conversion.astype(int).tolist(), arm=self.tc.arm,
             served_arms=[ex.impression.arm for ex in examples] if served else [],
-            served_versions=[ex.impression.model_version for ex in examples] if served else [])
+            served_versions=[ex.impression.model_version for ex in examples] if served else [],
+            cohorts=fb.cohort or [])
         kafka_io.produce(self.producer, self.cfg.topics.predictions, schema.encode(pb))
         if self.tc.role == "fm" and src is not None:
             self._publish_teachers(fb.example_ids, p_click, p_conv, src, pb.trained_ts)

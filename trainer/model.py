@@ -42,6 +42,11 @@ distillation loss on the serving head itself, with the raw teacher as the target
 (``aux.*`` parameters) and the adapter are training-only: checkpoints carry them, exports never do
 (:func:`trainer.export.dense_state`).
 
+Cohort-contrastive auxiliary learning (C2AL; trainer/cohorts.py, docs/cohorts.md), when ``tcfg.c2al``: one
+auxiliary head per targeted cohort ``k`` on the shared click tower input, ``l_k = <t_click, c2al.head_w[k]> +
+c2al.head_b[k]`` (:class:`C2ALHeads`), trained on ``y_k = click * [example in cohort k]``;
+``loss += c2al_weight * mean_k BCE(l_k, y_k)``. Training only, like the auxiliary head (``c2al.*``).
+
 :class:`Learner` owns the model and both optimizers (Adam for dense parameters; row-wise Adagrad for the
 embeddings, fused into backward with fbgemm), the label-delay histograms, and exports/imports its complete
 state for checkpoints.
@@ -77,6 +82,8 @@ MODEL_VERSION = 2
 USER_SIDE = ("user_id", "device", "country", "history")
 # training-only parameters: the auxiliary distillation head (never in a serving export or published version)
 TRAINING_ONLY_PREFIX = "aux."
+C2AL_PREFIX = "c2al."  # the C2AL cohort heads: training only as well
+C2AL_FM = True  # C2AL heads read the shared embeddings through an FM of their own (C2ALHeads)
 ADAPTER_HIDDEN = 16
 ADAPTER_LR = 1e-2  # the adapter is tiny and must follow the stream's shift quickly
 TEACHER_LOGIT_CLIP = 9.0  # teacher probabilities are clipped to sigmoid(+-9) before taking logits
@@ -104,6 +111,31 @@ class AuxHead(nn.Module):
 
     def forward(self, t: torch.Tensor, domain: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         return (t * self.head_w).sum(-1) + self.head_b + self.domain_bias(domain) + shared
+
+
+class C2ALHeads(nn.Module):
+    """C2AL's auxiliary heads (module docstring): ``K`` logits, each over the click tower's input ``t[:, 0]``
+    (the shared representation every domain's click head reads) and, with ``fm``, an FM of its own over the
+    shared embeddings: ``(v_user P_k) . v_ad`` with the user-side and ad/context-side sums of the FM shortcut
+    (:func:`_shortcuts`) and a (D', D') matrix ``P_k`` per head, starting as the identity (the main FM). The
+    FM term is where C2AL acts in the paper (the FM's shared embedding selection): a cohort's head can only
+    fit its clicks if the shared embeddings carry that cohort's user x ad interactions, which the majority's
+    gradient lets fade. Not the main FM itself: it has no parameters of its own, so a cohort label on it would
+    pull every embedding toward "0 outside the cohort", against the main task."""
+
+    def __init__(self, k: int, fm_dim: int, device: torch.device, *, fm: bool = True):
+        super().__init__()
+        self.head_w = nn.Parameter(torch.empty(k, EXPERT_DIM, device=device))
+        self.head_b = nn.Parameter(torch.zeros(k, device=device))
+        self.fm_proj = nn.Parameter(torch.eye(fm_dim, device=device).repeat(k, 1, 1)) if fm else None
+        with torch.no_grad():
+            nn.init.uniform_(self.head_w, -EXPERT_DIM ** -0.5, EXPERT_DIM ** -0.5)
+
+    def forward(self, t: torch.Tensor, vu: torch.Tensor, va: torch.Tensor) -> torch.Tensor:
+        out = t[:, 0] @ self.head_w.T + self.head_b  # (B, K)
+        if self.fm_proj is not None:
+            out = out + torch.einsum("bd,kde,be->bk", vu, self.fm_proj, va)
+        return out
 
 
 class StudentAdapter(nn.Module):
@@ -153,7 +185,8 @@ def teacher_logits(p_click: torch.Tensor, p_conversion: torch.Tensor) -> torch.T
 class MDMOModel(nn.Module):
     """See the module docstring. ``forward(batch) -> (p_click (B,), p_conversion (B,))``."""
 
-    def __init__(self, tcfg: TrainerConfig, backend: str, device: torch.device, *, aux_head: bool = False):
+    def __init__(self, tcfg: TrainerConfig, backend: str, device: torch.device, *, aux_head: bool = False,
+                 c2al_heads: int = 0):
         super().__init__()
         self.n_dom = len(schema.DOMAINS)
         self.num_tables = len(table_names(tcfg))
@@ -189,9 +222,17 @@ class MDMOModel(nn.Module):
                 c.weight.mul_(0.1)
         # the distillation head (training only: a serving model is built without it)
         self.aux = AuxHead(self.n_dom, device) if aux_head else None
+        # C2AL's cohort heads (training only, like aux)
+        self.c2al = (C2ALHeads(c2al_heads, tcfg.embedding_dim - N_OBJ, device, fm=C2AL_FM) if c2al_heads
+                     else None)
 
     def _trunk(self, b: TorchBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared part: the towers' inputs t (B, 2, EXPERT_DIM) and the shortcut terms (B, 2)."""
+        t, shared, _ = self._trunk_e(b)
+        return t, shared
+
+    def _trunk_e(self, b: TorchBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_trunk` and the pooled embeddings (B, T, D) it read."""
         parts = [self.emb(b.indices, b.offsets), b.dense, self.domain_emb(b.domain)]
         if self.user_in:
             parts.append(b.user if b.user is not None else b.dense.new_zeros(b.dense.shape[0], self.user_in))
@@ -208,10 +249,11 @@ class MDMOModel(nn.Module):
         g = self.gates(h).view(n, self.n_dom, N_OBJ * N_EXPERTS)
         g = g.gather(1, b.domain.view(n, 1, 1).expand(n, 1, N_OBJ * N_EXPERTS)).view(n, N_OBJ, N_EXPERTS)
         t = torch.bmm(torch.softmax(g, dim=-1), e)  # (B, 2, EXPERT_DIM)
-        shared = _shortcuts(parts[0].view(n, self.num_tables, -1), self.user_side) + self.dense_wide(b.dense)
+        e = parts[0].view(n, self.num_tables, -1)
+        shared = _shortcuts(e, self.user_side) + self.dense_wide(b.dense)
         if self.loopfm_in:
             shared = shared + self._loopfm_shortcut(parts[-1])
-        return t, shared
+        return t, shared, e
 
     def _loopfm_shortcut(self, lf: torch.Tensor) -> torch.Tensor:
         """The FM's own wide and FM terms over the user and ad sides, read off its published vectors (B, 2).
@@ -259,8 +301,19 @@ class MDMOModel(nn.Module):
 
     def both_logits(self, b: TorchBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(serving (B, 2), auxiliary (B, 2) or None) from one pass through the shared trunk."""
-        t, shared = self._trunk(b)
-        return self._serving(t, shared, b.domain), None if self.aux is None else self.aux(t, b.domain, shared)
+        serving, aux, _ = self.all_logits(b)
+        return serving, aux
+
+    def all_logits(self, b: TorchBatch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(serving (B, 2), auxiliary (B, 2) or None, C2AL cohort heads (B, K) or None), one trunk pass."""
+        t, shared, e = self._trunk_e(b)
+        heads = None
+        if self.c2al is not None:
+            v = e[:, :, N_OBJ:]
+            vu = v.index_select(1, self.user_side).sum(1)
+            heads = self.c2al(t, vu, v.sum(1) - vu)
+        return (self._serving(t, shared, b.domain), None if self.aux is None else self.aux(t, b.domain, shared),
+                heads)
 
     def forward(self, b: TorchBatch) -> tuple[torch.Tensor, torch.Tensor]:
         l_ctr, l_cvr = self.logits(b)
@@ -302,7 +355,7 @@ def _shortcuts(e: torch.Tensor, user_side: torch.Tensor) -> torch.Tensor:
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """``{"sparse": embedding rows x dims, "dense": everything else the serving model holds}``."""
     sparse = model.emb.num_tables * model.emb.rows * model.emb.dim
-    dense = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("emb.", TRAINING_ONLY_PREFIX)))
+    dense = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("emb.", TRAINING_ONLY_PREFIX, C2AL_PREFIX)))
     return {"sparse": sparse, "dense": dense}
 
 
@@ -329,6 +382,7 @@ class StepResult:
     loss: float  # the whole loss: labels + teacher_weight * distillation (+ the adapter's)
     distill_loss: float = 0.0  # the distillation term (before teacher_weight); 0 without a teacher
     teacher_rows: int = 0  # rows of the batch that had a teacher
+    c2al_loss: float = 0.0  # the C2AL term (before c2al_weight); 0 without C2AL
 
 
 class Learner:
@@ -350,7 +404,14 @@ class Learner:
         torch.manual_seed(tcfg.seed)
         self.distill = tcfg.teacher_weight > 0
         aux = self.distill and tcfg.aux_head
-        self.model = MDMOModel(tcfg, self.backend, self.device, aux_head=aux)
+        # C2AL (trainer/cohorts.py): every learner names its examples' cohorts (per-cohort metrics); with
+        # tcfg.c2al the model has one training-only head per targeted cohort
+        from trainer.cohorts import CohortAssigner, CohortTargets
+
+        self.cohorts = CohortAssigner()
+        self.c2al_targets = CohortTargets(tcfg.c2al_cohorts) if tcfg.c2al else None
+        self.model = MDMOModel(tcfg, self.backend, self.device, aux_head=aux,
+                               c2al_heads=len(self.c2al_targets) if self.c2al_targets is not None else 0)
         self.dense_params = [p for n, p in self.model.named_parameters() if not n.startswith("emb.")]
         self.opt = _adam(self.dense_params, tcfg.lr_dense)
         # the student adapter (training only; its own optimizer): with the auxiliary head only
@@ -407,7 +468,7 @@ class Learner:
         the embeddings inside ``backward()``), so they are exactly the no-grad progressive-validation scores.
         """
         b = fb.to_torch(self.device)
-        serving, aux = self.model.both_logits(b)
+        serving, aux, heads = self.model.all_logits(b)
         l_ctr, l_cvr = serving[:, 0], serving[:, 1]
         with torch.no_grad():
             p_click = torch.sigmoid(l_ctr)
@@ -424,6 +485,9 @@ class Learner:
         distill, rows = self._distill_loss(fb, b, serving, aux)
         if distill is not None:
             loss = loss + distill
+        c2al = self._c2al_loss(fb, heads)
+        if c2al is not None:
+            loss = loss + self.tcfg.c2al_weight * c2al
         self.opt.zero_grad(set_to_none=True)
         if self.adapter_opt is not None:
             self.adapter_opt.zero_grad(set_to_none=True)
@@ -435,7 +499,21 @@ class Learner:
         self.steps += 1
         self.distill_stats["rows"] += fb.batch_size
         d = self._last_distill
-        return StepResult(p_click_np, p_conv_np, float(loss.detach()), d, rows)
+        return StepResult(p_click_np, p_conv_np, float(loss.detach()), d, rows,
+                          0.0 if c2al is None else float(c2al.detach()))
+
+    def _c2al_loss(self, fb: FeatureBatch, heads: torch.Tensor | None) -> torch.Tensor | None:
+        """Mean over the cohort heads of the example-weighted BCE against ``click * [in cohort]``
+        (trainer/cohorts.c2al_labels); None without C2AL."""
+        if heads is None:
+            return None
+        if fb.cohort is None:
+            raise ValueError("trainer.c2al: the batch has no cohorts; featurize it with cohorts=learner.cohorts")
+        from trainer.cohorts import c2al_labels
+
+        y = torch.from_numpy(c2al_labels(fb.click, self.c2al_targets.masks(fb.cohort))).to(self.device)
+        w = torch.from_numpy(fb.weight).to(self.device)[:, None]
+        return (F.binary_cross_entropy_with_logits(heads, y, reduction="none") * w).mean()
 
     def _staleness(self, fb: FeatureBatch) -> torch.Tensor:
         """(B, 2) adapter staleness features: log1p(age s), log1p(FM version gap), over :data:`STALE_SCALE`.
@@ -511,6 +589,7 @@ class Learner:
                 "delays": {k: h.state() for k, h in self.delays.items()},
                 **({"user_view": self.user_view.state()} if self.user_view is not None else {}),
                 **({"semantic_ids": self.semantic_ids.state()} if self.semantic_ids is not None else {}),
+                "cohorts": self.cohorts.state(),
                 **({"adapter": _to_cpu(self.adapter.state_dict()), "adapter_opt": _to_cpu(self.adapter_opt.state_dict()),
                     "teacher_version_seen": self.teacher_version_seen} if self.adapter is not None else {})}
 
@@ -528,7 +607,8 @@ class Learner:
         missing = [k for k in missing if not k.startswith("emb.")]
         if missing or unexpected:
             raise ValueError(f"checkpoint model state: missing {missing}, unexpected {unexpected} (the auxiliary "
-                             "head aux.* exists with teacher_weight > 0 and aux_head: were they changed?)")
+                             "head aux.* exists with teacher_weight > 0 and aux_head, the C2AL heads c2al.* with "
+                             "trainer.c2al, one per c2al_cohorts pattern: were they changed?)")
         self.model.emb.import_state(st["sparse"])
         self.opt.load_state_dict(st["dense_opt"])  # moves state tensors to the params' device
         if self.adapter is not None and "adapter" in st:  # a checkpoint from before distillation: a fresh adapter
@@ -538,6 +618,10 @@ class Learner:
         self.steps = int(st["steps"])
         for k, h in st.get("delays", {}).items():
             self.delays[k] = delay.DelayHistogram.from_state(h)
+        if "cohorts" in st:  # a checkpoint from before cohorts: activity counts start over
+            from trainer.cohorts import CohortAssigner
+
+            self.cohorts = CohortAssigner.from_state(st["cohorts"])
         if "user_view" in st:
             from trainer.users.features import UserVectors
 

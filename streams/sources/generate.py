@@ -106,6 +106,11 @@ class GeneratorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     emit_creatives: bool = False
     # the sessions world (streams.sources.sessions; n_interests 0: off): interests, sessions, evolving intents
     sessions: sessions.SessionsConfig = sessions.SessionsConfig()
+    # cohorts that really differ (C2AL, trainer/cohorts.py; 0 = off): this share of users live in the minority
+    # countries (MINORITY_COUNTRIES; the others never do) and respond to ads differently: their ads' taste
+    # vectors and biases are turned by minority_contrast * 90 degrees toward vectors of their own
+    minority_share: float = 0.0
+    minority_contrast: float = 1.0
 
 
 def validate(g: GeneratorConfig) -> None:
@@ -121,7 +126,8 @@ def validate(g: GeneratorConfig) -> None:
               ("impressions_per_s", g.impressions_per_s > 0), ("bad_rate", 0 <= g.bad_rate <= 1),
               ("max_click_delay_s", g.max_click_delay_s > 0),
               ("max_conversion_delay_s", g.max_click_delay_s < g.max_conversion_delay_s <= scenarios.MAX_DELAY_S),
-              ("ad_churn", 0 <= g.ad_churn <= 1), ("delays", g.delays in scenarios.DELAY_MODELS),
+              ("ad_churn", 0 <= g.ad_churn <= 1), ("minority_share", 0 <= g.minority_share < 1),
+              ("minority_contrast", 0 <= g.minority_contrast <= 1), ("delays", g.delays in scenarios.DELAY_MODELS),
               ("start_ts", schema.MIN_TS_MS <= g.start_ts <= schema.MAX_TS_MS - 10**11),
               ("history_len", 0 <= g.history_len <= schema.MAX_LIST),
               ("cat_slots", 0 <= g.cat_slots <= schema.MAX_LIST), ("dense_dim", 0 <= g.dense_dim <= schema.MAX_LIST),
@@ -200,6 +206,10 @@ class _World(msgspec.Struct):
     cat_w: np.ndarray
     user_lat2: np.ndarray | None = None  # interest-shift: each user's taste after their switch
     user_switch: np.ndarray | None = None  # interest-shift: progress (0..1) of each user's switch
+    user_minority: np.ndarray | None = None  # minority_share > 0: whether each user is in a minority country
+    ad_lat_m: np.ndarray | None = None  # the ads' taste vectors and biases as the minority sees them
+    ad_bias_m: np.ndarray | None = None
+    minority_angle: float = 0.0
 
 
 def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
@@ -222,7 +232,7 @@ def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
     cand = rng.choice(n_ads, size=(g.n_users, max(4 * L, 1)), p=alive0 / alive0.sum())
     aff = np.einsum("uk,uck->uc", user_lat, ad_lat[cand])
     top = np.argsort(-aff, axis=1)[:, :L]
-    return _World(
+    w = _World(
         user_w=_zipf_weights(g.n_users, t.zipf_users, rng), user_lat=user_lat,
         user_bias=rng.normal(0, t.user_bias_std, g.n_users), user_cvr_bias=rng.normal(0, t.cvr_bias_std, g.n_users),
         user_device=rng.choice(len(schema.DEVICES), g.n_users, p=[0.4, 0.4, 0.15, 0.05]),
@@ -237,6 +247,28 @@ def _world(g: GeneratorConfig, rng: np.random.Generator) -> _World:
         w_cvr_dense=rng.normal(0, t.dense_weight_std, g.dense_dim),
         cat_effect=rng.normal(0, t.cat_effect_std, (g.cat_slots, t.cat_vocab)),
         cat_w=_zipf_weights(t.cat_vocab, 1.0, rng), **_interest_shift(g, lat_std))
+    _minority(g, w, lat_std)
+    return w
+
+
+MINORITY_COUNTRIES = ("br", "in", "mx")
+
+
+def _minority(g: GeneratorConfig, w: _World, lat_std: float) -> None:
+    """``minority_share > 0``: choose the minority users, move them (and only them) to the minority countries,
+    draw how the minority sees the ads (GeneratorConfig). Its own random stream: the rest of the world is
+    drawn exactly as without it."""
+    if g.minority_share <= 0:
+        return
+    rng = np.random.default_rng([g.seed, 0xC2A1])
+    n, n_ads = len(w.user_w), len(w.ad_w)
+    w.user_minority = rng.random(n) < g.minority_share
+    major = [i for i, c in enumerate(_COUNTRIES) if c not in MINORITY_COUNTRIES]
+    minor = [i for i, c in enumerate(_COUNTRIES) if c in MINORITY_COUNTRIES]
+    w.user_country = np.where(w.user_minority, rng.choice(minor, n), rng.choice(major, n))
+    w.ad_lat_m = rng.normal(0, lat_std, (n_ads, g.truth.latent_dim))
+    w.ad_bias_m = rng.normal(0, g.truth.ad_bias_std, n_ads)
+    w.minority_angle = float(np.clip(g.minority_contrast, 0.0, 1.0)) * np.pi / 2
 
 
 def _interest_shift(g: GeneratorConfig, lat_std: float) -> dict[str, np.ndarray]:
@@ -261,6 +293,10 @@ def _tastes(sc: scenarios.ScenarioConfig, w: _World, user: np.ndarray, ad: np.nd
     user_lat = w.user_lat[user]
     if w.user_switch is not None:  # interest-shift: a user's taste after their own switch time
         user_lat = np.where((progress >= w.user_switch[user])[:, None], w.user_lat2[user], user_lat)
+    if w.user_minority is not None:  # minority users see every ad through their own taste vector and bias
+        m, c, s = w.user_minority[user], np.cos(w.minority_angle), np.sin(w.minority_angle)
+        ad_lat = np.where(m[:, None], c * ad_lat + s * w.ad_lat_m[ad], ad_lat)
+        ad_bias = np.where(m, c * ad_bias + s * w.ad_bias_m[ad], ad_bias)
     return user_lat, ad_lat, ad_bias
 
 
