@@ -367,6 +367,8 @@ class Learner:
         self.user_view = None
         # the FM's user/ad vectors a VM reads (trainer/loopfm.FMEmbeddingView), when tcfg.loopfm
         self.loopfm_view = None
+        # multi-rank training (trainer/distributed.py): called after backward, before the optimizers step
+        self.grad_sync: Callable[[], None] | None = None
 
     def loss_weights(self, fb: FeatureBatch, p_click: np.ndarray, p_ctcvr: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -420,6 +422,8 @@ class Learner:
         if self.adapter_opt is not None:
             self.adapter_opt.zero_grad(set_to_none=True)
         loss.backward()  # fbgemm: the sparse row-wise Adagrad update happens here
+        if self.grad_sync is not None:  # several ranks: dense gradients averaged (trainer/sharded.py)
+            self.grad_sync()
         self.opt.step()
         if self.adapter_opt is not None and distill is not None:
             self.adapter_opt.step()
