@@ -42,7 +42,7 @@ from config import Config
 from streams.bus import kafka_io
 from trainer import checkpoint
 from trainer.loop import _GROUP, Trainer
-from trainer.sharded import DenseGradSync, ShardedEmbeddings, empty_batch_step
+from trainer.sharded import empty_batch_step, shard_learner
 from trainer.telemetry import Throughput
 
 log = logging.getLogger("streamrec.trainer")
@@ -99,14 +99,8 @@ class DistributedTrainer(Trainer):
         if not dist.is_initialized():
             dist.init_process_group("gloo")
         super().__init__(cfg, resume=False, record_ids=record_ids, export_dir="", publish_dir="")
-        lr = self.learner
-        tc = self.tc
-        lr.device = torch.device("cpu")
-        lr.model.emb = ShardedEmbeddings(lr.model.num_tables, tc.hash_buckets, tc.embedding_dim, tc.lr_sparse,
-                                         lr.device)
-        lr.backend = "sharded"
-        self.sync = DenseGradSync(lr.dense_params)
-        lr.grad_sync = self.sync
+        lr, tc = self.learner, self.tc
+        self.sync = shard_learner(lr)
         self.partitions = rank_partitions(cfg.topics.partitions, self.rank, self.world)
         self.local_batch = max(1, tc.batch_size // self.world)
         self.global_trained = 0  # examples trained by all ranks together (identical on every rank)

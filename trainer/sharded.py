@@ -27,6 +27,7 @@ per rank); ``import_state`` takes a shard of the same world size (another rank c
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -36,12 +37,28 @@ from embedding_store.base import SparseEmbeddings
 from trainer.embeddings import EPS, INIT_RANGE
 
 
+# communication spent by this process (``streamrec bench scale`` reads and resets it): seconds and bytes sent
+COMM = {"a2a_s": 0.0, "a2a_bytes": 0, "a2a_calls": 0, "allreduce_s": 0.0, "allreduce_bytes": 0, "allreduce_calls": 0}
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
+    """Every rank's ``inp`` side by side in ``out`` (torch 2.13 renamed all_gather_into_tensor)."""
+    if hasattr(dist, "all_gather_single"):
+        dist.all_gather_single(out, inp)
+    else:
+        dist.all_gather_into_tensor(out, inp)
+
+
 def _a2a(chunks: list[torch.Tensor], recv_sizes: list[int], tail: tuple[int, ...], dtype) -> list[torch.Tensor]:
     """``chunks[r]`` goes to rank r; returns what every rank sent here (``recv_sizes[r]`` rows each)."""
     send = torch.cat(chunks) if chunks else torch.zeros((0, *tail), dtype=dtype)
     recv = torch.empty((sum(recv_sizes), *tail), dtype=dtype)
+    t0 = time.perf_counter()
     dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=recv_sizes,
                            input_split_sizes=[int(c.shape[0]) for c in chunks])
+    COMM["a2a_s"] += time.perf_counter() - t0
+    COMM["a2a_bytes"] += (send.numel() - chunks[dist.get_rank()].numel()) * send.element_size()
+    COMM["a2a_calls"] += 1
     return list(recv.split(recv_sizes))
 
 
@@ -101,11 +118,11 @@ class ShardedEmbeddings(SparseEmbeddings):
             send_len.append(torch.bincount(bag_of[m], minlength=tb))
             send_ids.append(slots[m] // W)
         bags = torch.zeros(W, dtype=torch.long)
-        dist.all_gather_into_tensor(bags, torch.tensor([b], dtype=torch.long))
+        _all_gather(bags, torch.tensor([b], dtype=torch.long))
         bags_l = bags.tolist()
         recv_len = _a2a(send_len, [n * T for n in bags_l], (), torch.long)
         id_counts = torch.zeros(W * W, dtype=torch.long)  # [sender * W + owner]: ids sent
-        dist.all_gather_into_tensor(id_counts, torch.tensor([int(c.numel()) for c in send_ids], dtype=torch.long))
+        _all_gather(id_counts, torch.tensor([int(c.numel()) for c in send_ids], dtype=torch.long))
         id_counts = id_counts.view(W, W)
         recv_ids = _a2a(send_ids, id_counts[:, self.rank].tolist(), (), torch.long)
         # pool what this rank holds for every rank's bags: (sum B_r, T*D), bag rows in rank order
@@ -156,6 +173,17 @@ class ShardedEmbeddings(SparseEmbeddings):
         raise NotImplementedError("sharded embeddings hold 1/W of the rows: no serving export from one rank")
 
 
+def shard_learner(learner) -> DenseGradSync:
+    """Make ``learner`` (trainer/model.py) one rank's: its embedding tables replaced by this rank's row-wise
+    shard, its dense gradients summed over the ranks after each backward; returns the gradient sync."""
+    tc, model = learner.tcfg, learner.model
+    learner.device = torch.device("cpu")
+    model.emb = ShardedEmbeddings(model.num_tables, tc.hash_buckets, tc.embedding_dim, tc.lr_sparse, learner.device)
+    learner.backend = "sharded"
+    learner.grad_sync = DenseGradSync(learner.dense_params)
+    return learner.grad_sync
+
+
 def empty_batch_step(learner, share_total: int) -> None:
     """A rank with no examples in a global step: take part in the embedding collectives (owners pool other
     ranks' bags and receive their gradients), in the dense gradient all-reduce (its share is 0), and apply the
@@ -183,7 +211,11 @@ class DenseGradSync:
     def __call__(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads]) * self.share
+        t0 = time.perf_counter()
         dist.all_reduce(flat)
+        COMM["allreduce_s"] += time.perf_counter() - t0
+        COMM["allreduce_bytes"] += flat.numel() * flat.element_size()
+        COMM["allreduce_calls"] += 1
         i = 0
         for p in self.params:
             n = p.numel()
