@@ -10,8 +10,8 @@ tables are sharded row-wise here, the way TorchRec's row-wise sharding works, ov
 * every global slot ``s = t * rows + id`` (the layout of trainer/embeddings.py) belongs to rank ``s % W`` and is
   row ``s // W`` of that rank's local table (``ceil(T * rows / W)`` rows: 1/W of the memory per rank);
 * forward, input dist: each rank sends every owner the ids of its batch that the owner holds, with how many per
-  bag (one ``all_to_all`` of lengths, one of ids); each owner pools what it holds for every rank's bags
-  (``nn.EmbeddingBag``, sparse gradients);
+  bag (one ``all_gather`` of the sizes, one ``all_to_all`` of lengths and ids); each owner pools what it holds
+  for every rank's bags in one ``nn.EmbeddingBag`` call (sparse gradients);
 * forward, output dist: the partial pooled sums go back to the bags' ranks (``all_to_all``) and are summed:
   a reduce-scatter of pooled embeddings;
 * backward: each rank's gradient of its pooled vectors goes to every owner (``all_to_all``), scaled by the
@@ -103,35 +103,33 @@ class ShardedEmbeddings(SparseEmbeddings):
         self.share = 1.0
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        W, T = self.world, self.num_tables
+        W, T, me = self.world, self.num_tables, self.rank
         tb = offsets.numel() - 1
         b = tb // T
-        lengths = offsets.diff()
-        table = torch.arange(tb) // max(b, 1)
-        slots = indices.long() + torch.repeat_interleave(table * self.rows, lengths, output_size=indices.numel())
+        n = indices.numel()
+        bag_of = torch.repeat_interleave(torch.arange(tb), offsets.diff(), output_size=n)
+        slots = indices.long() + (bag_of // max(b, 1)) * self.rows
         owner = slots % W
-        bag_of = torch.repeat_interleave(torch.arange(tb), lengths, output_size=indices.numel())
-        # input dist: per owner, (bag lengths (T*B,), local row ids) of this batch
-        send_len, send_ids = [], []
-        for r in range(W):
-            m = owner == r
-            send_len.append(torch.bincount(bag_of[m], minlength=tb))
-            send_ids.append(slots[m] // W)
-        bags = torch.zeros(W, dtype=torch.long)
-        _all_gather(bags, torch.tensor([b], dtype=torch.long))
-        bags_l = bags.tolist()
-        recv_len = _a2a(send_len, [n * T for n in bags_l], (), torch.long)
-        id_counts = torch.zeros(W * W, dtype=torch.long)  # [sender * W + owner]: ids sent
-        _all_gather(id_counts, torch.tensor([int(c.numel()) for c in send_ids], dtype=torch.long))
-        id_counts = id_counts.view(W, W)
-        recv_ids = _a2a(send_ids, id_counts[:, self.rank].tolist(), (), torch.long)
-        # pool what this rank holds for every rank's bags: (sum B_r, T*D), bag rows in rank order
-        parts = []
-        for r in range(W):
-            off = torch.zeros(bags_l[r] * T + 1, dtype=torch.long)
-            torch.cumsum(recv_len[r], 0, out=off[1:])
-            pooled = self.bag(recv_ids[r], off)  # (T*B_r, D), bag t*B_r + i
-            parts.append(pooled.view(T, bags_l[r], self.dim).transpose(0, 1).reshape(bags_l[r], T * self.dim))
+        order = torch.argsort(owner, stable=True)  # ids grouped by owner, bag order kept within
+        send_len = torch.bincount(owner * tb + bag_of, minlength=W * tb).view(W, tb)  # per owner, per bag
+        id_counts = send_len.sum(1)
+        # one all-gather: every rank's batch size and how many ids it sends each owner
+        meta = torch.zeros(W * (W + 1), dtype=torch.long)
+        _all_gather(meta, torch.cat([torch.tensor([b]), id_counts]))
+        meta = meta.view(W, W + 1)
+        bags_l = meta[:, 0].tolist()
+        from_ids = meta[:, 1 + me].tolist()
+        # input dist, one all-to-all: per owner [bag lengths (T*B), its local row ids]
+        local = (slots // W)[order]
+        chunks = [torch.cat([send_len[r], c]) for r, c in enumerate(local.split(id_counts.tolist()))]
+        recv = _a2a(chunks, [T * bags_l[r] + from_ids[r] for r in range(W)], (), torch.long)
+        lens = torch.cat([x[:T * bags_l[r]] for r, x in enumerate(recv)])
+        ids = torch.cat([x[T * bags_l[r]:] for r, x in enumerate(recv)])
+        off = torch.zeros(lens.numel() + 1, dtype=torch.long)
+        torch.cumsum(lens, 0, out=off[1:])
+        pooled = self.bag(ids, off)  # (sum T*B_r, D): rank r's bags in its TBE order (t*B_r + i), ranks in turn
+        parts = [x.view(T, bags_l[r], self.dim).transpose(0, 1).reshape(bags_l[r], T * self.dim)
+                 for r, x in enumerate(pooled.split([T * n_r for n_r in bags_l]))]
         return _PooledExchange.apply(torch.cat(parts), bags_l, float(self.share))
 
     @torch.no_grad()
