@@ -114,12 +114,21 @@ def launch_ranks(args: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
     cmd = torchrun_command(args.nproc, _worker_args(argv), args.max_restarts)
     log.info("starting %d ranks: %s", args.nproc, " ".join(cmd))
     child = subprocess.Popen(cmd, env=env, cwd=root)
-    old = {s: signal.signal(s, lambda sig, _f: child.send_signal(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    asked: list[int] = []
+
+    def forward(sig, _frame):  # the agent passes it to the ranks: they agree to stop, checkpoint, exit
+        asked.append(sig)
+        child.send_signal(sig)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         rc = child.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if rc != 0 and asked:  # torchrun's agent exits 1 after passing a signal on, even when every rank stopped cleanly
+        log.info("the ranks were asked to stop (signal %d); torchrun exited %d", asked[0], rc)
+        return 0
     return 0 if rc == 0 else 1
 
 
