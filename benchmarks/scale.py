@@ -60,11 +60,14 @@ def _rank(rank: int, world: int, port: int, chunks: list, tcfg: TrainerConfig, q
     """One rank (world 0: the one-process baseline without torch.distributed): time its steps."""
     torch.set_num_threads(1)
     from trainer import sharded
-    learner = Learner(tcfg, elapsed_s=0)
     micro = {}
+    if not world:
+        learner = Learner(tcfg, elapsed_s=0)
     if world:
         import torch.distributed as dist
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        with sharded.sharded_tables():
+            learner = Learner(tcfg, elapsed_s=0)
         sync = sharded.shard_learner(learner)
         # gloo on this machine: latency (tiny all-reduce) and bandwidth (4 MB all-reduce, all-to-all)
         small, big = torch.zeros(1), torch.zeros(1 << 20)

@@ -118,6 +118,17 @@ def test_unsupported_settings_are_named(cfg):
     assert unsupported(replace(cfg, trainer={"user_model": False}), 2) == []
 
 
+def test_launcher_runs_every_rank_with_resume():
+    """--fresh is the launcher's (a restarted rank must not delete the group's checkpoints); ranks resume."""
+    from trainer.service import _worker_args, torchrun_command
+    args = _worker_args(["--config", "c.yaml", "train", "--nproc", "2", "--fresh", "--max-restarts=5", "--idle-exit", "2"])
+    assert args == ["--config", "c.yaml", "train", "--idle-exit", "2", "--resume"]
+    cmd = torchrun_command(2, args, 5)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in cmd
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and cmd[cmd.index("--max-restarts") + 1] == "5"
+    assert cmd[-len(args) - 2:] == ["-m", "deploy.cli", *args]
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").glob("*"):

@@ -42,7 +42,7 @@ from config import Config
 from streams.bus import kafka_io
 from trainer import checkpoint
 from trainer.loop import _GROUP, Trainer
-from trainer.sharded import empty_batch_step, shard_learner
+from trainer.sharded import empty_batch_step, shard_learner, sharded_tables
 from trainer.telemetry import Throughput
 
 log = logging.getLogger("streamrec.trainer")
@@ -98,7 +98,8 @@ class DistributedTrainer(Trainer):
             raise ValueError(f"--nproc {self.world}: " + "; ".join(bad))
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-        super().__init__(cfg, resume=False, record_ids=record_ids, export_dir="", publish_dir="")
+        with sharded_tables():  # this rank's shard only, never the whole tables
+            super().__init__(cfg, resume=False, record_ids=record_ids, export_dir="", publish_dir="")
         lr, tc = self.learner, self.tc
         self.sync = shard_learner(lr)
         self.partitions = rank_partitions(cfg.topics.partitions, self.rank, self.world)

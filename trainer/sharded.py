@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -171,12 +172,33 @@ class ShardedEmbeddings(SparseEmbeddings):
         raise NotImplementedError("sharded embeddings hold 1/W of the rows: no serving export from one rank")
 
 
+@contextmanager
+def sharded_tables():
+    """Models built inside get this rank's shard as their tables (trainer/model.py's ``make_embeddings``), so a
+    rank never allocates the whole tables, not even while it starts."""
+    import trainer.model as model_module
+
+    orig = model_module.make_embeddings
+
+    def make(backend, num_tables, rows, dim, lr, device, fiited=None):
+        return ShardedEmbeddings(num_tables, rows, dim, lr, torch.device("cpu"))
+
+    model_module.make_embeddings = make
+    try:
+        yield
+    finally:
+        model_module.make_embeddings = orig
+
+
 def shard_learner(learner) -> DenseGradSync:
-    """Make ``learner`` (trainer/model.py) one rank's: its embedding tables replaced by this rank's row-wise
-    shard, its dense gradients summed over the ranks after each backward; returns the gradient sync."""
+    """Make ``learner`` (trainer/model.py) one rank's: its embedding tables this rank's row-wise shard (built
+    under :func:`sharded_tables`, or replaced here), its dense gradients summed over the ranks after each
+    backward; returns the gradient sync."""
     tc, model = learner.tcfg, learner.model
     learner.device = torch.device("cpu")
-    model.emb = ShardedEmbeddings(model.num_tables, tc.hash_buckets, tc.embedding_dim, tc.lr_sparse, learner.device)
+    if not isinstance(model.emb, ShardedEmbeddings):
+        model.emb = ShardedEmbeddings(model.num_tables, tc.hash_buckets, tc.embedding_dim, tc.lr_sparse,
+                                      learner.device)
     learner.backend = "sharded"
     learner.grad_sync = DenseGradSync(learner.dense_params)
     return learner.grad_sync
