@@ -196,6 +196,10 @@ def test_two_ranks_sigkill_one_restarts_group_exactly_once(cfg, tmp_path):
         scores.update(zip(pb.example_ids, zip(pb.p_click, pb.click)))
     assert len(scores) == N
     p, y = zip(*scores.values())
+    stats = [schema.decode(r, schema.ServiceStats) for r in _consume_all(cfg, cfg.topics.service_stats)]
+    stats = [s for s in stats if s.component == "trainer"]
+    assert stats and all(s.values["ranks"] == 2 for s in stats)  # rank 0 reports for the group
+    assert max(s.values["examples_trained"] for s in stats) == N
     assert roc_auc_score(y, p) > 0.62, roc_auc_score(y, p)  # 0.69 measured; unlearned: 0.5
 
 

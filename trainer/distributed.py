@@ -27,6 +27,9 @@ Not supported with several ranks, refused at start with the setting to change: t
 variable-width store is not sharded), CUDA (the exchange is written for gloo on CPU tensors), the user model,
 LoopFM, SOLARIS, distillation (roles fm/vm), the early stage, ``learn_from: own`` (each scores outside the
 lockstep step), and serving exports/published versions (a rank holds 1/W of the tables).
+
+Service statistics come from rank 0 for the group (``examples_trained`` of all ranks, ``ranks``); its
+throughput and latency figures are its own.
 """
 
 from __future__ import annotations
@@ -35,15 +38,18 @@ import logging
 import os
 import time
 
+import msgspec
 import torch
 import torch.distributed as dist
 
 from config import Config
+from streams import schema
 from streams.bus import kafka_io
+from streams.names import Stat
 from trainer import checkpoint
 from trainer.loop import _GROUP, Trainer
 from trainer.sharded import empty_batch_step, shard_learner, sharded_tables
-from trainer.telemetry import Throughput
+from trainer.telemetry import Throughput, service_stats
 
 log = logging.getLogger("streamrec.trainer")
 STATS_EVERY_S = 1.0
@@ -91,9 +97,12 @@ def unsupported(cfg: Config, world: int) -> list[str]:
 class DistributedTrainer(Trainer):
     """One rank of the multi-rank trainer (module docstring); ``run()`` like :class:`trainer.loop.Trainer`."""
 
-    def __init__(self, cfg: Config, *, resume: bool, record_ids: bool = False, **_unused):
+    def __init__(self, cfg: Config, *, resume: bool, record_ids: bool = False, export_dir: str | None = None,
+                 publish_dir: str | None = None):
         self.rank, self.world = world_from_env()
         bad = unsupported(cfg, self.world)
+        if export_dir or publish_dir:
+            bad.append("--export-dir / --publish-dir: a rank holds 1/W of the tables; publish from one process")
         if bad:
             raise ValueError(f"--nproc {self.world}: " + "; ".join(bad))
         if not dist.is_initialized():
@@ -126,6 +135,16 @@ class DistributedTrainer(Trainer):
         return {**super().state(), "dist": {"world": self.world, "rank": self.rank, "partitions": self.partitions,
                                             "global_trained": self.global_trained}}
 
+    def _publish_stats(self) -> None:
+        """Rank 0 reports for the group (one series per arm, as with one process): ``examples_trained`` and
+        ``steps`` of all ranks together, ``ranks``; throughput and latency figures are rank 0's own."""
+        if self.rank != 0:
+            return
+        st = service_stats(self, self._stats)
+        values = {**st.values, Stat.EXAMPLES_TRAINED.value: float(self.global_trained), "ranks": float(self.world)}
+        kafka_io.produce(self.producer, self.cfg.topics.service_stats,
+                         schema.encode(msgspec.structs.replace(st, values=values)))
+
     def checkpoint(self):
         """Collective: every rank's file of this global step, then rank 0 commits the directory."""
         kafka_io.flush_all(self.producer, "trainer checkpoint", log)
@@ -149,7 +168,7 @@ class DistributedTrainer(Trainer):
         if good:
             self.train_examples(good, src)
         else:
-            empty_batch_step(self.learner, total)
+            empty_batch_step(self.learner)
             self.counters["steps"] = self.learner.steps
         self.global_trained += total
 

@@ -91,6 +91,8 @@ def launch_ranks(args: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
     from trainer.distributed import unsupported
 
     bad = unsupported(cfg, args.nproc)
+    if getattr(args, "export_dir", None) or getattr(args, "publish_dir", None):
+        bad.append("--export-dir / --publish-dir: a rank holds 1/W of the tables; publish from one process")
     if bad:
         print(f"streamrec train --nproc {args.nproc}: " + "; ".join(bad), file=sys.stderr)
         return 2

@@ -204,7 +204,7 @@ def shard_learner(learner) -> DenseGradSync:
     return learner.grad_sync
 
 
-def empty_batch_step(learner, share_total: int) -> None:
+def empty_batch_step(learner) -> None:
     """A rank with no examples in a global step: take part in the embedding collectives (owners pool other
     ranks' bags and receive their gradients), in the dense gradient all-reduce (its share is 0), and apply the
     same updates as every other rank, so that dense weights and optimizer states stay identical."""
