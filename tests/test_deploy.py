@@ -137,7 +137,7 @@ def test_every_process_of_the_local_stack_runs_in_compose_and_k8s():
 
     commands = {"compose": set(), "k8s": set()}
     for where, command, _ in _streamrec_env_and_commands():
-        if ":trainer-gpu.yaml:" not in where:  # the GPU variant replaces the trainer only
+        if ":trainer-gpu.yaml:" not in where and ":trainer-multirank.yaml:" not in where:  # replace the trainer only
             commands[where.split(":")[0]].add(command[0])
     # the ranking service too (`up --serve`); the simulated audience is a demo, not a deployment
     wanted = ({"train" if p == "trainer" else p for p in PROCESSES} | set(SERVE_PROCESSES)) - {"storage", "broker",
@@ -211,18 +211,22 @@ def _trainers():
     return out
 
 
-def test_the_trainer_is_a_multi_rank_torchrun_job_with_rendezvous():
+def _world(run) -> int:
+    return int(run.nnodes) * int(run.nproc_per_node)
+
+
+def test_the_trainer_is_a_torchrun_job_with_rendezvous():
     trainers = _trainers()
-    assert set(trainers) == {"compose", "streamrec.yaml", "trainer-gpu.yaml"}
+    assert set(trainers) == {"compose", "streamrec.yaml", "trainer-gpu.yaml", "trainer-multirank.yaml"}
     svc = trainers.pop("compose")
     run = _torchrun(svc["command"])
-    assert svc["entrypoint"] == TORCHRUN and run.standalone and int(run.nproc_per_node) >= 2
-    docs = _k8s()
+    assert svc["entrypoint"] == TORCHRUN and run.standalone and run.max_restarts >= 1
+    docs = [d for f in _k8s_files() for d in _k8s(f)]
     for file, sts in trainers.items():
         (c,) = sts["spec"]["template"]["spec"]["containers"]
         assert c["command"] == TORCHRUN, file
         run = _torchrun(c["args"])
-        assert run.nnodes == str(sts["spec"]["replicas"]) and int(sts["spec"]["replicas"]) >= 2, file
+        assert run.nnodes == str(sts["spec"]["replicas"]), file
         assert run.rdzv_backend == "c10d" and run.rdzv_id and run.max_restarts >= 1, file
         host, port = run.rdzv_endpoint.rsplit(":", 1)
         svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == sts["spec"]["serviceName"])
@@ -234,6 +238,30 @@ def test_the_trainer_is_a_multi_rank_torchrun_job_with_rendezvous():
         pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim"
                    and d["metadata"]["name"] == vol["persistentVolumeClaim"]["claimName"])
         assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and "volumeClaimTemplates" not in sts["spec"], file
+    assert _world(_torchrun(trainers["trainer-multirank.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"])) >= 2
+
+
+def test_every_trainer_manifest_asks_only_for_what_its_rank_count_supports():
+    """The settings a group of ranks refuses at start (trainer/distributed.py) are absent wherever a manifest
+    runs several ranks: the manifest would crash-loop otherwise."""
+    from trainer.distributed import unsupported
+
+    cm = next(d for d in _k8s() if d["kind"] == "ConfigMap")["data"]
+    svc = _compose()["services"]["trainer"]
+    runs = [("compose", _torchrun(svc["command"]), {k: str(v) for k, v in svc["environment"].items()})]
+    for file, sts in _trainers().items():
+        if file != "compose":
+            (c,) = sts["spec"]["template"]["spec"]["containers"]
+            runs.append((file, _torchrun(c["args"]), _pod_env(sts, c, cm, 0)))
+    worlds = {}
+    for where, run, env in runs:
+        cfg = load_config(env={k: v for k, v in env.items() if k.startswith("STREAMREC_")})
+        worlds[where] = _world(run)
+        if _world(run) > 1:
+            assert unsupported(cfg, _world(run)) == [], where
+        else:  # one rank: the plain trainer, which publishes what the ranking service serves
+            assert cfg.trainer.publish_dir, where
+    assert max(worlds.values()) >= 2 and worlds["streamrec.yaml"] == worlds["compose"] == 1
 
 
 def test_the_gpu_trainer_requests_a_gpu_per_rank_and_trains_on_cuda():

@@ -16,12 +16,21 @@ Contents (a dict saved with ``torch.save``, loaded with ``weights_only=True``)::
 Writing: to a temporary file in the same directory, ``fsync``, ``os.replace`` onto ``ckpt-<seq>.pt``, fsync
 the directory; then keep only the newest :data:`KEEP` files. A crash at any moment leaves either the old or
 the new checkpoint complete, never a torn one.
+
+Several ranks (trainer/distributed.py): one checkpoint is a directory ``dist-<seq>/`` holding ``rank-<r>.pt``
+for every rank (each the dict above with that rank's embedding shard, offsets, dedup and ids) and
+``world.json``. Every rank writes its file into ``.dist-<seq>.tmp/`` at the same global step; after a barrier
+rank 0 writes ``world.json`` and renames the directory into place: a checkpoint directory exists complete or
+not at all. A directory of another rank count (or single-process files when resuming with several ranks, and
+the reverse) is refused with a clear error (:func:`check_world`): shards are not resharded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -104,7 +113,84 @@ def clear(directory: str | os.PathLike) -> int:
     victims = [*checkpoints(d), *d.glob(f".{PREFIX}*{SUFFIX}.*.tmp")]
     for p in victims:
         p.unlink(missing_ok=True)
-    return len(victims)
+    dirs = [*dist_checkpoints(d), *d.glob(f".{DIST_PREFIX}*.tmp")]
+    for p in dirs:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(victims) + len(dirs)
+
+
+# ---- several ranks: one directory per checkpoint -------------------------------------------------------------
+DIST_PREFIX = "dist-"
+
+
+def dist_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete multi-rank checkpoint directories in ``directory``, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.glob(f"{DIST_PREFIX}*") if p.is_dir() and p.name[len(DIST_PREFIX):].isdigit()
+                  and (p / "world.json").exists())
+
+
+def check_world(directory: str | os.PathLike, world: int) -> None:
+    """Refuse to resume ``world`` ranks from checkpoints written by another number of ranks."""
+    if world == 1:
+        found = dist_checkpoints(directory)
+        if found:
+            w = json.loads((found[-1] / "world.json").read_text())["world"]
+            raise CheckpointError(f"checkpoint {found[-1]} was written by {w} ranks: resume with `streamrec train "
+                                  f"--nproc {w}` (shards are not resharded), or start over with --fresh")
+        return
+    if checkpoints(directory):
+        raise CheckpointError(f"checkpoint {latest(directory)} was written by one process: resume it without "
+                              f"--nproc, or start over with --fresh (a single table is not resharded to {world} ranks)")
+    found = dist_checkpoints(directory)
+    if found:
+        w = json.loads((found[-1] / "world.json").read_text())["world"]
+        if w != world:
+            raise CheckpointError(f"checkpoint {found[-1]} was written by {w} ranks, this run has {world}: resume "
+                                  f"with --nproc {w} (shards are not resharded), or start over with --fresh")
+
+
+def save_rank(directory: str | os.PathLike, state: dict, seq: int, rank: int) -> Path:
+    """Write one rank's part of checkpoint ``seq`` into its temporary directory (fsynced)."""
+    tmp = Path(directory) / f".{DIST_PREFIX}{seq:012d}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / f"rank-{rank}.pt"
+    with open(path, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def commit_dist(directory: str | os.PathLike, seq: int, world: int, keep: int = KEEP) -> Path:
+    """Rank 0, after every rank's :func:`save_rank` (a barrier): check the files, write ``world.json``, rename
+    the directory into place, fsync; keep the newest ``keep`` checkpoints."""
+    d = Path(directory)
+    tmp, final = d / f".{DIST_PREFIX}{seq:012d}.tmp", d / f"{DIST_PREFIX}{seq:012d}"
+    missing = [r for r in range(world) if not (tmp / f"rank-{r}.pt").exists()]
+    if missing:
+        raise CheckpointError(f"checkpoint {seq}: ranks {missing} wrote no file into {tmp}")
+    (tmp / "world.json").write_text(json.dumps({"world": world, "seq": seq}))
+    _fsync_dir(tmp)
+    if final.exists():  # a retry of the same seq after a restart that got that far: the new one wins
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(d)
+    for old in [*dist_checkpoints(d)[:-keep], *d.glob(f".{DIST_PREFIX}*.tmp")]:  # + a crashed run's leftovers
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_dist_latest(directory: str | os.PathLike, world: int, rank: int) -> tuple[Path, dict] | None:
+    """This rank's state in the newest complete multi-rank checkpoint (None when there is none)."""
+    check_world(directory, world)
+    found = dist_checkpoints(directory)
+    if not found:
+        return None
+    path = found[-1] / f"rank-{rank}.pt"
+    return path, load(path)
 
 
 def _fsync_dir(d: Path) -> None:

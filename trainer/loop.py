@@ -112,6 +112,7 @@ class Trainer:
         self.export_dir = export_dir or cfg.trainer.export_dir
         self.publish_dir = publish_dir or cfg.trainer.publish_dir
         self.ckpt_dir = Path(self.tc.checkpoint_dir)
+        checkpoint.check_world(self.ckpt_dir, getattr(self, "world", 1))  # several ranks: trainer/distributed.py
         found = checkpoint.latest(self.ckpt_dir)
         if found and not resume:
             raise checkpoint.CheckpointError(
@@ -219,6 +220,10 @@ class Trainer:
     # ---- one batch -----------------------------------------------------------------------------
     def process(self, msgs: list) -> int:
         """Decode, dedup, score+publish, train; returns how many examples were trained."""
+        return self.train_examples(*self.decode(msgs))
+
+    def decode(self, msgs: list) -> tuple[list[schema.Example], dict[str, int]]:
+        """The batch's new examples (bad ones dead-lettered, trained ones dropped), each id's partition."""
         now_ms = int(time.time() * 1000)
         good: list[schema.Example] = []
         src: dict[str, int] = {}  # example id -> its partition (an FM's teacher batches go to that number)
@@ -238,6 +243,10 @@ class Trainer:
                 src[ex.example_id] = m.partition()
             else:
                 self.counters["duplicates"] += 1
+        return good, src
+
+    def train_examples(self, good: list[schema.Example], src: dict[str, int]) -> int:
+        """Score+publish, train on ``good`` (from :meth:`decode`); returns how many examples were trained."""
         if self.tc.learn_from == "own":  # another arm's traffic: scored and published, not trained on
             other = [ex for ex in good if ex.impression.arm != self.tc.arm]
             if other:

@@ -436,6 +436,8 @@ class Learner:
 
             self.semantic_ids = SemanticIds(SemanticIdConfig(levels=tcfg.sid_levels, codes=tcfg.sid_codes,
                                                              seed=tcfg.seed))
+        # multi-rank training (trainer/distributed.py): called after backward, before the optimizers step
+        self.grad_sync: Callable[[], None] | None = None
 
     def loss_weights(self, fb: FeatureBatch, p_click: np.ndarray, p_ctcvr: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -492,6 +494,8 @@ class Learner:
         if self.adapter_opt is not None:
             self.adapter_opt.zero_grad(set_to_none=True)
         loss.backward()  # fbgemm: the sparse row-wise Adagrad update happens here
+        if self.grad_sync is not None:  # several ranks: dense gradients averaged (trainer/sharded.py)
+            self.grad_sync()
         self.opt.step()
         if self.adapter_opt is not None and distill is not None:
             self.adapter_opt.step()

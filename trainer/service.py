@@ -34,6 +34,8 @@ def run_trainer(cfg: Config, *, resume: bool, max_examples: int | None = None, i
     """Train until SIGTERM/SIGINT, ``max_examples`` or ``idle_exit_s`` idle seconds; returns the counters."""
     from trainer.loop import Trainer  # torch and the model: only when training
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of several, under torchrun (trainer/distributed.py)
+        from trainer.distributed import DistributedTrainer as Trainer
     svc = Trainer(cfg, resume=resume, record_ids=record_ids, export_dir=export_dir, publish_dir=publish_dir)
     old = {s: signal.signal(s, svc.stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -56,6 +58,82 @@ def _reexec_with_malloc_env() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "deploy.cli", *sys.argv[1:]], env)
 
 
+def torchrun_command(nproc: int, train_args: list[str], max_restarts: int = 3) -> list[str]:
+    """The torchrun command line of ``streamrec train --nproc N``: one host, ``nproc`` ranks, the elastic
+    agent restarting the whole group up to ``max_restarts`` times after a rank fails; every rank runs
+    ``deploy.cli ... train --resume`` (the newest complete checkpoint, if any)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "-m", "deploy.cli", *train_args]
+
+
+def _worker_args(argv: list[str]) -> list[str]:
+    """This command's arguments for the ranks: without --nproc/--max-restarts/--fresh, with --resume."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--max-restarts"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--max-restarts=")) or a == "--fresh":
+            continue
+        out.append(a)
+    return out + ([] if "--resume" in out else ["--resume"])
+
+
+def launch_ranks(args: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
+    """``--nproc N``: check the settings, handle --fresh here (a restarted rank must not delete the group's
+    checkpoints), then run torchrun as a child until it exits; SIGTERM/SIGINT are passed on to it."""
+    import subprocess
+
+    from trainer import checkpoint
+    from trainer.distributed import unsupported
+
+    bad = unsupported(cfg, args.nproc)
+    if getattr(args, "export_dir", None) or getattr(args, "publish_dir", None):
+        bad.append("--export-dir / --publish-dir: a rank holds 1/W of the tables; publish from one process")
+    if bad:
+        print(f"streamrec train --nproc {args.nproc}: " + "; ".join(bad), file=sys.stderr)
+        return 2
+    if args.fresh:
+        n = checkpoint.clear(cfg.trainer.checkpoint_dir)
+        if n:
+            log.warning("--fresh: deleted %d checkpoint(s) in %s", n, cfg.trainer.checkpoint_dir)
+    elif not args.resume and (checkpoint.latest(cfg.trainer.checkpoint_dir)
+                              or checkpoint.dist_checkpoints(cfg.trainer.checkpoint_dir)):
+        print(f"streamrec train: a checkpoint exists in {cfg.trainer.checkpoint_dir}: pass --resume to continue "
+              "from it, or --fresh to delete it and start over", file=sys.stderr)
+        return 2
+    try:
+        checkpoint.check_world(cfg.trainer.checkpoint_dir, args.nproc)
+    except checkpoint.CheckpointError as e:
+        print(f"streamrec train: {e}", file=sys.stderr)
+        return 2
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, **malloc_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = torchrun_command(args.nproc, _worker_args(argv), args.max_restarts)
+    log.info("starting %d ranks: %s", args.nproc, " ".join(cmd))
+    child = subprocess.Popen(cmd, env=env, cwd=root)
+    asked: list[int] = []
+
+    def forward(sig, _frame):  # the agent passes it to the ranks: they agree to stop, checkpoint, exit
+        asked.append(sig)
+        child.send_signal(sig)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = child.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if rc != 0 and asked:  # torchrun's agent exits 1 after passing a signal on, even when every rank stopped cleanly
+        log.info("the ranks were asked to stop (signal %d); torchrun exited %d", asked[0], rc)
+        return 0
+    return 0 if rc == 0 else 1
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if not cfg.kafka.bootstrap_servers:
         print(f"streamrec train: {NO_BROKER}", file=sys.stderr)
@@ -74,6 +152,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             return 2
     if args.checkpoint_dir:
         cfg = replace(cfg, trainer={"checkpoint_dir": args.checkpoint_dir})
+    if getattr(args, "nproc", 1) > 1:
+        return launch_ranks(args, cfg, sys.argv[1:])
     from trainer import checkpoint  # torch: only when training
     from trainer.embeddings import quiet_fbgemm_logs
 
@@ -114,6 +194,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="publish model versions for serving here (trainer/publish.py: a delta every "
                         "trainer.publish_every_s, a full snapshot every trainer.publish_full_every versions; "
                         "default: trainer.publish_dir, '' = none); `streamrec serve` reads <serving.models_dir>/<arm>")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N ranks on this host under torchrun (trainer/distributed.py: each rank reads "
+                        "its own partitions, embedding tables sharded row-wise, dense gradients averaged, one "
+                        "checkpoint directory for all ranks; a failed rank restarts the group from it). The same "
+                        "as `python -m torch.distributed.run --standalone --nproc-per-node N -m deploy.cli train "
+                        "--resume` (several hosts: --nnodes/--rdzv-endpoint instead of --standalone; docs/trainer.md)")
+    p.add_argument("--max-restarts", type=int, default=3, metavar="K",
+                   help="with --nproc: restarts of the whole group after a rank fails (torchrun --max-restarts)")
     p.add_argument("--record-trained-ids", action="store_true",
                    help="debug: keep every trained example id in the checkpoint (grows without bound)")
     p.set_defaults(func=run)
