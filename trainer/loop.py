@@ -55,6 +55,7 @@ from trainer import checkpoint
 from trainer.export import export
 from trainer.features import featurize
 from trainer.loopfm import LoopFM
+from trainer.solaris import Solaris
 from trainer.model import Learner
 from trainer.roles import serves
 from trainer.publish import Publisher
@@ -116,6 +117,8 @@ class Trainer:
             self.learner.user_view = self.users.view
         # FM: publishes its user/ad vectors; loopfm on: reads them (learner.loopfm_view); trainer/loopfm.py
         self.loopfm = LoopFM.for_trainer(cfg, self.learner)
+        # SOLARIS: the precompute service's FM pair predictions in a cache (learner.solaris_view); trainer/solaris.py
+        self.solaris = Solaris.for_trainer(cfg, self.learner)
         self.offsets: dict[tuple[str, int], int] = {}
         # plain str keys (a Stat indexes them alike): checkpoints load with torch's weights_only unpickler
         self.counters = {k.value: 0 for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS,
@@ -227,11 +230,12 @@ class Trainer:
             if other:
                 good = [ex for ex in good if ex.impression.arm == self.tc.arm]
                 self.counters[Stat.EXAMPLES_OTHER_ARM] += len(other)
-                ofb = featurize(other, self.tc, self.learner.user_view, self.learner.loopfm_view)
+                ofb = featurize(other, self.tc, self.learner.user_view, self.learner.loopfm_view,
+                                self.learner.solaris_view)
                 self._publish_predictions(ofb, other, *self.learner.score(ofb), src)
         if not good:
             return 0
-        fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view)
+        fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view, self.learner.solaris_view)
         self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
             fb, good, p_click, p_conv, src))
         self._last_step_ms = int(time.time() * 1000)
@@ -308,6 +312,8 @@ class Trainer:
         consumer.assign(kafka_io.topic_partitions([topic], cfg.topics.partitions, self.offsets))
         if self.loopfm is not None:
             self.loopfm.start(self.producer)
+        if self.solaris is not None:
+            self.solaris.start()
         self._stats = Throughput()
         log.info("training on %s (%d partitions, role %s), backend=%s device=%s batch=%d, checkpoints in %s",
                  topic, cfg.topics.partitions, tc.role, self.learner.backend, self.learner.device,
@@ -363,6 +369,8 @@ class Trainer:
                 self.users.close()
             if self.loopfm is not None:
                 self.loopfm.close()
+            if self.solaris is not None:
+                self.solaris.close()
             torch.set_num_threads(threads)  # the process's setting again (in-process callers: tests, benchmarks)
         return dict(self.counters)
 

@@ -8,6 +8,8 @@ Architecture (B examples, T tables of D dims, ``dense_dim`` dense values, ``N_DO
     domain     --nn.Embedding------> (B, 8)   -+
     user model --[u, u * v_ad]-----> (B, 2du) -+   (when trainer.users.model; trainer/users/features.py)
     LoopFM --[u, a, u * a, present]> (B, 3d+1) -+  (when trainer.loopfm: the FM's vectors; trainer/loopfm.py)
+    SOLARIS --[l_c, l_v, present]--> (B, 3)    -+  (when trainer.solaris: the FM's cached pair logits, also a
+                                                    linear term beside the shortcuts; trainer/solaris.py)
     x_{l+1} = x0 * (W_l x_l + b_l) + x_l, l < N_CROSS       DCNv2 cross layers (full rank), shared
     h  = relu(bottom(x)) (B, 128)                           shared bottom
     e  = relu(experts(h)) (B, E, 64)                        shared experts (MMoE)
@@ -79,6 +81,7 @@ USER_SIDE = ("user_id", "device", "country", "history")
 TRAINING_ONLY_PREFIX = "aux."
 ADAPTER_HIDDEN = 16
 ADAPTER_LR = 1e-2  # the adapter is tiny and must follow the stream's shift quickly
+SOLARIS_IN = 3  # [logit p_click, logit p_cvr, present] of the FM's cached pair prediction (trainer/solaris.py)
 TEACHER_LOGIT_CLIP = 9.0  # teacher probabilities are clipped to sigmoid(+-9) before taking logits
 STALE_SCALE = 8.0  # staleness features: log1p(age s) / 8, log1p(version gap) / 8 (~1 for hours / 3000 steps)
 
@@ -162,7 +165,10 @@ class MDMOModel(nn.Module):
         self.domain_emb = nn.Embedding(self.n_dom, DOMAIN_DIM, device=device)
         self.user_in = 2 * tcfg.user_dim if tcfg.user_model else 0  # [u, u * v_ad] (trainer/users/features.py)
         self.loopfm_in = 3 * tcfg.loopfm_dim + 1 if tcfg.loopfm else 0  # [u_fm, a_fm, u_fm * a_fm, present]
-        f = self.num_tables * tcfg.embedding_dim + tcfg.dense_dim + DOMAIN_DIM + self.user_in + self.loopfm_in
+        # SOLARIS: the FM's cached prediction of the (user, ad) pair [logit p_click, logit p_cvr, present]
+        self.solaris_in = SOLARIS_IN if tcfg.solaris else 0
+        f = (self.num_tables * tcfg.embedding_dim + tcfg.dense_dim + DOMAIN_DIM + self.user_in + self.loopfm_in
+             + self.solaris_in)
         self.cross = nn.ModuleList(nn.Linear(f, f, device=device) for _ in range(N_CROSS))
         self.bottom = nn.Linear(f, BOTTOM, device=device)
         self.experts = nn.Linear(BOTTOM, N_EXPERTS * EXPERT_DIM, device=device)
@@ -171,6 +177,9 @@ class MDMOModel(nn.Module):
         self.head_b = nn.Parameter(torch.zeros(N_OBJ, device=device))
         self.domain_bias = nn.Embedding(self.n_dom, N_OBJ, device=device)
         self.dense_wide = nn.Linear(tcfg.dense_dim, N_OBJ, bias=False, device=device)
+        # SOLARIS: the FM's pair logits also as a linear term (starts at 0): the VM can pass the FM's prediction
+        # through at once, the towers learn what to add to it
+        self.solaris_wide = nn.Linear(SOLARIS_IN, N_OBJ, bias=False, device=device) if self.solaris_in else None
         self.register_buffer("user_side", torch.tensor(
             [i for i, name in enumerate(table_names(tcfg)) if name in USER_SIDE], device=device), persistent=False)
         with torch.no_grad():  # domain-aware parts start neutral: uniform gates, bias 0
@@ -179,6 +188,8 @@ class MDMOModel(nn.Module):
             self.gates.bias.zero_()
             self.domain_bias.weight.zero_()
             self.dense_wide.weight.zero_()
+            if self.solaris_wide is not None:
+                self.solaris_wide.weight.zero_()
             for c in self.cross:
                 c.weight.mul_(0.1)
         # the distillation head (training only: a serving model is built without it)
@@ -191,6 +202,10 @@ class MDMOModel(nn.Module):
             parts.append(b.user if b.user is not None else b.dense.new_zeros(b.dense.shape[0], self.user_in))
         if self.loopfm_in:
             parts.append(b.loopfm if b.loopfm is not None else b.dense.new_zeros(b.dense.shape[0], self.loopfm_in))
+        sol = None
+        if self.solaris_in:
+            sol = b.solaris if b.solaris is not None else b.dense.new_zeros(b.dense.shape[0], self.solaris_in)
+            parts.append(sol)
         x0 = torch.cat(parts, dim=1)
         x = x0
         for c in self.cross:
@@ -202,7 +217,10 @@ class MDMOModel(nn.Module):
         g = self.gates(h).view(n, self.n_dom, N_OBJ * N_EXPERTS)
         g = g.gather(1, b.domain.view(n, 1, 1).expand(n, 1, N_OBJ * N_EXPERTS)).view(n, N_OBJ, N_EXPERTS)
         t = torch.bmm(torch.softmax(g, dim=-1), e)  # (B, 2, EXPERT_DIM)
-        return t, _shortcuts(parts[0].view(n, self.num_tables, -1), self.user_side) + self.dense_wide(b.dense)
+        shared = _shortcuts(parts[0].view(n, self.num_tables, -1), self.user_side) + self.dense_wide(b.dense)
+        if sol is not None:
+            shared = shared + self.solaris_wide(sol)
+        return t, shared
 
     def _serving(self, t: torch.Tensor, shared: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         return (t * self.head_w).sum(-1) + self.head_b + self.domain_bias(domain) + shared
@@ -322,6 +340,8 @@ class Learner:
         self.user_view = None
         # the FM's user/ad vectors a VM reads (trainer/loopfm.FMEmbeddingView), when tcfg.loopfm
         self.loopfm_view = None
+        # the FM's cached pair predictions a VM reads (trainer/solaris.SolarisView), when tcfg.solaris
+        self.solaris_view = None
 
     def loss_weights(self, fb: FeatureBatch, p_click: np.ndarray, p_ctcvr: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -73,6 +73,9 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
     loopfm = getattr(trainer, "loopfm", None)  # LoopFM: an FM's published ids; a VM's lookups, misses, stale, age
     if loopfm is not None:
         values.update(loopfm.stats())
+    solaris = getattr(trainer, "solaris", None)  # SOLARIS: a VM's pair cache (hit rate, age of hits, dead letters)
+    if solaris is not None:
+        values.update(solaris.stats())
     publisher = getattr(trainer, "publisher", None)  # published_seq, publish_bytes, publish_s, delta_fraction
     if publisher is not None:
         values.update(publisher.stats())

@@ -1,0 +1,206 @@
+"""SOLARIS: the pair cache (hits, expiry, bound, dead letters), the pair predictor (budget, candidates), the VM's
+``solaris_in`` block, the bench's SOLARIS rows on a tiny stream, and the precompute service feeding a VM trainer
+through the real broker (SIGKILL of the service mid-stream)."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from config import SolarisConfig, TrainerConfig
+from embedding_store.pair_cache import PairCache
+from streams import schema
+from trainer.export import ExportError, feature_spec, serving_model
+from trainer.features import featurize, impression_batch
+from trainer.model import Learner
+from trainer.solaris import PairPredictor, SolarisView, pair_impression, pair_logits, score_pairs
+
+NOW = 1_700_000_000_000
+
+
+def _imp(i: int, user: int, ad: int, ts: int = NOW, domain: str = "feed") -> schema.Impression:
+    return schema.Impression(event_id=f"imp-0-{i}", ts=ts, user_id=user, ad_id=ad, campaign_id=ad // 3 + 1,
+                             advertiser_id=ad // 10 + 1, domain=domain, position=i % 3, dense=[0.1],
+                             history=[ad, ad + 1])
+
+
+def _rec(**kw) -> schema.SolarisPairs:
+    base = {"model_version": 3, "ts": NOW, "user_ids": [1, 2], "ad_ids": [5, 6], "p_click": [0.2, 0.4],
+            "p_conversion": [0.01, 0.1]}
+    return schema.SolarisPairs(**{**base, **kw})
+
+
+# ---- the cache --------------------------------------------------------------------------------------------
+def test_cache_hits_expiry_and_bound():
+    c = PairCache(ttl_s=60, max_entries=3)
+    assert c.apply(_rec(), NOW) is None
+    pc, pv, hit, age = c.get([1, 2, 1, 9], [5, 6, 6, 5], NOW + 10_000)
+    assert hit.tolist() == [True, True, False, False]
+    np.testing.assert_allclose(pc, [0.2, 0.4, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(pv, [0.01, 0.1, 0, 0], rtol=1e-6)
+    assert age.tolist() == [10.0, 10.0, 0.0, 0.0]
+    # a later computation replaces the pair; an earlier one arriving late does not
+    c.apply(_rec(ts=NOW + 5_000, user_ids=[1], ad_ids=[5], p_click=[0.3], p_conversion=[0.0]), NOW + 5_000)
+    c.apply(_rec(ts=NOW + 1_000, user_ids=[1], ad_ids=[5], p_click=[0.9], p_conversion=[0.0]), NOW + 5_000)
+    assert c.counters["older_ignored"] == 1
+    assert c.get([1], [5], NOW + 6_000)[0].tolist() == pytest.approx([0.3])
+    # per-pair times: (1, 5) is 65 s old at the first, 55 s at the second
+    assert c.get([1, 1], [5, 5], [NOW + 70_000, NOW + 60_000])[2].tolist() == [False, True]
+    assert c.get([2], [6], NOW + 61_000)[2].tolist() == [False]  # expired: counted apart from misses
+    s = c.stats()
+    assert s["solaris_expired"] == 2 and s["solaris_misses"] == 2 and s["solaris_hits"] == 4
+    assert s["solaris_hit_rate"] == pytest.approx(4 / 8) and s["solaris_age_p50_s"] == pytest.approx(10.0)
+    # the bound: the least recently written leaves first ((2, 6); (1, 5) was rewritten)
+    c.put([3, 4], [7, 8], [0.1, 0.1], [0.0, 0.0], version=4, ts_ms=NOW + 7_000)
+    assert len(c) == 3 and c.counters["evictions"] == 1
+    assert c.get([2, 1, 3, 4], [6, 5, 7, 8], NOW + 8_000, count=False)[2].tolist() == [False, True, True, True]
+    # too old on arrival: not stored
+    assert c.apply(_rec(ts=NOW - 120_000, user_ids=[8], ad_ids=[8], p_click=[0.5], p_conversion=[0.1]), NOW) is None
+    assert c.counters["expired_on_arrival"] == 1 and not c.get([8], [8], NOW, count=False)[2][0]
+
+
+@pytest.mark.parametrize("rec,reason", [
+    (dict(ad_ids=[5]), "shape"),
+    (dict(p_click=[float("nan"), 0.2]), "NaN"),
+    (dict(p_click=[1.5, 0.2]), "outside [0, 1]"),
+    (dict(p_conversion=[0.5, 0.1]), "above p_click"),
+    (dict(user_ids=[-1, 2]), "unknown id"),
+    (dict(model_version=-2), "model_version"),
+    (dict(ts=NOW + 3_600_000), "future"),
+    (dict(model_version=99), "future"),
+])
+def test_bad_records_are_refused_with_a_reason(rec, reason):
+    c = PairCache(ttl_s=60)
+    c.max_version = 10  # the newest FM version the VM knows
+    got = c.apply(_rec(**rec), NOW)
+    assert got is not None and reason in got
+    assert len(c) == 0 and c.counters["dead_letters"] == 1
+    assert "schema" in c.apply_raw(b'{"type": "solaris_pairs", "ts": 1}', NOW)
+    assert c.counters["dead_letters"] == 2
+
+
+# ---- the predictor --------------------------------------------------------------------------------------
+def _targeted_stream(n: int, users: int = 40, k: int = 3, seed: int = 0) -> list[schema.Impression]:
+    """Each user's ads from their own set of k (as the generator's targeting world)."""
+    rng = np.random.default_rng(seed)
+    sets = rng.integers(1, 200, (users, k))
+    u = rng.integers(0, users, n)
+    return [_imp(i, int(u[i]) + 1, int(sets[u[i], rng.integers(0, k)]), NOW + 100 * i) for i in range(n)]
+
+
+def test_predictor_stays_within_budget_and_its_pairs_are_requested():
+    scfg = SolarisConfig(budget=1.5, recent_ads=4, neighbours=0, domain_candidates=2)
+    pred, cache = PairPredictor(scfg), PairCache(scfg.ttl_s)
+    imps = _targeted_stream(3000)
+    hits, planned = [], 0
+    for s in range(0, len(imps), 64):
+        block = imps[s:s + 64]
+        hits.append(cache.get([i.user_id for i in block], [i.ad_id for i in block], block[-1].ts)[2])
+        pred.observe(block)
+        todo = pred.plan(block, cache, block[-1].ts)
+        planned += len(todo)
+        assert all(t.position == 0 and t.cat == [] and t.dense == [] for t in todo)  # the neutral context
+        cache.put([t.user_id for t in todo], [t.ad_id for t in todo], np.full(len(todo), 0.1),
+                  np.zeros(len(todo)), 1, block[-1].ts)
+    assert planned <= 1.5 * len(imps)
+    assert pred.stats()["solaris_budget_used"] == pytest.approx(planned / len(imps))
+    hit = np.concatenate(hits)
+    assert hit[1500:].mean() > 0.9  # a targeting set of 3 is learnt from the user's recent requests
+    assert pred.counters["skipped_fresh"] > 0  # fresh pairs are not computed again
+    # without targeting (ads independent of the user) the same budget predicts far less
+    rng = np.random.default_rng(1)
+    pred2, cache2 = PairPredictor(scfg), PairCache(scfg.ttl_s)
+    rand = [_imp(i, int(rng.integers(1, 41)), int(rng.integers(1, 200)), NOW + 100 * i) for i in range(3000)]
+    hits2 = []
+    for s in range(0, len(rand), 64):
+        block = rand[s:s + 64]
+        hits2.append(cache2.get([i.user_id for i in block], [i.ad_id for i in block], block[-1].ts)[2])
+        pred2.observe(block)
+        todo = pred2.plan(block, cache2, block[-1].ts)
+        cache2.put([t.user_id for t in todo], [t.ad_id for t in todo], np.full(len(todo), 0.1),
+                   np.zeros(len(todo)), 1, block[-1].ts)
+    assert np.concatenate(hits2)[1500:].mean() < 0.5
+
+
+def test_candidates_recent_then_neighbours_then_domain():
+    from embedding_store.ann import AnnConfig, make_index
+
+    index = make_index(AnnConfig(dim=2, kind="numpy"))
+    index.upsert(np.array([1, 2, 3]), np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), ts_ms=NOW)
+    pred = PairPredictor(SolarisConfig(recent_ads=2, neighbours=1, domain_candidates=1), index)
+    pred.observe([_imp(0, 2, 50), _imp(1, 3, 60), _imp(2, 1, 10), _imp(3, 1, 11), _imp(4, 1, 12),
+                  _imp(5, 4, 50, domain="video"), _imp(6, 5, 50)])
+    near = pred._neighbours([1])
+    assert near == {1: [2]}
+    assert pred.candidates(1, near[1]) == [(12, "recent"), (11, "recent"), (50, "neighbours"), (50, "domain")]
+    todo = pred.plan([_imp(7, 1, 12)], None, NOW)  # budget 2 per request: the two most recent ads
+    assert [(t.user_id, t.ad_id) for t in todo] == [(1, 12), (1, 11)]
+
+
+# ---- the VM's input ---------------------------------------------------------------------------------------
+def _tcfg(**kw) -> TrainerConfig:
+    base = {"device": "cpu", "backend": "torch", "hash_buckets": 2000, "cat_slots": 0, "dense_dim": 2,
+            "user_model": False, "batch_size": 64}
+    return TrainerConfig(**{**base, **kw})
+
+
+def test_vm_reads_the_solaris_block_and_serving_refuses_it():
+    tc = _tcfg(solaris=True)
+    learner = Learner(tc)
+    plain = Learner(_tcfg())
+    assert learner.model.bottom.in_features == plain.model.bottom.in_features + 3
+    cache = PairCache(ttl_s=600)
+    learner.solaris_view = SolarisView(cache)
+    now = int(time.time() * 1000)
+    imps = [_imp(i, 1 + i % 5, 10 + i % 7, now) for i in range(64)]
+    exs = [schema.Example(example_id=i.event_id, impression=i, click=int(n % 3 == 0), conversion=0) for n, i in
+           enumerate(imps)]
+    cache.put([1], [10], [0.5], [0.25], version=1, ts_ms=now)
+    fb = featurize(exs, tc, None, None, learner.solaris_view)
+    want = [[0.0, 0.0, 1.0] if (i.user_id, i.ad_id) == (1, 10) else [0.0, 0.0, 0.0] for i in imps]
+    assert fb.solaris.tolist() == want and fb.to_torch("cpu").solaris.shape == (64, 3)
+    assert featurize(exs[:4], tc).solaris.tolist() == [[0.0] * 3] * 4  # no cache: zeros, present 0
+    assert featurize(exs[:4], _tcfg()).solaris is None
+    assert pair_logits(np.array([0.2]), np.array([0.05]), np.array([True]))[0].tolist() == pytest.approx(
+        [np.log(0.25), np.log(1 / 3), 1.0])
+    learner.train_step(fb)  # the linear term learns: the FM's logit passes to the output at once
+    assert learner.model.solaris_wide.weight.abs().sum() > 0
+    b = fb.to_torch("cpu")
+    with torch.no_grad():
+        p1 = learner.model(b)[0]
+        p2 = learner.model(type(b)(**{**b.__dict__, "solaris": torch.ones_like(b.solaris)}))[0]
+    assert not torch.allclose(p1, p2)
+    with pytest.raises(ValueError, match="SOLARIS"):
+        impression_batch(imps[:2], tc, "cpu")
+    with pytest.raises(ExportError, match="trainer.solaris"):
+        serving_model(msgspec.to_builtins(tc), feature_spec(tc), "cpu", "auto", "v1")
+
+
+def test_the_fm_scores_a_pair_at_the_users_latest_context():
+    fm = Learner(_tcfg(role="fm"))
+    req = _imp(0, 7, 3)
+    pair = pair_impression(req, _imp(1, 9, 5))
+    assert (pair.user_id, pair.ad_id, pair.campaign_id, pair.history, pair.domain) == (7, 5, 5 // 3 + 1, [3, 4], "feed")
+    assert (pair.position, pair.dense, pair.cat) == (0, [], [])
+    pc, pv = score_pairs(fm, [pair, pair_impression(req, req)])
+    direct = fm.model(impression_batch([pair], fm.tcfg, "cpu"))[0]
+    assert pc[0] == pytest.approx(float(direct[0]), rel=1e-6) and (pv <= pc).all()
+
+
+# ---- the bench's rows -------------------------------------------------------------------------------------
+def test_bench_solaris_rows_on_a_tiny_stream(monkeypatch):
+    from benchmarks import transfer
+
+    keep = ("VM alone", transfer.SOLARIS, transfer.ON_DEMAND)
+    monkeypatch.setattr(transfer, "VARIANTS", {k: transfer.VARIANTS[k] for k in keep})
+    monkeypatch.setattr(transfer, "VM_GROUPS", (("feed", "stories", "video", "search", "display"),))
+    res, sol = transfer.run("stationary", 1536, 256, 1.0, 0, lambda s: None)
+    assert set(keep) <= set(res)
+    assert 0 < sol["budget"] <= 2.0 and 0 < sol["hit_rate_all"] <= sol["hit_rate"] <= 1
+    assert sol["from"]["recent"] > 0 and sol["age_s"] is not None and sol["age_s"] > 0
+    assert sum(sol["from"].values()) == round(sol["budget"] * 1536)
+    assert sol["auc_hits"] is not None and sol["auc_misses"] is not None
