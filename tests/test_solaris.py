@@ -204,3 +204,131 @@ def test_bench_solaris_rows_on_a_tiny_stream(monkeypatch):
     assert sol["from"]["recent"] > 0 and sol["age_s"] is not None and sol["age_s"] > 0
     assert sum(sol["from"].values()) == round(sol["budget"] * 1536)
     assert sol["auc_hits"] is not None and sol["auc_misses"] is not None
+
+
+# ---- the precompute service -------------------------------------------------------------------------------
+def test_service_scores_with_the_fms_published_version(tmp_path):
+    from config import Config
+    from trainer.publish import Publisher
+    from trainer.solaris import PrecomputeService
+
+    cfg = Config(data_dir=str(tmp_path), solaris=SolarisConfig(budget=2.0, neighbours=0))
+    svc = PrecomputeService(cfg, str(tmp_path / "fm"), poll_s=0.0)
+    imps = _targeted_stream(400, users=10)
+    assert svc.handle(imps[:100], NOW) == []  # no FM version yet: requests observed, nothing computed
+    assert svc.stats()["solaris_requests_without_fm"] == 100
+    fm = Learner(_tcfg(role="fm"))
+    exs = [schema.Example(example_id=i.event_id, impression=i, click=n % 2, conversion=0) for n, i in enumerate(imps)]
+    fm.train_step(featurize(exs[:64], fm.tcfg))
+    Publisher(tmp_path / "fm").publish(fm, examples_trained=64)
+    recs = svc.handle(imps[100:200], NOW + 1000)
+    n = sum(len(r.user_ids) for r in recs)
+    assert 0 < n <= 2 * 100 and all(r.model_version == 1 and r.ts == NOW + 1000 for r in recs)
+    # what it published is the FM's prediction of the pair at the user's latest context
+    latest = {i.user_id: i for i in imps[:200]}
+    r = recs[0]
+    u, a = r.user_ids[0], r.ad_ids[0]
+    ad = next(i for i in reversed(imps[:200]) if i.ad_id == a)
+    pc, pv = score_pairs(fm, [pair_impression(latest[u], ad)])
+    assert r.p_click[0] == pytest.approx(float(pc[0]), rel=1e-5)
+    # the service's mirror: later requests of these users hit what it published
+    svc.handle(imps[200:400], NOW + 2000)
+    st = svc.stats()
+    assert st["solaris_hit_rate"] > 0.3 and st["solaris_pairs_computed"] <= 2 * 300
+    assert st["solaris_fm_version"] == 1 and 0 < st["solaris_budget_used"] <= 2
+
+
+# ---- precompute service (a process, SIGKILLed mid-stream) -> broker -> VM trainer -------------------------
+def test_vm_reads_what_the_service_published_and_trains_on_through_its_sigkill(cfg, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from config import replace
+    from streams.bus import kafka_io
+    from tests.conftest import read_topics
+    from trainer.loop import Trainer
+    from trainer.publish import Publisher
+    from trainer.solaris import STEP
+
+    cfg = replace(cfg, topics={"solaris_pairs": cfg.topics.examples + "_solaris"},
+                  solaris={"budget": 2.0, "neighbours": 0})
+    bs = cfg.kafka.bootstrap_servers
+    kafka_io.ensure_topics(bs, cfg.topics.all(), cfg.topics.partitions)
+    now = int(time.time() * 1000)
+    imps = [msgspec.structs.replace(i, ts=now - 60_000 + 10 * n) for n, i in enumerate(_targeted_stream(600, users=30))]
+    exs = [schema.Example(example_id=i.event_id, impression=i, click=int(n % 4 == 0), conversion=0, emitted_ts=now)
+           for n, i in enumerate(imps)]
+    fm = Learner(_tcfg(role="fm"))
+    fm.train_step(featurize(exs[:128], fm.tcfg))
+    Publisher(tmp_path / "models" / "fm").publish(fm, examples_trained=128)  # <models_dir>/fm: the default
+    prod = kafka_io.make_producer(bs)
+
+    def produce(topic, recs):
+        for r in recs:
+            kafka_io.produce(prod, topic, schema.encode(r), key=schema.user_key(r if topic == cfg.topics.impressions
+                                                                                 else r.impression))
+        prod.flush()
+
+    config_path = tmp_path / "streamrec.yaml"
+    config_path.write_text(yaml.safe_dump(msgspec.to_builtins(cfg)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMREC_", "MALLOC_"))}
+    root = Path(__file__).resolve().parents[1]
+
+    def service(*args):
+        return subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(config_path), "precompute",
+                                 *args], cwd=root, env=env, stdout=open(tmp_path / "svc.log", "ab"),
+                                stderr=subprocess.STDOUT)
+
+    def pairs():
+        return [schema.decode(m.value(), schema.SolarisPairs) for m in read_topics(cfg, cfg.topics.solaris_pairs, 5)]
+
+    # the first half of the requests; the service publishes pairs, then is SIGKILLed
+    produce(cfg.topics.impressions, imps[:300])
+    svc = service()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not pairs():
+        time.sleep(0.2)
+    svc.send_signal(signal.SIGKILL)
+    svc.wait()
+    first = pairs()
+    assert first, (tmp_path / "svc.log").read_text()[-2000:]
+    # a bad record on the topic: the VM dead-letters it
+    kafka_io.produce(prod, cfg.topics.solaris_pairs, schema.encode(_rec(p_click=[1.5, 0.2], ts=now)))
+    # the service is down: the VM trains on, reading what was published
+    produce(cfg.topics.impressions, imps[300:])
+    produce(cfg.topics.examples, exs)
+    vm = Trainer(replace(cfg, trainer={**msgspec.to_builtins(_tcfg(solaris=True)), "checkpoint_dir": str(tmp_path / "vm"),
+                                       "checkpoint_every_s": 3600.0}), resume=False)
+    vm.solaris.start()
+    cache = vm.solaris.cache
+    want = sum(len(r.user_ids) for r in first)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (cache.counters["written"] + cache.counters["older_ignored"] < want
+                                           or cache.counters["dead_letters"] < 1):
+        time.sleep(0.05)
+    assert vm.run(idle_exit_s=1.0)["examples_trained"] == 600 and vm.counters["duplicates"] == 0
+    st = vm.solaris.stats()
+    assert st["solaris_lookups"] == 600 and st["solaris_hits"] > 0 and st["solaris_dead_letters"] == 1
+    # a hit reads exactly what the service published for the pair
+    last = {}
+    for r in first:
+        for j, (u, a) in enumerate(zip(r.user_ids, r.ad_ids)):
+            if r.ts >= last.get((u, a), (0,))[0]:
+                last[(u, a)] = (r.ts, r.p_click[j], r.p_conversion[j])
+    u, a = next(iter(last))
+    got = vm.learner.solaris_view.features_of([_imp(0, u, a, now)], now_ms=last[(u, a)][0] + 1000)
+    assert got[0].tolist() == pair_logits(np.array([last[(u, a)][1]]), np.array([last[(u, a)][2]]),
+                                          np.array([True]))[0].tolist()
+    dls = [schema.decode(m.value(), schema.DeadLetter) for m in read_topics(cfg, cfg.topics.dead_letters)]
+    assert [d.step for d in dls] == [STEP] and "outside [0, 1]" in dls[0].reason
+    # restarted, the service goes on from its committed offsets: the rest of the requests get pairs
+    svc = service("--idle-exit", "3")
+    assert svc.wait(timeout=120) == 0, (tmp_path / "svc.log").read_text()[-2000:]
+    later = [r for r in pairs() if r.ts > max(x.ts for x in first)]
+    assert later and {u for r in later for u in r.user_ids} <= {i.user_id for i in imps}
+    assert "precompute:" in (tmp_path / "svc.log").read_text()

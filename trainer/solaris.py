@@ -450,6 +450,8 @@ class PrecomputeService:
 
     def run(self, max_requests: int | None = None, idle_exit_s: float | None = None,
             block: int = 256) -> dict[str, float]:
+        from confluent_kafka import TopicPartition
+
         from streams.bus import kafka_io
         from streams.names import Component
 
@@ -476,10 +478,12 @@ class PrecomputeService:
                 msgs = consumer.consume(num_messages=block, timeout=0.2)
                 now = time.monotonic()
                 imps = []
+                done: dict[tuple[str, int], int] = {}
                 for m in msgs:
                     if m.error() is not None:
                         kafka_io.consumer_error(m.error(), "precompute consumer", log)
                         continue
+                    done[(m.topic(), m.partition())] = m.offset() + 1
                     ev = schema.decode(m.value() or b"")
                     if isinstance(ev, schema.Impression):
                         imps.append(ev)
@@ -488,9 +492,10 @@ class PrecomputeService:
                 for rec in self.handle(imps):
                     kafka_io.produce(producer, cfg.topics.solaris_pairs, schema.encode(rec))
                     self.counters["solaris_messages"] += 1
-                if msgs:
+                if done:
                     producer.flush(10)  # published before the offsets move past their requests
-                    consumer.commit(asynchronous=False)
+                    consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()],
+                                    asynchronous=False)
                 producer.poll(0)
                 seen += len(imps)
                 if now - last_stats >= 2.0:
