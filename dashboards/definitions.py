@@ -158,6 +158,11 @@ OVERVIEW = Dashboard(
               description="the teacher join: share of examples that reached the VMs with the FM's prediction, and "
                           "that prediction's age when they left; per VM the age of the FM vectors it read (LoopFM)",
               needs="streamrec up --with-fm"),
+        Panel("solaris", "SOLARIS precompute", q.SOLARIS, unit="short",
+              description="the precompute service (streamrec precompute): share of requests whose (user, ad) pair "
+                          "it had computed with the FM before they came, the median age of those predictions, and "
+                          "pairs computed per request (the budget, solaris.budget); per VM its pair cache's hit rate",
+              needs="streamrec precompute and a VM with trainer.solaris"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

@@ -120,7 +120,9 @@ def test_every_panel_query_runs(store):
                                              "delta_fraction": 0.03, "loopfm_age_p50_s": 2.0}),
         schema.ServiceStats("serving", now, {"qps": 400.0, "latency_p50_ms": 3.0, "latency_p99_ms": 9.0,
                                              "arm_model_age_s.main": 4.0}),
-        schema.ServiceStats("distill", now, {"teacher_coverage": 0.98, "teacher_age_p50_ms": 300.0})]))
+        schema.ServiceStats("distill", now, {"teacher_coverage": 0.98, "teacher_age_p50_ms": 300.0}),
+        schema.ServiceStats("solaris", now, {"solaris_hit_rate": 0.85, "solaris_age_p50_s": 40.0,
+                                             "solaris_budget_used": 1.6})]))
     store.insert("dead_letters", dead_letter_rows([schema.dead_letter("unparseable: x", b"x", ts=now)]))
     from dashboards.feature_stats import feature_stats_rows
     recs = []
