@@ -82,6 +82,7 @@ TRAINING_ONLY_PREFIX = "aux."
 ADAPTER_HIDDEN = 16
 ADAPTER_LR = 1e-2  # the adapter is tiny and must follow the stream's shift quickly
 SOLARIS_IN = 3  # [logit p_click, logit p_cvr, present] of the FM's cached pair prediction (trainer/solaris.py)
+SOLARIS_LR = 1e-2  # Adam's learning rate of SOLARIS's linear term (as the student adapter's)
 TEACHER_LOGIT_CLIP = 9.0  # teacher probabilities are clipped to sigmoid(+-9) before taking logits
 STALE_SCALE = 8.0  # staleness features: log1p(age s) / 8, log1p(version gap) / 8 (~1 for hours / 3000 steps)
 
@@ -177,8 +178,9 @@ class MDMOModel(nn.Module):
         self.head_b = nn.Parameter(torch.zeros(N_OBJ, device=device))
         self.domain_bias = nn.Embedding(self.n_dom, N_OBJ, device=device)
         self.dense_wide = nn.Linear(tcfg.dense_dim, N_OBJ, bias=False, device=device)
-        # SOLARIS: the FM's pair logits also as a linear term (starts at 0): the VM can pass the FM's prediction
-        # through at once, the towers learn what to add to it
+        # SOLARIS: the FM's pair logits also as a linear term, starting as the identity (the VM passes the FM's
+        # prediction through from its first step, its own parts learn what to add) with its own learning rate
+        # (SOLARIS_LR: at lr_dense a scalar weight moves ~1e-3 a step, and a VM sees a few hundred steps)
         self.solaris_wide = nn.Linear(SOLARIS_IN, N_OBJ, bias=False, device=device) if self.solaris_in else None
         self.register_buffer("user_side", torch.tensor(
             [i for i, name in enumerate(table_names(tcfg)) if name in USER_SIDE], device=device), persistent=False)
@@ -188,8 +190,10 @@ class MDMOModel(nn.Module):
             self.gates.bias.zero_()
             self.domain_bias.weight.zero_()
             self.dense_wide.weight.zero_()
-            if self.solaris_wide is not None:
+            if self.solaris_wide is not None:  # starts passing the FM's logits through: [l_c, l_v] -> [ctr, cvr]
                 self.solaris_wide.weight.zero_()
+                self.solaris_wide.weight[0, 0] = 1.0
+                self.solaris_wide.weight[1, 1] = 1.0
             for c in self.cross:
                 c.weight.mul_(0.1)
         # the distillation head (training only: a serving model is built without it)
@@ -325,7 +329,10 @@ class Learner:
         aux = self.distill and tcfg.aux_head
         self.model = MDMOModel(tcfg, self.backend, self.device, aux_head=aux)
         self.dense_params = [p for n, p in self.model.named_parameters() if not n.startswith("emb.")]
-        self.opt = _adam(self.dense_params, tcfg.lr_dense)
+        wide = self.model.solaris_wide  # SOLARIS's linear term: its own learning rate (a param group)
+        self.opt = _adam(self.dense_params if wide is None else [
+            {"params": [p for p in self.dense_params if all(p is not q for q in wide.parameters())]},
+            {"params": list(wide.parameters()), "lr": SOLARIS_LR}], tcfg.lr_dense)
         # the student adapter (training only; its own optimizer): with the auxiliary head only
         self.adapter = StudentAdapter(self.model.n_dom, self.device) if aux and tcfg.student_adapter else None
         self.adapter_opt = _adam(list(self.adapter.parameters()), ADAPTER_LR) if self.adapter is not None else None

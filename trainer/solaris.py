@@ -16,16 +16,21 @@ candidates in order:
 3. the most shown ads of ``u``'s latest domain (``solaris.domain_candidates``, over the last
    :data:`DOMAIN_WINDOW` requests).
 
-A candidate already cached and younger than half the TTL is skipped (it will still be there); the rest are
-computed, at most ``solaris.budget`` pairs per request seen: a credit grows by ``budget`` per request and each
-pair costs 1 (a request may use at most ``2 * budget`` of it, the credit is capped at ``budget`` x
-:data:`CREDIT_REQUESTS` requests), so over any run ``pairs computed <= budget * requests``.
+A candidate already cached and younger than :data:`REFRESH_FRACTION` of the TTL is skipped; older ones are
+computed again by the FM as it is now (the FM learns on: a pair computed by a much older FM is a worse
+feature), and so are the missing ones, at most ``solaris.budget`` pairs per request seen: a credit grows by
+``budget`` per request and each pair costs 1 (a request may use at most ``2 * budget`` of it, the credit is
+capped at ``budget`` x :data:`CREDIT_REQUESTS` requests), so over any run ``pairs computed <= budget *
+requests``.
 
 **What the FM computes for a pair** (:func:`pair_impression`): the FM's click and click-and-conversion
 probabilities of an impression made of the *user's side of their latest request* (user id, device, country,
-history, and its domain) and the *ad's ids* (ad, campaign, advertiser, from the newest request that showed the
-ad), with the request-side context neutral: position 0, no cat features, dense zeros. The request's own
-context (slot, page features) is unknown ahead of time; the VM adds it from its own features. "On demand"
+history) and the *ad's ids* (ad, campaign, advertiser, from the newest request that showed the ad), in one
+reference domain (:data:`REFERENCE_DOMAIN`), with the request-side context neutral: position 0, no cat features,
+dense zeros. The request's own context (its domain, slot, page features) is unknown ahead of time (the cache is
+keyed by the pair, and a user's next request may come from any surface); the VM adds it from its own features
+and its own domain biases (a prediction in the user's latest domain carried that domain's base rate into the
+requests of other domains: noise of +-0.5 logit in the benchmark's world). "On demand"
 (benchmarks/transfer.py) is the same function at request time.
 
 **What a VM reads** (:class:`SolarisView`): per impression ``[logit p_click, logit p_cvr, present]`` (B, 3)
@@ -70,6 +75,8 @@ DOMAIN_WINDOW = 10_000  # requests behind the domains' most shown ads
 CREDIT_REQUESTS = 256  # the budget's credit is capped at budget x this many requests
 MAX_USERS = 1_000_000  # users whose recent ads the predictor remembers (least recently seen leave first)
 MAX_PAIRS_PER_MESSAGE = 2048  # ~100 KB of JSON per SolarisPairs message
+REFERENCE_DOMAIN = schema.DOMAINS[0]  # every pair is scored as if in this domain (module docstring)
+REFRESH_FRACTION = 0.1  # a cached pair younger than this fraction of the TTL is not computed again
 
 
 def pair_logits(p_click: np.ndarray, p_conversion: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -102,10 +109,10 @@ class SolarisView:
 
 def pair_impression(user_imp: schema.Impression, ad: schema.Impression) -> schema.Impression:
     """The impression the FM scores for the pair (user of ``user_imp``, ad of ``ad``): the user's side of
-    ``user_imp`` (id, device, country, history, domain) and the ad's ids, request context neutral (module
-    docstring)."""
+    ``user_imp`` (id, device, country, history) and the ad's ids, in :data:`REFERENCE_DOMAIN`, request context
+    neutral (module docstring)."""
     return schema.Impression(event_id="solaris", ts=user_imp.ts, user_id=user_imp.user_id, ad_id=ad.ad_id,
-                             campaign_id=ad.campaign_id, advertiser_id=ad.advertiser_id, domain=user_imp.domain,
+                             campaign_id=ad.campaign_id, advertiser_id=ad.advertiser_id, domain=REFERENCE_DOMAIN,
                              position=0, device=user_imp.device, country=user_imp.country,
                              history=user_imp.history)
 
@@ -213,7 +220,7 @@ class PairPredictor:
         near = self._neighbours(users)
         out: list[schema.Impression] = []
         done: set[tuple[int, int]] = set()
-        fresh_ms = now_ms - (cache.ttl_ms // 2 if cache is not None else 0)
+        fresh_ms = now_ms - (int(cache.ttl_ms * REFRESH_FRACTION) if cache is not None else 0)
         for u in users:
             if self.credit < 1:
                 break
