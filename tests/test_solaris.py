@@ -338,3 +338,21 @@ def test_vm_reads_what_the_service_published_and_trains_on_through_its_sigkill(c
     later = [r for r in pairs() if r.ts > max(x.ts for x in first)]
     assert later and {u for r in later for u in r.user_ids} <= {i.user_id for i in imps}
     assert "precompute:" in (tmp_path / "svc.log").read_text()
+
+
+def test_generator_targeting_world():
+    from streams.sources.generate import GeneratorConfig, simulate
+
+    base = dict(n_impressions=3000, seed=5, n_users=100, n_ads=200, ad_churn=0.0)
+    plain = simulate(GeneratorConfig(**base)).truth
+    tgt = simulate(GeneratorConfig(**base, targeting=3, targeting_churn=0.0)).truth
+    u, a = tgt.column("user_id").to_numpy(), tgt.column("ad_id").to_numpy()
+    per_user = {x: len(set(a[u == x])) for x in set(u.tolist())}
+    assert max(per_user.values()) <= 3 and np.mean([v == 3 for v in per_user.values()]) > 0.3
+    # its own random stream: everything but the ads is drawn as without targeting
+    for col in ("user_id", "ts", "domain"):
+        assert tgt.column(col).to_pylist() == plain.column(col).to_pylist(), col
+    assert (plain.column("ad_id").to_numpy() != a).mean() > 0.5
+    churn = simulate(GeneratorConfig(**base, targeting=3, targeting_churn=0.5)).truth
+    cu, ca = churn.column("user_id").to_numpy(), churn.column("ad_id").to_numpy()
+    assert max(len(set(ca[cu == x])) for x in set(cu.tolist())) > 3  # the set changes
