@@ -20,12 +20,22 @@ scored before the model trains on it) on the impressions' true labels, per domai
   - ``+ LoopFM`` (no distillation: the FM's user and ad vectors as input features, :mod:`trainer.loopfm`; after
     each FM training step the FM publishes its batch's users and ads, and a VM batch reads the store as it
     stood when the FM had trained what the teacher of that batch knew),
-  - ``all together`` (aux head + adapter + LoopFM; SOLARIS is not built yet).
+  - ``+ SOLARIS pairs`` (no distillation: the FM's cached prediction of the (user, ad) pair as input,
+    :mod:`trainer.solaris`; the cache is fed by an in-process precompute service: after each block of
+    ``BATCH`` requests (all domains, in emission order) its pair predictor picks the pairs to compute within
+    the budget and the FM *as it was then* (the teacher's FM, ``lag`` behind) scores them; a request reads the
+    cache as it stood before its block, so it hits only pairs computed earlier, with the TTL applied in event
+    time),
+  - ``SOLARIS on demand`` (the same feature computed by the same FM for every request at request time: 100%
+    hits; what the cache approximates),
+  - ``all together`` (aux head + adapter + LoopFM + SOLARIS pairs).
 
 Two runs: ``stationary`` (scenario ``none``; metrics on the second half) and ``sudden`` (the ads' taste vectors
 turn at 50%: the teacher stays on the old world for ``lag`` examples, then catches up; metrics after the drift).
 
-The world (``WORLD``) gives the FM an honest advantage: every user's tastes (latent vector, biases) are shared
+The world (``WORLD``) has ad targeting (``GeneratorConfig.targeting``: each user's ads come from a slowly
+changing set of 4; without it every ad is a popularity draw independent of the user and no predictor can know
+which pairs come next). It gives the FM an honest advantage: every user's tastes (latent vector, biases) are shared
 by all domains, so the FM learns each user from all of their traffic while a VM sees only its domains' share
 (``display`` is 5% of the stream); the FM also reads features a VM does not serve (all cat slots, a longer
 history). The oracle is the generator's true probability of each impression.
@@ -35,7 +45,10 @@ AUC; per domain and pooled (all VMs' predictions together). Click NE beside it (
 ExFM's auxiliary head protects). Last line: ``value`` = pooled transfer ratio of the
 best combination available (aux head + adapter), stationary; ``baseline`` = plain distillation's ratio in the
 same run (so ``ratio`` > 1 means the combination transfers more than plain KD), ``goal`` 0.5; after the drift
-``drift_adapter_minus_kd`` (click AUC points); ``loopfm_vs_kd`` and ``solaris_hit_rate`` null until those exist.
+``drift_adapter_minus_kd`` (click AUC points); ``loopfm_vs_kd``; SOLARIS's ``solaris_hit_rate`` (requests of the
+second half served from the cache), ``solaris_budget`` (pairs computed / requests), ``solaris_gain_kept`` (the
+cached variant's gain over VM alone / on demand's), ``solaris_age_s`` (median age of hits), and the AUC of the
+SOLARIS VM on hits and on misses beside VM alone's on the same requests.
 
     streamrec bench transfer [--quick] [--n 200000] [--lag 4096] [--teacher-weight 1.0] [--seed 0]
     streamrec bench transfer --quick --runs stationary,sudden-levels
@@ -61,6 +74,10 @@ from trainer.features import featurize
 from embedding_store.fm_embeddings import FMEmbeddingStore
 from trainer.loopfm import FMEmbeddingView, fm_embeddings, representation_dim
 from trainer.model import Learner
+from config import SolarisConfig
+from embedding_store.ann import AnnConfig, make_index
+from embedding_store.pair_cache import PairCache
+from trainer.solaris import PairPredictor, pair_impression, pair_logits, score_pairs
 
 BATCH = 256
 DOMAINS = ("feed", "stories", "video", "search", "display")
@@ -69,7 +86,7 @@ DOMAINS = ("feed", "stories", "video", "search", "display")
 TRUTH = TruthParams(base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
                     base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1},
                     domain_share={"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05})
-WORLD = {"n_users": 3000, "n_ads": 300, "truth": TRUTH, "domains": DOMAINS}
+WORLD = {"n_users": 3000, "n_ads": 300, "truth": TRUTH, "domains": DOMAINS, "targeting": 4}
 SEEDS = {"stationary": 21, "sudden": 22, "sudden-levels": 23}
 # the FM: the whole stream, bigger tables, every feature (trainer.roles' fm preset, scaled to a CPU minute)
 FM = TrainerConfig(role="fm", batch_size=BATCH, device="cpu", user_model=False, hash_buckets=50_000,
@@ -87,20 +104,68 @@ VARIANTS: dict[str, dict] = {
 ALL_TOGETHER = "all together"
 LOOPFM = "+ LoopFM"
 VARIANTS[LOOPFM] = {"teacher_weight": 0.0, "loopfm": True, "loopfm_dim": representation_dim(FM)}
+SOLARIS = "+ SOLARIS pairs"
+ON_DEMAND = "SOLARIS on demand"
+VARIANTS[SOLARIS] = {"teacher_weight": 0.0, "solaris": True}
+VARIANTS[ON_DEMAND] = {"teacher_weight": 0.0, "solaris": True}
 VARIANTS[ALL_TOGETHER] = {"aux_head": True, "student_adapter": True, "loopfm": True,
-                          "loopfm_dim": representation_dim(FM)}
+                          "loopfm_dim": representation_dim(FM), "solaris": True}
+# which SOLARIS features a variant reads: the cache's, or computed on demand
+SOLARIS_FEED = {SOLARIS: "cached", ON_DEMAND: "on_demand", ALL_TOGETHER: "cached"}
+SOLARIS_CFG = SolarisConfig()  # the service's defaults: budget 2 per request, TTL 600 s
 
 
 def _imp_index(example_id: str) -> int:
     return int(example_id.rsplit("-", 1)[1])
 
 
-def fm_pass(exs: list[schema.Example], n: int, lag: int
+class SolarisSim:
+    """The precompute service in-process (module docstring): :meth:`block` with the FM as it is when a block of
+    requests arrives; :meth:`fm_published` with the FM's user vectors (its LoopFM records) after each of its
+    training steps, for the predictor's neighbours. Per impression: ``cached`` and ``on_demand`` (n, 3)
+    features, ``hit``, ``age_s``."""
+
+    def __init__(self, n: int, scfg: SolarisConfig = SOLARIS_CFG):
+        self.cache = PairCache(scfg.ttl_s, scfg.max_entries)
+        self.index = make_index(AnnConfig(dim=representation_dim(FM), kind="exact"))
+        self.pred = PairPredictor(scfg, self.index)
+        self.cached = np.zeros((n, 3), np.float32)
+        self.on_demand = np.zeros((n, 3), np.float32)
+        self.hit = np.zeros(n, bool)
+        self.age_s = np.zeros(n)
+        self.computed = 0
+
+    def block(self, fm: Learner, chunk: list[schema.Example]) -> None:
+        imps = [e.impression for e in chunk]
+        at = [_imp_index(e.example_id) for e in chunk]
+        ts = np.array([i.ts for i in imps], np.int64)
+        # what the VMs read for these requests: the cache as it stood before them (each at its own time)
+        pc, pv, hit, age = self.cache.get([i.user_id for i in imps], [i.ad_id for i in imps], ts)
+        self.cached[at], self.hit[at], self.age_s[at] = pair_logits(pc, pv, hit), hit, age
+        # on demand: the same computation for every request, at request time
+        self.on_demand[at] = pair_logits(*score_pairs(fm, [pair_impression(i, i) for i in imps]), np.ones(len(imps)))
+        # the service sees the requests, predicts the next pairs and has the FM (as it is now) compute them
+        self.pred.observe(imps)
+        todo = self.pred.plan(imps, self.cache, int(ts[-1]))
+        if todo:
+            self.cache.put([i.user_id for i in todo], [i.ad_id for i in todo], *score_pairs(fm, todo),
+                           version=fm.steps, ts_ms=int(ts[-1]))
+        self.computed += len(todo)
+
+    def fm_published(self, records: list[bytes]) -> None:
+        for raw in records:
+            r = schema.decode(raw, schema.FMEmbeddings)
+            if r.kind == "user" and r.ids:
+                self.index.upsert(np.array(r.ids, np.int64), np.array(r.vectors, np.float32).reshape(len(r.ids), r.dim),
+                                  ts_ms=r.ts)
+
+
+def fm_pass(exs: list[schema.Example], n: int, lag: int, solaris: SolarisSim | None = None
             ) -> tuple[list[schema.Example], np.ndarray, list[list[bytes]]]:
     """Train the FM on every example; returns (the examples with their teacher attached, the FM's own
     progressive p_click per impression, what the FM published after training each batch: LoopFM's records).
     The FM trains ``lag // BATCH`` batches behind the batch it scores: the teacher of batch k is the FM trained
-    through batch ``k - L - 1``."""
+    through batch ``k - L - 1``; so is the FM that ``solaris`` (the precompute service) uses for that batch."""
     fm = Learner(FM)
     batches = [exs[i:i + BATCH] for i in range(0, len(exs), BATCH)]
     L = max(lag // BATCH, 0)
@@ -116,18 +181,33 @@ def fm_pass(exs: list[schema.Example], n: int, lag: int
             taught.extend(msgspec.structs.replace(e, teacher=schema.Teacher(
                 p_click=float(a), p_conversion=float(b), model_version=fm.steps, scored_ts=int(src)))
                 for e, a, b in zip(chunk, pc, pv))
+            if solaris is not None:
+                solaris.block(fm, chunk)
         if k - L >= 0:
             chunk = batches[k - L]
             r = fm.train_step(featurize(chunk, FM))
             own[[_imp_index(e.example_id) for e in chunk]] = r.p_click
             published.append([schema.encode(x) for x in fm_embeddings(fm, [e.impression for e in chunk])])
+            if solaris is not None:
+                solaris.fm_published(published[-1])
     return taught, own, published
 
 
+class _Recorded:
+    """A SOLARIS view over features recorded per impression (:class:`SolarisSim`)."""
+
+    def __init__(self, feats: np.ndarray):
+        self.feats = feats
+
+    def features_of(self, imps) -> np.ndarray:
+        return self.feats[[_imp_index(i.event_id) for i in imps]]
+
+
 def vm_pass(taught: list[schema.Example], n: int, overrides: dict, teacher_weight: float,
-            published: list[list[bytes]], lag: int) -> np.ndarray:
+            published: list[list[bytes]], lag: int, solaris: np.ndarray | None = None) -> np.ndarray:
     """Every VM group of one variant over its domains' examples; progressive p_click per impression. A LoopFM
-    VM reads a store fed with what the FM had published when the teacher of its batch was made."""
+    VM reads a store fed with what the FM had published when the teacher of its batch was made; a SOLARIS VM
+    the features ``solaris`` (n, 3) recorded for each request."""
     out = np.full(n, np.nan)
     L = max(lag // BATCH, 0)
     for group in VM_GROUPS:
@@ -148,7 +228,8 @@ def vm_pass(taught: list[schema.Example], n: int, overrides: dict, teacher_weigh
                     for raw in published[applied]:
                         store.apply_raw(raw)
                     applied += 1
-            r = vm.train_step(featurize(chunk, tc, None, view))
+            r = vm.train_step(featurize(chunk, tc, None, view,
+                                         solaris=None if solaris is None else _Recorded(solaris)))
             out[[_imp_index(e.example_id) for e in chunk]] = r.p_click
     return out
 
@@ -169,29 +250,59 @@ def ratio(v: float, alone: float, fm: float) -> float:
     return (v - alone) / (fm - alone) if fm - alone >= 0.001 else float("nan")
 
 
-def run(name: str, n: int, lag: int, teacher_weight: float, seed: int, log: Callable[[str], None]) -> dict:
+def run(name: str, n: int, lag: int, teacher_weight: float, seed: int, log: Callable[[str], None]
+        ) -> tuple[dict, dict]:
+    """(model -> :func:`aucs`, SOLARIS's figures) of one run."""
     sc = ScenarioConfig(name=name, at=0.5) if name != "stationary" else ScenarioConfig()
     sim = simulate(GeneratorConfig(n_impressions=n, seed=SEEDS[name] + seed, scenario=sc, **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
     mask = truth["ts"] >= np.median(truth["ts"])  # second half: after the drift in `sudden`
     t0 = time.perf_counter()
-    taught, fm_own, published = fm_pass(exs, n, lag)
+    sol = SolarisSim(n)
+    taught, fm_own, published = fm_pass(exs, n, lag, sol)
     teacher = np.array([e.teacher.p_click for e in taught])[np.argsort([_imp_index(e.example_id) for e in taught])]
     res = {"FM itself": aucs(truth, fm_own, mask), f"FM as teacher (lag {lag})": aucs(truth, teacher, mask),
            "oracle": aucs(truth, truth["p_click"], mask)}
+    preds: dict[str, np.ndarray] = {}
     log(f"  {name}: FM pass {time.perf_counter() - t0:.1f} s")
     for vname, ov in VARIANTS.items():
         t0 = time.perf_counter()
-        res[vname] = aucs(truth, vm_pass(taught, n, ov, teacher_weight, published, lag), mask)
+        feed = SOLARIS_FEED.get(vname)
+        p = vm_pass(taught, n, ov, teacher_weight, published, lag,
+                    None if feed is None else getattr(sol, feed))
+        res[vname] = aucs(truth, p, mask)
+        preds[vname] = p
         log(f"  {name}: {vname} {time.perf_counter() - t0:.1f} s")
-    return res
+    return res, solaris_figures(truth, mask, sol, preds, res)
+
+
+def solaris_figures(truth: dict, mask: np.ndarray, sol: SolarisSim, preds: dict, res: dict) -> dict:
+    """Hit rate (second half, and whole run), budget used, gain kept, median age of hits, and the AUC of the
+    SOLARIS VM and of VM alone on the hits and on the misses of the second half."""
+    alone = res["VM alone"]["pooled"]
+    gain, full = res[SOLARIS]["pooled"] - alone, res[ON_DEMAND]["pooled"] - alone
+    hits, misses = mask & sol.hit, mask & ~sol.hit
+    c = truth["click"]
+
+    def auc(p: np.ndarray, m: np.ndarray) -> float | None:
+        return round(roc_auc(c[m], p[m]), 4) if m.sum() > 1 and 0 < c[m].sum() < m.sum() else None
+
+    src = sol.pred.counters
+    return {"hit_rate": round(float(sol.hit[mask].mean()), 3), "hit_rate_all": round(float(sol.hit.mean()), 3),
+            "budget": round(sol.computed / len(sol.hit), 3),
+            "gain_kept": round(gain / full, 3) if full >= 0.001 else None,
+            "age_s": round(float(np.median(sol.age_s[hits])), 1) if hits.any() else None,
+            "auc_hits": auc(preds[SOLARIS], hits), "auc_misses": auc(preds[SOLARIS], misses),
+            "alone_auc_hits": auc(preds["VM alone"], hits), "alone_auc_misses": auc(preds["VM alone"], misses),
+            "from": {k: src["from_" + k] for k in ("recent", "neighbours", "domain")},
+            "skipped_fresh": src["skipped_fresh"]}
 
 
 def table(name: str, res: dict, rows: list) -> dict[str, dict[str, float]]:
     alone, fm = res["VM alone"], res["FM itself"]
     ratios: dict[str, dict[str, float]] = {}
     for model, a in res.items():
-        is_vm = model.startswith("+") or model == ALL_TOGETHER
+        is_vm = model.startswith("+") or model in (ALL_TOGETHER, ON_DEMAND)
         ratios[model] = {d: ratio(a[d], alone[d], fm[d]) for d in ("pooled", *DOMAINS)} if is_vm else {}
         for d in ("pooled", *DOMAINS):
             r = f"{ratios[model][d]:.2f}" if is_vm and ratios[model][d] == ratios[model][d] else ""
@@ -219,11 +330,17 @@ def main() -> int:
     rows: list[tuple[str, ...]] = []
     out: dict = {}
     for name in runs:
-        res = run(name, n, lag, a.teacher_weight, a.seed, lambda s: print(s, file=sys.stderr, flush=True))
-        out[name] = (res, table(name, res, rows))
+        res, sol = run(name, n, lag, a.teacher_weight, a.seed, lambda s: print(s, file=sys.stderr, flush=True))
+        out[name] = (res, table(name, res, rows), sol)
     print(f"{n} impressions per run, {WORLD['n_users']} users, {WORLD['n_ads']} ads, FM lag {lag} examples, "
           f"teacher_weight {a.teacher_weight}, VM groups {'; '.join('+'.join(g) for g in VM_GROUPS)}; progressive "
           f"click AUC on the second half (sudden: after the drift); {time.perf_counter() - t0:.0f} s")
+    for name, (_, _, sol) in out.items():
+        print(f"SOLARIS {name}: hit rate {sol['hit_rate']} (second half; {sol['hit_rate_all']} whole run) at a "
+              f"budget of {sol['budget']} pairs per request (pairs from {sol['from']}; {sol['skipped_fresh']} "
+              f"candidates skipped as fresh), median age of hits {sol['age_s']} s, gain kept {sol['gain_kept']}; "
+              f"AUC on hits {sol['auc_hits']} (VM alone {sol['alone_auc_hits']}), on misses {sol['auc_misses']} "
+              f"(VM alone {sol['alone_auc_misses']})")
 
     def r(run_name: str, variant: str) -> float | None:
         if run_name not in out:
@@ -235,6 +352,7 @@ def main() -> int:
         return round(out[run_name][0][variant]["pooled"], 4) if run_name in out else None
 
     st = "stationary" if "stationary" in out else next(iter(out))
+    sol_st = out[st][2]
     value = r(st, ALL_TOGETHER)
     kd = r(st, "+ plain KD")
     drift_run = next((x for x in ("sudden", "sudden-levels") if x in out), None)
@@ -258,7 +376,13 @@ def main() -> int:
            drift_ne_alone=ne(drift_run, "VM alone") if drift_run else None, fm_auc=auc(st, "FM itself"), vm_alone_auc=auc(st, "VM alone"),
            loopfm_ratio=r(st, LOOPFM), loopfm_vs_kd=(round(r(st, LOOPFM) / kd, 2) if kd and r(st, LOOPFM) is not None
                                                     else None),
-           adapter_ratio=r(st, "+ aux head + adapter"), solaris_hit_rate=None, n=n, lag=lag, teacher_weight=a.teacher_weight, seed=a.seed)
+           adapter_ratio=r(st, "+ aux head + adapter"), solaris_hit_rate=sol_st["hit_rate"],
+           solaris_hit_rate_all=sol_st["hit_rate_all"], solaris_budget=sol_st["budget"],
+           solaris_gain_kept=sol_st["gain_kept"], solaris_age_s=sol_st["age_s"], solaris_ratio=r(st, SOLARIS),
+           solaris_on_demand_ratio=r(st, ON_DEMAND), solaris_auc_hits=sol_st["auc_hits"],
+           solaris_auc_misses=sol_st["auc_misses"], solaris_alone_auc_hits=sol_st["alone_auc_hits"],
+           solaris_alone_auc_misses=sol_st["alone_auc_misses"],
+           n=n, lag=lag, teacher_weight=a.teacher_weight, seed=a.seed)
     return 0
 
 

@@ -176,6 +176,11 @@ OVERVIEW = Dashboard(
               description="click quality per cohort (domain/activity/country, trainer/cohorts.py) and arm, worst "
                           "normalized entropy first: the minority cohorts a global model neglects; C2AL "
                           "(trainer.c2al, docs/cohorts.md) targets them with training-only auxiliary heads"),
+        Panel("solaris", "SOLARIS precompute", q.SOLARIS, unit="short",
+              description="the precompute service (streamrec precompute): share of requests whose (user, ad) pair "
+                          "it had computed with the FM before they came, the median age of those predictions, and "
+                          "pairs computed per request (the budget, solaris.budget); per VM its pair cache's hit rate",
+              needs="streamrec precompute and a VM with trainer.solaris"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

@@ -766,6 +766,24 @@ GROUP BY arm, cohort
 ORDER BY ne DESC NULLS LAST, n DESC
 LIMIT 60"""
 
+# SOLARIS: the precompute service's hit rate (requests whose pair it had published before them), the median age of
+# those hits and its budget used (pairs computed per request); per VM the hit rate of its own pair cache
+SOLARIS = f"""
+SELECT t, series, max(v) AS value FROM (
+    SELECT t, 'hit rate %' AS series, 100 * v AS v
+    FROM ({_latest(f"component = '{C.SOLARIS}' AND name = '{S.SOLARIS_HIT_RATE}'")})
+    UNION ALL
+    SELECT t, 'age of hits p50 s' AS series, v
+    FROM ({_latest(f"component = '{C.SOLARIS}' AND name = '{S.SOLARIS_AGE_P50_S}'")})
+    UNION ALL
+    SELECT t, 'budget used (pairs per request)' AS series, v
+    FROM ({_latest(f"component = '{C.SOLARIS}' AND name = '{S.SOLARIS_BUDGET_USED}'")})
+    UNION ALL
+    SELECT t, concat('VM cache hit rate %, ', instance) AS series, 100 * v AS v
+    FROM ({_latest(f"component = '{C.TRAINER}' AND name = '{S.SOLARIS_HIT_RATE}'")}))
+GROUP BY t, series
+ORDER BY t, series"""
+
 EMBEDDING_DIMS = f"""
 SELECT toUInt32OrZero(extract(name, '(\\d+)$')) AS dim,
        sumIf(v, name LIKE '{S.EMBEDDING_ROWS_PREFIX}%') AS rows,

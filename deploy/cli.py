@@ -20,6 +20,7 @@ _COMMANDS = {
     "labels": "deploy.flows",
     "stats": "deploy.flows",
     "distill": "deploy.flows",
+    "precompute": "trainer.solaris",
     "train": "trainer.service",
     "score": "trainer.score",
     "export": "trainer.score",

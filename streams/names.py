@@ -27,6 +27,7 @@ class Component(StrEnum):
     SERVING = "serving"  # streamrec serve (serving/)
     AUDIENCE = "audience"  # the simulated audience's driver (deploy/audience.py)
     DISTILL = "distill"  # the teacher join (streams/flows/distill.py)
+    SOLARIS = "solaris"  # the SOLARIS precompute service (trainer/solaris.py, streamrec precompute)
 
 
 class Step(StrEnum):
@@ -37,6 +38,7 @@ class Step(StrEnum):
     TRAINER_DECODE = "trainer.decode"
     DISTILL_JOIN = "distill.join"  # bad teacher records and undecodable examples (the reason says which)
     METRICS_SINK = "metrics_sink"
+    SOLARIS_CACHE = "solaris.cache"  # a VM's pair cache: bad SolarisPairs records (trainer/solaris.py)
 
 
 class Stat(StrEnum):
@@ -76,6 +78,12 @@ class Stat(StrEnum):
     PENDING_EVICTED = "pending_evicted"  # examples sent on without teacher by distill.max_pending
     PENDING_EXAMPLES = "pending_examples"  # gauge: examples waiting for their teacher
     PENDING_TEACHERS = "pending_teachers"  # gauge: teachers waiting for their example
+    # SOLARIS (trainer/solaris.py): the precompute service's, and a VM's pair cache (its hit rate and age too)
+    SOLARIS_HIT_RATE = "solaris_hit_rate"  # requests whose pair was in the cache (fresh) / requests
+    SOLARIS_AGE_P50_S = "solaris_age_p50_s"  # median age of the cached predictions that were hits
+    SOLARIS_BUDGET_USED = "solaris_budget_used"  # pairs computed / requests seen (<= solaris.budget)
+    SOLARIS_PAIRS_COMPUTED = "solaris_pairs_computed"
+    SOLARIS_REQUESTS = "solaris_requests"
     # trainer
     TEACHERS_PUBLISHED = "teachers_published"  # an FM's: predictions published to topics.teacher_predictions
     EXAMPLES_TRAINED = "examples_trained"

@@ -199,6 +199,18 @@ class AdCreative(msgspec.Struct, frozen=True, gc=False, tag="ad_creative"):
     ts: int  # event-time ms of the ad's birth
     content: list[float]
     category: list[int] = []
+class SolarisPairs(msgspec.Struct, frozen=True, gc=False, tag="solaris_pairs"):
+    """The SOLARIS precompute service's FM predictions for some (user, ad) pairs (topics.solaris_pairs),
+    column-oriented: row ``i`` is the pair ``(user_ids[i], ad_ids[i])``, its click probability and its
+    conversion probability (click and conversion, like :class:`Teacher`) as the FM with ``model_version``
+    predicted them at ``ts`` (wall-clock ms); see trainer/solaris.py."""
+
+    model_version: int
+    ts: int
+    user_ids: list[int]
+    ad_ids: list[int]
+    p_click: list[float]
+    p_conversion: list[float]
 
 
 class ServiceStats(msgspec.Struct, frozen=True, gc=False, tag="service_stats"):

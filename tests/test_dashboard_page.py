@@ -87,6 +87,8 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
         items.append((t.service_stats, schema.ServiceStats("distill", trained, {
             "teacher_coverage": 0.97, "teacher_age_p50_ms": float(400 + 100 * (i % 4))}, "d-1")))
         items.append((t.service_stats, schema.ServiceStats("trainer", trained, {"loopfm_age_p50_s": 2.5}, "vm")))
+        items.append((t.service_stats, schema.ServiceStats("solaris", trained, {
+            "solaris_hit_rate": 0.85, "solaris_age_p50_s": 40.0, "solaris_budget_used": 1.6})))
         items.append((t.service_stats, schema.ServiceStats("serving", trained, {
             "qps": float(400.0 + 50 * np.sin(i)), "latency_p50_ms": 4.0, "latency_p99_ms": float(12.0 + np.sin(i)),
             "arm_model_age_s.main": 3.0 + (i % 3)}, "serve-1")))

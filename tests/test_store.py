@@ -156,7 +156,9 @@ def panel_stats(now: int) -> list[schema.ServiceStats]:
                                              "semantic_ids_ads": 10.0}),
         schema.ServiceStats("serving", now, {"qps": 400.0, "latency_p50_ms": 3.0, "latency_p99_ms": 9.0,
                                              "arm_model_age_s.main": 4.0}),
-        schema.ServiceStats("distill", now, {"teacher_coverage": 0.98, "teacher_age_p50_ms": 300.0})]
+        schema.ServiceStats("distill", now, {"teacher_coverage": 0.98, "teacher_age_p50_ms": 300.0}),
+        schema.ServiceStats("solaris", now, {"solaris_hit_rate": 0.85, "solaris_age_p50_s": 40.0,
+                                             "solaris_budget_used": 1.6})]
 
 
 def panel_feature_stats(now: int) -> list[schema.FeatureStats]:

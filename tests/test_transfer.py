@@ -217,7 +217,7 @@ def test_sudden_levels_is_sudden_plus_per_domain_level_jumps():
 def test_bench_transfer_runs_end_to_end_on_a_tiny_stream():
     from benchmarks import transfer
 
-    res = transfer.run("stationary", 2000, 256, 1.0, 0, lambda s: None)
+    res, _ = transfer.run("stationary", 2000, 256, 1.0, 0, lambda s: None)
     assert {"FM itself", "VM alone", "+ plain KD", transfer.ALL_TOGETHER} <= set(res)
     assert all(0.3 < res[m]["pooled"] < 1.0 for m in res)
     rows: list = []

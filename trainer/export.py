@@ -285,6 +285,10 @@ def serving_model(cfg: dict, spec: dict, device: str, backend: str, where: str, 
         raise error(f"{where}: the model was trained with trainer.loopfm (the FM's user/ad vectors as input); "
                     "serving and offline scoring do not read the FM embedding store: serve a model trained "
                     "with trainer.loopfm off")
+    if tcfg.solaris:  # its input holds the FM's cached pair predictions (trainer/solaris.py): serving has no cache
+        raise error(f"{where}: the model was trained with trainer.solaris (the FM's cached pair predictions as "
+                    "input); serving and offline scoring do not read the SOLARIS pair cache: serve a model trained "
+                    "with trainer.solaris off")
     here = feature_spec(tcfg)
     diff = sorted(k for k in here if spec.get(k) != here[k])
     if diff:

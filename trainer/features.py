@@ -105,6 +105,7 @@ class FeatureBatch:
     conversion_delay_ms: np.ndarray | None = None
     user: np.ndarray | None = None  # (B, 2 * user_dim) float32 user-model features (trainer/users/features.py)
     loopfm: np.ndarray | None = None  # (B, 3 * loopfm_dim + 1) float32 the FM's vectors (trainer/loopfm.py)
+    solaris: np.ndarray | None = None  # (B, 3) float32 the FM's cached pair prediction (trainer/solaris.py)
     has_teacher: np.ndarray | None = None
     teacher_p_click: np.ndarray | None = None
     teacher_p_conversion: np.ndarray | None = None
@@ -127,6 +128,7 @@ class FeatureBatch:
                           weight=t(self.weight), num_tables=self.num_tables, batch_size=self.batch_size,
                           user=None if self.user is None else t(self.user),
                           loopfm=None if self.loopfm is None else t(self.loopfm),
+                          solaris=None if self.solaris is None else t(self.solaris),
                           **({} if self.has_teacher is None else {
                               "has_teacher": t(self.has_teacher), "teacher_p_click": t(self.teacher_p_click),
                               "teacher_p_conversion": t(self.teacher_p_conversion),
@@ -148,6 +150,7 @@ class TorchBatch:
     batch_size: int
     user: object = None
     loopfm: object = None
+    solaris: object = None
     has_teacher: object = None  # the teacher columns of the FeatureBatch (B,) float32, None when it has none
     teacher_p_click: object = None
     teacher_p_conversion: object = None
@@ -316,6 +319,10 @@ def impression_batch(imps: Sequence[schema.Impression], tcfg: TrainerConfig, dev
         raise ValueError("this model reads LoopFM features (trainer.loopfm: the FM's user and ad vectors), which "
                          "need the FM embedding store; scoring it without one (serving, offline scoring) is not "
                          "supported: serve a model trained with trainer.loopfm off")
+    if tcfg.solaris:
+        raise ValueError("this model reads SOLARIS features (trainer.solaris: the FM's cached pair predictions), "
+                         "which need the pair cache; scoring it without one (serving, offline scoring) is not "
+                         "supported: serve a model trained with trainer.solaris off")
     idx, off, dense, dom = featurize_impressions(imps, tcfg, sids)
     user = user_features(imps, tcfg, users)
     lf = loopfm_features(imps, tcfg, loopfm)
@@ -352,12 +359,22 @@ def loopfm_features(imps: Sequence[schema.Impression], tcfg: TrainerConfig, view
     return view.features_of(imps)
 
 
+def solaris_features(imps: Sequence[schema.Impression], tcfg: TrainerConfig, view=None) -> np.ndarray | None:
+    """A VM's SOLARIS input (B, 3) ``[logit p_click, logit p_cvr, present]``: from ``view`` (a
+    :class:`trainer.solaris.SolarisView`), zeros (present = 0) without one; None when ``tcfg.solaris`` is off."""
+    if not tcfg.solaris:
+        return None
+    if view is None:
+        return np.zeros((len(imps), 3), np.float32)
+    return view.features_of(imps)
+
+
 def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=None, loopfm=None, sids=None,
-              cohorts=None) -> FeatureBatch:
+              cohorts=None, solaris=None) -> FeatureBatch:
     """Examples -> :class:`FeatureBatch` (domains must be known: ``schema.decode`` guarantees it);
     ``users``: see :func:`user_features`; ``loopfm``: see :func:`loopfm_features`; ``sids``: see
     :func:`semantic_id_bags`; ``cohorts``: a :class:`trainer.cohorts.CohortAssigner` names each example's
-    cohort (and counts it), None: no cohorts."""
+    cohort (and counts it), None: no cohorts; ``solaris``: see :func:`solaris_features`."""
     from trainer.delay import DECIDED_INDEX, late_kind
 
     imps = [e.impression for e in examples]
@@ -380,6 +397,7 @@ def featurize(examples: Sequence[schema.Example], tcfg: TrainerConfig, users=Non
         conversion_delay_ms=_delays([e.conversion_ts for e in examples], event_ts),
         user=user_features(imps, tcfg, users), loopfm=loopfm_features(imps, tcfg, loopfm),
         cohort=None if cohorts is None else cohorts.assign(imps),
+        solaris=solaris_features(imps, tcfg, solaris),
         **teacher_columns(examples))
 
 

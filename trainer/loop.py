@@ -62,6 +62,7 @@ from trainer.export import export
 from trainer.features import featurize
 from trainer.loopfm import LoopFM
 from trainer.creatives import AdCreativeFeed
+from trainer.solaris import Solaris
 from trainer.model import Learner
 from trainer.roles import serves
 from trainer.publish import Publisher
@@ -130,6 +131,8 @@ class Trainer:
         self.learner.early_stage = self.early
         # semantic IDs (trainer.ad_id_features): ads' creatives from topics.ads, coded between batches
         self.creatives = AdCreativeFeed.for_trainer(cfg, self.learner)
+        # SOLARIS: the precompute service's FM pair predictions in a cache (learner.solaris_view); trainer/solaris.py
+        self.solaris = Solaris.for_trainer(cfg, self.learner)
         self.offsets: dict[tuple[str, int], int] = {}
         # plain str keys (a Stat indexes them alike): checkpoints load with torch's weights_only unpickler
         self.counters = {k.value: 0 for k in (Stat.EXAMPLES_TRAINED, Stat.STEPS, Stat.DUPLICATES, Stat.DEAD_LETTERS,
@@ -253,14 +256,16 @@ class Trainer:
                 good = [ex for ex in good if ex.impression.arm == self.tc.arm]
                 self.counters[Stat.EXAMPLES_OTHER_ARM] += len(other)
                 ofb = featurize(other, self.tc, self.learner.user_view, self.learner.loopfm_view,
-                                sids=self.learner.semantic_ids, cohorts=self.learner.cohorts)
+                                sids=self.learner.semantic_ids, cohorts=self.learner.cohorts,
+                                solaris=self.learner.solaris_view)
                 self._publish_predictions(ofb, other, *self.learner.score(ofb), src)
         if not good:
             return 0
         if self.creatives is not None:  # the ads born since the last batch get their codes before it is featurized
             self.creatives.apply(self.learner.semantic_ids)
         fb = featurize(good, self.tc, self.learner.user_view, self.learner.loopfm_view,
-                       sids=self.learner.semantic_ids, cohorts=self.learner.cohorts)
+                       sids=self.learner.semantic_ids, cohorts=self.learner.cohorts,
+                       solaris=self.learner.solaris_view)
         res = self.learner.train_step(fb, before_update=lambda p_click, p_conv: self._publish_predictions(
             fb, good, p_click, p_conv, src))
         if self.early is not None:  # the early stage learns the final's pre-update scores of this batch
@@ -342,6 +347,8 @@ class Trainer:
             self.loopfm.start(self.producer)
         if self.creatives is not None:
             self.creatives.start()
+        if self.solaris is not None:
+            self.solaris.start()
         self._stats = Throughput()
         log.info("training on %s (%d partitions, role %s), backend=%s device=%s batch=%d, checkpoints in %s",
                  topic, cfg.topics.partitions, tc.role, self.learner.backend, self.learner.device,
@@ -399,6 +406,8 @@ class Trainer:
                 self.loopfm.close()
             if self.creatives is not None:
                 self.creatives.close()
+            if self.solaris is not None:
+                self.solaris.close()
             torch.set_num_threads(threads)  # the process's setting again (in-process callers: tests, benchmarks)
         return dict(self.counters)
 

@@ -79,6 +79,9 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
     creatives = getattr(trainer, "creatives", None)  # semantic IDs: creatives read/applied, ads coded, refreshes
     if creatives is not None:
         values.update(creatives.stats(learner.semantic_ids))
+    solaris = getattr(trainer, "solaris", None)  # SOLARIS: a VM's pair cache (hit rate, age of hits, dead letters)
+    if solaris is not None:
+        values.update(solaris.stats())
     publisher = getattr(trainer, "publisher", None)  # published_seq, publish_bytes, publish_s, delta_fraction
     if publisher is not None:
         values.update(publisher.stats())

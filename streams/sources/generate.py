@@ -111,6 +111,12 @@ class GeneratorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # vectors and biases are turned by minority_contrast * 90 degrees toward vectors of their own
     minority_share: float = 0.0
     minority_contrast: float = 1.0
+    # ad targeting (SOLARIS, docs/transfer.md): 0 = every impression's ad drawn by popularity, independent of the
+    # user (the default); k > 0 = each user's ads come from their own targeting set of k ads (popularity draws),
+    # which changes slowly: at each of the user's impressions one ad of the set is replaced with probability
+    # targeting_churn, and a retired ad at once. Drawn with a generator of its own: everything else stays as is.
+    targeting: int = 0
+    targeting_churn: float = 0.02
 
 
 def validate(g: GeneratorConfig) -> None:
@@ -128,6 +134,7 @@ def validate(g: GeneratorConfig) -> None:
               ("max_conversion_delay_s", g.max_click_delay_s < g.max_conversion_delay_s <= scenarios.MAX_DELAY_S),
               ("ad_churn", 0 <= g.ad_churn <= 1), ("minority_share", 0 <= g.minority_share < 1),
               ("minority_contrast", 0 <= g.minority_contrast <= 1), ("delays", g.delays in scenarios.DELAY_MODELS),
+              ("targeting", g.targeting >= 0), ("targeting_churn", 0 <= g.targeting_churn <= 1),
               ("start_ts", schema.MIN_TS_MS <= g.start_ts <= schema.MAX_TS_MS - 10**11),
               ("history_len", 0 <= g.history_len <= schema.MAX_LIST),
               ("cat_slots", 0 <= g.cat_slots <= schema.MAX_LIST), ("dense_dim", 0 <= g.dense_dim <= schema.MAX_LIST),
@@ -452,6 +459,41 @@ def _draw_cat(g: GeneratorConfig, w: _World, n: int, rng: np.random.Generator) -
     return rng.choice(g.truth.cat_vocab, (n, g.cat_slots), p=w.cat_w)
 
 
+def _targeted_ads(g: GeneratorConfig, w: _World, user: np.ndarray, drawn: np.ndarray, progress: np.ndarray
+                  ) -> np.ndarray:
+    """The ad of each impression from its user's targeting set (``GeneratorConfig.targeting``). A fresh
+    member is the popularity draw of a nearby impression (``drawn``: :func:`scenarios.sample_ads`' ads, alive
+    at about that time) that is alive now."""
+    rng = np.random.default_rng([g.seed, 0x501A])  # its own stream: the other draws stay as they were
+    n, k = len(drawn), g.targeting
+    near = rng.integers(-256, 257, (n, k + 9))
+    pick = rng.integers(0, k, n)
+    churn = rng.random(n) < g.targeting_churn
+    birth, death = w.ad_birth, w.ad_death
+    sets: dict[int, list[int]] = {}
+    out = np.empty(n, np.int64)
+    for i, (u, p) in enumerate(zip(user.tolist(), progress.tolist())):
+        js = iter(np.clip(i + near[i], 0, n - 1).tolist())
+
+        def fresh() -> int:
+            for j in js:
+                a = int(drawn[j])
+                if birth[a] <= p < death[a]:
+                    return a
+            return int(drawn[i])
+
+        s = sets.get(u)
+        if s is None:
+            s = sets[u] = [int(drawn[i])] + [fresh() for _ in range(k - 1)]
+        elif churn[i]:
+            s[pick[i]] = fresh()
+        for m, a in enumerate(s):
+            if not birth[a] <= p < death[a]:
+                s[m] = fresh()
+        out[i] = s[pick[i]]
+    return out
+
+
 def _truth(g: GeneratorConfig, w: _World, dom: np.ndarray, user: np.ndarray, ad: np.ndarray, pos: np.ndarray,
            dense: np.ndarray, cat: np.ndarray, ts: np.ndarray, progress: np.ndarray, stale: bool = False,
            intent: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -521,6 +563,8 @@ def _impressions(g: GeneratorConfig, w: _World, rng: np.random.Generator) -> dic
         ts = g.start_ts + np.floor(sch.t_s * 1000).astype(np.int64)
         progress, user, intent = _progress(ts), sch.user, sch.intent
     ad = scenarios.sample_ads(progress, w.ad_w, w.ad_birth, w.ad_death, len(w.ad_w) - g.n_ads, sc.surge_share, rng)
+    if g.targeting > 0:
+        ad = _targeted_ads(g, w, user, ad, progress)
     pos = rng.integers(0, t.max_position, n)
     dense = _draw_dense(g, n, rng)
     cat = _draw_cat(g, w, n, rng)
