@@ -185,8 +185,12 @@ def test_page_draws_every_panel(dashboard, tmp_path):
     panels = DASHBOARDS["overview"].panels
     with browser_page() as (page, errors):
         page.goto(url)
-        page.wait_for_function(
-            f"document.querySelectorAll('.panel[data-state=\"drawn\"]').length === {len(panels)}", timeout=30_000)
+        try:
+            page.wait_for_function(f"document.querySelectorAll('.panel[data-state=\"drawn\"]').length === {len(panels)}",
+                                   timeout=90_000)  # ~35 panels, one query each
+        except Exception:
+            states = page.evaluate("[...document.querySelectorAll('.panel')].map(p => p.id + ':' + p.dataset.state)")
+            raise AssertionError(f"panels not drawn: {[s for s in states if not s.endswith(':drawn')]}; {errors}")
         page.wait_for_function("Number(document.body.dataset.refreshes) >= 2", timeout=15_000)  # auto-refresh
         for p in panels:
             el = page.locator(f"#panel-{p.id}")

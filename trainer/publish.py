@@ -334,7 +334,9 @@ class Publisher:
         pin = read_pin(self.root)
         if pin is not None and kinds.get(pin):
             keep = set(range(int(kinds[pin].get("base", pin)), pin + 1))
-        for s in kinds:
+        # newest first: a delta leaves before the versions it builds on, so a writer killed in the middle leaves
+        # complete chains only (oldest first left deltas whose full was gone: visible, and "chain broken")
+        for s in sorted(kinds, reverse=True):
             if s < cutoff and s not in keep:
                 d = self.root / seq_name(s)
                 gone = self.root / f".{seq_name(s)}.{os.getpid()}.del.tmp"
