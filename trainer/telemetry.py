@@ -79,6 +79,9 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
     creatives = getattr(trainer, "creatives", None)  # semantic IDs: creatives read/applied, ads coded, refreshes
     if creatives is not None:
         values.update(creatives.stats(learner.semantic_ids))
+    precision = getattr(learner, "precision", None)  # LoKA: per layer the kernel, probed errors, tensor stats
+    if precision is not None:
+        values.update(precision.stats())
     publisher = getattr(trainer, "publisher", None)  # published_seq, publish_bytes, publish_s, delta_fraction
     if publisher is not None:
         values.update(publisher.stats())
