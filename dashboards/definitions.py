@@ -176,6 +176,13 @@ OVERVIEW = Dashboard(
               description="click quality per cohort (domain/activity/country, trainer/cohorts.py) and arm, worst "
                           "normalized entropy first: the minority cohorts a global model neglects; C2AL "
                           "(trainer.c2al, docs/cohorts.md) targets them with training-only auxiliary heads"),
+        Panel("precision", "Precision (LoKA)", q.PRECISION, "table", width=16,
+              description="per trainer and dense layer: the kernel trainer.precision runs it with (auto: the "
+                          "fastest whose probed error stays within trainer.precision_bound; docs/gpu.md), the "
+                          "probe's mean relative GEMM error of fp8 with one scale per tensor, per row, and bf16, "
+                          "the input's crest factor (absmax / RMS: outliers) and the share of gradient entries an "
+                          "e4m3 cast would flush to zero",
+              needs="trainer.precision auto, fp8 or bf16"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

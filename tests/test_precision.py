@@ -211,3 +211,24 @@ def test_gpu_script_paths_on_cpu(capsys):
     assert dry.returncode == 0, dry.stderr
     steps = [line for line in dry.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 5 and all("--device" in s for s in steps)
+
+
+def test_precision_panel_reads_the_trainer_stats(store):
+    from dashboards import queries as q
+    from dashboards.definitions import DASHBOARDS
+    from dashboards.sink import stats_rows
+    from streams import schema
+    import time
+
+    model = _mlp()
+    prec = P.Precision(model, "fp8", probe_every=1)
+    _step(model, prec, torch.randn(64, 32, generator=torch.Generator().manual_seed(5)))
+    now = int(time.time() * 1000)
+    store.insert("service_stats", stats_rows([schema.ServiceStats("trainer", now, prec.stats(), "main")]))
+    panel = DASHBOARDS["overview"].panel("precision")
+    got = {r["layer"]: r for r in store.query(q.render(panel.sql, "live"), q.live_parameters(2)).records()}
+    assert set(got) == set(prec.layers)
+    for n in prec.layers:
+        assert got[n]["kernel"] == prec.kernel(n) and got[n]["arm"] == "main"
+        assert got[n]["err_fp8_row"] == pytest.approx(prec.probe.errors[(n, "fp8_row")].mean)
+    assert got["0"]["kernel"] == "bf16" and got["2"]["kernel"] == "fp8_row"  # the first layer pinned

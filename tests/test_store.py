@@ -153,7 +153,8 @@ def panel_stats(now: int) -> list[schema.ServiceStats]:
                                              "user_freshness_p99_ms": 1500.0, "user_backlog": 0.0,
                                              "delta_fraction": 0.03, "loopfm_age_p50_s": 2.0,
                                              "early_stage_label_loss": 0.4, "early_stage_distill_loss": 0.1,
-                                             "semantic_ids_ads": 10.0}),
+                                             "semantic_ids_ads": 10.0, "precision_kernel/bottom": 1.0,
+                                             "precision_err/bottom/fp8_row": 0.04}),
         schema.ServiceStats("serving", now, {"qps": 400.0, "latency_p50_ms": 3.0, "latency_p99_ms": 9.0,
                                              "arm_model_age_s.main": 4.0}),
         schema.ServiceStats("distill", now, {"teacher_coverage": 0.98, "teacher_age_p50_ms": 300.0})]
