@@ -232,3 +232,22 @@ def test_precision_panel_reads_the_trainer_stats(store):
         assert got[n]["kernel"] == prec.kernel(n) and got[n]["arm"] == "main"
         assert got[n]["err_fp8_row"] == pytest.approx(prec.probe.errors[(n, "fp8_row")].mean)
     assert got["0"]["kernel"] == "bf16" and got["2"]["kernel"] == "fp8_row"  # the first layer pinned
+
+
+def test_real_kernel_path_trains_like_the_emulation_and_measures_its_costs():
+    """``real=True`` (what CUDA runs): the forward on ``_scaled_mm`` / bf16 matmuls, which this CPU build has;
+    its outputs and gradients match the emulated layer's, and the first probe measures the cost table."""
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(6))
+    outs = {}
+    for real in (False, True):
+        model = _mlp()
+        # no pins, fp32 outputs: every layer fp8 and no bf16 rounding, so both paths see the same casts
+        prec = P.Precision(model, "fp8", probe_every=1, real=real, mods=P.Mods(False, False, ("",)))
+        _step(model, prec, x)  # the first probe (bf16 until the pins are known)
+        y = model(x)
+        y.pow(2).mean().backward()
+        outs[real] = (y.detach(), model[2].weight.grad.clone())
+        if real:
+            assert prec.kernel("2") == "fp8_row" and {k for _, k in prec.dispatch.costs.measured} == set(P.KERNELS)
+    for got, want in zip(outs[True], outs[False]):  # equal up to the order of fp32 sums (and 1/scale vs / scale)
+        assert float((got - want).norm() / want.norm()) < 1e-3

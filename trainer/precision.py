@@ -204,7 +204,8 @@ def _fp8_cast(t: torch.Tensor, dt: torch.dtype, scaling: str, dim: int) -> tuple
 def scaled_linear(x: torch.Tensor, w: torch.Tensor, kernel: str, out_dtype: torch.dtype = torch.float32
                   ) -> torch.Tensor:
     """``x W^T`` (no bias) on the real kernels: ``torch._scaled_mm`` with e4m3 operands (``fp8_tensor``: one
-    scale each; ``fp8_row``: a scale per row of x and per row of W), zero-padded to multiples of 16; ``bf16``:
+    scale each; ``fp8_row``: a scale per row of x and per row of W, applied to the fp32 output), zero-padded to
+    multiples of 16; ``bf16``:
     a bf16 matmul; ``fp32``: fp32. Used by :func:`measure_costs` and (on CUDA) by the forward of a dispatched
     layer. Runs wherever ``_scaled_mm`` does (CUDA from sm_89; this torch's CPU build too)."""
     if kernel == "fp32":
@@ -216,10 +217,14 @@ def scaled_linear(x: torch.Tensor, w: torch.Tensor, kernel: str, out_dtype: torc
     s = "tensor" if kernel == "fp8_tensor" else "row"
     xq, sx = _fp8_cast(xp, E4M3, s, 1)
     wq, sw = _fp8_cast(wp, E4M3, s, 1)
-    if s == "row":
-        sx, sw = sx.view(-1, 1), sw.view(1, -1)
-    y = torch._scaled_mm(xq, wq.T, scale_a=sx, scale_b=sw, out_dtype=out_dtype)
-    return y[:m, :n]
+    if s == "tensor":
+        return torch._scaled_mm(xq, wq.T, scale_a=sx, scale_b=sw, out_dtype=out_dtype)[:m, :n]
+    # row scales: a scale per row of x and per row of W factor out of the contraction, so the kernel runs with
+    # unit scales into fp32 and the outer product of the scales is applied after (exact; CUDA's row-wise
+    # _scaled_mm writes bf16 only, which would undo the fp32 accumulators the Mods keep)
+    one = torch.ones((), device=x.device)
+    y = torch._scaled_mm(xq, wq.T, scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return (y * sx.view(-1, 1) * sw.view(1, -1))[:m, :n].to(out_dtype)
 
 
 def measure_costs(layers: dict[str, nn.Linear], batch: int, device: torch.device, reps: int = 20,
@@ -283,23 +288,29 @@ def dispatched_forward(lin: nn.Linear, x: torch.Tensor, kernel: str, out_fp32: b
     if kernel == "fp32":
         return F.linear(x, lin.weight, lin.bias)
     if real:
-        y = _RealLinear.apply(x, lin.weight, kernel, out_fp32)
-        return y + lin.bias if lin.bias is not None else y
+        return _RealLinear.apply(x, lin.weight, lin.bias, kernel, out_fp32)
     return _EmulatedLinear.apply(x, lin.weight, lin.bias, kernel, out_fp32)
 
 
 class _RealLinear(torch.autograd.Function):
+    """The real kernels in forward (the bias added to the fp32 output, then the output rounded to bf16 unless
+    ``out_fp32``, as the emulation does); backward emulated."""
+
     @staticmethod
-    def forward(ctx, x, w, kernel: str, out_fp32: bool):
+    def forward(ctx, x, w, b, kernel: str, out_fp32: bool):
         ctx.save_for_backward(x, w)
-        ctx.kernel = kernel
-        return scaled_linear(x, w, kernel, torch.float32 if out_fp32 else torch.bfloat16).float()
+        ctx.kernel, ctx.has_bias = kernel, b is not None
+        y = scaled_linear(x, w, kernel, torch.float32)
+        if b is not None:
+            y = y + b
+        return y if out_fp32 else qdq(y, "bf16")
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         a, g, s = operand_formats(ctx.kernel)
-        return qdq(dy, g, s, 1) @ qdq(w, a, s, 0), qdq(dy, g, s, 0).T @ qdq(x, a, s, 0), None, None
+        return (qdq(dy, g, s, 1) @ qdq(w, a, s, 0), qdq(dy, g, s, 0).T @ qdq(x, a, s, 0),
+                dy.sum(0) if ctx.has_bias else None, None, None)
 
 
 # ---- Probe ---------------------------------------------------------------------------------------------------
