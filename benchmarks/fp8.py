@@ -11,7 +11,8 @@ chosen. On CUDA the training step is also timed per mode (best of the timed batc
 cost table is measured on the card; on CPU fp8 and bf16 are emulated (cast and back), so no speed is reported.
 
 Last line: value = the auto run's click NE, baseline = fp32's; ``ne_change_pct`` per mode, ``kernels`` per layer,
-on CUDA ``step_ms`` per mode and ``speedup_vs_bf16`` (issue 20's goal: >= 1.3x at <= 0.05% NE change).
+on CUDA ``step_ms`` (training step, median) and ``score_ms`` (forward alone) per mode, ``speedup_vs_bf16``
+(auto's step against bf16's; issue 20's goal: >= 1.3x at <= 0.05% NE change) and ``speedup_fp8_vs_bf16``.
 
     streamrec bench fp8 [--quick] [--n 20000] [--batch 512] [--bound 0.02] [--probe-every 10] [--device cpu|cuda]
 """
@@ -95,8 +96,20 @@ def main() -> int:
         extra["step_ms"] = {m: round(v, 3) for m, v in ms.items()}
         extra["speedup_vs_bf16"] = round(ms["bf16"] / ms["auto"], 3)
         extra["speedup_fp8_vs_bf16"] = round(ms["bf16"] / ms["fp8"], 3)
+        fwd = {}  # scoring alone (forward, no probe): the kernels without the backward's casts
+        for m, lr in learners.items():
+            ts = []
+            for fb in fbs:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                lr.score(fb)
+                torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t0)
+            fwd[m] = 1000.0 * float(np.median(ts[3:] or ts))
+        extra["score_ms"] = {m: round(v, 3) for m, v in fwd.items()}
         extra["gpu"] = torch.cuda.get_device_name(dev)
         print("step ms (median): " + ", ".join(f"{m} {v:.2f}" for m, v in ms.items()))
+        print("score ms (median): " + ", ".join(f"{m} {v:.2f}" for m, v in fwd.items()))
     report("fp8", rows, ("layer", "KxN", "err fp8 tensor", "err fp8 row", "err bf16", "x crest", "g flushed",
                          "fp8 run", "auto chose"),
            value=ne["auto"], unit="click NE", baseline=ne["fp32"], **extra)

@@ -22,7 +22,7 @@ steps=(
   "trainer-fbgemm|90|$PY -m benchmarks.trainer --quick --device $DEVICE --backend fbgemm"
   "fiited|30|$PY -m benchmarks._gpu fiited --device $DEVICE"
   "search|90|$PY -m benchmarks._gpu search --device $DEVICE"
-  "fp8|130|$PY -m benchmarks.fp8 --device $DEVICE --n 20000 --batch 2048"
+  "fp8|130|$PY -m benchmarks.fp8 --device $DEVICE --n 40000 --batch 2048"
 )
 
 if [[ $DRY == 1 ]]; then

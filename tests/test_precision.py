@@ -126,6 +126,13 @@ def test_probe_mods_and_dispatch_pick_the_fastest_safe_kernel_and_follow_drift()
     _step(model, prec, bad)
     assert prec.probe.errors[(mid, "fp8_tensor")].last > 0.15
     assert prec.kernel(mid) in ("fp8_row", "bf16") and prec.dispatch.switches > switches
+    # a deep copy of the model carries its own dispatch over its own layers (a publisher may copy models)
+    import copy
+
+    twin = copy.deepcopy(model)
+    assert twin[2].loka is not prec and twin[2].loka.layers["2"] is twin[2]
+    assert twin[2].loka.kernel("2") == prec.kernel("2")
+    assert set(twin.state_dict()) == set(model.state_dict())
     # stats for the dashboard: a kernel code and errors per layer
     st = prec.stats()
     assert st["precision_probes"] == P.MIN_PROBES + 2
@@ -152,6 +159,9 @@ def test_config_refuses_an_unknown_precision():
 
 
 def test_learner_runs_fp8_reports_stats_and_resumes_its_dispatch(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.telemetry import Throughput, service_stats
     from benchmarks._simulated import example_stream
     from streams.sources.generate import GeneratorConfig, simulate
     from trainer import checkpoint
@@ -173,6 +183,13 @@ def test_learner_runs_fp8_reports_stats_and_resumes_its_dispatch(tmp_path):
     ks = {row["layer"]: row["kernel"] for row in learner.precision.table()}
     assert ks["cross.0"] == "bf16" and ks["bottom"] == "fp8_row"  # the first layer pinned by the Mods
     assert learner.precision.probe.probes == 2
+    # the trainer's ServiceStats carry them (what the panel reads)
+    fake = SimpleNamespace(learner=learner, counters={k: 0 for k in ("examples_trained", "steps", "duplicates",
+                                                                      "dead_letters", "examples_other_arm")},
+                           newest_event_ts=0, users=None, tc=tc)
+    vals = service_stats(fake, Throughput()).values
+    assert vals["precision_kernel/bottom"] == P.KERNEL_CODE["fp8_row"] and vals["precision_probes"] == 2
+    assert vals["precision_err/cross.1/fp8_row"] > vals["precision_err/cross.1/bf16"] > 0
     path = checkpoint.save(tmp_path, {"learner": learner.state()}, seq=1)
     twin = Learner(tc)
     twin.load_state(checkpoint.load(path)["learner"])

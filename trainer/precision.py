@@ -36,8 +36,8 @@ bound is below ``PROMOTE_MARGIN * bound`` after at least :data:`MIN_PROBES` prob
 ``trainer.precision``: ``fp32`` (default: nothing attached, no overhead), ``bf16`` (every layer bf16), ``fp8``
 (every layer Mods allow in ``fp8_row``, the others bf16), ``auto`` (the dispatch). The probe runs in every mode
 but fp32, so the dashboard shows the errors whatever runs. Execution on CPU is emulated (the cast-and-back above,
-fp32 matmuls): it reproduces FP8's numbers, not its speed. On CUDA ``precision_kernel: real`` (the default there)
-runs ``torch._scaled_mm`` and bf16 matmuls (:func:`scaled_linear`).
+fp32 matmuls): it reproduces FP8's numbers, not its speed. On a CUDA card with fp8 tensor cores the layers run
+``torch._scaled_mm`` and bf16 matmuls instead (:func:`scaled_linear`, :func:`real_kernels`), forward and backward.
 """
 
 from __future__ import annotations
@@ -201,12 +201,13 @@ def _fp8_cast(t: torch.Tensor, dt: torch.dtype, scaling: str, dim: int) -> tuple
     return (t.float() * scale).to(dt), (1.0 / scale).float()
 
 
-def scaled_linear(x: torch.Tensor, w: torch.Tensor, kernel: str, out_dtype: torch.dtype = torch.float32
-                  ) -> torch.Tensor:
+def scaled_linear(x: torch.Tensor, w: torch.Tensor, kernel: str, out_dtype: torch.dtype = torch.float32,
+                  x_fmt: str = "e4m3") -> torch.Tensor:
     """``x W^T`` (no bias) on the real kernels: ``torch._scaled_mm`` with e4m3 operands (``fp8_tensor``: one
     scale each; ``fp8_row``: a scale per row of x and per row of W, applied to the fp32 output), zero-padded to
     multiples of 16; ``bf16``:
-    a bf16 matmul; ``fp32``: fp32. Used by :func:`measure_costs` and (on CUDA) by the forward of a dispatched
+    a bf16 matmul; ``fp32``: fp32. ``x_fmt="e5m2"``: x is a gradient (e5m2; W stays e4m3: the kernels take one
+    e5m2 operand at most). Used by :func:`measure_costs` and (on CUDA) by the forward of a dispatched
     layer. Runs wherever ``_scaled_mm`` does (CUDA from sm_89; this torch's CPU build too)."""
     if kernel == "fp32":
         return (x @ w.T).to(out_dtype)
@@ -215,7 +216,7 @@ def scaled_linear(x: torch.Tensor, w: torch.Tensor, kernel: str, out_dtype: torc
     m, n = x.shape[0], w.shape[0]
     xp, wp = _pad16(x, (0, 1)), _pad16(w, (0, 1))
     s = "tensor" if kernel == "fp8_tensor" else "row"
-    xq, sx = _fp8_cast(xp, E4M3, s, 1)
+    xq, sx = _fp8_cast(xp, E5M2 if x_fmt == "e5m2" else E4M3, s, 1)
     wq, sw = _fp8_cast(wp, E4M3, s, 1)
     if s == "tensor":
         return torch._scaled_mm(xq, wq.T, scale_a=sx, scale_b=sw, out_dtype=out_dtype)[:m, :n]
@@ -239,19 +240,19 @@ def measure_costs(layers: dict[str, nn.Linear], batch: int, device: torch.device
         x = torch.randn(batch, k, device=device)
         w = torch.randn(n, k, device=device)
         dy = torch.randn(batch, n, device=device)
-        shapes = ((x, w), (dy, w.T.contiguous()), (dy.T.contiguous(), x.T.contiguous()))
+        shapes = ((x, w, "e4m3"), (dy, w.T.contiguous(), "e5m2"), (dy.T.contiguous(), x.T.contiguous(), "e5m2"))
         for kern in kernels:
             try:
-                for a, b in shapes:
-                    scaled_linear(a, b, kern)
+                for a, b, f in shapes:
+                    scaled_linear(a, b, kern, x_fmt=f)
             except (RuntimeError, NotImplementedError):
                 continue
             best = math.inf
             for _ in range(reps):
                 sync()
                 t0 = time.perf_counter()
-                for a, b in shapes:
-                    scaled_linear(a, b, kern)
+                for a, b, f in shapes:
+                    scaled_linear(a, b, kern, x_fmt=f)
                 sync()
                 best = min(best, time.perf_counter() - t0)
             table.measured[(name, kern)] = best
@@ -283,8 +284,8 @@ class _EmulatedLinear(torch.autograd.Function):
 
 
 def dispatched_forward(lin: nn.Linear, x: torch.Tensor, kernel: str, out_fp32: bool, real: bool) -> torch.Tensor:
-    """The layer's output under ``kernel``: emulated (any device) or, with ``real``, the device's kernels in
-    forward (:func:`scaled_linear`; backward then stays emulated: ``_scaled_mm`` has no autograd)."""
+    """The layer's output under ``kernel``: emulated (any device) or, with ``real``, the device's kernels
+    (:func:`scaled_linear`, forward and backward: ``_scaled_mm`` has no autograd of its own)."""
     if kernel == "fp32":
         return F.linear(x, lin.weight, lin.bias)
     if real:
@@ -293,8 +294,9 @@ def dispatched_forward(lin: nn.Linear, x: torch.Tensor, kernel: str, out_fp32: b
 
 
 class _RealLinear(torch.autograd.Function):
-    """The real kernels in forward (the bias added to the fp32 output, then the output rounded to bf16 unless
-    ``out_fp32``, as the emulation does); backward emulated."""
+    """The real kernels (:func:`scaled_linear`) in forward (the bias added to the fp32 output, then the output
+    rounded to bf16 unless ``out_fp32``, as the emulation does) and backward (the data and weight gradients with
+    e5m2 gradients against e4m3 operands, fp32 out)."""
 
     @staticmethod
     def forward(ctx, x, w, b, kernel: str, out_fp32: bool):
@@ -308,9 +310,22 @@ class _RealLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        a, g, s = operand_formats(ctx.kernel)
-        return (qdq(dy, g, s, 1) @ qdq(w, a, s, 0), qdq(dy, g, s, 0).T @ qdq(x, a, s, 0),
-                dy.sum(0) if ctx.has_bias else None, None, None)
+        k = ctx.kernel
+        dy = dy.contiguous()
+        dx = scaled_linear(dy, w.T.contiguous(), k, x_fmt="e5m2")  # dY W: scales along N
+        dw = scaled_linear(dy.T.contiguous(), x.T.contiguous(), k, x_fmt="e5m2")  # dY^T x: scales along B
+        return dx, dw, dy.sum(0) if ctx.has_bias else None, None, None
+
+
+class DispatchedLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward runs the kernel its :class:`Precision` (``loka``) picks for it
+    (``loka_name``). :class:`Precision` turns the model's layers into these in place (their class, not copies):
+    parameters and state dicts are unchanged, and a deep copy of the model carries a consistent copy of the
+    dispatch (its layers are the copy's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, name = self.loka, self.loka_name
+        return dispatched_forward(self, x, p.kernel(name), p.mods.out_fp32(name), p.real)
 
 
 # ---- Probe ---------------------------------------------------------------------------------------------------
@@ -456,13 +471,9 @@ class Precision:
         self.probe = Probe(self.layers)
         self.dispatch = Dispatch(bound, mods, costs)
         self._step = 0
-        for name, lin in self.layers.items():
-            lin.forward = self._forward_of(name, lin)
-
-    def _forward_of(self, name: str, lin: nn.Linear):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return dispatched_forward(lin, x, self.kernel(name), self.mods.out_fp32(name), self.real)
-        return forward
+        for name, lin in self.layers.items():  # the layers become dispatched ones (same parameters, same state)
+            lin.__class__ = DispatchedLinear
+            lin.loka, lin.loka_name = self, name
 
     def kernel(self, layer: str) -> str:
         """What the layer runs now: the dispatch's choice (auto), or the mode's kernel within Mods."""
@@ -535,9 +546,15 @@ class Precision:
 
 
 def for_learner(tcfg, model: nn.Module, device: torch.device) -> Precision | None:
-    """The learner's :class:`Precision`, or None for ``trainer.precision: fp32``. On CUDA the forward runs the
-    real kernels; the cost table is measured there at the first probe's shapes (:func:`measure_costs`)."""
+    """The learner's :class:`Precision`, or None for ``trainer.precision: fp32``. On a CUDA card with fp8 tensor
+    cores (compute capability 8.9 or newer: L4/L40, H100, H200) the forward runs the real kernels and the cost
+    table is measured there at the first probe's shapes (:func:`measure_costs`); elsewhere it is emulated."""
     if tcfg.precision == "fp32":
         return None
     return Precision(model, tcfg.precision, bound=tcfg.precision_bound, probe_every=tcfg.precision_probe_every,
-                     real=device.type == "cuda")
+                     real=real_kernels(device))
+
+
+def real_kernels(device: torch.device) -> bool:
+    """Whether ``device`` runs fp8 ``_scaled_mm`` (CUDA, compute capability >= 8.9)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
