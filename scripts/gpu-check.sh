@@ -3,12 +3,15 @@
 # no package registries) run from the repository root:
 #
 #     scripts/gpu-check.sh [--dry-run]          # DEVICE=cuda by default; PYTHON=python3 by default
+#     ONLY=fiited,search scripts/gpu-check.sh   # some steps only (names below)
 #
 # Five steps, each under its own time limit (8 minutes in all), each printing its JSON line; a failing step is
 # reported and the next one runs. What each step runs is unit-tested on CPU (tests/test_precision.py).
-#   1. bench trainer on the device, torch backend        2. bench trainer, fbgemm backend (if fbgemm imports)
-#   3. FIITED on the device (today: refused, reported)   4. user-vector search on the device (faiss-gpu or torch)
-#   5. bench fp8: the LoKA probe, dispatch table, NE change and step speed against bf16 and fp32
+#   trainer-torch   bench trainer on the device, torch backend
+#   trainer-fbgemm  the same, fbgemm backend (falls back to torch where fbgemm-gpu does not import)
+#   fiited          FIITED on the device (today: refused, reported)
+#   search          user-vector search on the device (faiss-gpu if importable, else exact search in torch)
+#   fp8             bench fp8: the LoKA probe, dispatch table, NE change and step speed against bf16 and fp32
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -42,6 +45,7 @@ PY
 failed=0
 for s in "${steps[@]}"; do
   IFS='|' read -r name limit cmd <<<"$s"
+  [[ -n "${ONLY:-}" && ",$ONLY," != *",$name,"* ]] && continue
   echo "== $name (limit ${limit}s): $cmd"
   t0=$SECONDS
   timeout "$limit" $cmd 2>&1 | tail -n 25

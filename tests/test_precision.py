@@ -228,6 +228,13 @@ def test_gpu_script_paths_on_cpu(capsys):
     assert dry.returncode == 0, dry.stderr
     steps = [line for line in dry.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 5 and all("--device" in s for s in steps)
+    # the script itself, one step, on CPU: the environment line, the step's JSON line, its rc line, the summary
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "DEVICE": "cpu", "ONLY": "fiited"})
+    lines = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
+    assert run.returncode == 0 and lines[0]["check"] == "gpu-env" and lines[0]["available"] in (True, False)
+    assert [x.get("bench") or x.get("check") for x in lines[1:]] == ["gpu-fiited", "fiited", "gpu-check"]
+    assert lines[1]["status"] == "ran" and lines[2]["rc"] == 0 and lines[3]["failed_steps"] == 0
 
 
 def test_precision_panel_reads_the_trainer_stats(store):
