@@ -10,7 +10,8 @@ the input's crest factor (absmax / RMS), the share of gradient entries an e4m3 c
 chosen. On CUDA the training step is also timed per mode (best of the timed batches, after a warm-up) and the
 cost table is measured on the card; on CPU fp8 and bf16 are emulated (cast and back), so no speed is reported.
 
-Last line: value = the auto run's click NE, baseline = fp32's; ``ne_change_pct`` per mode, ``kernels`` per layer,
+Last line: value = the auto run's click NE, baseline = fp32's; ``ne_change_pct`` per mode (and over the second half
+of the stream, after the warm-up: ``ne_second_half``, ``ne_change_pct_second_half``), ``kernels`` per layer,
 on CUDA ``step_ms`` (training step, median) and ``score_ms`` (forward alone) per mode, ``speedup_vs_bf16``
 (auto's step against bf16's; issue 20's goal: >= 1.3x at <= 0.05% NE change) and ``speedup_fp8_vs_bf16``.
 
@@ -78,6 +79,8 @@ def main() -> int:
             preds[m].append(r.p_click)
     y = np.concatenate([fb.click for fb in fbs])
     ne = {m: click_ne(np.concatenate(preds[m]), y) for m in MODES}
+    half = sum(len(fb.click) for fb in fbs[:len(fbs) // 2])  # after the warm-up: the second half of the stream
+    ne2 = {m: click_ne(np.concatenate(preds[m])[half:], y[half:]) for m in MODES}
     change = {m: round(100.0 * (ne[m] / ne["fp32"] - 1.0), 4) for m in MODES if m != "fp32"}
     auto = learners["auto"].precision
     rows = []
@@ -87,8 +90,11 @@ def main() -> int:
                      learners["fp8"].precision.kernel(row["layer"]), row["kernel"] + (" (pinned)" if row["pinned"] else "")))
     print(f"{len(fbs)} batches of {a.batch} on {dev}; probe every {tc.precision_probe_every} steps "
           f"({auto.probe.probes} probes); bound {a.bound}; click NE: "
-          + ", ".join(f"{m} {ne[m]:.5f}" for m in MODES))
+          + ", ".join(f"{m} {ne[m]:.5f}" for m in MODES) + "; second half: "
+          + ", ".join(f"{m} {ne2[m]:.5f}" for m in MODES))
+    change2 = {m: round(100.0 * (ne2[m] / ne2["fp32"] - 1.0), 4) for m in MODES if m != "fp32"}
     extra: dict = {"device": dev.type, "ne": {m: round(v, 6) for m, v in ne.items()}, "ne_change_pct": change,
+                   "ne_second_half": {m: round(v, 6) for m, v in ne2.items()}, "ne_change_pct_second_half": change2,
                    "kernels": {r[0]: auto.kernel(r[0]) for r in rows}, "probes": auto.probe.probes,
                    "bound": a.bound, "batch": a.batch}
     if dev.type == "cuda":  # steady-state step time: skip the first batches (warm-up, cost measurement)
