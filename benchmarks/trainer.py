@@ -68,14 +68,15 @@ class PlainLearner:
 
     def __init__(self, tcfg: TrainerConfig):
         torch.manual_seed(tcfg.seed)
-        self.model = MDMOModel(tcfg, "torch", torch.device("cpu"))
-        self.model.emb = PerTableBags(self.model.num_tables, tcfg.hash_buckets, tcfg.embedding_dim)
+        self.device = torch.device(tcfg.device)
+        self.model = MDMOModel(tcfg, "torch", self.device)
+        self.model.emb = PerTableBags(self.model.num_tables, tcfg.hash_buckets, tcfg.embedding_dim).to(self.device)
         dense = [p for n, p in self.model.named_parameters() if not n.startswith("emb.")]
         self.opt_dense = torch.optim.Adam(dense, lr=tcfg.lr_dense)
         self.opt_sparse = torch.optim.Adagrad(list(self.model.emb.parameters()), lr=tcfg.lr_sparse)
 
     def train_step(self, fb) -> float:
-        b = fb.to_torch("cpu")
+        b = fb.to_torch(self.device)
         l_ctr, l_cvr = self.model.logits(b)
         loss = esmm_loss(l_ctr, l_cvr, b.click, b.conversion, b.weight)
         self.opt_dense.zero_grad(set_to_none=True)
@@ -159,12 +160,15 @@ def main() -> int:
     p.add_argument("--latency", type=float, default=None, metavar="RATE",
                    help="examples/s for the broker latency phase (default 2000; quick: 0 = skip)")
     p.add_argument("--seconds", type=float, default=20.0, help="duration of the latency phase")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (scripts/gpu-check.sh; the latency phase: cpu only)")
+    p.add_argument("--backend", choices=("both", "fbgemm", "torch"), default="both",
+                   help="streamrec backends to time (default: fbgemm where it loads, and torch)")
     a = p.parse_args()
-    rate = a.latency if a.latency is not None else (0.0 if a.quick else 2000.0)
+    rate = a.latency if a.latency is not None else (0.0 if a.quick or a.device != "cpu" else 2000.0)
     steps = a.steps or (15 if a.quick else 40)
     repeat = a.repeat or (2 if a.quick else 3)
     # the ranker step alone: the user model trains in its own thread (trainer/users/features.py)
-    tc = TrainerConfig(batch_size=a.batch, hash_buckets=a.buckets, device="cpu", user_model=False)
+    tc = TrainerConfig(batch_size=a.batch, hash_buckets=a.buckets, device=a.device, user_model=False)
     n = max(a.batch * (steps + 3), int(rate * a.seconds))
     sim = simulate(GeneratorConfig(n_impressions=n, seed=7, n_users=50_000, n_ads=5_000))
     exs = example_stream(sim, "oracle")
@@ -172,9 +176,10 @@ def main() -> int:
     fbs = [featurize(b, tc) for b in batches]
 
     learners = {}
-    if fbgemm_available():
+    if a.backend != "torch" and fbgemm_available():
         learners["streamrec (fbgemm)"] = Learner(msgspec.structs.replace(tc, backend="fbgemm"))
-    learners["streamrec (torch)"] = Learner(msgspec.structs.replace(tc, backend="torch"))
+    if a.backend != "fbgemm" or not learners:
+        learners["streamrec (torch)"] = Learner(msgspec.structs.replace(tc, backend="torch"))
     plain = PlainLearner(tc)
     phases = {name: (lambda fb, lr=lr: lr.train_step(fb)) for name, lr in learners.items()}
     phases["plain PyTorch"] = plain.train_step
@@ -201,7 +206,9 @@ def main() -> int:
     print(f"batch {a.batch}, {steps} timed steps x best of {repeat}, {tc.hash_buckets} rows x "
           f"{learners[first].model.num_tables} tables x {tc.embedding_dim} dims, dense params {params['dense']:,}; "
           f"featurize {timed / feat_s:,.0f} examples/s")
-    extra = {"torch_threads": torch.get_num_threads()}  # of the timed steps
+    extra = {"torch_threads": torch.get_num_threads(), "device": a.device}  # of the timed steps
+    if a.device.startswith("cuda"):
+        extra["gpu"] = torch.cuda.get_device_name()
     if rate > 0:
         lat = latency(rate, a.seconds, exs, a.batch)
         print(f"through the broker at {lat['rate']:,.0f} examples/s for {a.seconds:g} s: {lat['examples']:,.0f} "

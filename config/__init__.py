@@ -145,6 +145,7 @@ FiitedOverrides = msgspec.defstruct(
 
 
 AD_ID_FEATURES = ("hash", "sid", "sid_ngram", "hash+sid_ngram")  # TrainerConfig.ad_id_features
+PRECISIONS = ("fp32", "auto", "bf16", "fp8")  # TrainerConfig.precision (trainer/precision.py)
 
 
 class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -246,6 +247,13 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     c2al: bool = False
     c2al_cohorts: tuple[str, ...] = ()
     c2al_weight: float = 0.1
+    # LoKA FP8 (trainer/precision.py, docs/gpu.md): the dense layers' matmul precision. "fp32" (default: nothing
+    # attached), "bf16", "fp8" (every layer the Mods allow in fp8 with row-wise scales), "auto" (per layer the
+    # fastest kernel whose probed relative GEMM error stays within precision_bound); the probe samples one step
+    # in precision_probe_every. On CPU fp8/bf16 are emulated (torch's float8 dtypes, cast and back)
+    precision: str = "fp32"
+    precision_bound: float = 0.02
+    precision_probe_every: int = 50
     # 0 = as fast as it can; > 0 caps the examples trained per second (averaged from the trainer's start): a
     # deliberately slow trainer, to see backpressure (lag grows, the training_backlog alert fires, memory stays
     # bounded) or to leave cores to other work
@@ -264,6 +272,11 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if not (1 <= self.sid_levels <= 4 and 2 <= self.sid_codes <= 4096):
             raise ConfigError(f"trainer.sid_levels {self.sid_levels} / sid_codes {self.sid_codes}: levels 1-4, "
                               "codes 2-4096")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision {self.precision!r}: must be one of {', '.join(PRECISIONS)}")
+        if not (self.precision_bound > 0 and self.precision_probe_every >= 1):
+            raise ConfigError(f"trainer.precision_bound {self.precision_bound} must be > 0 and "
+                              f"trainer.precision_probe_every {self.precision_probe_every} >= 1")
         if self.c2al and not self.c2al_cohorts:
             raise ConfigError("trainer.c2al: name the targeted cohorts in trainer.c2al_cohorts (patterns over "
                               "domain/activity/country, e.g. ['*/*/br']; `streamrec bench cohorts` shows how to "

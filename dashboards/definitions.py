@@ -181,6 +181,13 @@ OVERVIEW = Dashboard(
                           "it had computed with the FM before they came, the median age of those predictions, and "
                           "pairs computed per request (the budget, solaris.budget); per VM its pair cache's hit rate",
               needs="streamrec precompute and a VM with trainer.solaris"),
+        Panel("precision", "Precision (LoKA)", q.PRECISION, "table", width=16,
+              description="per trainer and dense layer: the kernel trainer.precision runs it with (auto: the "
+                          "fastest whose probed error stays within trainer.precision_bound; docs/gpu.md), the "
+                          "probe's mean relative GEMM error of fp8 with one scale per tensor, per row, and bf16, "
+                          "the input's crest factor (absmax / RMS: outliers) and the share of gradient entries an "
+                          "e4m3 cast would flush to zero",
+              needs="trainer.precision auto, fp8 or bf16"),
         Panel("stack_health", "Stack health", q.STACK_HEALTH, "table", width=8,
               description="per process: seconds since its last report, and the supervisor's view (up, restarts, "
                           "crash looping)"),

@@ -797,3 +797,27 @@ FROM (
     GROUP BY name, instance)
 GROUP BY dim
 ORDER BY dim"""
+
+# LoKA FP8 (trainer/precision.py, trainer.precision): per trainer (instance = arm) and dense layer, the kernel its
+# dispatch runs (precision_kernel/<layer>: 0 fp8_tensor, 1 fp8_row, 2 bf16, 3 fp32), the probe's running mean
+# relative GEMM error per kernel (precision_err/<layer>/<kernel>) and the input's crest factor and the share of
+# gradient entries an e4m3 cast would flush (precision_stat/<layer>/...); latest report in the window
+PRECISION = f"""
+SELECT instance AS arm, splitByChar('/', name)[2] AS layer,
+       multiIf(anyIf(v, name LIKE 'precision_kernel/%') = 0, 'fp8_tensor',
+               anyIf(v, name LIKE 'precision_kernel/%') = 1, 'fp8_row',
+               anyIf(v, name LIKE 'precision_kernel/%') = 2, 'bf16', 'fp32') AS kernel,
+       anyIf(v, name LIKE 'precision_err/%/fp8_tensor') AS err_fp8_tensor,
+       anyIf(v, name LIKE 'precision_err/%/fp8_row') AS err_fp8_row,
+       anyIf(v, name LIKE 'precision_err/%/bf16') AS err_bf16,
+       anyIf(v, name LIKE 'precision_stat/%/x_crest') AS x_crest,
+       anyIf(v, name LIKE 'precision_stat/%/g_underflow') AS grad_flushed
+FROM (
+    SELECT name, instance, argMax(value, ts) AS v
+    FROM {{db}}.service_stats FINAL
+    WHERE $WINDOW(ts) AND component = '{C.TRAINER}'
+          AND (name LIKE 'precision_kernel/%' OR name LIKE 'precision_err/%' OR name LIKE 'precision_stat/%')
+    GROUP BY name, instance)
+GROUP BY arm, layer
+HAVING countIf(name LIKE 'precision_kernel/%') > 0
+ORDER BY arm, layer"""

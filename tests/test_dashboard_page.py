@@ -66,7 +66,8 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
             model_version=i, trained_ts=trained, example_ids=[f"x{k + j}" for j in range(per_batch)], domains=dom,
             event_ts=event_ts.tolist(), emitted_ts=(event_ts + 1000).tolist(),
             p_click=p_click.tolist(), p_conversion=p_conv.tolist(), click=click.astype(int).tolist(),
-            conversion=conv.astype(int).tolist())))
+            conversion=conv.astype(int).tolist(),
+            cohorts=[f"{d}/{('new', 'casual', 'heavy')[j % 3]}/{('us', 'br')[j % 2]}" for j, d in enumerate(dom)])))
         k += per_batch
         for comp, name, v in (("replay", "events_per_s", 120_000), ("labels", "events_per_s", 110_000),
                               ("trainer", "examples_per_s", 3000)):
@@ -82,6 +83,10 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
         emb.update({"user_freshness_p50_ms": float(900.0 + 50 * np.sin(i)), "user_freshness_p99_ms": 1800.0,
                     "user_backlog": float(i % 3)})
         emb["delta_fraction"] = float(0.026 + 0.002 * np.sin(i))
+        emb.update({"early_stage_label_loss": float(0.4 + 0.02 * np.sin(i)), "early_stage_distill_loss": 0.1,  # cascade
+                    "semantic_ids_ads": 1200.0 + i, "semantic_ids_coded_at_birth": 200.0,  # cold start
+                    "precision_kernel/bottom": 2.0, "precision_err/bottom/fp8_row": 0.04,  # LoKA
+                    "precision_err/bottom/bf16": 0.002})
         items.append((t.service_stats, schema.ServiceStats("trainer", trained, {"examples_trained": done, **emb},
                                                            "main")))
         items.append((t.service_stats, schema.ServiceStats("distill", trained, {

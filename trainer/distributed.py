@@ -25,7 +25,7 @@ Each rank is one process started by ``torch.distributed.run`` (torchrun's elasti
 
 Not supported with several ranks, refused at start with the setting to change: the FIITED backend (its
 variable-width store is not sharded), CUDA (the exchange is written for gloo on CPU tensors), the user model,
-LoopFM, SOLARIS, distillation (roles fm/vm), the early stage, semantic IDs, C2AL, ``learn_from: own`` (each scores outside the
+LoopFM, SOLARIS, distillation (roles fm/vm), the early stage, semantic IDs, C2AL, precision other than fp32, ``learn_from: own`` (each scores outside the
 lockstep step), and serving exports/published versions (a rank holds 1/W of the tables).
 
 Service statistics come from rank 0 for the group (``examples_trained`` of all ranks, ``ranks``); its
@@ -85,6 +85,8 @@ def unsupported(cfg: Config, world: int) -> list[str]:
     if tc.ad_id_features != "hash":
         out.append(f"trainer.ad_id_features {tc.ad_id_features}: semantic IDs are not supported on several ranks "
                    "(each rank would code ads on its own); use hash")
+    if tc.precision != "fp32":
+        out.append(f"trainer.precision {tc.precision}: the LoKA probe and dispatch run in one process; use fp32")
     for flag in ("user_model", "loopfm", "solaris", "early_stage", "c2al"):
         if getattr(tc, flag, False):
             out.append(f"trainer.{flag}: not supported on several ranks; set it to false")

@@ -455,6 +455,10 @@ class Learner:
         self.c2al_targets = CohortTargets(tcfg.c2al_cohorts) if tcfg.c2al else None
         self.model = MDMOModel(tcfg, self.backend, self.device, aux_head=aux,
                                c2al_heads=len(self.c2al_targets) if self.c2al_targets is not None else 0)
+        # LoKA (trainer/precision.py): trainer.precision other than fp32 dispatches the dense layers' kernels
+        from trainer.precision import for_learner
+
+        self.precision = for_learner(tcfg, self.model, self.device)
         self.dense_params = [p for n, p in self.model.named_parameters() if not n.startswith("emb.")]
         wide = self.model.solaris_wide  # SOLARIS's linear term: its own learning rate (a param group)
         self.opt = _adam(self.dense_params if wide is None else [
@@ -518,6 +522,8 @@ class Learner:
         the embeddings inside ``backward()``), so they are exactly the no-grad progressive-validation scores.
         """
         b = fb.to_torch(self.device)
+        if self.precision is not None:  # a sampled step: the probe's hooks capture this forward and backward
+            self.precision.before_step()
         serving, aux, heads = self.model.all_logits(b)
         l_ctr, l_cvr = serving[:, 0], serving[:, 1]
         with torch.no_grad():
@@ -542,6 +548,8 @@ class Learner:
         if self.adapter_opt is not None:
             self.adapter_opt.zero_grad(set_to_none=True)
         loss.backward()  # fbgemm: the sparse row-wise Adagrad update happens here
+        if self.precision is not None:
+            self.precision.after_backward()
         if self.grad_sync is not None:  # several ranks: dense gradients averaged (trainer/sharded.py)
             self.grad_sync()
         self.opt.step()
@@ -642,6 +650,7 @@ class Learner:
                 **({"user_view": self.user_view.state()} if self.user_view is not None else {}),
                 **({"semantic_ids": self.semantic_ids.state()} if self.semantic_ids is not None else {}),
                 "cohorts": self.cohorts.state(),
+                **({"precision": self.precision.state()} if self.precision is not None else {}),
                 **({"adapter": _to_cpu(self.adapter.state_dict()), "adapter_opt": _to_cpu(self.adapter_opt.state_dict()),
                     "teacher_version_seen": self.teacher_version_seen} if self.adapter is not None else {})}
 
@@ -674,6 +683,8 @@ class Learner:
             from trainer.cohorts import CohortAssigner
 
             self.cohorts = CohortAssigner.from_state(st["cohorts"])
+        if self.precision is not None and "precision" in st:
+            self.precision.load_state(st["precision"])
         if "user_view" in st:
             from trainer.users.features import UserVectors
 

@@ -82,6 +82,9 @@ def service_stats(trainer, throughput: Throughput) -> schema.ServiceStats:
     solaris = getattr(trainer, "solaris", None)  # SOLARIS: a VM's pair cache (hit rate, age of hits, dead letters)
     if solaris is not None:
         values.update(solaris.stats())
+    precision = getattr(learner, "precision", None)  # LoKA: per layer the kernel, probed errors, tensor stats
+    if precision is not None:
+        values.update(precision.stats())
     publisher = getattr(trainer, "publisher", None)  # published_seq, publish_bytes, publish_s, delta_fraction
     if publisher is not None:
         values.update(publisher.stats())
