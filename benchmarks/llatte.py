@@ -29,9 +29,11 @@ over the FM without one (``baseline`` 0); ``curve_length`` / ``curve_size`` (AUC
 
     streamrec bench llatte [--quick] [--n 60000] [--lengths 4,8,16,32,64] [--sizes 16x1,32x1,64x1,16x2,32x2,64x2]
 
-Measured (docs/users.md): at 120k impressions the curve is flat (-0.006 AUC points per doubling of the length,
--0.34 per doubling of the parameters), the user model is data-starved (its own click AUC 0.60-0.66, best for the
-smallest), and LoopFM carries +0.18 points of its effect to the VMs.
+Measured (docs/users.md), 60k impressions: with the transformer-only user model the curve was flat (+0.03 AUC
+points per doubling of the length, lift -0.06 points, its own click AUC 0.60-0.61); with the reader path
+(trainer/users/model.py) the FM gains +3.61 points at the largest size, +0.65 points per doubling of the length
+(0.704 at 4 events, 0.730 at 64), the size curve still flat (+0.03 per doubling of the parameters), the user
+model's own click AUC 0.67-0.71; LoopFM carries it to the VMs: +4.07 points (VM + LoopFM 0.664 -> 0.705).
 """
 
 from __future__ import annotations
@@ -77,9 +79,10 @@ VM = TrainerConfig(role="vm", batch_size=BATCH, device="cpu", user_model=False, 
                    embedding_dim=8, history_len=2, cat_slots=2)
 AD_BUCKETS = 20_011  # the user model's hashed ad rows (300 ads: few collisions)
 # the user model learns slowly from a stream this short: at the service's defaults (lr 3e-3, one step per ranker
-# batch of 256) its own click AUC was 0.546 after 30k impressions; lr 1e-2 with 4 steps of 64 per ranker batch
-# 0.590 (0.615 after 120k). A recency-weighted pooling of the sequence's ad embeddings beside the [USER] token
-# gave the same (0.591): the limit is data, not the architecture (docs/users.md)
+# batch of 256) the transformer-only model's own click AUC was 0.546 after 30k impressions; lr 1e-2 with 4 steps
+# of 64 per ranker batch 0.590 (0.615 after 120k), at every length and width. The limit was the architecture:
+# with the reader path (trainer/users/model.py: a weighted mean of the sequence's ad embeddings in the ad
+# table's space, the transformer through a gain starting at 0) it is 0.675 after 30k (docs/users.md)
 USER_LR, USER_BATCH = 1e-2, 64
 VM_GROUPS: tuple[tuple[str, ...], ...] = (("feed",), ("stories",), ("video",), ("search", "display"))
 

@@ -117,7 +117,8 @@ def test_fm_embeddings_carry_the_user_model_vectors():
     users = {i: v for r in recs if r.kind == "user" for i, v in zip(r.ids, np.reshape(r.vectors, (-1, 20)))}
     ads = {i: v for r in recs if r.kind == "ad" for i, v in zip(r.ids, np.reshape(r.vectors, (-1, 20)))}
     for j, u in enumerate(uids):
-        np.testing.assert_allclose(users[u][16:], uvecs[j] if j < len(uids) - 1 else 0.0)
+        # scaled by 1 / sqrt(user_dim): the pair's inner product is the user model's affinity logit
+        np.testing.assert_allclose(users[u][16:], uvecs[j] / 2.0 if j < len(uids) - 1 else 0.0)
     for a, v in ads.items():
         np.testing.assert_allclose(v[16:], view.ad_table[ad_rows(np.array([a]), 50)[0]].numpy(), rtol=1e-6)
 

@@ -58,7 +58,9 @@ def test_every_submitted_example_reaches_the_histories_once_and_the_view_follows
         cos_raw = (raw[pairs[:, 0]] * raw[pairs[:, 1]]).sum(1).mean()
         idx = w.svc.index.get(users)
         cos_idx = (idx[pairs[:, 0]] * idx[pairs[:, 1]]).sum(1).mean()
-        assert cos_raw > 0.3 and abs(cos_idx) < 0.1, (cos_raw, cos_idx)  # centring removes what all users share
+        # centring removes what all users share (the reader's raw vectors are means of the ads users engaged
+        # with: popular ads are shared, ~0.13 here; the transformer-only model's shared ~0.97 of cosine)
+        assert cos_raw > 0.1 and abs(cos_idx) < 0.1 and cos_raw > 5 * abs(cos_idx), (cos_raw, cos_idx)
         ad = w.svc.model.ad_vectors(np.zeros(1, np.int64))
         np.testing.assert_allclose(f[:, DIM:], f[:, :DIM] * ad, rtol=1e-6)
         unknown = w.view.features(np.array([10**12]), np.array([1]))
@@ -103,10 +105,12 @@ def test_state_round_trip_restores_model_histories_index_and_view(examples):
         ads = np.array([e.impression.ad_id for e in examples[:len(users)]])
         np.testing.assert_array_equal(a.view.features(users, ads), b.view.features(users, ads))
         assert b.svc.history.get(int(users[0])) == a.svc.history.get(int(users[0]))
-        # both continue identically from the same state
-        a.svc.process(examples[1500:1600])
-        b.svc.process(examples[1500:1600])
-        a.svc.refresh(), b.svc.refresh()
+        # both continue identically from the same state (under the workers' locks: an idle worker thread
+        # refreshes on its own every refresh period, and must not encode while the model trains)
+        for w in (a, b):
+            with w._lock:
+                w.svc.process(examples[1500:1600])
+                w.svc.refresh()
         np.testing.assert_array_equal(a.view.features(users, ads), b.view.features(users, ads))
         b.close()
         frozen = UserVectors.from_state(a.view.state())

@@ -160,3 +160,65 @@ def test_raw_events_refresh_the_user_vector():
     assert not np.allclose(svc.index.get(np.array([5])), v0)  # the click entered the sequence
     with pytest.raises(ValueError, match="index.dim 4 != model.dim 8"):
         UserModelService(UserServiceConfig(model=UserModelConfig(dim=8), index=AnnConfig(dim=4)))
+
+
+def _transformer_only(model) -> None:
+    """The model as it was before the reader path: reader weights 0 (frozen), the transformer's gain 1."""
+    with torch.no_grad():
+        model.tower.read.weight.zero_()
+        model.tower.tf_gain.fill_(1.0)
+    model.tower.read.weight.requires_grad_(False)
+    model.tower.tf_gain.requires_grad_(False)
+
+
+def test_the_reader_learns_the_sessions_world_where_the_transformer_alone_did_not(one_thread):
+    """The user model's own progressive click AUC on bench llatte's world (second half of 8k impressions): the
+    reader path (on by default) against the transformer alone (the first version, stuck near 0.55-0.59)."""
+    from benchmarks._simulated import example_stream, truth_arrays
+    from benchmarks.llatte import AD_BUCKETS, SEED, WORLD
+
+    sim = simulate(GeneratorConfig(n_impressions=8000, seed=SEED, **WORLD))
+    truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
+    order = np.array([int(e.example_id.rsplit("-", 1)[1]) for e in exs])
+    auc = {}
+    for name in ("reader", "transformer only"):
+        svc = UserModelService(UserServiceConfig(
+            model=UserModelConfig(dim=16, max_len=16, ad_buckets=AD_BUCKETS, lr=1e-2),
+            history=HistoryConfig(max_len=16), index=AnnConfig(dim=16, kind="numpy"), refresh_every_s=3600))
+        if name != "reader":
+            _transformer_only(svc.model)
+        p = np.concatenate([svc.process(exs[j:j + 64])["p_click"] for j in range(0, len(exs), 64)])
+        y = truth["click"][order]
+        late = truth["ts"][order] >= np.median(truth["ts"])
+        auc[name] = roc_auc(y[late], p[late])
+    assert auc["reader"] > auc["transformer only"] + 0.015, auc
+
+
+def test_a_state_from_before_the_reader_loads_as_the_transformer_it_was():
+    from trainer.users.model import NEW_PARAMS, UserModel
+
+    examples, _ = _traffic(600)
+    svc = UserModelService(UserServiceConfig(model=UserModelConfig(dim=8, max_len=8, ad_buckets=1000),
+                                             index=AnnConfig(dim=8, kind="numpy"), refresh_every_s=3600))
+    _transformer_only(svc.model)
+    svc.process(examples[:300])
+    svc.process(examples[300:])
+    st = svc.model.state()
+    # what the first version wrote: no reader parameters in the tower, none in the dense optimiser's state
+    names = svc.model._dense_names
+    keep = [j for j, k in enumerate(names) if k not in NEW_PARAMS]
+    old = {**st, "tower": {k: v for k, v in st["tower"].items() if k not in NEW_PARAMS},
+           "opt_dense": {"state": {i: st["opt_dense"]["state"][j] for i, j in enumerate(keep)},
+                         "param_groups": [{**st["opt_dense"]["param_groups"][0], "params": list(range(len(keep)))}]}}
+    back = UserModel(svc.model.cfg)
+    back.load_state(old)
+    assert float(back.tower.tf_gain) == 1.0 and not back.tower.read.weight.any()
+    imps = [e.impression for e in examples[:50]]
+    s = svc.history.sequences([i.user_id for i in imps], [i.ts for i in imps], max_len=8)
+    np.testing.assert_array_equal(back.encode(s), svc.model.encode(s))
+    moments = back.opt_dense.state_dict()["state"]
+    for j in keep:  # every other parameter keeps its Adam moments, under its new index
+        torch.testing.assert_close(moments[j]["exp_avg"], st["opt_dense"]["state"][j]["exp_avg"])
+    with pytest.raises(ValueError, match="dense parameters"):
+        UserModel(svc.model.cfg).load_state({**old, "opt_dense": {**old["opt_dense"], "param_groups": [
+            {**old["opt_dense"]["param_groups"][0], "params": keep[:-1]}]}})
