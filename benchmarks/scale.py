@@ -1,6 +1,6 @@
 """The trainer across ranks: 1 rank against 2 on this machine, and a cost model extrapolated to 8 GPUs and 4 hosts.
 
-Each rank is a forked process with ONE torch thread and gloo over localhost, running what a rank of
+Each rank is a spawned process with ONE torch thread and gloo over localhost, running what a rank of
 ``streamrec train --nproc N`` runs per step (trainer/distributed.py): featurize its share of the global batch,
 forward and backward through the model with row-wise sharded embedding tables (trainer/sharded.py: all-to-all
 of ids, of partial pooled sums and of their gradients), one all-reduce of the dense gradients, the optimizers.
@@ -98,7 +98,7 @@ def _rank(rank: int, world: int, port: int, chunks: list, tcfg: TrainerConfig, q
 
 
 def run(world: int, per_rank: list[list], tcfg: TrainerConfig) -> dict:
-    ctx, port = mp.get_context("fork"), _free_port()
+    ctx, port = mp.get_context("spawn"), _free_port()  # fork after torch threads ran can deadlock the child
     q = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, world, port, per_rank[r], tcfg, q)) for r in range(max(world, 1))]
     for p in procs:

@@ -44,6 +44,7 @@ def _sharded_rank(rank: int, world: int, port: int, q) -> None:
     from trainer.embeddings import TorchEmbeddings
     from trainer.sharded import ShardedEmbeddings
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # both ranks build the same reference (spawned: nothing inherited)
     T, R, D, B = 3, 50, 4, 8
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(0, 4, (T * 2 * B,), generator=g)  # the global batch: 2B bags per table
@@ -80,9 +81,9 @@ def _free_port() -> int:
 
 
 def test_sharded_embeddings_match_one_process():
-    """Two forked ranks, each with half of the bags: pooled vectors and the row-wise Adagrad update of every
+    """Two spawned ranks, each with half of the bags: pooled vectors and the row-wise Adagrad update of every
     row equal one process's over the whole batch."""
-    ctx, port = mp.get_context("fork"), _free_port()
+    ctx, port = mp.get_context("spawn"), _free_port()  # fork after torch threads ran can deadlock the child
     q = ctx.Queue()
     procs = [ctx.Process(target=_sharded_rank, args=(r, 2, port, q)) for r in range(2)]
     for p in procs:
