@@ -34,6 +34,8 @@ throughput and latency figures are its own.
 
 from __future__ import annotations
 
+import datetime
+
 import logging
 import os
 import time
@@ -110,8 +112,8 @@ class DistributedTrainer(Trainer):
             bad.append("--export-dir / --publish-dir: a rank holds 1/W of the tables; publish from one process")
         if bad:
             raise ValueError(f"--nproc {self.world}: " + "; ".join(bad))
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
+        if not dist.is_initialized():  # a collective stuck on a dead peer fails after 2 minutes, not gloo's 30
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
         with sharded_tables():  # this rank's shard only, never the whole tables
             super().__init__(cfg, resume=False, record_ids=record_ids, export_dir="", publish_dir="")
         lr, tc = self.learner, self.tc
