@@ -45,6 +45,7 @@ from collections import OrderedDict, deque
 import numpy as np
 
 from streams import schema
+from streams.bus.feed import TopicFeed
 
 log = logging.getLogger("streamrec.loopfm")
 
@@ -227,58 +228,12 @@ class FMEmbeddingStore:
         return out
 
 
-class FMEmbeddingConsumer:
+class FMEmbeddingConsumer(TopicFeed):
     """A daemon thread feeding ``store`` from ``cfg.topics.fm_embeddings`` (every partition from the
-    beginning; see the module docstring), refused records to ``cfg.topics.dead_letters``.
+    beginning; see the module docstring), refused records to ``cfg.topics.dead_letters`` (step :data:`STEP`).
     ``start()``, ``stop()`` (joins; idempotent); ``error``: what stopped the thread, if anything did."""
 
     def __init__(self, cfg, store: FMEmbeddingStore, poll_s: float = 0.2):
-        self.cfg, self.store, self.poll_s = cfg, store, poll_s
-        self.messages = 0
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="loopfm-consumer", daemon=True)
-
-    def start(self) -> "FMEmbeddingConsumer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        from streams.bus import kafka_io
-
-        cfg = self.cfg
-        bs = cfg.kafka.bootstrap_servers
-        try:
-            consumer = kafka_io.make_consumer(bs, "streamrec-loopfm", cfg.kafka.client)
-            producer = kafka_io.make_producer(bs, cfg.kafka.client)
-        except BaseException as e:  # noqa: BLE001 - the trainer goes on without FM vectors (misses counted)
-            log.exception("LoopFM consumer could not start")
-            self.error = e
-            return
-        try:
-            consumer.assign(kafka_io.topic_partitions([cfg.topics.fm_embeddings], cfg.topics.partitions))
-            while not self._stop.is_set():
-                for m in consumer.consume(num_messages=500, timeout=self.poll_s):
-                    err = m.error()
-                    if err is not None:
-                        kafka_io.consumer_error(err, "loopfm consumer", log)
-                        continue
-                    self.messages += 1
-                    now_ms = int(time.time() * 1000)
-                    reason = self.store.apply_raw(m.value() or b"", now_ms)
-                    if reason is not None:
-                        dl = schema.dead_letter(reason, m.value() or b"", topic=m.topic(), partition=m.partition(),
-                                                offset=m.offset(), ts=now_ms, step=STEP)
-                        kafka_io.produce(producer, cfg.topics.dead_letters, schema.encode(dl))
-                producer.poll(0)
-        except BaseException as e:  # noqa: BLE001 - logged; the trainer keeps training on what it has
-            log.exception("LoopFM consumer stopped")
-            self.error = e
-        finally:
-            consumer.close()
-            kafka_io.flush_all(producer, "loopfm dead letters", log)
+        super().__init__(cfg, cfg.topics.fm_embeddings, store.apply_raw, group="streamrec-loopfm", step=STEP,
+                         name="loopfm", poll_s=poll_s)
+        self.store = store

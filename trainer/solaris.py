@@ -55,7 +55,6 @@ from __future__ import annotations
 import heapq
 import logging
 import sys
-import threading
 import time
 from collections import Counter, OrderedDict, deque
 from typing import Sequence
@@ -66,6 +65,7 @@ import torch
 from config import Config, SolarisConfig
 from embedding_store.pair_cache import PairCache
 from streams import schema
+from streams.bus.feed import TopicFeed
 
 log = logging.getLogger("streamrec.solaris")
 
@@ -265,61 +265,15 @@ def publish_records(version: int, ts_ms: int, imps: Sequence[schema.Impression],
 
 
 # ---- the VM's side: the cache fed from topics.solaris_pairs -------------------------------------------------
-class SolarisConsumer:
+class SolarisConsumer(TopicFeed):
     """A daemon thread feeding ``cache`` from ``cfg.topics.solaris_pairs`` (every partition from the beginning,
     no consumer group: records older than the TTL are skipped as they arrive), refused records to
     ``cfg.topics.dead_letters`` (step :data:`STEP`). ``start()``, ``stop()``; ``error``: what stopped it."""
 
     def __init__(self, cfg: Config, cache: PairCache, poll_s: float = 0.2):
-        self.cfg, self.cache, self.poll_s = cfg, cache, poll_s
-        self.messages = 0
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="solaris-consumer", daemon=True)
-
-    def start(self) -> "SolarisConsumer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        from streams.bus import kafka_io
-
-        cfg = self.cfg
-        bs = cfg.kafka.bootstrap_servers
-        try:
-            consumer = kafka_io.make_consumer(bs, "streamrec-solaris", cfg.kafka.client)
-            producer = kafka_io.make_producer(bs, cfg.kafka.client)
-        except BaseException as e:  # noqa: BLE001 - the trainer goes on without pairs (misses counted)
-            log.exception("SOLARIS consumer could not start")
-            self.error = e
-            return
-        try:
-            consumer.assign(kafka_io.topic_partitions([cfg.topics.solaris_pairs], cfg.topics.partitions))
-            while not self._stop.is_set():
-                for m in consumer.consume(num_messages=500, timeout=self.poll_s):
-                    err = m.error()
-                    if err is not None:
-                        kafka_io.consumer_error(err, "solaris consumer", log)
-                        continue
-                    self.messages += 1
-                    now_ms = int(time.time() * 1000)
-                    reason = self.cache.apply_raw(m.value() or b"", now_ms)
-                    if reason is not None:
-                        dl = schema.dead_letter(reason, m.value() or b"", topic=m.topic(), partition=m.partition(),
-                                                offset=m.offset(), ts=now_ms, step=STEP)
-                        kafka_io.produce(producer, cfg.topics.dead_letters, schema.encode(dl))
-                producer.poll(0)
-        except BaseException as e:  # noqa: BLE001 - logged; the trainer keeps training on what it has
-            log.exception("SOLARIS consumer stopped")
-            self.error = e
-        finally:
-            consumer.close()
-            kafka_io.flush_all(producer, "solaris dead letters", log)
+        super().__init__(cfg, cfg.topics.solaris_pairs, cache.apply_raw, group="streamrec-solaris", step=STEP,
+                         name="solaris", poll_s=poll_s)
+        self.cache = cache
 
 
 class Solaris:
