@@ -375,7 +375,7 @@ def run_chaos(cfg: Config, data_dir: Path, *, events: int, rate: float, rounds: 
     tail: _ExampleTail | None = None
     try:
         cfg = stack.start()
-        watcher = StatsWatcher(cfg)
+        watcher = StatsWatcher(cfg, expect_arms=stack.trainer_arms)
         producer = _Producer(cfg, records, rate)
         producer.start()
         if not with_fm:

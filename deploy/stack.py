@@ -111,6 +111,9 @@ class LocalStack:
         self.storage_port: int | None = None
         self.sup: Supervisor | None = None
         self.status: StatusPublisher | None = None
+        # the arms (ServiceStats instances) of the trainers start() runs: a run is done when every one has taken
+        # every example (StatsWatcher.trained), not only those that reported so far
+        self.trainer_arms: tuple[str, ...] = (cfg.trainer.arm,)
 
     @property
     def durable(self) -> bool:
@@ -164,13 +167,16 @@ class LocalStack:
         self.sup.start(Child("stats", ["stats", "--recovery-dir", str(self.dirs["stats"])]))
         if self.with_fm:
             self.sup.start(Child("distill", ["distill"]))  # recovery: distill.recovery_dir, set above
-            for name, path in self._fm_configs(cfg):
+            fm = self._fm_configs(cfg)
+            self.trainer_arms = tuple(name.removeprefix("trainer-") for name, _ in fm)
+            for name, path in fm:
                 self.sup.start(Child(name, train + self.trainer_args, program=self._program(path),
                                      restart_args=["train", "--resume", *self.trainer_args]))
         elif not self.serve:
             self.sup.start(Child("trainer", train + self.trainer_args,
                                  restart_args=["train", "--resume", *self.trainer_args]))
         else:
+            self.trainer_arms = tuple(a.name for a in cfg.serving.arms)
             for name, path in self._arm_configs(cfg):
                 self.sup.start(Child(name, train + self.trainer_args, program=self._program(path),
                                      restart_args=["train", "--resume", *self.trainer_args]))
@@ -256,8 +262,8 @@ class StatsWatcher:
     slowest arm's progress.
     """
 
-    def __init__(self, cfg: Config, since_ms: int = 0):
-        self.cfg, self.since_ms = cfg, since_ms
+    def __init__(self, cfg: Config, since_ms: int = 0, expect_arms: tuple[str, ...] = ()):
+        self.cfg, self.since_ms, self.expect_arms = cfg, since_ms, tuple(expect_arms)
         self.consumer = kafka_io.make_consumer(cfg.kafka.bootstrap_servers, "streamrec-up", cfg.kafka.client)
         self.consumer.assign(kafka_io.topic_partitions([cfg.topics.service_stats], cfg.topics.partitions))
         self.latest: dict[str, dict[str, float]] = {}
@@ -286,7 +292,10 @@ class StatsWatcher:
     def trained(self) -> float:
         """This run's examples taken by the slowest trainer (arm): trained, plus those it only scored because
         another arm served them (``learn_from: own``) and those outside a vertical model's domains: every
-        example has then reached every arm."""
+        example has then reached every arm. 0 while an arm of ``expect_arms`` has not reported yet (a slow
+        trainer that has not started is not done)."""
+        if any(not self.arms.get(a, ({}, {}))[0] for a in self.expect_arms):
+            return 0.0
         done = []
         for latest, base in self.arms.values():
             if not latest:

@@ -150,7 +150,7 @@ def up(args, cfg: Config) -> int:
         sup = stack.sup
         url = f"http://{cfg.dashboard.host}:{cfg.dashboard.port}/"
         print(f"dashboard: {url}   (logs: {run_dir})", file=sys.stderr)
-        watcher = StatsWatcher(cfg, since_ms=started_ms)
+        watcher = StatsWatcher(cfg, since_ms=started_ms, expect_arms=stack.trainer_arms)
         seed = args.seed if args.seed is not None else stack.next_seed()
         if not args.replay:
             print(f"generating {args.events:,} impressions (seed {seed}, scenario {args.scenario})", file=sys.stderr)
