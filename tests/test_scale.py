@@ -143,8 +143,21 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.skip(reason="quarantined: in a full-suite run torchrun's restart after the SIGKILL did not finish within "
-                         "180 s once (it passes alone, 5 runs in a row); issue 19 stays open on it")
+def test_a_rank_whose_group_does_not_form_exits_for_a_restart(tmp_path):
+    """The watchdog of trainer.distributed.init_group: rank 0 of 2 with no peer ever joining exits with
+    EXIT_GROUP_TIMEOUT (torchrun then starts the group again) instead of waiting forever."""
+    import subprocess
+    from trainer.distributed import EXIT_GROUP_TIMEOUT
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "2"}
+    code = "from trainer.distributed import init_group; init_group(0, 2, form_timeout_s=2.0)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == EXIT_GROUP_TIMEOUT, r.stderr[-2000:]
+    assert "did not form within 2 s" in r.stderr
+
+
 def test_two_ranks_sigkill_one_restarts_group_exactly_once(cfg, tmp_path):
     """`streamrec train --nproc 2`, SIGKILL of rank 1 mid-stream: torchrun restarts both ranks from the last
     complete checkpoint directory; in the end every example was trained exactly once, over both ranks."""
@@ -166,7 +179,7 @@ def test_two_ranks_sigkill_one_restarts_group_exactly_once(cfg, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMREC_", "MALLOC_"))}
     proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(config_path), "train", "--nproc",
                              "2", "--idle-exit", "2", "--record-trained-ids"], cwd=ROOT, env=env,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert _wait(lambda: len(checkpoint.dist_checkpoints(ckpt_dir)) >= 1, 90), log.read_text()[-3000:]
         agents = _children(proc.pid)
@@ -176,10 +189,12 @@ def test_two_ranks_sigkill_one_restarts_group_exactly_once(cfg, tmp_path):
         # the group is down now (the agent takes seconds to start it again): the checkpoint it restarts from
         before = checkpoint.load_dist_latest(ckpt_dir, 2, 0)[1]["dist"]["global_trained"]
         assert proc.wait(180) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    finally:  # the launcher, torchrun's agent and the ranks: the whole session, never a rank left behind
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     assert 0 < before < N, "the kill must land mid-stream"
     text = log.read_text()
     assert "resumed from" in text, text[-3000:]  # the group restarted from a checkpoint

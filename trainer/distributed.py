@@ -38,6 +38,7 @@ import datetime
 
 import logging
 import os
+import threading
 import time
 
 import msgspec
@@ -57,6 +58,40 @@ log = logging.getLogger("streamrec.trainer")
 STATS_EVERY_S = 1.0
 LOG_EVERY_S = 10.0
 _FLAGS = ("examples", "stop", "checkpoint_due", "idle")
+GROUP_FORM_TIMEOUT_S = 60.0  # joining the group takes well under a second when the peers are up
+EXIT_GROUP_TIMEOUT = 75  # a rank's exit code when its group did not form in time (init_group)
+
+
+def init_group(rank: int, world: int, form_timeout_s: float = GROUP_FORM_TIMEOUT_S) -> None:
+    """Join the gloo group of this restart attempt; a collective stuck on a dead peer fails after 2 minutes
+    (gloo's default: 30).
+
+    Each attempt's group lives under its own prefix of the rendezvous store (``TORCHELASTIC_RESTART_COUNT``):
+    torchrun's store outlives a restart, and without the prefix a restarted rank read its peer's address of
+    the attempt before (the SIGKILLed rank's port) and either failed (``connectFullMesh ... Connection refused``)
+    or waited forever for a connection from a dead peer, restart after restart. Forming the group also has a
+    watchdog: a rank whose group has not formed within ``form_timeout_s`` exits with
+    :data:`EXIT_GROUP_TIMEOUT`, so the agent starts the group again (one of ``--max-restarts``) rather than
+    hanging."""
+    formed = threading.Event()
+
+    def watchdog() -> None:
+        if not formed.wait(form_timeout_s):
+            log.error("rank %d/%d: the process group did not form within %.0f s (gloo could not connect the ranks); "
+                      "exiting %d so that torchrun starts the group again", rank, world, form_timeout_s,
+                      EXIT_GROUP_TIMEOUT)
+            logging.shutdown()
+            os._exit(EXIT_GROUP_TIMEOUT)
+
+    threading.Thread(target=watchdog, name="group-watchdog", daemon=True).start()
+    timeout = datetime.timedelta(seconds=120)
+    try:
+        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"streamrec/attempt-{attempt}", store)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    finally:
+        formed.set()
 
 
 def world_from_env() -> tuple[int, int]:
@@ -112,8 +147,8 @@ class DistributedTrainer(Trainer):
             bad.append("--export-dir / --publish-dir: a rank holds 1/W of the tables; publish from one process")
         if bad:
             raise ValueError(f"--nproc {self.world}: " + "; ".join(bad))
-        if not dist.is_initialized():  # a collective stuck on a dead peer fails after 2 minutes, not gloo's 30
-            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+        if not dist.is_initialized():
+            init_group(self.rank, self.world)
         with sharded_tables():  # this rank's shard only, never the whole tables
             super().__init__(cfg, resume=False, record_ids=record_ids, export_dir="", publish_dir="")
         lr, tc = self.learner, self.tc
