@@ -313,11 +313,23 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cluster: str = ""
 
 
+class AlertOverride(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An operator's change to one alert rule (``dashboard.alerts.<rule id>``); unset fields keep the rule's."""
+
+    threshold: float | None = None
+    window_s: int | None = None
+
+    def __post_init__(self):
+        if self.window_s is not None and self.window_s < 10:
+            raise ConfigError(f"dashboard.alerts: window_s {self.window_s} must be at least 10 (seconds)")
+
+
 class DashboardConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8050
     refresh_s: float = 2.0
     window_minutes: int = 60
+    alerts: dict[str, AlertOverride] = {}  # rule id -> threshold / window_s (dashboards/alerts.py RULES)
 
 
 class ArmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

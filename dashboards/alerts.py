@@ -16,7 +16,9 @@ shorter run, the halves of what there is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from dashboards import queries as q
 from dashboards.store import Store
@@ -87,9 +89,9 @@ GROUP BY series"""
 # the smallest backlog (examples labelled, not yet trained) over the window, from 10 s buckets: it fires once
 # the trainer stayed that far behind the whole window, not on the burst a finite log's end releases at once
 # (`up --events 100000` hands the trainer ~100k examples together; it works them off in ~15 s). A window with
-# fewer than 6 buckets (a stack younger than a minute) says 0
+# fewer 10 s buckets than the window holds (a stack younger than the window) says 0
 _BACKLOG = f"""
-SELECT 'trainer' AS series, if(count() >= 6, min(backlog), 0) AS value
+SELECT 'trainer' AS series, if(count() >= intDiv($WINDOW_S, 10), min(backlog), 0) AS value
 FROM ({q.backlog("intDiv(toUnixTimestamp(ts), 10)")})"""
 BACKLOG_ALERT = 20_000  # examples; a healthy trainer's steady backlog is its rate x its latency (~2k/s x 0.2 s here)
 # long-running components silent for longer than the threshold: crashed, hung, or cut off from the broker
@@ -137,12 +139,25 @@ RULES: dict[str, AlertRule] = {r.id: r for r in (
 )}
 
 
+def configured(overrides: Mapping[str, Any] | None = None) -> dict[str, AlertRule]:
+    """:data:`RULES` with the operator's ``dashboard.alerts`` overrides (threshold, window_s) applied; an
+    unknown rule id is an error naming the known ones."""
+    rules = dict(RULES)
+    for rid, o in (overrides or {}).items():
+        if rid not in rules:
+            raise ValueError(f"dashboard.alerts: unknown rule {rid!r} (known: {', '.join(sorted(RULES))})")
+        changes = {k: getattr(o, k) for k in ("threshold", "window_s") if getattr(o, k) is not None}
+        rules[rid] = replace(rules[rid], **changes)
+    return rules
+
+
 def evaluate(store: Store, domain: str = "", rules: dict[str, AlertRule] | None = None) -> list[dict]:
     """Every rule's rows now: ``{"rule", "title", "severity", "series", "value", "threshold", "firing"}``;
     a rule whose query fails reports ``error`` instead of rows."""
     out = []
     for rule in (rules or RULES).values():
-        params = {**q.live_parameters(rule.window_s / 60, domain), "ref_shift_s": rule.ref_shift_s}
+        params = {**q.live_parameters(rule.window_s / 60, domain), "window_s": rule.window_s,
+                  "ref_shift_s": rule.ref_shift_s}
         base = {"rule": rule.id, "title": rule.title, "severity": rule.severity, "threshold": rule.threshold,
                 "op": rule.op, "panel": rule.panel, "summary": rule.summary}
         try:

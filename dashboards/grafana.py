@@ -140,14 +140,16 @@ def export(out_dir: Path, cfg: Config) -> list[Path]:
     path.write_text(json.dumps(datasource_json(url, cfg.metrics.database), indent=2) + "\n")
     files.append(path)
     path = out_dir / "alert-rules.json"
-    path.write_text(json.dumps(alert_rules_json(cfg.metrics.database), indent=2) + "\n")
+    path.write_text(json.dumps(alert_rules_json(cfg.metrics.database, cfg.dashboard.alerts), indent=2) + "\n")
     files.append(path)
     return files
 
 
-def alert_rules_json(database: str) -> list[dict]:
-    """Every rule of :data:`dashboards.alerts.RULES` as a Grafana provisioning payload (folder ``streamrec``)."""
-    return [alerts.grafana_alert_rule(r, database, FOLDER_UID, DATASOURCE_UID) for r in alerts.RULES.values()]
+def alert_rules_json(database: str, overrides=None) -> list[dict]:
+    """Every rule of :data:`dashboards.alerts.RULES` (with ``dashboard.alerts`` overrides) as a Grafana
+    provisioning payload (folder ``streamrec``)."""
+    return [alerts.grafana_alert_rule(r, database, FOLDER_UID, DATASOURCE_UID)
+            for r in alerts.configured(overrides).values()]
 
 
 def _credential() -> str | tuple[str, str] | None:
@@ -158,7 +160,8 @@ def _credential() -> str | tuple[str, str] | None:
     return None  # grafana-client then uses user:password from the URL, if any
 
 
-def push(grafana_url: str, clickhouse_url: str, database: str, *, timeout: float = 10.0) -> dict[str, Any]:
+def push(grafana_url: str, clickhouse_url: str, database: str, *, timeout: float = 10.0,
+         alert_overrides=None) -> dict[str, Any]:
     """Create or update the data source, then every dashboard; returns what Grafana answered."""
     from grafana_client import GrafanaApi
     from grafana_client.client import GrafanaClientError
@@ -182,7 +185,7 @@ def push(grafana_url: str, clickhouse_url: str, database: str, *, timeout: float
             "dashboard": grafana_dashboard_json(dash, database), "folderUid": FOLDER_UID, "overwrite": True,
             "message": "provisioned by streamrec dashboards push"})
     rules = {}
-    for rule in alert_rules_json(database):
+    for rule in alert_rules_json(database, alert_overrides):
         uid = rule["uid"]
         if _exists(lambda: g.alertingprovisioning.get_alertrule(uid)):
             g.alertingprovisioning.update_alertrule(uid, rule)
@@ -219,7 +222,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
               f"--clickhouse-url http(s)://host:8123 (got {clickhouse_url or 'the embedded chDB store'!r})",
               file=sys.stderr)
         return 2
-    res = push(args.grafana_url, clickhouse_url, cfg.metrics.database)
+    res = push(args.grafana_url, clickhouse_url, cfg.metrics.database, alert_overrides=cfg.dashboard.alerts)
     print(f"grafana {res['grafana_version']}: data source {DATASOURCE_UID} {res['datasource']}; dashboards: "
           + ", ".join(f"{k} -> {a.get('url', a.get('status', '?')) if isinstance(a, dict) else a}"
                       for k, a in res["dashboards"].items())

@@ -80,6 +80,7 @@ def _params(request: Request, default_minutes: float) -> dict[str, object]:
 
 def make_app(cfg: Config, store: Store, sink: MetricsSink | None = None) -> Starlette:
     """The ASGI app answering the page's queries from ``store``."""
+    rules = alerts.configured(cfg.dashboard.alerts)
 
     def index(request: Request):
         return FileResponse(STATIC / "index.html")
@@ -88,7 +89,7 @@ def make_app(cfg: Config, store: Store, sink: MetricsSink | None = None) -> Star
         return JSONResponse({"dashboards": {k: d.to_json() for k, d in DASHBOARDS.items()},
                              "refresh_s": cfg.dashboard.refresh_s, "window_minutes": cfg.dashboard.window_minutes,
                              "domains": list(schema.DOMAINS),
-                             "alerts": [r.to_json() for r in alerts.RULES.values()]})
+                             "alerts": [r.to_json() for r in rules.values()]})
 
     def panel(request: Request):
         dash = DASHBOARDS.get(request.query_params.get("dashboard", "overview"))
@@ -116,7 +117,7 @@ def make_app(cfg: Config, store: Store, sink: MetricsSink | None = None) -> Star
             domain = _params(request, cfg.dashboard.window_minutes)["domain"]
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, 400)
-        states = alerts.evaluate(store, str(domain))
+        states = alerts.evaluate(store, str(domain), rules)
         states.sort(key=lambda a: (not a["firing"], a["severity"] != "critical", a["rule"], str(a["series"])))
         bus = sink.bus_status() if sink is not None else None
         return JSONResponse({"alerts": states, "firing": sum(a["firing"] for a in states), "bus": bus,

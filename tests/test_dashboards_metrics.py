@@ -241,3 +241,31 @@ def test_feature_stats_topic_follows_the_config():
     assert feature_stats_topic(cfg) == "feature_stats"
     cfg = load_config(env={}, topics={"feature_stats": "t9_feature_stats"})
     assert feature_stats_topic(cfg) == "t9_feature_stats"
+
+
+def test_operator_alert_overrides_change_the_page_and_grafana_rules(store):
+    """``dashboard.alerts``: a shorter backlog window fires on 20 s of backlog that the default minute ignores;
+    the Grafana export carries the same window and threshold; an unknown rule id is refused."""
+    from dashboards.grafana import alert_rules_json
+    from dashboards.sink import stats_rows
+
+    cfg = load_config(env={}, dashboard={"alerts": {"training_backlog": {"threshold": 5000, "window_s": 20}}})
+    rules = alerts.configured(cfg.dashboard.alerts)
+    assert rules["training_backlog"].window_s == 20 and rules["training_backlog"].threshold == 5000
+    assert rules["quality_drop"] == alerts.RULES["quality_drop"]
+    now = int(time.time() * 1000)
+    stats = [s for dt in (15_000, 5_000) for s in (
+        schema.ServiceStats("labels", now - dt, {"examples_out": 9000.0}, "l-1"),
+        schema.ServiceStats("trainer", now - dt, {"examples_trained": 2000.0}))]
+    store.insert("service_stats", stats_rows(stats))
+
+    def backlog(rs):
+        return next(a for a in alerts.evaluate(store, rules=rs) if a["rule"] == "training_backlog")
+
+    assert backlog(rules)["firing"] and backlog(rules)["value"] == 7000.0, str(backlog(rules))
+    assert not backlog(alerts.RULES)["firing"]  # the default needs a whole minute of backlog
+    exported = {r["uid"]: r for r in alert_rules_json("db", cfg.dashboard.alerts)}["streamrec-training-backlog"]
+    assert exported["data"][0]["relativeTimeRange"]["from"] == 20
+    assert exported["data"][2]["model"]["conditions"][0]["evaluator"]["params"] == [5000]
+    with pytest.raises(ValueError, match="unknown rule 'backlog'.*training_backlog"):
+        alerts.configured({"backlog": cfg.dashboard.alerts["training_backlog"]})
