@@ -1,5 +1,6 @@
-"""Kill -9 of every process of a running stack, the ranking service included, three times in a row: nothing
-lost, nothing applied twice, no impression of an answered ranking request missing."""
+"""Kill -9 of every process of a running stack, the ranking service included, twice in a row (two seeds: the
+kills land at different points of the stream): nothing lost, nothing applied twice, no impression of an
+answered ranking request missing. `streamrec chaos --runs N` repeats it as often as wanted (README)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from config import load_config
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("run", [1, 2, 3])
+@pytest.mark.parametrize("run", [1, 2])
 def test_sigkill_of_each_process_loses_and_doubles_nothing(tmp_path, run):
     r = run_chaos(load_config(env={}), tmp_path, events=6_000, rate=800.0, seed=100 + run, progress=lambda m: None)
     assert [name for name, _ in r.kills] == list(KILL_ORDER)
