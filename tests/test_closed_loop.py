@@ -53,7 +53,7 @@ def test_the_oracle_better_arm_wins_online(tmp_path):
     env = {**os.environ, "STREAMREC_DATA_DIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "deploy.cli", "--config", str(path), "up", "--events", "20000", "--bad-rate", "0",
            "--seed", "0", "--ephemeral", "--exit-when-done", "--port", str(free_port()), "--serve",
-           "--serve-port", str(free_port()), "--serve-seconds", "45", "--serve-rate", "60"]
+           "--serve-port", str(free_port()), "--serve-seconds", "30", "--serve-rate", "90"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL)
     try:
