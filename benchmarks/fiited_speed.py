@@ -76,7 +76,11 @@ def run_steps(emb, consume, batches) -> tuple[float, float]:
 def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default); on a "
+                   "shared machine 1 thread is the steadier comparison")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.getLogger("fbgemm_gpu").setLevel(logging.ERROR)
     torch.manual_seed(0)
     t, r, b, steps = (8, 100_000, 1024, 20) if args.quick else (26, 200_000, 4096, 30)
