@@ -4,6 +4,7 @@ shared rows; the kernel switch; the build cache."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,13 +59,17 @@ def placed(kernel: str, seed: int = 0) -> FiitedEmbeddings:
 
 
 def available() -> list[str]:
-    return ["cpp", "torch"] if kernels.load() else ["torch"]
+    """The C++ kernel must build wherever a compiler is (only a machine without g++ runs the torch path alone)."""
+    if kernels.load():
+        return ["cpp", "torch"]
+    assert shutil.which(kernels.os.environ.get("CXX", "g++")) is None, f"C++ kernel build failed: {kernels._failed}"
+    return ["torch"]
 
 
 @pytest.mark.parametrize("kernel", ["cpp", "torch"])
 def test_kernel_matches_reference_and_fbgemm(kernel):
     if kernel not in available():
-        pytest.skip(f"C++ kernel does not build here: {kernels._failed}")
+        pytest.skip("no C++ compiler here: the torch path only")
     f, old = placed(kernel), placed("fbgemm")
     assert f.kernel == kernel and old.kernel == "fbgemm"
     assert set((f.code.numpy()[f.code.numpy() != 0] >> POOL_SHIFT).tolist()) == set(range(len(CFG.pool_chunks)))
