@@ -5,9 +5,10 @@ Each table has ``rows`` virtual slots (the trainer's hashed ids). A slot's code 
 yet. A lookup gathers the ids' codes and runs one kernel (embedding_store/kernels: C++ on the CPU, torch ops on
 any device) that sums every pool's rows per bag straight into the zero-padded ``(B, T*D)`` output; its backward
 is fused with the row-wise Adagrad update (``FiitedConfig.kernel``; ``fbgemm`` keeps the old path: the pools as
-one fbgemm TBE after a routing sort, per-pool outputs padded by ``_Pad``). Every ``maintain_every`` training steps :meth:`maintain` evicts
-stale unimportant rows, admits ids seen ``admit_hits`` times, and every ``resize_every`` steps moves rows
-between pools under the memory budget (weights truncated or zero-extended, momentum follows the row).
+one fbgemm TBE after a routing sort, per-pool outputs padded by ``_Pad``). Every ``maintain_every`` training
+steps :meth:`maintain` evicts stale unimportant rows, admits ids seen ``admit_hits`` times, and every
+``resize_every`` steps moves rows between pools under the memory budget (weights truncated or zero-extended,
+momentum follows the row).
 
 Shapes: ``indices`` (N,) int64 in [0, rows), ``offsets`` (T*B+1,), bag (t, b) at ``t*B + b``; output (B, T*D).
 """
@@ -186,7 +187,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         return self.cfg.budget * self.num_tables * self.rows * (self.dim + 1) * 4
 
     def _momentum_of(self, slots: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """Row-wise momentum (K,) of private ``slots`` with ``codes``: one gather from the flat TBE buffer."""
+        """Row-wise momentum (K,) of private ``slots`` with ``codes``: one gather from the flat momentum buffer."""
         tp = (slots // self.rows) * len(self.dims) + (codes >> POOL_SHIFT)
         flat = self.pools.momentum_offsets()[tp] + (codes & ROW_MASK)
         return self.pools.m.cpu().numpy()[flat]
@@ -376,7 +377,8 @@ class FiitedEmbeddings(SparseEmbeddings):
         codes = self.code.numpy()[slots].astype(np.int64)
         out = torch.zeros(len(slots), self.dim)
         for t, p, m in self._groups(slots // self.rows, codes >> POOL_SHIFT):
-            out[torch.from_numpy(m), : self.dims[p]] = self.pools.weights(t, p)[torch.from_numpy(codes[m] & ROW_MASK)].cpu()
+            rows = torch.from_numpy(codes[m] & ROW_MASK)
+            out[torch.from_numpy(m), : self.dims[p]] = self.pools.weights(t, p)[rows].cpu()
         return out
 
     def row_momentum(self, t: int, v: int) -> float:

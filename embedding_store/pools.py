@@ -4,10 +4,11 @@ growth and compaction.
 Pool ``(t, p)`` is table ``t*P + p`` of the flat buffers: ``caps[t, p]`` physical rows of ``dims[p]`` float32
 columns (``w`` from ``w_off[t*P+p]``) plus one row-wise Adagrad momentum each (``m`` from ``m_off[t*P+p]``), on
 ``device``. The FIITED kernels (embedding_store/kernels) read and update these buffers; :attr:`tbe` (the old
-path, CPU only) is an fbgemm TBE built on demand whose weight and momentum parameters alias them. ``owner[t][p][row]`` is the virtual slot living in that row (``-1`` free,
-``SHARED`` for row 0 of pool 0: the table's shared row for not-yet-admitted ids). Rebuilding (grow or compact)
-allocates new buffers and copies live rows, so the old buffers are really freed; rows keep their slot (the
-caller rewrites its slot map from the returned ``(slots, codes)``)::
+path, CPU only) is an fbgemm TBE built on demand whose weight and momentum parameters alias them.
+``owner[t][p][row]`` is the virtual slot living in that row (``-1`` free, ``SHARED`` for row 0 of pool 0: the
+table's shared row for not-yet-admitted ids). Rebuilding (grow or compact) allocates new buffers and copies live
+rows, so the old buffers are really freed; rows keep their slot (the caller rewrites its slot map from the
+returned ``(slots, codes)``)::
 
     tables:  (t0,p0) (t0,p1) ... (t0,pP-1) (t1,p0) ...      output columns in the same order, widths dims[p]
 """
