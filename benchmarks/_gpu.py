@@ -7,7 +7,8 @@
 torch ops on CUDA) and a CPU twin (the C++ kernel when it builds), rows placed in every width pool; a few training
 steps of the same batches (duplicates, empty bags, shared rows) on both must agree (``max_out_diff``,
 ``max_row_diff``; ``status: ran`` only when within 1e-4), then ``examples_per_s`` of lookup + update on the
-device. A store that cannot be built on the device is reported as ``status: refused`` with its reason, not
+device against the trainer's fixed-width ``torch`` backend (``TorchEmbeddings``, full width) on the same device
+and batches (``fixed_examples_per_s``, ``ratio``). A store that cannot be built on the device is reported as ``status: refused`` with its reason, not
 raised, so the script goes on.
 
 ``search``: ``--n`` unit user vectors (the FAISS bench's ``tower`` distribution) and ``--queries`` noisy copies;
@@ -65,22 +66,29 @@ def fiited_check(device: torch.device, kernel: str = "auto", tables: int = 4, ro
         twin.step()
     every = np.arange(tables * rows)
     row_diff = float((emb.vectors(every) - twin.vectors(every)).abs().max())
+    from trainer.embeddings import TorchEmbeddings
+
     batches = [(i.to(device), o.to(device)) for i, o in _fiited_batches(rng, steps, tables, rows, batch, rows)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for i, o in batches[:3]:  # warm-up
-        emb(i, o).sum().backward()
-        emb.step()
-    sync()
-    t0 = time.perf_counter()
-    for i, o in batches:
-        emb(i, o).sum().backward()
-        emb.step()
-    sync()
-    wall = time.perf_counter() - t0
+
+    def timed(e) -> float:
+        for i, o in batches[:3]:  # warm-up
+            e(i, o).sum().backward()
+            e.step()
+        sync()
+        t0 = time.perf_counter()
+        for i, o in batches:
+            e(i, o).sum().backward()
+            e.step()
+        sync()
+        return steps * batch / (time.perf_counter() - t0)
+
+    eps, fixed = timed(emb), timed(TorchEmbeddings(tables, rows, emb.dim, 0.05, device))
     ok = out_diff < 1e-4 and row_diff < 1e-4
     return {"bench": "gpu-fiited", "device": device.type, "status": "ran" if ok else "mismatch",
             "kernel": emb.kernel, "twin_kernel": twin.kernel, "max_out_diff": out_diff, "max_row_diff": row_diff,
-            "examples_per_s": round(steps * batch / wall, 1), "tables": tables, "batch": batch}
+            "examples_per_s": round(eps, 1), "fixed_examples_per_s": round(fixed, 1), "ratio": round(eps / fixed, 3),
+            "tables": tables, "batch": batch}
 
 
 def user_search(device: torch.device, n: int = 1_000_000, dim: int = 64, queries: int = 10_000, k: int = 10,

@@ -219,7 +219,7 @@ def test_gpu_script_paths_on_cpu(capsys):
     # FIITED's CUDA path is the torch kernel: run here on the CPU against a CPU twin (the C++ kernel if it builds)
     r = _gpu.fiited_check(torch.device("cpu"), kernel="torch", rows=500, batch=64, steps=3)
     assert r["status"] == "ran" and r["device"] == "cpu" and r["kernel"] == "torch", r
-    assert r["max_out_diff"] < 1e-4 and r["max_row_diff"] < 1e-4 and r["examples_per_s"] > 0
+    assert r["max_out_diff"] < 1e-4 and r["max_row_diff"] < 1e-4 and r["examples_per_s"] > 0 and r["ratio"] > 0
     r = _gpu.fiited_check(torch.device("meta"), kernel="cpp")  # a store that cannot run there: reported, not raised
     assert r["status"] == "refused" and "CPU only" in r["reason"]
     r = _gpu.user_search(torch.device("cpu"), n=2000, dim=16, queries=64, k=10, prefer_faiss_gpu=False)
