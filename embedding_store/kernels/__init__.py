@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from embedding_store.config import POOL_SHIFT, ROW_MASK
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fiited_kernel.cpp")
@@ -145,8 +147,8 @@ def _layout(codes, offsets, woff, moff, dims, B):
                                   output_size=n)
     t = bag // B
     code = codes.long()
-    p = code >> 24
-    row = code & ((1 << 24) - 1)
+    p = code >> POOL_SHIFT
+    row = code & ROW_MASK
     tp = t * dims.numel() + p
     d = dims[p]
     return bag, t, d, woff[tp] + row * d, moff[tp] + row
