@@ -137,6 +137,7 @@ def test_kernel_choice_config_env_and_devices(monkeypatch):
 def test_build_is_cached_keyed_and_atomic(tmp_path, monkeypatch):
     """The library is built once per (source, compile command, torch version) into the cache; a cached library
     is reused without running the compiler. (The compiler is faked here: other tests build the real one.)"""
+    assert f"kPoolShift = {POOL_SHIFT};" in kernels.SOURCE.read_text()  # the C++ decodes the same slot codes
     monkeypatch.setenv("STREAMREC_KERNEL_CACHE", str(tmp_path))
     calls = []
 

@@ -24,7 +24,7 @@
 
 namespace {
 
-constexpr int64_t kPoolShift = 24;
+constexpr int64_t kPoolShift = 24;  // = embedding_store.config.POOL_SHIFT (tests/test_fiited_kernel.py checks)
 constexpr int64_t kRowMask = (int64_t(1) << kPoolShift) - 1;
 // bags / rows per parallel task: a bag or row is tens of floats of work, and waking the thread pool costs more
 // than a small batch's whole pass (much more when other processes share the cores), so small batches run serially
