@@ -154,6 +154,8 @@ class FiitedEmbeddings(SparseEmbeddings):
             return _Pad.apply(out, self.dims, self.num_tables, self._colmap())
         b, _, _, slots = self._prepare(indices, offsets)
         ps, dev = self.pools, self.device
+        if b == 0:  # no bags at all
+            return torch.zeros(0, self.num_tables * self.dim, device=dev)
         codes = self.code[slots].to(dev)  # the ids' (pool, row) codes, gathered now: backward uses these rows
         off = offsets.to(device=dev, dtype=torch.int64)
         return Lookup.apply(self._anchor, self.kernel, ps.w, ps.m, codes, off, ps.w_off, ps.m_off,

@@ -108,6 +108,7 @@ def test_kernel_is_a_no_op_without_grad_and_on_an_empty_batch():
         empty.sum().backward()
         f.step()
         assert y.shape == (B, T * CFG.dim) and torch.equal(f.pools.w, w0)
+        assert f(torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)).shape == (0, T * CFG.dim)
 
 
 def test_kernel_choice_config_env_and_devices(monkeypatch):
