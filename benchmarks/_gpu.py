@@ -1,11 +1,15 @@
 """The GPU check's own steps (scripts/gpu-check.sh; docs/gpu.md), each printing one JSON line; CPU-tested.
 
-    python -m benchmarks._gpu fiited --device cuda     # FIITED on the device: runs, or today's refusal
+    python -m benchmarks._gpu fiited --device cuda     # FIITED on the device (the torch kernel path)
     python -m benchmarks._gpu search --device cuda     # user-vector search on the device
 
-``fiited``: builds the trainer's FIITED embeddings (``fiited_for_trainer``) on the device and runs one lookup and
-update; today it refuses any device but the CPU (its pools are fbgemm host pools; issue 20's kernel work lifts
-that): the refusal is reported as ``status: refused`` with its reason, not raised, so the script goes on.
+``fiited``: the trainer's FIITED embeddings (``fiited_for_trainer``) with pools on the device (kernel ``auto``:
+torch ops on CUDA) and a CPU twin (the C++ kernel when it builds), rows placed in every width pool; a few training
+steps of the same batches (duplicates, empty bags, shared rows) on both must agree (``max_out_diff``,
+``max_row_diff``; ``status: ran`` only when within 1e-4), then ``examples_per_s`` of lookup + update on the
+device against the trainer's fixed-width ``torch`` backend (``TorchEmbeddings``, full width) on the same device
+and batches (``fixed_examples_per_s``, ``ratio``). A store that cannot be built on the device is reported as ``status: refused`` with its reason, not
+raised, so the script goes on.
 
 ``search``: ``--n`` unit user vectors (the FAISS bench's ``tower`` distribution) and ``--queries`` noisy copies;
 FAISS-GPU (``faiss.StandardGpuResources``, an exact ``GpuIndexFlatIP``) when the installed faiss has it, else an
@@ -24,21 +28,67 @@ import numpy as np
 import torch
 
 
-def fiited_check(device: torch.device) -> dict:
+def _fiited_batches(rng, n: int, t: int, rows: int, b: int, hot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Bags of 0-3 ids (empty bags included), ids Zipf-ish below ``hot`` (duplicates in a batch)."""
+    out = []
+    for _ in range(n):
+        lengths = rng.integers(0, 4, t * b)
+        idx = np.minimum(rng.zipf(1.3, int(lengths.sum())) - 1, hot - 1) % rows
+        out.append((torch.from_numpy(idx.astype(np.int64)),
+                    torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))))
+    return out
+
+
+def fiited_check(device: torch.device, kernel: str = "auto", tables: int = 4, rows: int = 5000, batch: int = 512,
+                 steps: int = 30) -> dict:
     from embedding_store.fiited import fiited_for_trainer
 
+    over = {"kernel": kernel, "budget": 1.0, "admit_hits": 10**6, "maintain_every": 10**6, "resize_every": 10**6}
     try:
-        emb = fiited_for_trainer(2, 1000, 16, 0.05, device)
-    except ValueError as e:
+        emb = fiited_for_trainer(tables, rows, 32, 0.05, device, over)
+    except (ValueError, RuntimeError) as e:
         return {"bench": "gpu-fiited", "device": device.type, "status": "refused", "reason": str(e)}
-    idx = torch.arange(8, dtype=torch.int64, device=device)
-    off = torch.tensor([0, 2, 4, 6, 8], dtype=torch.int64, device=device)
-    t0 = time.perf_counter()
-    out = emb(idx, off)
-    out.sum().backward()
-    emb.step()
-    return {"bench": "gpu-fiited", "device": device.type, "status": "ran", "shape": list(out.shape),
-            "seconds": round(time.perf_counter() - t0, 4)}
+    twin = fiited_for_trainer(tables, rows, 32, 0.05, torch.device("cpu"), {**over, "kernel": "auto"})
+    rng = np.random.default_rng(0)
+    placed = rng.permutation(tables * rows)[: tables * rows * 3 // 4]  # the rest stay on the shared rows
+    pools = rng.integers(0, len(emb.dims), len(placed))
+    for s in (emb, twin):
+        s.place(placed, pools)
+    gen = torch.Generator().manual_seed(0)
+    out_diff = 0.0
+    for idx, off in _fiited_batches(rng, 4, tables, rows, 64, hot=200):
+        g = torch.randn(64, tables * emb.dim, generator=gen)
+        a, b = emb(idx.to(device), off.to(device)), twin(idx, off)
+        out_diff = max(out_diff, float((a.detach().cpu() - b.detach()).abs().max()))
+        (a * g.to(device)).sum().backward()
+        (b * g).sum().backward()
+        emb.step()
+        twin.step()
+    every = np.arange(tables * rows)
+    row_diff = float((emb.vectors(every) - twin.vectors(every)).abs().max())
+    from trainer.embeddings import TorchEmbeddings
+
+    batches = [(i.to(device), o.to(device)) for i, o in _fiited_batches(rng, steps, tables, rows, batch, rows)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(e) -> float:
+        for i, o in batches[:3]:  # warm-up
+            e(i, o).sum().backward()
+            e.step()
+        sync()
+        t0 = time.perf_counter()
+        for i, o in batches:
+            e(i, o).sum().backward()
+            e.step()
+        sync()
+        return steps * batch / (time.perf_counter() - t0)
+
+    eps, fixed = timed(emb), timed(TorchEmbeddings(tables, rows, emb.dim, 0.05, device))
+    ok = out_diff < 1e-4 and row_diff < 1e-4
+    return {"bench": "gpu-fiited", "device": device.type, "status": "ran" if ok else "mismatch",
+            "kernel": emb.kernel, "twin_kernel": twin.kernel, "max_out_diff": out_diff, "max_row_diff": row_diff,
+            "examples_per_s": round(eps, 1), "fixed_examples_per_s": round(fixed, 1), "ratio": round(eps / fixed, 3),
+            "tables": tables, "batch": batch}
 
 
 def user_search(device: torch.device, n: int = 1_000_000, dim: int = 64, queries: int = 10_000, k: int = 10,
@@ -98,11 +148,12 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks._gpu", description=__doc__.split("\n")[0])
     p.add_argument("step", choices=("fiited", "search"))
     p.add_argument("--device", default="cuda")
+    p.add_argument("--kernel", default="auto", help="fiited: the store's kernel (auto: torch on CUDA)")
     p.add_argument("--n", type=int, default=1_000_000, help="search: vectors")
     p.add_argument("--queries", type=int, default=10_000, help="search: queries")
     a = p.parse_args()
     dev = torch.device(a.device)
-    r = fiited_check(dev) if a.step == "fiited" else user_search(dev, a.n, queries=a.queries)
+    r = fiited_check(dev, a.kernel) if a.step == "fiited" else user_search(dev, a.n, queries=a.queries)
     print(json.dumps(r))
     return 0
 

@@ -5,10 +5,15 @@ random linear read-out (64 outputs) as the consumer, backward (row-wise Adagrad 
 ``step()`` (FIITED: hit/recency counters and the periodic maintenance pass). FIITED holds a width mix
 of 70/20/7/3% of rows at 8/16/32/64 dims (frequent ids widest), like a store after resizing.
 
-Rows: ``fixed D=64`` (baseline), ``fiited padded`` (the (B, T*D) output the trainer consumes),
-``fiited per-pool`` (the consumer folds the zero padding into its linear layer: ``W[:, colmap]``).
-Timed passes alternate and the best of ``--repeat`` is kept (the 2-core machine is shared and noisy); the CPU
-columns (this process's CPU time) are steadier than wall time when other work shares the cores.
+Rows, all producing the (B, T*D) output the trainer consumes: ``fixed D=64`` (the baseline), ``fiited kernel``
+(embedding_store/kernels: the C++ one-pass gather into the padded layout, backward fused with row-wise Adagrad),
+``fiited torch path`` (the same math in torch ops: the CUDA path, here on the CPU), ``fiited old (fbgemm pools)``
+(the pools as one fbgemm TBE after a routing sort, then ``_Pad``), and ``fiited old per-pool (folded)`` (the old
+path with the padding folded into the consumer's linear layer: ``W[:, colmap]``). The FIITED rows are one store
+switched between paths (:meth:`FiitedEmbeddings.use_kernel`: they share the pool buffers). Timed passes alternate
+in one process and the best of ``--repeat`` is kept (the 2-core machine is shared and noisy); the CPU columns
+(this process's CPU time) are steadier than wall time when other work shares the cores. The closing JSON line's
+``value`` is the kernel's examples/s as a multiple of the fixed baseline's (goal 0.7x, then 0.9x).
 
     streamrec bench fiited-speed [--quick]
 """
@@ -16,6 +21,7 @@ columns (this process's CPU time) are steadier than wall time when other work sh
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import numpy as np
@@ -70,7 +76,11 @@ def run_steps(emb, consume, batches) -> tuple[float, float]:
 def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default); on a "
+                   "shared machine 1 thread is the steadier comparison")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.getLogger("fbgemm_gpu").setLevel(logging.ERROR)
     torch.manual_seed(0)
     t, r, b, steps = (8, 100_000, 1024, 20) if args.quick else (26, 200_000, 4096, 30)
@@ -89,33 +99,44 @@ def main() -> int:
         out, _ = e.forward_pools(i, o)
         return torch.nn.functional.linear(out, w_pool)
 
-    sides = {"fixed D=64 (fbgemm TBE)": (fixed, padded), "fiited padded": (fiited, padded),
-             "fiited per-pool (folded)": (fiited, per_pool)}
+    fixed_name, kernel_name = "fixed D=64 (fbgemm TBE)", "fiited kernel"
+    sides = {fixed_name: (fixed, padded, None), kernel_name: (fiited, padded, "cpp"),
+             "fiited torch path": (fiited, padded, "torch"), "fiited old (fbgemm pools)": (fiited, padded, "fbgemm"),
+             "fiited old per-pool (folded)": (fiited, per_pool, "fbgemm")}
     best = dict.fromkeys(sides, float("inf"))
     cpu = dict.fromkeys(sides, float("inf"))
-    for _, (e, c) in sides.items():  # warm-up (allocations, first-call overheads)
+    for _, (e, c, k) in sides.items():  # warm-up (allocations, first-call overheads, the fbgemm TBE view)
+        if k:
+            e.use_kernel(k)
         run_steps(e, c, batches[:3])
     for _ in range(args.repeat):
-        for name, (e, c) in sides.items():
+        for name, (e, c, k) in sides.items():
+            if k:
+                e.use_kernel(k)
             wall, cs = run_steps(e, c, batches)
             best[name], cpu[name] = min(best[name], wall), min(cpu[name], cs)
     eps = {k: steps * b / v for k, v in best.items()}
-    base_cpu = cpu["fixed D=64 (fbgemm TBE)"]
+    base_cpu = cpu[fixed_name]
     mem = fiited.memory_report()
     fixed_bytes = t * r * (D + 1) * 4
-    base = eps["fixed D=64 (fbgemm TBE)"]
+    base = eps[fixed_name]
     rows = [(k, f"{v:,.0f}", f"{1e3 * best[k] / steps:.1f}", f"{v / base:.2f}x", f"{1e3 * cpu[k] / steps:.1f}",
              f"{base_cpu / cpu[k]:.2f}x",
              f"{(fixed_bytes if k.startswith('fixed') else mem['fiited_total_bytes']) / 2**20:,.0f}")
             for k, v in eps.items()]
     print(f"T={t} tables x R={r:,} rows, batch {b}, {steps} steps x best of {args.repeat}; "
           f"fiited mix 70/20/7/3% at 8/16/32/64 dims (timings on a shared 2-core machine are noisy)")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch threads "
+          f"{torch.get_num_threads()}")
+    ratio = lambda k: round(eps[k] / base, 3)
     report("fiited_speed", rows, ("embedding", "examples/s", "ms/step", "vs fixed", "CPU ms/step", "vs fixed (CPU)",
                                   "MiB"),
-           value=eps["fiited padded"], unit="examples/s", baseline=base,
-           per_pool_ratio=round(eps["fiited per-pool (folded)"] / base, 3),
-           cpu_ratio=round(base_cpu / cpu["fiited padded"], 3),
-           per_pool_cpu_ratio=round(base_cpu / cpu["fiited per-pool (folded)"], 3),
+           value=eps[kernel_name] / base, unit="x fixed examples/s", baseline=1.0,
+           kernel_examples_per_s=round(eps[kernel_name]), fixed_examples_per_s=round(base),
+           torch_path_ratio=ratio("fiited torch path"), old_ratio=ratio("fiited old (fbgemm pools)"),
+           old_per_pool_ratio=ratio("fiited old per-pool (folded)"),
+           cpu_ratio=round(base_cpu / cpu[kernel_name], 3),
+           old_cpu_ratio=round(base_cpu / cpu["fiited old (fbgemm pools)"], 3),
            memory_ratio=round(mem["fiited_total_bytes"] / fixed_bytes, 3), tables=t, rows_per_table=r, batch=b)
     return 0
 

@@ -108,6 +108,9 @@ class FiitedConfig:
     * ``grow_momentum``: a row moved to a wider pool keeps this fraction of its row-wise Adagrad momentum
       (new chunks start at zero and must learn fast; the row's full momentum would freeze them).
     * ``headroom``: spare rows per pool after a compaction (fraction of the live rows).
+    * ``kernel``: the lookup/update path (embedding_store/kernels): ``auto`` (the C++ kernel on the CPU, torch ops
+      on other devices), ``cpp``, ``torch`` or ``fbgemm`` (the old per-pool TBE path, CPU); the environment
+      variable ``STREAMREC_FIITED_KERNEL`` overrides it (for comparisons).
     """
 
     chunk_dim: int = 8
@@ -126,6 +129,7 @@ class FiitedConfig:
     lr: float = 0.05
     init_range: float = 0.01
     seed: int = 0
+    kernel: str = "auto"
 
     @property
     def dim(self) -> int:

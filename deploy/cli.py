@@ -31,6 +31,7 @@ _COMMANDS = {
     "users": "embedding_store.users",
     "chaos": "deploy.chaos",
     "bench": "deploy.bench",
+    "build-kernels": "embedding_store.kernels",
 }
 
 

@@ -40,6 +40,7 @@ def validate(cfg: FiitedConfig, dim: int | None = None, where: str = "FiitedConf
         ("grow_momentum", 0 <= cfg.grow_momentum <= 1, "in [0, 1]"),
         ("headroom", cfg.headroom >= 0, ">= 0"),
         ("lr", cfg.lr > 0, "> 0"),
+        ("kernel", cfg.kernel in ("auto", "cpp", "torch", "fbgemm"), "one of auto, cpp, torch, fbgemm"),
     ]
     for name, ok, want in checks:
         if not ok:

@@ -2,11 +2,13 @@
 
 Each table has ``rows`` virtual slots (the trainer's hashed ids). A slot's code in one flat int32 map is
 ``pool << 24 | physical_row``; code 0 (pool 0, row 0) is the table's *shared* row used by ids not admitted
-yet. Routing a batch is therefore one gather plus one stable sort; all pools of all tables are one fbgemm
-TBE (row-wise Adagrad fused into backward), and the per-pool outputs are summed into ``(B, T*D)`` with one
-``index_add`` (missing chunks are zeros). Every ``maintain_every`` training steps :meth:`maintain` evicts
-stale unimportant rows, admits ids seen ``admit_hits`` times, and every ``resize_every`` steps moves rows
-between pools under the memory budget (weights truncated or zero-extended, momentum follows the row).
+yet. A lookup gathers the ids' codes and runs one kernel (embedding_store/kernels: C++ on the CPU, torch ops on
+any device) that sums every pool's rows per bag straight into the zero-padded ``(B, T*D)`` output; its backward
+is fused with the row-wise Adagrad update (``FiitedConfig.kernel``; ``fbgemm`` keeps the old path: the pools as
+one fbgemm TBE after a routing sort, per-pool outputs padded by ``_Pad``). Every ``maintain_every`` training
+steps :meth:`maintain` evicts stale unimportant rows, admits ids seen ``admit_hits`` times, and every
+``resize_every`` steps moves rows between pools under the memory budget (weights truncated or zero-extended,
+momentum follows the row).
 
 Shapes: ``indices`` (N,) int64 in [0, rows), ``offsets`` (T*B+1,), bag (t, b) at ``t*B + b``; output (B, T*D).
 """
@@ -23,7 +25,8 @@ from embedding_store import admission, importance
 from embedding_store.base import Changes, SparseEmbeddings
 from embedding_store.config import POOL_SHIFT, ROW_MASK, FiitedConfig, trainer_config, validate
 from embedding_store.ids import validate_batch
-from embedding_store.pools import SHARED, PoolSet
+from embedding_store.kernels import Lookup, resolve
+from embedding_store.pools import EPS, SHARED, PoolSet
 from streams.names import Stat
 
 STATE_VERSION = 1
@@ -57,11 +60,16 @@ class _Pad(torch.autograd.Function):
 
 
 class FiitedEmbeddings(SparseEmbeddings):
-    """Variable-width embeddings behind the trainer's ``SparseEmbeddings`` interface (CPU, fbgemm)."""
+    """Variable-width embeddings behind the trainer's ``SparseEmbeddings`` interface. The pools live on ``device``
+    (the slot metadata and maintenance stay on the CPU); :attr:`kernel` is the lookup path that runs."""
 
-    def __init__(self, num_tables: int, rows: int, cfg: FiitedConfig = FiitedConfig()):
+    def __init__(self, num_tables: int, rows: int, cfg: FiitedConfig = FiitedConfig(),
+                 device: torch.device | str = "cpu"):
         super().__init__()
         validate(cfg)
+        self.device = torch.device(device)
+        self.kernel = resolve(cfg.kernel, self.device)  # cpp | torch | fbgemm
+        self._anchor = torch.empty(0, requires_grad=True)  # joins the kernel's output to the autograd graph
         if num_tables * rows >= 2**31:
             raise ValueError(f"fiited: num_tables * rows must be < 2**31, got {num_tables} * {rows}")
         self.cfg, self.num_tables, self.rows, self.dim = cfg, num_tables, rows, cfg.dim
@@ -77,13 +85,13 @@ class FiitedEmbeddings(SparseEmbeddings):
         self._pending: torch.Tensor | None = None
         caps = np.ones((num_tables, len(self.dims)), dtype=np.int64)
         caps[:, 0] = 64
-        self.pools = PoolSet(caps, self.dims, cfg.lr)
+        self.pools = PoolSet(caps, self.dims, cfg.lr, self.device)
         g = torch.Generator().manual_seed(cfg.seed)
         with torch.no_grad():
             for t in range(num_tables):
                 self.pools.alloc(t, 0, np.array([SHARED], dtype=np.int32))  # row 0
                 self.pools.weights(t, 0)[0] = torch.empty(self.dims[0]).uniform_(-cfg.init_range, cfg.init_range,
-                                                                                 generator=g)
+                                                                                 generator=g).to(self.device)
         self._colmap_cache: tuple | None = None
         self._rb = importance.row_bytes(cfg.pool_chunks, cfg.chunk_dim)
 
@@ -115,23 +123,43 @@ class FiitedEmbeddings(SparseEmbeddings):
         torch.cumsum(torch.bincount(key_sorted, minlength=tb * P), 0, out=off[1:])
         return (code & ROW_MASK)[order], off
 
-    def forward_pools(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-pool outputs (B, T*sum(dims)), colmap): a consumer may fold the zero padding into its next
-        linear layer (``x @ W[:, colmap]``) instead of materialising (B, T*D)."""
+    def use_kernel(self, kernel: str) -> None:
+        """Switch the lookup path (``cpp`` | ``torch`` | ``fbgemm`` | ``auto``; the environment is not consulted):
+        every path reads and updates the same pool buffers, so a store may switch between steps."""
+        self.kernel = resolve(kernel, self.device, use_env=False)
+
+    def _prepare(self, indices: torch.Tensor, offsets: torch.Tensor):
+        """Validate, admit (``admit_hits = 0``), note the slots for :meth:`step`; (B, bag, table, slots) on the CPU."""
+        indices, offsets = indices.cpu(), offsets.cpu()
         b = validate_batch(indices, offsets, self.num_tables, self.rows)
         bag, t, slots = self._slots(indices, offsets, b)
         train = torch.is_grad_enabled()
         if train and self.cfg.admit_hits == 0:  # admit on the first training lookup
             s = slots.numpy()
             self._admit_candidates(np.unique(s[self.code.numpy()[s] == 0]))
-        rows, off = self._route(bag, t, slots, b, offsets.numel() - 1)
         if train:
             self._pending = slots  # counted in step(): scoring (no_grad) never mutates the store
+        return b, bag, t, slots
+
+    def forward_pools(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The old path (fbgemm TBE over the pools, CPU): (per-pool outputs (B, T*sum(dims)), colmap); a consumer
+        may fold the zero padding into its next linear layer (``x @ W[:, colmap]``)."""
+        b, bag, t, slots = self._prepare(indices, offsets)
+        rows, off = self._route(bag, t, slots, b, offsets.numel() - 1)
         return self.pools.tbe(rows, off), self._colmap()
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        out, _ = self.forward_pools(indices, offsets)
-        return _Pad.apply(out, self.dims, self.num_tables, self._colmap())
+        if self.kernel == "fbgemm":
+            out, _ = self.forward_pools(indices, offsets)
+            return _Pad.apply(out, self.dims, self.num_tables, self._colmap())
+        b, _, _, slots = self._prepare(indices, offsets)
+        ps, dev = self.pools, self.device
+        if b == 0:  # no bags at all
+            return torch.zeros(0, self.num_tables * self.dim, device=dev)
+        codes = self.code[slots].to(dev)  # the ids' (pool, row) codes, gathered now: backward uses these rows
+        off = offsets.to(device=dev, dtype=torch.int64)
+        return Lookup.apply(self._anchor, self.kernel, ps.w, ps.m, codes, off, ps.w_off, ps.m_off,
+                            ps.dims_t, b, self.dim, ps.lr, EPS)
 
     def _colmap(self) -> torch.Tensor:
         if self._colmap_cache is None:
@@ -161,10 +189,10 @@ class FiitedEmbeddings(SparseEmbeddings):
         return self.cfg.budget * self.num_tables * self.rows * (self.dim + 1) * 4
 
     def _momentum_of(self, slots: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """Row-wise momentum (K,) of private ``slots`` with ``codes``: one gather from the flat TBE buffer."""
+        """Row-wise momentum (K,) of private ``slots`` with ``codes``: one gather from the flat momentum buffer."""
         tp = (slots // self.rows) * len(self.dims) + (codes >> POOL_SHIFT)
         flat = self.pools.momentum_offsets()[tp] + (codes & ROW_MASK)
-        return self.pools.tbe.momentum1_host.detach().numpy()[flat]
+        return self.pools.m.cpu().numpy()[flat]
 
     def _groups(self, *keys: np.ndarray):
         """Yield ``(*key values, positions)`` per distinct key tuple (small ints), sorted; vectorised."""
@@ -286,7 +314,7 @@ class FiitedEmbeddings(SparseEmbeddings):
                 mom = mom * np.float32(self.cfg.grow_momentum)
             self.pools.momentum(tt, dp)[nr] = mom
             new_codes[m] = (dp << POOL_SHIFT) | new_rows.astype(np.int64)
-            self.snap[torch.from_numpy(slots[m])] = mom  # importance counts gradient energy from here on
+            self.snap[torch.from_numpy(slots[m])] = mom.cpu()  # importance counts gradient energy from here on
         self._free(slots, codes)
         self.code[torch.from_numpy(slots)] = torch.from_numpy(new_codes.astype(np.int32))
         self._note_slots(torch.from_numpy(slots))  # width changed (columns truncated or zero-extended)
@@ -305,7 +333,7 @@ class FiitedEmbeddings(SparseEmbeddings):
             rows = self.pools.alloc(tt, pool, slots[m].astype(np.int32))
             w = self.pools.weights(tt, pool)
             nr = torch.from_numpy(rows.astype(np.int64))
-            w[nr] = init[torch.from_numpy(m)]
+            w[nr] = init[torch.from_numpy(m)].to(w.device)
             if cfg.admit_hits > 0:
                 w[nr, :d0] = self.pools.weights(tt, 0)[0].clone()
             self.pools.momentum(tt, pool)[nr] = 0.0
@@ -351,7 +379,8 @@ class FiitedEmbeddings(SparseEmbeddings):
         codes = self.code.numpy()[slots].astype(np.int64)
         out = torch.zeros(len(slots), self.dim)
         for t, p, m in self._groups(slots // self.rows, codes >> POOL_SHIFT):
-            out[torch.from_numpy(m), : self.dims[p]] = self.pools.weights(t, p)[torch.from_numpy(codes[m] & ROW_MASK)]
+            rows = torch.from_numpy(codes[m] & ROW_MASK)
+            out[torch.from_numpy(m), : self.dims[p]] = self.pools.weights(t, p)[rows].cpu()
         return out
 
     def row_momentum(self, t: int, v: int) -> float:
@@ -390,7 +419,7 @@ class FiitedEmbeddings(SparseEmbeddings):
     def shared_rows(self, tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.zeros(len(tables), self.dim)
         for i, t in enumerate(np.asarray(tables, dtype=np.int64).tolist()):
-            out[i, : self.dims[0]] = self.pools.weights(t, 0)[0]  # row 0 of pool 0: the shared row
+            out[i, : self.dims[0]] = self.pools.weights(t, 0)[0].cpu()  # row 0 of pool 0: the shared row
         return out, torch.full((len(tables),), self.dims[0], dtype=torch.int16)
 
     # -- state ---------------------------------------------------------------------------------------
@@ -424,7 +453,7 @@ class FiitedEmbeddings(SparseEmbeddings):
             raise ValueError(f"fiited state: expected (tables, rows, dim, *pool_chunks) = {want}, "
                              f"got {state['shape'].tolist()}")
         self.pools = PoolSet.restore({k[6:]: v for k, v in state.items() if k.startswith("pools.")},
-                                     self.dims, self.cfg.lr)
+                                     self.dims, self.cfg.lr, self.device)
         for k in ("code", "hits", "last_seen", "imp", "snap"):
             getattr(self, k).copy_(state[k])
         self.steps = int(state["steps"])
@@ -458,7 +487,6 @@ class FiitedEmbeddings(SparseEmbeddings):
 def fiited_for_trainer(num_tables: int, rows: int, dim: int, lr: float, device: torch.device,
                        overrides: Mapping[str, Any] | None = None) -> FiitedEmbeddings:
     """The trainer's ``backend=fiited``: :func:`config.trainer_config` (chunks making up ``dim``, ``lr``, then
-    ``overrides`` = ``TrainerConfig.fiited``). Errors name ``trainer.fiited.<field>``."""
-    if device.type != "cpu":
-        raise ValueError(f"trainer.backend=fiited runs on cpu only (fbgemm host pools), got device {device}")
-    return FiitedEmbeddings(num_tables, rows, trainer_config(overrides, dim, lr))
+    ``overrides`` = ``TrainerConfig.fiited``), pools on ``device`` (CUDA: the torch kernel path). Errors name
+    ``trainer.fiited.<field>``."""
+    return FiitedEmbeddings(num_tables, rows, trainer_config(overrides, dim, lr), device)

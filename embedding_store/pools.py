@@ -1,12 +1,16 @@
-"""Size-class pools: T tables x P widths as ONE fbgemm TBE, with free lists, growth and compaction.
+"""Size-class pools: T tables x P widths in one flat weight buffer (fbgemm's TBE layout), with free lists,
+growth and compaction.
 
-Pool ``(t, p)`` is TBE table ``t*P + p``: ``caps[t, p]`` physical rows of ``dims[p]`` float32 columns plus one
-row-wise Adagrad momentum each. ``owner[t][p][row]`` is the virtual slot living in that row (``-1`` free,
-``SHARED`` for row 0 of pool 0: the table's shared row for not-yet-admitted ids). Rebuilding (grow or compact)
-allocates a new TBE and copies live rows, so the old buffers are really freed; rows keep their slot (the
-caller rewrites its slot map from the returned ``(slots, codes)``)::
+Pool ``(t, p)`` is table ``t*P + p`` of the flat buffers: ``caps[t, p]`` physical rows of ``dims[p]`` float32
+columns (``w`` from ``w_off[t*P+p]``) plus one row-wise Adagrad momentum each (``m`` from ``m_off[t*P+p]``), on
+``device``. The FIITED kernels (embedding_store/kernels) read and update these buffers; :attr:`tbe` (the old
+path, CPU only) is an fbgemm TBE built on demand whose weight and momentum parameters alias them.
+``owner[t][p][row]`` is the virtual slot living in that row (``-1`` free, ``SHARED`` for row 0 of pool 0: the
+table's shared row for not-yet-admitted ids). Rebuilding (grow or compact) allocates new buffers and copies live
+rows, so the old buffers are really freed; rows keep their slot (the caller rewrites its slot map from the
+returned ``(slots, codes)``)::
 
-    TBE tables:  (t0,p0) (t0,p1) ... (t0,pP-1) (t1,p0) ...      output columns in the same order, widths dims[p]
+    tables:  (t0,p0) (t0,p1) ... (t0,pP-1) (t1,p0) ...      output columns in the same order, widths dims[p]
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ def make_tbe(caps: np.ndarray, dims: tuple[int, ...], lr: float):
 class PoolSet:
     """The physical storage. ``caps`` (T, P) int64 >= 1; weights start at zero (the caller initialises)."""
 
-    def __init__(self, caps: np.ndarray, dims: tuple[int, ...], lr: float):
-        self.dims, self.lr = tuple(dims), lr
+    def __init__(self, caps: np.ndarray, dims: tuple[int, ...], lr: float, device: torch.device | str = "cpu"):
+        self.dims, self.lr, self.device = tuple(dims), lr, torch.device(device)
+        self.dims_t = torch.tensor(self.dims, dtype=torch.int64, device=self.device)
         self.T, self.P = caps.shape
         self._build(caps.astype(np.int64))
         self.n_live = 0  # rows in use over all pools (kept so per-step admission needs no scan)
@@ -59,26 +64,45 @@ class PoolSet:
 
     def _build(self, caps: np.ndarray) -> None:
         self.caps = caps
-        self.tbe = make_tbe(caps, self.dims, self.lr)
-        self._mom_off: np.ndarray | None = None
+        n = caps.reshape(-1)
+        d = np.tile(np.asarray(self.dims, dtype=np.int64), self.T)
+        self._w_off = np.concatenate([[0], np.cumsum(n * d)]).astype(np.int64)
+        self._mom_off = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        self.w = torch.zeros(int(self._w_off[-1]), dtype=torch.float32, device=self.device)
+        self.m = torch.zeros(int(self._mom_off[-1]), dtype=torch.float32, device=self.device)
+        self.w_off = torch.from_numpy(self._w_off[:-1].copy()).to(self.device)
+        self.m_off = torch.from_numpy(self._mom_off[:-1].copy()).to(self.device)
+        self._tbe = None
+
+    @property
+    def tbe(self):
+        """fbgemm TBE over the same buffers (the old path; built on first use, CPU only)."""
+        if self._tbe is None:
+            if self.device.type != "cpu":
+                raise ValueError(f"fiited: the fbgemm path uses host pools, not device {self.device}")
+            tbe = make_tbe(self.caps, self.dims, self.lr)
+            if tbe.weights_host.shape != self.w.shape or tbe.momentum1_host.shape != self.m.shape:
+                raise RuntimeError("fiited: fbgemm's TBE layout differs from the pools' flat layout")
+            tbe.weights_host = torch.nn.Parameter(self.w)  # shares storage: updates land in self.w / self.m
+            tbe.momentum1_host = torch.nn.Parameter(self.m)
+            self._tbe = tbe
+        return self._tbe
 
     # -- views ---------------------------------------------------------------------------------------
     def weights(self, t: int, p: int) -> torch.Tensor:
         """(caps[t,p], dims[p]) view of the live weights."""
         tp = t * self.P + p
-        off, d = int(self.tbe.weights_offsets[tp]), self.dims[p]
-        return self.tbe.weights_host.detach()[off: off + int(self.caps[t, p]) * d].view(-1, d)
+        off, d = int(self._w_off[tp]), self.dims[p]
+        return self.w[off: off + int(self.caps[t, p]) * d].view(-1, d)
 
     def momentum_offsets(self) -> np.ndarray:
-        """(T*P,) start of pool (t, p)'s momentum in the flat ``momentum1_host`` (row r at start + r)."""
-        if self._mom_off is None:
-            self._mom_off = self.tbe.momentum1_offsets.numpy().astype(np.int64)
-        return self._mom_off
+        """(T*P,) start of pool (t, p)'s momentum in the flat ``m`` (row r at start + r)."""
+        return self._mom_off[:-1]
 
     def momentum(self, t: int, p: int) -> torch.Tensor:
         tp = t * self.P + p
-        off = int(self.tbe.momentum1_offsets[tp])
-        return self.tbe.momentum1_host.detach()[off: off + int(self.caps[t, p])]
+        off = int(self._mom_off[tp])
+        return self.m[off: off + int(self.caps[t, p])]
 
     def live_rows(self) -> np.ndarray:
         """(T, P) rows in use (the shared rows included)."""
@@ -107,7 +131,7 @@ class PoolSet:
         """Return ``rows`` to the free list, zeroing their weights and momentum (no stale data survives)."""
         if not len(rows):
             return
-        idx = torch.from_numpy(rows.astype(np.int64))
+        idx = torch.from_numpy(rows.astype(np.int64)).to(self.device)
         self.weights(t, p)[idx] = 0.0
         self.momentum(t, p)[idx] = 0.0
         self.owner[t][p][rows] = FREE
@@ -136,7 +160,7 @@ class PoolSet:
 
     @torch.no_grad()
     def rebuild(self, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """New TBE with capacities ``caps``; live rows packed to the front of each pool in row order
+        """New buffers with capacities ``caps``; live rows packed to the front of each pool in row order
         (row 0 stays row 0, so shared rows stay put). Returns ``(slots, codes)`` of every private row."""
         old_w = [[self.weights(t, p) for p in range(self.P)] for t in range(self.T)]
         old_m = [[self.momentum(t, p) for p in range(self.P)] for t in range(self.T)]
@@ -151,7 +175,7 @@ class PoolSet:
                 n, cap = len(rows), int(caps[t, p])
                 if n > cap:
                     raise RuntimeError(f"pool ({t}, {p}): rebuild to {cap} rows but {n} are live")
-                idx = torch.from_numpy(rows)
+                idx = torch.from_numpy(rows).to(self.device)
                 self.weights(t, p)[:n] = old_w[t][p][idx]
                 self.momentum(t, p)[:n] = old_m[t][p][idx]
                 own = np.full(cap, FREE, dtype=np.int32)
@@ -167,22 +191,23 @@ class PoolSet:
     def export(self) -> dict[str, torch.Tensor]:
         free_lens = [len(self.free[t][p]) for t in range(self.T) for p in range(self.P)]
         return {"caps": torch.from_numpy(self.caps.copy()),
-                "weights": self.tbe.weights_host.detach().clone(),
-                "momentum": self.tbe.momentum1_host.detach().clone(),
+                "weights": self.w.detach().cpu().clone(),
+                "momentum": self.m.detach().cpu().clone(),
                 "owner": torch.from_numpy(np.concatenate([o for ts in self.owner for o in ts])),
                 "free": torch.from_numpy(np.concatenate([f for ts in self.free for f in ts])),
                 "free_lens": torch.tensor(free_lens, dtype=torch.int64)}
 
     @classmethod
     @torch.no_grad()
-    def restore(cls, st: dict[str, torch.Tensor], dims: tuple[int, ...], lr: float) -> "PoolSet":
+    def restore(cls, st: dict[str, torch.Tensor], dims: tuple[int, ...], lr: float,
+                device: torch.device | str = "cpu") -> "PoolSet":
         caps = st["caps"].numpy().astype(np.int64)
-        ps = cls(caps, dims, lr)
-        if ps.tbe.weights_host.shape != st["weights"].shape or ps.tbe.momentum1_host.shape != st["momentum"].shape:
+        ps = cls(caps, dims, lr, device)
+        if ps.w.shape != st["weights"].shape or ps.m.shape != st["momentum"].shape:
             raise ValueError(f"fiited pools: weights {tuple(st['weights'].shape)} / momentum "
                              f"{tuple(st['momentum'].shape)} do not match caps {caps.tolist()} and dims {dims}")
-        ps.tbe.weights_host.copy_(st["weights"])
-        ps.tbe.momentum1_host.copy_(st["momentum"])
+        ps.w.copy_(st["weights"])
+        ps.m.copy_(st["momentum"])
         owner, free, lens = st["owner"].numpy(), st["free"].numpy(), st["free_lens"].numpy()
         o = f = 0
         for t in range(ps.T):

@@ -30,5 +30,8 @@ export UV_COMPILE_BYTECODE=1 VIRTUAL_ENV="$venv"
 # torchrec declares the CUDA fbgemm-gpu; fbgemm-gpu-cpu provides the same module, so exclude the former.
 "$venv/bin/uv" pip install -q --excludes "$root/scripts/uv-excludes.txt" -r "$root/requirements.lock"
 "$venv/bin/uv" pip install -q --no-deps -e "$root"
+# FIITED's C++ kernel, compiled with g++ into the user's cache (embedding_store/kernels); without a compiler the
+# store uses its torch path, so a failed build is a warning, not an error
+"$venv/bin/streamrec" build-kernels || echo "bootstrap: build-kernels failed; FIITED will use its torch path" >&2
 echo "$want" > "$stamp"
 echo "bootstrap: done in $(( $(date +%s) - t0 ))s" >&2

@@ -9,7 +9,7 @@
 # reported and the next one runs. What each step runs is unit-tested on CPU (tests/test_precision.py).
 #   trainer-torch   bench trainer on the device, torch backend
 #   trainer-fbgemm  the same, fbgemm backend (falls back to torch where fbgemm-gpu does not import)
-#   fiited          FIITED on the device (today: refused, reported)
+#   fiited          FIITED on the device (torch kernel path), checked against a CPU twin, then its examples/s
 #   search          user-vector search on the device (faiss-gpu if importable, else exact search in torch)
 #   fp8             bench fp8: the LoKA probe, dispatch table, NE change and step speed against bf16 and fp32
 set -uo pipefail
@@ -23,7 +23,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 steps=(
   "trainer-torch|120|$PY -m benchmarks.trainer --quick --device $DEVICE --backend torch"
   "trainer-fbgemm|90|$PY -m benchmarks.trainer --quick --device $DEVICE --backend fbgemm"
-  "fiited|30|$PY -m benchmarks._gpu fiited --device $DEVICE"
+  "fiited|50|$PY -m benchmarks._gpu fiited --device $DEVICE"
   "search|90|$PY -m benchmarks._gpu search --device $DEVICE"
   "fp8|130|$PY -m benchmarks.fp8 --device $DEVICE --n 40000 --batch 2048"
 )

@@ -216,10 +216,12 @@ def test_bench_fp8_on_a_tiny_stream(capsys, monkeypatch):
 def test_gpu_script_paths_on_cpu(capsys):
     from benchmarks import _gpu
 
-    r = _gpu.fiited_check(torch.device("cpu"))
-    assert r["status"] == "ran" and r["device"] == "cpu"
-    r = _gpu.fiited_check(torch.device("meta"))  # any non-cpu device: today's refusal is reported, not raised
-    assert r["status"] == "refused" and "cpu only" in r["reason"]
+    # FIITED's CUDA path is the torch kernel: run here on the CPU against a CPU twin (the C++ kernel if it builds)
+    r = _gpu.fiited_check(torch.device("cpu"), kernel="torch", rows=500, batch=64, steps=3)
+    assert r["status"] == "ran" and r["device"] == "cpu" and r["kernel"] == "torch", r
+    assert r["max_out_diff"] < 1e-4 and r["max_row_diff"] < 1e-4 and r["examples_per_s"] > 0 and r["ratio"] > 0
+    r = _gpu.fiited_check(torch.device("meta"), kernel="cpp")  # a store that cannot run there: reported, not raised
+    assert r["status"] == "refused" and "CPU only" in r["reason"]
     r = _gpu.user_search(torch.device("cpu"), n=2000, dim=16, queries=64, k=10, prefer_faiss_gpu=False)
     assert r["engine"] == "torch-exact" and r["recall_at_10"] == 1.0 and r["queries_per_s"] > 0
     script = (ROOT / "scripts" / "gpu-check.sh")

@@ -81,7 +81,7 @@ def resolve_backend(name: str, device: torch.device = torch.device("cpu")) -> st
         return "fbgemm" if fbgemm_available(device.type) else "torch"
     if name not in ("fbgemm", "torch", "fiited"):
         raise ValueError(f"trainer.backend: expected auto, fbgemm, torch or fiited, got {name!r}")
-    if name in ("fbgemm", "fiited") and not fbgemm_available(device.type):
+    if name == "fbgemm" and not fbgemm_available(device.type):
         raise ValueError(f"trainer.backend={name} but fbgemm_gpu is not usable on {device.type}; "
                          "use backend=torch or auto")
     return name
