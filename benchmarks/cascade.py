@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from benchmarks._common import parser, report
-from benchmarks._simulated import example_stream, impressions
+from benchmarks._simulated import example_stream, impressions, progressive
 from config import TrainerConfig
 from streams.sources.generate import GeneratorConfig, TruthParams, simulate
 from trainer.early_stage import EarlyStage, cascade_recall, rank_impressions
-from trainer.features import featurize, impression_batch
+from trainer.features import impression_batch
 from trainer.model import Learner
 
 BATCH = 256
@@ -66,12 +66,12 @@ def train(exs, tc: TrainerConfig, log) -> tuple[Learner, dict[str, EarlyStage]]:
     final = Learner(tc)
     early = {"multi-task": EarlyStage(tc, "multi", final.device), "single-task": EarlyStage(tc, "click", final.device)}
     t0 = time.perf_counter()
-    for i in range(0, len(exs), BATCH):
-        chunk = exs[i:i + BATCH]
-        fb = featurize(chunk, tc)
-        r = final.train_step(fb)
+
+    def beside(chunk, fb, r) -> None:
         early["multi-task"].step_beside(final, fb, [e.impression for e in chunk], r.p_click, r.p_conversion)
         early["single-task"].train_step(fb)
+
+    progressive(final, exs, len(exs), batch=BATCH, beside=beside)
     log(f"  trained on {len(exs)} examples in {time.perf_counter() - t0:.1f} s")
     final.model.eval()
     for e in early.values():

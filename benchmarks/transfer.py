@@ -64,7 +64,7 @@ import msgspec
 import numpy as np
 
 from benchmarks._common import parser, report
-from benchmarks._simulated import example_stream, truth_arrays
+from benchmarks._simulated import example_stream, impression_index, progressive, truth_arrays
 from config import TrainerConfig
 from streams import schema
 from streams.metrics import normalized_entropy, roc_auc
@@ -115,10 +115,6 @@ SOLARIS_FEED = {SOLARIS: "cached", ON_DEMAND: "on_demand", ALL_TOGETHER: "cached
 SOLARIS_CFG = SolarisConfig()  # the service's defaults: budget 2 per request, TTL 600 s
 
 
-def _imp_index(example_id: str) -> int:
-    return int(example_id.rsplit("-", 1)[1])
-
-
 class SolarisSim:
     """The precompute service in-process (module docstring): :meth:`block` with the FM as it is when a block of
     requests arrives; :meth:`fm_published` with the FM's user vectors (its LoopFM records) after each of its
@@ -137,7 +133,7 @@ class SolarisSim:
 
     def block(self, fm: Learner, chunk: list[schema.Example]) -> None:
         imps = [e.impression for e in chunk]
-        at = [_imp_index(e.example_id) for e in chunk]
+        at = [impression_index(e.example_id) for e in chunk]
         ts = np.array([i.ts for i in imps], np.int64)
         # what the VMs read for these requests: the cache as it stood before them (each at its own time)
         pc, pv, hit, age = self.cache.get([i.user_id for i in imps], [i.ad_id for i in imps], ts)
@@ -169,12 +165,14 @@ def fm_pass(exs: list[schema.Example], n: int, lag: int, solaris: SolarisSim | N
     fm = Learner(FM)
     batches = [exs[i:i + BATCH] for i in range(0, len(exs), BATCH)]
     L = max(lag // BATCH, 0)
-    own = np.full(n, np.nan)
     taught: list[schema.Example] = []
     published: list[list[bytes]] = []  # [j]: the FM's LoopFM records after training batch j, as on the topic
-    for k in range(len(batches) + L):
-        if k < len(batches):
-            chunk = batches[k]
+    scored = 0
+
+    def teach(j: int, _chunk) -> None:  # before the FM trains batch j: it scores every batch through j + L
+        nonlocal scored
+        while scored < min(j + L + 1, len(batches)):
+            k, chunk = scored, batches[scored]
             pc, pv = fm.score(featurize(chunk, FM))
             # the snapshot's time: when the FM had last trained (the newest example it knew), as wall-clock ms
             src = batches[k - L - 1][-1].emitted_ts if k - L - 1 >= 0 else chunk[0].emitted_ts
@@ -183,13 +181,14 @@ def fm_pass(exs: list[schema.Example], n: int, lag: int, solaris: SolarisSim | N
                 for e, a, b in zip(chunk, pc, pv))
             if solaris is not None:
                 solaris.block(fm, chunk)
-        if k - L >= 0:
-            chunk = batches[k - L]
-            r = fm.train_step(featurize(chunk, FM))
-            own[[_imp_index(e.example_id) for e in chunk]] = r.p_click
-            published.append([schema.encode(x) for x in fm_embeddings(fm, [e.impression for e in chunk])])
-            if solaris is not None:
-                solaris.fm_published(published[-1])
+            scored += 1
+
+    def publish(chunk, _fb, _r) -> None:
+        published.append([schema.encode(x) for x in fm_embeddings(fm, [e.impression for e in chunk])])
+        if solaris is not None:
+            solaris.fm_published(published[-1])
+
+    own = progressive(fm, exs, n, batch=BATCH, before=teach, beside=publish)
     return taught, own, published
 
 
@@ -200,7 +199,7 @@ class _Recorded:
         self.feats = feats
 
     def features_of(self, imps) -> np.ndarray:
-        return self.feats[[_imp_index(i.event_id) for i in imps]]
+        return self.feats[[impression_index(i.event_id) for i in imps]]
 
 
 def vm_pass(taught: list[schema.Example], n: int, overrides: dict, teacher_weight: float,
@@ -209,29 +208,36 @@ def vm_pass(taught: list[schema.Example], n: int, overrides: dict, teacher_weigh
     VM reads a store fed with what the FM had published when the teacher of its batch was made; a SOLARIS VM
     the features ``solaris`` (n, 3) recorded for each request."""
     out = np.full(n, np.nan)
-    L = max(lag // BATCH, 0)
+    recorded = None if solaris is None else _Recorded(solaris)
     for group in VM_GROUPS:
-        kw = {"teacher_weight": teacher_weight, **overrides, "vm_domains": group}
-        tc = msgspec.structs.replace(VM, **kw)
-        vm = Learner(tc)
-        store = view = None
-        applied = 0
-        if tc.loopfm:
-            store = FMEmbeddingStore(tc.loopfm_dim, max_age_s=365 * 86_400.0)  # age plays no part in-process
-            view = vm.loopfm_view = FMEmbeddingView(store)
-        mine = [e for e in taught if e.impression.domain in group]
-        for i in range(0, len(mine), BATCH):
-            chunk = mine[i:i + BATCH]
-            if store is not None:  # the FM had trained through batch k - L - 1 when batch k was scored
-                known = max(_imp_index(e.example_id) for e in chunk) // BATCH - L
-                while applied < min(known, len(published)):
-                    for raw in published[applied]:
-                        store.apply_raw(raw)
-                    applied += 1
-            r = vm.train_step(featurize(chunk, tc, None, view,
-                                         solaris=None if solaris is None else _Recorded(solaris)))
-            out[[_imp_index(e.example_id) for e in chunk]] = r.p_click
+        tc = msgspec.structs.replace(VM, **{"teacher_weight": teacher_weight, **overrides, "vm_domains": group})
+        p = vm_group(tc, [e for e in taught if e.impression.domain in group], n, published, lag, recorded)
+        seen = ~np.isnan(p)
+        out[seen] = p[seen]
     return out
+
+
+def vm_group(tc: TrainerConfig, mine: list[schema.Example], n: int, published: list[list[bytes]], lag: int,
+             solaris: _Recorded | None) -> np.ndarray:
+    """One VM over its domains' examples ``mine`` (see :func:`vm_pass`); progressive p_click per impression."""
+    vm = Learner(tc)
+    L = max(lag // BATCH, 0)
+    store = view = None
+    if tc.loopfm:
+        store = FMEmbeddingStore(tc.loopfm_dim, max_age_s=365 * 86_400.0)  # age plays no part in-process
+        view = vm.loopfm_view = FMEmbeddingView(store)
+    applied = 0
+
+    def feed(_j: int, chunk) -> None:  # the FM had trained through batch k - L - 1 when batch k was scored
+        nonlocal applied
+        known = max(impression_index(e.example_id) for e in chunk) // BATCH - L
+        while applied < min(known, len(published)):
+            for raw in published[applied]:
+                store.apply_raw(raw)
+            applied += 1
+
+    return progressive(vm, mine, n, batch=BATCH, before=None if store is None else feed,
+                       features=lambda chunk: featurize(chunk, tc, None, view, solaris=solaris))
 
 
 def aucs(truth: dict, p: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -260,7 +266,8 @@ def run(name: str, n: int, lag: int, teacher_weight: float, seed: int, log: Call
     t0 = time.perf_counter()
     sol = SolarisSim(n)
     taught, fm_own, published = fm_pass(exs, n, lag, sol)
-    teacher = np.array([e.teacher.p_click for e in taught])[np.argsort([_imp_index(e.example_id) for e in taught])]
+    teacher = np.array([e.teacher.p_click for e in taught])
+    teacher = teacher[np.argsort([impression_index(e.example_id) for e in taught])]
     res = {"FM itself": aucs(truth, fm_own, mask), f"FM as teacher (lag {lag})": aucs(truth, teacher, mask),
            "oracle": aucs(truth, truth["p_click"], mask)}
     preds: dict[str, np.ndarray] = {}
