@@ -32,6 +32,12 @@ scored before the model trains on it) on the impressions' true labels, per domai
 
 Two runs: ``stationary`` (scenario ``none``; metrics on the second half) and ``sudden`` (the ads' taste vectors
 turn at 50%: the teacher stays on the old world for ``lag`` examples, then catches up; metrics after the drift).
+``--quick`` runs ``stationary`` alone (the drift figures of the last line are null then; ``--runs`` adds it).
+
+Cost: per run the FM trains once over the stream (scoring the teachers and SOLARIS's pairs as it goes); every
+variant reuses what it produced (the teachers, its LoopFM records, the SOLARIS features recorded per request) and
+trains only its small VMs. Torch runs on one thread: these models' steps are too small for a second one to pay,
+and on shared cores OpenMP's threads wait on each other (measured: >5x slower under load on two threads).
 
 The world (``WORLD``) has ad targeting (``GeneratorConfig.targeting``: each user's ads come from a slowly
 changing set of 4; without it every ad is a popularity draw independent of the user and no predictor can know
@@ -62,6 +68,7 @@ from typing import Callable
 
 import msgspec
 import numpy as np
+import torch
 
 from benchmarks._common import parser, report
 from benchmarks._simulated import example_stream, impression_index, progressive, truth_arrays
@@ -258,7 +265,17 @@ def ratio(v: float, alone: float, fm: float) -> float:
 
 def run(name: str, n: int, lag: int, teacher_weight: float, seed: int, log: Callable[[str], None]
         ) -> tuple[dict, dict]:
-    """(model -> :func:`aucs`, SOLARIS's figures) of one run."""
+    """(model -> :func:`aucs`, SOLARIS's figures) of one run (on one torch thread; the caller's setting after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(name, n, lag, teacher_weight, seed, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(name: str, n: int, lag: int, teacher_weight: float, seed: int, log: Callable[[str], None]
+         ) -> tuple[dict, dict]:
     sc = ScenarioConfig(name=name, at=0.5) if name != "stationary" else ScenarioConfig()
     sim = simulate(GeneratorConfig(n_impressions=n, seed=SEEDS[name] + seed, scenario=sc, **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
@@ -324,12 +341,13 @@ def main() -> int:
                    help="examples the FM trails the stream by (default 4096, quick 1024; rounded to batches)")
     p.add_argument("--teacher-weight", type=float, default=1.0, help="weight of the distillation loss (default 1)")
     p.add_argument("--seed", type=int, default=0, help="added to each run's generator seed (default 0)")
-    p.add_argument("--runs", default="stationary,sudden",
-                   help="which runs, of stationary, sudden, sudden-levels (default stationary,sudden)")
+    p.add_argument("--runs", default=None,
+                   help="which runs, of stationary, sudden, sudden-levels (default stationary,sudden; quick "
+                        "stationary)")
     a = p.parse_args()
     n = a.n or (20_000 if a.quick else 200_000)
     lag = a.lag if a.lag is not None else (1024 if a.quick else 4096)
-    runs = a.runs.split(",")
+    runs = (a.runs or ("stationary" if a.quick else "stationary,sudden")).split(",")
     unknown = [r for r in runs if r not in SEEDS]
     if unknown:
         p.error(f"--runs: unknown {', '.join(unknown)} (known: {', '.join(SEEDS)})")
