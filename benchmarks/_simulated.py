@@ -34,8 +34,16 @@ from typing import Callable
 import numpy as np
 
 from streams import schema
+from streams.sources.generate import TruthParams
 
 POLICIES = ("oracle", "elapsed", "naive", "window")
+DOMAINS = ("feed", "stories", "video", "search", "display")
+# the in-process benchmarks' world (cascade, cohorts, transfer): frequent clicks, as in bench quality, so that the
+# stream teaches something within a minute
+FREQUENT_CLICKS = TruthParams(
+    base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
+    base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1},
+    domain_share={"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05})
 
 
 def impressions(sim) -> list[schema.Impression]:

@@ -39,21 +39,16 @@ import numpy as np
 import torch
 
 from benchmarks._common import parser, report
-from benchmarks._simulated import example_stream, impressions, progressive
+from benchmarks._simulated import DOMAINS, FREQUENT_CLICKS, example_stream, impressions, progressive
 from config import TrainerConfig
-from streams.sources.generate import GeneratorConfig, TruthParams, simulate
+from streams.sources.generate import GeneratorConfig, simulate
 from trainer.early_stage import EarlyStage, cascade_recall, rank_impressions
 from trainer.features import impression_batch
 from trainer.model import Learner
 
 BATCH = 256
-DOMAINS = ("feed", "stories", "video", "search", "display")
-# frequent clicks (as in bench quality and transfer) so that the stream teaches something within a minute
-TRUTH = TruthParams(base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
-                    base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1},
-                    domain_share={"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05})
 # enough ads that 1,000 distinct candidates exist (ads are born and retired during the run: ad_churn)
-WORLD = {"n_users": 3000, "n_ads": 2000, "truth": TRUTH, "domains": DOMAINS, "seed": 31}
+WORLD = {"n_users": 3000, "n_ads": 2000, "truth": FREQUENT_CLICKS, "domains": DOMAINS, "seed": 31}
 FINAL = TrainerConfig(batch_size=BATCH, device="cpu", user_model=False, hash_buckets=50_000, embedding_dim=16,
                       early_stage=True)
 CUTS = (50, 100, 200)

@@ -31,21 +31,16 @@ import msgspec
 import numpy as np
 
 from benchmarks._common import parser, report
-from benchmarks._simulated import example_stream, impression_index, progressive, truth_arrays
+from benchmarks._simulated import DOMAINS, FREQUENT_CLICKS, example_stream, impression_index, progressive, truth_arrays
 from config import TrainerConfig
 from streams.metrics import normalized_entropy, roc_auc
-from streams.sources.generate import GeneratorConfig, TruthParams, simulate
+from streams.sources.generate import GeneratorConfig, simulate
 from trainer.cohorts import AXES, CohortTargets, axis_values, cohort_metrics, find_targets, pattern
 from trainer.features import featurize
 from trainer.model import Learner
 
 BATCH = 256
-DOMAINS = ("feed", "stories", "video", "search", "display")
-# frequent clicks (as in bench transfer) so that the stream teaches something within a minute
-TRUTH = TruthParams(base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
-                    base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1},
-                    domain_share={"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05})
-WORLD = {"n_users": 3000, "n_ads": 300, "truth": TRUTH, "domains": DOMAINS, "minority_share": 0.2,
+WORLD = {"n_users": 3000, "n_ads": 300, "truth": FREQUENT_CLICKS, "domains": DOMAINS, "minority_share": 0.2,
          "minority_contrast": 1.0}
 MODEL = TrainerConfig(batch_size=BATCH, device="cpu", user_model=False, hash_buckets=20_000, embedding_dim=16,
                       history_len=8, cat_slots=4)

@@ -71,11 +71,11 @@ import numpy as np
 import torch
 
 from benchmarks._common import parser, report
-from benchmarks._simulated import example_stream, impression_index, progressive, truth_arrays
+from benchmarks._simulated import DOMAINS, FREQUENT_CLICKS, example_stream, impression_index, progressive, truth_arrays
 from config import TrainerConfig
 from streams import schema
 from streams.metrics import normalized_entropy, roc_auc
-from streams.sources.generate import GeneratorConfig, TruthParams, simulate
+from streams.sources.generate import GeneratorConfig, simulate
 from streams.sources.scenarios import ScenarioConfig
 from trainer.features import featurize
 from embedding_store.fm_embeddings import FMEmbeddingStore
@@ -87,13 +87,8 @@ from embedding_store.pair_cache import PairCache
 from trainer.solaris import PairPredictor, pair_impression, pair_logits, score_pairs
 
 BATCH = 256
-DOMAINS = ("feed", "stories", "video", "search", "display")
-# frequent clicks (as in bench quality) so that the stream teaches something within a minute; users' tastes
-# are shared across domains (the generator's hidden model has one latent vector and bias per user)
-TRUTH = TruthParams(base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
-                    base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1},
-                    domain_share={"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05})
-WORLD = {"n_users": 3000, "n_ads": 300, "truth": TRUTH, "domains": DOMAINS, "targeting": 4}
+# users' tastes are shared across domains (the generator's hidden model has one latent vector and bias per user)
+WORLD = {"n_users": 3000, "n_ads": 300, "truth": FREQUENT_CLICKS, "domains": DOMAINS, "targeting": 4}
 SEEDS = {"stationary": 21, "sudden": 22, "sudden-levels": 23}
 # the FM: the whole stream, bigger tables, every feature (trainer.roles' fm preset, scaled to a CPU minute)
 FM = TrainerConfig(role="fm", batch_size=BATCH, device="cpu", user_model=False, hash_buckets=50_000,
