@@ -16,6 +16,10 @@ Policies:
 
 ``emitted_ts`` is the emission *event* time.
 
+:func:`progressive` feeds such a stream to a learner batch by batch in emission order, as the trainer loop does,
+and records its *progressive* scores (each example scored by the training step that then learns from it) by
+impression index: the stream loop of the in-process benchmarks (cascade, cohorts, transfer).
+
 >>> from streams.sources.generate import GeneratorConfig, simulate
 >>> sim = simulate(GeneratorConfig(n_impressions=200, seed=1))
 >>> exs = example_stream(sim, "elapsed", elapsed_s=60)
@@ -25,11 +29,21 @@ Policies:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from streams import schema
+from streams.sources.generate import TruthParams
 
 POLICIES = ("oracle", "elapsed", "naive", "window")
+DOMAINS = ("feed", "stories", "video", "search", "display")
+# the in-process benchmarks' world (cascade, cohorts, transfer): frequent clicks, as in bench quality, so that the
+# stream teaches something within a minute
+FREQUENT_CLICKS = TruthParams(
+    base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
+    base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1},
+    domain_share={"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05})
 
 
 def impressions(sim) -> list[schema.Impression]:
@@ -88,3 +102,34 @@ def truth_arrays(sim) -> dict[str, np.ndarray]:
             "conversion": t.column("conversion").to_numpy().astype(np.float64),
             "p_click": t.column("p_click").to_numpy(), "p_ctcvr": t.column("p_click").to_numpy()
             * t.column("p_cvr").to_numpy()}
+
+
+def impression_index(example_id: str) -> int:
+    """The impression index (truth-table order) of an example of the ``oracle`` or ``window`` policy: its id is
+    the impression's, ``imp-<seed>-<i>``."""
+    return int(example_id.rsplit("-", 1)[1])
+
+
+def progressive(learner, exs: list[schema.Example], n: int, *, batch: int,
+                before: Callable[[int, list[schema.Example]], None] | None = None,
+                features: Callable[[list[schema.Example]], object] | None = None,
+                beside: Callable[[list[schema.Example], object, object], None] | None = None) -> np.ndarray:
+    """Train ``learner`` (:class:`trainer.model.Learner`) on ``exs`` in batches of ``batch``, in order; returns
+    its progressive p_click by :func:`impression_index`, ``(n,)``, NaN where no example was scored. Per batch
+    ``j`` (``chunk``): ``before(j, chunk)`` (what the batch's features read must stand by then: a store fed, a
+    teacher scored), ``fb = features(chunk)`` (default ``featurize(chunk, learner.tcfg)``),
+    ``r = learner.train_step(fb)``, then ``beside(chunk, fb, r)`` (what else learns from the batch or is
+    recorded with it: early stages, cohort keys, what the model publishes)."""
+    from trainer.features import featurize
+
+    out = np.full(n, np.nan)
+    for j, i in enumerate(range(0, len(exs), batch)):
+        chunk = exs[i:i + batch]
+        if before is not None:
+            before(j, chunk)
+        fb = featurize(chunk, learner.tcfg) if features is None else features(chunk)
+        r = learner.train_step(fb)
+        out[[impression_index(e.example_id) for e in chunk]] = r.p_click
+        if beside is not None:
+            beside(chunk, fb, r)
+    return out

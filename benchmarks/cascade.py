@@ -39,21 +39,16 @@ import numpy as np
 import torch
 
 from benchmarks._common import parser, report
-from benchmarks._simulated import example_stream, impressions
+from benchmarks._simulated import DOMAINS, FREQUENT_CLICKS, example_stream, impressions, progressive
 from config import TrainerConfig
-from streams.sources.generate import GeneratorConfig, TruthParams, simulate
+from streams.sources.generate import GeneratorConfig, simulate
 from trainer.early_stage import EarlyStage, cascade_recall, rank_impressions
-from trainer.features import featurize, impression_batch
+from trainer.features import impression_batch
 from trainer.model import Learner
 
 BATCH = 256
-DOMAINS = ("feed", "stories", "video", "search", "display")
-# frequent clicks (as in bench quality and transfer) so that the stream teaches something within a minute
-TRUTH = TruthParams(base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
-                    base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1},
-                    domain_share={"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05})
 # enough ads that 1,000 distinct candidates exist (ads are born and retired during the run: ad_churn)
-WORLD = {"n_users": 3000, "n_ads": 2000, "truth": TRUTH, "domains": DOMAINS, "seed": 31}
+WORLD = {"n_users": 3000, "n_ads": 2000, "truth": FREQUENT_CLICKS, "domains": DOMAINS, "seed": 31}
 FINAL = TrainerConfig(batch_size=BATCH, device="cpu", user_model=False, hash_buckets=50_000, embedding_dim=16,
                       early_stage=True)
 CUTS = (50, 100, 200)
@@ -66,12 +61,12 @@ def train(exs, tc: TrainerConfig, log) -> tuple[Learner, dict[str, EarlyStage]]:
     final = Learner(tc)
     early = {"multi-task": EarlyStage(tc, "multi", final.device), "single-task": EarlyStage(tc, "click", final.device)}
     t0 = time.perf_counter()
-    for i in range(0, len(exs), BATCH):
-        chunk = exs[i:i + BATCH]
-        fb = featurize(chunk, tc)
-        r = final.train_step(fb)
+
+    def beside(chunk, fb, r) -> None:
         early["multi-task"].step_beside(final, fb, [e.impression for e in chunk], r.p_click, r.p_conversion)
         early["single-task"].train_step(fb)
+
+    progressive(final, exs, len(exs), batch=BATCH, beside=beside)
     log(f"  trained on {len(exs)} examples in {time.perf_counter() - t0:.1f} s")
     final.model.eval()
     for e in early.values():

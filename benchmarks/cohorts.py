@@ -31,39 +31,32 @@ import msgspec
 import numpy as np
 
 from benchmarks._common import parser, report
-from benchmarks._simulated import example_stream, truth_arrays
+from benchmarks._simulated import DOMAINS, FREQUENT_CLICKS, example_stream, impression_index, progressive, truth_arrays
 from config import TrainerConfig
 from streams.metrics import normalized_entropy, roc_auc
-from streams.sources.generate import GeneratorConfig, TruthParams, simulate
+from streams.sources.generate import GeneratorConfig, simulate
 from trainer.cohorts import AXES, CohortTargets, axis_values, cohort_metrics, find_targets, pattern
 from trainer.features import featurize
 from trainer.model import Learner
 
 BATCH = 256
-DOMAINS = ("feed", "stories", "video", "search", "display")
-# frequent clicks (as in bench transfer) so that the stream teaches something within a minute
-TRUTH = TruthParams(base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
-                    base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1},
-                    domain_share={"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05})
-WORLD = {"n_users": 3000, "n_ads": 300, "truth": TRUTH, "domains": DOMAINS, "minority_share": 0.2,
+WORLD = {"n_users": 3000, "n_ads": 300, "truth": FREQUENT_CLICKS, "domains": DOMAINS, "minority_share": 0.2,
          "minority_contrast": 1.0}
 MODEL = TrainerConfig(batch_size=BATCH, device="cpu", user_model=False, hash_buckets=20_000, embedding_dim=16,
                       history_len=8, cat_slots=4)
 
 
-def progressive(tc: TrainerConfig, exs: list, n: int) -> tuple[np.ndarray, list[str]]:
+def with_cohorts(tc: TrainerConfig, exs: list, n: int) -> tuple[np.ndarray, list[str]]:
     """(p_click per impression, cohort per impression) of a learner over the stream."""
     lr = Learner(tc)
-    p = np.full(n, np.nan)
     keys: list[str] = [""] * n
-    for i in range(0, len(exs), BATCH):
-        chunk = exs[i:i + BATCH]
-        fb = featurize(chunk, tc, cohorts=lr.cohorts)
-        r = lr.train_step(fb)
-        idx = [int(e.example_id.rsplit("-", 1)[1]) for e in chunk]
-        p[idx] = r.p_click
-        for j, k in zip(idx, fb.cohort):
-            keys[j] = k
+
+    def note(chunk, fb, _r) -> None:
+        for e, k in zip(chunk, fb.cohort):
+            keys[impression_index(e.example_id)] = k
+
+    p = progressive(lr, exs, n, batch=BATCH, features=lambda chunk: featurize(chunk, tc, cohorts=lr.cohorts),
+                    beside=note)
     return p, keys
 
 
@@ -79,7 +72,7 @@ def run(seed: int, n: int, warmup: float, weight: float, n_targets: int, log, *,
     click = truth["click"]
     tc = msgspec.structs.replace(model, seed=seed)
     t0 = time.perf_counter()
-    base, keys = progressive(tc, exs, n)
+    base, keys = with_cohorts(tc, exs, n)
     log(f"  seed {seed}: baseline {time.perf_counter() - t0:.1f} s")
     order = np.argsort(truth["ts"], kind="stable")
     warm = np.zeros(n, bool)
@@ -93,7 +86,7 @@ def run(seed: int, n: int, warmup: float, weight: float, n_targets: int, log, *,
     log(f"  seed {seed}: targets " + ", ".join(f"{c.pattern} (share {c.share:.3f}, NE x{c.rel_ne:.3f})"
                                                  for c in cands))
     t0 = time.perf_counter()
-    c2al, _ = progressive(msgspec.structs.replace(tc, c2al=True, c2al_cohorts=tuple(targets), c2al_weight=weight),
+    c2al, _ = with_cohorts(msgspec.structs.replace(tc, c2al=True, c2al_cohorts=tuple(targets), c2al_weight=weight),
                           exs, n)
     log(f"  seed {seed}: C2AL {time.perf_counter() - t0:.1f} s")
     ev = truth["ts"] >= np.median(truth["ts"])
@@ -110,7 +103,7 @@ def run(seed: int, n: int, warmup: float, weight: float, n_targets: int, log, *,
     res["cohorts"] = {p_: (mb[p_], mc[p_]) for p_ in pats}
     if noise:  # the noise floor: the baseline again from another initialisation, no C2AL
         t0 = time.perf_counter()
-        other, _ = progressive(msgspec.structs.replace(tc, seed=seed + 1000), exs, n)
+        other, _ = with_cohorts(msgspec.structs.replace(tc, seed=seed + 1000), exs, n)
         log(f"  seed {seed}: baseline, other init {time.perf_counter() - t0:.1f} s")
         po = other[ev]
         res["noise"] = (ne_auc(c, po), ne_auc(c[in_t], po[in_t]))

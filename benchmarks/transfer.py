@@ -32,6 +32,12 @@ scored before the model trains on it) on the impressions' true labels, per domai
 
 Two runs: ``stationary`` (scenario ``none``; metrics on the second half) and ``sudden`` (the ads' taste vectors
 turn at 50%: the teacher stays on the old world for ``lag`` examples, then catches up; metrics after the drift).
+``--quick`` runs ``stationary`` alone (the drift figures of the last line are null then; ``--runs`` adds it).
+
+Cost: per run the FM trains once over the stream (scoring the teachers and SOLARIS's pairs as it goes); every
+variant reuses what it produced (the teachers, its LoopFM records, the SOLARIS features recorded per request) and
+trains only its small VMs. Torch runs on one thread: these models' steps are too small for a second one to pay,
+and on shared cores OpenMP's threads wait on each other (measured: >5x slower under load on two threads).
 
 The world (``WORLD``) has ad targeting (``GeneratorConfig.targeting``: each user's ads come from a slowly
 changing set of 4; without it every ad is a popularity draw independent of the user and no predictor can know
@@ -62,13 +68,14 @@ from typing import Callable
 
 import msgspec
 import numpy as np
+import torch
 
 from benchmarks._common import parser, report
-from benchmarks._simulated import example_stream, truth_arrays
+from benchmarks._simulated import DOMAINS, FREQUENT_CLICKS, example_stream, impression_index, progressive, truth_arrays
 from config import TrainerConfig
 from streams import schema
 from streams.metrics import normalized_entropy, roc_auc
-from streams.sources.generate import GeneratorConfig, TruthParams, simulate
+from streams.sources.generate import GeneratorConfig, simulate
 from streams.sources.scenarios import ScenarioConfig
 from trainer.features import featurize
 from embedding_store.fm_embeddings import FMEmbeddingStore
@@ -80,13 +87,8 @@ from embedding_store.pair_cache import PairCache
 from trainer.solaris import PairPredictor, pair_impression, pair_logits, score_pairs
 
 BATCH = 256
-DOMAINS = ("feed", "stories", "video", "search", "display")
-# frequent clicks (as in bench quality) so that the stream teaches something within a minute; users' tastes
-# are shared across domains (the generator's hidden model has one latent vector and bias per user)
-TRUTH = TruthParams(base_ctr={"feed": 0.2, "stories": 0.15, "video": 0.12, "search": 0.25, "display": 0.1},
-                    base_cvr={"feed": 0.2, "stories": 0.15, "video": 0.15, "search": 0.25, "display": 0.1},
-                    domain_share={"feed": 0.4, "stories": 0.2, "video": 0.2, "search": 0.15, "display": 0.05})
-WORLD = {"n_users": 3000, "n_ads": 300, "truth": TRUTH, "domains": DOMAINS, "targeting": 4}
+# users' tastes are shared across domains (the generator's hidden model has one latent vector and bias per user)
+WORLD = {"n_users": 3000, "n_ads": 300, "truth": FREQUENT_CLICKS, "domains": DOMAINS, "targeting": 4}
 SEEDS = {"stationary": 21, "sudden": 22, "sudden-levels": 23}
 # the FM: the whole stream, bigger tables, every feature (trainer.roles' fm preset, scaled to a CPU minute)
 FM = TrainerConfig(role="fm", batch_size=BATCH, device="cpu", user_model=False, hash_buckets=50_000,
@@ -115,10 +117,6 @@ SOLARIS_FEED = {SOLARIS: "cached", ON_DEMAND: "on_demand", ALL_TOGETHER: "cached
 SOLARIS_CFG = SolarisConfig()  # the service's defaults: budget 2 per request, TTL 600 s
 
 
-def _imp_index(example_id: str) -> int:
-    return int(example_id.rsplit("-", 1)[1])
-
-
 class SolarisSim:
     """The precompute service in-process (module docstring): :meth:`block` with the FM as it is when a block of
     requests arrives; :meth:`fm_published` with the FM's user vectors (its LoopFM records) after each of its
@@ -137,7 +135,7 @@ class SolarisSim:
 
     def block(self, fm: Learner, chunk: list[schema.Example]) -> None:
         imps = [e.impression for e in chunk]
-        at = [_imp_index(e.example_id) for e in chunk]
+        at = [impression_index(e.example_id) for e in chunk]
         ts = np.array([i.ts for i in imps], np.int64)
         # what the VMs read for these requests: the cache as it stood before them (each at its own time)
         pc, pv, hit, age = self.cache.get([i.user_id for i in imps], [i.ad_id for i in imps], ts)
@@ -169,12 +167,14 @@ def fm_pass(exs: list[schema.Example], n: int, lag: int, solaris: SolarisSim | N
     fm = Learner(FM)
     batches = [exs[i:i + BATCH] for i in range(0, len(exs), BATCH)]
     L = max(lag // BATCH, 0)
-    own = np.full(n, np.nan)
     taught: list[schema.Example] = []
     published: list[list[bytes]] = []  # [j]: the FM's LoopFM records after training batch j, as on the topic
-    for k in range(len(batches) + L):
-        if k < len(batches):
-            chunk = batches[k]
+    scored = 0
+
+    def teach(j: int, _chunk) -> None:  # before the FM trains batch j: it scores every batch through j + L
+        nonlocal scored
+        while scored < min(j + L + 1, len(batches)):
+            k, chunk = scored, batches[scored]
             pc, pv = fm.score(featurize(chunk, FM))
             # the snapshot's time: when the FM had last trained (the newest example it knew), as wall-clock ms
             src = batches[k - L - 1][-1].emitted_ts if k - L - 1 >= 0 else chunk[0].emitted_ts
@@ -183,13 +183,14 @@ def fm_pass(exs: list[schema.Example], n: int, lag: int, solaris: SolarisSim | N
                 for e, a, b in zip(chunk, pc, pv))
             if solaris is not None:
                 solaris.block(fm, chunk)
-        if k - L >= 0:
-            chunk = batches[k - L]
-            r = fm.train_step(featurize(chunk, FM))
-            own[[_imp_index(e.example_id) for e in chunk]] = r.p_click
-            published.append([schema.encode(x) for x in fm_embeddings(fm, [e.impression for e in chunk])])
-            if solaris is not None:
-                solaris.fm_published(published[-1])
+            scored += 1
+
+    def publish(chunk, _fb, _r) -> None:
+        published.append([schema.encode(x) for x in fm_embeddings(fm, [e.impression for e in chunk])])
+        if solaris is not None:
+            solaris.fm_published(published[-1])
+
+    own = progressive(fm, exs, n, batch=BATCH, before=teach, beside=publish)
     return taught, own, published
 
 
@@ -200,7 +201,7 @@ class _Recorded:
         self.feats = feats
 
     def features_of(self, imps) -> np.ndarray:
-        return self.feats[[_imp_index(i.event_id) for i in imps]]
+        return self.feats[[impression_index(i.event_id) for i in imps]]
 
 
 def vm_pass(taught: list[schema.Example], n: int, overrides: dict, teacher_weight: float,
@@ -209,29 +210,36 @@ def vm_pass(taught: list[schema.Example], n: int, overrides: dict, teacher_weigh
     VM reads a store fed with what the FM had published when the teacher of its batch was made; a SOLARIS VM
     the features ``solaris`` (n, 3) recorded for each request."""
     out = np.full(n, np.nan)
-    L = max(lag // BATCH, 0)
+    recorded = None if solaris is None else _Recorded(solaris)
     for group in VM_GROUPS:
-        kw = {"teacher_weight": teacher_weight, **overrides, "vm_domains": group}
-        tc = msgspec.structs.replace(VM, **kw)
-        vm = Learner(tc)
-        store = view = None
-        applied = 0
-        if tc.loopfm:
-            store = FMEmbeddingStore(tc.loopfm_dim, max_age_s=365 * 86_400.0)  # age plays no part in-process
-            view = vm.loopfm_view = FMEmbeddingView(store)
-        mine = [e for e in taught if e.impression.domain in group]
-        for i in range(0, len(mine), BATCH):
-            chunk = mine[i:i + BATCH]
-            if store is not None:  # the FM had trained through batch k - L - 1 when batch k was scored
-                known = max(_imp_index(e.example_id) for e in chunk) // BATCH - L
-                while applied < min(known, len(published)):
-                    for raw in published[applied]:
-                        store.apply_raw(raw)
-                    applied += 1
-            r = vm.train_step(featurize(chunk, tc, None, view,
-                                         solaris=None if solaris is None else _Recorded(solaris)))
-            out[[_imp_index(e.example_id) for e in chunk]] = r.p_click
+        tc = msgspec.structs.replace(VM, **{"teacher_weight": teacher_weight, **overrides, "vm_domains": group})
+        p = vm_group(tc, [e for e in taught if e.impression.domain in group], n, published, lag, recorded)
+        seen = ~np.isnan(p)
+        out[seen] = p[seen]
     return out
+
+
+def vm_group(tc: TrainerConfig, mine: list[schema.Example], n: int, published: list[list[bytes]], lag: int,
+             solaris: _Recorded | None) -> np.ndarray:
+    """One VM over its domains' examples ``mine`` (see :func:`vm_pass`); progressive p_click per impression."""
+    vm = Learner(tc)
+    L = max(lag // BATCH, 0)
+    store = view = None
+    if tc.loopfm:
+        store = FMEmbeddingStore(tc.loopfm_dim, max_age_s=365 * 86_400.0)  # age plays no part in-process
+        view = vm.loopfm_view = FMEmbeddingView(store)
+    applied = 0
+
+    def feed(_j: int, chunk) -> None:  # the FM had trained through batch k - L - 1 when batch k was scored
+        nonlocal applied
+        known = max(impression_index(e.example_id) for e in chunk) // BATCH - L
+        while applied < min(known, len(published)):
+            for raw in published[applied]:
+                store.apply_raw(raw)
+            applied += 1
+
+    return progressive(vm, mine, n, batch=BATCH, before=None if store is None else feed,
+                       features=lambda chunk: featurize(chunk, tc, None, view, solaris=solaris))
 
 
 def aucs(truth: dict, p: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -252,7 +260,17 @@ def ratio(v: float, alone: float, fm: float) -> float:
 
 def run(name: str, n: int, lag: int, teacher_weight: float, seed: int, log: Callable[[str], None]
         ) -> tuple[dict, dict]:
-    """(model -> :func:`aucs`, SOLARIS's figures) of one run."""
+    """(model -> :func:`aucs`, SOLARIS's figures) of one run (on one torch thread; the caller's setting after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(name, n, lag, teacher_weight, seed, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(name: str, n: int, lag: int, teacher_weight: float, seed: int, log: Callable[[str], None]
+         ) -> tuple[dict, dict]:
     sc = ScenarioConfig(name=name, at=0.5) if name != "stationary" else ScenarioConfig()
     sim = simulate(GeneratorConfig(n_impressions=n, seed=SEEDS[name] + seed, scenario=sc, **WORLD))
     truth, exs = truth_arrays(sim), example_stream(sim, "oracle", elapsed_s=0)
@@ -260,7 +278,8 @@ def run(name: str, n: int, lag: int, teacher_weight: float, seed: int, log: Call
     t0 = time.perf_counter()
     sol = SolarisSim(n)
     taught, fm_own, published = fm_pass(exs, n, lag, sol)
-    teacher = np.array([e.teacher.p_click for e in taught])[np.argsort([_imp_index(e.example_id) for e in taught])]
+    teacher = np.array([e.teacher.p_click for e in taught])
+    teacher = teacher[np.argsort([impression_index(e.example_id) for e in taught])]
     res = {"FM itself": aucs(truth, fm_own, mask), f"FM as teacher (lag {lag})": aucs(truth, teacher, mask),
            "oracle": aucs(truth, truth["p_click"], mask)}
     preds: dict[str, np.ndarray] = {}
@@ -317,12 +336,13 @@ def main() -> int:
                    help="examples the FM trails the stream by (default 4096, quick 1024; rounded to batches)")
     p.add_argument("--teacher-weight", type=float, default=1.0, help="weight of the distillation loss (default 1)")
     p.add_argument("--seed", type=int, default=0, help="added to each run's generator seed (default 0)")
-    p.add_argument("--runs", default="stationary,sudden",
-                   help="which runs, of stationary, sudden, sudden-levels (default stationary,sudden)")
+    p.add_argument("--runs", default=None,
+                   help="which runs, of stationary, sudden, sudden-levels (default stationary,sudden; quick "
+                        "stationary)")
     a = p.parse_args()
     n = a.n or (20_000 if a.quick else 200_000)
     lag = a.lag if a.lag is not None else (1024 if a.quick else 4096)
-    runs = a.runs.split(",")
+    runs = (a.runs or ("stationary" if a.quick else "stationary,sudden")).split(",")
     unknown = [r for r in runs if r not in SEEDS]
     if unknown:
         p.error(f"--runs: unknown {', '.join(unknown)} (known: {', '.join(SEEDS)})")

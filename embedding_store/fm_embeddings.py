@@ -27,7 +27,9 @@ Bad records go to ``topics.dead_letters`` (step ``loopfm.store``) with a reason,
 undecodable bytes, an unknown ``kind`` (this store keeps ``user`` and ``ad``; ``pair`` belongs to SOLARIS),
 a ``dim`` other than the store's (``trainer.loopfm_dim``), ``len(vectors) != len(ids) * dim``, NaN or
 infinite values, ids outside ``[0, 2**63)``, a negative model version, a ts more than
-:data:`FUTURE_SLACK_MS` in the future.
+:data:`~embedding_store.ttl_store.FUTURE_SLACK_MS` in the future. What the store shares with SOLARIS's pair
+cache (the bounded rows, decode / check / count on arrival, the lookup's counters) is
+:mod:`embedding_store.ttl_store`.
 
 Restart: the consumer reads the topic from the beginning (no consumer group, no committed offsets): records
 older than ``max_age_s`` are skipped cheaply as they arrive, the rest rebuild the newest state. So the
@@ -38,12 +40,11 @@ it has read the retained tail, and meanwhile counts misses and trains on (the fe
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict, deque
 
 import numpy as np
 
+from embedding_store.ttl_store import BoundedRows, TTLStore, ids_outside
 from streams import schema
 from streams.bus.feed import TopicFeed
 
@@ -52,158 +53,69 @@ log = logging.getLogger("streamrec.loopfm")
 STEP = "loopfm.store"  # DeadLetter.step of refused FMEmbeddings records
 KINDS = ("user", "ad")
 DEFAULT_CAPACITY = {"user": 200_000, "ad": 50_000}
-FUTURE_SLACK_MS = 300_000  # clocks of the FM's and the VM's machines may differ this much
-AGE_WINDOW = 10_000  # ages of the most recent hits kept for the p50
-_ID_MAX = 2 ** 63
 RMS_ALPHA = 0.05  # weight of a record in the running mean square of the coordinates
 
 
-class FMEmbeddingTable:
-    """One kind's id -> (vector, model version, ts), at most ``capacity`` ids (see the module docstring).
-    Not locked: :class:`FMEmbeddingStore` serialises access."""
+class FMEmbeddingStore(TTLStore):
+    """The VM's copy of the FM's user and ad vectors (module docstring; the common part:
+    :class:`embedding_store.ttl_store.TTLStore`). Thread-safe: the consumer thread :meth:`apply`\\s records, the
+    trainer's thread :meth:`lookup`\\s."""
 
-    def __init__(self, dim: int, capacity: int, initial: int = 1024):
-        if capacity < 1:
-            raise ValueError(f"FMEmbeddingTable: capacity must be >= 1, got {capacity}")
-        self.dim, self.capacity = dim, capacity
-        self._row: OrderedDict[int, int] = OrderedDict()  # id -> row, least recently updated first
-        n = min(initial, capacity)
-        self._vecs = np.zeros((n, dim), np.float32)
-        self._version = np.zeros(n, np.int64)
-        self._ts = np.zeros(n, np.int64)
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self._row)
-
-    def _new_row(self) -> int:
-        if len(self._row) >= self.capacity:  # full: reuse the least recently updated id's row
-            _, r = self._row.popitem(last=False)
-            self.evicted += 1
-            return r
-        r = len(self._row)  # rows are never freed otherwise: live ids hold rows 0 .. len-1
-        if r >= len(self._vecs):
-            n = min(2 * len(self._vecs), self.capacity)
-            self._vecs = np.concatenate([self._vecs, np.zeros((n - len(self._vecs), self.dim), np.float32)])
-            self._version = np.concatenate([self._version, np.zeros(n - len(self._version), np.int64)])
-            self._ts = np.concatenate([self._ts, np.zeros(n - len(self._ts), np.int64)])
-        return r
-
-    def put(self, ids: list[int], vecs: np.ndarray, version: int, ts: int, stale_before_ms: int) -> tuple[int, int]:
-        """Store rows; returns (stored, older_ignored). An id whose stored version is newer keeps it unless
-        its ts is before ``stale_before_ms``."""
-        stored = ignored = 0
-        for j, i in enumerate(ids):
-            r = self._row.get(i)
-            if r is None:
-                r = self._new_row()
-                self._row[i] = r
-            elif self._version[r] > version and self._ts[r] >= stale_before_ms:
-                ignored += 1
-                continue
-            else:
-                self._row.move_to_end(i)
-            self._vecs[r] = vecs[j]
-            self._version[r] = version
-            self._ts[r] = ts
-            stored += 1
-        return stored, ignored
-
-    def get(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(vectors (N, dim) float32, found (N,) bool, version (N,), ts (N,)); zeros where absent."""
-        get = self._row.get
-        rows = np.fromiter((get(int(i), -1) for i in ids), np.int64, len(ids))
-        found = rows >= 0
-        r = np.maximum(rows, 0)
-        vecs = np.where(found[:, None], self._vecs[r], 0.0).astype(np.float32, copy=False)
-        return vecs, found, np.where(found, self._version[r], -1), np.where(found, self._ts[r], 0)
-
-
-class FMEmbeddingStore:
-    """The VM's copy of the FM's user and ad vectors (module docstring). Thread-safe: the consumer thread
-    :meth:`apply`\\s records, the trainer's thread :meth:`lookup`\\s."""
+    record_type = schema.FMEmbeddings
+    stale_counter = "stale"
 
     def __init__(self, dim: int, max_age_s: float, capacity: dict[str, int] | None = None):
         if dim < 1:
             raise ValueError(f"FMEmbeddingStore: dim must be >= 1, got {dim}")
-        self.dim, self.max_age_ms = dim, int(max_age_s * 1000)
+        super().__init__(int(max_age_s * 1000), {
+            "records": 0, "ids_stored": 0, "older_ignored": 0, "expired_on_arrival": 0, "dead_letters": 0,
+            "lookups": 0, "misses": 0, "stale": 0})
+        self.dim, self.max_age_ms = dim, self.ttl_ms
         cap = {**DEFAULT_CAPACITY, **(capacity or {})}
-        self.tables = {k: FMEmbeddingTable(dim, cap[k]) for k in KINDS}
-        self._lock = threading.Lock()
-        self.counters = {"records": 0, "ids_stored": 0, "older_ignored": 0, "expired_on_arrival": 0,
-                         "dead_letters": 0, "lookups": 0, "misses": 0, "stale": 0}
-        self.newest_version = -1
+        # one kind's id -> (vector, model version, ts), at most capacity ids
+        self.tables = {k: BoundedRows(dim, cap[k], 1024, "FMEmbeddingStore") for k in KINDS}
         self._ms = {k: None for k in KINDS}  # running mean square per coordinate (see rms())
-        self._ages_ms: deque[np.ndarray] = deque()
-        self._ages_n = 0
 
     # ---- writing (the consumer thread) ---------------------------------------------------------
-    def check(self, rec: schema.FMEmbeddings, now_ms: int) -> str | None:
-        """Why ``rec`` is refused (a dead letter's reason), or None."""
+    def check_record(self, rec: schema.FMEmbeddings) -> str | None:
         if rec.kind not in KINDS:
             return f"kind {rec.kind!r}: this store keeps {' and '.join(KINDS)} vectors"
         if rec.dim != self.dim:
             return f"dim mismatch: record dim {rec.dim}, store dim {self.dim} (trainer.loopfm_dim)"
         if len(rec.vectors) != len(rec.ids) * rec.dim:
             return f"shape: {len(rec.vectors)} values for {len(rec.ids)} ids x dim {rec.dim}"
-        if rec.model_version < 0:
-            return f"model_version {rec.model_version} < 0"
-        if rec.ts > now_ms + FUTURE_SLACK_MS:
-            return f"ts {rec.ts} is {(rec.ts - now_ms) / 1000:.0f}s in the future"
-        if rec.ids and (min(rec.ids) < 0 or max(rec.ids) >= _ID_MAX):
+        return None
+
+    def check_values(self, rec: schema.FMEmbeddings) -> str | None:
+        if ids_outside(rec.ids):
             return "id outside [0, 2**63)"
         if rec.vectors and not np.isfinite(np.asarray(rec.vectors, np.float64)).all():
             return "vectors hold NaN or infinite values"
         return None
 
-    def apply(self, rec: schema.FMEmbeddings, now_ms: int | None = None) -> str | None:
-        """Store a decoded record; returns the reason when it is refused (nothing stored), else None."""
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        reason = self.check(rec, now_ms)
-        with self._lock:
-            if reason is not None:
-                self.counters["dead_letters"] += 1
-                return reason
-            self.counters["records"] += 1
-            stale_before = now_ms - self.max_age_ms
-            if rec.ts < stale_before:
-                self.counters["expired_on_arrival"] += len(rec.ids)
-                return None
-            vecs = np.asarray(rec.vectors, np.float32).reshape(len(rec.ids), self.dim)
-            if len(vecs):
-                ms, old = (vecs.astype(np.float64) ** 2).mean(0), self._ms[rec.kind]
-                self._ms[rec.kind] = ms if old is None else (1 - RMS_ALPHA) * old + RMS_ALPHA * ms
-            stored, ignored = self.tables[rec.kind].put(rec.ids, vecs, rec.model_version, rec.ts, stale_before)
-            self.counters["ids_stored"] += stored
-            self.counters["older_ignored"] += ignored
-            self.newest_version = max(self.newest_version, rec.model_version)
-        return None
+    def keys_of(self, rec: schema.FMEmbeddings) -> int:
+        return len(rec.ids)
 
-    def apply_raw(self, raw: bytes, now_ms: int | None = None) -> str | None:
-        """Decode and :meth:`apply` one message's bytes; the reason when refused."""
-        rec = schema.decode(raw, schema.FMEmbeddings)
-        if isinstance(rec, schema.Invalid):
-            with self._lock:
-                self.counters["dead_letters"] += 1
-            return rec.reason
-        return self.apply(rec, now_ms)
+    def _store_record(self, rec: schema.FMEmbeddings, now_ms: int) -> None:
+        """Rows of ``rec.kind``: an id whose stored version is newer keeps it unless it is stale."""
+        stale_before = now_ms - self.max_age_ms
+        vecs = np.asarray(rec.vectors, np.float32).reshape(len(rec.ids), self.dim)
+        if len(vecs):
+            ms, old = (vecs.astype(np.float64) ** 2).mean(0), self._ms[rec.kind]
+            self._ms[rec.kind] = ms if old is None else (1 - RMS_ALPHA) * old + RMS_ALPHA * ms
+        t, version = self.tables[rec.kind], rec.model_version
+        stored, ignored = t.put(rec.ids, vecs, version, rec.ts,
+                                lambda r: t.version[r] > version and t.ts[r] >= stale_before)
+        self.counters["ids_stored"] += stored
+        self.counters["older_ignored"] += ignored
+        self.newest_version = max(self.newest_version, version)
 
     # ---- reading (the trainer's thread) --------------------------------------------------------
     def lookup(self, kind: str, ids, now_ms: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(vectors (N, dim) float32, present (N,) bool): zeros and False for missing or stale ids."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         with self._lock:
-            vecs, found, _, ts = self.tables[kind].get(ids)
-            age = now_ms - ts
-            fresh = found & (age <= self.max_age_ms)
-            self.counters["lookups"] += len(found)
-            self.counters["misses"] += int((~found).sum())
-            self.counters["stale"] += int((found & ~fresh).sum())
-            if fresh.any():
-                self._ages_ms.append(age[fresh])
-                self._ages_n += int(fresh.sum())
-                while self._ages_n - len(self._ages_ms[0]) >= AGE_WINDOW:
-                    self._ages_n -= len(self._ages_ms.popleft())
+            vecs, fresh, _ = self._lookup(self.tables[kind], [int(i) for i in ids], now_ms)
         vecs[~fresh] = 0.0
         return vecs, fresh
 
@@ -216,15 +128,12 @@ class FMEmbeddingStore:
 
     def stats(self) -> dict[str, float]:
         """Counters (since start) and gauges, named ``loopfm_*``; ``age_p50_s`` over the most recent
-        :data:`AGE_WINDOW` hits (absent before the first hit)."""
+        :data:`~embedding_store.ttl_store.AGE_WINDOW` hits (absent before the first hit)."""
         with self._lock:
-            out = {f"loopfm_{k}": float(v) for k, v in self.counters.items()}
+            out = self._stats("loopfm_")
             out["loopfm_users"] = float(len(self.tables["user"]))
             out["loopfm_ads"] = float(len(self.tables["ad"]))
             out["loopfm_evicted"] = float(sum(t.evicted for t in self.tables.values()))
-            out["loopfm_fm_version"] = float(self.newest_version)
-            if self._ages_ms:
-                out["loopfm_age_p50_s"] = float(np.percentile(np.concatenate(self._ages_ms), 50)) / 1000.0
         return out
 
 

@@ -55,8 +55,6 @@ from trainer.sharded import empty_batch_step, shard_learner, sharded_tables
 from trainer.telemetry import Throughput, service_stats
 
 log = logging.getLogger("streamrec.trainer")
-STATS_EVERY_S = 1.0
-LOG_EVERY_S = 10.0
 _FLAGS = ("examples", "stop", "checkpoint_due", "idle")
 GROUP_FORM_TIMEOUT_S = 60.0  # joining the group takes well under a second when the peers are up
 EXIT_GROUP_TIMEOUT = 75  # a rank's exit code when its group did not form in time (init_group)
@@ -226,7 +224,7 @@ class DistributedTrainer(Trainer):
         log.info("rank %d/%d training on %s partitions %s, batch %d of %d, checkpoints in %s", self.rank, self.world,
                  topic, self.partitions, self.local_batch, tc.batch_size, self.ckpt_dir)
         start_n = self.global_trained
-        last_msg = last_stats = last_log = time.monotonic()
+        last_msg = self._last_stats = self._last_log = time.monotonic()
         flags = torch.zeros(len(_FLAGS), dtype=torch.long)
         try:
             while True:
@@ -249,12 +247,7 @@ class DistributedTrainer(Trainer):
                 self.producer.poll(0)
                 if self.global_trained - self._last_ckpt_n >= tc.checkpoint_every_examples or due:
                     self.checkpoint()
-                if now - last_stats >= STATS_EVERY_S:
-                    self._publish_stats()
-                    last_stats = now
-                if now - last_log >= LOG_EVERY_S:
-                    self._log_progress()
-                    last_log = now
+                self._periodic(now)
                 if stop:
                     log.info("rank %d: stopping (a rank was asked to)", self.rank)
                     break

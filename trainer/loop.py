@@ -354,7 +354,7 @@ class Trainer:
                  topic, cfg.topics.partitions, tc.role, self.learner.backend, self.learner.device,
                  tc.batch_size, self.ckpt_dir)
         start_n = self.counters["examples_trained"]
-        last_msg = last_stats = last_log = time.monotonic()
+        last_msg = self._last_stats = self._last_log = time.monotonic()
         threads = torch.get_num_threads()
         if self.users is not None:
             # two threads run torch ops at once (ranker, user model), each with its own OpenMP team: half the
@@ -378,12 +378,7 @@ class Trainer:
                     self.checkpoint()
                 if self._publish_due(now):
                     self.publish()
-                if now - last_stats >= STATS_EVERY_S:
-                    self._publish_stats()
-                    last_stats = now
-                if now - last_log >= LOG_EVERY_S:
-                    self._log_progress()
-                    last_log = now
+                self._periodic(now)
                 if max_examples is not None and done >= max_examples:
                     log.info("trained %d examples (--max-examples); stopping", done)
                     break
@@ -410,6 +405,17 @@ class Trainer:
                 self.solaris.close()
             torch.set_num_threads(threads)  # the process's setting again (in-process callers: tests, benchmarks)
         return dict(self.counters)
+
+    def _periodic(self, now: float) -> None:
+        """The loop's periodic tail (this loop's and trainer/distributed.py's): service statistics every
+        :data:`STATS_EVERY_S`, a progress line every :data:`LOG_EVERY_S` (``now``: time.monotonic(); the clocks
+        start where :meth:`run` sets ``_last_stats`` and ``_last_log``)."""
+        if now - self._last_stats >= STATS_EVERY_S:
+            self._publish_stats()
+            self._last_stats = now
+        if now - self._last_log >= LOG_EVERY_S:
+            self._log_progress()
+            self._last_log = now
 
     # trainer.max_examples_per_s > 0: after a batch of n examples that started at t, the next starts at
     # t + n / rate at the earliest (no credit for idle time); meanwhile nothing new is taken
