@@ -30,7 +30,9 @@ def machine() -> str:
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
     malloc = ",".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "default"
-    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, malloc: {malloc}"
+    omp = os.environ.get("OMP_WAIT_POLICY", "default")
+    return (f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, malloc: {malloc}, "
+            f"OMP_WAIT_POLICY: {omp}")
 
 
 def sparse_step(opt) -> None:

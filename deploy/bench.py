@@ -25,12 +25,12 @@ def run(args, cfg) -> int:
         print(f"streamrec bench: unknown benchmark {args.name!r}; available: {', '.join(names) or 'none'}",
               file=sys.stderr)
         return 2
-    from trainer.service import malloc_env
+    from trainer.service import runtime_env
 
     # run as a module from the project root, so `benchmarks/trainer.py` cannot shadow the `trainer` package
     module = "benchmarks." + args.name.replace("-", "_")
     cmd = [sys.executable, "-m", module, *(["--quick"] if args.quick else []), *args.extra]
-    env = {**os.environ, **malloc_env()}
+    env = {**os.environ, **runtime_env()}
     return subprocess.call(cmd, env=env, cwd=BENCH_DIR.parent)
 
 

@@ -13,4 +13,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
 fi
 cd "$root"
+# torch's OpenMP threads sleep instead of spinning when they wait (the trainer's own setting, trainer/service.py
+# runtime_env): on a machine whose cores other work shares, spinning made torch tests 4-5x slower
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 exec "$root/.venv/bin/python" -m pytest --durations=25 --doctest-modules config streams trainer embedding_store dashboards deploy tests "$@"
