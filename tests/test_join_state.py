@@ -69,8 +69,8 @@ def _run(cfg: JoinConfig, batches, state=None) -> tuple[JoinState, list, list[in
     for b in batches:
         state, o = step(state, SourceBatch(0, b, frozenset()), now_ms=T0)
         out += o
-        store = state.cold.store if state.cold is not None else None  # its page cache: bounded, and by the file
-        mem.append(state.memory_bytes() - (store.cache_bytes() if store is not None else 0))
+        store = state.cold.store if state.cold is not None else None  # its caches: bounded (blocks, pages)
+        mem.append(state.memory_bytes() - (store.memory_bytes() - store.index.nbytes() if store is not None else 0))
     state, o = flush(state, now_ms=T0)
     return state, _outputs(out + o), mem
 
@@ -130,3 +130,31 @@ def test_restore_refuses_a_snapshot_the_store_was_purged_past(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="older than the rows deleted for good"):
         JoinState.restore(pickle.loads(snaps[1]), str(tmp_path))
     JoinState.restore(pickle.loads(snaps[-1]), str(tmp_path))  # the latest is fine
+
+
+def test_state_gauges_reach_the_join_state_panel(tmp_path, store):
+    """Two partitions' gauges, summed by the labels sink's stats as it publishes them, drawn by the panel."""
+    import time
+
+    from config import Config
+    from dashboards import queries as q
+    from dashboards.definitions import DASHBOARDS
+    from dashboards.sink import stats_rows
+    from streams.flows.connectors import _Stats
+    from streams.flows.join import OutBatch
+
+    stats, gauges = _Stats(Config()), []
+    for p, policy in enumerate(("window", "elapsed")):
+        st = JoinState(_cfg(policy, str(tmp_path / policy)))
+        for b in _stream(seed=9 + p, n=600):
+            st, _ = step(st, SourceBatch(p, b, frozenset()), now_ms=T0)
+        gauges.append(st.gauges())
+        stats.update(f"p{p}", OutBatch([], dict(st.counts), st.n_pending(), gauges[-1]))
+        assert gauges[-1][1] == st.cold.disk_bytes() > 0 and gauges[-1][2] == st.cold.n > 0
+    values = stats.totals()
+    now = int(time.time() * 1000)
+    store.insert("service_stats", stats_rows([schema.ServiceStats("labels", now, values, "labels-1")]))
+    panel = DASHBOARDS["overview"].panel("join_state")
+    got = {r["series"]: r["value"] for r in store.query(q.render(panel.sql, "live"), q.live_parameters(2)).records()}
+    want = [sum(g[i] for g in gauges) for i in range(3)]
+    assert got == {"bytes in memory": want[0], "bytes on disk": want[1], "impressions compacted": want[2]}

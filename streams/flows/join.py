@@ -76,6 +76,11 @@ MAX_MSG_BYTES = 64 * 1024  # larger input records are dead letters before any pa
 FUTURE_TOLERANCE_MS = 24 * 3600 * 1000  # event ts this far past the wall clock: a broken clock, dead letter
 FLUSH_MS = 60_000  # spilled impressions wait at most this long (event time) to be written as a block
 
+def _TS(rec: tuple) -> int:
+    return rec[1][1]
+
+
+
 _decode = msgspec.json.Decoder(schema.Record).decode
 _enc = msgspec.json.Encoder().encode
 
@@ -363,8 +368,7 @@ class Cold:
         """(ts, block, bits) of a compacted impression still remembered, or None."""
         if self.store is None:
             return None
-        row = self.store.lookup(iid)
-        return None if row is None or row[1] in self.trashed else row
+        return self.store.lookup(iid, self.trashed)
 
     def disk_bytes(self) -> int:
         return 0 if self.store is None else self.store.disk_bytes()
@@ -374,7 +378,7 @@ class Cold:
         n += _sampled(self.blocks, len(self.blocks), sample) + _sampled(self.fb.items(), len(self.fb), sample)
         n += _sampled(self.expire, len(self.expire), sample) + _sampled(self.trash, len(self.trash), sample)
         n += 8 * len(self.spill) + 40 * len(self.trashed)  # the spilled ids are counted in pending
-        return n + (0 if self.store is None else self.store.cache_bytes())
+        return n + (0 if self.store is None else self.store.memory_bytes())
 
 
 def _max(a: int | None, b: int | None) -> int | None:
@@ -640,9 +644,10 @@ def _on_cold_feedback(state: JoinState, kind: int, fts: int, iid: str, row: tupl
         rec = cold.store.find(bid, iid)
         if rec is None:
             raise KeyError(f"join state: compacted impression {iid!r} missing from block {bid}")
-        c, v = _merge(rec[3], rec[4], click_ts, conv_ts)
+        raw, _, key, c0, v0, _ = rec[1]
+        c, v = _merge(c0, v0, click_ts, conv_ts)
         state.counts[Stat.LATE_POSITIVES] += 1
-        out.append((EXAMPLE, rec[2], example_bytes(iid + _LATE_SUFFIX[kind], rec[6], c, v, "late_positive",
+        out.append((EXAMPLE, key, example_bytes(iid + _LATE_SUFFIX[kind], raw, c, v, "late_positive",
                                                    now_ms)))
 
 
@@ -662,16 +667,17 @@ def _compact(state: JoinState, t: int, final: bool) -> None:
     for iid in cold.spill:
         p = pending.pop(iid, None)
         if p is not None:
-            recs.append((iid, p[1], p[2], p[3], p[4], p[5], p[0]))
+            recs.append((iid, p))
     cold.spill, cold.spill_min_ts, cold.spill_since = [], None, None
     if not recs:
         return
-    recs.sort(key=lambda r: (r[1], r[0]))
-    bid = cold.next_block
-    cold.store.write_block(bid, cold.gen, recs)
-    cold.next_block += 1
+    recs.sort(key=_TS)  # stable: nearly sorted already (hot deadlines leave in ts order)
+    for i in range(0, len(recs), join_store.BLOCK_ROWS):
+        block, bid = recs[i:i + join_store.BLOCK_ROWS], cold.next_block
+        cold.store.write_block(bid, cold.gen, block)
+        cold.next_block += 1
+        heapq.heappush(cold.blocks, (block[0][1][1] + cfg.max_window_ms, bid, 0))
     cold.n += len(recs)
-    heapq.heappush(cold.blocks, (recs[0][1] + cfg.max_window_ms, bid, 0))
 
 
 def _close_cold(state: JoinState, t: int, now_ms: int, out: list, final: bool, data_t: int | None) -> None:
@@ -682,8 +688,8 @@ def _close_cold(state: JoinState, t: int, now_ms: int, out: list, final: bool, d
         _, bid, pos = heapq.heappop(heap)
         recs = cold.store.block(bid)
         start = pos
-        while pos < len(recs) and recs[pos][1] + maxw < t:
-            iid, its, key, click_ts, conv_ts, emitted, raw = recs[pos]
+        while pos < len(recs) and recs[pos][1][1] + maxw < t:
+            iid, (raw, its, key, click_ts, conv_ts, emitted) = recs[pos]
             pos += 1
             joined = fb.pop(iid, None)
             if joined is not None:
@@ -694,7 +700,7 @@ def _close_cold(state: JoinState, t: int, now_ms: int, out: list, final: bool, d
                 out.append((EXAMPLE, key, example_bytes(iid, raw, click_ts, conv_ts, decided, now_ms)))
         cold.n -= pos - start
         if pos < len(recs):
-            heapq.heappush(heap, (recs[pos][1] + maxw, bid, pos))
+            heapq.heappush(heap, (recs[pos][1][1] + maxw, bid, pos))
         else:
             cold.expire.append((t + maxw, bid))  # ids remembered one more window (duplicates, late feedback)
     if cold.close_t is None or t > cold.close_t:

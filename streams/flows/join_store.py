@@ -9,7 +9,7 @@ late feedback), and sequential reads of one block at a time when windows close. 
 Layout (``<labels.recovery_dir>/join-state/join-<partition>.sqlite3``)::
 
     blocks(id INTEGER PRIMARY KEY, gen, keys, data)   one row per block of up to BLOCK_ROWS impressions,
-        data = lz4(msgpack([(impression id, ts, user key, click ts, conversion ts, emitted, raw bytes), ...]))
+        data = lz4(msgpack([(impression id, (raw bytes, ts, user key, click ts, conversion ts, emitted)), ...]))
         sorted by ts; keys = the rows' 64-bit id hashes (little-endian int64), to delete their index rows
     idx(h INTEGER PRIMARY KEY, ts, block, bits)       one row per impression: blake2b-64 of its id ->
         its ts, its block, bits (1 clicked, 2 converted, 4 example emitted) as of compaction
@@ -45,105 +45,108 @@ anyway.
 
 from __future__ import annotations
 
-import array
-import hashlib
 import os
 import sqlite3
+import zlib
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import lz4.block
 import msgspec
+import numpy as np
 
 BLOCK_ROWS = 4096  # impressions per block: one write, one index batch, one read when windows close
 KEEP_GENS = 8  # snapshots between a block's trashing and its deletion for good
 CACHE_KIB = 16 * 1024  # SQLite page cache per partition (KiB)
+WAL_PAGES = 16384  # WAL checkpoint every 64 MiB of pages (one fsync each)
 CLICKED, CONVERTED, EMITTED = 1, 2, 4
-# (impression id, ts, user key, first click ts, first conversion ts, emitted, raw impression bytes)
-ColdRecord = tuple[str, int, bytes, "int | None", "int | None", bool, bytes]
+# (impression id, (raw impression bytes, ts, user key, first click ts, first conversion ts, emitted)): the
+# join's Pending tuple as it was in memory
+ColdRecord = tuple[str, tuple[bytes, int, bytes, "int | None", "int | None", bool]]
 
 _pack = msgspec.msgpack.Encoder().encode
-_unpack = msgspec.msgpack.Decoder(list[tuple[str, int, bytes, int | None, int | None, bool, bytes]]).decode
-
-
-def id_hash(iid: str) -> int:
-    """Signed 64-bit key of an impression id (stable across processes, unlike ``hash``)."""
-    return int.from_bytes(hashlib.blake2b(iid.encode(), digest_size=8).digest(), "little", signed=True)
-
-
-def bits(click_ts: int | None, conv_ts: int | None, emitted: bool) -> int:
-    return (click_ts is not None) * CLICKED | (conv_ts is not None) * CONVERTED | emitted * EMITTED
+_unpack = msgspec.msgpack.Decoder(list[tuple[str, tuple[bytes, int, bytes, int | None, int | None, bool]]]).decode
 
 
 class ColdStore:
-    """One partition's SQLite file. Not thread-safe: one partition state, one worker thread."""
+    """One partition's SQLite file and its in-memory index. Not thread-safe: one partition state, one worker
+    thread."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        for p in ("journal_mode=WAL", "synchronous=NORMAL", f"cache_size=-{CACHE_KIB}", "temp_store=MEMORY"):
+        for p in ("journal_mode=WAL", "synchronous=NORMAL", f"cache_size=-{CACHE_KIB}", "temp_store=MEMORY",
+                  f"wal_autocheckpoint={WAL_PAGES}"):
             self.db.execute(f"PRAGMA {p}")
         self.db.executescript(
-            "CREATE TABLE IF NOT EXISTS blocks(id INTEGER PRIMARY KEY, gen INTEGER NOT NULL, keys BLOB NOT NULL,"
+            "CREATE TABLE IF NOT EXISTS blocks(id INTEGER PRIMARY KEY, gen INTEGER NOT NULL, meta BLOB NOT NULL,"
             " data BLOB NOT NULL);"
-            "CREATE TABLE IF NOT EXISTS idx(h INTEGER PRIMARY KEY, ts INTEGER NOT NULL, block INTEGER NOT NULL,"
-            " bits INTEGER NOT NULL);"
             "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);")
+        self.index = CrcIndex()
         self._cache: OrderedDict[int, list] = OrderedDict()  # decoded blocks, most recent last
+        self._metas: OrderedDict[int, BlockMeta] = OrderedDict()
 
     # ------------------------------------------------------------------------------------------ recovery
     def open(self, hw: int) -> None:
-        """Make the file what the snapshot with high-water mark ``hw`` expects (see the module docstring)."""
+        """Make the file what the snapshot with high-water mark ``hw`` expects (see the module docstring), and
+        build the in-memory index from the blocks that stay."""
         row = self.db.execute("SELECT v FROM meta WHERE k='purged_upto'").fetchone()
         if row is not None and row[0] > hw:
             raise RuntimeError(f"join state store {self.path}: the snapshot to restore (generation {hw}) is older "
                                f"than the rows deleted for good (up to generation {row[0]}); this store cannot "
                                f"serve it. Start the labels flow with a new recovery directory.")
-        newer = self.db.execute("SELECT id, keys FROM blocks WHERE gen > ?", (hw,)).fetchall()
-        if newer:
-            self._delete(newer)
+        self.db.execute("DELETE FROM blocks WHERE gen > ?", (hw,))
         self._cache.clear()
+        self._metas.clear()
+        self.index = CrcIndex()
+        for bid, meta in self.db.execute("SELECT id, meta FROM blocks"):
+            self.index.add(bid, BlockMeta.unpack(meta).crc)
 
     def purge(self, block_ids: list[int], upto: int) -> None:
-        """Delete trashed blocks (and their index rows) for good; ``upto``: the generation now purged."""
+        """Delete trashed blocks for good; ``upto``: the generation now purged."""
         self.db.execute("BEGIN")
-        rows = []
-        for bid in block_ids:
-            r = self.db.execute("SELECT id, keys FROM blocks WHERE id=?", (bid,)).fetchone()
-            if r is not None:
-                rows.append(r)
-        self._delete(rows, begin=False)
+        self.db.executemany("DELETE FROM blocks WHERE id=?", [(b,) for b in block_ids])
         self.db.execute("INSERT OR REPLACE INTO meta VALUES('purged_upto', ?)", (upto,))
         self.db.execute("COMMIT")
+        self.index.drop(block_ids)
         for bid in block_ids:
             self._cache.pop(bid, None)
-
-    def _delete(self, rows: list[tuple[int, bytes]], begin: bool = True) -> None:
-        if begin:
-            self.db.execute("BEGIN")
-        for bid, keys in rows:
-            hs = memoryview(keys).cast("q").tolist()
-            self.db.executemany("DELETE FROM idx WHERE h=? AND block=?", [(h, bid) for h in hs])
-            self.db.execute("DELETE FROM blocks WHERE id=?", (bid,))
-        if begin:
-            self.db.execute("COMMIT")
+            self._metas.pop(bid, None)
 
     # -------------------------------------------------------------------------------------------- writes
     def write_block(self, bid: int, gen: int, recs: list[ColdRecord]) -> None:
-        """One block of records sorted by ts, and its index rows, in one transaction."""
-        hs = [id_hash(r[0]) for r in recs]
-        self.db.execute("BEGIN")
-        self.db.execute("INSERT INTO blocks VALUES(?, ?, ?, ?)", (bid, gen, array.array("q", hs).tobytes(),
+        """One block of records sorted by ts, in one transaction; its ids go to the in-memory index."""
+        meta = BlockMeta.of(recs)
+        self.db.execute("INSERT INTO blocks VALUES(?, ?, ?, ?)", (bid, gen, meta.pack(),
                                                                    lz4.block.compress(_pack(recs))))
-        self.db.executemany("INSERT OR REPLACE INTO idx VALUES(?, ?, ?, ?)",
-                            [(h, r[1], bid, bits(r[3], r[4], r[5])) for h, r in zip(hs, recs)])
-        self.db.execute("COMMIT")
+        self.index.add(bid, meta.crc)
 
     # --------------------------------------------------------------------------------------------- reads
-    def lookup(self, iid: str) -> tuple[int, int, int] | None:
-        """(ts, block, bits) of a compacted impression, or None."""
-        return self.db.execute("SELECT ts, block, bits FROM idx WHERE h=?", (id_hash(iid),)).fetchone()
+    def lookup(self, iid: str, skip: set[int] | frozenset = frozenset()) -> tuple[int, int, int] | None:
+        """(ts, block, bits) of a compacted impression (the newest block holding it, blocks in ``skip``
+        ignored), or None."""
+        c = zlib.crc32(iid.encode())
+        for bid in sorted(self.index.candidates(c), reverse=True):
+            if bid in skip:
+                continue
+            m = self._meta(bid)
+            for i in np.flatnonzero(m.crc == c).tolist():
+                if m.ids[i] == iid:
+                    return int(m.ts[i]), bid, int(m.bits[i])
+        return None
+
+    def _meta(self, bid: int) -> BlockMeta:
+        m = self._metas.get(bid)
+        if m is None:
+            row = self.db.execute("SELECT meta FROM blocks WHERE id=?", (bid,)).fetchone()
+            if row is None:
+                raise KeyError(f"join state store {self.path}: block {bid} is missing (store and snapshot disagree)")
+            m = self._metas[bid] = BlockMeta.unpack(row[0])
+            if len(self._metas) > 8:
+                self._metas.popitem(last=False)
+        return m
 
     def block(self, bid: int) -> list[ColdRecord]:
         """The records of block ``bid`` (the last few decoded blocks are cached)."""
@@ -154,7 +157,7 @@ class ColdStore:
                 raise KeyError(f"join state store {self.path}: block {bid} is missing (store and snapshot disagree)")
             recs = _unpack(lz4.block.decompress(row[0]))
             self._cache[bid] = recs
-            if len(self._cache) > 4:
+            if len(self._cache) > 2:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(bid)
@@ -175,11 +178,85 @@ class ColdStore:
                 pass
         return n
 
-    def cache_bytes(self) -> int:
-        """Rough bytes in memory: the decoded-block cache (records and their raw bytes) and SQLite's page cache
-        (bounded by ``cache_size``, and by the file)."""
-        pages = sum(sum(len(r[6]) + 200 for r in recs) for recs in self._cache.values())
-        return pages + min(CACHE_KIB * 1024, self.disk_bytes())
+    def memory_bytes(self) -> int:
+        """Rough bytes in memory: the index, the decoded-block caches, SQLite's page cache (bounded by
+        ``cache_size``, and by the file)."""
+        recs = sum(sum(len(r[1][0]) + 200 for r in recs) for recs in self._cache.values())
+        metas = sum(len(m.ids) * 80 for m in self._metas.values())
+        return self.index.nbytes() + recs + metas + self.sqlite_cache_bytes()
+
+    def sqlite_cache_bytes(self) -> int:
+        return min(CACHE_KIB * 1024, self.disk_bytes())
 
     def close(self) -> None:
         self.db.close()
+
+
+class BlockMeta(NamedTuple):
+    """What look-ups read of a block without decoding it: per record, crc32 of the id, ts, bits, the id."""
+
+    crc: np.ndarray  # uint32
+    ts: np.ndarray  # int64
+    bits: np.ndarray  # uint8
+    ids: list[str]
+
+    @classmethod
+    def of(cls, recs: list[ColdRecord]) -> BlockMeta:
+        ids = [r[0] for r in recs]
+        crc = np.array([zlib.crc32(i.encode()) for i in ids], np.uint32)
+        ts = np.array([p[1] for _, p in recs], np.int64)
+        b = np.array([(p[3] is not None) | (p[4] is not None) << 1 | p[5] << 2 for _, p in recs], np.uint8)
+        return cls(crc, ts, b, ids)
+
+    def pack(self) -> bytes:
+        return b"".join((len(self.ids).to_bytes(4, "little"), self.crc.tobytes(), self.ts.tobytes(),
+                         self.bits.tobytes(), "\n".join(self.ids).encode()))
+
+    @classmethod
+    def unpack(cls, blob: bytes) -> BlockMeta:
+        n = int.from_bytes(blob[:4], "little")
+        crc = np.frombuffer(blob, np.uint32, n, 4)
+        ts = np.frombuffer(blob, np.int64, n, 4 + 4 * n)
+        b = np.frombuffer(blob, np.uint8, n, 4 + 12 * n)
+        ids = blob[4 + 13 * n:].decode().split("\n") if n else []
+        return cls(crc, ts, b, ids)
+
+
+class CrcIndex:
+    """Which blocks may hold an id: sorted uint64 arrays of ``crc32(id) << 32 | block`` (8 bytes per compacted
+    impression), merged size-tiered (a new array merges into the previous one while at least half its size),
+    so a look-up is one binary search per array (O(log n) arrays). Dropped blocks leave at the next merge
+    that covers them; look-ups skip them meanwhile (their rows are gone). Rebuilt from the file on restore,
+    never snapshotted."""
+
+    def __init__(self):
+        self.segs: list[np.ndarray] = []
+        self.dropped: set[int] = set()
+
+    def add(self, bid: int, crc: np.ndarray) -> None:
+        seg = np.sort((crc.astype(np.uint64) << np.uint64(32)) | np.uint64(bid))
+        self.segs.append(seg)
+        while len(self.segs) > 1 and 2 * len(self.segs[-1]) >= len(self.segs[-2]):
+            b, a = self.segs.pop(), self.segs.pop()
+            merged = np.concatenate((a, b))
+            if self.dropped:
+                merged = merged[~np.isin(merged & np.uint64(0xFFFFFFFF),
+                                         np.fromiter(self.dropped, np.uint64, len(self.dropped)))]
+            merged.sort(kind="stable")
+            self.segs.append(merged)
+        if len(self.segs) == 1 and self.dropped:
+            self.dropped.clear()  # one array, filtered at its last merge  # noqa: ERA001
+
+    def drop(self, bids: list[int]) -> None:
+        self.dropped.update(bids)
+
+    def candidates(self, c: int) -> set[int]:
+        lo, hi = np.uint64(c << 32), np.uint64((c + 1) << 32)
+        out = set()
+        for seg in self.segs:
+            i, j = np.searchsorted(seg, lo), np.searchsorted(seg, hi)
+            out.update(int(x) & 0xFFFFFFFF for x in seg[i:j].tolist())
+        return out - self.dropped
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segs) + 80 * len(self.dropped)
