@@ -18,6 +18,15 @@ Policies (each objective has its own window; ``max window`` = the larger):
   ``<impression id>#late-click`` / ``#late-conversion`` (``decided="late_positive"``); the state is kept
   until the max window closes.
 
+Cold tier (``JoinConfig.store_dir``, set by the labels service to ``<labels.recovery_dir>/join-state``): an
+impression stays whole in ``pending`` only for its hot time (the click window; under ``elapsed`` also until its
+example left), then its tuple is compacted into a block of the partition's SQLite store
+(``streams/flows/join_store.py``) and leaves memory; the snapshot keeps one entry per block, not per
+impression. Feedback of a compacted impression joins it through the store's index and waits in ``Cold.fb``
+(ES-DFM late positives read the block back); when the max window closes the block is read once, in ts order,
+and its examples leave. The outputs are the same as without the cold tier (tests/test_join_state.py); recovery
+rolls the store back to the restored snapshot (join_store's docstring). docs/joinstate.md has the numbers.
+
 Every input record is accounted for: it is used (impressions and joined feedback) or becomes a dead letter
 with a reason (too large, undecodable/invalid, timestamp in the future, impression older than its window,
 duplicate event id, feedback outside its window, late feedback, orphan). ``state.counts`` counts them, dead

@@ -8,16 +8,18 @@ late feedback), and sequential reads of one block at a time when windows close. 
 
 Layout (``<labels.recovery_dir>/join-state/join-<partition>.sqlite3``)::
 
-    blocks(id INTEGER PRIMARY KEY, gen, keys, data)   one row per block of up to BLOCK_ROWS impressions,
+    blocks(id INTEGER PRIMARY KEY, gen, meta, data)   one row per block of up to BLOCK_ROWS impressions,
         data = lz4(msgpack([(impression id, (raw bytes, ts, user key, click ts, conversion ts, emitted)), ...]))
-        sorted by ts; keys = the rows' 64-bit id hashes (little-endian int64), to delete their index rows
-    idx(h INTEGER PRIMARY KEY, ts, block, bits)       one row per impression: blake2b-64 of its id ->
-        its ts, its block, bits (1 clicked, 2 converted, 4 example emitted) as of compaction
+        sorted by ts: the join's in-memory tuple as it was when compacted (~160 bytes an impression);
+        meta = per record crc32 of the id, ts, bits (1 clicked, 2 converted, 4 example emitted), and the ids:
+        what a look-up reads without decoding the block (~30 bytes an impression)
     meta(k PRIMARY KEY, v)                              purged_upto (see below)
 
-The key is a 64-bit hash, not the id: at 100M ids, a look-up of an id that is not stored matches a stored one
-with probability ~5e-12; two stored ids colliding (~3e-4 per 100M) lose one index row (``INSERT OR REPLACE``):
-a conversion of that impression then becomes an orphan dead letter, nothing is emitted twice.
+Only appends and whole-block deletes: no B-tree keyed by impression id on disk (random inserts into a tree of
+tens of millions of rows dirty one page per impression). Instead an in-memory :class:`CrcIndex` (8 bytes per
+compacted impression: crc32 of the id and the block) says which blocks may hold an id; the block's ``meta``
+settles it by the id itself. Look-ups are rare (conversions and late clicks of compacted impressions,
+impressions re-sent after their click window); the index is rebuilt from the ``meta`` column on restore.
 
 Consistency with Bytewax recovery (at-least-once: restore the snapshot of epoch E, replay input after E's
 offsets). The in-memory :class:`~streams.flows.join.JoinState` is the source of truth; the file only holds
