@@ -158,3 +158,28 @@ def test_state_gauges_reach_the_join_state_panel(tmp_path, store):
     got = {r["series"]: r["value"] for r in store.query(q.render(panel.sql, "live"), q.live_parameters(2)).records()}
     want = [sum(g[i] for g in gauges) for i in range(3)]
     assert got == {"bytes in memory": want[0], "bytes on disk": want[1], "impressions compacted": want[2]}
+
+
+def test_crc_index_finds_every_block_of_an_id_and_forgets_dropped_ones(monkeypatch):
+    import numpy as np
+    import zlib
+
+    from streams.flows.join_store import CrcIndex
+
+    monkeypatch.setattr(CrcIndex, "MERGE_CAP", 300)
+    monkeypatch.setattr(CrcIndex, "DROP_SWEEP", 4)
+    idx, where = CrcIndex(), collections.defaultdict(set)
+    rng = random.Random(1)
+    for bid in range(40):
+        ids = [f"i{rng.randrange(2000)}" for _ in range(rng.randrange(1, 60))]
+        idx.add(bid, np.array([zlib.crc32(i.encode()) for i in ids], np.uint32))
+        for i in ids:
+            where[i].add(bid)
+    assert 2 < len(idx.segs) < 20 and all((np.diff(s.astype(np.int64)) >= 0).all() for s in idx.segs)
+    gone = set(range(0, 40, 3))
+    for b in sorted(gone):
+        idx.drop([b])
+    for i, bids in where.items():
+        assert bids - gone <= idx.candidates(zlib.crc32(i.encode())) <= set(range(40)) - gone
+    swept = np.array(sorted(gone - idx.dropped), np.uint64)  # dropped and swept: gone from the arrays too
+    assert len(swept) >= 12 and not any(np.isin(s & np.uint64(0xFFFFFFFF), swept).any() for s in idx.segs)

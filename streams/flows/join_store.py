@@ -226,31 +226,39 @@ class BlockMeta(NamedTuple):
 
 class CrcIndex:
     """Which blocks may hold an id: sorted uint64 arrays of ``crc32(id) << 32 | block`` (8 bytes per compacted
-    impression), merged size-tiered (a new array merges into the previous one while at least half its size),
-    so a look-up is one binary search per array (O(log n) arrays). Dropped blocks leave at the next merge
-    that covers them; look-ups skip them meanwhile (their rows are gone). Rebuilt from the file on restore,
+    impression), merged size-tiered (a new array merges into the previous one while at least half its size,
+    up to MERGE_CAP entries, so a merge never copies more than that), so a look-up is one binary search per
+    array (O(log n) arrays, plus one per capped array). Dropped blocks are skipped by look-ups and filtered out
+    at merges, and from every array once DROP_SWEEP blocks are waiting. Rebuilt from the file on restore,
     never snapshotted."""
+
+    MERGE_CAP = 1 << 23  # entries (64 MiB)
+    DROP_SWEEP = 256  # dropped blocks (~1M entries) that make a sweep over every array worth its cost
 
     def __init__(self):
         self.segs: list[np.ndarray] = []
         self.dropped: set[int] = set()
 
     def add(self, bid: int, crc: np.ndarray) -> None:
-        seg = np.sort((crc.astype(np.uint64) << np.uint64(32)) | np.uint64(bid))
-        self.segs.append(seg)
-        while len(self.segs) > 1 and 2 * len(self.segs[-1]) >= len(self.segs[-2]):
+        self.segs.append(np.sort((crc.astype(np.uint64) << np.uint64(32)) | np.uint64(bid)))
+        while (len(self.segs) > 1 and 2 * len(self.segs[-1]) >= len(self.segs[-2])
+               and len(self.segs[-1]) + len(self.segs[-2]) <= self.MERGE_CAP):
             b, a = self.segs.pop(), self.segs.pop()
-            merged = np.concatenate((a, b))
-            if self.dropped:
-                merged = merged[~np.isin(merged & np.uint64(0xFFFFFFFF),
-                                         np.fromiter(self.dropped, np.uint64, len(self.dropped)))]
-            merged.sort(kind="stable")
+            merged = self._live(np.concatenate((a, b)))
+            merged.sort(kind="stable")  # two sorted runs: a merge
             self.segs.append(merged)
-        if len(self.segs) == 1 and self.dropped:
-            self.dropped.clear()  # one array, filtered at its last merge  # noqa: ERA001
+
+    def _live(self, seg: np.ndarray) -> np.ndarray:
+        if not self.dropped:
+            return seg
+        gone = np.fromiter(self.dropped, np.uint64, len(self.dropped))
+        return seg[~np.isin(seg & np.uint64(0xFFFFFFFF), gone)]
 
     def drop(self, bids: list[int]) -> None:
         self.dropped.update(bids)
+        if len(self.dropped) >= self.DROP_SWEEP:
+            self.segs = [s for s in map(self._live, self.segs) if len(s)]
+            self.dropped.clear()
 
     def candidates(self, c: int) -> set[int]:
         lo, hi = np.uint64(c << 32), np.uint64((c + 1) << 32)
