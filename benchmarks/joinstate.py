@@ -127,7 +127,7 @@ def run(n: int, hours: float, store_dir: str | None, samples: int = 12, quiet: b
                         hot=len(state.pending), eps=events / max(t_join, 1e-9))
             rows.append(last)
             if not quiet:
-                print(f"  {last['hours']:5.1f} h  RSS {r / 2**30:6.3f} GB  state {mem / 2**20:8.1f} MiB  disk "
+                print(f"  {last['hours']:5.1f} h  RSS {r / 1e9:6.3f} GB  state {mem / 2**20:8.1f} MiB  disk "
                       f"{disk / 2**20:8.1f} MiB  in window {in_window:>11,}  ({time.perf_counter() - t0:.0f} s)",
                       file=sys.stderr, flush=True)
     return dict(rows=rows, rss0=rss0, peak_rss=peak_rss, events=events, join_s=t_join,
@@ -159,7 +159,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-joinstate-") as d:
         r = run(n, a.hours, d)
     rows = [(f"{x['hours']:.1f}", f"{x['in_window']:,}", f"{x['hot']:,}", f"{x['cold']:,}",
-             f"{x['rss'] / 2**30:.3f}", f"{x['mem'] / 2**20:.1f}", f"{x['disk'] / 2**20:.0f}",
+             f"{x['rss'] / 1e9:.3f}", f"{x['mem'] / 2**20:.1f}", f"{x['disk'] / 2**20:.0f}",
              f"{x['mem'] / max(x['in_window'], 1):.1f}", f"{x['disk'] / max(x['in_window'], 1):.1f}",
              f"{x['eps']:,.0f}") for x in r["rows"]]
     last = r["last"]
@@ -168,7 +168,7 @@ def main() -> None:
     b_rss = (base["rss"] - base["rss0"]) / base["in_window"]
     b_peak = base["rss0"] + b_rss * peak_window
     rows.append((f"baseline: all in memory, {nb:,} impressions, extrapolated to {peak_window:,} in window", "",
-                 "", "", f"{b_peak / 2**30:.3f}", f"{b_state * peak_window / 2**20:.0f}", "0", f"{b_state:.1f}",
+                 "", "", f"{b_peak / 1e9:.3f}", f"{b_state * peak_window / 2**20:.0f}", "0", f"{b_state:.1f}",
                  "0", f"{base['eps']:,.0f}"))
     bpi = last["mem"] / max(last["in_window"], 1)
     report("joinstate", rows, ("event time h", "in window", "hot", "compacted", "RSS GB", "state MiB",
