@@ -54,7 +54,6 @@ moving that time (:func:`_flush_log`).
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import sys
@@ -232,9 +231,9 @@ class JoinState:
     def restore(cls, snap: tuple, store_dir: str | None = None) -> JoinState:
         """The state of ``snap``; ``store_dir``: where the cold tier's files are now (default: where the
         snapshot's config says), made consistent with the snapshot."""
-        cfg = snap[0]
-        if store_dir is not None and getattr(cfg, "store_dir", None) != store_dir:
-            cfg = dataclasses.replace(cfg, store_dir=store_dir)
+        old = snap[0]  # rebuilt: a config pickled before a field existed lacks it
+        cfg = JoinConfig(old.topics, old.click_window_ms, old.conversion_window_ms, old.policy, old.elapsed_ms,
+                         old.future_tolerance_ms, store_dir if store_dir is not None else getattr(old, "store_dir", None))
         st = cls(cfg)
         (_, data_ts, wm_ts, caught_up, pending, fifo, late, orphans, orphan_heap, done, seen_fb, st.gen_start,
          counts) = snap[:13]
