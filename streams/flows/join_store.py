@@ -28,9 +28,9 @@ be restored:
 
 - generations: the state counts snapshots (``gen``); every block written carries the generation it was
   written in, and the snapshot records its high-water mark (``hw`` = the generation it closes).
-- restore to ``hw`` (:meth:`ColdStore.open`): delete every block with ``gen > hw`` and its index rows (written
-  after the snapshot: the replay writes them again). A fresh state (no snapshot) restores to 0: the file is
-  emptied.
+- restore to ``hw`` (:meth:`ColdStore.open`): delete every block with ``gen > hw`` (written after the snapshot:
+  the replay writes them again), then build the in-memory index from the blocks left. A fresh state (no
+  snapshot) restores to 0: the file is emptied.
 - deletions are never made in place: a block whose impressions all left (and whose ids were remembered for one
   more window, for duplicate and late-feedback checks) goes to the state's ``trash`` with the generation that
   trashed it; the snapshot carries the trash, and look-ups ignore trashed blocks. Only a snapshot
