@@ -139,6 +139,10 @@ OVERVIEW = Dashboard(
         Panel("embedding_bytes", "Embedding memory by row width", q.EMBEDDING_BYTES, unit="bytes",
               description="bytes of embedding rows (weights and optimizer state) per row width, as the trainer "
                           "reports them: one width for fixed tables, one per size-class pool for FIITED"),
+        Panel("join_state", "Labels join state", q.JOIN_STATE, unit="short",
+              description="the attribution join's state, all partitions: bytes in memory (whole impressions of "
+                          "the click window, the cold tier's index and caches), bytes of the cold tier on disk, "
+                          "and impressions compacted there waiting for their conversion window (docs/joinstate.md)"),
         Panel("user_vectors", "User-vector freshness", q.USER_VECTORS, unit="ms",
               description="user-model thread: arrival of a user's event to the user's updated vector"),
         Panel("embedding_dims", "Embedding rows by dimension", q.EMBEDDING_DIMS, "table",

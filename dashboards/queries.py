@@ -656,6 +656,16 @@ FROM ({_latest(f"component = '{C.TRAINER}' AND name LIKE '{S.EMBEDDING_BYTES_PRE
 GROUP BY t, series
 ORDER BY t, series"""
 
+# the labels join's state (streams/flows/join.py, docs/joinstate.md): bytes in memory, bytes of the cold tier on
+# disk, impressions compacted there; the latest report of each labels process in the bucket, summed
+JOIN_STATE = f"""
+SELECT t, multiIf(name = '{S.JOIN_STATE_MEMORY_BYTES}', 'bytes in memory', name = '{S.JOIN_STATE_DISK_BYTES}',
+                  'bytes on disk', 'impressions compacted') AS series, sum(v) AS value
+FROM ({_latest(f"component = '{C.LABELS}' AND name IN ('{S.JOIN_STATE_MEMORY_BYTES}', '{S.JOIN_STATE_DISK_BYTES}', "
+               f"'{S.JOIN_COMPACTED}')")})
+GROUP BY t, series
+ORDER BY t, series"""
+
 USER_VECTORS = f"""
 SELECT t, concat('event to user vector ', extract(name, 'p\\d+')) AS series, max(v) AS value
 FROM ({_latest(f"component = '{C.TRAINER}' AND name IN ('{S.USER_FRESHNESS_P50_MS}', '{S.USER_FRESHNESS_P99_MS}')")})

@@ -57,6 +57,11 @@ class Stat(StrEnum):
     FEEDBACK_JOINED = "feedback_joined"
     LATE_POSITIVES = "late_positives"
     PENDING_IMPRESSIONS = "pending_impressions"  # gauge
+    # gauges of the join's state (streams/flows/join.py, docs/joinstate.md): bytes in memory (estimate), bytes of
+    # the cold tier on disk, impressions compacted to the cold tier whose window is open
+    JOIN_STATE_MEMORY_BYTES = "join_state_memory_bytes"
+    JOIN_STATE_DISK_BYTES = "join_state_disk_bytes"
+    JOIN_COMPACTED = "join_compacted_impressions"
     DEAD_PREFIX = "dead."  # + the reason's category: dead letters of each kind
     # stats flow
     EXAMPLES_IN = "examples_in"

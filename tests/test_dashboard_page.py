@@ -75,8 +75,9 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
                                                                f"{comp}-1")))
         done = (n - i) * 30 * 3000.0  # cumulative counters: lag = produced - consumed
         items.append((t.service_stats, schema.ServiceStats("replay", trained, {"events_produced": done * 3.1})))
-        items.append((t.service_stats, schema.ServiceStats("labels", trained, {"events_in": done * 3.0,
-                                                                               "examples_out": done + 4000.0}, "l-1")))
+        items.append((t.service_stats, schema.ServiceStats("labels", trained, {
+            "events_in": done * 3.0, "examples_out": done + 4000.0, "join_state_memory_bytes": 3e8 + 1e6 * i,
+            "join_state_disk_bytes": 2e9, "join_compacted_impressions": 9e6}, "l-1")))
         widths = ((8, 70_000), (16, 20_000), (32, 7_000))
         emb = {f"embedding_bytes_d{d}": float((d + 1) * 4 * rows) for d, rows in widths}
         emb.update({f"embedding_rows_d{d}": float(rows) for d, rows in widths})

@@ -147,7 +147,8 @@ def panel_stats(now: int) -> list[schema.ServiceStats]:
     """Service statistics that give every panel of the overview rows (a new panel adds its own here)."""
     return [
         schema.ServiceStats("replay", now, {"events_per_s": 5.0, "events_produced": 100.0}),
-        schema.ServiceStats("labels", now, {"events_in": 90.0, "examples_out": 40.0}),
+        schema.ServiceStats("labels", now, {"events_in": 90.0, "examples_out": 40.0, "join_state_memory_bytes": 3e6,
+                                            "join_state_disk_bytes": 9e6, "join_compacted_impressions": 4e4}),
         schema.ServiceStats("trainer", now, {"examples_trained": 30.0, "embedding_bytes_d8": 4096.0,
                                              "embedding_rows_d8": 128.0, "user_freshness_p50_ms": 800.0,
                                              "user_freshness_p99_ms": 1500.0, "user_backlog": 0.0,

@@ -7,7 +7,8 @@ labels::
       messages, topics caught up); snapshot = next offset per topic
     LabelsSink: one writer per partition key, one producer per process; examples -> topics.examples
       (key user_id), dead letters -> topics.dead_letters; ServiceStats(component="labels") about every
-      second (events_in, examples_out, dead_letters, dead.<reason>, late_positives, pending_impressions)
+      second (events_in, examples_out, dead_letters, dead.<reason>, late_positives, pending_impressions, the
+      join state's gauges join_state_memory_bytes, join_state_disk_bytes, join_compacted_impressions)
 
 stats::
 
@@ -204,12 +205,22 @@ class _Stats:
 
     def __init__(self, cfg: Config):
         self.cfg, self.lock = cfg, threading.Lock()
-        self.parts: dict[str, tuple[dict, int]] = {}
+        self.parts: dict[str, tuple[dict, int, tuple[int, int, int]]] = {}
         self.last_t, self.last_in = time.monotonic(), 0.0
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
 
     def update(self, key: str, batch: OutBatch) -> None:
-        self.parts[key] = (batch.counts, batch.pending)
+        self.parts[key] = (batch.counts, batch.pending, batch.state)
+
+    def totals(self) -> dict[str, float]:
+        """Counters and gauges summed over the process's partitions (events_per_s aside)."""
+        names = {k for c, _, _ in self.parts.values() for k in c}
+        names.update((Stat.EVENTS_IN, Stat.EXAMPLES_OUT, Stat.DEAD_LETTERS))
+        values = {k: float(sum(c.get(k, 0) for c, _, _ in self.parts.values())) for k in sorted(names)}
+        values[Stat.PENDING_IMPRESSIONS] = float(sum(p for _, p, _ in self.parts.values()))
+        for i, name in enumerate((Stat.JOIN_STATE_MEMORY_BYTES, Stat.JOIN_STATE_DISK_BYTES, Stat.JOIN_COMPACTED)):
+            values[name] = float(sum(g[i] for _, _, g in self.parts.values()))
+        return values
 
     def maybe_publish(self, producer, force: bool = False) -> None:
         now = time.monotonic()
@@ -218,10 +229,7 @@ class _Stats:
         with self.lock:
             if not force and now - self.last_t < 1.0:
                 return
-            names = {k for c, _ in self.parts.values() for k in c}
-            names.update((Stat.EVENTS_IN, Stat.EXAMPLES_OUT, Stat.DEAD_LETTERS))
-            values = {k: float(sum(c.get(k, 0) for c, _ in self.parts.values())) for k in sorted(names)}
-            values[Stat.PENDING_IMPRESSIONS] = float(sum(p for _, p in self.parts.values()))
+            values = self.totals()
             dt = max(now - self.last_t, 1e-6)
             values[Stat.EVENTS_PER_S] = (values[Stat.EVENTS_IN] - self.last_in) / dt
             self.last_t, self.last_in = now, values[Stat.EVENTS_IN]

@@ -17,6 +17,9 @@ The flow takes its source and sink as arguments: on Kafka they are the connector
 Bounded mode: a partition finishes when its three topic-partitions reached their end; the join then emits
 every pending impression (``end_of_stream``). Recovery: at-least-once; example ids are deterministic
 (impression id, or ``<id>#late-click`` / ``#late-conversion``), so the trainer drops re-emitted examples.
+With ``jcfg.store_dir`` set (``streams/flows/service.py``: ``<labels.recovery_dir>/join-state``), impressions
+past their click window move to the join's cold tier on disk, which the snapshots cover
+(``streams/flows/join_store.py``).
 """
 
 from __future__ import annotations
@@ -35,11 +38,17 @@ FLOW_ID = "labels"
 
 
 class _JoinLogic(StatefulBatchLogic[join.SourceBatch, OutBatch, tuple]):
+    GAUGE_S = 1.0  # the state's size gauges (sampled, ~1 ms) are measured at most this often
+
     def __init__(self, state: join.JoinState, bounded: bool):
         self.state, self.bounded = state, bounded
+        self.gauges, self.gauges_t = (0, 0, 0), -1.0
 
-    def _emit(self, outs: list[join.Output]) -> tuple[list[OutBatch], bool]:
-        return [OutBatch(outs, dict(self.state.counts), self.state.n_pending())], self.RETAIN
+    def _emit(self, outs: list[join.Output], force: bool = False) -> tuple[list[OutBatch], bool]:
+        t = time.monotonic()
+        if force or t - self.gauges_t >= self.GAUGE_S:
+            self.gauges, self.gauges_t = self.state.gauges(), t
+        return [OutBatch(outs, dict(self.state.counts), self.state.n_pending(), self.gauges)], self.RETAIN
 
     def on_batch(self, values: list[join.SourceBatch]) -> tuple[list[OutBatch], bool]:
         now, outs = int(time.time() * 1000), []
@@ -52,7 +61,7 @@ class _JoinLogic(StatefulBatchLogic[join.SourceBatch, OutBatch, tuple]):
         if not self.bounded:
             return [], self.RETAIN
         _, out = join.flush(self.state, int(time.time() * 1000))
-        return self._emit(out)
+        return self._emit(out, force=True)
 
     def snapshot(self) -> tuple:
         return self.state.snapshot()
@@ -67,7 +76,8 @@ def build_flow(jcfg: join.JoinConfig, source, sink, *, partitions: int, bounded:
     keyed = op.key_on("key", batches, lambda b: keys[b.partition])
 
     def builder(snap):
-        return _JoinLogic(join.JoinState.restore(snap) if snap is not None else join.JoinState(jcfg), bounded)
+        state = join.JoinState.restore(snap, jcfg.store_dir) if snap is not None else join.JoinState(jcfg)
+        return _JoinLogic(state, bounded)
 
     op.output("output", op.stateful_batch("join", keyed, builder), sink)
     return flow

@@ -9,6 +9,7 @@ them (``streamrec labels``, ``streamrec stats``, ``streamrec distill``, and loca
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from datetime import timedelta
@@ -47,6 +48,19 @@ def recovery_config(directory: str, process_id: int = 0, processes: int = 1) -> 
     return RecoveryConfig(str(d))
 
 
+_SCRATCH: list[tempfile.TemporaryDirectory] = []  # cold tiers of flows without recovery: gone at exit
+
+
+def join_state_dir(recovery_dir: str) -> str:
+    """Where the labels join keeps its cold tier (streams/flows/join_store.py): ``<recovery_dir>/join-state``,
+    covered by the flow's recovery; without recovery, a scratch directory removed when the process exits."""
+    if recovery_dir:
+        return str(Path(recovery_dir) / "join-state")
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.TemporaryDirectory(prefix="streamrec-join-state-"))
+    return _SCRATCH[0].name
+
+
 def run_flow(flow: Dataflow, *, recovery_dir: str = "", workers: int = 1, epoch_s: float | None = None,
              process_id: int | None = None, addresses: list[str] | None = None) -> None:
     """Run ``flow`` until its sources end (bounded) or forever (tailing)."""
@@ -73,6 +87,7 @@ def run_labels(cfg: Config, *, bounded: bool, **run) -> None:
     if not cfg.kafka.bootstrap_servers:
         raise ValueError(NO_BROKER)
     jcfg = join.JoinConfig.from_config(cfg)  # validates policy and windows before anything starts
+    jcfg = dataclasses.replace(jcfg, store_dir=join_state_dir(cfg.labels.recovery_dir))
     kafka_io.ensure_topics(cfg.kafka.bootstrap_servers, cfg.topics.all(), cfg.topics.partitions, cfg.kafka.client)
     flow = build_flow(jcfg, KafkaPartitionsSource(cfg, bounded), LabelsSink(cfg), partitions=cfg.topics.partitions,
                       bounded=bounded)
