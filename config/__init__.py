@@ -108,6 +108,11 @@ class FiitedConfig:
     * ``grow_momentum``: a row moved to a wider pool keeps this fraction of its row-wise Adagrad momentum
       (new chunks start at zero and must learn fast; the row's full momentum would freeze them).
     * ``headroom``: spare rows per pool after a compaction (fraction of the live rows).
+    * ``live_budget``: 0 (off) or the private-row bytes allowed as a fraction of the *admitted* rows at full
+      width (a budget that follows the live ids instead of the virtual slots; the smaller of the two binds).
+    * ``importance_power``: a row asks for chunks proportional to ``importance ** importance_power``.
+    * ``sketch_width`` / ``sketch_depth``: the count-min sketch (uint8 counters) that counts candidates'
+      sightings when ``admit_hits >= 2`` (no per-slot counters for ids that never earn a row).
     """
 
     chunk_dim: int = 8
@@ -126,6 +131,10 @@ class FiitedConfig:
     lr: float = 0.05
     init_range: float = 0.01
     seed: int = 0
+    live_budget: float = 0.0
+    importance_power: float = 0.5
+    sketch_width: int = 1 << 16
+    sketch_depth: int = 2
 
     @property
     def dim(self) -> int:
