@@ -1,11 +1,13 @@
 """FIITED embeddings: per-row widths learned during training, stored in size-class pools that free memory.
 
-Each table has ``rows`` virtual slots (the trainer's hashed ids). A slot's code in one flat int32 map is
-``pool << 24 | physical_row``; code 0 (pool 0, row 0) is the table's *shared* row used by ids not admitted
-yet. Routing a batch is therefore one gather plus one stable sort; all pools of all tables are one fbgemm
+Each table has ``rows`` virtual slots (the trainer's hashed ids). An admitted slot's code is
+``pool << 24 | physical_row``, kept with its other metadata in dense per-row arrays reached through a
+vectorised hash map (:class:`embedding_store.slotmap.SlotMap`); a slot without an entry reads code 0 (pool 0,
+row 0), its table's *shared* row, and costs nothing (candidates are counted in a bounded count-min sketch).
+Routing a batch is therefore one map lookup plus one stable sort; all pools of all tables are one fbgemm
 TBE (row-wise Adagrad fused into backward), and the per-pool outputs are summed into ``(B, T*D)`` with one
 ``index_add`` (missing chunks are zeros). Every ``maintain_every`` training steps :meth:`maintain` evicts
-stale unimportant rows, admits ids seen ``admit_hits`` times, and every ``resize_every`` steps moves rows
+stale unimportant rows (ids seen ``admit_hits`` times are admitted when seen), and every ``resize_every`` steps moves rows
 between pools under the memory budget (weights truncated or zero-extended, momentum follows the row).
 
 Shapes: ``indices`` (N,) int64 in [0, rows), ``offsets`` (T*B+1,), bag (t, b) at ``t*B + b``; output (B, T*D).

@@ -70,10 +70,16 @@ class SlotMap:
             cap *= 2
         return 8 * cap
 
+    def _home(self, keys: np.ndarray) -> np.ndarray:
+        """First cell (N,) int64 of each key: Fibonacci hashing (one multiply, the top log2(capacity) bits)."""
+        with np.errstate(over="ignore"):
+            h = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return (h >> np.uint64(64 - (len(self.keys).bit_length() - 1))).astype(np.int64)
+
     def _find(self, keys: np.ndarray) -> np.ndarray:
         """Position of each key (N,) in the table, or -1."""
         mask = len(self.keys) - 1
-        pos = (_hash(keys) & np.uint64(mask)).astype(np.int64)
+        pos = self._home(keys)
         out = np.full(len(keys), -1, dtype=np.int64)
         todo = np.arange(len(keys))
         while len(todo):
@@ -103,7 +109,7 @@ class SlotMap:
         if self.used + len(keys) > MAX_LOAD * len(self.keys):
             self._rehash(self.n + len(keys))
         mask = len(self.keys) - 1
-        pos = (_hash(keys) & np.uint64(mask)).astype(np.int64)
+        pos = self._home(keys)
         todo = np.arange(len(keys))
         while len(todo):  # claim an empty cell; several keys wanting one cell: the first wins, the rest probe
             free = self.keys[pos] == EMPTY
