@@ -148,11 +148,11 @@ def _label(c: FiitedConfig) -> str:
     return f"fiited {b} w{min(c.pool_dims())}-{c.dim} admit {c.admit_hits}"
 
 
-def curve(name: str, examples, tc: TrainerConfig, points, rows: list) -> list[dict]:
+def curve(name: str, examples, tc: TrainerConfig, points, rows: list, lean: bool = False) -> list[dict]:
     batches = [featurize(examples[i:i + tc.batch_size], tc) for i in range(0, len(examples), tc.batch_size)]
     base = run_one(tc, batches, None)
     auc0, mem0 = base["auc"], base["peak"]
-    other = run_one(TrainerConfig(**{**_fields(tc), "seed": tc.seed + 1}), batches, None)
+    other = None if lean else run_one(TrainerConfig(**{**_fields(tc), "seed": tc.seed + 1}), batches, None)
     n_live = touched(batches, Learner(tc).model.num_tables, tc.hash_buckets)
     live_w, live_map = live_rows_bytes(n_live)
     live_mem = live_w + live_map
@@ -164,7 +164,8 @@ def curve(name: str, examples, tc: TrainerConfig, points, rows: list) -> list[di
                 f"{r['meta'] / 2**20:.2f}", f"{r['s']:.0f}")
 
     live_row = {"peak": live_mem, "auc": auc0, "live": n_live, "dim": float(D), "meta": live_map, "s": 0.0}
-    rows += [row("fixed D=64", base), row("fixed, other seed", other), row("live rows D=64 (+id map)", live_row)]
+    rows += [row("fixed D=64", base), *([row("fixed, other seed", other)] if other else []),
+             row("live rows D=64 (+id map)", live_row)]
     out = []
     for c in points:
         r = run_one(tc, batches, c)
@@ -172,7 +173,7 @@ def curve(name: str, examples, tc: TrainerConfig, points, rows: list) -> list[di
         out.append({"stream": name, "config": _label(c), "saved": 1 - r["peak"] / mem0,
                     "narrowing_saved": 1 - r["peak"] / live_mem, "auc_loss": (auc0 - r["auc"]) / auc0,
                     "mean_dim": r["dim"], "rows": r["live"]})
-    out.append({"stream": name, "seed_noise": abs(auc0 - other["auc"]) / auc0, "touched": n_live,
+    out.append({"stream": name, "seed_noise": abs(auc0 - other["auc"]) / auc0 if other else -1.0, "touched": n_live,
                 "live_rows_bytes": live_w, "live_map_bytes": live_map})
     return out
 
@@ -187,8 +188,7 @@ def points(lives: tuple[float, ...], admits: tuple[int, ...]) -> list[FiitedConf
     """The FIITED settings measured: a budget with room (the store's overhead over live rows), then budgets
     that follow the live rows (``live_budget``) for each ``admit_hits`` (0: a row at first sight; 2: one-hit
     ids keep sharing their table's row, candidates counted in the sketch)."""
-    return [replace(FIITED, budget=0.25)] + [replace(FIITED, live_budget=b, admit_hits=a) for a in admits
-                                             for b in lives]
+    return [replace(FIITED, live_budget=b, admit_hits=a) for a in admits for b in lives]
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -201,18 +201,22 @@ def main() -> int:
                    help="live_budget values to measure (default quick 0.5,0.3,0.2; full 0.5,0.4,0.3,0.25,0.2,0.15)")
     p.add_argument("--admit-hits", type=_floats, default=(0, 2), metavar="N,N",
                    help="admit_hits values to measure each budget with (default 0,2)")
+    p.add_argument("--lean", action="store_true",
+                   help="skip the fixed other-seed run and the budget-with-room point (a full run on a busy machine)")
     args = p.parse_args()
     logging.getLogger("fbgemm_gpu").setLevel(logging.ERROR)
     n_gen, n_cri = (12_000, 8_000) if args.quick else (100_000, 60_000)
     lives = args.live_budgets or ((0.5, 0.3, 0.2) if args.quick else (0.5, 0.4, 0.3, 0.25, 0.2, 0.15))
     pts_cfg = points(lives, tuple(int(a) for a in args.admit_hits))
+    if not args.lean:
+        pts_cfg.insert(0, replace(FIITED, budget=0.25))
     base = TrainerConfig(embedding_dim=D, batch_size=512, device="cpu", backend="fbgemm", seed=0, user_model=False)
     rows: list = []
     pts = curve("generated", generated_examples(n_gen), TrainerConfig(**{**_fields(base), "hash_buckets": 50_000}),
-                pts_cfg, rows)
+                pts_cfg, rows, args.lean)
     pts += curve("criteo", criteo_examples(n_cri),
                  TrainerConfig(**{**_fields(base), "hash_buckets": 50_000, "cat_slots": criteo.N_CAT,
-                                  "history_len": 0, "dense_dim": criteo.N_DENSE}), pts_cfg, rows)
+                                  "history_len": 0, "dense_dim": criteo.N_DENSE}), pts_cfg, rows, args.lean)
     info = {p["stream"]: p for p in pts if "seed_noise" in p}
     pts = [p for p in pts if "seed_noise" not in p]
     ok = [p for p in pts if p["auc_loss"] <= MAX_LOSS]
@@ -229,7 +233,7 @@ def main() -> int:
            narrowing_per_stream={k: round(100 * v, 1) for k, v in narrow.items()},
            fixed_saved=round(100 * min(fixed_saved.values()), 1),
            fixed_per_stream={k: round(100 * v, 1) for k, v in fixed_saved.items()},
-           seed_noise={k: round(100 * v["seed_noise"], 2) for k, v in info.items()},
+           seed_noise={k: round(100 * v["seed_noise"], 2) for k, v in info.items() if v["seed_noise"] >= 0},
            touched={k: v["touched"] for k, v in info.items()},
            curve=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()} for p in pts])
     return 0

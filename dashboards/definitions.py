@@ -139,6 +139,9 @@ OVERVIEW = Dashboard(
         Panel("embedding_bytes", "Embedding memory by row width", q.EMBEDDING_BYTES, unit="bytes",
               description="bytes of embedding rows (weights and optimizer state) per row width, as the trainer "
                           "reports them: one width for fixed tables, one per size-class pool for FIITED"),
+        Panel("fiited_meta", "FIITED bookkeeping", q.FIITED_META, unit="bytes",
+              description="bytes of the FIITED store's metadata: slot map (admitted slots only), per-row arrays "
+                          "and the admission sketch; it follows the live rows (empty for fixed-width backends)"),
         Panel("user_vectors", "User-vector freshness", q.USER_VECTORS, unit="ms",
               description="user-model thread: arrival of a user's event to the user's updated vector"),
         Panel("embedding_dims", "Embedding rows by dimension", q.EMBEDDING_DIMS, "table",
