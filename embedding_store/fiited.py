@@ -26,7 +26,7 @@ from embedding_store.base import Changes, SparseEmbeddings
 from embedding_store.config import POOL_SHIFT, ROW_MASK, FiitedConfig, trainer_config, validate
 from embedding_store.ids import validate_batch
 from embedding_store.pools import SHARED, PoolSet
-from embedding_store.slotmap import CountMinSketch, SlotMap
+from embedding_store.slotmap import CountMinSketch, SlotMap, capacity_for
 from streams.names import Stat
 
 STATE_VERSION = 2  # 2: metadata per admitted slot (slot map + dense arrays) and a count-min sketch; 1: dense per slot
@@ -175,7 +175,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         for f, a in self._meta.items():
             new[f][:n] = a[: self._n][keep]
         self._meta, self._n = new, n
-        self.slotmap = SlotMap(int(n / (0.5 * 0.6)) + 1)
+        self.slotmap = SlotMap(capacity_for(n))
         self.slotmap.put(new["slot"][:n], np.arange(n))
 
     def _idx(self, slots: np.ndarray) -> np.ndarray:
@@ -542,13 +542,14 @@ class FiitedEmbeddings(SparseEmbeddings):
         """Gauges for ``ServiceStats.values``: bytes per pool, live rows per width, totals and counters (from the
         pools' counts: no scan over the slots, cheap enough for every step). ``fiited_meta_bytes`` is every
         byte of bookkeeping: the slot map, the per-row arrays (capacity), the admission sketch and the pools'
-        owner/free-list int32 per physical row."""
+        owner (int32 per physical row) and free lists (int32 per free row)."""
         per_pool = self._private_rows()
         pool_bytes = self.pools.nbytes()
         n_phys = int(self.pools.caps.sum())
         map_b, rows_b = self.slotmap.nbytes, META_BYTES_PER_ROW * len(self._meta["slot"])
         sketch_b = self.sketch.nbytes if self.sketch is not None else 0
-        meta = map_b + rows_b + sketch_b + 8 * n_phys
+        n_free = sum(len(f) for ts in self.pools.free for f in ts)
+        meta = map_b + rows_b + sketch_b + 4 * (n_phys + n_free)  # + the pools' owner (per row) and free lists
         fixed = self.num_tables * self.rows * (self.dim + 1) * 4
         out: dict[str, float] = {}
         for p, d in enumerate(self.dims):

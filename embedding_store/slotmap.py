@@ -5,8 +5,8 @@ arrays (slot map, counters, importance) would cost more than the narrow rows the
 
 * :class:`SlotMap` maps admitted global slots (int32 keys) to a dense index (int32) with open addressing and
   linear probing, every operation vectorised over a batch of keys (a few numpy passes per probe round; the
-  load stays in ``[MAX_LOAD / 4, MAX_LOAD]``, so probe chains are short). Deleted entries are tombstones until
-  the next rehash. Bytes = ``8 * capacity``: 8 to 27 B per entry.
+  load stays under ``MAX_LOAD`` = 0.6, so probe chains are short). Deleted entries are tombstones until
+  the next rehash. Bytes = ``8 * capacity``: 13 to 36 B per entry.
 * :class:`CountMinSketch` counts how often each not-yet-admitted slot was seen (admission at ``admit_hits``) in
   a fixed ``depth x width`` int32 table: estimates never undercount and overcount by at most ``2N / width``
   with probability ``1 - 2**-depth`` (N: the sum of counts); :meth:`CountMinSketch.halve` ages old counts so
@@ -31,6 +31,15 @@ from embedding_store.ids import splitmix64
 
 EMPTY, TOMB = -1, -2
 MAX_LOAD = 0.6  # (live + tombstones) / capacity before a rehash
+REHASH_LOAD = 0.45  # a rehash picks the smallest capacity with live / capacity <= this
+
+
+def capacity_for(n: int, load: float = REHASH_LOAD) -> int:
+    """The smallest power-of-two capacity (>= 64) holding ``n`` entries at ``load`` or below."""
+    cap = 64
+    while n > load * cap:
+        cap *= 2
+    return cap
 
 
 def _hash(keys: np.ndarray, salt: int = 0) -> np.ndarray:
@@ -65,10 +74,7 @@ class SlotMap:
     @staticmethod
     def bytes_for(n: int) -> int:
         """Bytes of a map holding ``n`` entries right after growing to them (the smallest capacity it uses)."""
-        cap = 64
-        while n > MAX_LOAD * cap:
-            cap *= 2
-        return 8 * cap
+        return 8 * capacity_for(n, MAX_LOAD)
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
         """First cell (N,) int64 of each key: Fibonacci hashing (one multiply, the top log2(capacity) bits)."""
@@ -137,17 +143,14 @@ class SlotMap:
         return self.keys[live].astype(np.int64), self.vals[live].copy()
 
     def _rehash(self, n: int) -> None:
-        """Rebuild without tombstones at the capacity that fits ``n`` entries at ``MAX_LOAD / 2`` or more room."""
+        """Rebuild without tombstones at :func:`capacity_for` ``n`` entries."""
         k, v = self.items()
-        cap = 64
-        while n > MAX_LOAD / 2 * cap:
-            cap *= 2
-        self._alloc(cap)
+        self._alloc(capacity_for(n))
         self.put(k, v)
 
     def compact(self) -> None:
         """Drop tombstones and shrink to fit (after mass deletion)."""
-        if self.used > self.n or self.n < MAX_LOAD / 4 * len(self.keys):
+        if self.used > self.n or self.n < REHASH_LOAD / 4 * len(self.keys):
             self._rehash(self.n)
 
 
