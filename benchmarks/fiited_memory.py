@@ -159,7 +159,7 @@ def curve(name: str, examples, tc: TrainerConfig, points, rows: list, lean: bool
 
     def row(label: str, r: dict) -> tuple:
         return (name, label, f"{r['peak'] / 2**20:.2f}", f"{100 * (1 - r['peak'] / mem0):.1f}%",
-                f"{100 * (1 - r['peak'] / live_mem):.1f}%", f"{r['auc']:.4f}",
+                "" if label.startswith("fixed") else f"{100 * (1 - r['peak'] / live_mem):.1f}%", f"{r['auc']:.4f}",
                 f"{100 * (auc0 - r['auc']) / auc0:+.2f}%", f"{r['live']}", f"{r['dim']:.1f}",
                 f"{r['meta'] / 2**20:.2f}", f"{r['s']:.0f}")
 

@@ -97,9 +97,10 @@ class FiitedConfig:
 
     * ``budget``: pool bytes (weights + row-wise momentum) allowed, as a fraction of fixed full-width tables
       (``T * rows * (D + 1) * 4``); :func:`importance.assign_chunks` fits the live rows under it.
-    * ``maintain_every``: steps between eviction/admission passes; ``resize_every``: steps between resizes.
+    * ``maintain_every``: steps between eviction passes; ``resize_every``: steps between resizes.
     * ``admit_hits``: a slot keeps using its table's shared row until it was seen this many times (0: it gets
-      its own row before its first training lookup, while the budget has room).
+      its own row before its first training lookup, while the budget has room; >= 2: sightings are counted
+      in the count-min sketch); a slot that earned a row but found no room tries again when next seen.
     * ``ttl_steps``: a row unseen for this many steps is evicted unless its importance is in the top
       ``protect_quantile`` of live rows (the floor).
     * ``decay``: importance multiplier per maintenance pass (old gradient energy fades).

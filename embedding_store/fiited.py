@@ -168,7 +168,8 @@ class FiitedEmbeddings(SparseEmbeddings):
         if not len(slots):
             return
         keep = np.ones(self._n, dtype=bool)
-        keep[self.slotmap.get(slots)] = False
+        i = self.slotmap.get(slots)
+        keep[i[i >= 0]] = False
         n = int(keep.sum())
         cap = int(np.ceil(n * (1 + self.cfg.headroom))) + 64
         new = {f: np.zeros(cap, dtype=a.dtype) for f, a in self._meta.items()}
