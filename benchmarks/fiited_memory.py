@@ -97,11 +97,11 @@ def touched(batches, t: int, rows: int) -> int:
     return len(np.unique(np.concatenate(seen)))
 
 
-def live_rows_bytes(n: int) -> tuple[int, int]:
+def live_rows_bytes(n: int, universe: int) -> tuple[int, int]:
     """(rows, id map) bytes of a dynamic table holding ``n`` full-width D=64 rows (weights + row-wise momentum)
     and a slot -> row map: the same open-addressing map FIITED uses, at the smallest capacity that holds ``n``
     (no per-row bookkeeping charged: it never evicts)."""
-    return n * (D + 1) * 4, SlotMap.bytes_for(n)
+    return n * (D + 1) * 4, SlotMap.bytes_for(n, universe)
 
 
 def run_one(tc: TrainerConfig, batches, fcfg: FiitedConfig | None) -> dict:
@@ -153,8 +153,9 @@ def curve(name: str, examples, tc: TrainerConfig, points, rows: list, lean: bool
     base = run_one(tc, batches, None)
     auc0, mem0 = base["auc"], base["peak"]
     other = None if lean else run_one(TrainerConfig(**{**_fields(tc), "seed": tc.seed + 1}), batches, None)
-    n_live = touched(batches, Learner(tc).model.num_tables, tc.hash_buckets)
-    live_w, live_map = live_rows_bytes(n_live)
+    t = Learner(tc).model.num_tables
+    n_live = touched(batches, t, tc.hash_buckets)
+    live_w, live_map = live_rows_bytes(n_live, t * tc.hash_buckets)
     live_mem = live_w + live_map
 
     def row(label: str, r: dict) -> tuple:

@@ -145,7 +145,7 @@ class FiitedEmbeddings(SparseEmbeddings):
     # grows with the live rows, not with the virtual slots. Entries are compacted on eviction (indices change:
     # callers look slots up again after _meta_drop).
     def _meta_init(self, cap: int = 64) -> None:
-        self.slotmap = SlotMap(cap)
+        self.slotmap = SlotMap(cap, universe=self.num_tables * self.rows)
         self._n = 0
         self._meta = {k: np.zeros(cap, dtype=t) for k, t in META_FIELDS}
         cfg = self.cfg
@@ -176,7 +176,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         for f, a in self._meta.items():
             new[f][:n] = a[: self._n][keep]
         self._meta, self._n = new, n
-        self.slotmap = SlotMap(capacity_for(n))
+        self.slotmap = SlotMap(capacity_for(n), universe=self.num_tables * self.rows)
         self.slotmap.put(new["slot"][:n], np.arange(n))
 
     def _idx(self, slots: np.ndarray) -> np.ndarray:

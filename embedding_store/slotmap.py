@@ -47,13 +47,20 @@ def _hash(keys: np.ndarray, salt: int = 0) -> np.ndarray:
 
 
 class SlotMap:
-    """int32 key (>= 0) -> int32 value, vectorised; missing keys read ``-1``."""
+    """int32 key (>= 0) -> int32 value, vectorised; missing keys read ``-1``.
 
-    def __init__(self, capacity: int = 64):
+    With ``universe`` (keys < universe), the map turns into a plain array of ``universe`` int32 when that is
+    no larger than the hash table would be (most slots live: a gather is cheaper than probing), and back when
+    deletions make the hash table less than half of it."""
+
+    def __init__(self, capacity: int = 64, universe: int | None = None):
         cap = 64
         while cap < capacity:
             cap *= 2
+        self.universe, self.dense = universe, None
         self._alloc(cap)
+        if universe is not None and 4 * universe <= 8 * cap:
+            self._to_dense()
 
     def _alloc(self, cap: int) -> None:
         self.keys = np.full(cap, EMPTY, dtype=np.int32)
@@ -65,16 +72,30 @@ class SlotMap:
 
     @property
     def capacity(self) -> int:
-        return len(self.keys)
+        return len(self.keys) if self.dense is None else len(self.dense)
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.vals.nbytes
+        return self.keys.nbytes + self.vals.nbytes if self.dense is None else self.dense.nbytes
 
     @staticmethod
-    def bytes_for(n: int) -> int:
+    def bytes_for(n: int, universe: int | None = None) -> int:
         """Bytes of a map holding ``n`` entries right after growing to them (the smallest capacity it uses)."""
-        return 8 * capacity_for(n, MAX_LOAD)
+        b = 8 * capacity_for(n, MAX_LOAD)
+        return b if universe is None else min(b, 4 * universe)
+
+    def _to_dense(self) -> None:
+        k, v = self.items()
+        self.dense = np.full(self.universe, -1, dtype=np.int32)
+        self.dense[k] = v
+        self.keys = self.vals = np.zeros(0, dtype=np.int32)
+        self.used = self.n
+
+    def _to_hashed(self) -> None:
+        k, v = self.items()
+        self.dense = None
+        self._alloc(capacity_for(len(k)))
+        self.put(k, v)
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
         """First cell (N,) int64 of each key: Fibonacci hashing (one multiply, the top log2(capacity) bits)."""
@@ -99,6 +120,8 @@ class SlotMap:
     def get(self, keys: np.ndarray) -> np.ndarray:
         """Values (N,) int32 of ``keys`` (N,), -1 where absent."""
         keys = np.asarray(keys, dtype=np.int64)
+        if self.dense is not None:
+            return self.dense[keys]
         if not len(keys):
             return np.zeros(0, dtype=np.int32)
         p = self._find(keys)
@@ -109,10 +132,18 @@ class SlotMap:
         keys, vals = np.asarray(keys, dtype=np.int64), np.asarray(vals, dtype=np.int32)
         if not len(keys):
             return
+        if self.dense is not None:
+            self.n += int((self.dense[keys] < 0).sum())
+            self.dense[keys] = vals
+            self.used = self.n
+            return
         p = self._find(keys)
         self.vals[p[p >= 0]] = vals[p >= 0]
         keys, vals = keys[p < 0], vals[p < 0]
         if self.used + len(keys) > MAX_LOAD * len(self.keys):
+            if self.universe is not None and 4 * self.universe <= 8 * capacity_for(self.n + len(keys)):
+                self._to_dense()
+                return self.put(keys, vals)
             self._rehash(self.n + len(keys))
         mask = len(self.keys) - 1
         pos = self._home(keys)
@@ -132,6 +163,12 @@ class SlotMap:
 
     def delete(self, keys: np.ndarray) -> None:
         """Remove present ``keys`` (absent ones are ignored)."""
+        if self.dense is not None:
+            k = np.unique(np.asarray(keys, dtype=np.int64))
+            self.n -= int((self.dense[k] >= 0).sum())
+            self.dense[k] = -1
+            self.used = self.n
+            return
         p = self._find(np.asarray(keys, dtype=np.int64))
         p = p[p >= 0]
         self.keys[p], self.vals[p] = TOMB, -1
@@ -139,6 +176,9 @@ class SlotMap:
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, values) of every entry, in table order."""
+        if self.dense is not None:
+            k = np.flatnonzero(self.dense >= 0)
+            return k.astype(np.int64), self.dense[k].copy()
         live = self.keys >= 0
         return self.keys[live].astype(np.int64), self.vals[live].copy()
 
@@ -150,6 +190,10 @@ class SlotMap:
 
     def compact(self) -> None:
         """Drop tombstones and shrink to fit (after mass deletion)."""
+        if self.dense is not None:
+            if 2 * 8 * capacity_for(self.n) < 4 * self.universe:
+                self._to_hashed()
+            return
         if self.used > self.n or self.n < REHASH_LOAD / 4 * len(self.keys):
             self._rehash(self.n)
 

@@ -55,6 +55,29 @@ def test_slot_map_agrees_with_a_dict_through_inserts_deletes_and_rehashes():
     assert dict(zip(k.tolist(), v.tolist())) == ref
 
 
+def test_slot_map_turns_dense_when_most_keys_are_live_and_back_when_they_leave():
+    rng = np.random.default_rng(3)
+    u = 4096
+    m, ref = SlotMap(universe=u), {}
+    modes = []
+    for it in range(40):
+        if it < 20:
+            new = rng.choice(u, 200, replace=False)
+            m.put(new, new * 7 % 1000)
+            ref.update(zip(new.tolist(), (new * 7 % 1000).tolist()))
+        else:  # drain: delete most keys
+            gone = rng.choice(list(ref), max(len(ref) // 3, 1), replace=False)
+            m.delete(np.concatenate([gone, gone[:3]]))  # repeats and absent keys are ignored
+            for k in gone.tolist():
+                ref.pop(k)
+            m.compact()
+        modes.append(m.dense is not None)
+        q = np.arange(u)
+        assert m.get(q).tolist() == [ref.get(k, -1) for k in range(u)] and len(m) == len(ref)
+        assert m.nbytes <= max(4 * u, 8 * 64) and (m.dense is None or m.nbytes == 4 * u)
+    assert not modes[0] and True in modes and not modes[-1]  # hashed, dense while full, hashed again
+
+
 def test_count_min_sketch_never_undercounts_ages_and_saturates():
     rng = np.random.default_rng(1)
     keys = rng.zipf(1.3, 5000) % 3000
@@ -77,7 +100,10 @@ def test_metadata_follows_the_admitted_rows_not_the_virtual_slots():
     assert [small.chunks(t, v) for t in range(T) for v in ids] == [big.chunks(t, v) for t in range(T) for v in ids]
     rs, rb = small.memory_report(), big.memory_report()
     assert rs["fiited_admitted_rows"] == rb["fiited_admitted_rows"] > 0.8 * T * len(ids)
-    assert rs["fiited_meta_bytes"] == rb["fiited_meta_bytes"]
+    assert rs["fiited_row_meta_bytes"] == rb["fiited_row_meta_bytes"]
+    # the small table's slots are mostly live: a plain array is smaller than a hash table; the big one hashes
+    assert small.slotmap.dense is not None and rs["fiited_map_bytes"] == 4 * T * 64
+    assert big.slotmap.dense is None and rb["fiited_map_bytes"] < 40 * rb["fiited_admitted_rows"]
     # the old dense layout (20 B per virtual slot) would cost 12 MB here; this is a few kB
     assert rb["fiited_meta_bytes"] < 10_000 and rb["fiited_total_bytes"] < 0.001 * rb["fiited_fixed_bytes"]
     assert rb["fiited_meta_bytes"] == (rb["fiited_map_bytes"] + rb["fiited_row_meta_bytes"]
