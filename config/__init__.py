@@ -97,9 +97,10 @@ class FiitedConfig:
 
     * ``budget``: pool bytes (weights + row-wise momentum) allowed, as a fraction of fixed full-width tables
       (``T * rows * (D + 1) * 4``); :func:`importance.assign_chunks` fits the live rows under it.
-    * ``maintain_every``: steps between eviction/admission passes; ``resize_every``: steps between resizes.
+    * ``maintain_every``: steps between eviction passes; ``resize_every``: steps between resizes.
     * ``admit_hits``: a slot keeps using its table's shared row until it was seen this many times (0: it gets
-      its own row before its first training lookup, while the budget has room).
+      its own row before its first training lookup, while the budget has room; >= 2: sightings are counted
+      in the count-min sketch); a slot that earned a row but found no room tries again when next seen.
     * ``ttl_steps``: a row unseen for this many steps is evicted unless its importance is in the top
       ``protect_quantile`` of live rows (the floor).
     * ``decay``: importance multiplier per maintenance pass (old gradient energy fades).
@@ -111,6 +112,11 @@ class FiitedConfig:
     * ``kernel``: the lookup/update path (embedding_store/kernels): ``auto`` (the C++ kernel on the CPU, torch ops
       on other devices), ``cpp``, ``torch`` or ``fbgemm`` (the old per-pool TBE path, CPU); the environment
       variable ``STREAMREC_FIITED_KERNEL`` overrides it (for comparisons).
+    * ``live_budget``: 0 (off) or the private-row bytes allowed as a fraction of the *admitted* rows at full
+      width (a budget that follows the live ids instead of the virtual slots; the smaller of the two binds).
+    * ``importance_power``: a row asks for chunks proportional to ``importance ** importance_power``.
+    * ``sketch_width`` / ``sketch_depth``: the count-min sketch (uint8 counters) that counts candidates'
+      sightings when ``admit_hits >= 2`` (no per-slot counters for ids that never earn a row).
     """
 
     chunk_dim: int = 8
@@ -130,6 +136,10 @@ class FiitedConfig:
     init_range: float = 0.01
     seed: int = 0
     kernel: str = "auto"
+    live_budget: float = 0.0
+    importance_power: float = 0.5
+    sketch_width: int = 1 << 16
+    sketch_depth: int = 2
 
     @property
     def dim(self) -> int:

@@ -143,6 +143,9 @@ OVERVIEW = Dashboard(
               description="the attribution join's state, all partitions: bytes in memory (whole impressions of "
                           "the click window, the cold tier's index and caches), bytes of the cold tier on disk, "
                           "and impressions compacted there waiting for their conversion window (docs/joinstate.md)"),
+        Panel("fiited_meta", "FIITED bookkeeping", q.FIITED_META, unit="bytes",
+              description="bytes of the FIITED store's metadata: slot map (admitted slots only), per-row arrays "
+                          "and the admission sketch; it follows the live rows (empty for fixed-width backends)"),
         Panel("user_vectors", "User-vector freshness", q.USER_VECTORS, unit="ms",
               description="user-model thread: arrival of a user's event to the user's updated vector"),
         Panel("embedding_dims", "Embedding rows by dimension", q.EMBEDDING_DIMS, "table",

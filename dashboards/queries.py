@@ -666,6 +666,15 @@ FROM ({_latest(f"component = '{C.LABELS}' AND name IN ('{S.JOIN_STATE_MEMORY_BYT
 GROUP BY t, series
 ORDER BY t, series"""
 
+# FIITED's bookkeeping (embedding_store/fiited.py memory_report): slot map, per-row arrays and admission sketch,
+# bytes; it grows with the admitted rows, not with the hashed space
+FIITED_META = f"""
+SELECT t, replaceOne(replaceOne(name, 'fiited_', ''), '_bytes', '') AS series, sum(v) AS value
+FROM ({_latest(f"component = '{C.TRAINER}' AND name IN ('fiited_map_bytes', 'fiited_row_meta_bytes', "
+               "'fiited_sketch_bytes')")})
+GROUP BY t, series
+ORDER BY t, series"""
+
 USER_VECTORS = f"""
 SELECT t, concat('event to user vector ', extract(name, 'p\\d+')) AS series, max(v) AS value
 FROM ({_latest(f"component = '{C.TRAINER}' AND name IN ('{S.USER_FRESHNESS_P50_MS}', '{S.USER_FRESHNESS_P99_MS}')")})

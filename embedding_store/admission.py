@@ -1,6 +1,8 @@
 """Admission and eviction decisions for an endless stream of ids (pure numpy functions).
 
-* Admission: a slot shares its table's row until it was seen ``admit_hits`` times, then gets its own row,
+* Admission: a slot shares its table's row until it was seen ``admit_hits`` times (the store counts
+  candidates' sightings in a bounded count-min sketch, :class:`embedding_store.slotmap.CountMinSketch`; it
+  keeps no per-slot counters), then gets its own row,
   in the widest pool whose rows for every candidate still fit the free budget (a store with room gives new
   ids full width at once; a full one gives the smallest width, most-hit first); resizing rebalances later.
 * Eviction: a private row unseen for more than ``ttl`` steps goes back to the shared row and frees its

@@ -41,6 +41,10 @@ def validate(cfg: FiitedConfig, dim: int | None = None, where: str = "FiitedConf
         ("headroom", cfg.headroom >= 0, ">= 0"),
         ("lr", cfg.lr > 0, "> 0"),
         ("kernel", cfg.kernel in ("auto", "cpp", "torch", "fbgemm"), "one of auto, cpp, torch, fbgemm"),
+        ("live_budget", 0 <= cfg.live_budget <= 1.5, "0 (off) or in (0, 1.5]"),
+        ("importance_power", 0 < cfg.importance_power <= 4, "in (0, 4]"),
+        ("sketch_width", cfg.sketch_width >= 16, ">= 16"),
+        ("sketch_depth", 1 <= cfg.sketch_depth <= 8, "in [1, 8]"),
     ]
     for name, ok, want in checks:
         if not ok:

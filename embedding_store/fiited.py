@@ -1,14 +1,16 @@
 """FIITED embeddings: per-row widths learned during training, stored in size-class pools that free memory.
 
-Each table has ``rows`` virtual slots (the trainer's hashed ids). A slot's code in one flat int32 map is
-``pool << 24 | physical_row``; code 0 (pool 0, row 0) is the table's *shared* row used by ids not admitted
-yet. A lookup gathers the ids' codes and runs one kernel (embedding_store/kernels: C++ on the CPU, torch ops on
-any device) that sums every pool's rows per bag straight into the zero-padded ``(B, T*D)`` output; its backward
-is fused with the row-wise Adagrad update (``FiitedConfig.kernel``; ``fbgemm`` keeps the old path: the pools as
-one fbgemm TBE after a routing sort, per-pool outputs padded by ``_Pad``). Every ``maintain_every`` training
-steps :meth:`maintain` evicts stale unimportant rows, admits ids seen ``admit_hits`` times, and every
-``resize_every`` steps moves rows between pools under the memory budget (weights truncated or zero-extended,
-momentum follows the row).
+Each table has ``rows`` virtual slots (the trainer's hashed ids). An admitted slot's code is
+``pool << 24 | physical_row``, kept with its other metadata in dense per-row arrays reached through a
+vectorised hash map (:class:`embedding_store.slotmap.SlotMap`); a slot without an entry reads code 0 (pool 0,
+row 0), its table's *shared* row, and costs nothing (candidates are counted in a bounded count-min sketch).
+A lookup gathers the ids' codes (one map lookup) and runs one kernel (embedding_store/kernels: C++ on the CPU,
+torch ops on any device) that sums every pool's rows per bag straight into the zero-padded ``(B, T*D)``
+output; its backward is fused with the row-wise Adagrad update (``FiitedConfig.kernel``; ``fbgemm`` keeps the
+old path: the pools as one fbgemm TBE after a routing sort, per-pool outputs padded by ``_Pad``). Every
+``maintain_every`` training steps :meth:`maintain` evicts stale unimportant rows (ids seen ``admit_hits`` times
+are admitted when seen), and every ``resize_every`` steps moves rows between pools under the memory budget
+(weights truncated or zero-extended, momentum follows the row).
 
 Shapes: ``indices`` (N,) int64 in [0, rows), ``offsets`` (T*B+1,), bag (t, b) at ``t*B + b``; output (B, T*D).
 """
@@ -27,11 +29,14 @@ from embedding_store.config import POOL_SHIFT, ROW_MASK, FiitedConfig, trainer_c
 from embedding_store.ids import validate_batch
 from embedding_store.kernels import Lookup, resolve
 from embedding_store.pools import EPS, SHARED, PoolSet
+from embedding_store.slotmap import CountMinSketch, SlotMap, capacity_for
 from streams.names import Stat
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: metadata per admitted slot (slot map + dense arrays) and a count-min sketch; 1: dense per slot
 COUNTERS = ("admitted", "evicted", "resized", "grown", "shrunk", "rebuilds", "maintenances")
-META_BYTES_PER_SLOT = 20  # code, hits, last_seen (int32) + importance, momentum snapshot (float32)
+META_FIELDS = (("slot", np.int32), ("code", np.int32), ("last", np.int32), ("imp", np.float32),
+               ("snap", np.float32))  # per admitted slot, dense index i: the SlotMap maps slot -> i
+META_BYTES_PER_ROW = sum(np.dtype(t).itemsize for _, t in META_FIELDS)  # 20
 
 
 class _Pad(torch.autograd.Function):
@@ -74,12 +79,7 @@ class FiitedEmbeddings(SparseEmbeddings):
             raise ValueError(f"fiited: num_tables * rows must be < 2**31, got {num_tables} * {rows}")
         self.cfg, self.num_tables, self.rows, self.dim = cfg, num_tables, rows, cfg.dim
         self.dims = cfg.pool_dims()
-        n = num_tables * rows
-        self.code = torch.zeros(n, dtype=torch.int32)  # everyone starts on the shared row
-        self.hits = torch.zeros(n, dtype=torch.int32)
-        self.last_seen = torch.zeros(n, dtype=torch.int32)
-        self.imp = torch.zeros(n, dtype=torch.float32)
-        self.snap = torch.zeros(n, dtype=torch.float32)
+        self._meta_init()  # everyone starts on the shared row
         self.steps = 0
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._pending: torch.Tensor | None = None
@@ -116,7 +116,7 @@ class FiitedEmbeddings(SparseEmbeddings):
 
     def _route(self, bag: torch.Tensor, t: torch.Tensor, slots: torch.Tensor, b: int, tb: int):
         P = len(self.dims)
-        code = self.code[slots].long()
+        code = torch.from_numpy(self._codes(slots.numpy())).long()
         key = (t * P + (code >> POOL_SHIFT)) * b + (bag - t * b)  # TBE bag of each id: ((t*P + p)*B + b)
         key_sorted, order = torch.sort(key, stable=True)
         off = torch.zeros(tb * P + 1, dtype=torch.int64)
@@ -136,7 +136,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         train = torch.is_grad_enabled()
         if train and self.cfg.admit_hits == 0:  # admit on the first training lookup
             s = slots.numpy()
-            self._admit_candidates(np.unique(s[self.code.numpy()[s] == 0]))
+            self._admit_candidates(np.unique(s[self._codes(s) == 0]))
         if train:
             self._pending = slots  # counted in step(): scoring (no_grad) never mutates the store
         return b, bag, t, slots
@@ -156,7 +156,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         ps, dev = self.pools, self.device
         if b == 0:  # no bags at all
             return torch.zeros(0, self.num_tables * self.dim, device=dev)
-        codes = self.code[slots].to(dev)  # the ids' (pool, row) codes, gathered now: backward uses these rows
+        codes = torch.from_numpy(self._codes(slots.numpy())).to(dev)  # gathered now: backward uses these rows
         off = offsets.to(device=dev, dtype=torch.int64)
         return Lookup.apply(self._anchor, self.kernel, ps.w, ps.m, codes, off, ps.w_off, ps.m_off,
                             ps.dims_t, b, self.dim, ps.lr, EPS)
@@ -166,6 +166,85 @@ class FiitedEmbeddings(SparseEmbeddings):
             self._colmap_cache = (self.colmap(),)
         return self._colmap_cache[0]
 
+    # -- per-slot metadata: only admitted slots, plus a bounded sketch for candidates ---------------------
+    # A slot on its table's shared row has no entry at all. An admitted slot has one entry i in dense arrays
+    # (slot, code, last seen step, importance, momentum snapshot: META_BYTES_PER_ROW bytes) and one in the
+    # SlotMap (slot -> i); candidates (admit_hits >= 2) are counted in a CountMinSketch. Memory therefore
+    # grows with the live rows, not with the virtual slots. Entries are compacted on eviction (indices change:
+    # callers look slots up again after _meta_drop).
+    def _meta_init(self, cap: int = 64) -> None:
+        self.slotmap = SlotMap(cap, universe=self.num_tables * self.rows)
+        self._n = 0
+        self._meta = {k: np.zeros(cap, dtype=t) for k, t in META_FIELDS}
+        cfg = self.cfg
+        self.sketch = CountMinSketch(cfg.sketch_width, cfg.sketch_depth) if cfg.admit_hits >= 2 else None
+
+    def _meta_append(self, slots: np.ndarray, codes: np.ndarray) -> None:
+        """New entries for not-yet-admitted ``slots`` (K,): ``codes``, seen now, importance 0."""
+        n, k = self._n, len(slots)
+        if n + k > len(self._meta["slot"]):
+            cap = int(np.ceil((n + k) * (1 + self.cfg.headroom))) + 64
+            self._meta = {f: np.concatenate([a[:n], np.zeros(cap - n, dtype=a.dtype)]) for f, a in self._meta.items()}
+        m = self._meta
+        m["slot"][n:n + k], m["code"][n:n + k], m["last"][n:n + k] = slots, codes, self.steps
+        m["imp"][n:n + k] = m["snap"][n:n + k] = 0.0
+        self.slotmap.put(slots, np.arange(n, n + k))
+        self._n = n + k
+
+    def _meta_drop(self, slots: np.ndarray) -> None:
+        """Remove the entries of admitted ``slots``; the rest are packed (order kept) and re-indexed."""
+        if not len(slots):
+            return
+        keep = np.ones(self._n, dtype=bool)
+        i = self.slotmap.get(slots)
+        keep[i[i >= 0]] = False
+        n = int(keep.sum())
+        cap = int(np.ceil(n * (1 + self.cfg.headroom))) + 64
+        new = {f: np.zeros(cap, dtype=a.dtype) for f, a in self._meta.items()}
+        for f, a in self._meta.items():
+            new[f][:n] = a[: self._n][keep]
+        self._meta, self._n = new, n
+        self.slotmap = SlotMap(capacity_for(n), universe=self.num_tables * self.rows)
+        self.slotmap.put(new["slot"][:n], np.arange(n))
+
+    def _idx(self, slots: np.ndarray) -> np.ndarray:
+        """Dense index (K,) int64 of global ``slots`` (K,); -1 for slots on the shared row."""
+        return self.slotmap.get(slots).astype(np.int64)
+
+    def _codes(self, slots: np.ndarray) -> np.ndarray:
+        """Codes (K,) int32 of global ``slots``: ``pool << 24 | row``, 0 for the shared row."""
+        i = self._idx(slots)
+        return np.where(i >= 0, self._meta["code"][np.maximum(i, 0)], 0).astype(np.int32)
+
+    def _live(self) -> tuple[np.ndarray, np.ndarray]:
+        """(admitted slots sorted (L,) int64, their dense indices (L,))."""
+        s = self._meta["slot"][: self._n].astype(np.int64)
+        order = np.argsort(s, kind="stable")
+        return s[order], order
+
+    @property
+    def code(self) -> torch.Tensor:
+        """Dense (T * rows,) int32 view of every slot's code (0: shared row); O(T * rows), for tests/serving."""
+        out = np.zeros(self.num_tables * self.rows, dtype=np.int32)
+        out[self._meta["slot"][: self._n]] = self._meta["code"][: self._n]
+        return torch.from_numpy(out)
+
+    def importance(self, slots: np.ndarray) -> np.ndarray:
+        """Importance (K,) float32 of global ``slots`` (0 for the shared row's)."""
+        i = self._idx(np.asarray(slots, dtype=np.int64))
+        return np.where(i >= 0, self._meta["imp"][np.maximum(i, 0)], 0.0).astype(np.float32)
+
+    def set_importance(self, slots: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite the importance of admitted ``slots`` (others ignored); for tests and warm starts."""
+        i = self._idx(np.asarray(slots, dtype=np.int64))
+        self._meta["imp"][i[i >= 0]] = np.asarray(values, dtype=np.float32)[i >= 0]
+
+    def seen_counts(self, slots: np.ndarray) -> np.ndarray:
+        """Sightings (K,) of not-admitted ``slots`` as the admission sketch estimates them (zeros without one)."""
+        if self.sketch is None:
+            return np.zeros(len(slots), dtype=np.int64)
+        return self.sketch.estimate(slots)
+
     # -- training bookkeeping ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
@@ -173,20 +252,31 @@ class FiitedEmbeddings(SparseEmbeddings):
         if self._pending is None:
             return
         slots, self._pending = self._pending, None
+        s = slots.numpy()
+        idx = self._idx(s)
+        adm = idx >= 0
         if self._changed is not None:  # trained: private rows of these slots, shared rows of their tables
-            on_shared = self.code[slots] == 0
-            self._shared_changed[torch.unique(slots[on_shared] // self.rows)] = True
-            self._note_slots(slots[~on_shared])
+            self._shared_changed[torch.unique(slots[torch.from_numpy(~adm)] // self.rows)] = True
+            self._note_slots(slots[torch.from_numpy(adm)])
         self.steps += 1
-        self.hits.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
-        self.last_seen[slots] = self.steps
+        self._meta["last"][idx[adm]] = self.steps
+        cand = s[~adm]
+        if self.sketch is not None:
+            self.sketch.add(cand)
+            if self.steps % self.cfg.ttl_steps == 0:
+                self.sketch.halve()  # sightings older than about ttl_steps fade
         if self.cfg.admit_hits > 0:  # (admit_hits = 0: admitted in forward already, or no room)
-            self._admit_seen(slots.numpy())
+            self._admit_seen(cand)
         if self.steps % self.cfg.maintain_every == 0:
             self.maintain()
 
-    def budget_bytes(self) -> float:
-        return self.cfg.budget * self.num_tables * self.rows * (self.dim + 1) * 4
+    def budget_bytes(self, extra_rows: int = 0) -> float:
+        """Private-row bytes allowed: ``budget`` of full fixed tables, and with ``live_budget`` at most that
+        fraction of the full-width bytes of the admitted rows (plus ``extra_rows`` about to be admitted)."""
+        b = self.cfg.budget * self.num_tables * self.rows * (self.dim + 1) * 4
+        if self.cfg.live_budget > 0:
+            b = min(b, self.cfg.live_budget * (self._n + extra_rows) * float(self._rb[-1]))
+        return b
 
     def _momentum_of(self, slots: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Row-wise momentum (K,) of private ``slots`` with ``codes``: one gather from the flat momentum buffer."""
@@ -208,40 +298,38 @@ class FiitedEmbeddings(SparseEmbeddings):
 
     @torch.no_grad()
     def maintain(self) -> None:
-        """Importance refresh, TTL eviction (floor-protected), resize under the budget, then admission."""
-        cfg, c = self.cfg, self.counters
+        """Importance refresh, TTL eviction (floor-protected), resize under the budget. (Candidates are
+        admitted when seen: a slot denied for lack of room is tried again on its next lookup.)"""
+        cfg, c, m = self.cfg, self.counters, self._meta
         c["maintenances"] += 1
-        code, hits, last, imp, snap = (x.numpy() for x in (self.code, self.hits, self.last_seen, self.imp, self.snap))
-        live = np.flatnonzero(code != 0)
-        mom = self._momentum_of(live, code[live].astype(np.int64))
-        imp[live] = importance.update_importance(imp[live], mom, snap[live], cfg.decay)
-        snap[live] = mom
+        live, li = self._live()
+        mom = self._momentum_of(live, m["code"][li].astype(np.int64))
+        imp = importance.update_importance(m["imp"][li], mom, m["snap"][li], cfg.decay)
+        m["imp"][li], m["snap"][li] = imp, mom
         # eviction: stale and below the floor
-        ev, _ = admission.evict_mask(last[live], self.steps, cfg.ttl_steps, imp[live], np.ones(len(live), bool),
+        ev, _ = admission.evict_mask(m["last"][li], self.steps, cfg.ttl_steps, imp, np.ones(len(live), bool),
                                      cfg.protect_quantile)
         rb = self._rb
         max_rows = int(self.budget_bytes() // rb[0])
-        keep = live[~ev]
+        keep, kimp = live[~ev], imp[~ev]
         if len(keep) > max_rows:  # even at the smallest width the live rows overflow: drop the least important
-            order = np.argsort(-imp[keep], kind="stable")
+            order = np.argsort(-kimp, kind="stable")
             ev_extra = keep[order[max_rows:]]
-            keep = np.sort(keep[order[:max_rows]])
+            sel = np.sort(order[:max_rows])
+            keep, kimp = keep[sel], kimp[sel]
         else:
             ev_extra = np.zeros(0, dtype=np.int64)
         self._evict(np.concatenate([live[ev], ev_extra]))
         # resize
         if self.steps % cfg.resize_every == 0 and len(keep):
-            cur = code[keep].astype(np.int64) >> POOL_SHIFT
-            tgt = importance.assign_pools(imp[keep], cfg.pool_chunks, cfg.chunk_dim,
-                                          self.budget_bytes() * cfg.resize_fill, power=0.5)
+            cur = self._codes(keep).astype(np.int64) >> POOL_SHIFT
+            tgt = importance.assign_pools(kimp, cfg.pool_chunks, cfg.chunk_dim,
+                                          self.budget_bytes() * cfg.resize_fill, power=cfg.importance_power)
             mv = tgt != cur
             self._move(keep[mv], tgt[mv])
             c["resized"] += int(mv.sum())
             c["grown"] += int((tgt[mv] > cur[mv]).sum())
             c["shrunk"] += int((tgt[mv] < cur[mv]).sum())
-        # admission of every slot seen often enough, most-hit first, as wide as the free budget allows
-        cand = np.flatnonzero(admission.admit_mask(hits, self.code.numpy() != 0, cfg.admit_hits))
-        self._admit_candidates(cand)
 
     def _private_rows(self) -> np.ndarray:
         """(P,) private rows per width class, from the pools' live counts (no scan over the slots)."""
@@ -253,24 +341,26 @@ class FiitedEmbeddings(SparseEmbeddings):
         """Bytes of the private rows (weights + momentum)."""
         return int((self._private_rows() * self._rb).sum())
 
-    def _admit_seen(self, slots: np.ndarray) -> None:
-        """Per step: slots of this batch that reached ``admit_hits`` get their own row."""
-        code, hits = self.code.numpy(), self.hits.numpy()
-        self._admit_candidates(np.unique(slots[(code[slots] == 0) & (hits[slots] >= max(self.cfg.admit_hits, 1))]))
+    def _admit_seen(self, cand: np.ndarray) -> None:
+        """Per step: not-admitted slots of this batch (``cand``) seen ``admit_hits`` times get their own row."""
+        cand = np.unique(cand)
+        if self.sketch is not None:
+            cand = cand[self.sketch.estimate(cand) >= self.cfg.admit_hits]
+        self._admit_candidates(cand)
 
     def _admit_candidates(self, cand: np.ndarray) -> None:
-        """Admit sorted slots ``cand``: most-hit first, in the pool :func:`admission.admit_plan` picks."""
+        """Admit sorted slots ``cand``: most-seen first, in the pool :func:`admission.admit_plan` picks."""
         if not len(cand):
             return
-        order = np.argsort(-self.hits.numpy()[cand], kind="stable")
-        pool, k = admission.admit_plan(len(cand), self.budget_bytes() - self._private_bytes(), self._rb)
+        order = np.argsort(-self.seen_counts(cand), kind="stable")
+        pool, k = admission.admit_plan(len(cand), self.budget_bytes(len(cand)) - self._private_bytes(), self._rb)
         self._admit(np.sort(cand[order[:k]]), int(pool))
 
     def _apply(self, remap) -> None:
         if remap is not None:
             self.counters["rebuilds"] += 1
             slots, codes = remap
-            self.code[torch.from_numpy(slots)] = torch.from_numpy(codes.astype(np.int32))
+            self._meta["code"][self._idx(slots)] = codes.astype(np.int32)
 
     def _need(self, slots: np.ndarray, pools: np.ndarray) -> np.ndarray:
         need = np.zeros((self.num_tables, len(self.dims)), dtype=np.int64)
@@ -280,12 +370,10 @@ class FiitedEmbeddings(SparseEmbeddings):
     def _evict(self, slots: np.ndarray) -> None:
         if not len(slots):
             return
-        codes = self.code.numpy()[slots].astype(np.int64)
+        codes = self._codes(slots).astype(np.int64)
         self._free(slots, codes)
-        idx = torch.from_numpy(slots)
-        self._note_slots(idx)  # back on the shared row
-        for a in (self.code, self.hits, self.imp, self.snap):
-            a[idx] = 0
+        self._note_slots(torch.from_numpy(slots))  # back on the shared row
+        self._meta_drop(slots)
         self.counters["evicted"] += len(slots)
         self._apply(self.pools.reserve(np.zeros_like(self.pools.caps), self.cfg.headroom))
 
@@ -298,7 +386,8 @@ class FiitedEmbeddings(SparseEmbeddings):
         if not len(slots):
             return
         self._apply(self.pools.reserve(self._need(slots, tgt), self.cfg.headroom))
-        codes = self.code.numpy()[slots].astype(np.int64)
+        codes = self._codes(slots).astype(np.int64)
+        idx = self._idx(slots)
         t, src = slots // self.rows, codes >> POOL_SHIFT
         new_codes = np.zeros(len(slots), dtype=np.int64)
         for tt, sp, dp, m in self._groups(t, src, tgt):
@@ -314,9 +403,9 @@ class FiitedEmbeddings(SparseEmbeddings):
                 mom = mom * np.float32(self.cfg.grow_momentum)
             self.pools.momentum(tt, dp)[nr] = mom
             new_codes[m] = (dp << POOL_SHIFT) | new_rows.astype(np.int64)
-            self.snap[torch.from_numpy(slots[m])] = mom.cpu()  # importance counts gradient energy from here on
+            self._meta["snap"][idx[m]] = mom.cpu().numpy()  # importance counts gradient energy from here on
         self._free(slots, codes)
-        self.code[torch.from_numpy(slots)] = torch.from_numpy(new_codes.astype(np.int32))
+        self._meta["code"][idx] = new_codes.astype(np.int32)
         self._note_slots(torch.from_numpy(slots))  # width changed (columns truncated or zero-extended)
 
     def _admit(self, slots: np.ndarray, pool: int = 0) -> None:
@@ -338,11 +427,8 @@ class FiitedEmbeddings(SparseEmbeddings):
                 w[nr, :d0] = self.pools.weights(tt, 0)[0].clone()
             self.pools.momentum(tt, pool)[nr] = 0.0
             new_codes[m] = (pool << POOL_SHIFT) | rows.astype(np.int64)
-        idx = torch.from_numpy(slots)
-        self.code[idx] = torch.from_numpy(new_codes.astype(np.int32))
-        self._note_slots(idx)  # off the shared row, onto its own
-        self.imp[idx] = 0.0
-        self.snap[idx] = 0.0
+        self._meta_append(slots, new_codes.astype(np.int32))
+        self._note_slots(torch.from_numpy(slots))  # off the shared row, onto its own
         self.counters["admitted"] += len(slots)
 
     @torch.no_grad()
@@ -350,9 +436,9 @@ class FiitedEmbeddings(SparseEmbeddings):
         """Give global ``slots`` (K,) private rows in pool indices ``pools`` (K,) now (admitting where needed);
         for warm starts and benchmarks that need a given width mix."""
         slots = np.asarray(slots, dtype=np.int64)
-        new = slots[self.code.numpy()[slots] == 0]
+        new = slots[self._codes(slots) == 0]
         self._admit(np.unique(new))
-        cur = self.code.numpy()[slots].astype(np.int64) >> POOL_SHIFT
+        cur = self._codes(slots).astype(np.int64) >> POOL_SHIFT
         mv = cur != pools
         self._move(slots[mv], np.asarray(pools, dtype=np.int64)[mv])
         self.compact()
@@ -365,7 +451,7 @@ class FiitedEmbeddings(SparseEmbeddings):
     # -- introspection (shared with the reference twin) ----------------------------------------------
     def chunks(self, t: int, v: int) -> int:
         """Chunks of slot (t, v): 0 when it still uses the shared row."""
-        c = int(self.code[t * self.rows + v])
+        c = int(self._codes(np.array([t * self.rows + v]))[0])
         return 0 if c == 0 else self.cfg.pool_chunks[c >> POOL_SHIFT]
 
     def row(self, t: int, v: int) -> np.ndarray:
@@ -376,7 +462,7 @@ class FiitedEmbeddings(SparseEmbeddings):
     def vectors(self, slots: np.ndarray) -> torch.Tensor:
         """(K, D) vectors that global ``slots`` (K,) look up: each slot's row (the table's shared row until it is
         admitted), zero-padded to D; one gather per (table, pool)."""
-        codes = self.code.numpy()[slots].astype(np.int64)
+        codes = self._codes(np.asarray(slots, dtype=np.int64)).astype(np.int64)
         out = torch.zeros(len(slots), self.dim)
         for t, p, m in self._groups(slots // self.rows, codes >> POOL_SHIFT):
             rows = torch.from_numpy(codes[m] & ROW_MASK)
@@ -384,7 +470,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         return out
 
     def row_momentum(self, t: int, v: int) -> float:
-        c = int(self.code[t * self.rows + v])
+        c = int(self._codes(np.array([t * self.rows + v]))[0])
         return float(self.pools.momentum(t, c >> POOL_SHIFT)[c & ROW_MASK])
 
     # -- change tracking and the serving layout (trainer/publish.py) ----------------------------------
@@ -409,11 +495,11 @@ class FiitedEmbeddings(SparseEmbeddings):
     @torch.no_grad()
     def serving_rows(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         slots = np.asarray(slots, dtype=np.int64)
-        widths = np.asarray(self.dims, dtype=np.int16)[self.code.numpy()[slots] >> POOL_SHIFT]
+        widths = np.asarray(self.dims, dtype=np.int16)[self._codes(slots) >> POOL_SHIFT]
         return self.vectors(slots), torch.from_numpy(widths)
 
     def serving_shared(self) -> np.ndarray:
-        return self.code.numpy() == 0
+        return self.code.numpy() == 0  # dense (T * rows,): the serving layout is dense anyway
 
     @torch.no_grad()
     def shared_rows(self, tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,9 +512,12 @@ class FiitedEmbeddings(SparseEmbeddings):
     @torch.no_grad()
     def export_state(self) -> dict[str, torch.Tensor]:
         st = {f"pools.{k}": v for k, v in self.pools.export().items()}
-        st.update({"fiited_version": torch.tensor(STATE_VERSION), "code": self.code.clone(),
-                   "hits": self.hits.clone(), "last_seen": self.last_seen.clone(), "imp": self.imp.clone(),
-                   "snap": self.snap.clone(), "steps": torch.tensor(self.steps),
+        live, li = self._live()  # entries in slot order: the same state whatever the insertion history
+        st.update({"fiited_version": torch.tensor(STATE_VERSION),
+                   **{f"meta.{f}": torch.from_numpy(a[li].copy()) for f, a in self._meta.items()},
+                   "sketch": torch.from_numpy(self.sketch.table.copy() if self.sketch is not None
+                                              else np.zeros((0, 0), np.uint8)),
+                   "steps": torch.tensor(self.steps),
                    "counters": torch.tensor([self.counters[k] for k in COUNTERS], dtype=torch.int64),
                    "shape": torch.tensor([self.num_tables, self.rows, self.dim, *self.cfg.pool_chunks])})
         return st
@@ -439,7 +528,8 @@ class FiitedEmbeddings(SparseEmbeddings):
         fixed-width backends export, so one serving export (and loader) serves every backend; a not-admitted
         slot carries its table's shared row."""
         t, r = self.num_tables, self.rows
-        widths = np.asarray(self.dims, dtype=np.int16)[self.code.numpy() >> POOL_SHIFT]
+        code = self.code.numpy()
+        widths = np.asarray(self.dims, dtype=np.int16)[code >> POOL_SHIFT]
         return {"weights": self.vectors(np.arange(t * r)).view(t, r, self.dim),
                 "widths": torch.from_numpy(widths).view(t, r)}
 
@@ -454,8 +544,25 @@ class FiitedEmbeddings(SparseEmbeddings):
                              f"got {state['shape'].tolist()}")
         self.pools = PoolSet.restore({k[6:]: v for k, v in state.items() if k.startswith("pools.")},
                                      self.dims, self.cfg.lr, self.device)
-        for k in ("code", "hits", "last_seen", "imp", "snap"):
-            getattr(self, k).copy_(state[k])
+        if int(state["fiited_version"]) == 1:
+            state = _state_v1_to_v2(state)
+        elif int(state["fiited_version"]) != STATE_VERSION:
+            raise ValueError(f"fiited state: version {int(state['fiited_version'])} is not one this store reads "
+                             f"(1 or {STATE_VERSION}); written by a newer streamrec?")
+        self._meta_init()
+        n = len(state["meta.slot"])
+        self._meta_append(state["meta.slot"].numpy().astype(np.int64), state["meta.code"].numpy())
+        for f, _ in META_FIELDS:
+            self._meta[f][:n] = state[f"meta.{f}"].numpy()
+        sk = state["sketch"].numpy()
+        if self.sketch is not None and "v1_hits.slot" in state:  # converted from version 1
+            self.sketch.add(state["v1_hits.slot"].numpy(), state["v1_hits.n"].numpy())
+        elif self.sketch is not None:
+            if sk.shape == self.sketch.table.shape:
+                self.sketch.table[...] = sk
+            elif sk.size:
+                raise ValueError(f"fiited state: admission sketch {sk.shape} but this store's is "
+                                 f"{self.sketch.table.shape} (trainer.fiited.sketch_width/sketch_depth changed?)")
         self.steps = int(state["steps"])
         self.counters = dict(zip(COUNTERS, state["counters"].tolist()))
         self._pending = None
@@ -463,11 +570,16 @@ class FiitedEmbeddings(SparseEmbeddings):
 
     def memory_report(self) -> dict[str, float]:
         """Gauges for ``ServiceStats.values``: bytes per pool, live rows per width, totals and counters (from the
-        pools' counts: no scan over the slots, cheap enough for every step)."""
+        pools' counts: no scan over the slots, cheap enough for every step). ``fiited_meta_bytes`` is every
+        byte of bookkeeping: the slot map, the per-row arrays (capacity), the admission sketch and the pools'
+        owner (int32 per physical row) and free lists (int32 per free row)."""
         per_pool = self._private_rows()
         pool_bytes = self.pools.nbytes()
         n_phys = int(self.pools.caps.sum())
-        meta = META_BYTES_PER_SLOT * self.num_tables * self.rows + 4 * n_phys
+        map_b, rows_b = self.slotmap.nbytes, META_BYTES_PER_ROW * len(self._meta["slot"])
+        sketch_b = self.sketch.nbytes if self.sketch is not None else 0
+        n_free = sum(len(f) for ts in self.pools.free for f in ts)
+        meta = map_b + rows_b + sketch_b + 4 * (n_phys + n_free)  # + the pools' owner (per row) and free lists
         fixed = self.num_tables * self.rows * (self.dim + 1) * 4
         out: dict[str, float] = {}
         for p, d in enumerate(self.dims):
@@ -478,10 +590,31 @@ class FiitedEmbeddings(SparseEmbeddings):
             out[f"{Stat.EMBEDDING_ROWS_PREFIX}{d}"] = float(per_pool[p])
         total = float(pool_bytes.sum() + meta)
         out.update({"fiited_shared_rows": float(self.num_tables), "fiited_meta_bytes": float(meta),
+                    "fiited_map_bytes": float(map_b), "fiited_row_meta_bytes": float(rows_b),
+                    "fiited_sketch_bytes": float(sketch_b), "fiited_admitted_rows": float(self._n),
                     "fiited_total_bytes": total, "fiited_fixed_bytes": float(fixed),
                     "fiited_memory_ratio": total / fixed, "fiited_steps": float(self.steps),
                     **{f"fiited_{k}": float(v) for k, v in self.counters.items()}})
         return out
+
+
+def _state_v1_to_v2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A version-1 export (dense per-slot ``code/hits/last_seen/imp/snap``) in the version-2 layout: entries for
+    the admitted slots only, and the not-admitted slots' hits folded into an admission sketch on import
+    (saturating at 255) -- the sketch is rebuilt here as a list of (slot, hits) so its shape can follow the
+    importing store's config."""
+    code = state["code"].numpy()
+    live = np.flatnonzero(code != 0)
+    out = {k: v for k, v in state.items() if k not in ("code", "hits", "last_seen", "imp", "snap")}
+    out.update({"meta.slot": torch.from_numpy(live.astype(np.int32)), "meta.code": torch.from_numpy(code[live]),
+                "meta.last": torch.from_numpy(state["last_seen"].numpy()[live].astype(np.int32)),
+                "meta.imp": torch.from_numpy(state["imp"].numpy()[live]),
+                "meta.snap": torch.from_numpy(state["snap"].numpy()[live]),
+                "sketch": torch.zeros((0, 0), dtype=torch.uint8), "fiited_version": torch.tensor(STATE_VERSION)})
+    hits = state["hits"].numpy()
+    cand = np.flatnonzero((code == 0) & (hits > 0))
+    out["v1_hits.slot"], out["v1_hits.n"] = torch.from_numpy(cand), torch.from_numpy(hits[cand].astype(np.int64))
+    return out
 
 
 def fiited_for_trainer(num_tables: int, rows: int, dim: int, lr: float, device: torch.device,

@@ -16,6 +16,7 @@ from embedding_store.config import FiitedConfig, validate
 from embedding_store.fiited import COUNTERS
 from embedding_store.ids import validate_batch
 from embedding_store.pools import EPS
+from embedding_store.slotmap import CountMinSketch
 
 
 class ReferenceStore(nn.Module):
@@ -31,7 +32,8 @@ class ReferenceStore(nn.Module):
         g = torch.Generator().manual_seed(cfg.seed)
         self.shared = [[torch.empty(self.dims[0]).uniform_(-cfg.init_range, cfg.init_range, generator=g).numpy(),
                         np.float32(0)] for _ in range(num_tables)]
-        self.hits = np.zeros(n, np.int64)
+        # candidates' sightings: the same bounded sketch as the pooled store (its estimates are policy input)
+        self.sketch = CountMinSketch(cfg.sketch_width, cfg.sketch_depth) if cfg.admit_hits >= 2 else None
         self.last_seen = np.zeros(n, np.int64)
         self.imp = np.zeros(n, np.float32)
         self.snap = np.zeros(n, np.float32)
@@ -91,15 +93,23 @@ class ReferenceStore(nn.Module):
             else:
                 e[1] = m
         for s in slots:
-            self.hits[s] += 1
             self.last_seen[s] = self.steps
+        cand = np.array([s for s in slots if s not in self.private], dtype=np.int64)
+        if self.sketch is not None:
+            self.sketch.add(cand)
+            if self.steps % self.cfg.ttl_steps == 0:
+                self.sketch.halve()
         if self.cfg.admit_hits > 0:  # (admit_hits = 0: admitted in forward already, or no room)
-            self._admit_seen(np.array(slots, dtype=np.int64))
+            self._admit_seen(cand)
         if self.steps % self.cfg.maintain_every == 0:
             self.maintain()
 
-    def budget_bytes(self) -> float:
-        return self.cfg.budget * self.num_tables * self.rows * (self.dim + 1) * 4
+    def budget_bytes(self, extra_rows: int = 0) -> float:
+        b = self.cfg.budget * self.num_tables * self.rows * (self.dim + 1) * 4
+        if self.cfg.live_budget > 0:
+            full = importance.row_bytes(self.cfg.pool_chunks, self.cfg.chunk_dim)[-1]
+            b = min(b, self.cfg.live_budget * (len(self.private) + extra_rows) * float(full))
+        return b
 
     @torch.no_grad()
     def maintain(self) -> None:
@@ -121,13 +131,12 @@ class ReferenceStore(nn.Module):
             keep = np.sort(keep[order[:max_rows]])
         for s in gone:
             del self.private[int(s)]
-            self.hits[s] = 0
             self.imp[s] = self.snap[s] = 0
         c["evicted"] += len(gone)
         if self.steps % cfg.resize_every == 0 and len(keep):
             cur = np.array([self.private[int(s)][0] for s in keep])
             tgt = importance.assign_pools(self.imp[keep], cfg.pool_chunks, cfg.chunk_dim,
-                                          self.budget_bytes() * cfg.resize_fill)
+                                          self.budget_bytes() * cfg.resize_fill, power=cfg.importance_power)
             for s, a, z in zip(keep, cur, tgt):
                 if a != z:
                     e = self.private[int(s)]
@@ -142,21 +151,23 @@ class ReferenceStore(nn.Module):
             c["resized"] += int(mv.sum())
             c["grown"] += int((tgt[mv] > cur[mv]).sum())
             c["shrunk"] += int((tgt[mv] < cur[mv]).sum())
-        admitted = np.zeros(len(self.hits), bool)
-        admitted[list(self.private)] = True
-        self._admit_candidates(np.flatnonzero(admission.admit_mask(self.hits, admitted, cfg.admit_hits)))
+
+    def seen_counts(self, slots: np.ndarray) -> np.ndarray:
+        return np.zeros(len(slots), np.int64) if self.sketch is None else self.sketch.estimate(slots)
 
     def _admit_seen(self, slots: np.ndarray) -> None:
-        self._admit_candidates(np.array(sorted({int(s) for s in slots if s not in self.private
-                                                and self.hits[s] >= max(self.cfg.admit_hits, 1)}), dtype=np.int64))
+        cand = np.array(sorted(set(slots.tolist())), dtype=np.int64)
+        if self.sketch is not None:
+            cand = cand[self.sketch.estimate(cand) >= self.cfg.admit_hits]
+        self._admit_candidates(cand)
 
     def _admit_candidates(self, cand: np.ndarray) -> None:
         if not len(cand):
             return
         rb = importance.row_bytes(self.cfg.pool_chunks, self.cfg.chunk_dim)
         used = sum(int(rb[e[0]]) for e in self.private.values())
-        order = np.argsort(-self.hits[cand], kind="stable")
-        pool, k = admission.admit_plan(len(cand), self.budget_bytes() - used, rb)
+        order = np.argsort(-self.seen_counts(cand), kind="stable")
+        pool, k = admission.admit_plan(len(cand), self.budget_bytes(len(cand)) - used, rb)
         cfg = self.cfg
         for s in sorted(cand[order[:k]].tolist()):
             w = admission.init_rows(np.array([s]), self.dims[pool], self.dim, cfg.init_range, cfg.seed)[0]
@@ -165,6 +176,14 @@ class ReferenceStore(nn.Module):
             self.private[s] = [int(pool), w, np.float32(0)]
             self.imp[s] = self.snap[s] = 0
         self.counters["admitted"] += int(k)
+
+    def importance(self, slots: np.ndarray) -> np.ndarray:
+        return np.array([self.imp[s] if s in self.private else 0.0 for s in slots], np.float32)
+
+    def set_importance(self, slots: np.ndarray, values: np.ndarray) -> None:
+        for s, v in zip(np.asarray(slots).tolist(), np.asarray(values).tolist()):
+            if s in self.private:
+                self.imp[s] = v
 
     def chunks(self, t: int, v: int) -> int:
         e = self.private.get(t * self.rows + v)
@@ -189,7 +208,8 @@ class ReferenceStore(nn.Module):
                 "private_m": torch.tensor([float(self.private[s][2]) for s in slots], dtype=torch.float32),
                 "shared_w": torch.from_numpy(np.stack([s[0] for s in self.shared])).clone(),
                 "shared_m": torch.tensor([float(s[1]) for s in self.shared], dtype=torch.float32),
-                **{k: torch.from_numpy(getattr(self, k).copy()) for k in ("hits", "last_seen", "imp", "snap")},
+                **{k: torch.from_numpy(getattr(self, k).copy()) for k in ("last_seen", "imp", "snap")},
+                "sketch": torch.from_numpy(self.sketch.table.copy() if self.sketch else np.zeros((0, 0), np.uint8)),
                 "steps": torch.tensor(self.steps),
                 "counters": torch.tensor([self.counters[k] for k in COUNTERS])}
 
@@ -198,8 +218,10 @@ class ReferenceStore(nn.Module):
                         zip(st["private_slots"].tolist(), st["private_pool"].tolist(), st["private_w"],
                             st["private_m"].tolist())}
         self.shared = [[w.numpy().copy(), np.float32(m)] for w, m in zip(st["shared_w"], st["shared_m"].tolist())]
-        for k in ("hits", "last_seen", "imp", "snap"):
+        for k in ("last_seen", "imp", "snap"):
             setattr(self, k, st[k].numpy().copy())
+        if self.sketch is not None:
+            self.sketch.table[...] = st["sketch"].numpy()
         self.steps = int(st["steps"])
         self.counters = dict(zip(COUNTERS, st["counters"].tolist()))
         self._pending = None

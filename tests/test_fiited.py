@@ -112,10 +112,10 @@ def test_eviction_respects_the_floor(impl):
     s = impl(T, R, cfg)
     train(s, 5, hot=R)  # many slots admitted at step 5
     live0 = {(t, v) for t in range(T) for v in range(R) if s.chunks(t, v)}
-    imp0 = {(t, v): float(s.imp[t * R + v]) for t, v in live0}
-    s.imp[...] = 0  # make importance explicit: slots (t, v<8) important, the rest not
-    for t, v in live0:
-        s.imp[t * R + v] = 100.0 if v < 8 else 0.0
+    keys = np.array([t * R + v for t, v in sorted(live0)])
+    imp0 = dict(zip(sorted(live0), s.importance(keys).tolist()))
+    # make importance explicit: slots (t, v<8) important, the rest not
+    s.set_importance(keys, np.where(keys % R < 8, 100.0, 0.0))
     idx = torch.tensor([R - 1] * (T * B))  # from now on only id R-1 is seen
     for _ in range(20):
         s(idx, torch.arange(T * B + 1)).sum().backward()
