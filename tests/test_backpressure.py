@@ -353,7 +353,7 @@ def _banner_says_store_unreachable(page_url: str) -> None:
         try:
             page = browser.new_page()
             page.goto(page_url)
-            page.wait_for_function("document.querySelector('#alerts').dataset.store === 'down'", timeout=30_000)
+            page.wait_for_function("document.querySelector('#alerts')?.dataset.store === 'down'", timeout=30_000)
             assert "Metrics store unreachable" in page.locator('#alerts .badge[data-rule="store"]').inner_text()
         finally:
             browser.close()

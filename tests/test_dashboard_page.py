@@ -214,7 +214,7 @@ def test_page_draws_every_panel(dashboard, tmp_path):
         assert "video" in page.locator("#panel-feature_drift_table tbody tr").first.inner_text()
         # y-axis labels fit their gutter (a fixed 60 px clipped "100.0k/s" to "00.0k/s")
         page.select_option("#range", "60")
-        page.wait_for_function("document.querySelector('#panel-throughput').dataset.state === 'drawn'")
+        page.wait_for_function("document.querySelector('#panel-throughput')?.dataset.state === 'drawn'")
         gutter, widest, labels = page.evaluate("""(() => {
             const ax = streamrecDashboard.charts.throughput.axes[1];
             const ctx = document.createElement('canvas').getContext('2d');
@@ -223,7 +223,7 @@ def test_page_draws_every_panel(dashboard, tmp_path):
             return [ax._size, w, ax._values]; })()""")
         assert labels and gutter >= widest + 10, (gutter, widest, labels)
         page.select_option("#range", "15")
-        page.wait_for_function("document.querySelector('#panel-prediction_drift').dataset.state === 'drawn'",
+        page.wait_for_function("document.querySelector('#panel-prediction_drift')?.dataset.state === 'drawn'",
                                timeout=15_000)
         # the domain filter narrows the table to one domain
         page.select_option("#domain", "stories")
@@ -266,7 +266,7 @@ def test_the_live_page_draws_the_arms_side_by_side(cfg, tmp_path):
         assert rows["a"]["served"] == int((served == "a").sum()) and rows["b"]["scored"] == N
         with browser_page() as (page, errors):
             page.goto(url + "?minutes=15")
-            page.wait_for_function("document.querySelector('#panel-arm_comparison').dataset.state === 'drawn'",
+            page.wait_for_function("document.querySelector('#panel-arm_comparison')?.dataset.state === 'drawn'",
                                    timeout=30_000)
             panel = page.locator("#panel-arm_comparison")
             assert panel.locator("tbody tr").count() == 4
@@ -339,7 +339,7 @@ def test_every_panel_has_data_after_a_short_up(up_run, tmp_path):
                               ".map(e => e.dataset.panelId)")
         assert sorted(drawn) == sorted(p.id for p in panels)  # every panel of the definition, each with data
         for p in needing:  # no data without the service: the panel says what it needs
-            page.wait_for_function(f"document.querySelector('#panel-{p.id}').dataset.state !== 'loading'")
+            page.wait_for_function(f"(document.querySelector('#panel-{p.id}')?.dataset.state ?? 'loading') !== 'loading'")
             note = page.evaluate(f"document.querySelector('#panel-{p.id} .note').textContent")
             state = page.evaluate(f"document.querySelector('#panel-{p.id}').dataset.state")
             assert state == "drawn" or note == f"no data: needs {p.needs}", (p.id, state, note)
