@@ -10,14 +10,21 @@ tables are sharded row-wise here, the way TorchRec's row-wise sharding works, ov
 * every global slot ``s = t * rows + id`` (the layout of trainer/embeddings.py) belongs to rank ``s % W`` and is
   row ``s // W`` of that rank's local table (``ceil(T * rows / W)`` rows: 1/W of the memory per rank);
 * forward, input dist: each rank sends every owner the ids of its batch that the owner holds, with how many per
-  bag (one ``all_gather`` of the sizes, one ``all_to_all`` of lengths and ids); each owner pools what it holds
-  for every rank's bags in one ``nn.EmbeddingBag`` call (sparse gradients);
+  bag (one ``all_gather`` of the sizes, one ``all_to_all`` of lengths and ids); bags go example-major (example
+  i, table t: bag ``i*T + t``), so an owner's pooled rows for a rank are that rank's ``(B, T*D)`` output as they
+  are; each owner pools what it holds for every rank's bags in one ``nn.EmbeddingBag`` call (sparse gradients);
 * forward, output dist: the partial pooled sums go back to the bags' ranks (``all_to_all``) and are summed:
   a reduce-scatter of pooled embeddings;
-* backward: each rank's gradient of its pooled vectors goes to every owner (``all_to_all``), scaled by the
+* backward: the output is a leaf, so ``loss.backward()`` stops there; then (:meth:`ShardedEmbeddings.
+  exchange_grads`, called by :class:`DenseGradSync`) each rank's gradient of its pooled vectors, scaled by the
   rank's share of the global batch (``n_r / N``: the gradient of the global batch mean, the same as one process
-  training the whole batch); each owner's local ``EmbeddingBag`` gets its sparse gradient and :meth:`step`
+  training the whole batch), goes to every owner in one ``all_to_all``, with the dense gradients riding along
+  at 2 ranks; each owner backpropagates them into its local ``EmbeddingBag`` (sparse gradient) and :meth:`step`
   applies the row-wise Adagrad of trainer/embeddings.py to the rows it owns.
+
+Four collectives a step (with 2 ranks; a fifth, the dense all-reduce, with more), what each costs being
+mostly gloo's fixed CPU per collective at this model's sizes. No rank sends itself anything through gloo (its
+own chunk of every all-to-all stays a view: gloo's copy to itself costs about what sending to a peer does).
 
 Every forward is a collective: all ranks call it the same number of times (a rank with no examples calls it with
 an empty batch, :func:`empty_batch_step`). ``export_state`` returns this rank's shard (a checkpoint holds one file
@@ -38,7 +45,7 @@ from embedding_store.base import SparseEmbeddings
 from trainer.embeddings import EPS, INIT_RANGE
 
 
-# the dense gradients ride in the embeddings' backward all-gather up to this many ranks (DenseGradSync)
+# the dense gradients ride in the embeddings' backward all-to-all up to this many ranks (DenseGradSync)
 FUSE_DENSE_MAX_WORLD = 2
 # communication spent by this process (``streamrec bench scale`` reads and resets it): seconds and bytes sent
 COMM = {"a2a_s": 0.0, "a2a_bytes": 0, "a2a_calls": 0, "allreduce_s": 0.0, "allreduce_bytes": 0, "allreduce_calls": 0}
@@ -52,28 +59,30 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
         dist.all_gather_into_tensor(out, inp)
 
 
-def _a2a(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
-    """Rows ``send_sizes[r]`` of ``send`` (in rank order) go to rank r; returns what every rank sent here, in
-    rank order (``recv_sizes[r]`` rows from rank r)."""
-    recv = send.new_empty((sum(recv_sizes), *send.shape[1:]))
-    t0 = time.perf_counter()
-    dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes)
-    COMM["a2a_s"] += time.perf_counter() - t0
-    row = send[:1].numel() * send.element_size()
-    COMM["a2a_bytes"] += (sum(send_sizes) - send_sizes[dist.get_rank()]) * row
-    COMM["a2a_calls"] += 1
-    return recv
+def _a2a(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> list[torch.Tensor]:
+    """Rows ``send_sizes[r]`` of ``send`` (in rank order) go to rank r; returns what every rank sent here, one
+    tensor per rank (``recv_sizes[r]`` rows from rank r). This rank's own chunk does not go through gloo (a view
+    of ``send``): gloo's copy to itself costs about as much CPU as sending it to a peer."""
+    me = dist.get_rank()
+    lo, hi = sum(send_sizes[:me]), sum(send_sizes[:me + 1])
+    others = send[hi:] if lo == 0 else send[:lo] if hi == send.shape[0] else torch.cat([send[:lo], send[hi:]])
+    parts = _exchange(others, [0 if r == me else x for r, x in enumerate(send_sizes)], recv_sizes)
+    parts[me] = send[lo:hi]
+    return parts
 
 
-def _gather_rows(flat: torch.Tensor) -> torch.Tensor:
-    """All ranks' ``flat`` (equal lengths), (W, len): an all-gather, counted with the all-to-alls."""
-    out = flat.new_empty((dist.get_world_size(), flat.numel()))
+def _exchange(others: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> list[torch.Tensor]:
+    """The all-to-all of :func:`_a2a`: ``others`` holds the chunks for the other ranks (``send_sizes`` 0 for
+    this one); returns one tensor per rank (this rank's: empty)."""
+    r_sizes = list(recv_sizes)
+    r_sizes[dist.get_rank()] = 0
+    recv = others.new_empty((sum(r_sizes), *others.shape[1:]))
     t0 = time.perf_counter()
-    _all_gather(out.view(-1), flat)
+    dist.all_to_all_single(recv, others.contiguous(), output_split_sizes=r_sizes, input_split_sizes=send_sizes)
     COMM["a2a_s"] += time.perf_counter() - t0
-    COMM["a2a_bytes"] += flat.numel() * flat.element_size() * (dist.get_world_size() - 1)
+    COMM["a2a_bytes"] += others.numel() * others.element_size()
     COMM["a2a_calls"] += 1
-    return out
+    return list(recv.split(r_sizes))
 
 
 class ShardedEmbeddings(SparseEmbeddings):
@@ -139,15 +148,17 @@ class ShardedEmbeddings(SparseEmbeddings):
         send[(chunk[:, None] + torch.arange(tb)).view(-1)] = send_len.reshape(-1)
         send[chunk[owner] + tb + within] = slots // W
         sizes_in = [T * bags_l[r] + from_ids[r] for r in range(W)]
-        recv = _a2a(send, (id_counts + tb).tolist(), sizes_in)
-        pieces = recv.split([x for r in range(W) for x in (T * bags_l[r], from_ids[r])])
+        pieces = _a2a(send, (id_counts + tb).tolist(), sizes_in)
         off = torch.zeros(T * sum(bags_l) + 1, dtype=torch.long)
-        torch.cumsum(torch.cat(pieces[0::2]), 0, out=off[1:])
-        pooled = self.bag(torch.cat(pieces[1::2]), off)  # (sum B_r*T, D): rank r's bags example-major, ranks in turn
+        torch.cumsum(torch.cat([x[:T * bags_l[r]] for r, x in enumerate(pieces)]), 0, out=off[1:])
+        # (sum B_r*T, D): rank r's bags example-major, ranks in turn
+        pooled = self.bag(torch.cat([x[T * bags_l[r]:] for r, x in enumerate(pieces)]), off)
         # output dist, one all-to-all: the partial sums for rank r's bags go to rank r, which adds them up
         with torch.no_grad():
             got = _a2a(pooled.detach(), [T * x for x in bags_l], [T * b] * W)
-            out = got.view(W, b, T * self.dim).sum(0)
+            out = got[0].view(b, T * self.dim) if W > 1 else got[0].view(b, T * self.dim).clone()
+            for x in got[1:]:  # in rank order
+                out = out + x.view(b, T * self.dim)
         if not torch.is_grad_enabled():
             return out
         out.requires_grad_()
@@ -157,29 +168,34 @@ class ShardedEmbeddings(SparseEmbeddings):
     def exchange_grads(self, dense: torch.Tensor | None = None) -> torch.Tensor | None:
         """Backward of the last forward's exchange: this rank's output gradient (times ``share``) goes to every
         owner, which backpropagates every rank's into its pooled rows (sparse gradient of its shard). ``dense``
-        (flat, already weighted) rides along: returns its sum over the ranks. One collective: an all-gather,
-        bags padded to the largest rank's (at 2 ranks it moves the bytes a ring all-reduce of ``dense`` and an
-        all-to-all of the gradients would)."""
+        (flat, already weighted) rides along: returns its sum over the ranks. One all-to-all (at 2 ranks it moves
+        the bytes that an all-to-all of the gradients and a ring all-reduce of ``dense`` would)."""
         W, T, D = self.world, self.num_tables, self.dim
         if self._pending is None:
             raise RuntimeError("ShardedEmbeddings.exchange_grads: no forward with gradients to finish")
         pooled, bags_l, out = self._pending
         self._pending = None
-        b, big = bags_l[self.rank], max(bags_l)
         p = 0 if dense is None else dense.numel()
-        flat = torch.zeros(big * T * D + p)
+        n = bags_l[self.rank] * T * D
+        flat = torch.empty(n + p)
         if out.grad is not None:
-            torch.mul(out.grad.reshape(-1), self.share, out=flat[:b * T * D])
-        if dense is not None:
-            flat[big * T * D:] = dense
-        every = _gather_rows(flat)  # (W, big*T*D + p)
-        sparse = every[:, :big * T * D]
-        if all(x == big for x in bags_l):
-            grad = sparse.reshape(W * big * T, D)
+            torch.mul(out.grad.reshape(-1), self.share, out=flat[:n])
         else:
-            grad = torch.cat([sparse[r, :bags_l[r] * T * D] for r in range(W)]).view(-1, D)
+            flat[:n] = 0
+        if dense is not None:
+            flat[n:] = dense
+        me = self.rank
+        every = _exchange(flat if W == 2 else flat.repeat(W - 1), [0 if r == me else n + p for r in range(W)],
+                          [x * T * D + p for x in bags_l])
+        every[me] = flat
+        grad = torch.cat([x[:bags_l[r] * T * D] for r, x in enumerate(every)]).view(-1, D)
         pooled.backward(grad)
-        return None if dense is None else every[:, big * T * D:].sum(0)
+        if dense is None:
+            return None
+        total = every[0][bags_l[0] * T * D:]
+        for r in range(1, W):  # in rank order
+            total = total + every[r][bags_l[r] * T * D:]
+        return total
 
     @torch.no_grad()
     def step(self) -> None:
@@ -275,11 +291,11 @@ class DenseGradSync:
     (the gradient of the global batch mean); a missing gradient counts as zeros, so every rank applies the same
     update to the same parameters. Also finishes the embeddings' backward (:meth:`ShardedEmbeddings.exchange_grads`).
 
-    With 2 ranks both ride in one all-gather (each rank receives the other's flat gradients, the bytes of a ring
+    With 2 ranks both ride in one all-to-all (each rank receives the other's flat gradients: the bytes of a ring
     all-reduce, and one collective fewer per step: on gloo a collective's fixed CPU cost is worth more than its
-    bytes); with more, an all-gather would move (W-1) copies where a ring all-reduce moves 2 (W-1)/W, so the
-    dense gradients take their own all-reduce. The summed gradients are views of one flat buffer (as DDP's
-    ``gradient_as_bucket_view``)."""
+    bytes); with more, sending every rank the dense gradients would move (W-1) copies where a ring all-reduce
+    moves 2 (W-1)/W, so they take their own all-reduce. The summed gradients are views of one flat buffer (as
+    DDP's ``gradient_as_bucket_view``)."""
 
     def __init__(self, params: list[torch.nn.Parameter], emb: ShardedEmbeddings | None = None):
         self.params = params
