@@ -2,8 +2,11 @@
 
 Each rank is a spawned process with ONE torch thread and gloo over localhost, running what a rank of
 ``streamrec train --nproc N`` runs per step (trainer/distributed.py): featurize its share of the global batch,
-forward and backward through the model with row-wise sharded embedding tables (trainer/sharded.py: all-to-all
-of ids, of partial pooled sums and of their gradients), one all-reduce of the dense gradients, the optimizers.
+forward and backward through the model with row-wise sharded embedding tables (trainer/sharded.py: all-gather
+of sizes, all-to-all of ids, of partial pooled sums, all-gather of their gradients with, at 2 ranks, the dense
+gradients; with more ranks an all-reduce of the dense gradients), the optimizers. The "a2a ms" column is the
+wall time in the exchange's collectives (the dense gradients' share included at 2 ranks), "allreduce ms" a
+separate dense all-reduce's.
 The baseline is one process of the ordinary trainer step (trainer/model.py, torch backend: the same row-wise
 Adagrad kernel as a shard) with the whole batch, on one thread. The same global batch for both: scaling
 efficiency = examples/s of W ranks / (W x examples/s of one process). The examples come from the simulator, split
@@ -14,10 +17,12 @@ Cost model of one step of W ranks, global batch B (b = B/W per rank), T tables o
 average, P dense parameters (all per rank; gloo/NCCL links as latency alpha + bytes/beta)::
 
     t(W) = c * b                                   compute (featurize, forward, backward, optimizers)
-         + 2 (W-1)/W * 4P / beta_ar + 2 (W-1) alpha   ring all-reduce of the dense gradients
+         + 2 (W-1)/W * 4P / beta_ar [+ 2 (W-1) alpha]  ring all-reduce of the dense gradients (at W = 2 they
+                                                   ride in the gradients' all-gather: same bytes, no alpha)
          + [(W-1)/W * b*T*(L+1)*8                  ids and bag lengths to their owners (input dist)
             + 2 (W-1) * b*T*D*4] / beta_a2a          partial pooled sums out, their gradients back
-         + 5 alpha (W-1)                           the all-to-alls and all-gathers of a step
+         + 4 alpha (W-1)                           the step's 4 collectives: all-gather of sizes, all-to-all
+                                                   of ids, all-to-all of pooled sums, all-gather of gradients
 
 ``c`` is calibrated on the one-process run; alpha and beta on this machine's gloo (micro-measured in the
 2-rank run); the model's 2-rank step is printed beside the measured one. Extrapolation (not measured: no GPU
@@ -45,6 +50,7 @@ from config import TrainerConfig
 from streams.sources.generate import GeneratorConfig, simulate
 from trainer.features import featurize
 from trainer.model import Learner
+from trainer.sharded import FUSE_DENSE_MAX_WORLD
 
 TCFG = dict(user_model=False, backend="torch", device="cpu", hash_buckets=50_000)
 WARMUP = 3
@@ -118,9 +124,10 @@ def model_step(w: int, b: int, *, c: float, alpha: float, beta_ar: float, beta_a
                ids_per_bag: float) -> dict[str, float]:
     """The cost model (module docstring): seconds per step of each part, for w ranks of b examples each."""
     comp = c * b
-    ar = 0.0 if w == 1 else 2 * (w - 1) / w * 4 * p / beta_ar + 2 * (w - 1) * alpha
+    fused = w <= FUSE_DENSE_MAX_WORLD  # the dense gradients in the gradients' all-gather (trainer/sharded.py)
+    ar = 0.0 if w == 1 else 2 * (w - 1) / w * 4 * p / beta_ar + (0 if fused else 2 * (w - 1) * alpha)
     a2a_bytes = (w - 1) / w * b * t * (ids_per_bag + 1) * 8 + 2 * (w - 1) * b * t * d * 4
-    a2a = 0.0 if w == 1 else a2a_bytes / beta_a2a + 5 * alpha * (w - 1)
+    a2a = 0.0 if w == 1 else a2a_bytes / beta_a2a + 4 * alpha * (w - 1)
     return {"compute": comp, "allreduce": ar, "alltoall": a2a, "total": comp + ar + a2a}
 
 
@@ -198,8 +205,8 @@ def main() -> int:
     print(f"calibrated: compute {1e6 * c:.1f} us/example (one thread); gloo alpha {1e6 * alpha:.0f} us, all-reduce "
           f"{beta_ar / 1e9:.2f} GB/s, all-to-all {beta_a2a / 1e9:.2f} GB/s; model: {shape['p']:,} dense params, "
           f"{shape['t']} tables x {tcfg.embedding_dim}, {ids_per_bag:.2f} ids per bag; a rank's CPU per step beyond "
-          f"its compute share: {1e3 * overhead:.1f} ms (the exchange's bookkeeping and gloo's cost per collective, "
-          "not in the model)")
+          f"its compute share: {1e3 * overhead:.1f} ms (the exchange's bookkeeping, pooling and summing every rank's bags, "
+          "and gloo's CPU per collective, 4 per step: not in the model)")
     print(f"assumed for the GPU rows (not measured, no GPU here): a GPU = {a.gpu_speedup:g} CPU threads of this "
           f"model; {per_gpu} examples per GPU per step (weak scaling); NVLink alpha 10 us, 350 GB/s; across hosts "
           "alpha 20 us, 45 GB/s per GPU; ring all-reduce, all-to-all at link bandwidth, no overlap of communication "

@@ -38,16 +38,17 @@ def test_rank_partitions_disjoint_and_complete(partitions, world):
         rank_partitions(2, 0, 3)
 
 
-def _sharded_rank(rank: int, world: int, port: int, q) -> None:
+def _sharded_rank(rank: int, world: int, port: int, q, sizes: tuple[int, ...] = (8, 8)) -> None:
     import torch.distributed as dist
 
     from trainer.embeddings import TorchEmbeddings
-    from trainer.sharded import ShardedEmbeddings
+    from trainer.sharded import DenseGradSync, ShardedEmbeddings
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)  # both ranks build the same reference (spawned: nothing inherited)
-    T, R, D, B = 3, 50, 4, 8
+    T, R, D, B = 3, 50, 4, sum(sizes)
+    lo_b = sum(sizes[:rank])
     g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(0, 4, (T * 2 * B,), generator=g)  # the global batch: 2B bags per table
+    lengths = torch.randint(0, 4, (T * B,), generator=g)  # the global batch: B bags per table
     ids = torch.randint(0, R, (int(lengths.sum()),), generator=g)
     ref = TorchEmbeddings(T, R, D, 0.1, torch.device("cpu"))
     sh = ShardedEmbeddings(T, R, D, 0.1, torch.device("cpu"))
@@ -55,22 +56,30 @@ def _sharded_rank(rank: int, world: int, port: int, q) -> None:
         sh.bag.weight.zero_()
         mine = torch.arange(rank, T * R, world)
         sh.bag.weight[mine // world] = ref.bag.weight[mine]
-    # each rank takes half of the bags of every table (TBE layout: bag t*B2 + b)
+    # each rank takes its examples' bags of every table (TBE layout: bag t*B + b)
     per_bag = list(ids.split(lengths.tolist()))
-    mine_bags = [per_bag[t * 2 * B + rank * B + b] for t in range(T) for b in range(B)]
-    lo = torch.tensor([len(x) for x in mine_bags])
+    mine_bags = [per_bag[t * B + lo_b + b] for t in range(T) for b in range(sizes[rank])]
+    lo = torch.tensor([len(x) for x in mine_bags], dtype=torch.long)
     off = torch.cat([torch.zeros(1, dtype=torch.long), lo.cumsum(0)])
-    sh.share = 0.5
-    out = sh(torch.cat(mine_bags), off)
+    sh.share = sizes[rank] / B
+    out = sh(torch.cat(mine_bags) if mine_bags else torch.zeros(0, dtype=torch.long), off)
     ref_out = ref(ids, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
-    target = torch.linspace(-1, 1, 2 * B * T * D).view(2 * B, T * D)
-    ((out - target[rank * B:(rank + 1) * B]) ** 2).mean().backward()
+    target = torch.linspace(-1, 1, B * T * D).view(B, T * D)
+    mine_rows = slice(lo_b, lo_b + sizes[rank])
+    ((out - target[mine_rows]) ** 2).sum().div(T * D * sizes[rank]).backward()
     ((ref_out - target) ** 2).mean().backward()
+    # the dense gradients ride along (DenseGradSync): each rank's weighted by its share, summed
+    dense = torch.nn.Parameter(torch.zeros(5))
+    dense.grad = torch.full((5,), float(rank + 1))
+    sync = DenseGradSync([dense], sh)
+    sync.share = sh.share
+    sync()
     sh.step()
     ref.step()
-    fwd = float((out - ref_out[rank * B:(rank + 1) * B]).abs().max())
+    fwd = float((out - ref_out[mine_rows]).abs().max()) if sizes[rank] else 0.0
     upd = float((sh.bag.weight[: len(mine)] - ref.bag.weight[mine].detach()).abs().max())
-    q.put((rank, fwd, upd))
+    want = sum((r + 1) * sizes[r] / B for r in range(world))
+    q.put((rank, fwd, upd, float((dense.grad - want).abs().max())))
     dist.destroy_process_group()
 
 
@@ -80,20 +89,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sharded_embeddings_match_one_process():
-    """Two spawned ranks, each with half of the bags: pooled vectors and the row-wise Adagrad update of every
-    row equal one process's over the whole batch."""
+@pytest.mark.parametrize("sizes", [(8, 8), (5, 0)])
+def test_sharded_embeddings_match_one_process(sizes):
+    """Two spawned ranks, each with its examples' bags (equal; unequal, one with none): pooled vectors and the
+    row-wise Adagrad update of every row equal one process's over the whole batch; the dense gradients that ride
+    in the same exchange are the share-weighted sum."""
     ctx, port = mp.get_context("spawn"), _free_port()  # fork after torch threads ran can deadlock the child
     q = ctx.Queue()
-    procs = [ctx.Process(target=_sharded_rank, args=(r, 2, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=_sharded_rank, args=(r, 2, port, q, sizes)) for r in range(2)]
     for p in procs:
         p.start()
     res = sorted(q.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(30)
-    assert [r for r, _, _ in res] == [0, 1]
-    for _, fwd, upd in res:
-        assert fwd < 1e-6 and upd < 1e-6, res
+    assert [r[0] for r in res] == [0, 1]
+    for _, fwd, upd, dense in res:
+        assert fwd < 1e-6 and upd < 1e-6 and dense < 1e-6, res
 
 
 def test_multi_rank_checkpoint_is_consistent_or_absent(tmp_path):
