@@ -145,7 +145,8 @@ OVERVIEW = Dashboard(
                           "and impressions compacted there waiting for their conversion window (docs/joinstate.md)"),
         Panel("fiited_meta", "FIITED bookkeeping", q.FIITED_META, unit="bytes",
               description="bytes of the FIITED store's metadata: slot map (admitted slots only), per-row arrays "
-                          "and the admission sketch; it follows the live rows (empty for fixed-width backends)"),
+                          "and the admission sketch; it follows the live rows (empty for fixed-width backends)",
+              needs="trainer.backend fiited"),
         Panel("user_vectors", "User-vector freshness", q.USER_VECTORS, unit="ms",
               description="user-model thread: arrival of a user's event to the user's updated vector"),
         Panel("embedding_dims", "Embedding rows by dimension", q.EMBEDDING_DIMS, "table",

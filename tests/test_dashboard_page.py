@@ -87,7 +87,8 @@ def _traffic(cfg, rng, minutes=20, per_batch=400):
         emb.update({"early_stage_label_loss": float(0.4 + 0.02 * np.sin(i)), "early_stage_distill_loss": 0.1,  # cascade
                     "semantic_ids_ads": 1200.0 + i, "semantic_ids_coded_at_birth": 200.0,  # cold start
                     "precision_kernel/bottom": 2.0, "precision_err/bottom/fp8_row": 0.04,  # LoKA
-                    "precision_err/bottom/bf16": 0.002})
+                    "precision_err/bottom/bf16": 0.002,
+                    "fiited_map_bytes": 4e6 + 1e4 * i, "fiited_row_meta_bytes": 2.4e6, "fiited_sketch_bytes": 131072.0})
         items.append((t.service_stats, schema.ServiceStats("trainer", trained, {"examples_trained": done, **emb},
                                                            "main")))
         items.append((t.service_stats, schema.ServiceStats("distill", trained, {
