@@ -139,10 +139,13 @@ OVERVIEW = Dashboard(
         Panel("embedding_bytes", "Embedding memory by row width", q.EMBEDDING_BYTES, unit="bytes",
               description="bytes of embedding rows (weights and optimizer state) per row width, as the trainer "
                           "reports them: one width for fixed tables, one per size-class pool for FIITED"),
-        Panel("join_state", "Labels join state", q.JOIN_STATE, unit="short",
+        Panel("join_state", "Labels join state", q.JOIN_STATE, unit="bytes",
               description="the attribution join's state, all partitions: bytes in memory (whole impressions of "
-                          "the click window, the cold tier's index and caches), bytes of the cold tier on disk, "
-                          "and impressions compacted there waiting for their conversion window (docs/joinstate.md)"),
+                          "the click window, the cold tier's index and caches) and bytes of the cold tier on disk "
+                          "(docs/joinstate.md)"),
+        Panel("join_compacted", "Labels join: compacted impressions", q.JOIN_COMPACTED, unit="short",
+              description="impressions past their click window, compacted into the cold tier, waiting for their "
+                          "conversion window to close (all partitions)"),
         Panel("fiited_meta", "FIITED bookkeeping", q.FIITED_META, unit="bytes",
               description="bytes of the FIITED store's metadata: slot map (admitted slots only), per-row arrays "
                           "and the admission sketch; it follows the live rows (empty for fixed-width backends)",

@@ -656,13 +656,18 @@ FROM ({_latest(f"component = '{C.TRAINER}' AND name LIKE '{S.EMBEDDING_BYTES_PRE
 GROUP BY t, series
 ORDER BY t, series"""
 
-# the labels join's state (streams/flows/join.py, docs/joinstate.md): bytes in memory, bytes of the cold tier on
-# disk, impressions compacted there; the latest report of each labels process in the bucket, summed
+# the labels join's state (streams/flows/join.py, docs/joinstate.md): bytes in memory and bytes of the cold tier
+# on disk (JOIN_STATE), impressions compacted there (JOIN_COMPACTED); the latest report of each labels process in
+# the bucket, summed
 JOIN_STATE = f"""
-SELECT t, multiIf(name = '{S.JOIN_STATE_MEMORY_BYTES}', 'bytes in memory', name = '{S.JOIN_STATE_DISK_BYTES}',
-                  'bytes on disk', 'impressions compacted') AS series, sum(v) AS value
-FROM ({_latest(f"component = '{C.LABELS}' AND name IN ('{S.JOIN_STATE_MEMORY_BYTES}', '{S.JOIN_STATE_DISK_BYTES}', "
-               f"'{S.JOIN_COMPACTED}')")})
+SELECT t, if(name = '{S.JOIN_STATE_MEMORY_BYTES}', 'in memory', 'on disk (cold tier)') AS series, sum(v) AS value
+FROM ({_latest(f"component = '{C.LABELS}' AND name IN ('{S.JOIN_STATE_MEMORY_BYTES}', '{S.JOIN_STATE_DISK_BYTES}')")})
+GROUP BY t, series
+ORDER BY t, series"""
+
+JOIN_COMPACTED = f"""
+SELECT t, 'impressions in the cold tier' AS series, sum(v) AS value
+FROM ({_latest(f"component = '{C.LABELS}' AND name = '{S.JOIN_COMPACTED}'")})
 GROUP BY t, series
 ORDER BY t, series"""
 

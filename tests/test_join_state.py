@@ -154,10 +154,13 @@ def test_state_gauges_reach_the_join_state_panel(tmp_path, store):
     values = stats.totals()
     now = int(time.time() * 1000)
     store.insert("service_stats", stats_rows([schema.ServiceStats("labels", now, values, "labels-1")]))
-    panel = DASHBOARDS["overview"].panel("join_state")
-    got = {r["series"]: r["value"] for r in store.query(q.render(panel.sql, "live"), q.live_parameters(2)).records()}
+    got = {}
+    for pid in ("join_state", "join_compacted"):
+        panel = DASHBOARDS["overview"].panel(pid)
+        got.update({r["series"]: r["value"]
+                    for r in store.query(q.render(panel.sql, "live"), q.live_parameters(2)).records()})
     want = [sum(g[i] for g in gauges) for i in range(3)]
-    assert got == {"bytes in memory": want[0], "bytes on disk": want[1], "impressions compacted": want[2]}
+    assert got == {"in memory": want[0], "on disk (cold tier)": want[1], "impressions in the cold tier": want[2]}
 
 
 def test_crc_index_finds_every_block_of_an_id_and_forgets_dropped_ones(monkeypatch):
