@@ -20,13 +20,12 @@ since. The topic's retention must cover the catalogue's lifetime (or be compacte
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections import deque
 
 import numpy as np
 
 from streams import schema
+from streams.bus.feed import TopicFeed
 
 log = logging.getLogger("streamrec.creatives")
 
@@ -39,11 +38,11 @@ class AdCreativeFeed:
     :class:`~embedding_store.semantic_ids.SemanticIds` (in the caller's thread). ``stats()``: counters."""
 
     def __init__(self, cfg, poll_s: float = 0.2):
-        self.cfg, self.poll_s = cfg, poll_s
+        self.cfg = cfg
         self._inbox: deque[schema.AdCreative] = deque()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="creatives-consumer", daemon=True)
-        self.error: BaseException | None = None
+        self._feed = TopicFeed(cfg, cfg.topics.ads, lambda raw, _now: self.offer(raw), group="streamrec-creatives",
+                               step=STEP, name="creatives", poll_s=poll_s,
+                               ready=lambda: len(self._inbox) < MAX_INBOX)  # full: the trainer has not applied them
         self.counts = {"creatives_read": 0, "creatives_refused": 0, "creatives_applied": 0}
 
     @classmethod
@@ -53,16 +52,18 @@ class AdCreativeFeed:
             return None
         return cls(cfg)
 
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the consumer thread, if anything did (the trainer goes on hashing raw ad ids)."""
+        return self._feed.error
+
     def start(self) -> "AdCreativeFeed":
         """Start the consumer thread (again: no-op)."""
-        if self._thread.ident is None:
-            self._thread.start()
+        self._feed.start()
         return self
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._feed.stop()
 
     def offer(self, raw: bytes) -> str | None:
         """Decode one message into the inbox; the dead-letter reason when it is refused."""
@@ -100,39 +101,3 @@ class AdCreativeFeed:
             out.update({"semantic_ids_ads": float(len(sids)), "semantic_ids_version": float(sids.version),
                         **{f"semantic_ids_{k}": float(v) for k, v in sids.stats.items()}})
         return out
-
-    def _run(self) -> None:
-        from streams.bus import kafka_io
-
-        cfg = self.cfg
-        bs = cfg.kafka.bootstrap_servers
-        try:
-            consumer = kafka_io.make_consumer(bs, "streamrec-creatives", cfg.kafka.client)
-            producer = kafka_io.make_producer(bs, cfg.kafka.client)
-        except BaseException as e:  # noqa: BLE001 - the trainer goes on hashing raw ad ids
-            log.exception("creatives consumer could not start")
-            self.error = e
-            return
-        try:
-            consumer.assign(kafka_io.topic_partitions([cfg.topics.ads], cfg.topics.partitions))
-            while not self._stop.is_set():
-                if len(self._inbox) >= MAX_INBOX:  # the trainer has not applied them yet
-                    time.sleep(self.poll_s)
-                    continue
-                for m in consumer.consume(num_messages=500, timeout=self.poll_s):
-                    err = m.error()
-                    if err is not None:
-                        kafka_io.consumer_error(err, "creatives consumer", log)
-                        continue
-                    reason = self.offer(m.value() or b"")
-                    if reason is not None:
-                        dl = schema.dead_letter(reason, m.value() or b"", topic=m.topic(), partition=m.partition(),
-                                                offset=m.offset(), ts=int(time.time() * 1000), step=STEP)
-                        kafka_io.produce(producer, cfg.topics.dead_letters, schema.encode(dl))
-                producer.poll(0)
-        except BaseException as e:  # noqa: BLE001 - logged; the trainer keeps training
-            log.exception("creatives consumer stopped")
-            self.error = e
-        finally:
-            consumer.close()
-            kafka_io.flush_all(producer, "creatives dead letters", log)

@@ -2,8 +2,9 @@
 group (each reader keeps its own copy), each record applied with ``apply_raw(raw, now_ms) -> reason | None``
 and a refused one sent to ``topics.dead_letters`` with its reason and ``step``. What LoopFM's FM-vector store
 and SOLARIS's pair cache run in a vertical model's trainer (embedding_store/fm_embeddings.py,
-trainer/solaris.py): a reader that fails is logged and remembered in ``error``; the trainer goes on without
-what it would have read (its lookups count as misses)."""
+trainer/solaris.py) and the semantic-ID creatives feed (trainer/creatives.py, which holds the reader back with
+``ready`` while its inbox is full): a reader that fails is logged and remembered in ``error``; the trainer goes
+on without what it would have read (its lookups count as misses)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ log = logging.getLogger("streamrec.feed")
 
 
 class TopicFeed:
-    """``start()`` (returns self), ``stop()`` (joins; idempotent); ``messages`` read, ``error`` what stopped the
-    thread, if anything did."""
+    """``start()`` (returns self; again: no-op), ``stop()`` (joins; idempotent); ``messages`` read, ``error``
+    what stopped the thread, if anything did. ``ready()``, when given, is asked before each poll: False waits
+    ``poll_s`` without reading (the store is full until its owner drains it)."""
 
     def __init__(self, cfg, topic: str, apply_raw: Callable[[bytes, int], str | None], *, group: str, step: str,
-                 name: str, poll_s: float = 0.2):
-        self.cfg, self.topic, self.apply_raw, self.poll_s = cfg, topic, apply_raw, poll_s
+                 name: str, poll_s: float = 0.2, ready: Callable[[], bool] | None = None):
+        self.cfg, self.topic, self.apply_raw, self.poll_s, self.ready = cfg, topic, apply_raw, poll_s, ready
         self.group, self.step, self.name = group, step, name
         self.messages = 0
         self.error: BaseException | None = None
@@ -31,7 +33,8 @@ class TopicFeed:
         self._thread = threading.Thread(target=self._run, name=f"{name}-consumer", daemon=True)
 
     def start(self):
-        self._thread.start()
+        if self._thread.ident is None:
+            self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -54,6 +57,9 @@ class TopicFeed:
         try:
             consumer.assign(kafka_io.topic_partitions([self.topic], cfg.topics.partitions))
             while not self._stop.is_set():
+                if self.ready is not None and not self.ready():
+                    time.sleep(self.poll_s)
+                    continue
                 for m in consumer.consume(num_messages=500, timeout=self.poll_s):
                     err = m.error()
                     if err is not None:
