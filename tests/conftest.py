@@ -104,3 +104,15 @@ def store(chdb_client, request):
     s = Store(chdb_client, f"{request.module.__name__.rsplit('.', 1)[-1]}_{next(_counter)}")
     s.ensure_schema()
     return s
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the machine's 2 cores are shared: one thread is 3-4x faster than two
+    under contention), the previous setting after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,7 +9,6 @@ from collections import defaultdict
 import msgspec
 import numpy as np
 import pytest
-import torch
 
 from deploy.cli import main
 from streams import schema
@@ -24,14 +23,6 @@ WORLD = {"n_users": 300, "n_ads": 100, "impressions_per_s": 2.0, "sessions": SES
 @pytest.fixture(scope="module")
 def sim():
     return simulate(GeneratorConfig(n_impressions=6000, seed=5, **WORLD))
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_off_by_default_and_refused_with_interest_shift():

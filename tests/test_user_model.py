@@ -19,15 +19,6 @@ from trainer.users.service import UserModelService, UserServiceConfig
 TS = 1_800_000_000_000
 
 
-@pytest.fixture
-def one_thread():
-    # the machine's 2 cores are shared: one torch thread is 3-4x faster than two under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _imp(i: int, user: int, ad: int, ts: int, history=()) -> schema.Impression:
     return schema.Impression(event_id=f"i{i}", ts=ts, user_id=user, ad_id=ad, campaign_id=1, advertiser_id=1,
                              domain="feed", history=list(history))
