@@ -106,7 +106,7 @@ class FiitedEmbeddings(SparseEmbeddings):
         """Validated batch -> (pool rows (N,), TBE offsets (T*P*B+1,), global slots (N,))."""
         b = validate_batch(indices, offsets, self.num_tables, self.rows)
         bag, t, slots = self._slots(indices, offsets, b)
-        return (*self._route(bag, t, slots, b, offsets.numel() - 1), slots)
+        return (*self._route(bag, t, self._codes(slots.numpy()), b, offsets.numel() - 1), slots)
 
     def _slots(self, indices: torch.Tensor, offsets: torch.Tensor, b: int):
         """(bag (N,), table (N,), global slot (N,)) of every id."""
@@ -114,9 +114,9 @@ class FiitedEmbeddings(SparseEmbeddings):
         t = bag // b
         return bag, t, t * self.rows + indices.long()
 
-    def _route(self, bag: torch.Tensor, t: torch.Tensor, slots: torch.Tensor, b: int, tb: int):
+    def _route(self, bag: torch.Tensor, t: torch.Tensor, codes: np.ndarray, b: int, tb: int):
         P = len(self.dims)
-        code = torch.from_numpy(self._codes(slots.numpy())).long()
+        code = torch.from_numpy(codes).long()
         key = (t * P + (code >> POOL_SHIFT)) * b + (bag - t * b)  # TBE bag of each id: ((t*P + p)*B + b)
         key_sorted, order = torch.sort(key, stable=True)
         off = torch.zeros(tb * P + 1, dtype=torch.int64)
@@ -129,36 +129,41 @@ class FiitedEmbeddings(SparseEmbeddings):
         self.kernel = resolve(kernel, self.device, use_env=False)
 
     def _prepare(self, indices: torch.Tensor, offsets: torch.Tensor):
-        """Validate, admit (``admit_hits = 0``), note the slots for :meth:`step`; (B, bag, table, slots) on the CPU."""
+        """Validate, admit (``admit_hits = 0``), note the slots for :meth:`step`; (B, bag, table, slots, codes) on
+        the CPU, ``codes`` (N,) int32 the ids' (pool, row) codes after admission: one slot-map lookup, a second
+        only when this batch admitted rows (admission may also move rows of other slots)."""
         indices, offsets = indices.cpu(), offsets.cpu()
         b = validate_batch(indices, offsets, self.num_tables, self.rows)
         bag, t, slots = self._slots(indices, offsets, b)
+        s = slots.numpy()
+        codes = self._codes(s)
         train = torch.is_grad_enabled()
         if train and self.cfg.admit_hits == 0:  # admit on the first training lookup
-            s = slots.numpy()
-            self._admit_candidates(np.unique(s[self._codes(s) == 0]))
+            admitted = self.counters["admitted"]
+            self._admit_candidates(np.unique(s[codes == 0]))
+            if self.counters["admitted"] != admitted:
+                codes = self._codes(s)
         if train:
             self._pending = slots  # counted in step(): scoring (no_grad) never mutates the store
-        return b, bag, t, slots
+        return b, bag, t, slots, codes
 
     def forward_pools(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The old path (fbgemm TBE over the pools, CPU): (per-pool outputs (B, T*sum(dims)), colmap); a consumer
         may fold the zero padding into its next linear layer (``x @ W[:, colmap]``)."""
-        b, bag, t, slots = self._prepare(indices, offsets)
-        rows, off = self._route(bag, t, slots, b, offsets.numel() - 1)
+        b, bag, t, _, codes = self._prepare(indices, offsets)
+        rows, off = self._route(bag, t, codes, b, offsets.numel() - 1)
         return self.pools.tbe(rows, off), self._colmap()
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if self.kernel == "fbgemm":
             out, _ = self.forward_pools(indices, offsets)
             return _Pad.apply(out, self.dims, self.num_tables, self._colmap())
-        b, _, _, slots = self._prepare(indices, offsets)
+        b, _, _, _, codes = self._prepare(indices, offsets)
         ps, dev = self.pools, self.device
         if b == 0:  # no bags at all
             return torch.zeros(0, self.num_tables * self.dim, device=dev)
-        codes = torch.from_numpy(self._codes(slots.numpy())).to(dev)  # gathered now: backward uses these rows
-        off = offsets.to(device=dev, dtype=torch.int64)
-        return Lookup.apply(self._anchor, self.kernel, ps.w, ps.m, codes, off, ps.w_off, ps.m_off,
+        off = offsets.to(device=dev, dtype=torch.int64)  # codes gathered now: backward uses these rows
+        return Lookup.apply(self._anchor, self.kernel, ps.w, ps.m, torch.from_numpy(codes).to(dev), off, ps.w_off, ps.m_off,
                             ps.dims_t, b, self.dim, ps.lr, EPS)
 
     def _colmap(self) -> torch.Tensor:
